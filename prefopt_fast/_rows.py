@@ -1,0 +1,72 @@
+"""The row-kernel contract shared by every backend.
+
+Every backend implements the same two row kernels over a logits tensor ``[..., V]``
+whose last dimension has stride 1 (any other strides, never copied):
+
+``row_forward(logits, labels, inv_temp, ignore_index, stats) -> out``
+    labels   int64 [N] contiguous (N = logits.numel() // V, rows in row-major order
+             of ``logits.shape[:-1]``)
+    inv_temp fp32  [N] contiguous, 1 / temperature per row
+    stats    int bit mask of STAT_* (which optional statistics to compute)
+    out      fp32 [N_OUT, N] contiguous, rows indexed by OUT_*:
+             x_v = z_v * inv_temp            (fp32 math whatever the logits dtype)
+             LSE     = log sum_v exp x_v
+             LOGP    = x_y - LSE
+             ENTROPY = LSE - sum_v p_v x_v   (terms with p_v == 0 count 0)
+             LSSP    = log sum_v p_v^2
+             MEAN    = (1 / V) sum_v x_v
+             ARGMAX  = 1.0 if y is the first index of max_v x_v else 0.0
+    LOGP and LSE are always written; an optional row is written only when its bit is
+    set (its content is unspecified otherwise). Rows whose label == ignore_index get 0
+    in every output. A label outside [0, V) that is not ignore_index gives LOGP = NaN
+    (the Python layer rejects such labels before any kernel runs; kernels must still
+    never read out of bounds). Non-finite input follows float64 torch.log_softmax:
+    NaN or +inf anywhere in a row -> NaN log-prob; a row of only -inf -> NaN.
+
+``row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+               ignore_index, inplace) -> grad``
+    lse, entropy, grad_logp fp32 [N] contiguous; grad_entropy fp32 [N] or None
+    (None: no entropy term; ``entropy`` is then unused and may be ``lse``).
+    grad[n, v] = inv_temp * (c * (1[v == y] - p_v) - e * p_v * (x_v - lse + H))
+    with p_v = exp(x_v - lse), c = grad_logp[n], e = grad_entropy[n], H = entropy[n];
+    the e-term is 0 where p_v == 0. Ignored rows get an all-zero gradient row.
+    Written in logits.dtype: into a fresh contiguous tensor shaped like logits, or,
+    with inplace=True, over the logits buffer itself (and ``logits`` is returned).
+"""
+import torch
+
+STAT_ENTROPY = 1
+STAT_LSSP = 2
+STAT_MEAN = 4
+STAT_ARGMAX = 8
+STAT_ALL = STAT_ENTROPY | STAT_LSSP | STAT_MEAN | STAT_ARGMAX
+
+OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX = range(6)
+N_OUT = 6
+
+# public stat name -> (bit, output row)
+STATS = {
+    "entropy": (STAT_ENTROPY, OUT_ENTROPY),
+    "log_sum_sq_probs": (STAT_LSSP, OUT_LSSP),
+    "mean_logit": (STAT_MEAN, OUT_MEAN),
+    "is_argmax": (STAT_ARGMAX, OUT_ARGMAX),
+}
+
+
+def row_offsets(x: torch.Tensor) -> torch.Tensor:
+    """int64 [N]: offset in elements from ``x.data_ptr()`` of each row of ``x[..., V]``.
+
+    O(N) work; lets native and Triton kernels address any strided view (e.g. the
+    causal shift ``logits[:, :-1]``) without a copy.
+    """
+    off = torch.zeros((), dtype=torch.int64, device=x.device)
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64, device=x.device) * stride
+    return off.reshape(-1)
+
+
+def num_rows(x: torch.Tensor) -> int:
+    n = 1
+    for s in x.shape[:-1]:
+        n *= s
+    return n
