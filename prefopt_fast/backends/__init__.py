@@ -1,0 +1,1 @@
+"""Backends: each module implements the row-kernel contract of ``prefopt_fast._rows``."""

@@ -1,0 +1,1 @@
+"""Loss heads: plain PyTorch over per-token / per-sequence vectors."""

@@ -1,0 +1,33 @@
+"""Build: the Python packages plus the native CPU extension ``prefopt_fast._C``.
+
+The extension is bound through the LibTorch stable ABI, so one ``abi3`` build serves
+every torch >= 2.13 and every CPython >= 3.10.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules = []
+cmdclass = {}
+if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext_modules.append(
+        CppExtension(
+            name="prefopt_fast._C",
+            sources=sorted(glob.glob("csrc/cpu/*.cpp")),
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-DTORCH_TARGET_VERSION=0x020d000000000000"]},
+            py_limited_api=True,
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension
+
+setup(
+    packages=["prefopt_fast", "prefopt_fast.backends", "prefopt_fast.losses", "prefopt_fast.kernels"],
+    package_dir={"prefopt_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
