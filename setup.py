@@ -25,7 +25,7 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
     cmdclass["build_ext"] = BuildExtension
 
 setup(
-    packages=["prefopt_fast", "prefopt_fast.backends", "prefopt_fast.losses", "prefopt_fast.kernels"],
+    packages=["prefopt_fast", "prefopt_fast.backends", "prefopt_fast.ops", "prefopt_fast.losses", "prefopt_fast.integrations", "prefopt_fast.kernels"],
     package_dir={"prefopt_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

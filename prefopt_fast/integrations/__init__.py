@@ -1,0 +1,1 @@
+"""Trainer integrations (TRL, ...); importing prefopt_fast never imports them."""
