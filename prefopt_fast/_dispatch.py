@@ -1,0 +1,76 @@
+"""Backend selection: one backend module per call, by name, env var or device."""
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, List, Optional
+
+import torch
+
+ENV_VAR = "PREFOPT_BACKEND"
+BACKENDS: Dict[str, str] = {
+    "torch": "prefopt_fast.backends.torch_backend",
+    "cpu": "prefopt_fast.backends.cpu",
+    "triton": "prefopt_fast.backends.triton",
+    "cuda": "prefopt_fast.backends.cuda",
+}
+# auto selection, first that can serve the inputs wins
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+_loaded: Dict[str, Optional[ModuleType]] = {}
+_load_errors: Dict[str, str] = {}
+
+
+def _load(name: str) -> Optional[ModuleType]:
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(BACKENDS[name])
+        except ImportError as exc:  # not built / dependency missing
+            _loaded[name] = None
+            _load_errors[name] = f"{type(exc).__name__}: {exc}"
+    return _loaded[name]
+
+
+def _why_unavailable(name: str) -> Optional[str]:
+    mod = _load(name)
+    if mod is None:
+        return f"it could not be imported ({_load_errors[name]})"
+    if not mod.is_available():
+        return mod.unavailable_reason()
+    return None
+
+
+def available_backends() -> List[str]:
+    """Names of the backends usable in this process, e.g. ``['torch', 'cpu']``."""
+    return [name for name in BACKENDS if _why_unavailable(name) is None]
+
+
+def resolve_backend(backend: str, logits: torch.Tensor) -> ModuleType:
+    """The backend module serving ``logits`` for ``backend`` ("auto" or a name)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            backend, source = env, f"the {ENV_VAR} environment variable"
+    if backend == "auto":
+        order = AUTO_ORDER.get(logits.device.type, ("torch",))
+        for name in order:
+            if _why_unavailable(name) is None and _load(name).supports(logits) is None:
+                return _load(name)
+        raise RuntimeError(f"no backend can serve logits on {logits.device} with dtype {logits.dtype}")
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"{source} must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
+        )
+    why = _why_unavailable(backend)
+    if why is not None:
+        raise RuntimeError(f"backend {backend!r} (from {source}) is not available: {why}")
+    mod = _load(backend)
+    why = mod.supports(logits)
+    if why is not None:
+        raise ValueError(
+            f"backend {backend!r} (from {source}) cannot serve logits on {logits.device} "
+            f"with dtype {logits.dtype}: {why}"
+        )
+    return mod
