@@ -46,6 +46,14 @@ def available_backends() -> List[str]:
 
 def resolve_backend(backend: str, logits: torch.Tensor) -> ModuleType:
     """The backend module serving ``logits`` for ``backend`` ("auto" or a name)."""
+    return _load(_resolve_name(backend, str(logits.device), logits.dtype))
+
+
+# Evaluated once at trace time under torch.compile (imports can't be traced), so the
+# choice of backend is a constant of the compiled graph.
+@torch.compiler.assume_constant_result
+def _resolve_name(backend: str, device: str, dtype: torch.dtype) -> str:
+    logits = torch.empty(0, dtype=dtype, device=device)  # what supports() looks at: device and dtype
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     source = "backend"
@@ -57,8 +65,8 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> ModuleType:
         order = AUTO_ORDER.get(logits.device.type, ("torch",))
         for name in order:
             if _why_unavailable(name) is None and _load(name).supports(logits) is None:
-                return _load(name)
-        raise RuntimeError(f"no backend can serve logits on {logits.device} with dtype {logits.dtype}")
+                return name
+        raise RuntimeError(f"no backend can serve logits on {device} with dtype {dtype}")
     if backend not in BACKENDS:
         raise ValueError(
             f"{source} must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
@@ -70,7 +78,7 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> ModuleType:
     why = mod.supports(logits)
     if why is not None:
         raise ValueError(
-            f"backend {backend!r} (from {source}) cannot serve logits on {logits.device} "
+            f"backend {backend!r} (from {source}) cannot serve logits on {device} "
             f"with dtype {logits.dtype}: {why}"
         )
-    return mod
+    return backend
