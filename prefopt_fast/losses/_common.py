@@ -1,0 +1,102 @@
+"""Argument checks and small numerics shared by the per-sequence loss heads.
+
+Checks only look at Python values, dtypes, shapes and devices, never at tensor values:
+a value check would force a device sync and break ``torch.compile(fullgraph=True)``.
+"""
+import math
+from numbers import Real
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+LN2 = math.log(2.0)
+
+
+def check_real(value, name: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
+               lo_open: bool = False, hi_open: bool = False, why: str = "") -> float:
+    """``value`` as a finite Python float inside the given interval, else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        if lo is None and hi is None:
+            rng = "a finite float"
+        else:
+            left = "-inf" if lo is None else f"{lo:g}"
+            right = "inf" if hi is None else f"{hi:g}"
+            lb = "(" if (lo_open or lo is None) else "["
+            rb = ")" if (hi_open or hi is None) else "]"
+            rng = f"a finite float in {lb}{left}, {right}{rb}"
+        raise ValueError(f"{name} must be {rng}{why}; got {value!r}")
+    return v
+
+
+def check_vector(x, name: str, *, like: Optional[Tensor] = None, like_name: str = "",
+                 allow_int: bool = False, allow_column: bool = False) -> Tensor:
+    """A non-empty 1-D tensor ``[B]`` (or ``[B, 1]`` with ``allow_column``), floating unless ``allow_int``.
+
+    With ``like``, it must also have ``like``'s batch size and device. Returns the 1-D view.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dtype == torch.bool or x.dtype.is_complex or (not allow_int and not x.dtype.is_floating_point):
+        kind = "a floating-point or integer" if allow_int else "a floating-point"
+        raise TypeError(f"{name} must be {kind} tensor; got {x.dtype}")
+    if allow_column and x.dim() == 2 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.dim() != 1:
+        shape = "[B] or [B, 1]" if allow_column else "[B]"
+        raise ValueError(f"{name} must have shape {shape} (one value per sequence); got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} must not be empty (batch size 0)")
+    if like is not None:
+        if x.shape[0] != like.shape[0]:
+            raise ValueError(
+                f"{name} must have the batch size of {like_name} ({like.shape[0]}); got {x.shape[0]}"
+            )
+        if x.device != like.device:
+            raise ValueError(f"{name} must be on the device of {like_name} ({like.device}); got {x.device}")
+    return x
+
+
+def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """fp32, or fp64 if any input is fp64: the heads work on [B] vectors, so upcasting is free."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def clamped_lengths(lengths: Tensor, dtype: torch.dtype) -> Tensor:
+    """Completion lengths as ``dtype``, clamped at 1 so an empty completion divides by 1 (as TRL does)."""
+    return lengths.to(dtype).clamp(min=1.0)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -ln 2 (Maechler 2012).
+
+    Each branch is fed only the inputs it is accurate and finite for, so the branch
+    torch.where discards cannot leak a NaN into the gradient.
+    """
+    a = torch.log1p(-torch.exp(torch.clamp(x, max=-LN2)))
+    b = torch.log(-torch.expm1(torch.clamp(x, min=-LN2)))
+    return torch.where(x < -LN2, a, b)
+
+
+def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
+                   chosen_logps: Tensor, rejected_logps: Tensor) -> Dict[str, Tensor]:
+    """TRL's preference metrics, batch means as detached 0-d tensors (no host sync)."""
+    cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": cr.mean(),
+        "rewards/rejected": rr.mean(),
+        "rewards/accuracies": (cr > rr).to(cr.dtype).mean(),
+        "rewards/margins": (cr - rr).mean(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
+    }
