@@ -1,1 +1,17 @@
 """Loss heads: plain PyTorch over per-token / per-sequence vectors."""
+from .dpo import DPO_LOSS_TYPES, F_DIVERGENCES, DPOLoss, dpo_loss
+from .reference_free import CPO_LOSS_TYPES, cpo_loss, orpo_loss, simpo_loss
+from .reward import BradleyTerryLoss, bradley_terry_loss
+
+__all__ = [
+    "dpo_loss",
+    "DPOLoss",
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "cpo_loss",
+    "simpo_loss",
+    "orpo_loss",
+    "CPO_LOSS_TYPES",
+    "bradley_terry_loss",
+    "BradleyTerryLoss",
+]
