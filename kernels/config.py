@@ -1,0 +1,59 @@
+"""Launch configurations of the row kernels: one fixed config per kernel and dtype.
+
+No autotuning: ``@triton.autotune`` with several configs needs a GPU, and a fixed config
+means one compile per (dtype, flags) variant instead of one per shape.
+A tile holds 8 KiB of logits whatever the dtype, i.e. 8 (fp32) or 16 (fp16/bf16)
+elements per thread at 8 warps: enough bytes in flight per program, few registers.
+
+``BLOCK_V_OVERRIDE`` lets tests shrink the tile (the interpreter costs about 1 ms per
+program per tile, and small tiles make small rows cover several tiles and a partial one).
+"""
+from typing import NamedTuple
+
+import torch
+
+
+class Config(NamedTuple):
+    block_v: int
+    num_warps: int
+
+
+FORWARD = {
+    torch.float32: Config(2048, 8),
+    torch.float16: Config(4096, 8),
+    torch.bfloat16: Config(4096, 8),
+}
+BACKWARD = {
+    torch.float32: Config(2048, 8),
+    torch.float16: Config(4096, 8),
+    torch.bfloat16: Config(4096, 8),
+}
+
+BLOCK_V_OVERRIDE = None  # int (power of two) or None
+
+
+def forward_config(dtype: torch.dtype) -> Config:
+    cfg = FORWARD[dtype]
+    return cfg._replace(block_v=BLOCK_V_OVERRIDE) if BLOCK_V_OVERRIDE else cfg
+
+
+def backward_config(dtype: torch.dtype) -> Config:
+    cfg = BACKWARD[dtype]
+    return cfg._replace(block_v=BLOCK_V_OVERRIDE) if BLOCK_V_OVERRIDE else cfg
+
+
+def row_alignment(logits: torch.Tensor, *, with_contiguous_copy: bool = False) -> int:
+    """ALIGN constexpr: elements per 16 bytes if every row of ``logits`` starts at a
+    multiple of that many elements from ``data_ptr()``, else 1.
+
+    With ``with_contiguous_copy`` the rows of a contiguous tensor shaped like
+    ``logits`` (the backward's fresh gradient) must be aligned too, i.e. V as well.
+    The base pointer's own 16-byte alignment is specialized by Triton itself.
+    """
+    a = 16 // logits.element_size()
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+        if size > 1 and stride % a:
+            return 1
+    if with_contiguous_copy and logits.shape[-1] % a:
+        return 1
+    return a

@@ -1,0 +1,120 @@
+"""Backward row kernel: gradient of (log-prob, entropy) with respect to a logits row.
+
+One program per row (1-D grid of N programs). p is recomputed from the saved LSE:
+    grad_v = inv_temp * (c (1[v == y] - p_v) - e p_v (x_v - lse + H))
+written in the logits dtype into a fresh contiguous buffer or over the logits
+themselves (INPLACE). Semantics: ``prefopt_fast._rows``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(row_ptr, g_ptr, start, V, y, it, lse, h, c, e,
+          BLOCK_V: tl.constexpr, MASKED: tl.constexpr, HAS_ENT: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK_V)
+    if MASKED:
+        z = tl.load(row_ptr + offs, mask=offs < V, other=0.0)
+    else:
+        z = tl.load(row_ptr + offs)
+    d = z.to(tl.float32) * it - lse
+    p = tl.exp(d)
+    g = tl.where(offs == y, c, 0.0) - c * p
+    if HAS_ENT:
+        # p == 0 where x == -inf: the term is 0, not 0 * -inf. A NaN p (NaN row) still
+        # reaches g through the c-term, even with c == 0.
+        g -= e * tl.where(p > 0, p * (d + h), 0.0)
+    g = (g * it).to(g_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(g_ptr + offs, g, mask=offs < V)
+    else:
+        tl.store(g_ptr + offs, g)
+
+
+@triton.jit
+def _zero_tile(g_ptr, start, V, BLOCK_V: tl.constexpr, MASKED: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK_V)
+    zero = tl.zeros([BLOCK_V], g_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(g_ptr + offs, zero, mask=offs < V)
+    else:
+        tl.store(g_ptr + offs, zero)
+
+
+@triton.jit(do_not_specialize=["V", "ignore_index"])
+def row_backward_kernel(
+    logits_ptr,     # *T    base of the logits (T = fp32 / fp16 / bf16)
+    row_off_ptr,    # *i64  [N] element offset of each row from logits_ptr
+    grad_ptr,       # *T    contiguous [N, V] gradient; == logits_ptr when INPLACE
+    labels_ptr,     # *i64  [N]
+    inv_temp_ptr,   # *fp32 [N]
+    lse_ptr,        # *fp32 [N]
+    ent_ptr,        # *fp32 [N] (read only when HAS_ENT)
+    grad_logp_ptr,  # *fp32 [N]
+    grad_ent_ptr,   # *fp32 [N] (read only when HAS_ENT)
+    V,              # vocabulary (row length, stride 1)
+    ignore_index,
+    BLOCK_V: tl.constexpr,   # tile length, power of two
+    ALIGN: tl.constexpr,     # every row offset (of logits and of grad) is a multiple of ALIGN
+    HAS_ENT: tl.constexpr,   # entropy term present
+    INPLACE: tl.constexpr,   # gradient rows at the logits rows' offsets
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(labels_ptr + row)
+    off = tl.load(row_off_ptr + row)
+    if INPLACE:
+        g_off = off
+    else:
+        g_off = row * V  # int64: N * V may exceed 2**31
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
+        g_off = tl.multiple_of(g_off, ALIGN)
+    row_ptr = logits_ptr + off
+    g_ptr = grad_ptr + g_off
+    n_full = V // BLOCK_V
+    has_tail = n_full * BLOCK_V < V
+
+    if y == ignore_index:
+        # not read; its gradient row is written as zeros
+        for i in range(0, n_full):
+            _zero_tile(g_ptr, i * BLOCK_V, V, BLOCK_V, False)
+        if has_tail:
+            _zero_tile(g_ptr, n_full * BLOCK_V, V, BLOCK_V, True)
+    else:
+        it = tl.load(inv_temp_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        c = tl.load(grad_logp_ptr + row)
+        if HAS_ENT:
+            h = tl.load(ent_ptr + row)
+            e = tl.load(grad_ent_ptr + row)
+        else:
+            h = 0.0
+            e = 0.0
+        for i in range(0, n_full):
+            _tile(row_ptr, g_ptr, i * BLOCK_V, V, y, it, lse, h, c, e, BLOCK_V, False, HAS_ENT)
+        if has_tail:
+            _tile(row_ptr, g_ptr, n_full * BLOCK_V, V, y, it, lse, h, c, e, BLOCK_V, True, HAS_ENT)
+
+
+def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tensor,
+           inv_temp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+           grad_entropy, ignore_index: int, *, block_v: int, num_warps: int, align: int = 1) -> None:
+    """Launch over N = labels.numel() rows.
+
+    logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N]; grad: a contiguous
+    tensor of the shape and dtype of logits, or None to write over ``logits`` in place;
+    labels int64 [N]; inv_temp, lse, entropy, grad_logp fp32 [N]; grad_entropy fp32 [N]
+    or None (no entropy term).
+    """
+    n = labels.numel()
+    if n == 0:
+        return
+    inplace = grad is None
+    if inplace:
+        grad = logits
+    has_ent = grad_entropy is not None
+    row_backward_kernel[(n,)](
+        logits, row_off, grad, labels, inv_temp, lse, entropy if has_ent else lse, grad_logp,
+        grad_entropy if has_ent else grad_logp, logits.shape[-1], ignore_index,
+        BLOCK_V=block_v, ALIGN=align, HAS_ENT=has_ent, INPLACE=inplace, num_warps=num_warps)

@@ -1,0 +1,178 @@
+"""Forward row kernel: log-prob of the label, logsumexp and optional row statistics.
+
+One program per row (1-D grid of N programs); the row is read once in BLOCK_V tiles.
+Every tile is shifted by one running scalar ``c`` (the row max so far), so the sums can
+be kept per lane and reduced once at the end: the only per-tile reduction is the max.
+Per-lane accumulators, relative to the shift c, over the elements x seen so far:
+    s = sum e,  t = sum e (x - c),  q = sum e^2,   e = exp(x - c)
+so LSE = c + log S, H = log S - T / S, log sum p^2 = log Q - 2 log S (S, T, Q the lane
+sums): no cancellation at large magnitudes. Semantics: ``prefopt_fast._rows``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from prefopt_fast import _rows
+
+_OUT_LOGP = tl.constexpr(_rows.OUT_LOGP)
+_OUT_LSE = tl.constexpr(_rows.OUT_LSE)
+_OUT_ENTROPY = tl.constexpr(_rows.OUT_ENTROPY)
+_OUT_LSSP = tl.constexpr(_rows.OUT_LSSP)
+_OUT_MEAN = tl.constexpr(_rows.OUT_MEAN)
+_OUT_ARGMAX = tl.constexpr(_rows.OUT_ARGMAX)
+
+# Compiled flag sets. A request is rounded up to the first set containing it (unrequested
+# output rows are unspecified), so the GPU compiles at most 3 variants per dtype instead
+# of 16; the extra statistics cost a few flops per element of a memory-bound kernel.
+STAT_VARIANTS = (0, _rows.STAT_ENTROPY, _rows.STAT_ALL)
+
+
+def stats_variant(stats: int) -> int:
+    """Smallest compiled flag set containing ``stats`` (bit mask of ``_rows.STAT_*``)."""
+    for v in STAT_VARIANTS:
+        if stats & ~v == 0:
+            return v
+    raise ValueError(f"stats: unknown bits in {stats:#x}")
+
+
+def stat_flags(stats: int) -> dict:
+    """The kernel's constexpr flags for a bit mask of ``_rows.STAT_*``."""
+    return dict(
+        ENTROPY=bool(stats & _rows.STAT_ENTROPY),
+        LSSP=bool(stats & _rows.STAT_LSSP),
+        MEAN=bool(stats & _rows.STAT_MEAN),
+        ARGMAX=bool(stats & _rows.STAT_ARGMAX),
+    )
+
+
+@triton.jit
+def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
+          BLOCK_V: tl.constexpr, MASKED: tl.constexpr, ENTROPY: tl.constexpr,
+          LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK_V)
+    if MASKED:
+        # -inf in the padding lanes contributes exp(-inf) = 0 to every sum
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+    else:
+        z = tl.load(row_ptr + offs)
+    x = z.to(tl.float32) * it
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While every value so far is -inf, shift by 0: exp(-inf - 0) = 0, not NaN.
+    # NaN or +inf in the row turns s into NaN through exp(NaN) or exp(inf - inf),
+    # whether or not the hardware max propagates NaN: LSE and LOGP come out NaN.
+    c_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(c - c_new)
+    e = tl.exp(x - c_new)
+    if ENTROPY:
+        # e == 0 where x == -inf: count 0 instead of 0 * -inf
+        t = alpha * (t + (c - c_new) * s) + tl.where(e > 0, e * (x - c_new), 0.0)
+    s = s * alpha + e
+    if LSSP:
+        q = q * (alpha * alpha) + e * e
+    if MEAN:
+        if MASKED:
+            xsum += tl.where(offs < V, x, 0.0)
+        else:
+            xsum += x
+    if ARGMAX:
+        # strict > keeps each lane's first index of its max; NaN never wins here and
+        # is tracked apart, so the result does not depend on how max treats NaN
+        better = x > best_x
+        best_i = tl.where(better, offs, best_i)
+        best_x = tl.where(better, x, best_x)
+        nan_i = tl.minimum(nan_i, tl.where(x != x, offs, 2147483647))
+    return m_new, c_new, s, t, q, xsum, best_x, best_i, nan_i
+
+
+@triton.jit(do_not_specialize=["N", "V", "ignore_index"])
+def row_forward_kernel(
+    logits_ptr,    # *T    base of the logits (T = fp32 / fp16 / bf16)
+    row_off_ptr,   # *i64  [N] element offset of each row from logits_ptr
+    labels_ptr,    # *i64  [N]
+    inv_temp_ptr,  # *fp32 [N]
+    out_ptr,       # *fp32 [N_OUT, N] contiguous
+    N,             # rows
+    V,             # vocabulary (row length, stride 1)
+    ignore_index,
+    BLOCK_V: tl.constexpr,   # tile length, power of two
+    ALIGN: tl.constexpr,     # every row offset is a multiple of ALIGN elements
+    ENTROPY: tl.constexpr, LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = tl.load(labels_ptr + row)
+    it = tl.load(inv_temp_ptr + row)
+    off = tl.load(row_off_ptr + row)
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
+    row_ptr = logits_ptr + off
+    ignored = y == ignore_index
+
+    m = tl.full([], float("-inf"), tl.float32)
+    c = tl.full([], 0.0, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    t = tl.zeros([BLOCK_V], tl.float32)
+    q = tl.zeros([BLOCK_V], tl.float32)
+    xsum = tl.zeros([BLOCK_V], tl.float32)
+    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    # lane j starts at element j: a row of only -inf has its argmax at 0, as in torch
+    best_i = tl.arange(0, BLOCK_V)
+    nan_i = tl.full([BLOCK_V], 2147483647, tl.int32)
+
+    # ignored rows are not read at all
+    v_lim = tl.where(ignored, 0, V)
+    n_full = v_lim // BLOCK_V
+    for i in range(0, n_full):
+        m, c, s, t, q, xsum, best_x, best_i, nan_i = _tile(
+            row_ptr, i * BLOCK_V, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
+            BLOCK_V, False, ENTROPY, LSSP, MEAN, ARGMAX)
+    if n_full * BLOCK_V < v_lim:
+        m, c, s, t, q, xsum, best_x, best_i, nan_i = _tile(
+            row_ptr, n_full * BLOCK_V, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
+            BLOCK_V, True, ENTROPY, LSSP, MEAN, ARGMAX)
+
+    s_row = tl.sum(s, axis=0)
+    log_s = tl.log(s_row)
+    lse = c + log_s
+    # masked: an out-of-range label is never read
+    in_range = (y >= 0) & (y < V)
+    x_y = tl.load(row_ptr + y, mask=in_range & (~ignored), other=0.0).to(tl.float32) * it
+    logp = tl.where(in_range, x_y - lse, float("nan"))
+
+    col = out_ptr + row
+    stride = N.to(tl.int64)
+    tl.store(col + _OUT_LOGP * stride, tl.where(ignored, 0.0, logp))
+    tl.store(col + _OUT_LSE * stride, tl.where(ignored, 0.0, lse))
+    if ENTROPY:
+        h = log_s - tl.sum(t, axis=0) / s_row
+        tl.store(col + _OUT_ENTROPY * stride, tl.where(ignored, 0.0, h))
+    if LSSP:
+        lssp = tl.log(tl.sum(q, axis=0)) - 2.0 * log_s
+        tl.store(col + _OUT_LSSP * stride, tl.where(ignored, 0.0, lssp))
+    if MEAN:
+        mean = tl.sum(xsum, axis=0) / V
+        tl.store(col + _OUT_MEAN * stride, tl.where(ignored, 0.0, mean))
+    if ARGMAX:
+        top = tl.max(best_x, axis=0)
+        first = tl.min(tl.where(best_x == top, best_i, 2147483647), axis=0)
+        # torch.argmax semantics: NaN counts as the maximum
+        first_nan = tl.min(nan_i, axis=0)
+        arg = tl.where(first_nan < 2147483647, first_nan, first)
+        hit = (arg == y) & (~ignored)
+        tl.store(col + _OUT_ARGMAX * stride, tl.where(hit, 1.0, 0.0))
+
+
+def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
+           inv_temp: torch.Tensor, out: torch.Tensor, ignore_index: int, flags: int,
+           *, block_v: int, num_warps: int, align: int = 1) -> None:
+    """Launch over N = labels.numel() rows.
+
+    logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N] (see
+    ``_rows.row_offsets``); labels int64 [N]; inv_temp fp32 [N]; out fp32 [N_OUT, N]
+    contiguous, filled in place. ``flags``: the compiled ``_rows.STAT_*`` bits.
+    """
+    n = labels.numel()
+    if n == 0:
+        return
+    row_forward_kernel[(n,)](
+        logits, row_off, labels, inv_temp, out, n, logits.shape[-1], ignore_index,
+        BLOCK_V=block_v, ALIGN=align, **stat_flags(flags), num_warps=num_warps)

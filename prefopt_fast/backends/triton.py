@@ -1,0 +1,204 @@
+"""Triton backend: the row kernels of ``kernels/`` (installed as ``prefopt_fast.kernels``).
+
+Runs on CUDA (and ROCm) tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (slow:
+tests only). The launches are ``torch.library`` custom ops with fake implementations so
+``torch.compile(fullgraph=True)`` traces through them:
+
+    prefopt_fast::triton_row_forward(logits, labels, inv_temp, ignore_index, stats) -> out
+    prefopt_fast::triton_row_backward(logits, labels, inv_temp, lse, entropy, grad_logp,
+                                      grad_entropy?, ignore_index) -> grad
+    prefopt_fast::triton_row_backward_inplace(...same...) -> ()   mutates logits
+
+Triton and the kernels are imported on first use, so importing this module is cheap and
+``TRITON_INTERPRET`` may be set any time before the first launch.
+Semantics: ``prefopt_fast._rows``.
+"""
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from prefopt_fast import _rows
+
+NAME = "triton"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken install must not break the package
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def unavailable_reason() -> str:
+    """Why this backend cannot run here ("" if it can)."""
+    err = _triton_import_error()
+    if err:
+        return err
+    if _interpret() or torch.cuda.is_available():
+        return ""
+    return "no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors, slowly)"
+
+
+def is_available() -> bool:
+    try:
+        return unavailable_reason() == ""
+    except Exception:
+        return False
+
+
+def supports(logits: torch.Tensor) -> Optional[str]:
+    """None if this backend can serve ``logits``, else the reason."""
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    if logits.dtype not in _DTYPES:
+        return f"logits dtype {logits.dtype} (expected float32, float16 or bfloat16)"
+    if logits.device.type == "cuda":
+        return None
+    if logits.device.type == "cpu":
+        if not _interpret():
+            return "CPU tensors need TRITON_INTERPRET=1"
+        k = sys.modules.get("prefopt_fast.kernels.row_forward")
+        if k is not None and type(k.row_forward_kernel).__name__ != "InterpretedFunction":
+            return "the Triton kernels were compiled for the GPU before TRITON_INTERPRET=1 was set"
+        return None
+    return f"device {logits.device} (expected a CUDA device)"
+
+
+def kernel_modules():
+    """(config, row_forward, row_backward) modules of prefopt_fast.kernels, imported on first use."""
+    try:
+        from prefopt_fast.kernels import config, row_backward, row_forward
+    except ModuleNotFoundError as exc:
+        if exc.name != "prefopt_fast.kernels":
+            raise
+        # Source checkout that is not installed: setup.py maps kernels/ to
+        # prefopt_fast.kernels; do the same mapping by hand.
+        root = Path(__file__).resolve().parents[2] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "prefopt_fast.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
+        if spec is None or not (root / "__init__.py").exists():
+            raise
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["prefopt_fast.kernels"] = mod
+        spec.loader.exec_module(mod)
+        from prefopt_fast.kernels import config, row_backward, row_forward
+    return config, row_forward, row_backward
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current device's current stream
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _check_rows(logits, labels, inv_temp, *vectors):
+    # O(1) checks that keep the kernels in bounds (values are the caller's business)
+    if logits.dim() == 0 or logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError(f"logits: expected [..., V] with last stride 1, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    if logits.dtype not in _DTYPES:
+        raise ValueError(f"logits: expected float32/float16/bfloat16, got {logits.dtype}")
+    n = _rows.num_rows(logits)
+    for name, t, dtype in (("labels", labels, torch.int64), ("inv_temp", inv_temp, torch.float32)) + vectors:
+        if t.dtype != dtype or t.numel() != n or not t.is_contiguous() or t.device != logits.device:
+            raise ValueError(f"{name}: expected a contiguous {dtype} tensor of {n} elements on "
+                             f"{logits.device}, got {t.dtype} shape {tuple(t.shape)} on {t.device}")
+
+
+@torch.library.custom_op("prefopt_fast::triton_row_forward", mutates_args=())
+def _forward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
+                ignore_index: int, stats: int) -> torch.Tensor:
+    _check_rows(logits, labels, inv_temp)
+    config, fwd, _ = kernel_modules()
+    out = torch.empty((_rows.N_OUT, labels.numel()), dtype=torch.float32, device=logits.device)
+    cfg = config.forward_config(logits.dtype)
+    with _device_guard(logits):
+        fwd.launch(logits, _rows.row_offsets(logits), labels, inv_temp, out, ignore_index,
+                   fwd.stats_variant(stats), block_v=cfg.block_v, num_warps=cfg.num_warps,
+                   align=config.row_alignment(logits))
+    return out
+
+
+@_forward_op.register_fake
+def _(logits, labels, inv_temp, ignore_index, stats):
+    return logits.new_empty((_rows.N_OUT, labels.numel()), dtype=torch.float32)
+
+
+def _launch_backward(logits, grad, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+                     ignore_index):
+    f32 = torch.float32
+    vectors = (("lse", lse, f32), ("entropy", entropy, f32), ("grad_logp", grad_logp, f32))
+    if grad_entropy is not None:
+        vectors += (("grad_entropy", grad_entropy, f32),)
+    _check_rows(logits, labels, inv_temp, *vectors)
+    config, _, bwd = kernel_modules()
+    cfg = config.backward_config(logits.dtype)
+    align = config.row_alignment(logits, with_contiguous_copy=grad is not None)
+    with _device_guard(logits):
+        bwd.launch(logits, _rows.row_offsets(logits), grad, labels, inv_temp, lse, entropy,
+                   grad_logp, grad_entropy, ignore_index, block_v=cfg.block_v,
+                   num_warps=cfg.num_warps, align=align)
+
+
+@torch.library.custom_op("prefopt_fast::triton_row_backward", mutates_args=())
+def _backward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
+                 lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                 grad_entropy: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_backward(logits, grad, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+                     ignore_index)
+    return grad
+
+
+@_backward_op.register_fake
+def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("prefopt_fast::triton_row_backward_inplace", mutates_args=("logits",))
+def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
+                         lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                         grad_entropy: Optional[torch.Tensor], ignore_index: int) -> None:
+    _launch_backward(logits, None, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+                     ignore_index)
+
+
+@_backward_inplace_op.register_fake
+def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index):
+    return None
+
+
+def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
+                ignore_index: int, stats: int) -> torch.Tensor:
+    """fp32 [N_OUT, N]; see ``prefopt_fast._rows``."""
+    return torch.ops.prefopt_fast.triton_row_forward(logits, labels, inv_temp, ignore_index, stats)
+
+
+def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
+                 lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                 grad_entropy: Optional[torch.Tensor], ignore_index: int,
+                 inplace: bool) -> torch.Tensor:
+    """Gradient shaped like logits in logits.dtype (``logits`` itself when inplace)."""
+    if inplace:
+        torch.ops.prefopt_fast.triton_row_backward_inplace(
+            logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index)
+        return logits
+    return torch.ops.prefopt_fast.triton_row_backward(
+        logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index)
