@@ -23,6 +23,14 @@ whose last dimension has stride 1 (any other strides, never copied):
     never read out of bounds). Non-finite input follows float64 torch.log_softmax:
     NaN or +inf anywhere in a row -> NaN log-prob; a row of only -inf -> NaN.
 
+Exact KL extension (optional keyword ``ref_logits``: a second ``[..., V]`` tensor with
+the same shape and dtype as ``logits``, its own strides, last stride 1; bit STAT_KL):
+             q = softmax(xr), xr_v = r_v * inv_temp   (same temperature as the policy)
+             KL      = sum_v p_v (log p_v - log q_v) = KL(p || q), terms with p_v == 0
+                       count 0; +inf where some p_v > 0 has q_v == 0
+             REF_LSE = log sum_v exp xr_v
+    Both rows are written only when STAT_KL is set (which needs ref_logits).
+
 ``row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
                ignore_index, inplace) -> grad``
     lse, entropy, grad_logp fp32 [N] contiguous; grad_entropy fp32 [N] or None
@@ -32,6 +40,10 @@ whose last dimension has stride 1 (any other strides, never copied):
     the e-term is 0 where p_v == 0. Ignored rows get an all-zero gradient row.
     Written in logits.dtype: into a fresh contiguous tensor shaped like logits, or,
     with inplace=True, over the logits buffer itself (and ``logits`` is returned).
+    KL extension: optional keywords ``grad_kl`` fp32 [N], ``ref_logits``, ``ref_lse``,
+    ``kl`` (all given, or all None) add
+        inv_temp * k * p_v * (log p_v - log q_v - KL),   k = grad_kl[n]
+    to grad[n, v] (0 where p_v == 0). No gradient flows to ref_logits.
 """
 import torch
 
@@ -39,10 +51,11 @@ STAT_ENTROPY = 1
 STAT_LSSP = 2
 STAT_MEAN = 4
 STAT_ARGMAX = 8
-STAT_ALL = STAT_ENTROPY | STAT_LSSP | STAT_MEAN | STAT_ARGMAX
+STAT_KL = 16
+STAT_ALL = STAT_ENTROPY | STAT_LSSP | STAT_MEAN | STAT_ARGMAX | STAT_KL
 
-OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX = range(6)
-N_OUT = 6
+OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX, OUT_KL, OUT_REF_LSE = range(8)
+N_OUT = 8
 
 # public stat name -> (bit, output row)
 STATS = {
@@ -50,6 +63,7 @@ STATS = {
     "log_sum_sq_probs": (STAT_LSSP, OUT_LSSP),
     "mean_logit": (STAT_MEAN, OUT_MEAN),
     "is_argmax": (STAT_ARGMAX, OUT_ARGMAX),
+    "kl": (STAT_KL, OUT_KL),
 }
 
 
