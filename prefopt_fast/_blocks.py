@@ -1,5 +1,5 @@
-"""Walking the rows of a strided ``[..., V]`` tensor in 2-D blocks, without copies."""
-from typing import Iterator, List, Tuple
+"""Walking the rows of strided ``[..., V]`` tensors in 2-D blocks, without copies."""
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -14,36 +14,40 @@ def coalesced_dims(x: torch.Tensor) -> List[Tuple[int, int]]:
             dims[-1] = (dims[-1][0] * size, stride)
         else:
             dims.append((size, stride))
-    return dims
+    return dims or [(1, x.shape[-1])]
 
 
-def row_blocks(x: torch.Tensor, max_rows: int) -> Iterator[Tuple[int, int, torch.Tensor]]:
-    """Yield ``(row_start, row_stop, view)`` with ``view`` a ``[rows, V]`` view of ``x``.
+class _RowAddresser:
+    """Maps a flat row index of ``x[..., V]`` to a storage offset."""
 
-    Rows follow the row-major order of ``x.shape[:-1]``; each view aliases ``x``'s
-    storage, so writing into it writes into ``x``. Works for views such as
-    ``logits[:, :-1]`` that no single 2-D view can describe.
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.dims = coalesced_dims(x)
+        self.run = self.dims[-1][0]  # rows that share one stride: a 2-D view can span them
+
+    def view(self, r0: int, r1: int) -> torch.Tensor:
+        off = self.x.storage_offset()
+        rem = r0
+        for size, stride in reversed(self.dims):
+            off += (rem % size) * stride
+            rem //= size
+        return self.x.as_strided((r1 - r0, self.x.shape[-1]), (self.dims[-1][1], 1), off)
+
+
+def row_blocks(tensors: Sequence[torch.Tensor], max_rows: int) -> Iterator[Tuple[int, int, List[torch.Tensor]]]:
+    """Yield ``(row_start, row_stop, views)``: one ``[rows, V]`` view per input tensor.
+
+    The tensors share ``shape[:-1]`` (rows in its row-major order) but may have
+    different strides; each view aliases its tensor's storage, so writing into it writes
+    into the tensor. Works for views such as ``logits[:, :-1]`` that no single 2-D view
+    can describe: blocks never cross a break in any tensor's row stride.
     """
-    V = x.shape[-1]
-    dims = coalesced_dims(x)
-    if not dims:
-        dims = [(1, V)]
-    *outer, (inner, inner_stride) = dims
-    base = x.storage_offset()
-    row = 0
-    for idx in _product([s for s, _ in outer]):
-        off = base + sum(i * st for i, (_, st) in zip(idx, outer))
-        for r0 in range(0, inner, max_rows):
-            r1 = min(r0 + max_rows, inner)
-            view = x.as_strided((r1 - r0, V), (inner_stride, 1), off + r0 * inner_stride)
-            yield row + r0, row + r1, view
-        row += inner
-
-
-def _product(sizes):
-    if not sizes:
-        yield ()
-        return
-    for i in range(sizes[0]):
-        for rest in _product(sizes[1:]):
-            yield (i,) + rest
+    addrs = [_RowAddresser(t) for t in tensors]
+    n = 1
+    for s in tensors[0].shape[:-1]:
+        n *= s
+    r0 = 0
+    while r0 < n:
+        r1 = min(n, r0 + max_rows, *(r0 - r0 % a.run + a.run for a in addrs))
+        yield r0, r1, [a.view(r0, r1) for a in addrs]
+        r0 = r1

@@ -44,15 +44,24 @@ def available_backends() -> List[str]:
     return [name for name in BACKENDS if _why_unavailable(name) is None]
 
 
-def resolve_backend(backend: str, logits: torch.Tensor) -> ModuleType:
-    """The backend module serving ``logits`` for ``backend`` ("auto" or a name)."""
-    return _load(_resolve_name(backend, str(logits.device), logits.dtype))
+def resolve_backend(backend: str, logits: torch.Tensor, need_kl: bool = False) -> ModuleType:
+    """The backend module serving ``logits`` for ``backend`` ("auto" or a name).
+
+    ``need_kl``: the call uses the exact-KL extension of the row kernels.
+    """
+    return _load(_resolve_name(backend, str(logits.device), logits.dtype, need_kl))
+
+
+def _cannot_serve(mod: ModuleType, logits: torch.Tensor, need_kl: bool) -> Optional[str]:
+    if need_kl and not getattr(mod, "SUPPORTS_KL", False):
+        return "it does not implement the exact-KL statistic yet"
+    return mod.supports(logits)
 
 
 # Evaluated once at trace time under torch.compile (imports can't be traced), so the
 # choice of backend is a constant of the compiled graph.
 @torch.compiler.assume_constant_result
-def _resolve_name(backend: str, device: str, dtype: torch.dtype) -> str:
+def _resolve_name(backend: str, device: str, dtype: torch.dtype, need_kl: bool) -> str:
     logits = torch.empty(0, dtype=dtype, device=device)  # what supports() looks at: device and dtype
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of 'auto', {', '.join(map(repr, BACKENDS))}; got {backend!r}")
@@ -64,7 +73,7 @@ def _resolve_name(backend: str, device: str, dtype: torch.dtype) -> str:
     if backend == "auto":
         order = AUTO_ORDER.get(logits.device.type, ("torch",))
         for name in order:
-            if _why_unavailable(name) is None and _load(name).supports(logits) is None:
+            if _why_unavailable(name) is None and _cannot_serve(_load(name), logits, need_kl) is None:
                 return name
         raise RuntimeError(f"no backend can serve logits on {device} with dtype {dtype}")
     if backend not in BACKENDS:
@@ -75,7 +84,7 @@ def _resolve_name(backend: str, device: str, dtype: torch.dtype) -> str:
     if why is not None:
         raise RuntimeError(f"backend {backend!r} (from {source}) is not available: {why}")
     mod = _load(backend)
-    why = mod.supports(logits)
+    why = _cannot_serve(mod, logits, need_kl)
     if why is not None:
         raise ValueError(
             f"backend {backend!r} (from {source}) cannot serve logits on {device} "

@@ -34,6 +34,18 @@ def check_logits(logits, name: str = "logits") -> None:
         )
 
 
+def check_like(x, logits: torch.Tensor, name: str) -> None:
+    """x must be a second logits tensor: same shape, dtype and device, last stride 1."""
+    check_tensor(x, name)
+    if tuple(x.shape) != tuple(logits.shape):
+        raise ValueError(f"{name} must have the shape of logits {tuple(logits.shape)}; got {tuple(x.shape)}")
+    if x.dtype != logits.dtype:
+        raise TypeError(f"{name} must have the dtype of logits ({logits.dtype}); got {x.dtype}")
+    if x.device != logits.device:
+        raise ValueError(f"{name} must be on the device of logits ({logits.device}); got {x.device}")
+    check_logits(x, name)
+
+
 def check_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")

@@ -11,9 +11,10 @@ import torch
 
 from .._blocks import row_blocks
 from .._rows import N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN
-from .._rows import STAT_ARGMAX, STAT_ENTROPY, STAT_LSSP, STAT_MEAN, num_rows
+from .._rows import OUT_KL, OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, num_rows
 
 NAME = "torch"
+SUPPORTS_KL = True
 # ~4M elements: 16 MiB of fp32 temporaries per block, inside a 32 MiB L3, and few
 # enough blocks that Python overhead stays small next to the memory traffic.
 BLOCK_ELEMS = 1 << 22
@@ -53,7 +54,12 @@ def _label_info(y: torch.Tensor, V: int, ignore_index: int):
     return ignored, bad, safe
 
 
-def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int) -> torch.Tensor:
+def _masked_dot(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v * v_v per row, where terms with p_v == 0 count 0 (even if v_v is inf)."""
+    return torch.linalg.vecdot(p, torch.where(p > 0, v, 0.0))
+
+
+def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, ref_logits=None) -> torch.Tensor:
     V = logits.shape[-1]
     N = num_rows(logits)
     cdt = compute_dtype(logits.dtype)
@@ -61,28 +67,28 @@ def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int) -
     if N == 0:
         return out
     unit_temp = bool((inv_temp == 1).all())
-    nan = float("nan")
-    for r0, r1, z in row_blocks(logits, _rows_per_block(V)):
-        x = _scaled(z, inv_temp[r0:r1], unit_temp, cdt)
+    with_kl = bool(stats & STAT_KL)
+    tensors = [logits, ref_logits] if with_kl else [logits]
+    for r0, r1, blocks in row_blocks(tensors, _rows_per_block(V)):
+        it = inv_temp[r0:r1]
+        x = _scaled(blocks[0], it, unit_temp, cdt)
         ignored, bad, y = _label_info(labels[r0:r1], V, ignore_index)
-        lse = torch.logsumexp(x, -1)
-        # NaN or +inf anywhere in a row makes the whole row NaN, as log_softmax does
-        lse = torch.where(torch.isposinf(lse), nan, lse)
-        logp = x.gather(1, y.unsqueeze(1)).squeeze(1) - lse
-        logp = torch.where(bad, nan, logp)
+        lse = _lse(x)
         o = out[:, r0:r1]
-        o[OUT_LOGP] = logp
+        o[OUT_LOGP] = torch.where(bad, float("nan"), x.gather(1, y.unsqueeze(1)).squeeze(1) - lse)
         o[OUT_LSE] = lse
-        if stats & (STAT_ENTROPY | STAT_LSSP):
+        if stats & (STAT_ENTROPY | STAT_LSSP | STAT_KL):
             logp_all = x - lse.unsqueeze(1)
             p = logp_all.exp()
             if stats & STAT_ENTROPY:
-                # p == 0 exactly where logp_all is -inf (or underflows); the finite floor
-                # only turns 0 * -inf into 0, it never changes a term that counts
-                logp_all.clamp_min_(torch.finfo(cdt).min)
-                o[OUT_ENTROPY] = -torch.linalg.vecdot(p, logp_all)
+                o[OUT_ENTROPY] = -_masked_dot(p, logp_all)
             if stats & STAT_LSSP:
                 o[OUT_LSSP] = torch.linalg.vecdot(p, p).log()
+            if with_kl:
+                xr = _scaled(blocks[1], it, unit_temp, cdt)
+                ref_lse = _lse(xr)
+                o[OUT_KL] = _masked_dot(p, logp_all - (xr - ref_lse.unsqueeze(1)))
+                o[OUT_REF_LSE] = ref_lse
         if stats & STAT_MEAN:
             o[OUT_MEAN] = x.mean(-1)
         if stats & STAT_ARGMAX:
@@ -91,34 +97,49 @@ def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int) -
     return out
 
 
+def _lse(x: torch.Tensor) -> torch.Tensor:
+    lse = torch.logsumexp(x, -1)
+    # NaN or +inf anywhere in a row makes the whole row NaN, as log_softmax does
+    return torch.where(torch.isposinf(lse), float("nan"), lse)
+
+
 def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
-                       ignore_index: int, grad: torch.Tensor) -> None:
+                       ignore_index: int, grad: torch.Tensor, grad_kl=None, ref_logits=None,
+                       ref_lse=None, kl=None) -> None:
     """Write the gradient into ``grad``: a contiguous ``[N, V]`` tensor, or ``logits`` itself."""
     V = logits.shape[-1]
     cdt = compute_dtype(logits.dtype)
     unit_temp = bool((inv_temp == 1).all())
-    rows = _rows_per_block(V)
     in_place = grad is logits
-    for r0, r1, z in row_blocks(logits, rows):
+    with_kl = grad_kl is not None
+    tensors = [logits, ref_logits] if with_kl else [logits]
+    for r0, r1, blocks in row_blocks(tensors, _rows_per_block(V)):
+        z = blocks[0]
         g_out = z if in_place else grad[r0:r1]
         ignored, bad, y = _label_info(labels[r0:r1], V, ignore_index)
-        c = grad_logp[r0:r1].to(cdt)
-        it = inv_temp[r0:r1].to(cdt).unsqueeze(1)
+        c = grad_logp[r0:r1].to(cdt).unsqueeze(1)
         x = _scaled(z, inv_temp[r0:r1], unit_temp, cdt)
         # work in the output block when it has the compute dtype; x may alias it (in place)
         g = g_out if g_out.dtype == cdt else torch.empty_like(x)
         torch.sub(x, lse[r0:r1].to(cdt).unsqueeze(1), out=g)  # log p
-        if grad_entropy is not None:
-            e = grad_entropy[r0:r1].to(cdt).unsqueeze(1)
-            h = entropy[r0:r1].to(cdt).unsqueeze(1)
-            p = g.exp()
-            # dL/dx = -p * (c + e * (log p + H)); floor log p so p == 0 gives 0, not 0 * inf
-            g.clamp_min_(-1e4).add_(h).mul_(e).add_(c.unsqueeze(1)).mul_(p).neg_()
+        if grad_entropy is None and not with_kl:
+            g.exp_().mul_(-c)  # the common case: three passes over a cached block
         else:
-            g.exp_().mul_(-c.unsqueeze(1))
-        g.scatter_add_(1, y.unsqueeze(1), torch.where(bad, 0.0, c).unsqueeze(1))
+            # dL/dx = p * (-c - e (log p + H) + k (log p - log q - KL)); 0 where p == 0
+            p = g.exp()
+            inner = -c.expand_as(g).clone()
+            if grad_entropy is not None:
+                e = grad_entropy[r0:r1].to(cdt).unsqueeze(1)
+                inner -= e * (g + entropy[r0:r1].to(cdt).unsqueeze(1))
+            if with_kl:
+                k = grad_kl[r0:r1].to(cdt).unsqueeze(1)
+                xr = _scaled(blocks[1], inv_temp[r0:r1], unit_temp, cdt)
+                log_q = xr - ref_lse[r0:r1].to(cdt).unsqueeze(1)
+                inner += k * (g - log_q - kl[r0:r1].to(cdt).unsqueeze(1))
+            g.copy_(torch.where(p > 0, p * inner, 0.0))
+        g.scatter_add_(1, y.unsqueeze(1), torch.where(bad.unsqueeze(1), 0.0, c))
         if not unit_temp:
-            g.mul_(it)
+            g.mul_(inv_temp[r0:r1].to(cdt).unsqueeze(1))
         g.masked_fill_(ignored.unsqueeze(1), 0.0)
         if g is not g_out:
             g_out.copy_(g)
@@ -126,44 +147,51 @@ def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_e
 
 @torch.library.custom_op("prefopt_fast::torch_row_forward", mutates_args=())
 def row_forward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                   ignore_index: int, stats: int) -> torch.Tensor:
-    return _row_forward_impl(logits, labels, inv_temp, ignore_index, stats)
+                   ignore_index: int, stats: int, ref_logits: Optional[torch.Tensor]) -> torch.Tensor:
+    return _row_forward_impl(logits, labels, inv_temp, ignore_index, stats, ref_logits)
 
 
 @row_forward_op.register_fake
-def _(logits, labels, inv_temp, ignore_index, stats):
+def _(logits, labels, inv_temp, ignore_index, stats, ref_logits):
     return logits.new_empty((N_OUT, labels.shape[0]), dtype=compute_dtype(logits.dtype))
 
 
 @torch.library.custom_op("prefopt_fast::torch_row_backward", mutates_args=())
 def row_backward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
                     lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                    grad_entropy: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
-    V = logits.shape[-1]
-    grad = torch.empty((num_rows(logits), V), dtype=logits.dtype, device=logits.device)
-    _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad)
+                    grad_entropy: Optional[torch.Tensor], ignore_index: int,
+                    grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
+                    ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> torch.Tensor:
+    grad = torch.empty((num_rows(logits), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+    _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad,
+                       grad_kl, ref_logits, ref_lse, kl)
     return grad.view(logits.shape)
 
 
 @row_backward_op.register_fake
-def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index):
+def _(logits, *args):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("prefopt_fast::torch_row_backward_", mutates_args=("logits",))
 def row_backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
                             lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                            grad_entropy: Optional[torch.Tensor], ignore_index: int) -> None:
-    _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, logits)
+                            grad_entropy: Optional[torch.Tensor], ignore_index: int,
+                            grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
+                            ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> None:
+    _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, logits,
+                       grad_kl, ref_logits, ref_lse, kl)
 
 
-def row_forward(logits, labels, inv_temp, ignore_index: int, stats: int) -> torch.Tensor:
-    return row_forward_op(logits, labels, inv_temp, ignore_index, stats)
+def row_forward(logits, labels, inv_temp, ignore_index: int, stats: int, ref_logits=None) -> torch.Tensor:
+    return row_forward_op(logits, labels, inv_temp, ignore_index, stats, ref_logits)
 
 
-def row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
-                 ignore_index: int, inplace: bool) -> torch.Tensor:
+def row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index: int,
+                 inplace: bool, grad_kl=None, ref_logits=None, ref_lse=None, kl=None) -> torch.Tensor:
+    args = (logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+            grad_kl, ref_logits, ref_lse, kl)
     if inplace:
-        row_backward_inplace_op(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index)
+        row_backward_inplace_op(*args)
         return logits
-    return row_backward_op(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index)
+    return row_backward_op(*args)

@@ -5,7 +5,7 @@ import torch
 
 from .. import _validate
 from .._dispatch import _load, resolve_backend
-from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN, STATS
+from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN, OUT_REF_LSE, STATS
 
 STAT_NAMES = tuple(STATS)
 
@@ -18,41 +18,48 @@ class TokenLogProbs(NamedTuple):
     log_sum_sq_probs: Optional[torch.Tensor] = None
     mean_logit: Optional[torch.Tensor] = None
     is_argmax: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
 
 
 class TokenLogProbsFunction(torch.autograd.Function):
     """Row forward kernel in ``forward``, row backward kernel in ``backward``.
 
-    Inputs are flat: labels int64 [N], inv_temp fp32 [N]. Outputs: logp [N], entropy [N]
-    (differentiable) and the non-differentiable stats [4, N] (LSSP, MEAN, ARGMAX rows).
+    Inputs are flat: labels int64 [N], inv_temp fp32 [N]. Outputs: logp, entropy and kl
+    [N] (differentiable w.r.t. logits; entropy / kl are zeros unless asked for) and the
+    non-differentiable stats [3, N] (log_sum_sq_probs, mean_logit, is_argmax rows).
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, inv_temp, ignore_index: int, stats: int, inplace: bool, backend: str):
-        out = _load(backend).row_forward(logits, labels, inv_temp, ignore_index, stats)
+    def forward(ctx, logits, labels, inv_temp, ref_logits, ignore_index: int, stats: int, inplace: bool,
+                backend: str):
+        out = _load(backend).row_forward(logits, labels, inv_temp, ignore_index, stats,
+                                         **({"ref_logits": ref_logits} if ref_logits is not None else {}))
+        # O(N) copies: the autograd outputs must not be views of one buffer
         logp, lse, entropy = out[OUT_LOGP].clone(), out[OUT_LSE].clone(), out[OUT_ENTROPY].clone()
-        extra = out[OUT_LSSP:].clone()
+        kl, ref_lse = out[OUT_KL].clone(), out[OUT_REF_LSE].clone()
+        extra = out[[OUT_LSSP, OUT_MEAN, OUT_ARGMAX]]
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(logits, labels, inv_temp, lse, entropy)
+        ctx.save_for_backward(logits, labels, inv_temp, lse, entropy, ref_logits, ref_lse, kl)
         ctx.meta = (ignore_index, inplace, backend)
-        return logp, entropy, extra
+        return logp, entropy, kl, extra
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_extra):
-        if grad_logp is None and grad_entropy is None:
-            return (None,) * 7
-        logits, labels, inv_temp, lse, entropy = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
+        if grad_logp is None and grad_entropy is None and grad_kl is None:
+            return (None,) * 8
+        logits, labels, inv_temp, lse, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
         ignore_index, inplace, backend = ctx.meta
-        if grad_logp is None:
-            grad_logp = torch.zeros_like(lse)
-        grad_logp = grad_logp.to(lse.dtype).contiguous()
+        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+        kl_args = {}
+        if grad_kl is not None:
+            kl_args = dict(grad_kl=grad_kl.to(lse.dtype).contiguous(), ref_logits=ref_logits, ref_lse=ref_lse, kl=kl)
         grad = _load(backend).row_backward(
-            logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, inplace
+            logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, inplace, **kl_args
         )
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def token_logprobs(
@@ -62,6 +69,7 @@ def token_logprobs(
     ignore_index: int = -100,
     temperature=1.0,
     stats=(),
+    ref_logits: Optional[torch.Tensor] = None,
     inplace_backward: bool = False,
     backend: str = "auto",
 ):
@@ -80,7 +88,12 @@ def token_logprobs(
             or per sequence). Treated as a constant (no gradient).
         stats: extra per-token outputs computed in the same pass, any of
             ``"entropy"`` (differentiable), ``"log_sum_sq_probs"``, ``"mean_logit"``
-            (mean of logits / temperature), ``"is_argmax"`` (label is the first argmax).
+            (mean of logits / temperature), ``"is_argmax"`` (label is the first argmax),
+            ``"kl"`` (exact KL(pi || pi_ref) over the whole vocabulary; differentiable
+            w.r.t. ``logits``; needs ``ref_logits``).
+        ref_logits: ``[..., V]`` reference-model logits (same shape and dtype as
+            ``logits``, any leading strides) for the ``"kl"`` statistic; never receives
+            a gradient.
         inplace_backward: write the gradient over the logits buffer instead of a fresh
             tensor (no N x V allocation; the logits are destroyed by the backward).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``
@@ -96,17 +109,25 @@ def token_logprobs(
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
+    want_kl = "kl" in names
+    if want_kl and ref_logits is None:
+        raise ValueError('stats=("kl",) needs ref_logits: the reference model\'s logits shaped like logits')
+    if ref_logits is not None:
+        if not want_kl:
+            raise ValueError('ref_logits is only used by the "kl" statistic; add "kl" to stats or drop ref_logits')
+        _validate.check_like(ref_logits, logits, "ref_logits")
     inv_temp = _validate.inverse_temperature(
         temperature, labels, torch.float64 if logits.dtype == torch.float64 else torch.float32
     )
-    be = resolve_backend(backend, logits)
+    be = resolve_backend(backend, logits, need_kl=want_kl)
 
     mask = 0
     for name in names:
         mask |= STATS[name][0]
     flat_labels = labels.reshape(-1).to(torch.int64)
-    logp, entropy, extra = TokenLogProbsFunction.apply(
-        logits, flat_labels, inv_temp, ignore_index, mask, inplace_backward, be.NAME
+    logp, entropy, kl, extra = TokenLogProbsFunction.apply(
+        logits, flat_labels, inv_temp, ref_logits.detach() if want_kl else None, ignore_index, mask,
+        inplace_backward, be.NAME,
     )
     shape = labels.shape
     logp = logp.reshape(shape)
@@ -114,8 +135,9 @@ def token_logprobs(
         return logp
     rows = {
         "entropy": entropy,
-        "log_sum_sq_probs": extra[OUT_LSSP - OUT_LSSP],
-        "mean_logit": extra[OUT_MEAN - OUT_LSSP],
-        "is_argmax": extra[OUT_ARGMAX - OUT_LSSP] != 0,
+        "log_sum_sq_probs": extra[0],
+        "mean_logit": extra[1],
+        "is_argmax": extra[2] != 0,
+        "kl": kl,
     }
     return TokenLogProbs(logp, **{n: rows[n].reshape(shape) for n in names})
