@@ -4,8 +4,18 @@ Per-token log-probs, the DPO / Bradley-Terry losses and the PPO loss straight fr
 logits, without materializing the softmax, with exact gradients.
 """
 from ._dispatch import available_backends
+from .losses import *  # noqa: F401,F403  (the loss heads; their __all__ lists them)
+from .losses import __all__ as _losses_all
+from .ops.sequence_logprobs import SequenceLogProbs, sequence_logprobs
 from .ops.token_logprobs import TokenLogProbs, token_logprobs
 
 __version__ = "0.1.0"
 
-__all__ = ["available_backends", "token_logprobs", "TokenLogProbs"]
+__all__ = [
+    "available_backends",
+    "token_logprobs",
+    "TokenLogProbs",
+    "sequence_logprobs",
+    "SequenceLogProbs",
+    *_losses_all,
+]

@@ -2,6 +2,7 @@
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCES, DPOLoss, dpo_loss
 from .reference_free import CPO_LOSS_TYPES, cpo_loss, orpo_loss, simpo_loss
 from .reward import BradleyTerryLoss, bradley_terry_loss
+from .fused_dpo import FusedDPOLoss, fused_dpo_loss, pair_logps
 
 __all__ = [
     "dpo_loss",
@@ -14,4 +15,7 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "bradley_terry_loss",
     "BradleyTerryLoss",
+    "fused_dpo_loss",
+    "FusedDPOLoss",
+    "pair_logps",
 ]

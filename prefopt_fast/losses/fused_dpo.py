@@ -1,0 +1,101 @@
+"""fused_dpo_loss: the DPO family in one call from the logits of the [chosen; rejected] batch.
+
+The vocabulary is touched only by the row kernels (through ``sequence_logprobs``); the
+loss head is :func:`dpo_loss` on ``[B]`` vectors. Nothing of size N x V is allocated
+besides the logits gradient (none with ``inplace_backward=True``).
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops.sequence_logprobs import sequence_logprobs_and_lengths
+from .dpo import DPOLoss, dpo_loss
+
+__all__ = ["fused_dpo_loss", "FusedDPOLoss", "pair_logps"]
+
+
+def pair_logps(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Tensor] = None,
+               ref_rejected_logps: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
+               ignore_index: int = -100, temperature=1.0, cu_seqlens: Optional[Tensor] = None,
+               inplace_backward: bool = False, backend: str = "auto") -> Dict[str, Optional[Tensor]]:
+    """Summed completion log-probs of the stacked batch, split into the DPO inputs.
+
+    Returns a dict with ``chosen_logps``, ``rejected_logps``, ``ref_chosen_logps``,
+    ``ref_rejected_logps`` (None when reference-free) and ``chosen_lengths``,
+    ``rejected_lengths`` (int64 counts of real labels), all ``[B]``.
+    """
+    kw = dict(ignore_index=ignore_index, temperature=temperature, cu_seqlens=cu_seqlens, backend=backend)
+    sums, counts = sequence_logprobs_and_lengths(logits, labels, inplace_backward=inplace_backward, **kw)
+    if sums.dim() != 1 or sums.shape[0] % 2:
+        raise ValueError(
+            "logits must hold the stacked [chosen; rejected] batch: 2B sequences, padded [2B, T, V] or "
+            f"packed with cu_seqlens of 2B + 1 entries; got {tuple(sums.shape)} sequences"
+        )
+    B = sums.shape[0] // 2
+    if ref_logits is not None:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("pass either ref_logits or ref_chosen_logps / ref_rejected_logps, not both")
+        with torch.no_grad():
+            ref_sums, _ = sequence_logprobs_and_lengths(ref_logits.detach(), labels, **kw)
+        ref_chosen_logps, ref_rejected_logps = ref_sums[:B], ref_sums[B:]
+    return dict(chosen_logps=sums[:B], rejected_logps=sums[B:], ref_chosen_logps=ref_chosen_logps,
+                ref_rejected_logps=ref_rejected_logps, chosen_lengths=counts[:B], rejected_lengths=counts[B:])
+
+
+def fused_dpo_loss(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Tensor] = None,
+                   ref_rejected_logps: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
+                   ignore_index: int = -100, temperature=1.0, cu_seqlens: Optional[Tensor] = None,
+                   inplace_backward: bool = False, backend: str = "auto",
+                   **dpo_kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """DPO-family loss straight from the policy logits of the stacked batch.
+
+    Args:
+        logits: ``[2B, T, V]`` (rows 0..B-1 chosen, B..2B-1 rejected) or packed
+            ``[total_tokens, V]`` with ``cu_seqlens`` of ``2B + 1`` entries; fp32/bf16/fp16.
+        labels: shifted completion labels, ``ignore_index`` on prompt and padding.
+        ref_chosen_logps, ref_rejected_logps: precomputed ``[B]`` reference log-probs, or
+        ref_logits: the reference model's logits (same layout), evaluated under no_grad
+            here; or neither, for reference-free training.
+        dpo_kwargs: everything :func:`dpo_loss` takes (beta, loss_type, label_smoothing, ...).
+            Completion lengths default to the counts of real labels.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`dpo_loss`.
+    """
+    logps = pair_logps(logits, labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                       ref_logits=ref_logits, ignore_index=ignore_index, temperature=temperature,
+                       cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend)
+    for k in ("chosen_lengths", "rejected_lengths"):
+        if dpo_kwargs.get(k) is not None:
+            logps.pop(k)
+    return dpo_loss(**logps, **dpo_kwargs)
+
+
+class FusedDPOLoss(DPOLoss):
+    """Config-only module: :class:`DPOLoss`'s hyper-parameters plus the sequence options.
+
+    ``forward(logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *,
+    ref_logits=None, cu_seqlens=None, pair_weights=None) -> (loss, metrics)``.
+    """
+
+    def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, ignore_index: int = -100,
+                 temperature: float = 1.0, inplace_backward: bool = False, backend: str = "auto", **dpo_config):
+        super().__init__(beta, loss_type, **dpo_config)
+        from .. import _validate
+
+        self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
+        self.temperature = _validate.check_positive_float(temperature, "temperature")
+        if not isinstance(inplace_backward, bool):
+            raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
+        self.inplace_backward = inplace_backward
+        self.backend = backend
+
+    def forward(self, logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor] = None,
+                ref_rejected_logps: Optional[Tensor] = None, *, ref_logits: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, pair_weights: Optional[Tensor] = None):
+        logps = pair_logps(logits, labels, ref_chosen_logps=ref_chosen_logps,
+                           ref_rejected_logps=ref_rejected_logps, ref_logits=ref_logits,
+                           ignore_index=self.ignore_index, temperature=self.temperature, cu_seqlens=cu_seqlens,
+                           inplace_backward=self.inplace_backward, backend=self.backend)
+        return super().forward(**logps, pair_weights=pair_weights)

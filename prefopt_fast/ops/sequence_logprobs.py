@@ -1,0 +1,118 @@
+"""sequence_logprobs: per-sequence sums (or means) of token log-probs, padded or packed.
+
+Causal shift convention: the logits at position t predict token t + 1. Shift the LABELS
+(``labels = input_ids[:, 1:]`` padded with ``ignore_index`` at the end, or the prompt and
+padding set to ``ignore_index``), never the logits: ``logits[:, :-1]`` is accepted without a
+copy in the forward, but its backward goes through PyTorch's slice, which allocates a full
+``[B, T, V]`` zero gradient for the unsliced tensor.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import _validate
+from .token_logprobs import token_logprobs
+
+
+def _check_cu_seqlens(cu_seqlens, total: int, device) -> torch.Tensor:
+    _validate.check_tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor [B + 1]; got {cu_seqlens.dtype} "
+                        f"of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have B + 1 >= 2 entries (0, ..., total tokens); got {cu_seqlens.numel()}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on the device of logits ({device}); got {cu_seqlens.device}")
+    cu = cu_seqlens.to(torch.int64)
+    ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
+    msg = (f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens "
+           f"(labels.shape[0] = {total})")
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise ValueError(f"{msg}; got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else '...'}")
+    return cu
+
+
+def per_sequence_sums(token_values: torch.Tensor, mask: torch.Tensor,
+                      cu_seqlens: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token_values, number of real tokens) per sequence.
+
+    Padded: ``[B, T]`` -> ``[B]``. Packed (``cu_seqlens`` [B + 1] int64): ``[total]`` ->
+    ``[B]`` with one scatter-add, no Python loop over sequences.
+    """
+    if cu_seqlens is None:
+        return token_values.sum(-1), mask.sum(-1)
+    B = cu_seqlens.numel() - 1
+    positions = torch.arange(token_values.shape[0], device=token_values.device)
+    seq = torch.searchsorted(cu_seqlens[1:], positions, right=True)
+    sums = token_values.new_zeros(B).index_add(0, seq, token_values)
+    counts = torch.zeros(B, dtype=torch.int64, device=mask.device).index_add(0, seq, mask.to(torch.int64))
+    return sums, counts
+
+
+def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperature=1.0, average=False,
+                                  cu_seqlens=None, inplace_backward=False, backend="auto"):
+    """:func:`sequence_logprobs` plus the int64 number of real labels per sequence."""
+    _validate.check_logits(logits)
+    _validate.check_tensor(labels, "labels")
+    if cu_seqlens is None:
+        if labels.dim() < 1:
+            raise ValueError("labels must have shape [..., T] (padded) or [total_tokens] with cu_seqlens; got 0-d")
+    else:
+        if labels.dim() != 1:
+            raise ValueError(f"with cu_seqlens, labels must be packed: shape [total_tokens]; got {tuple(labels.shape)}")
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                          inplace_backward=inplace_backward, backend=backend)
+    sums, counts = per_sequence_sums(logp, labels != ignore_index, cu_seqlens)
+    if average:
+        # sums are 0 where counts are 0: a sequence with no real label gives 0, not NaN
+        sums = sums / counts.clamp(min=1).to(sums.dtype)
+    return sums, counts
+
+
+def sequence_logprobs(logits, labels, *, ignore_index: int = -100, temperature=1.0, average: bool = False,
+                      cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False,
+                      backend: str = "auto") -> torch.Tensor:
+    """Per-sequence log-probs: the sum (or, with ``average``, the mean) over real labels.
+
+    Args:
+        logits: padded ``[B, T, V]`` (any leading ``[..., T]``), or packed
+            ``[total_tokens, V]`` with ``cu_seqlens``; fp32 / bf16 / fp16.
+        labels: ``logits.shape[:-1]`` integers, already shifted so ``labels[..., t]`` is the
+            token predicted by ``logits[..., t, :]``; ``ignore_index`` marks prompt/padding.
+        cu_seqlens: int ``[B + 1]`` offsets of the packed sequences (0, ..., total_tokens).
+        average: divide by the number of real labels (0 for a sequence without any).
+        temperature, inplace_backward, backend: as in :func:`token_logprobs`.
+
+    Returns:
+        fp32 ``[B]`` (``labels.shape[:-1]`` when padded).
+    """
+    return sequence_logprobs_and_lengths(
+        logits, labels, ignore_index=ignore_index, temperature=temperature, average=average,
+        cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend)[0]
+
+
+class SequenceLogProbs(nn.Module):
+    """Config-only module around :func:`sequence_logprobs`."""
+
+    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, average: bool = False,
+                 inplace_backward: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
+        self.temperature = _validate.check_positive_float(temperature, "temperature")
+        if not isinstance(average, bool):
+            raise TypeError(f"average must be a bool; got {type(average).__name__}")
+        self.average = average
+        self.inplace_backward = inplace_backward
+        self.backend = backend
+
+    def forward(self, logits, labels, cu_seqlens=None):
+        return sequence_logprobs(logits, labels, ignore_index=self.ignore_index, temperature=self.temperature,
+                                 average=self.average, cu_seqlens=cu_seqlens,
+                                 inplace_backward=self.inplace_backward, backend=self.backend)
+
+    def extra_repr(self):
+        return f"ignore_index={self.ignore_index}, temperature={self.temperature}, average={self.average}"
