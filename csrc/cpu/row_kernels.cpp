@@ -1,0 +1,681 @@
+// CPU row kernels: forward (logsumexp, log-prob and row statistics) and backward
+// (gradient of the logits), semantics as in prefopt_fast/_rows.py. No torch headers.
+//
+// Fast path, per row: chunks of kChunk elements are converted to fp32 (x = z * inv_temp)
+// into an L1-resident buffer while integer bit tests flag NaN / +inf / |x| >= 2^64
+// and -inf (replaced by a finite sentinel); then a vectorised pass of pf_exp_poly
+// accumulates the online logsumexp. The whole file is compiled with IEEE semantics
+// (no -ffast-math): float reductions vectorise through `omp simd reduction` clauses
+// (-fopenmp-simd, no OpenMP runtime) and exp is straight-line arithmetic, so there is
+// no vector math library and no flush-to-zero side effect on the host process.
+// Rows (or backward chunks) that the bit tests flag go through an exact scalar path in
+// double precision which follows float64 torch.log_softmax.
+#include "row_kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "prefopt_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// per-ISA copies chosen once at load time; x86-64-v3 = AVX2 + FMA, v4 = AVX-512
+#define PF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PF_CLONES
+#endif
+
+namespace prefopt_cpu {
+namespace {
+
+// 2048 fp32 = 8 KiB of buffer plus at most 8 KiB of input: both stay in a 32 KiB L1d.
+constexpr int64_t kChunk = 2048;
+
+enum : int { kStatEntropy = 1, kStatLssp = 2, kStatMean = 4, kStatArgmax = 8, kStatKl = 16 };
+enum : int { kOutLogp = 0, kOutLse, kOutEntropy, kOutLssp, kOutMean, kOutArgmax, kOutKl, kOutRefLse };
+static_assert(kOutRefLse + 1 == kNumOut, "rows of prefopt_fast._rows.OUT_*");
+enum : uint32_t { kFlagBad = 1, kFlagNegInf = 2, kFlagKlInf = 4 };
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ---------------------------------------------------------------- element types
+
+struct F32 {
+  typedef float S;
+  static PF_INLINE float load(const S* p, int64_t i) { return p[i]; }
+  static PF_INLINE void store(S* p, int64_t i, float v) { p[i] = v; }
+};
+struct BF16 {
+  typedef uint16_t S;
+  static PF_INLINE float load(const S* p, int64_t i) { return pf_bf16_to_f32(p[i]); }
+  static PF_INLINE void store(S* p, int64_t i, float v) { p[i] = pf_f32_to_bf16(v); }
+};
+struct F16 {
+  typedef uint16_t S;
+  static PF_INLINE float load(const S* p, int64_t i) { return pf_f16_to_f32(p[i]); }
+  static PF_INLINE void store(S* p, int64_t i, float v) { p[i] = pf_f32_to_f16(v); }
+};
+
+int64_t row_offset(const RowsView& L, int64_t n) {
+  int64_t off = 0;
+  for (int d = L.nlead - 1; d >= 0; --d) {
+    const int64_t s = L.lead_sizes[d];
+    off += (n % s) * L.lead_strides[d];
+    n /= s;
+  }
+  return off;
+}
+
+template <class F>
+void run_parallel(const Threading& th, int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  th.parallel_for(0, n, grain < 1 ? 1 : grain,
+                  [](int64_t b, int64_t e, void* ctx) { (*static_cast<const F*>(ctx))(b, e); },
+                  const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+// Rows are split into segments only when there are too few rows to feed the threads.
+struct Split {
+  int64_t nseg;
+  int64_t seg_len;
+};
+
+Split split_rows(int64_t rows, int64_t V, int num_threads) {
+  const int64_t want = 4 * (int64_t)std::max(num_threads, 1);
+  int64_t nseg = 1;
+  if (rows < want && V >= 2 * 32768) {
+    nseg = std::min((want + rows - 1) / rows, V / 32768);
+  }
+  int64_t seg_len = (V + nseg - 1) / nseg;
+  seg_len = (seg_len + 63) / 64 * 64;
+  if (seg_len == 0) seg_len = 1;
+  nseg = std::max<int64_t>(1, (V + seg_len - 1) / seg_len);
+  return {nseg, seg_len};
+}
+
+// ---------------------------------------------------------------- forward, fast path
+
+struct FwdPart {
+  PfLseAcc<double> acc;   // policy row; acc.m is the max seen (a float value or the sentinel)
+  PfLseAcc<double> racc;  // reference row (KL only; s and m used)
+  double u;               // KL accumulator, see pf_kl_rebase
+  double sum_x;
+  int64_t argmax;         // first index of the max within the row, -1 if none
+  uint32_t flags;
+};
+
+enum : int { kModeBasic = 0, kModeFull = 1, kModeKl = 2 };
+
+// One pass of chunks over [v0, v1) of a row (and of its reference row for kModeKl).
+template <class D, int MODE>
+PF_INLINE FwdPart fwd_segment_impl(const typename D::S* z, const typename D::S* zr, int64_t v0, int64_t v1,
+                                   float it, bool want_argmax) {
+  constexpr bool FULL = MODE != kModeBasic;
+  constexpr bool KL = MODE == kModeKl;
+  alignas(64) float buf[kChunk];
+  alignas(64) float bufr[KL ? kChunk : 1];
+  float M = PF_SENTINEL, Mr = PF_SENTINEL;
+  PfLseAcc<double> acc = pf_lse_empty<double>(PF_SENTINEL);
+  PfLseAcc<double> racc = pf_lse_empty<double>(PF_SENTINEL);
+  double U = 0.0, SX = 0.0;
+  int64_t amax = -1;
+  uint32_t flags = 0;
+  for (int64_t c0 = v0; c0 < v1; c0 += kChunk) {
+    const int n = (int)std::min<int64_t>(kChunk, v1 - c0);
+    const typename D::S* zc = z + c0;
+    const typename D::S* zrc = KL ? zr + c0 : nullptr;
+    float cm = PF_SENTINEL, cmr = PF_SENTINEL, sx = 0.0f;
+    uint32_t bad = 0, ninf = 0, klinf = 0;
+    // convert + classify by bits + chunk max
+#pragma omp simd reduction(max : cm, cmr) reduction(| : bad, ninf, klinf) reduction(+ : sx)
+    for (int i = 0; i < n; ++i) {
+      float x = D::load(zc, i) * it;
+      const uint32_t ub = pf_f32_bits(x);
+      const uint32_t x_ninf = ub == PF_F32_NEG_INF_BITS;
+      bad |= ((ub & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (x_ninf ^ 1u);
+      ninf |= x_ninf;
+      x = x_ninf ? PF_SENTINEL : x;
+      buf[i] = x;
+      cm = x > cm ? x : cm;
+      if (FULL) sx += x;
+      if (KL) {
+        float xr = D::load(zrc, i) * it;
+        const uint32_t rb = pf_f32_bits(xr);
+        const uint32_t r_ninf = rb == PF_F32_NEG_INF_BITS;
+        bad |= ((rb & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (r_ninf ^ 1u);
+        klinf |= r_ninf & (x_ninf ^ 1u);  // q_v = 0 where p_v > 0: KL = +inf
+        xr = r_ninf ? PF_SENTINEL : xr;
+        bufr[i] = xr;
+        cmr = xr > cmr ? xr : cmr;
+      }
+    }
+    if (bad) {  // the exact path redoes the whole row
+      flags |= kFlagBad;
+      break;
+    }
+    flags |= (ninf ? (uint32_t)kFlagNegInf : 0u) | (klinf ? (uint32_t)kFlagKlInf : 0u);
+    SX += sx;
+    // new maxima: rescale what was accumulated so far
+    if (KL && cmr > Mr) {
+      U = pf_kl_rebase<double>(U, acc.s, 0.0, (double)cmr - (double)Mr);
+      racc = pf_lse_rescale<double>(racc, (double)cmr);
+      Mr = cmr;
+    }
+    if (cm > M) {
+      if (want_argmax) {
+        int i = 0;
+        while (buf[i] != cm) ++i;
+        amax = c0 + i;
+      }
+      if (KL) U = pf_kl_rebase<double>(U, acc.s, (double)cm - (double)M, 0.0);
+      acc = pf_lse_rescale<double>(acc, (double)cm);
+      M = cm;
+    }
+    // exp pass; a max still at the sentinel means that row is all -inf so far
+    float s = 0.0f, t = 0.0f, q = 0.0f, u = 0.0f, sr = 0.0f;
+    if (KL && M != PF_SENTINEL && Mr != PF_SENTINEL) {
+#pragma omp simd reduction(+ : s, t, q, u, sr)
+      for (int i = 0; i < n; ++i) {
+        const float d = buf[i] - M;
+        const float dr = bufr[i] - Mr;
+        const float e = pf_exp_poly(d);
+        s += e;
+        t += e * d;
+        q += e * e;
+        u += e * (d - dr);
+        sr += pf_exp_poly(dr);
+      }
+    } else if (FULL && M != PF_SENTINEL) {
+#pragma omp simd reduction(+ : s, t, q)
+      for (int i = 0; i < n; ++i) {
+        const float d = buf[i] - M;
+        const float e = pf_exp_poly(d);
+        s += e;
+        t += e * d;
+        q += e * e;
+      }
+    } else if (M != PF_SENTINEL) {
+#pragma omp simd reduction(+ : s)
+      for (int i = 0; i < n; ++i) s += pf_exp_poly(buf[i] - M);
+    }
+    if (KL && M == PF_SENTINEL && Mr != PF_SENTINEL) {
+#pragma omp simd reduction(+ : sr)
+      for (int i = 0; i < n; ++i) sr += pf_exp_poly(bufr[i] - Mr);
+    }
+    acc.s += s;
+    acc.t += t;
+    acc.q += q;
+    U += u;
+    racc.s += sr;
+  }
+  acc.m = M;
+  racc.m = Mr;
+  FwdPart part;
+  part.acc = acc;
+  part.racc = racc;
+  part.u = U;
+  part.sum_x = SX;
+  part.argmax = amax;
+  part.flags = flags;
+  return part;
+}
+
+#define PF_FWD_VARIANT(NAME, D, MODE)                                                                  \
+  PF_CLONES FwdPart NAME(const void* z, const void* zr, int64_t v0, int64_t v1, float it, bool am) {   \
+    return fwd_segment_impl<D, MODE>(static_cast<const D::S*>(z), static_cast<const D::S*>(zr), v0, v1, \
+                                     it, am);                                                          \
+  }
+PF_FWD_VARIANT(fwd_f32_basic, F32, kModeBasic)
+PF_FWD_VARIANT(fwd_f32_full, F32, kModeFull)
+PF_FWD_VARIANT(fwd_f32_kl, F32, kModeKl)
+PF_FWD_VARIANT(fwd_bf16_basic, BF16, kModeBasic)
+PF_FWD_VARIANT(fwd_bf16_full, BF16, kModeFull)
+PF_FWD_VARIANT(fwd_bf16_kl, BF16, kModeKl)
+PF_FWD_VARIANT(fwd_f16_basic, F16, kModeBasic)
+PF_FWD_VARIANT(fwd_f16_full, F16, kModeFull)
+PF_FWD_VARIANT(fwd_f16_kl, F16, kModeKl)
+#undef PF_FWD_VARIANT
+
+typedef FwdPart (*FwdSegmentFn)(const void*, const void*, int64_t, int64_t, float, bool);
+
+// Merge two consecutive segments of one row.
+FwdPart merge_parts(FwdPart a, const FwdPart& b, bool kl) {
+  if (b.acc.m > a.acc.m) a.argmax = b.argmax;  // ties keep the earlier index
+  const double m = std::max(a.acc.m, b.acc.m), mr = std::max(a.racc.m, b.racc.m);
+  if (kl) {
+    a.u = pf_kl_rebase<double>(a.u, a.acc.s, m - a.acc.m, mr - a.racc.m) +
+          pf_kl_rebase<double>(b.u, b.acc.s, m - b.acc.m, mr - b.racc.m);
+    a.racc = pf_lse_merge(a.racc, b.racc);
+    a.racc.m = mr;
+  }
+  a.acc = pf_lse_merge(a.acc, b.acc);
+  a.acc.m = m;  // an empty side keeps the other's m; the max matters for the argmax
+  a.sum_x += b.sum_x;
+  a.flags |= b.flags;
+  return a;
+}
+
+// ---------------------------------------------------------------- forward, exact path
+
+// Float64 torch.log_softmax semantics for one row (NaN/inf, all -inf, huge values).
+// Returns the maximum (NaN if any NaN), fills lse (NaN for NaN/+inf rows, -inf for
+// all -inf rows) and the accumulator relative to the max when it is finite.
+template <class D>
+double exact_lse(const typename D::S* z, int64_t V, float it, int64_t* argmax, double* mean,
+                 PfLseAcc<double>* acc) {
+  double M = -kInf, sx = 0.0;
+  bool nan = false;
+  int64_t am = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const double x = (double)(D::load(z, v) * it);
+    sx += x;
+    if (x != x) {
+      if (!nan) am = v;  // torch.argmax: the first NaN is the max
+      nan = true;
+    } else if (!nan && x > M) {
+      M = x;
+      am = v;
+    }
+  }
+  if (argmax) *argmax = am;
+  if (mean) *mean = V > 0 ? sx / (double)V : kNaN;
+  *acc = pf_lse_empty<double>(M);
+  if (nan || M == kInf) return kNaN;  // NaN or +inf anywhere: NaN row
+  if (M == -kInf) return -kInf;       // only -inf (or V == 0)
+  for (int64_t v = 0; v < V; ++v) {
+    const double d = (double)(D::load(z, v) * it) - M;
+    const double e = exp(d);
+    acc->s += e;
+    acc->t += e > 0.0 ? e * d : 0.0;
+    acc->q += e * e;
+  }
+  return pf_lse_value(*acc);
+}
+
+template <class D>
+void exact_row_forward(const typename D::S* z, const typename D::S* zr, int64_t V, float it, int64_t y,
+                       bool y_ok, double* o) {
+  int64_t am = 0;
+  double mean = 0.0;
+  PfLseAcc<double> acc;
+  const double lse = exact_lse<D>(z, V, it, &am, &mean, &acc);
+  o[kOutLse] = lse;
+  o[kOutMean] = mean;
+  o[kOutArgmax] = (y_ok && y == am) ? 1.0 : 0.0;
+  const bool fin = lse == lse && lse != -kInf;  // lse is never +inf
+  if (fin) {
+    o[kOutLogp] = y_ok ? (double)(D::load(z, y) * it) - lse : kNaN;
+    o[kOutEntropy] = pf_lse_entropy(acc);
+    o[kOutLssp] = pf_lse_log_sum_sq(acc);
+  } else {  // log-probs are NaN - lse or -inf - (-inf)
+    o[kOutLogp] = o[kOutEntropy] = o[kOutLssp] = kNaN;
+  }
+  if (zr) {
+    PfLseAcc<double> racc;
+    const double rlse = exact_lse<D>(zr, V, it, nullptr, nullptr, &racc);
+    o[kOutRefLse] = rlse;
+    double kl = kNaN;
+    if (fin && rlse == rlse && rlse != -kInf) {
+      kl = 0.0;
+      for (int64_t v = 0; v < V; ++v) {
+        const double x = (double)(D::load(z, v) * it);
+        const double xr = (double)(D::load(zr, v) * it);
+        if (x == -kInf) continue;  // p_v = 0
+        if (xr == -kInf) {         // q_v = 0 < p_v
+          kl = kInf;
+          break;
+        }
+        const double lp = x - lse;
+        kl += exp(lp) * (lp - (xr - rlse));
+      }
+    }
+    o[kOutKl] = kl;
+  }
+}
+
+template <class D>
+void finish_row(const typename D::S* z, const typename D::S* zr, int64_t V, float it, int64_t y,
+                const FwdPart& part, double* o) {
+  const bool y_ok = y >= 0 && y < V;
+  if ((part.flags & kFlagBad) || part.acc.s == 0.0 || (zr && part.racc.s == 0.0)) {
+    exact_row_forward<D>(z, zr, V, it, y, y_ok, o);
+    return;
+  }
+  const double ls = log(part.acc.s);
+  o[kOutLse] = part.acc.m + ls;
+  if (y_ok) {
+    const float xy = D::load(z, y) * it;
+    o[kOutLogp] = pf_f32_bits(xy) == PF_F32_NEG_INF_BITS ? -kInf : ((double)xy - part.acc.m) - ls;
+  } else {
+    o[kOutLogp] = kNaN;
+  }
+  o[kOutEntropy] = pf_lse_entropy(part.acc);
+  o[kOutLssp] = pf_lse_log_sum_sq(part.acc);
+  o[kOutMean] = (part.flags & kFlagNegInf) ? -kInf : part.sum_x / (double)V;
+  o[kOutArgmax] = (y_ok && y == part.argmax) ? 1.0 : 0.0;
+  if (zr) {
+    o[kOutRefLse] = pf_lse_value(part.racc);
+    o[kOutKl] = (part.flags & kFlagKlInf) ? kInf : pf_kl_value(part.u, part.acc.s, part.racc.s);
+  }
+}
+
+template <class D>
+void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, const float* inv_temp,
+                  int64_t ignore_index, int stats, float* out, const Threading& th) {
+  typedef typename D::S S;
+  const int64_t N = L.rows, V = L.V;
+  const S* base = static_cast<const S*>(L.data);
+  const S* rbase = R ? static_cast<const S*>(R->data) : nullptr;
+  const bool kl = R != nullptr && (stats & kStatKl) != 0;
+  const bool full = (stats & (kStatEntropy | kStatLssp | kStatMean)) != 0;
+  const bool want_argmax = (stats & kStatArgmax) != 0;
+  const int mode = kl ? kModeKl : full ? kModeFull : kModeBasic;
+  static const FwdSegmentFn table[3][3] = {{fwd_f32_basic, fwd_f32_full, fwd_f32_kl},
+                                           {fwd_bf16_basic, fwd_bf16_full, fwd_bf16_kl},
+                                           {fwd_f16_basic, fwd_f16_full, fwd_f16_kl}};
+  const FwdSegmentFn seg_fn = table[L.dtype][mode];
+  const Split sp = split_rows(N, V, th.num_threads);
+  const int64_t seg_len = sp.seg_len, nseg = sp.nseg;
+
+  auto write = [&](int64_t n, const double* o) {
+    static const int bit[kNumOut] = {0, 0, kStatEntropy, kStatLssp, kStatMean, kStatArgmax, kStatKl, kStatKl};
+    for (int r = 0; r < kNumOut; ++r) {
+      const bool on = bit[r] == 0 || ((stats & bit[r]) && (bit[r] != kStatKl || kl));
+      out[r * N + n] = on ? (float)o[r] : 0.0f;
+    }
+  };
+  const double zeros[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto row_ptrs = [&](int64_t n, const S** z, const S** zr) {
+    *z = base + row_offset(L, n);
+    *zr = kl ? rbase + row_offset(*R, n) : nullptr;
+  };
+
+  if (nseg == 1) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+    run_parallel(th, N, grain, [&](int64_t b, int64_t e) {
+      for (int64_t n = b; n < e; ++n) {
+        const int64_t y = labels[n];
+        if (y == ignore_index) {
+          write(n, zeros);
+          continue;
+        }
+        const S *z, *zr;
+        row_ptrs(n, &z, &zr);
+        const float it = inv_temp[n];
+        const FwdPart part = seg_fn(z, zr, 0, V, it, want_argmax);
+        double o[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+        finish_row<D>(z, zr, V, it, y, part, o);
+        write(n, o);
+      }
+    });
+    return;
+  }
+
+  // Few long rows: segments in parallel, then an in-order merge per row.
+  std::vector<FwdPart> parts((size_t)(N * nseg));
+  run_parallel(th, N * nseg, 1, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / nseg, sg = item % nseg;
+      if (labels[n] == ignore_index) continue;
+      const int64_t v0 = sg * seg_len, v1 = std::min(V, v0 + seg_len);
+      const S *z, *zr;
+      row_ptrs(n, &z, &zr);
+      parts[(size_t)item] = seg_fn(z, zr, v0, v1, inv_temp[n], want_argmax);
+    }
+  });
+  run_parallel(th, N, 1, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const int64_t y = labels[n];
+      if (y == ignore_index) {
+        write(n, zeros);
+        continue;
+      }
+      FwdPart row = parts[(size_t)(n * nseg)];
+      for (int64_t sg = 1; sg < nseg; ++sg) row = merge_parts(row, parts[(size_t)(n * nseg + sg)], kl);
+      const S *z, *zr;
+      row_ptrs(n, &z, &zr);
+      double o[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+      finish_row<D>(z, zr, V, inv_temp[n], y, row, o);
+      write(n, o);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+struct RowGrad {
+  float it, lse, H, c, e;
+  float k, rlse, kl;  // KL term (k = 0 without it)
+  int64_t y;          // label if in [0, V), else -1 (no one-hot term)
+};
+
+enum : int { kGradPlain = 0, kGradEntropy = 1, kGradKl = 2 };
+
+// Exact per-element gradient in double for [a, b) of one row. In place (g == z) each
+// element is read before it is written.
+template <class D, int MODE>
+void exact_grad_range(const typename D::S* z, const typename D::S* zr, typename D::S* g, int64_t a, int64_t b,
+                      const RowGrad& r) {
+  for (int64_t v = a; v < b; ++v) {
+    const double x = (double)(D::load(z, v) * r.it);
+    const double logp = x - (double)r.lse;
+    const double p = exp(logp);
+    const double oh = v == r.y ? 1.0 : 0.0;
+    double gv;
+    if (MODE == kGradKl) {
+      const double logq = (double)(D::load(zr, v) * r.it) - (double)r.rlse;
+      gv = pf_grad_elem_kl<double>(p, logp, logq, oh, r.c, r.e, r.H, r.k, r.kl, r.it);
+    } else if (MODE == kGradEntropy) {
+      gv = pf_grad_elem<double>(p, logp, oh, r.c, r.e, r.H, r.it);
+    } else {
+      gv = pf_grad_elem_noent<double>(p, oh, r.c, r.it);
+    }
+    D::store(g, v, (float)gv);
+  }
+}
+
+template <class D, int MODE>
+PF_INLINE float fast_grad(float x, float xr, float oh, const RowGrad& r) {
+  const float logp = x - r.lse;
+  const float p = pf_exp_poly(logp);
+  if (MODE == kGradKl) return pf_grad_elem_kl<float>(p, logp, xr - r.rlse, oh, r.c, r.e, r.H, r.k, r.kl, r.it);
+  if (MODE == kGradEntropy) return pf_grad_elem<float>(p, logp, oh, r.c, r.e, r.H, r.it);
+  return pf_grad_elem_noent<float>(p, oh, r.c, r.it);
+}
+
+template <class D, int MODE>
+PF_INLINE void bwd_segment_impl(const typename D::S* z, const typename D::S* zr, typename D::S* g, int64_t v0,
+                                int64_t v1, const RowGrad& r) {
+  constexpr bool KL = MODE == kGradKl;
+  alignas(64) float buf[kChunk];
+  alignas(64) float bufr[KL ? kChunk : 1];
+  const RowGrad rr = r;  // local copy: no aliasing with the output for the vectoriser
+  for (int64_t c0 = v0; c0 < v1; c0 += kChunk) {
+    const int n = (int)std::min<int64_t>(kChunk, v1 - c0);
+    const typename D::S* zc = z + c0;
+    const typename D::S* zrc = KL ? zr + c0 : nullptr;
+    typename D::S* gc = g + c0;
+    uint32_t bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (int i = 0; i < n; ++i) {
+      const float x = D::load(zc, i) * rr.it;
+      const uint32_t u = pf_f32_bits(x);
+      const uint32_t is_ninf = u == PF_F32_NEG_INF_BITS;
+      bad |= ((u & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (is_ninf ^ 1u);
+      buf[i] = is_ninf ? PF_SENTINEL : x;
+      if (KL) {
+        const float xr = D::load(zrc, i) * rr.it;
+        const uint32_t ur = pf_f32_bits(xr);
+        const uint32_t r_ninf = ur == PF_F32_NEG_INF_BITS;
+        bad |= ((ur & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (r_ninf ^ 1u);
+        bufr[i] = r_ninf ? PF_SENTINEL : xr;
+      }
+    }
+    if (bad) {
+      exact_grad_range<D, MODE>(z, zr, g, c0, c0 + n, rr);
+      continue;
+    }
+#pragma omp simd
+    for (int i = 0; i < n; ++i) D::store(gc, i, fast_grad<D, MODE>(buf[i], KL ? bufr[i] : 0.0f, 0.0f, rr));
+    if (rr.y >= c0 && rr.y < c0 + n) {
+      const int i = (int)(rr.y - c0);
+      D::store(gc, i, fast_grad<D, MODE>(buf[i], KL ? bufr[i] : 0.0f, 1.0f, rr));
+    }
+  }
+}
+
+template <class D>
+PF_INLINE void zero_segment_impl(typename D::S* g, int64_t v0, int64_t v1) {
+#pragma omp simd
+  for (int64_t v = v0; v < v1; ++v) g[v] = 0;  // +0.0 is all-zero bits in every dtype
+}
+
+#define PF_BWD_VARIANT(NAME, D, MODE)                                                                      \
+  PF_CLONES void NAME(const void* z, const void* zr, void* g, int64_t v0, int64_t v1, const RowGrad& r) { \
+    bwd_segment_impl<D, MODE>(static_cast<const D::S*>(z), static_cast<const D::S*>(zr),                \
+                              static_cast<D::S*>(g), v0, v1, r);                                          \
+  }
+PF_BWD_VARIANT(bwd_f32_plain, F32, kGradPlain)
+PF_BWD_VARIANT(bwd_f32_ent, F32, kGradEntropy)
+PF_BWD_VARIANT(bwd_f32_kl, F32, kGradKl)
+PF_BWD_VARIANT(bwd_bf16_plain, BF16, kGradPlain)
+PF_BWD_VARIANT(bwd_bf16_ent, BF16, kGradEntropy)
+PF_BWD_VARIANT(bwd_bf16_kl, BF16, kGradKl)
+PF_BWD_VARIANT(bwd_f16_plain, F16, kGradPlain)
+PF_BWD_VARIANT(bwd_f16_ent, F16, kGradEntropy)
+PF_BWD_VARIANT(bwd_f16_kl, F16, kGradKl)
+#undef PF_BWD_VARIANT
+
+PF_CLONES void zero_f32(void* g, int64_t v0, int64_t v1) { zero_segment_impl<F32>(static_cast<float*>(g), v0, v1); }
+PF_CLONES void zero_u16(void* g, int64_t v0, int64_t v1) { zero_segment_impl<BF16>(static_cast<uint16_t*>(g), v0, v1); }
+
+typedef void (*BwdSegmentFn)(const void*, const void*, void*, int64_t, int64_t, const RowGrad&);
+
+template <class D>
+void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const Threading& th) {
+  typedef typename D::S S;
+  const int64_t N = L.rows, V = L.V;
+  S* base = static_cast<S*>(L.data);
+  S* gbase = static_cast<S*>(grad);  // nullptr: in place
+  const bool has_e = A.grad_entropy != nullptr;
+  const bool has_kl = A.grad_kl != nullptr;
+  const S* rbase = has_kl ? static_cast<const S*>(A.ref->data) : nullptr;
+  const int mode = has_kl ? kGradKl : has_e ? kGradEntropy : kGradPlain;
+  static const BwdSegmentFn table[3][3] = {{bwd_f32_plain, bwd_f32_ent, bwd_f32_kl},
+                                           {bwd_bf16_plain, bwd_bf16_ent, bwd_bf16_kl},
+                                           {bwd_f16_plain, bwd_f16_ent, bwd_f16_kl}};
+  const BwdSegmentFn seg_fn = table[L.dtype][mode];
+  const auto zero_fn = L.dtype == kF32 ? zero_f32 : zero_u16;
+  const Split sp = split_rows(N, V, th.num_threads);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(sp.seg_len, 1));
+
+  run_parallel(th, N * sp.nseg, grain, [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t n = item / sp.nseg, sg = item % sp.nseg;
+      const int64_t v0 = sg * sp.seg_len, v1 = std::min(V, v0 + sp.seg_len);
+      S* z = base + row_offset(L, n);
+      S* g = gbase ? gbase + n * V : z;
+      const int64_t y = A.labels[n];
+      if (y == A.ignore_index) {
+        zero_fn(g, v0, v1);
+        continue;
+      }
+      const S* zr = has_kl ? rbase + row_offset(*A.ref, n) : nullptr;
+      RowGrad r;
+      r.it = A.inv_temp[n];
+      r.lse = A.lse[n];
+      r.c = A.grad_logp[n];
+      r.e = has_e ? A.grad_entropy[n] : 0.0f;
+      r.H = has_e ? A.entropy[n] : 0.0f;
+      r.k = has_kl ? A.grad_kl[n] : 0.0f;
+      r.rlse = has_kl ? A.ref_lse[n] : 0.0f;
+      r.kl = has_kl ? A.kl[n] : 0.0f;
+      r.y = (y >= 0 && y < V) ? y : -1;
+      const bool finite = std::isfinite(r.it) && std::isfinite(r.lse) && std::isfinite(r.c) &&
+                          std::isfinite(r.e) && std::isfinite(r.H) && std::isfinite(r.k) &&
+                          std::isfinite(r.rlse) && std::isfinite(r.kl);
+      if (!finite) {  // NaN / +inf / all -inf rows, infinite KL, NaN upstream gradients
+        if (mode == kGradKl)
+          exact_grad_range<D, kGradKl>(z, zr, g, v0, v1, r);
+        else if (mode == kGradEntropy)
+          exact_grad_range<D, kGradEntropy>(z, zr, g, v0, v1, r);
+        else
+          exact_grad_range<D, kGradPlain>(z, zr, g, v0, v1, r);
+        continue;
+      }
+      seg_fn(z, zr, g, v0, v1, r);
+    }
+  });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- entry points
+
+void row_forward(const RowsView& L, const RowsView* ref, const int64_t* labels, const float* inv_temp,
+                 int64_t ignore_index, int stats, float* out, const Threading& th) {
+  if (L.rows == 0) return;
+  switch (L.dtype) {
+    case kF32: forward_rows<F32>(L, ref, labels, inv_temp, ignore_index, stats, out, th); break;
+    case kBF16: forward_rows<BF16>(L, ref, labels, inv_temp, ignore_index, stats, out, th); break;
+    case kF16: forward_rows<F16>(L, ref, labels, inv_temp, ignore_index, stats, out, th); break;
+  }
+}
+
+void row_backward(const RowsView& L, const BackwardArgs& args, void* grad, const Threading& th) {
+  if (L.rows == 0 || L.V == 0) return;
+  switch (L.dtype) {
+    case kF32: backward_rows<F32>(L, args, grad, th); break;
+    case kBF16: backward_rows<BF16>(L, args, grad, th); break;
+    case kF16: backward_rows<F16>(L, args, grad, th); break;
+  }
+}
+
+bool rows_disjoint(const RowsView& L) {
+  // Sorted by stride, each dimension must step past everything the smaller ones span.
+  int64_t st[kMaxLeadDims], sz[kMaxLeadDims];
+  int k = 0;
+  for (int d = 0; d < L.nlead; ++d) {
+    if (L.lead_sizes[d] == 0) return true;  // no rows at all
+    if (L.lead_sizes[d] > 1) {
+      st[k] = L.lead_strides[d] < 0 ? -L.lead_strides[d] : L.lead_strides[d];
+      sz[k] = L.lead_sizes[d];
+      ++k;
+    }
+  }
+  for (int i = 1; i < k; ++i)
+    for (int j = i; j > 0 && st[j] < st[j - 1]; --j) {
+      std::swap(st[j], st[j - 1]);
+      std::swap(sz[j], sz[j - 1]);
+    }
+  int64_t span = L.V;
+  for (int i = 0; i < k; ++i) {
+    if (st[i] < span) return false;
+    span = st[i] * (sz[i] - 1) + span;
+  }
+  return true;
+}
+
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t huge = (size_t)2 << 20;
+  if (bytes < 4 * huge) return;
+  const uintptr_t a = ((uintptr_t)p + huge - 1) & ~(uintptr_t)(huge - 1);
+  const uintptr_t e = ((uintptr_t)p + bytes) & ~(uintptr_t)(huge - 1);
+  if (e > a) madvise((void*)a, e - a, MADV_HUGEPAGE);  // advisory: failure is harmless
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+}  // namespace prefopt_cpu
