@@ -100,7 +100,7 @@ def row_backward_kernel(
 def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tensor,
            inv_temp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
            grad_entropy, ignore_index: int, *, block_v: int, num_warps: int, align: int = 1) -> None:
-    """Launch over N = labels.numel() rows.
+    """Launch over N = labels.numel() rows (FMA contraction on, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N]; grad: a contiguous
     tensor of the shape and dtype of logits, or None to write over ``logits`` in place;
@@ -117,4 +117,5 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tens
     row_backward_kernel[(n,)](
         logits, row_off, grad, labels, inv_temp, lse, entropy if has_ent else lse, grad_logp,
         grad_entropy if has_ent else grad_logp, logits.shape[-1], ignore_index,
-        BLOCK_V=block_v, ALIGN=align, HAS_ENT=has_ent, INPLACE=inplace, num_warps=num_warps)
+        BLOCK_V=block_v, ALIGN=align, HAS_ENT=has_ent, INPLACE=inplace, num_warps=num_warps,
+        enable_fp_fusion=True)

@@ -46,7 +46,7 @@ def stat_flags(stats: int) -> dict:
 
 
 @triton.jit
-def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
+def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_i,
           BLOCK_V: tl.constexpr, MASKED: tl.constexpr, ENTROPY: tl.constexpr,
           LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr):
     offs = start + tl.arange(0, BLOCK_V)
@@ -56,7 +56,14 @@ def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
     else:
         z = tl.load(row_ptr + offs)
     x = z.to(tl.float32) * it
-    m_new = tl.maximum(m, tl.max(x, axis=0))
+    if ARGMAX:
+        # NaN counts as +inf for the argmax, explicitly, so that the result does not
+        # depend on whether the hardware max propagates NaN (LSE is NaN either way)
+        xa = tl.where(x != x, float("inf"), x)
+    else:
+        xa = x
+    m_tile = tl.max(xa, axis=0)
+    m_new = tl.maximum(m, m_tile)
     # While every value so far is -inf, shift by 0: exp(-inf - 0) = 0, not NaN.
     # NaN or +inf in the row turns s into NaN through exp(NaN) or exp(inf - inf),
     # whether or not the hardware max propagates NaN: LSE and LOGP come out NaN.
@@ -75,13 +82,10 @@ def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
         else:
             xsum += x
     if ARGMAX:
-        # strict > keeps each lane's first index of its max; NaN never wins here and
-        # is tracked apart, so the result does not depend on how max treats NaN
-        better = x > best_x
-        best_i = tl.where(better, offs, best_i)
-        best_x = tl.where(better, x, best_x)
-        nan_i = tl.minimum(nan_i, tl.where(x != x, offs, 2147483647))
-    return m_new, c_new, s, t, q, xsum, best_x, best_i, nan_i
+        # strict >: an earlier tile keeps the first index of the max
+        first = tl.min(tl.where(xa == m_tile, offs, 2147483647), axis=0)
+        best_i = tl.where(m_tile > m, first, best_i)
+    return m_new, c_new, s, t, q, xsum, best_i
 
 
 @triton.jit(do_not_specialize=["N", "V", "ignore_index"])
@@ -113,21 +117,18 @@ def row_forward_kernel(
     t = tl.zeros([BLOCK_V], tl.float32)
     q = tl.zeros([BLOCK_V], tl.float32)
     xsum = tl.zeros([BLOCK_V], tl.float32)
-    best_x = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    # lane j starts at element j: a row of only -inf has its argmax at 0, as in torch
-    best_i = tl.arange(0, BLOCK_V)
-    nan_i = tl.full([BLOCK_V], 2147483647, tl.int32)
+    best_i = tl.full([], 0, tl.int32)  # a row of only -inf has its argmax at 0, as in torch
 
     # ignored rows are not read at all
     v_lim = tl.where(ignored, 0, V)
     n_full = v_lim // BLOCK_V
     for i in range(0, n_full):
-        m, c, s, t, q, xsum, best_x, best_i, nan_i = _tile(
-            row_ptr, i * BLOCK_V, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
+        m, c, s, t, q, xsum, best_i = _tile(
+            row_ptr, i * BLOCK_V, V, it, m, c, s, t, q, xsum, best_i,
             BLOCK_V, False, ENTROPY, LSSP, MEAN, ARGMAX)
     if n_full * BLOCK_V < v_lim:
-        m, c, s, t, q, xsum, best_x, best_i, nan_i = _tile(
-            row_ptr, n_full * BLOCK_V, V, it, m, c, s, t, q, xsum, best_x, best_i, nan_i,
+        m, c, s, t, q, xsum, best_i = _tile(
+            row_ptr, n_full * BLOCK_V, V, it, m, c, s, t, q, xsum, best_i,
             BLOCK_V, True, ENTROPY, LSSP, MEAN, ARGMAX)
 
     s_row = tl.sum(s, axis=0)
@@ -152,19 +153,14 @@ def row_forward_kernel(
         mean = tl.sum(xsum, axis=0) / V
         tl.store(col + _OUT_MEAN * stride, tl.where(ignored, 0.0, mean))
     if ARGMAX:
-        top = tl.max(best_x, axis=0)
-        first = tl.min(tl.where(best_x == top, best_i, 2147483647), axis=0)
-        # torch.argmax semantics: NaN counts as the maximum
-        first_nan = tl.min(nan_i, axis=0)
-        arg = tl.where(first_nan < 2147483647, first_nan, first)
-        hit = (arg == y) & (~ignored)
+        hit = (best_i == y) & (~ignored)
         tl.store(col + _OUT_ARGMAX * stride, tl.where(hit, 1.0, 0.0))
 
 
 def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
            inv_temp: torch.Tensor, out: torch.Tensor, ignore_index: int, flags: int,
            *, block_v: int, num_warps: int, align: int = 1) -> None:
-    """Launch over N = labels.numel() rows.
+    """Launch over N = labels.numel() rows (FMA contraction on, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N] (see
     ``_rows.row_offsets``); labels int64 [N]; inv_temp fp32 [N]; out fp32 [N_OUT, N]
@@ -175,4 +171,5 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
         return
     row_forward_kernel[(n,)](
         logits, row_off, labels, inv_temp, out, n, logits.shape[-1], ignore_index,
-        BLOCK_V=block_v, ALIGN=align, **stat_flags(flags), num_warps=num_warps)
+        BLOCK_V=block_v, ALIGN=align, **stat_flags(flags), num_warps=num_warps,
+        enable_fp_fusion=True)

@@ -1,0 +1,168 @@
+"""Compile every Triton kernel variant ahead of time for sm_80 and sm_90, without a GPU.
+
+Variants: each logits dtype x each compiled flag set x ALIGN (hinted / not), for the
+forward kernel, the backward kernel and the in-place backward kernel, with the launch
+configs of ``prefopt_fast.kernels.config``. Pointer arguments get the 16-byte
+divisibility Triton gives aligned tensors at run time; the int arguments are not
+specialized (``do_not_specialize``), so these are exactly the binaries a GPU would JIT.
+
+Reports registers, spills and 16-byte vector loads/stores per kernel (registers and
+spills from the cubin through the ``cuobjdump`` that Triton ships). Exit status 1 on any
+compile failure or any spill.
+
+    python tools/triton_aot_check.py [--arch 80 90] [--jobs 2] [--all-stat-combos]
+
+Must run without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
+"""
+import argparse
+import concurrent.futures as cf
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_PTR_TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+_ELT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _modules():
+    try:
+        import prefopt_fast  # noqa: F401
+    except ModuleNotFoundError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from prefopt_fast.backends.triton import kernel_modules
+    return kernel_modules()
+
+
+def _forward_signature(t):
+    return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "labels_ptr": "*i64",
+            "inv_temp_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "V": "i32",
+            "ignore_index": "i32"}
+
+
+def _backward_signature(t):
+    return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "grad_ptr": f"*{t}",
+            "labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "lse_ptr": "*fp32",
+            "ent_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_ent_ptr": "*fp32",
+            "V": "i32", "ignore_index": "i32"}
+
+
+def variants(all_stat_combos=False):
+    """[(kind, dtype name, constexprs)] for every kernel binary the backend can launch."""
+    import torch
+    config, fwd, _ = _modules()
+    out = []
+    for dname in ("float32", "float16", "bfloat16"):
+        dtype = getattr(torch, dname)
+        aligns = (16 // _ELT_SIZE[dname], 1)
+        fc, bc = config.FORWARD[dtype], config.BACKWARD[dtype]
+        stat_sets = range(16) if all_stat_combos else fwd.STAT_VARIANTS
+        for stats in stat_sets:
+            for align in aligns:
+                out.append(("forward", dname, fc.num_warps,
+                            dict(BLOCK_V=fc.block_v, ALIGN=align, **fwd.stat_flags(stats))))
+        for inplace in (False, True):
+            for has_ent in (False, True):
+                for align in aligns:
+                    out.append(("backward_inplace" if inplace else "backward", dname, bc.num_warps,
+                                dict(BLOCK_V=bc.block_v, ALIGN=align, HAS_ENT=has_ent,
+                                     INPLACE=inplace)))
+    return out
+
+
+def _cuobjdump():
+    import triton
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_one(kind, dname, num_warps, constexprs, arch):
+    """-> dict(regs, spill, vec_ld, vec_st, seconds) or dict(error=...)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    _, fwd, bwd = _modules()
+    t = _PTR_TYPE[dname]
+    if kind == "forward":
+        fn, sig = fwd.row_forward_kernel, _forward_signature(t)
+    else:
+        fn, sig = bwd.row_backward_kernel, _backward_signature(t)
+    names = list(fn.arg_names)
+    if set(names) != set(sig) | set(constexprs):
+        return dict(error=f"signature drift: kernel args {names}, checked {list(sig) + list(constexprs)}")
+    sig = dict(sig, **{k: "constexpr" for k in constexprs})
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
+    t0 = time.perf_counter()
+    try:
+        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": num_warps, "enable_fp_fusion": True})
+    except Exception as exc:  # report every failure, not just the first
+        return dict(error=f"{type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        res = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True)
+    usage = res.stdout
+    reg = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", usage)]
+    if res.returncode or not reg or not local:
+        return dict(error=f"cuobjdump failed ({res.returncode}): {res.stderr.strip() or usage}")
+    ptx = k.asm["ptx"]
+    return dict(regs=int(reg.group(1)), spill=int(local.group(1)) + sum(spills),
+                vec_ld=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+                vec_st=len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx)),
+                seconds=seconds)
+
+
+def _label(kind, dname, constexprs):
+    flags = ",".join(k for k, v in constexprs.items() if k not in ("BLOCK_V", "ALIGN", "INPLACE") and v is True)
+    return f"{kind:<16} {dname:<8} BLOCK_V={constexprs['BLOCK_V']:<5} ALIGN={constexprs['ALIGN']:<2} {flags or '-'}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--all-stat-combos", action="store_true",
+                    help="all 16 forward flag combinations, not only the compiled flag sets")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    jobs = [(v, arch) for v in variants(args.all_stat_combos) for arch in args.arch]
+    with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(compile_one, *v, arch) for v, arch in jobs]
+        results = [f.result() for f in futures]
+    rows = {}
+    for ((kind, dname, _, cx), arch), r in zip(jobs, results):
+        rows.setdefault(_label(kind, dname, cx), {})[arch] = r
+    bad = 0
+    header = "".join(f" | sm_{a}: regs spill vld vst" for a in args.arch)
+    print(f"{'kernel variant':<62}{header}")
+    for label, per_arch in rows.items():
+        cells = []
+        for a in args.arch:
+            r = per_arch[a]
+            if "error" in r:
+                cells.append(f" | sm_{a}: COMPILE ERROR")
+                bad += 1
+            else:
+                bad += r["spill"] > 0
+                cells.append(f" | sm_{a}: {r['regs']:>4} {r['spill']:>5} {r['vec_ld']:>3} {r['vec_st']:>3}")
+        print(f"{label:<62}{''.join(cells)}")
+    for ((kind, dname, _, cx), arch), r in zip(jobs, results):
+        if "error" in r:
+            print(f"\nsm_{arch} {_label(kind, dname, cx)}:\n{r['error']}", file=sys.stderr)
+    print(f"\n{len(jobs)} compilations, {bad} failing (compile error or spill), "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
