@@ -1,0 +1,492 @@
+"""PPO / GRPO clipped policy-gradient loss from the logits, with KL penalties and an entropy bonus.
+
+The vocabulary is touched only by :func:`prefopt_fast.token_logprobs` (one streaming pass
+per logits row: log-prob of the label, entropy and, for ``kl_estimator="full"``, the exact
+KL to the reference distribution). Everything here is plain PyTorch on ``[B, T]`` vectors.
+
+Per token, with m the mask (label != ignore_index, times ``loss_mask``), logp the policy
+log-prob, old the behaviour log-prob, ref the reference log-prob, A the advantage:
+
+    r     = exp(logp - old)                              (token level), or
+    r_b   = exp(sum_t m (logp - old) / max(sum_t m, 1))  (sequence level, GSPO; as TRL)
+    pg    = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
+    dual clip c > 1 (A < 0 only):  pg = min(pg, -c A)
+    kl    = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: exp(ref - logp) - (ref - logp) - 1
+            | abs: |logp - ref| | low_var_kl: clamp(k3 with (ref - logp) clamped to [-20, 20],
+            -10, 10) (verl) | full: sum_v p_v (log p_v - log q_v) over the whole vocabulary
+    kl_ratio_correction:  kl = kl * r            (TRL's use_bias_correction_kl)
+    loss_t = pg * w + kl_coef * kl               (w = is_weights; the KL term is not weighted)
+    loss   = agg(loss_t) - entropy_coef * agg_H(H)
+
+``agg`` (``loss_agg_mode``), with S_b = sum_t m loss_t, L_b = sum_t m:
+
+    token-mean               sum_b S_b / N, N = global_num_tokens or max(sum_b L_b, 1)
+    seq-mean-token-mean      mean_b S_b / max(L_b, 1)
+    seq-mean-token-sum       mean_b S_b
+    seq-mean-token-sum-norm  mean_b S_b / max_length   (Dr. GRPO)
+
+The means over b run over all B sequences, empty ones included (as TRL). TRL 1.16
+GRPOTrainer ``loss_type`` names are accepted as aliases:
+
+    grpo     = seq-mean-token-mean
+    bnpo     = token-mean over the local tokens (global_num_tokens not allowed)
+    dr_grpo  = seq-mean-token-sum-norm (max_length = TRL's max_completion_length)
+    dapo     = token-mean; global_num_tokens = TRL's normalizer
+               num_items_in_batch / num_processes (* grad_accum / steps_per_generation in training)
+
+``agg_H`` follows the convention of the source of each name: the verl mode names aggregate
+the entropy like the policy loss (verl's agg_loss); the TRL aliases use TRL's mean per-token
+entropy over the local tokens, whatever the loss type. TRL's division by the gradient
+accumulation steps (grpo, bnpo, dr_grpo in training mode) is left to the caller.
+"""
+import math
+from numbers import Integral, Real
+from typing import Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.token_logprobs import token_logprobs
+from ._common import check_real
+
+__all__ = ["ppo_loss", "PPOLoss", "KL_ESTIMATORS", "LOSS_AGG_MODES", "TRL_LOSS_TYPES",
+           "IMPORTANCE_SAMPLING_LEVELS"]
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# TRL GRPOTrainer loss_type -> (aggregation, entropy aggregated as TRL does)
+TRL_LOSS_TYPES = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+    "dapo": "token-mean",
+}
+# TRL 1.16 loss types with a different objective than the clipped surrogate
+_UNSUPPORTED_TRL = ("cispo", "sapo", "luspo", "vespo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+class _Config(NamedTuple):
+    ignore_index: int
+    clip_eps_low: float
+    clip_eps_high: float
+    dual_clip: Optional[float]
+    kl_coef: float
+    kl_estimator: str
+    kl_ratio_correction: bool
+    entropy_coef: float
+    agg: str             # one of LOSS_AGG_MODES
+    trl: Optional[str]   # the TRL alias, if one was given
+    max_length: Optional[int]
+    importance_sampling_level: str
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+                  kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
+                  importance_sampling_level) -> _Config:
+    """Validate the hyper-parameters (Python values only, no tensors)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    eps_low = check_real(clip_eps_low, "clip_eps_low", lo=0.0)
+    eps_high = eps_low if clip_eps_high is None else check_real(clip_eps_high, "clip_eps_high", lo=0.0)
+    if dual_clip is not None:
+        dual_clip = check_real(dual_clip, "dual_clip", lo=1.0, lo_open=True,
+                               why=" (the dual-clip bound c on the ratio for negative advantages; None disables it)")
+    kl_coef = check_real(kl_coef, "kl_coef", lo=0.0)
+    if not isinstance(kl_estimator, str) or kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}; got {kl_estimator!r}")
+    kl_ratio_correction = _check_bool(kl_ratio_correction, "kl_ratio_correction")
+    entropy_coef = check_real(entropy_coef, "entropy_coef")
+
+    if not isinstance(loss_agg_mode, str):
+        raise TypeError(f"loss_agg_mode must be a str; got {type(loss_agg_mode).__name__}")
+    if loss_agg_mode in LOSS_AGG_MODES:
+        agg, trl = loss_agg_mode, None
+    elif loss_agg_mode in TRL_LOSS_TYPES:
+        agg, trl = TRL_LOSS_TYPES[loss_agg_mode], loss_agg_mode
+    elif loss_agg_mode in _UNSUPPORTED_TRL:
+        raise ValueError(
+            f"loss_agg_mode={loss_agg_mode!r} is a TRL GRPOTrainer loss_type with its own objective (not the "
+            f"clipped surrogate) and is not supported; valid: {list(LOSS_AGG_MODES)} or the TRL aliases "
+            f"{list(TRL_LOSS_TYPES)}"
+        )
+    else:
+        raise ValueError(
+            f"loss_agg_mode must be one of {list(LOSS_AGG_MODES)} or a TRL GRPO loss_type alias "
+            f"{list(TRL_LOSS_TYPES)}; got {loss_agg_mode!r}"
+        )
+
+    if agg == "seq-mean-token-sum-norm":
+        if max_length is None:
+            raise ValueError(
+                f"max_length is required by loss_agg_mode={loss_agg_mode!r}: the fixed divisor of Dr. GRPO "
+                "(the maximum completion length, TRL's max_completion_length)"
+            )
+        if isinstance(max_length, bool) or not isinstance(max_length, Integral) or max_length < 1:
+            raise ValueError(f"max_length must be an int >= 1; got {max_length!r}")
+        max_length = int(max_length)
+    elif max_length is not None:
+        raise ValueError(
+            f"max_length is only used by loss_agg_mode 'seq-mean-token-sum-norm' / 'dr_grpo'; "
+            f"got loss_agg_mode={loss_agg_mode!r}"
+        )
+
+    if dual_clip is not None and trl is not None and dual_clip <= 1.0 + eps_high:
+        # TRL's `delta` clamps the ratio of the unclipped branch for every token; that equals the
+        # dual clip only when delta > 1 + epsilon_high (which TRL recommends).
+        raise ValueError(
+            f"dual_clip must be > 1 + clip_eps_high = {1.0 + eps_high:g} with the TRL alias {trl!r} (TRL's "
+            f"`delta` matches the dual clip only above 1 + epsilon_high); got {dual_clip:g}"
+        )
+
+    if not isinstance(importance_sampling_level, str) or importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {list(IMPORTANCE_SAMPLING_LEVELS)}; "
+            f"got {importance_sampling_level!r}"
+        )
+    return _Config(int(ignore_index), eps_low, eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
+                   entropy_coef, agg, trl, max_length, importance_sampling_level)
+
+
+def _check_bt(x, name: str, B: int, T: int, device, *, allow_seq: bool = False, kinds: str = "float") -> Tensor:
+    """``x`` as a [B, T] tensor, or [B, 1] when ``allow_seq`` and it is [B] / [B, 1]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if kinds == "float" and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor; got {x.dtype}")
+    if kinds == "mask" and x.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or floating-point tensor; got {x.dtype}")
+    shape = tuple(x.shape)
+    if allow_seq and shape == (B,):
+        x = x.unsqueeze(1)
+    elif not (shape == (B, T) or (allow_seq and shape == (B, 1))):
+        want = f"[B, T] = {[B, T]}" + (f" or [B] = {[B]} (one value per sequence)" if allow_seq else "")
+        raise ValueError(f"{name} must have shape {want} (B, T from labels); got {list(shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the device of logits ({device}); got {x.device}")
+    return x
+
+
+def _kl_estimate(d: Tensor, estimator: str) -> Tensor:
+    """Sampled KL(pi || pi_ref) estimate from d = log pi_ref - log pi of the sampled token."""
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.exp(d) - d - 1.0
+    if estimator == "abs":
+        return d.abs()
+    # low_var_kl: verl's k3, clamped in log space for exp and in value for variance
+    dc = d.clamp(-20.0, 20.0)
+    return (torch.exp(dc) - dc - 1.0).clamp(-10.0, 10.0)
+
+
+def _seq_sums(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum(-1)
+
+
+def _aggregate(x: Tensor, m: Tensor, agg: str, max_length: Optional[int], denom: Optional[Tensor]) -> Tensor:
+    """Reduce a per-token [B, T] (or broadcastable [B, 1]) tensor with mask m [B, T]."""
+    s = _seq_sums(x, m)
+    if agg == "token-mean":
+        n = m.sum().clamp(min=1.0) if denom is None else denom
+        return s.sum() / n
+    if agg == "seq-mean-token-mean":
+        return (s / m.sum(-1).clamp(min=1.0)).mean()
+    if agg == "seq-mean-token-sum":
+        return s.mean()
+    return s.sum() / (s.shape[0] * max_length)
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    """TRL's metric mean: over sequences for a per-sequence [B, 1] value, else over the masked tokens."""
+    x = x.detach()
+    if x.shape[1] == 1:
+        return x.to(m.dtype).mean()
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_logps, ref_logits, temperature,
+         is_weights, global_num_tokens, backend) -> Tuple[Tensor, Dict[str, Tensor]]:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor; got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape [B, T, V]; got {list(logits.shape)}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
+    B, T = logits.shape[0], logits.shape[1]
+    if tuple(labels.shape) != (B, T):
+        raise ValueError(f"labels must have shape logits.shape[:-1] = {[B, T]}; got {list(labels.shape)}")
+    if B == 0 or T == 0:
+        raise ValueError(f"logits must have a non-empty batch and sequence; got shape {list(logits.shape)}")
+    dev = logits.device
+
+    advantages = _check_bt(advantages, "advantages", B, T, dev, allow_seq=True)
+    if old_logps is not None:
+        old_logps = _check_bt(old_logps, "old_logps", B, T, dev)
+    if loss_mask is not None:
+        loss_mask = _check_bt(loss_mask, "loss_mask", B, T, dev, kinds="mask")
+    if is_weights is not None:
+        is_weights = _check_bt(is_weights, "is_weights", B, T, dev, allow_seq=True)
+
+    full = cfg.kl_estimator == "full"
+    if full:
+        if ref_logps is not None:
+            raise ValueError('ref_logps is not used by kl_estimator="full" (it reads ref_logits); drop ref_logps '
+                             'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl")')
+        if ref_logits is None and cfg.kl_coef != 0.0:
+            raise ValueError('kl_estimator="full" needs ref_logits: the reference model\'s logits [B, T, V] '
+                             "(same shape and dtype as logits)")
+    else:
+        if ref_logits is not None:
+            raise ValueError(f'ref_logits is only used by kl_estimator="full"; got kl_estimator='
+                             f'{cfg.kl_estimator!r} (pass ref_logps [B, T] instead)')
+        if ref_logps is None and cfg.kl_coef != 0.0:
+            raise ValueError(f"kl_estimator={cfg.kl_estimator!r} needs ref_logps: the reference model's per-token "
+                             f"log-probs [B, T] (kl_coef={cfg.kl_coef:g})")
+    if ref_logps is not None:
+        ref_logps = _check_bt(ref_logps, "ref_logps", B, T, dev)
+    # ref_logits is checked (shape, dtype, device, strides) by token_logprobs
+
+    if global_num_tokens is not None:
+        if cfg.agg != "token-mean" or cfg.trl == "bnpo":
+            name = cfg.trl or cfg.agg
+            raise ValueError(
+                f"global_num_tokens is only used by loss_agg_mode 'token-mean' and 'dapo' (token normalizers); "
+                f"got loss_agg_mode={name!r}"
+                + (" (TRL's bnpo normalizes by the local token count; use 'dapo' for a global one)"
+                   if cfg.trl == "bnpo" else "")
+            )
+        if isinstance(global_num_tokens, Tensor):
+            if global_num_tokens.numel() != 1 or global_num_tokens.dtype.is_complex or \
+                    global_num_tokens.dtype == torch.bool:
+                raise ValueError("global_num_tokens must be a number or a one-element real tensor; got a "
+                                 f"{global_num_tokens.dtype} tensor of shape {list(global_num_tokens.shape)}")
+            if global_num_tokens.device != dev:
+                raise ValueError(f"global_num_tokens must be on the device of logits ({dev}); "
+                                 f"got {global_num_tokens.device}")
+        else:
+            global_num_tokens = check_real(global_num_tokens, "global_num_tokens", lo=0.0, lo_open=True)
+
+    keep = labels != cfg.ignore_index
+    if loss_mask is not None:
+        keep = keep & (loss_mask != 0)
+        # masked-out tokens become ignored rows: no work, no statistic, an exactly zero gradient
+        # (an infinite exact KL in a row the loss drops must not turn into 0 * inf = NaN)
+        kernel_labels = torch.where(keep, labels, cfg.ignore_index)
+    else:
+        kernel_labels = labels
+
+    # -- the row kernels: the only pass over the vocabulary
+    use_kl = ref_logps is not None or (full and ref_logits is not None)
+    out = token_logprobs(
+        logits, kernel_labels, ignore_index=cfg.ignore_index, temperature=temperature,
+        stats=("entropy", "kl") if (full and use_kl) else ("entropy",),
+        ref_logits=ref_logits if (full and use_kl) else None, backend=backend,
+    )
+    logp, entropy = out.logprobs, out.entropy
+
+    dt = torch.float64 if logp.dtype == torch.float64 or any(
+        t is not None and t.dtype == torch.float64 for t in (old_logps, ref_logps, advantages, is_weights)
+    ) else torch.float32
+    logp, entropy = logp.to(dt), entropy.to(dt)
+    m = keep.to(dt) if loss_mask is None else loss_mask.to(dt) * keep.to(dt)
+    zero = torch.zeros((), dtype=dt, device=dev)
+
+    # Masked positions may hold anything (padding, -inf): keep them out of exp and the gradient.
+    old = logp.detach() if old_logps is None else old_logps.to(dt)
+    log_ratio = torch.where(keep, logp - old, zero)
+    if cfg.importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp(log_ratio)                        # [B, T] or [B, 1]
+    adv = advantages.to(dt)
+
+    clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    pg = -torch.minimum(ratio * adv, clipped * adv)
+    if cfg.dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -cfg.dual_clip * adv), pg)
+    if is_weights is not None:
+        pg = pg * is_weights.to(dt)
+    per_token = pg
+
+    kl = None
+    if use_kl:
+        if full:
+            kl = torch.where(keep, out.kl.to(dt), zero)
+        else:
+            kl = _kl_estimate(torch.where(keep, ref_logps.to(dt) - logp, zero), cfg.kl_estimator)
+        if cfg.kl_ratio_correction:
+            kl = kl * ratio
+        if cfg.kl_coef != 0.0:
+            per_token = per_token + cfg.kl_coef * kl
+
+    denom = None
+    if global_num_tokens is not None:
+        denom = global_num_tokens.to(dt).reshape(()) if isinstance(global_num_tokens, Tensor) else \
+            torch.tensor(global_num_tokens, dtype=dt, device=dev)
+    per_token = per_token.expand(B, T)
+    loss = _aggregate(per_token, m, cfg.agg, cfg.max_length, denom)
+    policy_loss = loss.detach()
+    if cfg.entropy_coef != 0.0:
+        if cfg.trl is not None:
+            h = _aggregate(entropy, m, "token-mean", None, None)
+        else:
+            h = _aggregate(entropy, m, cfg.agg, cfg.max_length, denom)
+        loss = loss - cfg.entropy_coef * h
+
+    with torch.no_grad():
+        low = (ratio < 1.0 - cfg.clip_eps_low) & (adv < 0)
+        high = (ratio > 1.0 + cfg.clip_eps_high) & (adv > 0)
+        metrics = {
+            "clip_ratio/low_mean": _masked_mean(low, m),
+            "clip_ratio/high_mean": _masked_mean(high, m),
+            "clip_ratio/region_mean": _masked_mean(low | high, m),
+            "ratio": _masked_mean(ratio, m),
+            "entropy": _masked_mean(entropy, m),
+            "policy_loss": policy_loss,
+        }
+        if kl is not None:
+            metrics["kl"] = _masked_mean(kl.expand(B, T), m)
+    return loss, metrics
+
+
+def ppo_loss(
+    logits: Tensor,
+    labels: Tensor,
+    old_logps: Optional[Tensor],
+    advantages: Tensor,
+    *,
+    ignore_index: int = -100,
+    loss_mask: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    ref_logits: Optional[Tensor] = None,
+    temperature: Union[float, Tensor] = 1.0,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_ratio_correction: bool = False,
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    max_length: Optional[int] = None,
+    importance_sampling_level: str = "token",
+    is_weights: Optional[Tensor] = None,
+    global_num_tokens: Optional[Union[float, Tensor]] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO / GSPO) straight from the logits.
+
+    See the module docstring for the exact formulas.
+
+    Args:
+        logits: ``[B, T, V]`` policy logits (float32 / bfloat16 / float16; last stride 1,
+            other strides free, e.g. ``logits[:, :-1]``), already aligned with ``labels``.
+        labels: int ``[B, T]``: the sampled tokens; ``ignore_index`` marks padding / prompt.
+        old_logps: float ``[B, T]`` log-probs of the behaviour policy (the one that sampled),
+            or ``None`` for on-policy: old = logp.detach(), the ratio is 1 with a live
+            gradient (as TRL does).
+        advantages: float ``[B]`` (per sequence) or ``[B, T]`` (per token).
+        loss_mask: optional ``[B, T]`` (bool or 0/1 numbers) further masking tokens (e.g.
+            tool outputs); non-binary values act as weights in the sums and the counts.
+        ref_logps: float ``[B, T]`` reference log-probs, for the sampled KL estimators.
+        ref_logits: ``[B, T, V]`` reference logits (shape and dtype of ``logits``), for
+            ``kl_estimator="full"``; no gradient flows to them.
+        temperature: float > 0 or a tensor broadcastable to ``[B, T]``, applied to the logits
+            (and to ``ref_logits``).
+        clip_eps_low, clip_eps_high: >= 0; the ratio is clipped to
+            ``[1 - clip_eps_low, 1 + clip_eps_high]`` (``clip_eps_high=None``: symmetric).
+        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``, or None.
+            With a TRL alias it must exceed ``1 + clip_eps_high``, where it equals TRL's ``delta``.
+        kl_coef: >= 0, weight of the per-token KL penalty (TRL's ``beta``).
+        kl_estimator: one of ``KL_ESTIMATORS``. ``"full"`` is the exact KL(pi || pi_ref) over
+            the vocabulary; the others are the sampled estimators on the label's log-probs.
+        kl_ratio_correction: multiply the KL by the (differentiable) ratio, TRL's
+            ``use_bias_correction_kl`` (True by default in TRL 1.16).
+        entropy_coef: weight of the entropy bonus (``loss -= entropy_coef * H``).
+        loss_agg_mode: one of ``LOSS_AGG_MODES`` or a TRL alias in ``TRL_LOSS_TYPES``.
+        max_length: int, the divisor of ``seq-mean-token-sum-norm`` / ``dr_grpo`` (required
+            there, refused elsewhere).
+        importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO: one ratio per sequence,
+            the exp of the mean masked log-ratio).
+        is_weights: float ``[B, T]`` or ``[B]`` weights multiplying the clipped policy term
+            (not the KL term), e.g. truncated importance weights between the rollout engine
+            and the trainer, or TRL's off-policy / entropy masks. Used as given (pass them
+            detached).
+        global_num_tokens: the token normalizer of ``token-mean`` / ``dapo`` (a number > 0 or
+            a one-element tensor), e.g. the masked-token count of the whole global batch
+            across gradient-accumulation steps, divided by the number of data-parallel ranks
+            when DDP / FSDP average the gradients. Default: the local count.
+        backend: the row-kernel backend (see :func:`prefopt_fast.token_logprobs`).
+
+    Returns:
+        ``(loss, metrics)``: a 0-d fp32 loss (fp64 if an input is fp64) and detached 0-d
+        metrics of this call (not reduced across processes), named as TRL logs them:
+        ``clip_ratio/low_mean`` (ratio < 1 - eps_low with A < 0), ``clip_ratio/high_mean``
+        (ratio > 1 + eps_high with A > 0), ``clip_ratio/region_mean`` (either), ``ratio``,
+        ``entropy``, ``kl`` (only with a reference; the KL as used in the loss, ratio
+        correction included) and ``policy_loss`` (the loss without the entropy bonus). Means
+        run over the masked tokens, or over the sequences for per-sequence quantities.
+    """
+    cfg = _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+                        kl_ratio_correction, entropy_coef, loss_agg_mode, max_length, importance_sampling_level)
+    return _ppo(logits, labels, old_logps, advantages, cfg, loss_mask, ref_logps, ref_logits, temperature,
+                is_weights, global_num_tokens, backend)
+
+
+class PPOLoss(nn.Module):
+    """Config-only module around :func:`ppo_loss`; hyper-parameters are validated here, once.
+
+    ``forward(logits, labels, old_logps, advantages, *, loss_mask=None, ref_logps=None,
+    ref_logits=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, clip_eps_low: float = 0.2,
+                 clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None, kl_coef: float = 0.0,
+                 kl_estimator: str = "k3", kl_ratio_correction: bool = False, entropy_coef: float = 0.0,
+                 loss_agg_mode: str = "token-mean", max_length: Optional[int] = None,
+                 importance_sampling_level: str = "token", backend: str = "auto"):
+        super().__init__()
+        self._cfg = _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+                                  kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
+                                  importance_sampling_level)
+        if isinstance(temperature, Tensor):
+            raise TypeError("PPOLoss takes a float temperature; pass a per-token tensor to ppo_loss instead")
+        self.temperature = check_real(temperature, "temperature", lo=0.0, lo_open=True)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str; got {type(backend).__name__}")
+        self.backend = backend
+        self.loss_agg_mode = loss_agg_mode
+
+    def extra_repr(self) -> str:
+        c = self._cfg
+        s = f"loss_agg_mode={self.loss_agg_mode!r}, clip_eps=({c.clip_eps_low}, {c.clip_eps_high})"
+        if c.dual_clip is not None:
+            s += f", dual_clip={c.dual_clip}"
+        if c.kl_coef:
+            s += f", kl_coef={c.kl_coef}, kl_estimator={c.kl_estimator!r}"
+            if c.kl_ratio_correction:
+                s += ", kl_ratio_correction=True"
+        if c.entropy_coef:
+            s += f", entropy_coef={c.entropy_coef}"
+        if c.max_length is not None:
+            s += f", max_length={c.max_length}"
+        if c.importance_sampling_level != "token":
+            s += f", importance_sampling_level={c.importance_sampling_level!r}"
+        if self.temperature != 1.0:
+            s += f", temperature={self.temperature}"
+        return s
+
+    def forward(self, logits: Tensor, labels: Tensor, old_logps: Optional[Tensor], advantages: Tensor, *,
+                loss_mask: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
+                ref_logits: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
+                global_num_tokens: Optional[Union[float, Tensor]] = None):
+        return _ppo(logits, labels, old_logps, advantages, self._cfg, loss_mask, ref_logps, ref_logits,
+                    self.temperature, is_weights, global_num_tokens, self.backend)
