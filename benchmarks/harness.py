@@ -1,0 +1,1315 @@
+"""The shared benchmark harness: providers, measurements, the machine's bound, output.
+
+An op script (``bench_<op>.py``) is a thin file building one :class:`OpSpec`: how to make
+inputs for a shape, the bytes (and FLOPs) the op must move at the least, the preset shapes,
+and a table of :class:`Provider` (named callables). Everything else lives here:
+
+* each (provider, shape) runs in a fresh subprocess (``python -m benchmarks._worker``):
+  warm-up, then the peak extra memory of one step, then the timing loops;
+* the parent calibrates the machine's bound itself (a STREAM-like copy on a buffer the size
+  of the logits, GEMM throughput when the op has FLOPs), derives GB/s, x bound and x naive,
+  and writes JSON, a markdown table and PNG plots, and prints a table.
+
+Vocabulary used throughout: ``phase`` is one of ``fwd`` (forward with autograd recording,
+as in a training step), ``bwd`` (backward of that forward), ``step`` (fwd + bwd, timed
+as one) and ``fwd_nograd`` (forward under ``torch.no_grad``, e.g. a reference model).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import datetime as _dt
+import fnmatch
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+SCHEMA = "prefopt_fast.benchmarks/1"
+PHASES = ("fwd", "bwd", "step", "fwd_nograd")
+RESULT_MARK = "@@BENCH-RESULT@@ "
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# Timing settings per preset: repeats of each timing loop, warm-up steps before anything
+# is measured, and a time budget per loop after which it stops (once min_repeats are in).
+PRESET_SETTINGS = {
+    "dry-run": dict(repeats=1, warmup=0, min_repeats=1, max_loop_s=0.0),
+    # --quick: no separate warm-up (the memory step before the timing loops serves as one)
+    "quick": dict(repeats=3, warmup=0, min_repeats=2, max_loop_s=1.0),
+    "default": dict(repeats=5, warmup=1, min_repeats=3, max_loop_s=30.0),
+    "full": dict(repeats=5, warmup=1, min_repeats=3, max_loop_s=30.0),
+}
+
+# Calibration buffers are the size of the logits up to this cap (two of them are needed).
+CALIBRATION_CAP_BYTES = 1 << 30
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One implementation of an op, as the benchmark calls it.
+
+    make: called once per process (imports happen here) and returns ``fn(inputs) ->
+        outputs``; ``inputs`` is the dict built by ``OpSpec.make_inputs``; outputs a tensor
+        or a tuple of tensors (the differentiable ones get a backward).
+    kind: "ours" (prefopt_fast), "baseline" (what users write by hand) or "peer" (other
+        libraries).
+    backward: False for a forward-only provider (bwd and step are then not measured).
+    requires: importable module names; if one is missing the provider is skipped with a note.
+    install: how to get the missing requirement (shown in the note).
+    check: ``check(case) -> None | reason`` for per-case skips (device, dtype, ...).
+    mutates: names of inputs the provider overwrites (e.g. an in-place backward); they are
+        restored from a pristine copy (untimed) before every call.
+    mem_factor: rough peak extra memory of a step in units of the op's main tensor (the
+        logits); only used to skip cases that would not fit in memory.
+    slow_setup: the first call takes long (compilation); left out of --quick unless named.
+    """
+
+    name: str
+    make: Callable[[], Callable[[dict], Any]]
+    kind: str = "baseline"
+    description: str = ""
+    backward: bool = True
+    requires: tuple = ()
+    install: str = ""
+    check: Callable[["Case"], str | None] | None = None
+    mutates: tuple = ()
+    mem_factor: float = 4.0
+    slow_setup: bool = False
+
+
+@dataclasses.dataclass
+class OpSpec:
+    """What a thin op script declares.
+
+    make_inputs(shape, dtype, device, seed) -> dict of tensors (touched: filled with data).
+    main_bytes(shape, dtype) -> bytes of the dominant tensor (the logits): sizes the
+        calibration buffer and the memory guard.
+    bytes_moved(shape, dtype) -> {"fwd": int, "bwd": int}: the least traffic any
+        implementation must do; "step" is their sum.
+    alloc_bytes(shape, dtype) -> bytes the op's contract makes it allocate fresh per step
+        (the logits gradient, unless written in place); used for the first-touch note.
+    flops(shape, dtype) -> {"fwd": float, "bwd": float} or None (no GEMM in the op).
+    make_shape(tokens, vocab) -> a shape dict; tokens(shape), vocab(shape) -> the two axes.
+    presets: preset name -> list of shape dicts ("dry-run", "quick", "default", "full").
+    preset_dtypes: preset name -> list of dtype names.
+    reference: the provider "x naive" compares against (per dtype, the first of these
+        names that has a result).
+    notes: lines printed and stored with the results (peers that do not apply, etc.).
+    """
+
+    name: str
+    module: str
+    make_inputs: Callable
+    grad_inputs: tuple
+    main_bytes: Callable
+    bytes_moved: Callable
+    make_shape: Callable
+    tokens: Callable
+    vocab: Callable
+    presets: dict
+    preset_dtypes: dict
+    providers: list
+    alloc_bytes: Callable | None = None
+    flops: Callable | None = None
+    reference: tuple = ("naive",)
+    notes: list = dataclasses.field(default_factory=list)
+    description: str = ""
+
+    def provider(self, name: str) -> Provider:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(f"op {self.name!r} has no provider {name!r}; "
+                       f"known: {', '.join(p.name for p in self.providers)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One measured configuration: op shape, dtype name and device."""
+
+    shape: tuple  # sorted (key, value) pairs, hashable
+    dtype: str
+    device: str
+
+    @property
+    def shape_dict(self) -> dict:
+        return dict(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @staticmethod
+    def make(shape: dict, dtype: str, device: str) -> "Case":
+        return Case(tuple(shape.items()), canonical_dtype(dtype), device)
+
+
+def canonical_dtype(name: str) -> str:
+    try:
+        return DTYPE_NAMES[DTYPES[name]]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of fp32, bf16, fp16") from None
+
+
+def shape_label(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+# --------------------------------------------------------------------------- helpers for op scripts
+
+
+def missing_modules(provider: Provider) -> list:
+    """The modules of ``provider.requires`` that cannot be imported here (cheap: no import)."""
+    out = []
+    for mod in provider.requires:
+        try:
+            if importlib.util.find_spec(mod) is None:
+                out.append(mod)
+        except (ImportError, ValueError):
+            out.append(mod)
+    return out
+
+
+def availability(provider: Provider) -> str | None:
+    """None if the provider can run here at all, else the note saying why not."""
+    missing = missing_modules(provider)
+    if missing:
+        how = f" ({provider.install})" if provider.install else ""
+        return f"not installed: {', '.join(missing)}{how}"
+    return None
+
+
+def needs_cuda(case: Case) -> str | None:
+    return None if case.device.startswith("cuda") else "needs a CUDA device"
+
+
+def prefopt_fast_providers(call: Callable, *, inplace: bool = True,
+                           known=("torch", "cpu", "triton", "cuda"),
+                           mem_factor: float = 1.1) -> tuple[list, list]:
+    """Providers for every prefopt_fast backend available here, and notes for the others.
+
+    call(inputs, backend=name, inplace_backward=bool) runs the op. With ``inplace`` each
+    backend also gets a ``+inplace`` provider (inplace_backward=True, mutates the logits).
+    """
+    notes = []
+    try:
+        import prefopt_fast
+        available = list(prefopt_fast.available_backends())
+    except Exception as exc:  # the package or the op may not be there yet
+        return [], [f"prefopt_fast: not usable here ({type(exc).__name__}: {exc})"]
+    try:  # the dispatcher knows every backend name and why one is unavailable
+        from prefopt_fast import _dispatch
+        known = tuple(_dispatch.BACKENDS)
+    except Exception:
+        _dispatch = None
+    for name in known:
+        if name in available:
+            continue
+        reason = "not available"
+        try:
+            reason = _dispatch._why_unavailable(name) or reason
+        except Exception:
+            pass
+        notes.append(f"prefopt_fast.{name}: skipped ({reason})")
+
+    def checker(backend):
+        def check(case: Case) -> str | None:
+            if backend == "triton" and not case.device.startswith("cuda"):
+                return "Triton on CPU runs only in the interpreter: not benchmarked"
+            if _dispatch is None:
+                return None
+            try:
+                mod = _dispatch._load(backend)
+                probe = torch.zeros(2, 4, dtype=case.torch_dtype, device=case.device)
+                return mod.supports(probe)
+            except Exception as exc:
+                return f"cannot serve these inputs ({type(exc).__name__}: {exc})"
+        return check
+
+    providers = []
+    for backend in available:
+        for inp in ((False, True) if inplace else (False,)):
+            def make(backend=backend, inp=inp):
+                return lambda inputs: call(inputs, backend=backend, inplace_backward=inp)
+            providers.append(Provider(
+                name=f"prefopt_fast.{backend}" + ("+inplace" if inp else ""),
+                make=make, kind="ours",
+                description=f"prefopt_fast, backend={backend!r}"
+                            + (", inplace_backward=True" if inp else ""),
+                check=checker(backend), mutates=("logits",) if inp else (),
+                mem_factor=0.1 if inp else mem_factor))
+    return providers, notes
+
+
+# --------------------------------------------------------------------------- measurement primitives
+
+
+def summarize(samples: Sequence[float]) -> dict | None:
+    """Median and spread of timing samples (seconds)."""
+    xs = sorted(float(x) for x in samples)
+    if not xs:
+        return None
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1],
+            "q1": q1, "q3": q3, "n": len(xs), "samples": xs}
+
+
+class Clock:
+    """Wall-clock on CPU; CUDA events on a GPU (the tensors' device decides)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        if self.cuda:
+            return a.elapsed_time(b) / 1e3  # call after sync()
+        return b - a
+
+
+_LIBC = None
+
+
+def _malloc_trim():
+    """Hand freed heap memory back to the OS so the RSS baseline is not inflated."""
+    global _LIBC
+    try:
+        if _LIBC is None:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except Exception:
+        pass
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemProbe:
+    """Peak extra memory of a region of code, relative to the state at ``start()``.
+
+    CPU: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS
+    at start; where the reset is not possible, getrusage's ru_maxrss (never reset, so it
+    is only right for the first region measured in a fresh process). CUDA: the caching
+    allocator's max_memory_allocated minus memory_allocated at start.
+    """
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.base = 0
+        if self.cuda:
+            self.method = "cuda max_memory_allocated"
+        elif _proc_status_kb("VmHWM") is not None and _reset_hwm():
+            self.method = "rss VmHWM (reset per region)"
+        else:
+            self.method = "rss ru_maxrss (not resettable)"
+
+    def start(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        _malloc_trim()
+        if self.method.startswith("rss VmHWM"):
+            self.base = _proc_status_kb("VmRSS") * 1024
+            _reset_hwm()
+        else:
+            self.base = _proc_status_kb("VmRSS") * 1024 if _proc_status_kb("VmRSS") else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def peak_extra(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return int(torch.cuda.max_memory_allocated() - self.base)
+        if self.method.startswith("rss VmHWM"):
+            peak = _proc_status_kb("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return int(max(0, peak - self.base))
+
+
+def _tensors(out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for x in out for t in _tensors(x)]
+    if isinstance(out, dict):
+        return [t for x in out.values() for t in _tensors(x)]
+    return []
+
+
+class CaseRunner:
+    """Inputs of one case plus the provider's function, ready to be called repeatedly.
+
+    ``prepare()`` (untimed) drops the previous gradients and restores mutated inputs;
+    ``forward()``, ``backward(out)`` and ``forward_nograd()`` are what gets timed.
+    """
+
+    def __init__(self, op: OpSpec, provider: Provider, case: Case, fn=None, seed: int = 0):
+        self.op, self.provider, self.case = op, provider, case
+        self.fn = fn if fn is not None else provider.make()
+        self.inputs = op.make_inputs(case.shape_dict, case.torch_dtype, case.device, seed)
+        self.grad_names = tuple(op.grad_inputs) if provider.backward else ()
+        for k in self.grad_names:
+            self.inputs[k].requires_grad_(True)
+        self.pristine = {k: self.inputs[k].detach().clone() for k in provider.mutates}
+        self._grads: dict = {}
+        self.last_grads = None
+        self._gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+
+    def prepare(self):
+        self.last_grads = None
+        for k in self.grad_names:
+            self.inputs[k].grad = None
+        if self.pristine:
+            with torch.no_grad():
+                for k, v in self.pristine.items():
+                    self.inputs[k].copy_(v)
+
+    def forward(self):
+        return self.fn(self.inputs)
+
+    def forward_nograd(self):
+        with torch.no_grad():
+            return self.fn(self.inputs)
+
+    def backward(self, out):
+        """Gradients of the grad_inputs, kept in ``last_grads`` until the next prepare().
+
+        torch.autograd.grad, not .backward(): accumulating into a leaf's .grad would clone a
+        gradient that aliases the input (an in-place backward), which no training step
+        does (there the logits come from the lm_head and their gradient flows on).
+        """
+        outs = [t for t in _tensors(out) if t.requires_grad]
+        if not outs:
+            raise RuntimeError(f"provider {self.provider.name!r}: no output requires grad")
+        grads = []
+        for t in outs:
+            key = (tuple(t.shape), t.dtype, str(t.device))
+            if key not in self._grads:
+                g = torch.randn(t.shape, generator=self._gen, dtype=torch.float32)
+                self._grads[key] = g.to(device=t.device, dtype=t.dtype)
+            grads.append(self._grads[key])
+        self.last_grads = torch.autograd.grad(outs, [self.inputs[k] for k in self.grad_names], grads)
+        return self.last_grads
+
+    def step(self):
+        out = self.forward()
+        self.backward(out)
+
+    def close(self):
+        self.prepare()
+        self.inputs = self.pristine = self._grads = None
+        self.fn = None
+
+
+def measure_case(op: OpSpec, provider: Provider, case: Case, settings: dict, fn=None) -> dict:
+    """Warm up, measure peak extra memory of one step, then time the phases.
+
+    In dry-run mode (settings["warmup"] == 0 and repeats == 1) every phase runs exactly
+    once, and those single runs are both the memory and the timing sample.
+    """
+    clock = Clock(case.device)
+    runner = CaseRunner(op, provider, case, fn=fn)
+    probe = MemProbe(case.device)
+    dry = settings.get("dry_run", False)
+    res: dict = {"mem_method": probe.method}
+    times = {p: [] for p in PHASES}
+    try:
+        for _ in range(settings["warmup"]):
+            runner.prepare()
+            if provider.backward:
+                runner.step()
+            out = runner.forward_nograd()
+            del out
+        clock.sync()
+
+        # memory: no-grad forward, then a full step (fwd peak read before the backward)
+        mem = {}
+        runner.prepare()
+        probe.start()
+        t0 = clock.mark()
+        out = runner.forward_nograd()
+        t1 = clock.mark()
+        mem["fwd_nograd"] = probe.peak_extra()
+        clock.sync()
+        if dry:
+            times["fwd_nograd"].append(clock.seconds(t0, t1))
+        del out
+        if provider.backward:
+            runner.prepare()
+            probe.start()
+            t0 = clock.mark()
+            out = runner.forward()
+            t1 = clock.mark()
+            mem["fwd"] = probe.peak_extra()
+            runner.backward(out)
+            t2 = clock.mark()
+            mem["step"] = probe.peak_extra()
+            clock.sync()
+            del out
+            if dry:
+                times["fwd"].append(clock.seconds(t0, t1))
+                times["bwd"].append(clock.seconds(t1, t2))
+                times["step"].append(clock.seconds(t0, t2))
+        res["mem_bytes"] = mem
+
+        if not dry:
+            budget = settings["max_loop_s"]
+            if provider.backward:
+                start = time.perf_counter()
+                for i in range(settings["repeats"]):
+                    runner.prepare()
+                    clock.sync()
+                    t0 = clock.mark()
+                    out = runner.forward()
+                    t1 = clock.mark()
+                    runner.backward(out)
+                    t2 = clock.mark()
+                    clock.sync()
+                    del out
+                    times["fwd"].append(clock.seconds(t0, t1))
+                    times["bwd"].append(clock.seconds(t1, t2))
+                    times["step"].append(clock.seconds(t0, t2))
+                    if i + 1 >= settings["min_repeats"] and time.perf_counter() - start > budget:
+                        break
+            start = time.perf_counter()
+            for i in range(settings["repeats"]):
+                runner.prepare()
+                clock.sync()
+                t0 = clock.mark()
+                out = runner.forward_nograd()
+                t1 = clock.mark()
+                clock.sync()
+                del out
+                times["fwd_nograd"].append(clock.seconds(t0, t1))
+                if i + 1 >= settings["min_repeats"] and time.perf_counter() - start > budget:
+                    break
+        res["time_s"] = {p: summarize(times[p]) for p in PHASES}
+        res["status"] = "ok"
+    finally:
+        runner.close()
+        del runner
+        gc.collect()
+        _malloc_trim()
+    return res
+
+
+# --------------------------------------------------------------------------- subprocess worker
+
+
+def load_op(module: str) -> OpSpec:
+    return importlib.import_module(module).OP
+
+
+def run_job(job: dict) -> list:
+    """Run one (provider, shape) job over its dtypes in this process; one result per dtype."""
+    op = load_op(job["module"])
+    provider = op.provider(job["provider"])
+    out = []
+    fn = None
+    try:
+        fn = provider.make()
+    except Exception as exc:
+        return [{"dtype": d, "status": "error", "note": f"setup failed: {type(exc).__name__}: {exc}"}
+                for d in job["dtypes"]]
+    for dtype in job["dtypes"]:
+        case = Case.make(job["shape"], dtype, job["device"])
+        t0 = time.perf_counter()
+        try:
+            res = measure_case(op, provider, case, job["settings"], fn=fn)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()
+            res = {"status": "error",
+                   "note": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:400]}
+        res["dtype"] = case.dtype
+        res["wall_s"] = time.perf_counter() - t0
+        out.append(res)
+    return out
+
+
+def worker_main():
+    """Entry point of ``python -m benchmarks._worker``: a job as JSON on stdin."""
+    job = json.loads(sys.stdin.read())
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    results = run_job(job)
+    sys.stdout.write("\n" + RESULT_MARK + json.dumps(results) + "\n")
+    sys.stdout.flush()
+
+
+def run_job_subprocess(job: dict, timeout: float) -> list:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    fail = lambda note: [{"dtype": d, "status": "error", "note": note} for d in job["dtypes"]]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks._worker"], input=json.dumps(job),
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return fail(f"timed out after {timeout:.0f} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    if proc.returncode < 0:
+        sig = -proc.returncode
+        hint = " (out of memory?)" if sig == 9 else ""
+        return fail(f"worker killed by signal {sig}{hint}")
+    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+    return fail(f"worker failed (exit {proc.returncode}): {tail[-400:]}")
+
+
+# --------------------------------------------------------------------------- calibration and bound
+
+
+def copy_bandwidth(nbytes: int, device: str = "cpu", repeats: int = 5, min_time: float = 0.5) -> dict:
+    """STREAM-like copy bandwidth (bytes/s) on buffers of ``nbytes``, counting read + write.
+
+    ``copy``: both buffers allocated and touched beforehand (pages already mapped): the
+    bound. ``fresh``: each repeat copies into a newly allocated buffer, so its first-touch
+    page faults (or allocator work) are included: what an op allocating a fresh output
+    of that size pays on top.
+    """
+    n = max(1, nbytes // 4)
+    clock = Clock(device)
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)
+    dst.copy_(src)
+    warm = []
+    start = time.perf_counter()
+    # at least `repeats`, more while under min_time (short copies are noisy), at most 50
+    while len(warm) < repeats or (time.perf_counter() - start < min_time and len(warm) < 50):
+        clock.sync()
+        a = clock.mark()
+        dst.copy_(src)
+        b = clock.mark()
+        clock.sync()
+        warm.append(clock.seconds(a, b))
+    del dst
+    fresh = []
+    for _ in range(max(2, repeats // 2)):
+        gc.collect()
+        _malloc_trim()
+        clock.sync()
+        a = clock.mark()
+        d2 = torch.empty_like(src)
+        d2.copy_(src)
+        b = clock.mark()
+        clock.sync()
+        fresh.append(clock.seconds(a, b))
+        del d2
+    del src
+    moved = 2 * n * 4
+    return {"nbytes": n * 4, "bytes_per_copy": moved,
+            "copy_Bps": moved / min(warm), "copy_Bps_median": moved / statistics.median(warm),
+            "fresh_copy_Bps": moved / min(fresh),
+            "fresh_copy_Bps_median": moved / statistics.median(fresh)}
+
+
+def gemm_throughput(dtype: torch.dtype, device: str = "cpu", size: int = 2048,
+                    repeats: int = 3) -> dict:
+    """Matmul throughput (FLOP/s) on square ``size`` matrices: the compute bound."""
+    clock = Clock(device)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    c = a @ b
+    ts = []
+    for _ in range(repeats):
+        clock.sync()
+        t0 = clock.mark()
+        torch.mm(a, b, out=c)
+        t1 = clock.mark()
+        clock.sync()
+        ts.append(clock.seconds(t0, t1))
+    flops = 2.0 * size ** 3
+    return {"size": size, "flops_per_s": flops / min(ts), "flops_per_s_median": flops / statistics.median(ts)}
+
+
+def bound_seconds(nbytes: float, bandwidth: float, flops: float | None = None,
+                  flops_per_s: float | None = None) -> float:
+    """Lower bound on the time of a phase: the larger of its memory and compute times."""
+    t = nbytes / bandwidth
+    if flops and flops_per_s:
+        t = max(t, flops / flops_per_s)
+    return t
+
+
+def bytes_by_phase(op: OpSpec, shape: dict, dtype: torch.dtype) -> dict:
+    b = dict(op.bytes_moved(shape, dtype))
+    out = {"fwd": int(b["fwd"]), "bwd": int(b["bwd"])}
+    out["step"] = out["fwd"] + out["bwd"]
+    out["fwd_nograd"] = out["fwd"]
+    return out
+
+
+def flops_by_phase(op: OpSpec, shape: dict, dtype: torch.dtype) -> dict | None:
+    if op.flops is None:
+        return None
+    f = dict(op.flops(shape, dtype))
+    out = {"fwd": float(f["fwd"]), "bwd": float(f["bwd"])}
+    out["step"] = out["fwd"] + out["bwd"]
+    out["fwd_nograd"] = out["fwd"]
+    return out
+
+
+def derive(result: dict, op: OpSpec, shape: dict, dtype: torch.dtype, calib: dict,
+           gemm: dict | None) -> None:
+    """Add bytes_moved, gbps, bound_s, x_bound (and the first-touch variants) to a result."""
+    bytes_ = bytes_by_phase(op, shape, dtype)
+    flops = flops_by_phase(op, shape, dtype)
+    bw = calib["copy_Bps"]
+    fps = gemm["flops_per_s"] if gemm else None
+    result["bytes_moved"] = bytes_
+    if flops:
+        result["flops"] = flops
+    result["bound_s"] = {p: bound_seconds(bytes_[p], bw, flops[p] if flops else None, fps)
+                         for p in PHASES}
+    # first touch of the freshly allocated gradient, which the warm bound leaves out
+    alloc = op.alloc_bytes(shape, dtype) if op.alloc_bytes else 0
+    extra_per_byte = max(0.0, 1.0 / calib["fresh_copy_Bps"] - 1.0 / calib["copy_Bps"]) * 2
+    result["bound_alloc_s"] = {p: result["bound_s"][p] + (alloc * extra_per_byte if p in ("bwd", "step") else 0.0)
+                               for p in PHASES}
+    ts = result.get("time_s") or {}
+    result["gbps"], result["x_bound"], result["x_bound_alloc"] = {}, {}, {}
+    for p in PHASES:
+        t = ts.get(p)
+        if not t:
+            continue
+        med = t["median"]
+        result["gbps"][p] = bytes_[p] / med / 1e9 if med > 0 else None
+        result["x_bound"][p] = med / result["bound_s"][p]
+        result["x_bound_alloc"][p] = med / result["bound_alloc_s"][p]
+
+
+def add_speedups(results: list, reference: Sequence[str]) -> None:
+    """x naive: reference median / provider median, per phase, same shape and dtype."""
+    by_case = {}
+    for r in results:
+        if r.get("status") == "ok":
+            by_case.setdefault((json.dumps(r["shape"], sort_keys=True), r["dtype"]), {})[r["provider"]] = r
+    for (_, _), rs in by_case.items():
+        ref = next((rs[n] for n in reference if n in rs), None)
+        for r in rs.values():
+            r["reference"] = ref["provider"] if ref else None
+            r["x_naive"] = {}
+            if ref is None:
+                continue
+            for p in PHASES:
+                a, b = (ref.get("time_s") or {}).get(p), (r.get("time_s") or {}).get(p)
+                if a and b and b["median"] > 0:
+                    r["x_naive"][p] = a["median"] / b["median"]
+
+
+# --------------------------------------------------------------------------- machine description
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_memory(device: str) -> int | None:
+    if device.startswith("cuda"):
+        try:
+            return int(torch.cuda.mem_get_info()[0])
+        except Exception:
+            return None
+    return _meminfo("MemAvailable")
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    thp = None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().strip()
+    except OSError:
+        pass
+    info = {
+        "hostname": platform.node(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "mem_total_bytes": _meminfo("MemTotal"), "transparent_hugepage": thp,
+        "env": {k: os.environ[k] for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS",
+                                            "PREFOPT_BACKEND", "TRITON_INTERPRET")
+                if k in os.environ},
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        try:
+            info["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        except Exception:
+            pass
+    try:
+        import prefopt_fast
+        info["prefopt_fast"] = {"version": getattr(prefopt_fast, "__version__", None),
+                                "path": os.path.dirname(prefopt_fast.__file__),
+                                "backends": list(prefopt_fast.available_backends())}
+    except Exception as exc:
+        info["prefopt_fast"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return info
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _ms(t: dict | None) -> str:
+    return "-" if not t else f"{t['median'] * 1e3:.1f}"
+
+
+def _spread(t: dict | None) -> str:
+    if not t:
+        return "-"
+    return f"{t['median'] * 1e3:.1f} [{t['min'] * 1e3:.0f}-{t['max'] * 1e3:.0f}]"
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.4g} MB"
+
+
+def _num(x, fmt) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+TABLE_COLUMNS = ("provider", "fwd ms", "bwd ms", "step ms [min-max]", "no-grad fwd ms",
+                 "peak extra MB", "GB/s", "x bound", "x naive")
+
+
+def table_rows(results: list) -> list:
+    rows = []
+    for r in results:
+        if r.get("status") != "ok":
+            rows.append([r["provider"], f"{r.get('status')}: {r.get('note', '')}"])
+            continue
+        t, mem = r.get("time_s") or {}, r.get("mem_bytes") or {}
+        peak = mem.get("step", mem.get("fwd_nograd"))
+        phase = "step" if t.get("step") else "fwd_nograd"
+        rows.append([
+            r["provider"], _ms(t.get("fwd")), _ms(t.get("bwd")), _spread(t.get("step")),
+            _ms(t.get("fwd_nograd")), _num(None if peak is None else peak / 1e6, ".0f"),
+            _num(r.get("gbps", {}).get(phase), ".1f"),
+            _num(r.get("x_bound", {}).get(phase), ".2f"),
+            _num(r.get("x_naive", {}).get(phase), ".2f"),
+        ])
+    return rows
+
+
+def format_table(rows: list, columns=TABLE_COLUMNS, markdown=False) -> str:
+    full = [r for r in rows if len(r) == len(columns)]
+    widths = [max([len(c)] + [len(r[i]) for r in full]) for i, c in enumerate(columns)]
+    lines = []
+    if markdown:
+        lines.append("| " + " | ".join(columns) + " |")
+        lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
+        for r in rows:
+            cells = r if len(r) == len(columns) else [r[0], r[1]] + [""] * (len(columns) - 2)
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    lines.append(fmt(columns))
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(fmt(r) if len(r) == len(columns) else f"{r[0].ljust(widths[0])}  {r[1]}")
+    return "\n".join(lines)
+
+
+def group_header(op: OpSpec, shape: dict, dtype: str, res: list, calib: dict) -> str:
+    d = DTYPES[dtype]
+    main = op.main_bytes(shape, d)
+    any_r = next((r for r in res if r.get("bound_s")), None)
+    head = (f"{op.name}  {shape_label(shape)}  {dtype}  (tokens={op.tokens(shape)}, "
+            f"vocab={op.vocab(shape)}, logits {_mb(main)}")
+    if any_r:
+        head += (f"; bound: step {any_r['bound_s']['step'] * 1e3:.1f} ms = "
+                 f"{_mb(any_r['bytes_moved']['step'])} at {calib['copy_Bps'] / 1e9:.1f} GB/s")
+    return head + ")"
+
+
+def report_text(doc: dict, op: OpSpec, markdown: bool = False) -> str:
+    """The terminal (or markdown) table, one block per (shape, dtype), then the notes."""
+    calib_by_size = {c["for_main_bytes"]: c for c in doc["calibration"]["copy"]}
+    groups: dict = {}
+    for r in doc["results"]:
+        groups.setdefault((json.dumps(r["shape"]), r["dtype"]), []).append(r)
+    out = []
+    for (shape_s, dtype), res in groups.items():
+        shape = json.loads(shape_s)
+        calib = calib_by_size.get(op.main_bytes(shape, DTYPES[dtype]))
+        head = group_header(op, shape, dtype, res, calib) if calib else f"{op.name} {shape_label(shape)} {dtype}"
+        out.append(("**" + head + "**") if markdown else head)
+        out.append(format_table(table_rows(res), markdown=markdown))
+        out.append("")
+    out.append("Columns: medians; step = fwd + bwd timed together; GB/s, x bound and x naive are for the step"
+               " (for forward-only providers: the no-grad forward). x bound = time / bound (1.0 = at the"
+               " machine's bound; lower is better). x naive = reference time / time (higher is better;"
+               f" reference: {', '.join(op.reference)}). peak extra = peak memory of a step above the inputs.")
+    for c in doc["calibration"]["copy"]:
+        out.append(f"Bound: copy bandwidth {c['copy_Bps'] / 1e9:.1f} GB/s measured on {_mb(c['nbytes'])}"
+                   f" buffers already mapped (best of the repeats). First-touch page faults are NOT in the bound:"
+                   f" copying into a freshly allocated buffer ran at {c['fresh_copy_Bps'] / 1e9:.1f} GB/s;"
+                   f" 'x_bound_alloc' in the JSON charges the fresh gradient's first touch at that rate.")
+    for g in doc["calibration"].get("gemm", []):
+        out.append(f"GEMM: {g['dtype']} {g['flops_per_s'] / 1e12:.2f} TFLOP/s ({g['size']}^3)")
+    for n in doc["notes"]:
+        out.append(f"Note: {n}")
+    return "\n".join(out)
+
+
+def write_plots(doc: dict, op: OpSpec, outdir: str, stem: str) -> tuple[list, str | None]:
+    """PNG plots of step time and peak memory vs vocabulary size and vs token count."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return [], "plots skipped: matplotlib is not installed (pip install matplotlib)"
+    ok = [r for r in doc["results"] if r.get("status") == "ok"]
+    if not ok:
+        return [], "plots skipped: no successful results"
+    dtypes = sorted({r["dtype"] for r in ok}, key=list(DTYPES).index)
+    files = []
+
+    def metric(r, what):
+        t = r.get("time_s") or {}
+        if what == "time":
+            ph = t.get("step") or t.get("fwd_nograd")
+            return ph["median"] * 1e3 if ph else None
+        m = r.get("mem_bytes") or {}
+        v = m.get("step", m.get("fwd_nograd"))
+        return None if v is None else v / 1e6
+
+    for axis, other, label in (("vocab", "tokens", "vocabulary size V"), ("tokens", "vocab", "tokens N")):
+        xs = {r[axis] for r in ok}
+        if len(xs) < 2:
+            continue
+        # one line per provider at the most common value of the other axis
+        counts: dict = {}
+        for r in ok:
+            counts[r[other]] = counts.get(r[other], 0) + 1
+        fixed = max(sorted(counts), key=lambda k: counts[k])
+        fig, axes = plt.subplots(2, len(dtypes), figsize=(6 * len(dtypes), 8), squeeze=False)
+        for j, dt in enumerate(dtypes):
+            for i, (what, ylab) in enumerate((("time", "step time (ms)"), ("mem", "peak extra memory (MB)"))):
+                ax = axes[i][j]
+                for prov in dict.fromkeys(r["provider"] for r in ok):
+                    pts = sorted((r[axis], metric(r, what)) for r in ok
+                                 if r["provider"] == prov and r["dtype"] == dt and r[other] == fixed
+                                 and metric(r, what) is not None)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+                ax.set_xlabel(label)
+                ax.set_ylabel(ylab)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.set_title(f"{op.name} {dt}, {other}={fixed}")
+                ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{stem}_vs_{axis}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    if not files:  # a single shape: bars per provider instead of lines
+        fig, axes = plt.subplots(2, len(dtypes), figsize=(6 * len(dtypes), 8), squeeze=False)
+        for j, dt in enumerate(dtypes):
+            rs = [r for r in ok if r["dtype"] == dt]
+            for i, (what, ylab) in enumerate((("time", "step time (ms)"), ("mem", "peak extra memory (MB)"))):
+                ax = axes[i][j]
+                vals = [(r["provider"], metric(r, what)) for r in rs if metric(r, what) is not None]
+                ax.barh([v[0] for v in vals], [v[1] for v in vals])
+                ax.set_xlabel(ylab)
+                ax.set_title(f"{op.name} {dt} {shape_label(rs[0]['shape'])}")
+                ax.invert_yaxis()
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{stem}_bars.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    return files, None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Progress:
+    """tqdm on stderr if installed, else one plain line per finished job."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, file=sys.stderr, unit="job", dynamic_ncols=True)
+            except Exception:
+                self.bar = None
+
+    def start(self, label: str):
+        if self.bar is not None:
+            self.bar.set_description(label[:60])
+        elif self.enabled:
+            print(f"[{self.done + 1}/{self.total}] {label} ...", file=sys.stderr, flush=True)
+
+    def finish(self, label: str, seconds: float):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"[{self.done}/{self.total}] {label} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    def note(self, msg: str):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_providers(op: OpSpec, patterns: Sequence[str] | None, preset: str) -> tuple[list, list]:
+    """Providers to run (in table order) and notes on those left out by the preset."""
+    notes = []
+    if patterns:
+        chosen = [p for p in op.providers if any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns)]
+        unknown = [pat for pat in patterns if not any(fnmatch.fnmatchcase(p.name, pat) for p in op.providers)]
+        for pat in unknown:
+            notes.append(f"--providers {pat!r} matches no provider of {op.name} "
+                         f"(known: {', '.join(p.name for p in op.providers)})")
+        return chosen, notes
+    chosen = []
+    for p in op.providers:
+        if preset in ("quick",) and p.slow_setup:
+            notes.append(f"{p.name}: left out of --quick (its first call compiles, ~30 s here);"
+                         f" name it in --providers to include it")
+            continue
+        chosen.append(p)
+    return chosen, notes
+
+
+def memory_guard(op: OpSpec, provider: Provider, case: Case, avail: int | None) -> str | None:
+    if avail is None:
+        return None
+    main = op.main_bytes(case.shape_dict, case.torch_dtype)
+    need = main * (1.0 + (1.0 if provider.mutates else 0.0) + provider.mem_factor) + 300e6
+    if need > 0.85 * avail:
+        return f"skipped: needs about {need / 1e9:.1f} GB, {avail / 1e9:.1f} GB available"
+    return None
+
+
+def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
+         avail: int | None) -> tuple[list, list]:
+    """Jobs (provider x shape, with the dtypes that apply) and per-case skip results."""
+    jobs, skipped = [], []
+    for shape in shapes:
+        for prov in providers:
+            run_dtypes = []
+            for dt in dtypes:
+                case = Case.make(shape, dt, device)
+                reason = prov.check(case) if prov.check else None
+                if reason is None:
+                    reason = memory_guard(op, prov, case, avail)
+                if reason is not None:
+                    skipped.append(new_result(op, prov, case, status="skipped", note=reason))
+                else:
+                    run_dtypes.append(case.dtype)
+            if run_dtypes:
+                jobs.append({"module": op.module, "provider": prov.name, "shape": dict(shape),
+                             "dtypes": run_dtypes, "device": device})
+    return jobs, skipped
+
+
+def new_result(op: OpSpec, prov: Provider, case: Case, **kw) -> dict:
+    shape = case.shape_dict
+    r = {"provider": prov.name, "kind": prov.kind, "shape": shape,
+         "tokens": op.tokens(shape), "vocab": op.vocab(shape), "dtype": case.dtype,
+         "device": case.device}
+    r.update(kw)
+    return r
+
+
+def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None = None,
+        dtypes: Sequence[str] | None = None, device: str | None = None, outdir: str = "results",
+        dry_run: bool = False, shapes: list | None = None, subprocesses: bool | None = None,
+        repeats: int | None = None, warmup: int | None = None, plots: bool = True,
+        progress: bool = True, timeout: float = 1800.0, quiet: bool = False) -> dict:
+    """Run the benchmark of one op and write its outputs; returns the JSON document."""
+    device = device or default_device()
+    settings = dict(PRESET_SETTINGS["dry-run" if dry_run else preset])
+    if repeats is not None:
+        settings["repeats"] = max(1, repeats)
+        settings["min_repeats"] = min(settings["min_repeats"], settings["repeats"])
+    if warmup is not None:
+        settings["warmup"] = max(0, warmup)
+    settings["dry_run"] = dry_run
+    if subprocesses is None:
+        subprocesses = not dry_run
+    shapes = shapes or op.presets["dry-run" if dry_run else preset]
+    dtypes = [canonical_dtype(d) for d in (dtypes or op.preset_dtypes.get(preset) or op.preset_dtypes["default"])]
+    chosen, notes = select_providers(op, providers, preset)
+    notes = list(op.notes) + notes
+    prov_table = []
+    runnable = []
+    for p in chosen:
+        why = availability(p)
+        prov_table.append({"name": p.name, "kind": p.kind, "description": p.description,
+                           "status": "skipped" if why else "ok", "note": why})
+        if why:
+            notes.append(f"{p.name}: {why}")
+        else:
+            runnable.append(p)
+
+    avail = available_memory(device)
+    jobs, results = plan(op, runnable, shapes, dtypes, device, avail)
+
+    # calibration, before any job, once per distinct logits size
+    calib_list, calib = [], {}
+    gemm_list, gemm = [], {}
+    for shape in shapes:
+        for dt in dtypes:
+            main = op.main_bytes(shape, DTYPES[dt])
+            if main not in calib:
+                size = min(main, CALIBRATION_CAP_BYTES)
+                c = copy_bandwidth(size, device, repeats=3 if dry_run else 5,
+                                   min_time=0.05 if dry_run else 0.5)
+                c["for_main_bytes"] = main
+                c["capped"] = size < main
+                c["device"] = device
+                calib[main] = c
+                calib_list.append(c)
+            if op.flops is not None and dt not in gemm:
+                g = gemm_throughput(DTYPES[dt], device, size=256 if dry_run else 2048)
+                g["dtype"] = dt
+                gemm[dt] = g
+                gemm_list.append(g)
+    gc.collect()
+    _malloc_trim()
+
+    bar = Progress(len(jobs), enabled=progress)
+    for n in notes:
+        bar.note(f"note: {n}")
+    t_all = time.perf_counter()
+    for job in jobs:
+        job["settings"] = settings
+        label = f"{job['provider']} {shape_label(job['shape'])} {','.join(job['dtypes'])}"
+        bar.start(label)
+        t0 = time.perf_counter()
+        if subprocesses:
+            outs = run_job_subprocess(job, timeout)
+        else:
+            outs = run_job(job)
+        prov = op.provider(job["provider"])
+        for o in outs:
+            case = Case.make(job["shape"], o.pop("dtype"), device)
+            r = new_result(op, prov, case, **o)
+            if r.get("status") == "ok":
+                d = case.torch_dtype
+                derive(r, op, job["shape"], d, calib[op.main_bytes(job["shape"], d)], gemm.get(case.dtype))
+            else:
+                bar.note(f"{prov.name} {shape_label(job['shape'])} {case.dtype}: {r.get('status')}: {r.get('note')}")
+            results.append(r)
+        bar.finish(label, time.perf_counter() - t0)
+    bar.close()
+
+    # table order: shapes as given, dtypes as given, providers in table order
+    order_p = {p.name: i for i, p in enumerate(op.providers)}
+    order_s = {json.dumps(dict(s)): i for i, s in enumerate(shapes)}
+    results.sort(key=lambda r: (order_s.get(json.dumps(r["shape"]), 0), dtypes.index(r["dtype"]),
+                                order_p.get(r["provider"], 0)))
+    add_speedups(results, op.reference)
+
+    doc = {
+        "schema": SCHEMA, "op": op.name, "description": op.description,
+        "preset": "dry-run" if dry_run else preset,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": time.perf_counter() - t_all,
+        "machine": machine_info(device),
+        "settings": {**settings, "subprocess_per_job": subprocesses, "dtypes": dtypes,
+                     "shapes": [dict(s) for s in shapes]},
+        "calibration": {"copy": calib_list, "gemm": gemm_list,
+                        "note": "bound = max(bytes_moved / copy_Bps, flops / flops_per_s); copy_Bps is"
+                                " measured on buffers already mapped, so page faults on first touch are"
+                                " not in the bound (see bound_alloc_s / x_bound_alloc)"},
+        "providers": prov_table,
+        "notes": notes,
+        "results": results,
+    }
+    stem = f"{op.name}_{doc['preset']}_{device.split(':')[0]}"
+    os.makedirs(outdir, exist_ok=True)
+    text = report_text(doc, op)
+    if plots:
+        files, why = write_plots(doc, op, outdir, stem)
+        doc["plots"] = [os.path.basename(f) for f in files]
+        if why:
+            doc["notes"].append(why)
+            text += f"\nNote: {why}"
+    json_path = os.path.join(outdir, stem + ".json")
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    md_path = os.path.join(outdir, stem + ".md")
+    with open(md_path, "w") as f:
+        m = doc["machine"]
+        f.write(f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads),"
+                f" device {device}; {doc['created']}\n\n")
+        f.write(report_text(doc, op, markdown=True) + "\n")
+    if not quiet:
+        print(text)
+        print(f"\nwrote {json_path}, {md_path}" + "".join(f", {p}" for p in doc.get("plots", [])))
+    return doc
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _csv(s: str | None) -> list | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def build_parser(op_names: Iterable[str] = ()) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="prefopt_fast benchmarks: time, peak extra memory, GB/s and the machine's bound, "
+                    "against naive PyTorch and the peers installed here.")
+    names = list(op_names)
+    p.add_argument("--op", default=names[0] if names else None,
+                   help=f"op to benchmark ({', '.join(names)}; 'all' for every op)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_const", dest="preset", const="quick",
+                   help="one small shape, few repeats (under a minute on a 2-core machine)")
+    g.add_argument("--full", action="store_const", dest="preset", const="full",
+                   help="sweep V in {32000, 128256, 256000} x token counts")
+    p.set_defaults(preset="default")
+    p.add_argument("--providers", help="comma-separated provider names or globs (e.g. 'naive*,prefopt_fast.*')")
+    p.add_argument("--dtypes", help="comma-separated: fp32,bf16,fp16")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--tokens", help="comma-separated token counts (overrides the preset's shapes)")
+    p.add_argument("--vocab", help="comma-separated vocabulary sizes (overrides the preset's shapes)")
+    p.add_argument("--out", default="results", help="output folder (default: results/)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run every provider once on tiny shapes, no timing loops (smoke test)")
+    p.add_argument("--repeats", type=int, help="timing repeats per phase (default: per preset)")
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: per preset)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process instead of a fresh subprocess per (provider, shape)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (provider, shape) job")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--list", action="store_true", help="list the providers and whether they run here")
+    return p
+
+
+def shapes_from_args(op: OpSpec, preset: str, tokens, vocab, dry_run: bool) -> list | None:
+    if not tokens and not vocab:
+        return None
+    base = op.presets["dry-run" if dry_run else preset]
+    ts = [int(t) for t in tokens] if tokens else sorted({op.tokens(s) for s in base})
+    vs = [int(v) for v in vocab] if vocab else sorted({op.vocab(s) for s in base})
+    return [op.make_shape(t, v) for v in vs for t in ts]
+
+
+def list_providers(op: OpSpec, device: str) -> str:
+    lines = [f"{op.name} providers (device {device}):"]
+    for p in op.providers:
+        why = availability(p)
+        extra = " [slow setup: not in --quick]" if p.slow_setup else ""
+        lines.append(f"  {p.name:28s} {p.kind:8s} {'skip: ' + why if why else 'ok'}{extra}  {p.description}")
+    for n in op.notes:
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, op: OpSpec | None = None) -> int:
+    from . import OPS  # op name -> module
+    ops = {op.name: op.module} if op is not None else dict(OPS)
+    args = build_parser(ops).parse_args(argv)
+    names = list(ops) if args.op == "all" else [args.op]
+    for name in names:
+        if name not in ops:
+            print(f"unknown --op {name!r}; known: {', '.join(ops)}", file=sys.stderr)
+            return 2
+    device = args.device or default_device()
+    for name in names:
+        spec = op if op is not None and op.name == name else load_op(ops[name])
+        if args.list:
+            print(list_providers(spec, device))
+            continue
+        shapes = shapes_from_args(spec, args.preset, _csv(args.tokens), _csv(args.vocab), args.dry_run)
+        run(spec, preset=args.preset, providers=_csv(args.providers), dtypes=_csv(args.dtypes),
+            device=device, outdir=args.out, dry_run=args.dry_run, shapes=shapes,
+            subprocesses=False if args.in_process else None, repeats=args.repeats, warmup=args.warmup,
+            plots=not args.no_plots, progress=not args.no_progress, timeout=args.timeout)
+    return 0
