@@ -46,8 +46,9 @@ def naive_token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, 
     out = dict.fromkeys(STAT_NAMES)
     if "entropy" in stats:
         p = logp_all.exp()
-        # Double where: terms with p == 0 count 0, and no 0 * inf = NaN reaches the gradient.
-        safe_logp = torch.where(p > 0, logp_all, zero)
+        # Double where: terms with p == 0 count 0, and no 0 * inf = NaN reaches the
+        # gradient; a NaN p is not == 0, so NaN rows stay NaN.
+        safe_logp = torch.where(p == 0, zero, logp_all)
         h = -(p * safe_logp).sum(-1)
         out["entropy"] = torch.where(keep, h, zero)
     if "log_sum_sq_probs" in stats:

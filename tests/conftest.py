@@ -1,0 +1,66 @@
+"""Shared fixtures: the backend matrix, the device each backend runs on, a fixed seed."""
+import os
+
+# Before anything imports triton: run Triton kernels in the interpreter on CPU tensors.
+# A GPU run sets TRITON_INTERPRET=0 explicitly.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Every backend name the package may offer. Parametrizing over this static list (and
+# skipping the ones not available here) keeps collection independent of the package.
+KNOWN_BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_device(name: str) -> torch.device:
+    """The device the tests of backend ``name`` put their tensors on."""
+    if name == "cuda" or (name == "triton" and not _interpreting()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _available():
+    import prefopt_fast
+
+    return list(prefopt_fast.available_backends())
+
+
+@pytest.fixture(scope="session")
+def backends():
+    """The list ``prefopt_fast.available_backends()`` (imported lazily)."""
+    return _available()
+
+
+@pytest.fixture(params=KNOWN_BACKENDS)
+def backend(request):
+    """Each backend available here, by name; the others are skipped with the reason."""
+    name = request.param
+    avail = _available()
+    if name not in avail:
+        reason = "not available"
+        try:
+            import importlib
+
+            mod = importlib.import_module(f"prefopt_fast.backends.{'torch_backend' if name == 'torch' else name}")
+            reason = mod.unavailable_reason() or reason
+        except Exception as e:  # a missing module is just "not here"
+            reason = f"{reason} ({type(e).__name__}: {e})"
+        pytest.skip(f"backend {name!r}: {reason}")
+    return name
+
+
+@pytest.fixture
+def device(backend):
+    return backend_device(backend)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same random state."""
+    torch.manual_seed(0)
+    return 0
