@@ -12,6 +12,7 @@ read the reference log-probs from the inputs. Gradients are compared with respec
 per-token log-probs.
 """
 import types
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -370,6 +371,18 @@ def test_module_matches_functional():
     torch.testing.assert_close(a, b)
     assert ma.keys() == mb.keys()
     assert not list(mod.parameters())
+    assert mod.beta == 0.2 and mod.loss_type == ["sigmoid", "ipo"] and mod.loss_weights == [1.0, 0.1]
+    with pytest.raises(AttributeError):
+        mod.beta = 0.5  # the validated config is read-only
+
+
+def test_module_warns_once_at_construction():
+    cw, cl, rw, rl, _, _ = make_batch(3, seed=18)
+    with pytest.warns(UserWarning, match="label_smoothing"):
+        mod = DPOLoss(label_smoothing=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mod(cw, cl, rw, rl)
 
 
 # ----------------------------------------------------------------------------------------------

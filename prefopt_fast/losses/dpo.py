@@ -352,7 +352,13 @@ def dpo_loss(
         log-ratios r, whatever the f-divergence.
     """
     cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
+    return _dpo_loss(cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+                     rejected_lengths, bco_delta, pair_weights)
 
+
+def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+              rejected_lengths, bco_delta, pair_weights) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """dpo_loss with validated hyper-parameters ``cfg``: checks the tensors, then computes."""
     chosen_logps = check_vector(chosen_logps, "chosen_logps")
     rejected_logps = check_vector(rejected_logps, "rejected_logps", like=chosen_logps, like_name="chosen_logps")
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
@@ -455,25 +461,28 @@ class DPOLoss(nn.Module):
                  bco_running_mean: bool = False):
         super().__init__()
         cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
-        self.beta = cfg.beta
-        self.loss_type = list(cfg.loss_types)
-        self.loss_weights = list(cfg.loss_weights) if loss_weights is not None else None
-        self.label_smoothing = cfg.label_smoothing
-        self.f_divergence = cfg.f_divergence
-        self.f_alpha = cfg.f_alpha
-        self.discopop_tau = cfg.discopop_tau
+        self._cfg = cfg
         if not isinstance(bco_running_mean, bool):
             raise TypeError(f"bco_running_mean must be a bool; got {type(bco_running_mean).__name__}")
         if bco_running_mean and "bco_pair" not in cfg.loss_types:
-            raise ValueError(f"bco_running_mean=True needs loss_type 'bco_pair'; got {self.loss_type}")
+            raise ValueError(f"bco_running_mean=True needs loss_type 'bco_pair'; got {list(cfg.loss_types)}")
         self.bco_running_mean = bco_running_mean
         if bco_running_mean:
             self.register_buffer("bco_mean", torch.zeros((), dtype=torch.float32))
             self.register_buffer("bco_count", torch.zeros((), dtype=torch.int64))
 
+    # read-only views of the validated config: build a new module to change it
+    beta = property(lambda self: self._cfg.beta)
+    loss_type = property(lambda self: list(self._cfg.loss_types))
+    loss_weights = property(lambda self: list(self._cfg.loss_weights))
+    label_smoothing = property(lambda self: self._cfg.label_smoothing)
+    f_divergence = property(lambda self: self._cfg.f_divergence)
+    f_alpha = property(lambda self: self._cfg.f_alpha)
+    discopop_tau = property(lambda self: self._cfg.discopop_tau)
+
     def extra_repr(self) -> str:
         s = f"beta={self.beta}, loss_type={self.loss_type}"
-        if self.loss_weights is not None:
+        if any(w != 1.0 for w in self._cfg.loss_weights):
             s += f", loss_weights={self.loss_weights}"
         if self.label_smoothing:
             s += f", label_smoothing={self.label_smoothing}"
@@ -510,10 +519,6 @@ class DPOLoss(nn.Module):
                 elif ref_chosen_logps is None and ref_rejected_logps is None:
                     self._update_bco_mean(chosen_logps, rejected_logps, None, None)
             bco_delta = self.bco_mean.clone()
-        return dpo_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            beta=self.beta, loss_type=self.loss_type, loss_weights=self.loss_weights,
-            label_smoothing=self.label_smoothing, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-            f_divergence=self.f_divergence, f_alpha=self.f_alpha, discopop_tau=self.discopop_tau,
-            bco_delta=bco_delta, pair_weights=pair_weights,
-        )
+        # hyper-parameters were validated in __init__ (and any label_smoothing warning given there)
+        return _dpo_loss(self._cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                         chosen_lengths, rejected_lengths, bco_delta, pair_weights)
