@@ -34,7 +34,7 @@ from ._common import (
     reward_metrics,
 )
 
-__all__ = ["dpo_loss", "DPOLoss", "DPO_LOSS_TYPES", "F_DIVERGENCES"]
+__all__ = ["dpo_loss", "DPOLoss", "DPO_LOSS_TYPES", "F_DIVERGENCES", "F_DIVERGENCE_LOSS_TYPES"]
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
