@@ -24,7 +24,8 @@ _OUT_ARGMAX = tl.constexpr(_rows.OUT_ARGMAX)
 # Compiled flag sets. A request is rounded up to the first set containing it (unrequested
 # output rows are unspecified), so the GPU compiles at most 3 variants per dtype instead
 # of 16; the extra statistics cost a few flops per element of a memory-bound kernel.
-STAT_VARIANTS = (0, _rows.STAT_ENTROPY, _rows.STAT_ALL)
+SUPPORTED_STATS = _rows.STAT_ENTROPY | _rows.STAT_LSSP | _rows.STAT_MEAN | _rows.STAT_ARGMAX
+STAT_VARIANTS = (0, _rows.STAT_ENTROPY, SUPPORTED_STATS)
 
 
 def stats_variant(stats: int) -> int:
@@ -32,7 +33,8 @@ def stats_variant(stats: int) -> int:
     for v in STAT_VARIANTS:
         if stats & ~v == 0:
             return v
-    raise ValueError(f"stats: unknown bits in {stats:#x}")
+    raise ValueError(f"stats: bits {stats & ~SUPPORTED_STATS:#x} of {stats:#x} are not "
+                     f"implemented by the Triton row kernels")
 
 
 def stat_flags(stats: int) -> dict:

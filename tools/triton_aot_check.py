@@ -6,9 +6,11 @@ configs of ``prefopt_fast.kernels.config``. Pointer arguments get the 16-byte
 divisibility Triton gives aligned tensors at run time; the int arguments are not
 specialized (``do_not_specialize``), so these are exactly the binaries a GPU would JIT.
 
-Reports registers, spills and 16-byte vector loads/stores per kernel (registers and
-spills from the cubin through the ``cuobjdump`` that Triton ships). Exit status 1 on any
-compile failure or any spill.
+Reports per kernel: registers, bytes of stack + local memory (register spills; a Triton
+kernel has no other use for them) and the number of vector (16-byte) global loads and
+stores in the PTX, from the cubin through the ``cuobjdump`` that Triton ships. Also checks that no
+int argument is specialized by the JIT. Exit status 1 on any compile failure, any spill
+or any specialized int argument.
 
     python tools/triton_aot_check.py [--arch 80 90] [--jobs 2] [--all-stat-combos]
 
@@ -73,6 +75,19 @@ def variants(all_stat_combos=False):
     return out
 
 
+def specialization_problems():
+    """Int arguments the JIT would specialize (== 1, divisible by 16): each distinct
+    class of value would compile a new binary, and a value of 1 would become a constant."""
+    _, fwd, bwd = _modules()
+    problems = []
+    for fn, sig in ((fwd.row_forward_kernel, _forward_signature("fp32")),
+                    (bwd.row_backward_kernel, _backward_signature("fp32"))):
+        for p in fn.params:
+            if sig.get(p.name, "").startswith("i") and not p.do_not_specialize:
+                problems.append(f"{fn.__name__}: int argument {p.name} is not in do_not_specialize")
+    return problems
+
+
 def _cuobjdump():
     import triton
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -109,11 +124,12 @@ def compile_one(kind, dname, num_warps, constexprs, arch):
     usage = res.stdout
     reg = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)  # where ptxas puts spilled registers
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", usage)]
-    if res.returncode or not reg or not local:
+    if res.returncode or not reg or not local or not stack:
         return dict(error=f"cuobjdump failed ({res.returncode}): {res.stderr.strip() or usage}")
     ptx = k.asm["ptx"]
-    return dict(regs=int(reg.group(1)), spill=int(local.group(1)) + sum(spills),
+    return dict(regs=int(reg.group(1)), spill=int(stack.group(1)) + int(local.group(1)) + sum(spills),
                 vec_ld=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
                 vec_st=len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx)),
                 seconds=seconds)
@@ -135,6 +151,9 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    problems = specialization_problems()
+    for msg in problems:
+        print(msg, file=sys.stderr)
     jobs = [(v, arch) for v in variants(args.all_stat_combos) for arch in args.arch]
     with cf.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(compile_one, *v, arch) for v, arch in jobs]
@@ -143,7 +162,7 @@ def main(argv=None) -> int:
     for ((kind, dname, _, cx), arch), r in zip(jobs, results):
         rows.setdefault(_label(kind, dname, cx), {})[arch] = r
     bad = 0
-    header = "".join(f" | sm_{a}: regs spill vld vst" for a in args.arch)
+    header = "".join(f" | sm_{a}: regs spill vld vst" for a in args.arch)  # spill: bytes
     print(f"{'kernel variant':<62}{header}")
     for label, per_arch in rows.items():
         cells = []
@@ -161,7 +180,7 @@ def main(argv=None) -> int:
             print(f"\nsm_{arch} {_label(kind, dname, cx)}:\n{r['error']}", file=sys.stderr)
     print(f"\n{len(jobs)} compilations, {bad} failing (compile error or spill), "
           f"{time.perf_counter() - t0:.1f} s")
-    return 1 if bad else 0
+    return 1 if bad or problems else 0
 
 
 if __name__ == "__main__":
