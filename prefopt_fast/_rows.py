@@ -19,8 +19,9 @@ whose last dimension has stride 1 (any other strides, never copied):
     LOGP and LSE are always written; an optional row is written only when its bit is
     set (its content is unspecified otherwise). Rows whose label == ignore_index get 0
     in every output. A label outside [0, V) that is not ignore_index gives LOGP = NaN
-    (the Python layer rejects such labels before any kernel runs; kernels must still
-    never read out of bounds). Non-finite input follows float64 torch.log_softmax:
+    and ARGMAX = 0 while every other output is computed as usual (the public API rejects
+    such labels; the vocabulary-parallel path relies on this to run a shard whose rows'
+    labels live on another shard). Kernels never read out of bounds. Non-finite input follows float64 torch.log_softmax:
     NaN or +inf anywhere in a row -> NaN log-prob; a row of only -inf -> NaN.
 
 Exact KL extension (optional keyword ``ref_logits``: a second ``[..., V]`` tensor with
@@ -37,7 +38,8 @@ the same shape and dtype as ``logits``, its own strides, last stride 1; bit STAT
     (None: no entropy term; ``entropy`` is then unused and may be ``lse``).
     grad[n, v] = inv_temp * (c * (1[v == y] - p_v) - e * p_v * (x_v - lse + H))
     with p_v = exp(x_v - lse), c = grad_logp[n], e = grad_entropy[n], H = entropy[n];
-    the e-term is 0 where p_v == 0. Ignored rows get an all-zero gradient row.
+    the e-term is 0 where p_v == 0. Ignored rows get an all-zero gradient row. A label
+    outside [0, V) (not ignore_index) drops the 1[v == y] term and keeps the rest.
     Written in logits.dtype: into a fresh contiguous tensor shaped like logits, or,
     with inplace=True, over the logits buffer itself (and ``logits`` is returned).
     KL extension: optional keywords ``grad_kl`` fp32 [N], ``ref_logits``, ``ref_lse``,
