@@ -43,16 +43,12 @@ PF_HD PF_INLINE float pf_bits_f32(uint32_t u) {
 #endif
 }
 
-// Classification by bits: cannot be optimised away by fast-math flags, and
-// vectorises as integer compares.
-#define PF_F32_NEG_INF_BITS 0xff800000u
-// |x| >= 2^64 (includes inf and NaN). Rows with such values take the exact path, so
-// the fast path can rely on differences of two values never overflowing.
-#define PF_F32_HUGE_BITS 0x5f800000u
-
-// Finite stand-in for -inf inside the fast loops: below every value the fast path
-// accepts (|x| < 2^64), and x - M stays finite, so exp gives 0 and 0 * (x - M) gives 0.
-#define PF_SENTINEL (-0x1p100f)
+// Fast paths keep IEEE semantics (no -ffast-math), so non-finite inputs announce
+// themselves through the row's accumulators: a NaN makes sum_v x_v NaN, a +inf makes
+// the max +inf, -inf entries give exp = 0 (and must not meet a 0 * inf). Values of
+// magnitude >= PF_HUGE are routed to exact paths so that differences of two values in
+// a row never overflow.
+#define PF_HUGE 0x1p64f
 
 // ---------------------------------------------------------------- 16-bit floats
 
@@ -103,19 +99,34 @@ PF_HD PF_INLINE double pf_log(double x) { return log(x); }
 PF_HD PF_INLINE float pf_log1p(float x) { return log1pf(x); }
 PF_HD PF_INLINE double pf_log1p(double x) { return log1p(x); }
 
+// d clamped to [-88.3, 88], the range pf_exp_poly evaluates; e * pf_exp_poly_arg(d) is
+// 0, not NaN, for d = -inf. Clamped on the bit patterns: integer min vectorises to one
+// instruction, whereas float compares against constants let compilers split lanes
+// into constant cases and evaluate everything under masks (measured 1.5x slower).
+// Unsigned order: positives, then negatives by growing magnitude (-inf, -NaN last);
+// signed order: negatives, then positives by growing magnitude (+inf, +NaN last).
+PF_HD PF_INLINE float pf_exp_poly_arg(float d) {
+  uint32_t u = pf_f32_bits(d);
+  u = u < 0xc2b0999au ? u : 0xc2b0999au;  // >= -88.3f (bits of -88.3f)
+  int32_t i = (int32_t)u;
+  i = i < 0x42b00000 ? i : 0x42b00000;    // <= 88.0f
+  return pf_bits_f32((uint32_t)i);
+}
+
 // exp(d) as straight-line arithmetic, so compilers vectorise it without a vector math
-// library: d = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial (Cephes expf
-// coefficients), 2^n built in the exponent bits. Max error ~1.4 ulp. Returns exactly 0
-// for d < -87 (where exp(d) < 1.7e-38, below anything that can move a float sum of
-// terms that include exp(0) = 1) and saturates at exp(88) for d > 88.
+// library and without masks: d = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6
+// polynomial (Cephes expf coefficients), 2^n built in the exponent bits. Max error ~1.4
+// ulp. Below d = -87.3 (exp(d) < 1.2e-38) the result goes to 0 without a select: the
+// clamp at -88.3 gives n = -127, whose exponent field is 0, so 2^n is built as +0.0.
+// Saturates at exp(88) above d = 88. NaN input gives a non-NaN value (the clamps are
+// bit operations): callers detect NaN rows by other means (e.g. the sum of the row).
 PF_HD PF_INLINE float pf_exp_poly(float d) {
-  float dc = d < -87.0f ? -87.0f : d;
-  dc = dc > 88.0f ? 88.0f : dc;
-  // n = round(d / ln2): adding 1.5 * 2^23 rounds to an integer held in the low bits
+  const float dc = pf_exp_poly_arg(d);
   // (written as a * b + c, not fmaf: without hardware FMA fmaf is a slow library call;
   // compilers contract to FMA where the ISA has it, and every step is accurate without.)
-  float shifted = dc * 1.44269504088896341f + 12582912.0f;
-  float n = shifted - 12582912.0f;
+  // n = round(d / ln2): adding 1.5 * 2^23 rounds to an integer held in the low bits
+  const float shifted = dc * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
   float r = dc - n * 0.693145751953125f;  // ln2 hi part: n * hi is exact for |n| < 2^9
   r = r - n * 1.428606765330187045e-06f;  // ln2 - hi
   float p = 1.9875691500e-4f;
@@ -125,9 +136,9 @@ PF_HD PF_INLINE float pf_exp_poly(float d) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = (p * r) * r + r + 1.0f;
-  uint32_t scale = (pf_f32_bits(shifted) - 0x4b400000u + 127u) << 23;
-  float v = p * pf_bits_f32(scale);
-  return d < -87.0f ? 0.0f : v;
+  // n + 127 in [0, 254] lands in the exponent field; 0 there (n = -127) is +0.0
+  const uint32_t scale = (pf_f32_bits(shifted) - 0x4b400000u + 127u) << 23;
+  return p * pf_bits_f32(scale);
 }
 
 // log sigmoid(x) = min(x, 0) - log(1 + exp(-|x|)), never overflows.

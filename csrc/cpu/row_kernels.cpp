@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
@@ -42,7 +43,7 @@ constexpr int64_t kChunk = 2048;
 enum : int { kStatEntropy = 1, kStatLssp = 2, kStatMean = 4, kStatArgmax = 8, kStatKl = 16 };
 enum : int { kOutLogp = 0, kOutLse, kOutEntropy, kOutLssp, kOutMean, kOutArgmax, kOutKl, kOutRefLse };
 static_assert(kOutRefLse + 1 == kNumOut, "rows of prefopt_fast._rows.OUT_*");
-enum : uint32_t { kFlagBad = 1, kFlagNegInf = 2, kFlagKlInf = 4 };
+enum : uint32_t { kFlagBad = 1 };
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -103,127 +104,173 @@ Split split_rows(int64_t rows, int64_t V, int num_threads) {
 }
 
 // ---------------------------------------------------------------- forward, fast path
+//
+// One fused pass per chunk: convert, max, sum x, and the exp-sums relative to a
+// reference `ref` that is the first finite chunk max of the row, raised whenever a
+// chunk max exceeds it by more than kJump (the chunk is then recomputed). So the row
+// max stays in [ref, ref + kJump]: exp(x - ref) <= e^30 cannot overflow the float sums
+// (nor e^60 the sum of squares), and terms dropped by the e^-87 cut are < e^-87
+// relative to the largest. Any reference gives lse = ref + log s, H = log s - t / s.
 
-struct FwdPart {
-  PfLseAcc<double> acc;   // policy row; acc.m is the max seen (a float value or the sentinel)
-  PfLseAcc<double> racc;  // reference row (KL only; s and m used)
-  double u;               // KL accumulator, see pf_kl_rebase
-  double sum_x;
-  int64_t argmax;         // first index of the max within the row, -1 if none
-  uint32_t flags;
-};
+constexpr float kJump = 30.0f;
 
 enum : int { kModeBasic = 0, kModeFull = 1, kModeKl = 2 };
 
-// One pass of chunks over [v0, v1) of a row (and of its reference row for kModeKl).
+struct ChunkSums {
+  float cm, cmr;    // chunk maxima (NaN ignored, -inf if none)
+  float sx, sxr;    // sums of x and xr (NaN / +inf detectors; sx also gives the mean)
+  float s, t, q;    // sum e, sum e * (x - ref), sum e^2 with e = exp(x - ref)
+  float u, sr;      // KL: sum e ((x - ref) - (xr - rref)), sum exp(xr - rref)
+};
+
+template <class D>
+PF_INLINE void widen(const typename D::S* z, float* x, int n, float it) {
+#pragma omp simd
+  for (int i = 0; i < n; ++i) x[i] = D::load(z, i) * it;
+}
+
+template <class D, int MODE>
+PF_INLINE ChunkSums chunk_pass(const typename D::S* zc, const typename D::S* zrc, int n, float it, float ref,
+                               float rref) {
+  constexpr bool FULL = MODE != kModeBasic;
+  constexpr bool KL = MODE == kModeKl;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  float cm = ninf, cmr = ninf, sx = 0.0f, sxr = 0.0f, s = 0.0f, t = 0.0f, q = 0.0f, u = 0.0f, sr = 0.0f;
+#pragma omp simd reduction(max : cm, cmr) reduction(+ : sx, sxr, s, t, q, u, sr)
+  for (int i = 0; i < n; ++i) {
+    const float x = D::load(zc, i) * it;
+    cm = x > cm ? x : cm;
+    sx += x;
+    const float d = x - ref;
+    const float e = pf_exp_poly(d);
+    s += e;
+    if (FULL) {
+      t += e * pf_exp_poly_arg(d);  // e = 0 where d = -inf: 0, not NaN
+      q += e * e;
+    }
+    if (KL) {
+      const float xr = D::load(zrc, i) * it;
+      cmr = xr > cmr ? xr : cmr;
+      sxr += xr;
+      const float dr = xr - rref;
+      sr += pf_exp_poly(dr);
+      // q_v = 0 (xr = -inf) where p_v > 0 makes this +inf, as KL should be; p_v = 0 adds 0
+      u += e > 0.0f ? e * (pf_exp_poly_arg(d) - dr) : 0.0f;
+    }
+  }
+  ChunkSums c;
+  c.cm = cm;
+  c.cmr = cmr;
+  c.sx = sx;
+  c.sxr = sxr;
+  c.s = s;
+  c.t = t;
+  c.q = q;
+  c.u = u;
+  c.sr = sr;
+  return c;
+}
+
+struct FwdPart {
+  PfLseAcc<double> acc;   // policy row, relative to acc.m = ref (-inf: no finite value yet)
+  PfLseAcc<double> racc;  // reference row (KL only; s and m used)
+  double u;               // KL accumulator, see pf_kl_rebase
+  double sum_x;
+  float max;              // row max (-inf if none)
+  int64_t argmax;         // first index of the max, -1 if none
+  uint32_t flags;
+};
+
+// A chunk max that makes the fast path unsafe: +inf or |x| >= 2^64 (NaN never is a max).
+PF_INLINE bool huge_max(float m) { return m >= PF_HUGE || (m <= -PF_HUGE && m != -std::numeric_limits<float>::infinity()); }
+PF_INLINE bool nan_or_posinf(float v) { return !(v < std::numeric_limits<float>::infinity()); }
+
 template <class D, int MODE>
 PF_INLINE FwdPart fwd_segment_impl(const typename D::S* z, const typename D::S* zr, int64_t v0, int64_t v1,
                                    float it, bool want_argmax) {
-  constexpr bool FULL = MODE != kModeBasic;
   constexpr bool KL = MODE == kModeKl;
-  alignas(64) float buf[kChunk];
-  alignas(64) float bufr[KL ? kChunk : 1];
-  float M = PF_SENTINEL, Mr = PF_SENTINEL;
-  PfLseAcc<double> acc = pf_lse_empty<double>(PF_SENTINEL);
-  PfLseAcc<double> racc = pf_lse_empty<double>(PF_SENTINEL);
+  const double dninf = -kInf;
+  PfLseAcc<double> acc = pf_lse_empty<double>(dninf);
+  PfLseAcc<double> racc = pf_lse_empty<double>(dninf);
+  float ref = -std::numeric_limits<float>::infinity(), rref = ref, best = ref;
   double U = 0.0, SX = 0.0;
   int64_t amax = -1;
   uint32_t flags = 0;
+  // 16-bit rows are first widened into fp32 buffers (x = z * inv_temp): loops that mix
+  // 16- and 32-bit lanes vectorise poorly (half-width vectors, register spills)
+  constexpr bool WIDEN = !std::is_same<D, F32>::value;
+  alignas(64) float bx[WIDEN ? kChunk : 1];
+  alignas(64) float bxr[WIDEN && KL ? kChunk : 1];
   for (int64_t c0 = v0; c0 < v1; c0 += kChunk) {
     const int n = (int)std::min<int64_t>(kChunk, v1 - c0);
-    const typename D::S* zc = z + c0;
-    const typename D::S* zrc = KL ? zr + c0 : nullptr;
-    float cm = PF_SENTINEL, cmr = PF_SENTINEL, sx = 0.0f;
-    uint32_t bad = 0, ninf = 0, klinf = 0;
-    // convert + classify by bits + chunk max
-#pragma omp simd reduction(max : cm, cmr) reduction(| : bad, ninf, klinf) reduction(+ : sx)
-    for (int i = 0; i < n; ++i) {
-      float x = D::load(zc, i) * it;
-      const uint32_t ub = pf_f32_bits(x);
-      const uint32_t x_ninf = ub == PF_F32_NEG_INF_BITS;
-      bad |= ((ub & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (x_ninf ^ 1u);
-      ninf |= x_ninf;
-      x = x_ninf ? PF_SENTINEL : x;
-      buf[i] = x;
-      cm = x > cm ? x : cm;
-      if (FULL) sx += x;
-      if (KL) {
-        float xr = D::load(zrc, i) * it;
-        const uint32_t rb = pf_f32_bits(xr);
-        const uint32_t r_ninf = rb == PF_F32_NEG_INF_BITS;
-        bad |= ((rb & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (r_ninf ^ 1u);
-        klinf |= r_ninf & (x_ninf ^ 1u);  // q_v = 0 where p_v > 0: KL = +inf
-        xr = r_ninf ? PF_SENTINEL : xr;
-        bufr[i] = xr;
-        cmr = xr > cmr ? xr : cmr;
-      }
+    const float* zc;
+    const float* zrc = nullptr;
+    float itc;
+    if (WIDEN) {
+      widen<D>(z + c0, bx, n, it);
+      if (KL) widen<D>(zr + c0, bxr, n, it);
+      zc = bx;
+      zrc = bxr;
+      itc = 1.0f;
+    } else {
+      zc = reinterpret_cast<const float*>(z) + c0;
+      zrc = KL ? reinterpret_cast<const float*>(zr) + c0 : nullptr;
+      itc = it;
     }
-    if (bad) {  // the exact path redoes the whole row
-      flags |= kFlagBad;
+    // no reference yet: compute against 0 and (unless the chunk is all -inf) redo below
+    const float ref_eff = acc.m == dninf ? 0.0f : ref;
+    const float rref_eff = racc.m == dninf ? 0.0f : rref;
+    ChunkSums cs = chunk_pass<F32, MODE>(zc, zrc, n, itc, ref_eff, rref_eff);
+    if (nan_or_posinf(cs.sx) || huge_max(cs.cm) || (KL && (nan_or_posinf(cs.sxr) || huge_max(cs.cmr)))) {
+      flags |= kFlagBad;  // the exact path redoes the whole row
       break;
     }
-    flags |= (ninf ? (uint32_t)kFlagNegInf : 0u) | (klinf ? (uint32_t)kFlagKlInf : 0u);
-    SX += sx;
-    // new maxima: rescale what was accumulated so far
-    if (KL && cmr > Mr) {
-      U = pf_kl_rebase<double>(U, acc.s, 0.0, (double)cmr - (double)Mr);
-      racc = pf_lse_rescale<double>(racc, (double)cmr);
-      Mr = cmr;
+    const bool new_ref = cs.cm != -std::numeric_limits<float>::infinity() && (acc.m == dninf || cs.cm > ref + kJump);
+    const bool new_rref =
+        KL && cs.cmr != -std::numeric_limits<float>::infinity() && (racc.m == dninf || cs.cmr > rref + kJump);
+    if (new_ref || new_rref) {
+      // (U so far is relative to the effective references: 0 where none was set yet)
+      if (KL && new_rref) {
+        U = pf_kl_rebase<double>(U, acc.s, 0.0, (double)cs.cmr - (double)rref_eff);
+        racc = pf_lse_rescale<double>(racc, (double)cs.cmr);
+        rref = cs.cmr;
+      }
+      if (new_ref) {
+        if (KL) U = pf_kl_rebase<double>(U, acc.s, (double)cs.cm - (double)ref_eff, 0.0);
+        acc = pf_lse_rescale<double>(acc, (double)cs.cm);
+        ref = cs.cm;
+      }
+      const ChunkSums again = chunk_pass<F32, MODE>(zc, zrc, n, itc, acc.m == dninf ? 0.0f : ref,
+                                                  racc.m == dninf ? 0.0f : rref);
+      cs.s = again.s;
+      cs.t = again.t;
+      cs.q = again.q;
+      cs.u = again.u;
+      cs.sr = again.sr;
     }
-    if (cm > M) {
+    if (acc.m != dninf) {  // else: every x so far is -inf, nothing to add
+      acc.s += cs.s;
+      acc.t += cs.t;
+      acc.q += cs.q;
+      U += cs.u;
+    }
+    if (KL && racc.m != dninf) racc.s += cs.sr;
+    SX += cs.sx;
+    if (cs.cm > best) {
+      best = cs.cm;
       if (want_argmax) {
         int i = 0;
-        while (buf[i] != cm) ++i;
+        while (i < n - 1 && zc[i] * itc != cs.cm) ++i;
         amax = c0 + i;
       }
-      if (KL) U = pf_kl_rebase<double>(U, acc.s, (double)cm - (double)M, 0.0);
-      acc = pf_lse_rescale<double>(acc, (double)cm);
-      M = cm;
     }
-    // exp pass; a max still at the sentinel means that row is all -inf so far
-    float s = 0.0f, t = 0.0f, q = 0.0f, u = 0.0f, sr = 0.0f;
-    if (KL && M != PF_SENTINEL && Mr != PF_SENTINEL) {
-#pragma omp simd reduction(+ : s, t, q, u, sr)
-      for (int i = 0; i < n; ++i) {
-        const float d = buf[i] - M;
-        const float dr = bufr[i] - Mr;
-        const float e = pf_exp_poly(d);
-        s += e;
-        t += e * d;
-        q += e * e;
-        u += e * (d - dr);
-        sr += pf_exp_poly(dr);
-      }
-    } else if (FULL && M != PF_SENTINEL) {
-#pragma omp simd reduction(+ : s, t, q)
-      for (int i = 0; i < n; ++i) {
-        const float d = buf[i] - M;
-        const float e = pf_exp_poly(d);
-        s += e;
-        t += e * d;
-        q += e * e;
-      }
-    } else if (M != PF_SENTINEL) {
-#pragma omp simd reduction(+ : s)
-      for (int i = 0; i < n; ++i) s += pf_exp_poly(buf[i] - M);
-    }
-    if (KL && M == PF_SENTINEL && Mr != PF_SENTINEL) {
-#pragma omp simd reduction(+ : sr)
-      for (int i = 0; i < n; ++i) sr += pf_exp_poly(bufr[i] - Mr);
-    }
-    acc.s += s;
-    acc.t += t;
-    acc.q += q;
-    U += u;
-    racc.s += sr;
   }
-  acc.m = M;
-  racc.m = Mr;
   FwdPart part;
   part.acc = acc;
   part.racc = racc;
   part.u = U;
   part.sum_x = SX;
+  part.max = best;
   part.argmax = amax;
   part.flags = flags;
   return part;
@@ -249,16 +296,22 @@ typedef FwdPart (*FwdSegmentFn)(const void*, const void*, int64_t, int64_t, floa
 
 // Merge two consecutive segments of one row.
 FwdPart merge_parts(FwdPart a, const FwdPart& b, bool kl) {
-  if (b.acc.m > a.acc.m) a.argmax = b.argmax;  // ties keep the earlier index
-  const double m = std::max(a.acc.m, b.acc.m), mr = std::max(a.racc.m, b.racc.m);
+  if (b.max > a.max) {  // ties keep the earlier index
+    a.max = b.max;
+    a.argmax = b.argmax;
+  }
   if (kl) {
-    a.u = pf_kl_rebase<double>(a.u, a.acc.s, m - a.acc.m, mr - a.racc.m) +
-          pf_kl_rebase<double>(b.u, b.acc.s, m - b.acc.m, mr - b.racc.m);
+    const double m = std::max(a.acc.m, b.acc.m), mr = std::max(a.racc.m, b.racc.m);
+    auto rebased = [&](const FwdPart& p) {
+      if (p.acc.s == 0.0) return 0.0;
+      // p > 0 somewhere (s > 0) against a reference segment of only -inf: q = 0 there
+      if (!(p.u < kInf) || p.racc.m == -kInf) return kInf;
+      return pf_kl_rebase<double>(p.u, p.acc.s, m - p.acc.m, mr - p.racc.m);
+    };
+    a.u = rebased(a) + rebased(b);
     a.racc = pf_lse_merge(a.racc, b.racc);
-    a.racc.m = mr;
   }
   a.acc = pf_lse_merge(a.acc, b.acc);
-  a.acc.m = m;  // an empty side keeps the other's m; the max matters for the argmax
   a.sum_x += b.sum_x;
   a.flags |= b.flags;
   return a;
@@ -352,19 +405,15 @@ void finish_row(const typename D::S* z, const typename D::S* zr, int64_t V, floa
   }
   const double ls = log(part.acc.s);
   o[kOutLse] = part.acc.m + ls;
-  if (y_ok) {
-    const float xy = D::load(z, y) * it;
-    o[kOutLogp] = pf_f32_bits(xy) == PF_F32_NEG_INF_BITS ? -kInf : ((double)xy - part.acc.m) - ls;
-  } else {
-    o[kOutLogp] = kNaN;
-  }
+  // relative to the reference rather than x_y - lse: no cancellation for large logits
+  o[kOutLogp] = y_ok ? ((double)(D::load(z, y) * it) - part.acc.m) - ls : kNaN;
   o[kOutEntropy] = pf_lse_entropy(part.acc);
   o[kOutLssp] = pf_lse_log_sum_sq(part.acc);
-  o[kOutMean] = (part.flags & kFlagNegInf) ? -kInf : part.sum_x / (double)V;
+  o[kOutMean] = part.sum_x / (double)V;  // -inf if any x_v is
   o[kOutArgmax] = (y_ok && y == part.argmax) ? 1.0 : 0.0;
   if (zr) {
     o[kOutRefLse] = pf_lse_value(part.racc);
-    o[kOutKl] = (part.flags & kFlagKlInf) ? kInf : pf_kl_value(part.u, part.acc.s, part.racc.s);
+    o[kOutKl] = pf_kl_value(part.u, part.acc.s, part.racc.s);  // u = +inf: q_v = 0 < p_v
   }
 }
 
@@ -483,54 +532,53 @@ void exact_grad_range(const typename D::S* z, const typename D::S* zr, typename 
   }
 }
 
-template <class D, int MODE>
+template <int MODE>
 PF_INLINE float fast_grad(float x, float xr, float oh, const RowGrad& r) {
   const float logp = x - r.lse;
-  const float p = pf_exp_poly(logp);
+  const float p = pf_exp_poly(logp);  // 0 for x = -inf; the formulas then select 0 for p * log p terms
   if (MODE == kGradKl) return pf_grad_elem_kl<float>(p, logp, xr - r.rlse, oh, r.c, r.e, r.H, r.k, r.kl, r.it);
   if (MODE == kGradEntropy) return pf_grad_elem<float>(p, logp, oh, r.c, r.e, r.H, r.it);
   return pf_grad_elem_noent<float>(p, oh, r.c, r.it);
 }
 
+// One read of the row, one write of the gradient. Rows reach this only with finite
+// per-row scalars and |lse| < 2^64, so every x - lse is exact enough and no per-element
+// classification is needed (a NaN x could only come with a NaN lse).
 template <class D, int MODE>
 PF_INLINE void bwd_segment_impl(const typename D::S* z, const typename D::S* zr, typename D::S* g, int64_t v0,
                                 int64_t v1, const RowGrad& r) {
   constexpr bool KL = MODE == kGradKl;
-  alignas(64) float buf[kChunk];
-  alignas(64) float bufr[KL ? kChunk : 1];
-  const RowGrad rr = r;  // local copy: no aliasing with the output for the vectoriser
-  for (int64_t c0 = v0; c0 < v1; c0 += kChunk) {
-    const int n = (int)std::min<int64_t>(kChunk, v1 - c0);
-    const typename D::S* zc = z + c0;
-    const typename D::S* zrc = KL ? zr + c0 : nullptr;
-    typename D::S* gc = g + c0;
-    uint32_t bad = 0;
-#pragma omp simd reduction(| : bad)
-    for (int i = 0; i < n; ++i) {
-      const float x = D::load(zc, i) * rr.it;
-      const uint32_t u = pf_f32_bits(x);
-      const uint32_t is_ninf = u == PF_F32_NEG_INF_BITS;
-      bad |= ((u & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (is_ninf ^ 1u);
-      buf[i] = is_ninf ? PF_SENTINEL : x;
-      if (KL) {
-        const float xr = D::load(zrc, i) * rr.it;
-        const uint32_t ur = pf_f32_bits(xr);
-        const uint32_t r_ninf = ur == PF_F32_NEG_INF_BITS;
-        bad |= ((ur & 0x7fffffffu) >= PF_F32_HUGE_BITS) & (r_ninf ^ 1u);
-        bufr[i] = r_ninf ? PF_SENTINEL : xr;
-      }
-    }
-    if (bad) {
-      exact_grad_range<D, MODE>(z, zr, g, c0, c0 + n, rr);
-      continue;
-    }
+  const RowGrad rr = r;  // local copy: provably not aliased by the output
+  const bool has_y = rr.y >= v0 && rr.y < v1;
+  // read before the loop: in place, z[y] is overwritten by it
+  const float xy = has_y ? D::load(z, rr.y) * rr.it : 0.0f;
+  const float xry = (has_y && KL) ? D::load(zr, rr.y) * rr.it : 0.0f;
+  if (std::is_same<D, F32>::value) {
+    const float* zs = reinterpret_cast<const float*>(z) + v0;
+    const float* zrs = KL ? reinterpret_cast<const float*>(zr) + v0 : nullptr;
+    float* gs = reinterpret_cast<float*>(g) + v0;
+    const int64_t n = v1 - v0;
+    // omp simd: in place (gs == zs) each element is read before it is written, in the
+    // same iteration, so there is no cross-iteration dependence despite the aliasing
 #pragma omp simd
-    for (int i = 0; i < n; ++i) D::store(gc, i, fast_grad<D, MODE>(buf[i], KL ? bufr[i] : 0.0f, 0.0f, rr));
-    if (rr.y >= c0 && rr.y < c0 + n) {
-      const int i = (int)(rr.y - c0);
-      D::store(gc, i, fast_grad<D, MODE>(buf[i], KL ? bufr[i] : 0.0f, 1.0f, rr));
+    for (int64_t i = 0; i < n; ++i) gs[i] = fast_grad<MODE>(zs[i] * rr.it, KL ? zrs[i] * rr.it : 0.0f, 0.0f, rr);
+  } else {
+    // 16-bit: widen a chunk into fp32, compute, narrow (uniform-width loops vectorise
+    // well); in place, the whole chunk is read before any of it is written
+    alignas(64) float bx[kChunk];
+    alignas(64) float bxr[KL ? kChunk : 1];
+    for (int64_t c0 = v0; c0 < v1; c0 += kChunk) {
+      const int n = (int)std::min<int64_t>(kChunk, v1 - c0);
+      widen<D>(z + c0, bx, n, rr.it);
+      if (KL) widen<D>(zr + c0, bxr, n, rr.it);
+#pragma omp simd
+      for (int i = 0; i < n; ++i) bx[i] = fast_grad<MODE>(bx[i], KL ? bxr[i] : 0.0f, 0.0f, rr);
+      typename D::S* gc = g + c0;
+#pragma omp simd
+      for (int i = 0; i < n; ++i) D::store(gc, i, bx[i]);
     }
   }
+  if (has_y) D::store(g, rr.y, fast_grad<MODE>(xy, xry, 1.0f, rr));
 }
 
 template <class D>
@@ -600,10 +648,11 @@ void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const T
       r.rlse = has_kl ? A.ref_lse[n] : 0.0f;
       r.kl = has_kl ? A.kl[n] : 0.0f;
       r.y = (y >= 0 && y < V) ? y : -1;
-      const bool finite = std::isfinite(r.it) && std::isfinite(r.lse) && std::isfinite(r.c) &&
-                          std::isfinite(r.e) && std::isfinite(r.H) && std::isfinite(r.k) &&
-                          std::isfinite(r.rlse) && std::isfinite(r.kl);
-      if (!finite) {  // NaN / +inf / all -inf rows, infinite KL, NaN upstream gradients
+      const bool fast = std::isfinite(r.it) && std::isfinite(r.lse) && std::isfinite(r.c) &&
+                        std::isfinite(r.e) && std::isfinite(r.H) && std::isfinite(r.k) &&
+                        std::isfinite(r.rlse) && std::isfinite(r.kl) && std::fabs(r.lse) < PF_HUGE &&
+                        std::fabs(r.rlse) < PF_HUGE;
+      if (!fast) {  // NaN / +inf / all -inf / huge rows, infinite KL, NaN upstream gradients
         if (mode == kGradKl)
           exact_grad_range<D, kGradKl>(z, zr, g, v0, v1, r);
         else if (mode == kGradEntropy)

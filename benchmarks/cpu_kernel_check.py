@@ -1,0 +1,119 @@
+"""Quick timing of the cpu backend row kernels against naive PyTorch and the memory bound.
+
+    python benchmarks/cpu_kernel_check.py [--n 2048] [--v 128256] [--dtypes float32,bfloat16] [--reps 5]
+
+Prints, per dtype: copy bandwidth, the bandwidth bound of a fused forward+backward (one
+read of the logits forward, one read + one write backward), naive PyTorch
+(log_softmax + gather + autograd), and the cpu kernels with a fresh gradient and in
+place. Times are the minimum over --reps runs (the machine may be shared).
+"""
+import argparse
+import resource
+import time
+
+import torch
+
+from prefopt_fast.backends import cpu
+
+
+def tmin(fn, reps):
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def copy_bandwidth(nbytes, reps):
+    a = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    b = torch.empty_like(a).fill_(0.0)
+    t = tmin(lambda: b.copy_(a), reps)
+    return 2 * a.numel() * 4 / t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--v", type=int, default=128256)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--naive", type=int, default=1, help="also time naive PyTorch (slow, ~4x logits memory)")
+    ap.add_argument("--stats", type=int, default=0, help="stats bit mask for the forward")
+    args = ap.parse_args()
+    N, V = args.n, args.v
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, N={N} V={V}")
+    bw = copy_bandwidth(1 << 30, args.reps)
+    print(f"copy bandwidth (1 GiB, read+write bytes / time): {bw / 1e9:.1f} GB/s")
+    for name in args.dtypes.split(","):
+        dt = getattr(torch, name)
+        torch.manual_seed(0)
+        logits = (torch.randn(N, V) * 2).to(dt)
+        labels = torch.randint(0, V, (N,))
+        it = torch.ones(N)
+        c = torch.full((N,), -1.0 / N)
+        nbytes = logits.numel() * logits.element_size()
+        bound = 3 * nbytes / bw
+        print(f"\n{name}: logits {nbytes / 2**30:.2f} GiB; bound (3 x logits bytes / copy bw) {bound * 1e3:.1f} ms")
+
+        def fwd():
+            return cpu.row_forward(logits, labels, it, -100, args.stats)
+
+        out = fwd()
+        lse = out[1].clone()
+        t_f = tmin(fwd, args.reps)
+        grads = []
+
+        def bwd_fresh():
+            g = cpu.row_backward(logits, labels, it, lse, lse, c, None, -100, False)
+            grads.append(g)
+            del grads[:-1]  # keep one alive at a time, like an autograd step would
+
+        def fwd_bwd_fresh():
+            o = fwd()
+            cpu.row_backward(logits, labels, it, o[1], o[1], c, None, -100, False)
+
+        t_bf = tmin(bwd_fresh, args.reps)
+        grads.clear()
+        t_fbf = tmin(fwd_bwd_fresh, args.reps)
+        work = logits.clone()
+
+        def fwd_bwd_inplace():
+            o = cpu.row_forward(work, labels, it, -100, args.stats)
+            cpu.row_backward(work, labels, it, o[1], o[1], c, None, -100, True)
+
+        # in place destroys the logits: re-copy between runs, outside the timing
+        best_ip = float("inf")
+        best_bip = float("inf")
+        for _ in range(args.reps):
+            work.copy_(logits)
+            t0 = time.perf_counter()
+            fwd_bwd_inplace()
+            best_ip = min(best_ip, time.perf_counter() - t0)
+            work.copy_(logits)
+            t0 = time.perf_counter()
+            cpu.row_backward(work, labels, it, lse, lse, c, None, -100, True)
+            best_bip = min(best_bip, time.perf_counter() - t0)
+        del work
+        print(f"  cpu forward            {t_f * 1e3:8.1f} ms  ({nbytes / t_f / 1e9:.1f} GB/s read)")
+        print(f"  cpu backward fresh     {t_bf * 1e3:8.1f} ms")
+        print(f"  cpu backward in place  {best_bip * 1e3:8.1f} ms")
+        print(f"  cpu fwd+bwd fresh      {t_fbf * 1e3:8.1f} ms  = {t_fbf / bound:.2f} x bound")
+        print(f"  cpu fwd+bwd in place   {best_ip * 1e3:8.1f} ms  = {best_ip / bound:.2f} x bound")
+        if args.naive:
+            x = logits.clone().requires_grad_(True)
+
+            def naive():
+                x.grad = None
+                lp = torch.log_softmax(x.float(), -1).gather(1, labels[:, None]).squeeze(1)
+                (lp * c).sum().backward()
+
+            t_n = tmin(naive, max(2, args.reps // 2))
+            del x
+            print(f"  naive fwd+bwd          {t_n * 1e3:8.1f} ms  -> cpu fresh {t_n / t_fbf:.1f}x faster, "
+                  f"in place {t_n / best_ip:.1f}x faster")
+    print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
