@@ -556,13 +556,12 @@ def load_op(module: str) -> OpSpec:
     return importlib.import_module(module).OP
 
 
-def run_job(job: dict) -> list:
+def run_job(job: dict, op: OpSpec | None = None) -> list:
     """Run one (provider, shape) job over its dtypes in this process; one result per dtype."""
-    op = load_op(job["module"])
-    provider = op.provider(job["provider"])
+    op = op if op is not None else load_op(job["module"])
     out = []
-    fn = None
     try:
+        provider = op.provider(job["provider"])
         fn = provider.make()
     except Exception as exc:
         return [{"dtype": d, "status": "error", "note": f"setup failed: {type(exc).__name__}: {exc}"}
@@ -815,6 +814,76 @@ def machine_info(device: str) -> dict:
     except Exception as exc:
         info["prefopt_fast"] = {"error": f"{type(exc).__name__}: {exc}"}
     return info
+
+
+# --------------------------------------------------------------------------- JSON schema
+
+_TIME_KEYS = ("median", "min", "max", "q1", "q3", "n", "samples")
+
+
+def validate_doc(doc: dict) -> list:
+    """Problems with a results document against the schema of benchmarks/README.md ([] if none)."""
+    errs = []
+
+    def need(obj, key, types, where):
+        if not isinstance(obj, dict) or key not in obj:
+            errs.append(f"{where}: missing {key!r}")
+            return None
+        if not isinstance(obj[key], types):
+            errs.append(f"{where}.{key}: expected {types}, got {type(obj[key]).__name__}")
+            return None
+        return obj[key]
+
+    num = (int, float)
+    if doc.get("schema") != SCHEMA:
+        errs.append(f"schema: expected {SCHEMA!r}, got {doc.get('schema')!r}")
+    for k, t in (("op", str), ("preset", str), ("created", str), ("machine", dict), ("settings", dict),
+                 ("calibration", dict), ("providers", list), ("notes", list), ("results", list)):
+        need(doc, k, t, "doc")
+    m = doc.get("machine") or {}
+    for k, t in (("device", str), ("torch", str), ("cpu_count", int), ("torch_threads", int)):
+        need(m, k, t, "machine")
+    cal = doc.get("calibration") or {}
+    for i, c in enumerate(need(cal, "copy", list, "calibration") or []):
+        for k in ("nbytes", "copy_Bps", "copy_Bps_median", "fresh_copy_Bps", "for_main_bytes"):
+            need(c, k, num, f"calibration.copy[{i}]")
+    for i, g in enumerate(need(cal, "gemm", list, "calibration") or []):
+        for k in ("flops_per_s", "size"):
+            need(g, k, num, f"calibration.gemm[{i}]")
+        need(g, "dtype", str, f"calibration.gemm[{i}]")
+    for i, p in enumerate(doc.get("providers") or []):
+        for k in ("name", "kind", "status"):
+            need(p, k, str, f"providers[{i}]")
+        if p.get("status") not in ("ok", "skipped"):
+            errs.append(f"providers[{i}].status: {p.get('status')!r}")
+    for i, r in enumerate(doc.get("results") or []):
+        w = f"results[{i}]"
+        for k, t in (("provider", str), ("kind", str), ("shape", dict), ("tokens", int), ("vocab", int),
+                     ("dtype", str), ("device", str), ("status", str)):
+            need(r, k, t, w)
+        st = r.get("status")
+        if st not in ("ok", "skipped", "error"):
+            errs.append(f"{w}.status: {st!r}")
+        if st != "ok":
+            need(r, "note", str, w)
+            continue
+        ts = need(r, "time_s", dict, w) or {}
+        for ph in PHASES:
+            if ph not in ts:
+                errs.append(f"{w}.time_s: missing {ph!r}")
+            elif ts[ph] is not None:
+                for k in _TIME_KEYS:
+                    need(ts[ph], k, list if k == "samples" else num, f"{w}.time_s.{ph}")
+        for k in ("mem_bytes", "bytes_moved", "bound_s", "bound_alloc_s", "gbps", "x_bound",
+                  "x_bound_alloc", "x_naive"):
+            d = need(r, k, dict, w) or {}
+            for ph, v in d.items():
+                if ph not in PHASES:
+                    errs.append(f"{w}.{k}: unknown phase {ph!r}")
+                elif v is not None and not isinstance(v, num):
+                    errs.append(f"{w}.{k}.{ph}: not a number")
+        need(r, "mem_method", str, w)
+    return errs
 
 
 # --------------------------------------------------------------------------- output
@@ -1171,7 +1240,7 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
         if subprocesses:
             outs = run_job_subprocess(job, timeout)
         else:
-            outs = run_job(job)
+            outs = run_job(job, op=op)
         prov = op.provider(job["provider"])
         for o in outs:
             case = Case.make(job["shape"], o.pop("dtype"), device)

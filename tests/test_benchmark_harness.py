@@ -1,0 +1,252 @@
+"""The benchmark harness's own logic (benchmarks/harness.py): byte counting, the bound,
+skipping absent peers, the JSON schema, and a --quick --dry-run smoke run.
+
+These assert the harness's arithmetic and plumbing, never timings.
+"""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import harness as H  # noqa: E402
+from benchmarks import bench_token_logprobs as TL  # noqa: E402
+
+
+# --------------------------------------------------------------------------- a tiny op for plumbing tests
+
+
+def _naive(inputs):
+    x, y = inputs["logits"], inputs["labels"]
+    return torch.log_softmax(x, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _tiny_op(extra_providers=()):
+    return H.OpSpec(
+        name="tiny", module=TL.__name__, make_inputs=TL.make_inputs, grad_inputs=("logits",),
+        main_bytes=TL.main_bytes, bytes_moved=TL.bytes_moved, alloc_bytes=TL.main_bytes,
+        make_shape=TL.make_shape, tokens=lambda s: s["B"] * s["T"], vocab=lambda s: s["V"],
+        presets={"dry-run": [TL.make_shape(8, 50)], "quick": [TL.make_shape(8, 50)],
+                 "default": [TL.make_shape(8, 50)], "full": [TL.make_shape(8, 50), TL.make_shape(8, 100)]},
+        preset_dtypes={"default": ["fp32"]},
+        providers=[H.Provider("naive", lambda: _naive)] + list(extra_providers),
+    )
+
+
+# --------------------------------------------------------------------------- byte counting and the bound
+
+
+@pytest.mark.parametrize("dtype,itemsize", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])
+def test_token_logprobs_bytes_moved(dtype, itemsize):
+    shape = TL.make_shape(2048, 128256)
+    n, s = 2048, 2048 * 128256 * itemsize
+    assert TL.main_bytes(shape, dtype) == s
+    b = H.bytes_by_phase(TL.OP, shape, dtype)
+    small = n * (8 + 4)  # int64 labels and one fp32 per token (log-prob out / grad in)
+    assert b["fwd"] == s + small  # one read of the logits
+    assert b["bwd"] == 2 * s + small  # one read + one write of the gradient
+    assert b["step"] == b["fwd"] + b["bwd"]
+    assert b["fwd_nograd"] == b["fwd"]
+
+
+def test_bound_is_bytes_over_bandwidth_or_compute():
+    assert H.bound_seconds(3e9, 25e9) == pytest.approx(0.12)
+    # the larger of the memory and compute times
+    assert H.bound_seconds(1e9, 10e9, flops=1e12, flops_per_s=1e12) == pytest.approx(1.0)
+    assert H.bound_seconds(1e9, 1e9, flops=1e9, flops_per_s=1e12) == pytest.approx(1.0)
+
+
+def test_derive_metrics():
+    shape = TL.make_shape(2048, 32000)
+    d = torch.float32
+    b = H.bytes_by_phase(TL.OP, shape, d)
+    calib = {"copy_Bps": 20e9, "fresh_copy_Bps": 5e9}
+    bound_step = b["step"] / 20e9
+    r = {"time_s": {"fwd": H.summarize([b["fwd"] / 20e9 * 4]), "bwd": None,
+                    "step": H.summarize([bound_step * 2, bound_step * 3, bound_step * 2.5]),
+                    "fwd_nograd": None}}
+    H.derive(r, TL.OP, shape, d, calib, None)
+    assert r["bytes_moved"] == b
+    assert r["bound_s"]["step"] == pytest.approx(bound_step)
+    assert r["x_bound"]["step"] == pytest.approx(2.5)
+    assert r["x_bound"]["fwd"] == pytest.approx(4.0)
+    assert r["gbps"]["step"] == pytest.approx(20 / 2.5)
+    assert "bwd" not in r["x_bound"]
+    # first touch of the fresh gradient: extra (1/fresh - 1/warm) * 2 seconds per byte
+    alloc = TL.main_bytes(shape, d)
+    extra = alloc * 2 * (1 / 5e9 - 1 / 20e9)
+    assert r["bound_alloc_s"]["step"] == pytest.approx(bound_step + extra)
+    assert r["bound_alloc_s"]["fwd"] == pytest.approx(r["bound_s"]["fwd"])
+    assert r["x_bound_alloc"]["step"] < r["x_bound"]["step"]
+
+
+def test_summarize_and_speedups():
+    s = H.summarize([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert s["q1"] <= s["median"] <= s["q3"]
+    assert H.summarize([]) is None
+    one = H.summarize([0.5])
+    assert one["q1"] == one["q3"] == one["median"] == 0.5
+
+    def res(p, t):
+        return {"provider": p, "shape": {"V": 1}, "dtype": "fp32", "status": "ok",
+                "time_s": {"step": H.summarize([t])}}
+    rs = [res("naive", 4.0), res("fast", 1.0), {"provider": "x", "shape": {"V": 1}, "dtype": "fp32",
+                                                "status": "skipped", "note": "n"}]
+    H.add_speedups(rs, ("naive",))
+    assert rs[1]["x_naive"]["step"] == pytest.approx(4.0)
+    assert rs[0]["x_naive"]["step"] == pytest.approx(1.0)
+    assert "x_naive" not in rs[2]
+
+
+def test_copy_bandwidth_and_gemm_calibration():
+    c = H.copy_bandwidth(1 << 20, "cpu", repeats=2, min_time=0.0)
+    assert c["nbytes"] == 1 << 20 and c["bytes_per_copy"] == 2 << 20
+    assert c["copy_Bps"] >= c["copy_Bps_median"] > 0
+    assert c["fresh_copy_Bps"] > 0
+    g = H.gemm_throughput(torch.float32, "cpu", size=64, repeats=2)
+    assert g["flops_per_s"] >= g["flops_per_s_median"] > 0
+
+
+def test_memprobe_sees_a_touched_allocation():
+    probe = H.MemProbe("cpu")
+    probe.start()
+    x = torch.ones(40_000_000 // 4)  # 40 MB, touched
+    extra = probe.peak_extra()
+    del x
+    assert extra >= 35e6
+    if probe.method.startswith("rss VmHWM"):  # resettable: a new region starts from zero
+        probe.start()
+        assert probe.peak_extra() < 20e6
+
+
+# --------------------------------------------------------------------------- providers and planning
+
+
+def test_absent_peer_is_a_note_not_an_error(tmp_path):
+    ghost = H.Provider("ghost", lambda: _naive, kind="peer", requires=("no_such_module_prefopt_xyz",),
+                       install="pip install ghost")
+    assert "not installed" in H.availability(ghost) and "pip install ghost" in H.availability(ghost)
+    op = _tiny_op([ghost])
+    doc = H.run(op, preset="default", dry_run=True, outdir=str(tmp_path), plots=False, progress=False,
+                quiet=True)
+    prov = {p["name"]: p for p in doc["providers"]}
+    assert prov["ghost"]["status"] == "skipped" and "no_such_module_prefopt_xyz" in prov["ghost"]["note"]
+    assert any("ghost" in n for n in doc["notes"])
+    assert {r["provider"] for r in doc["results"]} == {"naive"}
+    assert all(r["status"] == "ok" for r in doc["results"])
+
+
+def test_per_case_checks_and_memory_guard():
+    cuda_only = H.Provider("cuda-only", lambda: _naive, check=H.needs_cuda)
+    op = _tiny_op([cuda_only])
+    jobs, skipped = H.plan(op, op.providers, [TL.make_shape(8, 50)], ["fp32", "bf16"], "cpu", avail=None)
+    assert [j["provider"] for j in jobs] == ["naive"] and jobs[0]["dtypes"] == ["fp32", "bf16"]
+    assert {(r["provider"], r["status"]) for r in skipped} == {("cuda-only", "skipped")}
+    assert all("CUDA" in r["note"] for r in skipped)
+    # a case that cannot fit is skipped with the estimate
+    big = H.Case.make(TL.make_shape(8192, 256000), "fp32", "cpu")
+    note = H.memory_guard(op, op.providers[0], big, avail=4 << 30)
+    assert note and "GB available" in note
+    assert H.memory_guard(op, op.providers[0], H.Case.make(TL.make_shape(8, 50), "fp32", "cpu"), 4 << 30) is None
+
+
+def test_provider_selection():
+    slow = H.Provider("compiled", lambda: _naive, slow_setup=True)
+    op = _tiny_op([slow])
+    chosen, notes = H.select_providers(op, None, "quick")
+    assert [p.name for p in chosen] == ["naive"] and any("compiled" in n for n in notes)
+    chosen, _ = H.select_providers(op, None, "default")
+    assert [p.name for p in chosen] == ["naive", "compiled"]
+    chosen, notes = H.select_providers(op, ["comp*", "nope"], "quick")
+    assert [p.name for p in chosen] == ["compiled"] and any("nope" in n for n in notes)
+
+
+def test_shapes_from_args():
+    s = H.shapes_from_args(TL.OP, "full", ["1024", "4096"], ["32000"], False)
+    assert s == [TL.make_shape(1024, 32000), TL.make_shape(4096, 32000)]
+    assert H.shapes_from_args(TL.OP, "quick", None, None, False) is None
+    with pytest.raises(ValueError, match="multiple of"):
+        TL.make_shape(1023, 10)
+
+
+def test_prefopt_fast_providers_follow_the_available_backends():
+    import prefopt_fast
+
+    names = {p.name for p in TL.OP.providers}
+    for b in prefopt_fast.available_backends():
+        assert f"prefopt_fast.{b}" in names and f"prefopt_fast.{b}+inplace" in names
+    inplace = TL.OP.provider(f"prefopt_fast.{prefopt_fast.available_backends()[0]}+inplace")
+    assert inplace.mutates == ("logits",)
+
+
+def test_inplace_provider_inputs_are_restored():
+    """A provider that overwrites its logits gets them back before every call."""
+    def clobber(inputs):
+        out = _naive(inputs)
+        with torch.no_grad():
+            inputs["logits"].zero_()
+        return out
+    prov = H.Provider("clobber", lambda: clobber, mutates=("logits",))
+    op = _tiny_op([prov])
+    runner = H.CaseRunner(op, prov, H.Case.make(TL.make_shape(8, 50), "fp32", "cpu"))
+    before = runner.inputs["logits"].detach().clone()
+    runner.step()
+    assert runner.inputs["logits"].abs().sum() == 0
+    runner.prepare()
+    assert torch.equal(runner.inputs["logits"], before)
+    runner.close()
+
+
+def test_worker_subprocess_roundtrip():
+    job = {"module": TL.__name__, "provider": "naive", "shape": TL.make_shape(8, 50),
+           "dtypes": ["fp32"], "device": "cpu", "settings": dict(H.PRESET_SETTINGS["quick"], dry_run=False)}
+    (res,) = H.run_job_subprocess(job, timeout=120)
+    assert res["status"] == "ok", res
+    assert res["time_s"]["step"]["n"] >= 2 and res["mem_bytes"]["step"] >= 0
+    # a provider failing (here: unknown) is an error result, not a crash; checked in-process
+    (res,) = H.run_job(dict(job, provider="does-not-exist"))
+    assert res["status"] == "error" and "does-not-exist" in res["note"]
+
+
+def test_validate_doc_catches_problems():
+    assert H.validate_doc({"schema": "x"})  # many missing keys
+    doc = {"schema": H.SCHEMA, "op": "o", "preset": "p", "created": "t",
+           "machine": {"device": "cpu", "torch": "2", "cpu_count": 2, "torch_threads": 2},
+           "settings": {}, "calibration": {"copy": [], "gemm": []}, "providers": [], "notes": [],
+           "results": [{"provider": "a", "kind": "baseline", "shape": {}, "tokens": 1, "vocab": 1,
+                        "dtype": "fp32", "device": "cpu", "status": "weird"}]}
+    errs = H.validate_doc(doc)
+    assert any("status" in e for e in errs)
+
+
+# --------------------------------------------------------------------------- the smoke run
+
+
+def test_quick_dry_run_smoke(tmp_path, capsys):
+    """``python -m benchmarks --quick --dry-run``: every provider of the quick preset once."""
+    rc = H.main(["--quick", "--dry-run", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "token_logprobs" in out and "x bound" in out and "naive" in out
+    path = tmp_path / "token_logprobs_dry-run_cpu.json"
+    doc = json.loads(path.read_text())
+    assert H.validate_doc(doc) == []
+    assert (tmp_path / "token_logprobs_dry-run_cpu.md").exists()
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert {r["dtype"] for r in ok} == {"fp32", "bf16"}
+    assert any(r["provider"] == "naive" for r in ok)
+    assert not [r for r in doc["results"] if r["status"] == "error"], doc["results"]
+    for r in ok:
+        assert r["time_s"]["step"]["n"] == 1  # dry run: each phase once
+        assert r["x_naive"].get("step") is not None
+    try:
+        import matplotlib  # noqa: F401
+        assert doc.get("plots") and all((tmp_path / p).exists() for p in doc["plots"])
+    except ImportError:
+        assert any("matplotlib" in n for n in doc["notes"])
