@@ -1,0 +1,571 @@
+"""Fused-linear log-probs: straight from hidden states and the lm_head, never materializing the logits.
+
+    z = (hidden @ weight.T + bias + scaling * (hidden @ A.T) @ B.T) * logit_scale
+    z = softcap * tanh(z / softcap)                     (when softcap is given)
+    x = z / temperature                                 (the row kernels' inv_temp)
+
+(the transform of TRL 1.16's fused LM head). The vocabulary is touched only by the row
+kernels of the backend the dispatcher picks (``prefopt_fast._rows``), run on one chunk of
+logits at a time in a reusable buffer:
+
+forward
+    rows whose label is ``ignore_index`` are dropped first (an O(N * H) gather of the
+    hidden rows of the real labels); then per chunk of ``chunk_size`` tokens: one GEMM into
+    the chunk buffer ``[chunk_size, V]``, bias / LoRA / softcap in place, ``row_forward``;
+    only per-token statistics are kept.
+backward
+    tiles of ``[token_tile, vocab_block]`` (whole token set in one tile up to
+    ``TOKEN_TILE`` tokens; the vocabulary block sized to the same byte budget as a forward
+    chunk): recompute the tile's logits, ``row_backward`` in place over them, chain through
+    the softcap, then the gradient GEMMs. Products are accumulated in fp32 whatever the
+    input dtype (fp32 accumulators, cast at the end); a GEMM whose result is complete in one
+    tile (the weight gradient of a single token tile, the hidden gradient of a single
+    vocabulary block) writes its result directly, its internal accumulation being fp32
+    already. No weight-gradient GEMM runs when the weight does not require grad (likewise
+    for the hidden states, the bias and the LoRA factors).
+
+Chunk-size rule (``chunk_size=None``): the chunk's logits take
+``B = clamp(M * V * itemsize / 16, 16 MiB, 256 MiB)`` bytes (M = tokens with a real label,
+itemsize of the hidden dtype), i.e. ``chunk_size = max(1, B // (V * itemsize))`` tokens,
+all of them when that is more. The backward tiles use the same byte budget, counting the
+second buffer of the softcap chain and, on devices without an fp32-output half-precision
+GEMM (the CPU), the fp32 copies the accumulating GEMMs need. So the peak extra memory is
+about one chunk (at most 1/16 of the logits for large inputs) plus per-token vectors plus
+the fp32 gradient accumulators: ``[M, H]`` for the hidden gradient when the vocabulary
+takes several blocks, and ``[V, H]`` for a half-precision weight gradient only when more
+than ``TOKEN_TILE`` tokens need several token tiles.
+"""
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import _validate
+from .._dispatch import _load, resolve_backend
+from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN, STATS
+
+assert (OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX) == tuple(range(6))
+from .token_logprobs import TokenLogProbs
+
+__all__ = ["linear_token_logprobs", "linear_sequence_logprobs", "LinearSequenceLogProbs",
+           "default_chunk_size", "LINEAR_STAT_NAMES"]
+
+LINEAR_STAT_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
+
+_MiB = 1 << 20
+MIN_CHUNK_BYTES = 16 * _MiB
+MAX_CHUNK_BYTES = 256 * _MiB
+CHUNK_FRACTION = 16
+# Backward: tokens per tile. Up to this many tokens the weight gradient of each vocabulary
+# block is one GEMM (no [V, H] accumulator); beyond, tiles bound the hidden accumulator too.
+TOKEN_TILE = 4096
+# Labels handed to the row kernels are always >= 0 (ignored rows were dropped), and a
+# vocabulary block marks "label elsewhere" with an out-of-range index: -1 can never match.
+_KERNEL_IGNORE = -1
+
+
+def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk for ``chunk_size=None`` (see the module docstring)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    row = max(1, vocab * item)
+    budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_tokens * row // CHUNK_FRACTION))
+    return max(1, min(max(num_tokens, 1), budget // row))
+
+
+class _Cfg(NamedTuple):
+    scaling: float          # LoRA scaling
+    logit_scale: float
+    softcap: Optional[float]
+    stats: int              # STAT_* mask
+    chunk: int              # tokens per forward chunk
+    backend: str
+
+
+# --------------------------------------------------------------------------- GEMM helpers
+
+_FP32_OUT_MM = {}  # device type -> whether addmm(out_dtype=float32) works for half inputs
+
+
+def _fp32_out_mm(device: torch.device) -> bool:
+    if device.type not in _FP32_OUT_MM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+                acc = torch.zeros(1, 1, dtype=torch.float32, device=device)
+                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+                ok = True
+            except (RuntimeError, TypeError):
+                ok = False
+        _FP32_OUT_MM[device.type] = ok
+    return _FP32_OUT_MM[device.type]
+
+
+def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
+            a_up: Optional[torch.Tensor] = None) -> None:
+    """``acc += alpha * a @ b`` with the products in acc's (fp32 / fp64) precision.
+
+    Rounding each tile's product to bf16 before summing biases training; so half inputs use
+    an fp32-output GEMM where the device has one, else fp32 copies of the operands
+    (``a_up``: an fp32 copy of ``a`` the caller already made).
+    """
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+    elif _fp32_out_mm(acc.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
+    else:
+        acc.addmm_(a_up if a_up is not None else a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
+
+
+def _logits_into(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias, u, lora_b, cfg: _Cfg,
+                 t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Write the (pre-temperature) logits of ``h`` [n, H] against ``w`` [v, H] into ``z`` [n, v].
+
+    Without softcap ``logit_scale`` is folded into the row kernels' inverse temperature, so
+    ``z`` holds the raw projection. With softcap ``z`` ends up holding softcap * tanh(.);
+    when ``t`` (a second [n, v] buffer) is given the raw projection is left in ``t`` for the
+    backward's chain factor. Returns the tensor the row kernels must read.
+    """
+    raw = z if t is None else t
+    torch.mm(h, w.t(), out=raw)
+    if bias is not None:
+        raw.add_(bias)
+    if u is not None:
+        raw.addmm_(u, lora_b.t(), alpha=cfg.scaling)
+    if cfg.softcap is not None:
+        torch.mul(raw, cfg.logit_scale / cfg.softcap, out=z)
+        z.tanh_().mul_(cfg.softcap)
+    return z
+
+
+# --------------------------------------------------------------------------- autograd Function
+
+
+class LinearLogProbsFunction(torch.autograd.Function):
+    """Per-token statistics of the transformed ``hidden @ weight.T`` logits, chunked.
+
+    Inputs: hidden [M, H] (rows with real labels only), weight [V, H], bias [V] or None,
+    lora_a [r, H] / lora_b [V, r] or None, labels int64 [M] in [0, V), inv_temp fp32 [M]
+    (with logit_scale folded in when there is no softcap), cfg.
+    Outputs: logp [M], entropy [M] (differentiable; zeros unless asked for) and the
+    non-differentiable rows [3, M] (log_sum_sq_probs, mean_logit, is_argmax).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, cfg: _Cfg):
+        M, H = hidden.shape
+        V = weight.shape[0]
+        acc_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        be = _load(cfg.backend)
+        u = torch.mm(hidden, lora_a.t()) if lora_a is not None else None
+        # rows OUT_LOGP .. OUT_ARGMAX (0..5) of the kernels' output
+        res = torch.zeros(6, M, dtype=acc_dt, device=hidden.device)
+        n = max(1, min(cfg.chunk, M))
+        buf = hidden.new_empty(n * V) if M else None
+        for s in range(0, M, n):
+            e = min(M, s + n)
+            z = buf[: (e - s) * V].view(e - s, V)
+            _logits_into(z, hidden[s:e], weight, bias, None if u is None else u[s:e], lora_b, cfg)
+            out = be.row_forward(z, labels[s:e], inv_temp[s:e], _KERNEL_IGNORE, cfg.stats)
+            res[:, s:e] = out[:6]
+        del buf
+        if not cfg.stats & STATS["entropy"][0]:
+            res[OUT_ENTROPY].zero_()  # unspecified when not asked for; saved for the backward
+        logp, lse, entropy = res[0].clone(), res[1].clone(), res[2].clone()
+        extra = res[3:6].clone()
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(extra)
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u)
+        ctx.cfg = cfg
+        return logp, entropy, extra
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_extra):
+        nones = (None,) * 8
+        if grad_logp is None and grad_entropy is None:
+            return nones
+        hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u = ctx.saved_tensors
+        cfg: _Cfg = ctx.cfg
+        need_h, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
+        if not (need_h or need_w or need_b or need_a or need_lb):
+            return nones
+        return _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
+                                grad_logp, grad_entropy, cfg, need_h, need_w, need_b, need_a, need_lb) + \
+            (None, None, None)
+
+
+def _backward_tiles(M: int, V: int, H: int, r: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool,
+                    acc_over_vocab: bool, acc_over_tokens: bool) -> Tuple[int, int, bool]:
+    """(token tile, vocabulary block, whether the accumulating GEMMs upcast to fp32).
+
+    ``acc_over_vocab``: a gradient summed over vocabulary blocks is wanted (hidden, LoRA u);
+    ``acc_over_tokens``: one summed over token tiles (weight, LoRA B).
+    """
+    mc = max(1, min(M, TOKEN_TILE))
+    budget = max(1, min(cfg.chunk, M)) * V * item  # bytes of one forward chunk
+    per_col = mc * item * (2 if cfg.softcap is not None else 1)
+    vb = max(1, min(V, budget // per_col))
+    upcast = half_no_fp32_mm and ((acc_over_vocab and vb < V) or (acc_over_tokens and M > mc))
+    if upcast:
+        # the fp32 copies of the gradient tile and of the weight / LoRA B block
+        per_col += mc * 4 + (H + r) * 4
+        vb = max(1, min(V, budget // per_col))
+    return mc, vb, upcast
+
+
+def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
+                     grad_logp, grad_entropy, cfg: _Cfg, need_h, need_w, need_b, need_a, need_lb):
+    M, H = hidden.shape
+    V = weight.shape[0]
+    dev, dt = hidden.device, hidden.dtype
+    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    lora = lora_a is not None
+    r = lora_a.shape[0] if lora else 0
+    s_lora = cfg.scaling
+    need_u = lora and (need_h or need_a)   # the gradient of u = hidden @ A.T
+    be = _load(cfg.backend)
+
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+
+    half = dt in (torch.float16, torch.bfloat16)
+    mc, vb, upcast = _backward_tiles(M, V, H, r, hidden.element_size(), cfg, half and not _fp32_out_mm(dev),
+                                     need_h or need_u, need_w or need_lb)
+    n_tok_tiles = -(-M // mc) if M else 0
+    n_voc_blocks = -(-V // vb)
+
+    # accumulators (fp32, or fp64 for fp64 inputs); a result complete in one tile is written directly
+    gh = torch.zeros(M, H, dtype=acc_dt, device=dev) if need_h else None
+    gu = torch.zeros(M, r, dtype=acc_dt, device=dev) if need_u else None
+    if need_w:  # a single token tile writes every block of the weight gradient directly
+        gw = torch.zeros(V, H, dtype=acc_dt, device=dev) if n_tok_tiles != 1 else \
+            torch.empty(V, H, dtype=weight.dtype, device=dev)
+    gb = torch.zeros(V, dtype=acc_dt, device=dev) if need_b else None
+    glb = torch.zeros(V, r, dtype=acc_dt, device=dev) if need_lb else None
+
+    if M:
+        buf = hidden.new_empty(mc * vb)
+        buf2 = hidden.new_empty(mc * vb) if cfg.softcap is not None else None
+    for t0 in range(0, M, mc):
+        t1 = min(M, t0 + mc)
+        m = t1 - t0
+        h_c = hidden[t0:t1]
+        u_c = None if u is None else u[t0:t1]
+        y = labels[t0:t1]
+        it, lse_c, c_c = inv_temp[t0:t1], lse[t0:t1], grad_logp[t0:t1]
+        e_c = None if grad_entropy is None else grad_entropy[t0:t1]
+        ent_c = entropy[t0:t1] if e_c is not None else lse_c
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            w_b = weight[v0:v1]
+            b_b = None if bias is None else bias[v0:v1]
+            lb_b = None if lora_b is None else lora_b[v0:v1]
+            g = buf[: m * (v1 - v0)].view(m, v1 - v0)
+            raw = None if buf2 is None else buf2[: m * (v1 - v0)].view(m, v1 - v0)
+            _logits_into(g, h_c, w_b, b_b, u_c, lb_b, cfg, t=raw)
+            # labels of this block; "elsewhere" is an out-of-range index (drops the one-hot term)
+            yb = y - v0 if n_voc_blocks == 1 else torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
+            be.row_backward(g, yb, it, lse_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
+            if raw is not None:
+                # d softcap*tanh(scale*r/softcap) / dr = scale / cosh(scale*r/softcap)^2, accurate
+                # in relative terms even in half precision (unlike 1 - tanh^2)
+                raw.mul_(cfg.logit_scale / cfg.softcap).cosh_().square_().reciprocal_().mul_(cfg.logit_scale)
+                g.mul_(raw)
+            g_up = g.to(acc_dt) if upcast and ((need_h or need_u) and n_voc_blocks > 1 or
+                                               (need_w or need_lb) and n_tok_tiles > 1) else None
+            if need_w:
+                if n_tok_tiles == 1:
+                    torch.mm(g.t(), h_c, out=gw[v0:v1])
+                else:
+                    _acc_mm(gw[v0:v1], g.t(), h_c, a_up=None if g_up is None else g_up.t())
+            if need_b:
+                gb[v0:v1] += g.sum(0, dtype=acc_dt)
+            if need_lb:
+                if n_tok_tiles == 1:
+                    glb[v0:v1].add_(torch.mm(g.t(), u_c), alpha=s_lora)
+                else:
+                    _acc_mm(glb[v0:v1], g.t(), u_c, alpha=s_lora, a_up=None if g_up is None else g_up.t())
+            if need_h:
+                if n_voc_blocks == 1:
+                    gh[t0:t1] += torch.mm(g, w_b)
+                else:
+                    _acc_mm(gh[t0:t1], g, w_b, a_up=g_up)
+            if need_u:
+                if n_voc_blocks == 1:
+                    gu[t0:t1].add_(torch.mm(g, lb_b), alpha=s_lora)
+                else:
+                    _acc_mm(gu[t0:t1], g, lb_b, alpha=s_lora, a_up=g_up)
+            del g_up
+
+    grad_h = grad_w = grad_b = grad_a = grad_lb = None
+    if need_u:
+        if need_h:
+            gh.addmm_(gu, lora_a.to(acc_dt))
+        if need_a:
+            grad_a = torch.mm(gu.t(), hidden.to(acc_dt)).to(lora_a.dtype)
+    if need_h:
+        grad_h = gh.to(dt)
+    if need_w:
+        grad_w = gw.to(weight.dtype)
+    if need_b:
+        grad_b = gb.to(bias.dtype)
+    if need_lb:
+        grad_lb = glb.to(lora_b.dtype)
+    return grad_h, grad_w, grad_b, grad_a, grad_lb
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_float(x, name: str, dtype: Optional[torch.dtype], device, shape: tuple) -> None:
+    _validate.check_tensor(x, name)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}; got {list(x.shape)}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of hidden ({dtype}); got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the device of hidden ({device}); got {x.device}")
+
+
+def _check_inputs(hidden, weight, labels, bias, lora, ignore_index):
+    _validate.check_tensor(hidden, "hidden")
+    if hidden.dtype not in _validate.LOGIT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); "
+                        f"got {hidden.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1; got {list(hidden.shape)}")
+    H = hidden.shape[-1]
+    _validate.check_tensor(weight, "weight")
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {H} and V >= 1; "
+                         f"got {list(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}); got {weight.dtype} "
+                        "(autocast is not applied: cast both to the compute dtype)")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight must be on the device of hidden ({hidden.device}); got {weight.device}")
+    V = weight.shape[0]
+    if bias is not None:
+        _check_float(bias, "bias", hidden.dtype, hidden.device, (V,))
+    lora_a = lora_b = None
+    scaling = 1.0
+    if lora is not None:
+        if not isinstance(lora, (tuple, list)) or len(lora) != 3:
+            raise TypeError("lora must be a tuple (A, B, scaling) with A [r, H], B [V, r] and a float scaling")
+        lora_a, lora_b, scaling = lora
+        _validate.check_tensor(lora_a, "lora A")
+        if lora_a.dim() != 2 or lora_a.shape[1] != H or lora_a.shape[0] < 1:
+            raise ValueError(f"lora A must have shape [r, H] with H = {H}, r >= 1; got {list(lora_a.shape)}")
+        r = lora_a.shape[0]
+        _check_float(lora_a, "lora A", hidden.dtype, hidden.device, (r, H))
+        _check_float(lora_b, "lora B", hidden.dtype, hidden.device, (V, r))
+        if isinstance(scaling, torch.Tensor):
+            raise TypeError("lora scaling must be a Python float (alpha / r), not a tensor")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise TypeError(f"lora scaling must be a finite float; got {scaling!r}")
+        scaling = float(scaling)
+    _validate.check_tensor(labels, "labels")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (int64 or int32); got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {list(hidden.shape[:-1])}; "
+                         f"got {list(labels.shape)}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels must be on the device of hidden ({hidden.device}); got {labels.device}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bad.any():
+        first = int(labels[bad].reshape(-1)[0])
+        raise ValueError(f"labels must lie in [0, {V}) (V = weight.shape[0]) or equal ignore_index={ignore_index}; "
+                         f"found {first} ({int(bad.sum())} bad labels)")
+    return lora_a, lora_b, scaling
+
+
+def _check_scalars(logit_scale, softcap, chunk_size):
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or \
+            not math.isfinite(logit_scale) or logit_scale == 0:
+        raise ValueError(f"logit_scale must be a finite non-zero float; got {logit_scale!r}")
+    if softcap is not None:
+        softcap = _validate.check_positive_float(softcap, "softcap")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be None or an int >= 1 (tokens per chunk); got {chunk_size!r}")
+    return float(logit_scale), softcap
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    stats=(),
+    lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+):
+    """Log-probs of ``labels`` under the lm_head logits of ``hidden``, never materializing them.
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16 (float64 on the torch backend).
+        weight: ``[V, H]`` lm_head weight, same dtype and device as ``hidden``.
+        labels: integers shaped ``hidden.shape[:-1]`` in ``[0, V)``; ``ignore_index`` rows are
+            dropped before any matmul and give 0 in every output (and no gradient).
+        bias: optional ``[V]``.
+        temperature: float > 0 or a tensor broadcastable to ``labels.shape`` (constant).
+        logit_scale: multiplies the projection (before the softcap).
+        softcap: ``softcap * tanh(z / softcap)`` on the scaled logits (Gemma-style), or None.
+        stats: any of ``"entropy"`` (differentiable), ``"log_sum_sq_probs"``,
+            ``"mean_logit"``, ``"is_argmax"`` (as :func:`prefopt_fast.token_logprobs`; the
+            outputs of TRL 1.16's ``ChunkedLogProbFunction``). ``"kl"`` is not available here.
+        lora: ``(A, B, scaling)`` with A ``[r, H]``, B ``[V, r]``: adds
+            ``scaling * (hidden @ A.T) @ B.T`` to the logits (gradients flow to A and B);
+            the merged weight is never formed.
+        chunk_size: tokens per chunk of logits, or None for the rule in the module docstring.
+        backend: the row-kernel backend (``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``, ...).
+
+    Returns:
+        fp32 log-probs shaped like ``labels`` (fp64 for fp64 inputs), or with ``stats`` a
+        :class:`prefopt_fast.TokenLogProbs` (``kl`` None). Gradients reach ``hidden``,
+        ``weight``, ``bias`` and the LoRA factors, accumulated in fp32.
+    """
+    ignore_index = _validate.check_int(ignore_index, "ignore_index")
+    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
+    logit_scale, softcap = _check_scalars(logit_scale, softcap, chunk_size)
+    names = _validate.parse_names(stats, tuple(STATS), "stats")
+    if "kl" in names:
+        raise ValueError('stats "kl" is not available in the fused-linear path (it would need the reference '
+                         "model's hidden states and head); use token_logprobs(logits, ..., ref_logits=...) or a "
+                         "sampled KL estimator on per-token reference log-probs")
+    acc_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    inv_temp = _validate.inverse_temperature(temperature, labels, acc_dt)
+    be = resolve_backend(backend, hidden)
+
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    flat_h = hidden.reshape(-1, H)
+    flat_y = labels.reshape(-1).to(torch.int64)
+    N = flat_y.shape[0]
+    real = flat_y != ignore_index
+    idx = None
+    if not bool(real.all()):
+        idx = real.nonzero().squeeze(1)
+        flat_h = flat_h.index_select(0, idx)
+        flat_y = flat_y.index_select(0, idx)
+        inv_temp = inv_temp.index_select(0, idx)
+    M = flat_y.shape[0]
+    if softcap is None and logit_scale != 1.0:
+        inv_temp = inv_temp * logit_scale  # x = raw * scale / T: the kernels' inverse temperature
+    mask = 0
+    for name in names:
+        mask |= STATS[name][0]
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, hidden.dtype)
+    cfg = _Cfg(scaling, logit_scale, softcap, mask, chunk, be.NAME)
+    logp, entropy, extra = LinearLogProbsFunction.apply(
+        flat_h.contiguous() if not flat_h.is_contiguous() else flat_h, weight, bias, lora_a, lora_b,
+        flat_y, inv_temp.contiguous(), cfg)
+
+    def full(x):
+        if idx is None:
+            return x.reshape(labels.shape)
+        return x.new_zeros(N).index_copy(0, idx, x).reshape(labels.shape)
+
+    if not names:
+        return full(logp)
+    rows = {"entropy": entropy, "log_sum_sq_probs": extra[0], "mean_logit": extra[1]}
+    out = {n: full(rows[n]) for n in names if n != "is_argmax"}
+    if "is_argmax" in names:
+        out["is_argmax"] = full(extra[2]) != 0
+    return TokenLogProbs(full(logp), **out)
+
+
+def linear_sequence_logprobs_and_lengths(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
+                                         logit_scale=1.0, softcap=None, lora=None, average=False, cu_seqlens=None,
+                                         chunk_size=None, backend="auto"):
+    """:func:`linear_sequence_logprobs` plus the int64 number of real labels per sequence."""
+    from .sequence_logprobs import _check_cu_seqlens, per_sequence_sums
+
+    _validate.check_tensor(labels, "labels")
+    if cu_seqlens is None:
+        if labels.dim() < 1:
+            raise ValueError("labels must have shape [..., T] (padded) or [total_tokens] with cu_seqlens; got 0-d")
+    else:
+        if labels.dim() != 1:
+            raise ValueError(f"with cu_seqlens, labels must be packed: shape [total_tokens]; got {tuple(labels.shape)}")
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
+    if not isinstance(average, bool):
+        raise TypeError(f"average must be a bool; got {type(average).__name__}")
+    logp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                 temperature=temperature, logit_scale=logit_scale, softcap=softcap, lora=lora,
+                                 chunk_size=chunk_size, backend=backend)
+    sums, counts = per_sequence_sums(logp, labels != ignore_index, cu_seqlens)
+    if average:
+        sums = sums / counts.clamp(min=1).to(sums.dtype)
+    return sums, counts
+
+
+def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index: int = -100, temperature=1.0,
+                             logit_scale: float = 1.0, softcap: Optional[float] = None, lora=None,
+                             average: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
+                             chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+    """Per-sequence log-probs (sum, or mean with ``average``) from hidden states and the lm_head.
+
+    Args:
+        hidden: padded ``[B, T, H]`` (any leading ``[..., T]``) or packed ``[total_tokens, H]``
+            with ``cu_seqlens`` (int ``[B + 1]``).
+        labels: ``hidden.shape[:-1]`` integers, already shifted; ``ignore_index`` on prompt / padding.
+        weight, bias, temperature, logit_scale, softcap, lora, chunk_size, backend: as in
+            :func:`linear_token_logprobs`.
+        average: divide by the number of real labels (0 for a sequence without any).
+
+    Returns:
+        fp32 ``[B]`` (``labels.shape[:-1]`` when padded).
+    """
+    return linear_sequence_logprobs_and_lengths(
+        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+        logit_scale=logit_scale, softcap=softcap, lora=lora, average=average, cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size, backend=backend)[0]
+
+
+class LinearSequenceLogProbs(nn.Module):
+    """Config-only module around :func:`linear_sequence_logprobs`.
+
+    ``forward(hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None) -> [B]``.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, average: bool = False, chunk_size: Optional[int] = None,
+                 backend: str = "auto"):
+        super().__init__()
+        self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
+        self.temperature = _validate.check_positive_float(temperature, "temperature")
+        self.logit_scale, self.softcap = _check_scalars(logit_scale, softcap, chunk_size)
+        if not isinstance(average, bool):
+            raise TypeError(f"average must be a bool; got {type(average).__name__}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str; got {type(backend).__name__}")
+        self.average = average
+        self.chunk_size = chunk_size
+        self.backend = backend
+
+    def forward(self, hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None):
+        return linear_sequence_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, temperature=self.temperature,
+            logit_scale=self.logit_scale, softcap=self.softcap, lora=lora, average=self.average,
+            cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend)
+
+    def extra_repr(self):
+        s = f"ignore_index={self.ignore_index}, temperature={self.temperature}, average={self.average}"
+        if self.logit_scale != 1.0:
+            s += f", logit_scale={self.logit_scale}"
+        if self.softcap is not None:
+            s += f", softcap={self.softcap}"
+        return s
