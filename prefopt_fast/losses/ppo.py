@@ -36,8 +36,21 @@ GRPOTrainer ``loss_type`` names are accepted as aliases:
 
 ``agg_H`` follows the convention of the source of each name: the verl mode names aggregate
 the entropy like the policy loss (verl's agg_loss); the TRL aliases use TRL's mean per-token
-entropy over the local tokens, whatever the loss type. TRL's division by the gradient
-accumulation steps (grpo, bnpo, dr_grpo in training mode) is left to the caller.
+entropy over the local tokens, whatever the loss type.
+
+Reproducing a TRL training step exactly (TRL's eval mode is the default above):
+- gradient accumulation over G steps: TRL divides the grpo / bnpo / dr_grpo loss and the
+  entropy bonus of every loss type by G; dapo's policy term is not divided (its normalizer
+  already spans the window). So use ``loss / G`` for grpo / bnpo / dr_grpo, and for dapo pass
+  ``entropy_coef / G`` and ``global_num_tokens = num_items_in_batch / num_processes * G /
+  steps_per_generation``;
+- TRL 1.16 defaults ``use_bias_correction_kl=True``: pass ``kl_ratio_correction=True``;
+- TRL's vLLM importance-sampling ratio (token or sequence modes, already truncated or masked),
+  its off-policy sequence mask (``off_policy_mask_threshold``) and its high-entropy token mask
+  (``top_entropy_quantile``) all multiply the clipped policy term only: pass their product as
+  ``is_weights``. (With ``top_entropy_quantile < 1`` TRL also restricts the entropy bonus to
+  those tokens; that part is not reproduced.)
+- not supported: TRL's cispo, sapo, luspo and vespo objectives, and adaptive entropy control.
 """
 import math
 from numbers import Integral, Real
@@ -226,8 +239,23 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
         raise ValueError(f"labels must have shape logits.shape[:-1] = {[B, T]}; got {list(labels.shape)}")
     if B == 0 or T == 0:
         raise ValueError(f"logits must have a non-empty batch and sequence; got shape {list(logits.shape)}")
-    dev = logits.device
 
+    def token_stats(kernel_labels: Tensor, with_kl: bool):
+        return token_logprobs(
+            logits, kernel_labels, ignore_index=cfg.ignore_index, temperature=temperature,
+            stats=("entropy", "kl") if with_kl else ("entropy",),
+            ref_logits=ref_logits if with_kl else None, backend=backend,
+        )
+
+    return _ppo_head(token_stats, labels, B, T, logits.device, old_logps, advantages, cfg, loss_mask, ref_logps,
+                     ref_logits is not None, is_weights, global_num_tokens)
+
+
+def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, cfg: _Config, loss_mask, ref_logps,
+              has_ref_logits: bool, is_weights, global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
+    log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; the
+    fused-linear PPO loss shares this with :func:`ppo_loss`."""
     advantages = _check_bt(advantages, "advantages", B, T, dev, allow_seq=True)
     if old_logps is not None:
         old_logps = _check_bt(old_logps, "old_logps", B, T, dev)
@@ -241,11 +269,11 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
         if ref_logps is not None:
             raise ValueError('ref_logps is not used by kl_estimator="full" (it reads ref_logits); drop ref_logps '
                              'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl")')
-        if ref_logits is None and cfg.kl_coef != 0.0:
+        if not has_ref_logits and cfg.kl_coef != 0.0:
             raise ValueError('kl_estimator="full" needs ref_logits: the reference model\'s logits [B, T, V] '
                              "(same shape and dtype as logits)")
     else:
-        if ref_logits is not None:
+        if has_ref_logits:
             raise ValueError(f'ref_logits is only used by kl_estimator="full"; got kl_estimator='
                              f'{cfg.kl_estimator!r} (pass ref_logps [B, T] instead)')
         if ref_logps is None and cfg.kl_coef != 0.0:
@@ -285,12 +313,8 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
         kernel_labels = labels
 
     # -- the row kernels: the only pass over the vocabulary
-    use_kl = ref_logps is not None or (full and ref_logits is not None)
-    out = token_logprobs(
-        logits, kernel_labels, ignore_index=cfg.ignore_index, temperature=temperature,
-        stats=("entropy", "kl") if (full and use_kl) else ("entropy",),
-        ref_logits=ref_logits if (full and use_kl) else None, backend=backend,
-    )
+    use_kl = ref_logps is not None or (full and has_ref_logits)
+    out = token_stats(kernel_labels, full and use_kl)
     logp, entropy = out.logprobs, out.entropy
 
     dt = torch.float64 if logp.dtype == torch.float64 or any(
