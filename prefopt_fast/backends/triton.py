@@ -127,7 +127,8 @@ def _forward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tens
                 ignore_index: int, stats: int) -> torch.Tensor:
     _check_rows(logits, labels, inv_temp)
     config, fwd, _ = kernel_modules()
-    out = torch.empty((_rows.N_OUT, labels.numel()), dtype=torch.float32, device=logits.device)
+    # O(N): rows of statistics not computed read 0, not stale memory (deterministic output)
+    out = torch.zeros((_rows.N_OUT, labels.numel()), dtype=torch.float32, device=logits.device)
     cfg = config.forward_config(logits.dtype)
     with _device_guard(logits):
         fwd.launch(logits, _rows.row_offsets(logits), labels, inv_temp, out, ignore_index,
@@ -185,17 +186,31 @@ def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_in
     return None
 
 
+# The exact-KL extension of the contract (ref_logits, STAT_KL) is not implemented here:
+# the dispatcher routes KL requests elsewhere. Without ref_logits the KL keywords are
+# ignored (there is no KL term), with it they are an error.
+SUPPORTS_KL = False
+
+
+def _no_kl(ref_logits):
+    if ref_logits is not None:
+        raise NotImplementedError("the triton backend does not implement the exact-KL extension (ref_logits)")
+
+
 def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                ignore_index: int, stats: int) -> torch.Tensor:
+                ignore_index: int, stats: int, ref_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 [N_OUT, N]; see ``prefopt_fast._rows``."""
+    _no_kl(ref_logits)
     return torch.ops.prefopt_fast.triton_row_forward(logits, labels, inv_temp, ignore_index, stats)
 
 
 def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
                  lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                 grad_entropy: Optional[torch.Tensor], ignore_index: int,
-                 inplace: bool) -> torch.Tensor:
+                 grad_entropy: Optional[torch.Tensor], ignore_index: int, inplace: bool,
+                 grad_kl: Optional[torch.Tensor] = None, ref_logits: Optional[torch.Tensor] = None,
+                 ref_lse: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient shaped like logits in logits.dtype (``logits`` itself when inplace)."""
+    _no_kl(ref_logits)
     if inplace:
         torch.ops.prefopt_fast.triton_row_backward_inplace(
             logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index)
