@@ -36,8 +36,21 @@ GRPOTrainer ``loss_type`` names are accepted as aliases:
 
 ``agg_H`` follows the convention of the source of each name: the verl mode names aggregate
 the entropy like the policy loss (verl's agg_loss); the TRL aliases use TRL's mean per-token
-entropy over the local tokens, whatever the loss type. TRL's division by the gradient
-accumulation steps (grpo, bnpo, dr_grpo in training mode) is left to the caller.
+entropy over the local tokens, whatever the loss type.
+
+Reproducing a TRL training step exactly (TRL's eval mode is the default above):
+- gradient accumulation over G steps: TRL divides the grpo / bnpo / dr_grpo loss and the
+  entropy bonus of every loss type by G; dapo's policy term is not divided (its normalizer
+  already spans the window). So use ``loss / G`` for grpo / bnpo / dr_grpo, and for dapo pass
+  ``entropy_coef / G`` and ``global_num_tokens = num_items_in_batch / num_processes * G /
+  steps_per_generation``;
+- TRL 1.16 defaults ``use_bias_correction_kl=True``: pass ``kl_ratio_correction=True``;
+- TRL's vLLM importance-sampling ratio (token or sequence modes, already truncated or masked),
+  its off-policy sequence mask (``off_policy_mask_threshold``) and its high-entropy token mask
+  (``top_entropy_quantile``) all multiply the clipped policy term only: pass their product as
+  ``is_weights``. (With ``top_entropy_quantile < 1`` TRL also restricts the entropy bonus to
+  those tokens; that part is not reproduced.)
+- not supported: TRL's cispo, sapo, luspo and vespo objectives, and adaptive entropy control.
 """
 import math
 from numbers import Integral, Real
