@@ -5,7 +5,7 @@ import torch
 
 from .. import _validate
 from .._dispatch import _load, resolve_backend
-from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN, OUT_REF_LSE, STATS
+from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_REF_LSE, STAT_ENTROPY, STAT_KL, STATS
 
 STAT_NAMES = tuple(STATS)
 
@@ -37,11 +37,11 @@ class TokenLogProbsFunction(torch.autograd.Function):
         # O(N) copies: the autograd outputs must not be views of one buffer
         logp, lse, entropy = out[OUT_LOGP].clone(), out[OUT_LSE].clone(), out[OUT_ENTROPY].clone()
         kl, ref_lse = out[OUT_KL].clone(), out[OUT_REF_LSE].clone()
-        extra = out[[OUT_LSSP, OUT_MEAN, OUT_ARGMAX]]
+        extra = out[OUT_LSSP:OUT_ARGMAX + 1]  # the three rows are adjacent
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
         ctx.save_for_backward(logits, labels, inv_temp, lse, entropy, ref_logits, ref_lse, kl)
-        ctx.meta = (ignore_index, inplace, backend)
+        ctx.meta = (ignore_index, inplace, backend, bool(stats & STAT_ENTROPY), bool(stats & STAT_KL))
         return logp, entropy, kl, extra
 
     @staticmethod
@@ -49,7 +49,13 @@ class TokenLogProbsFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None and grad_kl is None:
             return (None,) * 8
         logits, labels, inv_temp, lse, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
-        ignore_index, inplace, backend = ctx.meta
+        ignore_index, inplace, backend, has_entropy, has_kl = ctx.meta
+        # Under torch.compile the unused outputs' gradients arrive as zeros, not None; an
+        # output that was not computed holds unspecified values and must not be touched.
+        if not has_entropy:
+            grad_entropy = None
+        if not has_kl:
+            grad_kl = None
         grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.to(lse.dtype).contiguous()
