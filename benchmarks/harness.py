@@ -957,7 +957,7 @@ def group_header(op: OpSpec, shape: dict, dtype: str, res: list, calib: dict) ->
     head = (f"{op.name}  {shape_label(shape)}  {dtype}  (tokens={op.tokens(shape)}, "
             f"vocab={op.vocab(shape)}, logits {_mb(main)}")
     if any_r:
-        head += (f"; bound: step {any_r['bound_s']['step'] * 1e3:.1f} ms = "
+        head += (f"; bound: step {any_r['bound_s']['step'] * 1e3:.3g} ms = "
                  f"{_mb(any_r['bytes_moved']['step'])} at {calib['copy_Bps'] / 1e9:.1f} GB/s")
     return head + ")"
 
@@ -1037,7 +1037,10 @@ def write_plots(doc: dict, op: OpSpec, outdir: str, stem: str) -> tuple[list, st
                 ax.set_xlabel(label)
                 ax.set_ylabel(ylab)
                 ax.set_xscale("log")
-                ax.set_yscale("log")
+                if what == "time":
+                    ax.set_yscale("log")
+                else:  # linear: an in-place provider's ~0 MB must show as 0
+                    ax.set_ylim(bottom=0)
                 ax.set_title(f"{op.name} {dt}, {other}={fixed}")
                 ax.grid(True, which="both", alpha=0.3)
         axes[0][0].legend(fontsize=8)
