@@ -185,6 +185,19 @@ CASES = [
 ]
 
 
+# Under the Triton interpreter (~1 ms per program per loop step) the bf16/fp16 rows of the
+# matrix are cut to the cases where the storage dtype matters; fp32 runs every case.
+INTERPRETED_DTYPE_CASES = {
+    "V1000", "V4097", "V1", "causal_shift", "transposed_lead", "neg_inf", "magnitude_1e4",
+    "temperature_per_token_shift", "argmax_ties", "all_ignored",
+}
+
+
+def reduce_for_interpreter(backend, dtype, case):
+    if _interpreted_triton(backend) and dtype != torch.float32 and case not in INTERPRETED_DTYPE_CASES:
+        pytest.skip("interpreted Triton: reduced bf16/fp16 matrix (fp32 runs every case)")
+
+
 def _on(device, x):
     if isinstance(x, torch.Tensor):
         return x.to(device)
@@ -245,6 +258,7 @@ def check_close(actual, expected, what, atol, rtol, equal_nan=False):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_forward(backend, device, dtype, case):
+    reduce_for_interpreter(backend, dtype, case)
     full, view, y, kw = make(case, dtype, device)
     logits = view(full)
     T = kw.get("temperature", 1.0)
@@ -353,6 +367,9 @@ def _ref_grads(logits, y, kw, which, w1, w2):
 def test_grad(backend, device, dtype, case, which):
     if which == "entropy" and dtype != torch.float32:
         pytest.skip("entropy-only gradient: fp32 is enough")
+    if which == "logp" and dtype != torch.float32 and _interpreted_triton(backend):
+        pytest.skip("interpreted Triton: logp-only gradient in fp32 only")
+    reduce_for_interpreter(backend, dtype, case)
     full, view, y, kw = make(case, dtype, device)
     full.requires_grad_()
     logits = view(full)
@@ -512,6 +529,8 @@ def test_strided_logits_are_not_copied(backend, device, dtype):
     only one is the gradient itself, and with inplace_backward=True there is none."""
     if device.type != "cpu":
         pytest.skip("allocation tracking through the CPU allocator")
+    if backend == "torch" and dtype == torch.float32:
+        pytest.skip("torch backend: the bf16 case covers .contiguous()/.float(); fp32 at this size is slow")
     B, T, V = _copy_shape(backend)
     full = torch.randn(B, T, V, dtype=dtype)
     y = torch.randint(0, V, (B, T - 1))
