@@ -1,0 +1,433 @@
+"""The native ``cpu`` backend (prefopt_fast._C) against an fp64 reference written here.
+
+Focused on the extension itself: the torch.library ops (opcheck, torch.compile), dtypes,
+strided views without copies, awkward vocabulary sizes, rows split across threads,
+ignored rows, -inf / NaN / inf / huge values, out-of-range labels, in-place backward and
+more than 2^31 elements (slow). The public-API matrix lives in test_token_logprobs.py.
+"""
+import math
+
+import pytest
+import torch
+
+from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP,
+                                OUT_MEAN, OUT_REF_LSE, STAT_ALL, STAT_ARGMAX, STAT_ENTROPY, STAT_KL,
+                                STAT_LSSP, STAT_MEAN)
+from prefopt_fast.backends import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=cpu.unavailable_reason() or "cpu backend")
+
+IGN = -100
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CHUNK = 2048  # the kernels' chunk length (csrc/cpu/row_kernels.cpp kChunk)
+NOKL = STAT_ALL & ~STAT_KL  # every statistic that needs no ref_logits
+
+
+# ----------------------------------------------------------------------------- reference
+
+def _lse64(x):
+    lse = torch.logsumexp(x, -1)
+    return torch.where(torch.isposinf(lse), math.nan, lse)
+
+
+def _rows(z):
+    return z.reshape(-1, z.shape[-1])  # may copy: the reference only
+
+
+def _x64(z, it):
+    """x = z * inv_temp in fp32 (as the contract says), then fp64."""
+    return (_rows(z).float() * it[:, None]).double()
+
+
+def ref_forward(z, y, it, ignore=IGN, zr=None):
+    """fp64 [N_OUT, N] of prefopt_fast._rows.row_forward (every statistic)."""
+    V = z.shape[-1]
+    x = _x64(z, it)
+    lse = _lse64(x)
+    lp_all = x - lse[:, None]
+    p = lp_all.exp()
+    ok = (y >= 0) & (y < V)
+    ys = torch.where(ok, y, 0)
+    out = torch.zeros(N_OUT, x.shape[0], dtype=torch.float64)
+    out[OUT_LSE] = lse
+    out[OUT_LOGP] = torch.where(ok, x.gather(1, ys[:, None]).squeeze(1) - lse, math.nan)
+    out[OUT_ENTROPY] = -torch.where(p == 0, 0.0, p * lp_all).sum(-1)
+    out[OUT_LSSP] = (p * p).sum(-1).log()
+    out[OUT_MEAN] = x.mean(-1)
+    out[OUT_ARGMAX] = ((x.argmax(-1) == y) & ok).double()
+    if zr is not None:
+        xr = _x64(zr, it)
+        rlse = _lse64(xr)
+        lq = xr - rlse[:, None]
+        out[OUT_KL] = torch.where(p == 0, 0.0, p * (lp_all - lq)).sum(-1)
+        out[OUT_REF_LSE] = rlse
+    out[:, y == ignore] = 0
+    return out
+
+
+def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None):
+    """fp64 [N, V] gradient of prefopt_fast._rows.row_backward (the formula)."""
+    V = z.shape[-1]
+    x = _x64(z, it)
+    lp = x - lse.double()[:, None]
+    p = lp.exp()
+    oh = torch.zeros_like(x)
+    ok = (y >= 0) & (y < V)
+    oh[ok.nonzero().squeeze(1), y[ok]] = 1.0
+    g = c.double()[:, None] * (oh - p)
+    if e is not None:
+        g = g - torch.where(p == 0, 0.0, e.double()[:, None] * p * (lp + H.double()[:, None]))
+    if k is not None:
+        lq = _x64(zr, it) - rlse.double()[:, None]
+        g = g + torch.where(p == 0, 0.0, k.double()[:, None] * p * (lp - lq - kl.double()[:, None]))
+    g = g * it.double()[:, None]
+    g[y == ignore] = 0
+    return g
+
+
+def assert_fwd(out, ref, stats, kl=False, rtol=2e-5, atol=2e-5):
+    rows = [OUT_LOGP, OUT_LSE]
+    for bit, r in ((STAT_ENTROPY, OUT_ENTROPY), (STAT_LSSP, OUT_LSSP), (STAT_MEAN, OUT_MEAN),
+                   (STAT_ARGMAX, OUT_ARGMAX)):
+        if stats & bit:
+            rows.append(r)
+    if kl:
+        rows += [OUT_KL, OUT_REF_LSE]
+    for r in rows:
+        torch.testing.assert_close(out[r].double(), ref[r], rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m, r=r: f"output row {r}: {m}")
+
+
+def grad_tol(dtype):
+    return {torch.float32: 2e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+
+
+def assert_grad(g, ref, dtype):
+    scale = max(ref.abs().max().item(), 1e-30) if ref.numel() else 1.0
+    torch.testing.assert_close(g.double(), ref, rtol=grad_tol(dtype), atol=1e-6 * scale, equal_nan=True)
+
+
+def make(shape, dtype, scale=3.0):
+    return (torch.randn(shape) * scale).to(dtype)
+
+
+def rand_labels(N, V, n_ignored=1):
+    y = torch.randint(0, V, (N,))
+    y[torch.randperm(N)[:n_ignored]] = IGN
+    return y
+
+
+# ----------------------------------------------------------------------------- ops
+
+def _op_args(dtype=torch.float32, V=37):
+    z = make((2, 5, V), dtype)[:, :-1]  # strided view
+    N = 8
+    y = rand_labels(N, V)
+    it = torch.rand(N) + 0.5
+    zr = make((2, 5, V), dtype)[:, 1:]
+    return z, y, it, zr
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck(dtype):
+    z, y, it, zr = _op_args(dtype)
+    ops = torch.ops.prefopt_fast
+    torch.library.opcheck(ops.row_forward.default, (z, y, it, IGN, STAT_ALL, zr))
+    torch.library.opcheck(ops.row_forward.default, (z, y, it, IGN, 0, None))
+    out = ops.row_forward(z, y, it, IGN, STAT_ALL, zr)
+    lse, H, rlse, kl = out[OUT_LSE], out[OUT_ENTROPY], out[OUT_REF_LSE], out[OUT_KL]
+    c, e, k = torch.randn(8), torch.randn(8), torch.randn(8)
+    for args in [(z, y, it, lse, lse, c, None, IGN, None, None, None, None),
+                 (z, y, it, lse, H, c, e, IGN, None, None, None, None),
+                 (z, y, it, lse, H, c, e, IGN, k, zr, rlse, kl)]:
+        torch.library.opcheck(ops.row_backward.default, args)
+        torch.library.opcheck(ops.row_backward_.default, (z.clone(),) + args[1:])
+
+
+def test_torch_compile_fullgraph():
+    z, y, it, _ = _op_args(V=300)
+    c = torch.randn(8)
+
+    def f(z, y, it, c):
+        out = cpu.row_forward(z, y, it, IGN, STAT_ENTROPY)
+        g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, None, IGN, False)
+        return out, g
+
+    out, g = torch.compile(f, fullgraph=True, backend="aot_eager")(z, y, it, c)
+    out0, g0 = f(z, y, it, c)
+    torch.testing.assert_close(out, out0)
+    torch.testing.assert_close(g, g0)
+
+
+def test_input_errors_name_the_argument():
+    z, y, it, _ = _op_args()
+    with pytest.raises(RuntimeError, match="labels"):
+        cpu.row_forward(z, y.int(), it, IGN, 0)
+    with pytest.raises(RuntimeError, match="inv_temp"):
+        cpu.row_forward(z, y, it.double(), IGN, 0)
+    with pytest.raises(RuntimeError, match="logits"):
+        cpu.row_forward(z.double(), y, it, IGN, 0)
+    with pytest.raises(RuntimeError, match="stride 1"):
+        cpu.row_forward(torch.randn(40, 8).t(), y, it, IGN, 0)
+    with pytest.raises(RuntimeError, match="inv_temp"):
+        cpu.row_forward(z, y, it[:-1], IGN, 0)
+    with pytest.raises(RuntimeError, match="ref_logits"):
+        cpu.row_forward(z, y, it, IGN, STAT_KL, None)
+
+
+def test_supports_and_availability():
+    assert cpu.NAME == "cpu" and cpu.is_available() and cpu.unavailable_reason() == ""
+    assert cpu.supports(torch.empty(2, 3)) is None
+    assert cpu.supports(torch.empty(2, 3, dtype=torch.bfloat16)) is None
+    assert "float64" in cpu.supports(torch.empty(2, 3, dtype=torch.float64))
+    assert "meta" in cpu.supports(torch.empty(2, 3, device="meta"))
+
+
+def test_import_keeps_ieee_denormals():
+    # the extension is built without -ffast-math: loading it must not set FTZ/DAZ
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.0).item() != 0.0 and (tiny / 2).item() != 0.0
+
+
+# ----------------------------------------------------------------------------- forward / backward
+
+SHAPES = {
+    "causal-shift view": lambda dt: make((3, 7, 1000), dt)[:, :-1],
+    "V=1": lambda dt: make((6, 1), dt),
+    "V=chunk+1": lambda dt: make((5, CHUNK + 1), dt),
+    "V=3 chunks+5, transposed rows": lambda dt: make((4, 3, 3 * CHUNK + 5), dt).transpose(0, 1),
+    "one long row (split across threads)": lambda dt: make((1, 70000), dt),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_forward_backward_against_fp64(dtype, shape):
+    z = SHAPES[shape](dtype)
+    V = z.shape[-1]
+    N = z.numel() // V
+    y = rand_labels(N, V, n_ignored=1 if N > 2 else 0)
+    it = torch.rand(N) + 0.5
+    zr = (z.float() + 0.5 * torch.randn(z.shape)).to(dtype)
+    out = cpu.row_forward(z, y, it, IGN, STAT_ALL, zr)
+    assert out.shape == (N_OUT, N) and out.dtype == torch.float32
+    assert_fwd(out, ref_forward(z, y, it, zr=zr), STAT_ALL, kl=True)
+    out0 = cpu.row_forward(z, y, it, IGN, 0)
+    torch.testing.assert_close(out0[:2], out[:2], rtol=1e-6, atol=1e-6)
+
+    lse, H, rlse, kl = out[OUT_LSE], out[OUT_ENTROPY], out[OUT_REF_LSE], out[OUT_KL]
+    c, e, k = torch.randn(N), torch.randn(N), torch.randn(N)
+    for kw in (dict(), dict(e=e), dict(e=e, k=k)):
+        ref = ref_backward(z, y, it, lse, H, c, ignore=IGN, zr=zr, rlse=rlse, kl=kl, **kw)
+        args = (y, it, lse, H, c, kw.get("e"), IGN)
+        kl_kw = dict(grad_kl=k, ref_logits=zr, ref_lse=rlse, kl=kl) if "k" in kw else {}
+        g = cpu.row_backward(z, *args, False, **kl_kw)
+        assert g.shape == z.shape and g.dtype == dtype and g.is_contiguous()
+        assert_grad(_rows(g), ref, dtype)
+        w = torch.empty_strided(z.shape, z.stride(), dtype=dtype).copy_(z)  # same layout as z
+        assert cpu.row_backward(w, *args, True, **kl_kw) is w
+        assert torch.equal(w, g), "in place must equal the fresh gradient"
+
+
+def test_inplace_on_strided_view_writes_only_the_view():
+    base = make((2, 9, 700), torch.float32)
+    orig = base.clone()
+    z = base[:, :-1]
+    N = 16
+    y = rand_labels(N, 700)
+    it = torch.ones(N)
+    out = cpu.row_forward(z, y, it, IGN, 0)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], torch.ones(N), None, IGN, False)
+    r = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], torch.ones(N), None, IGN, True)
+    assert r is z and r.data_ptr() == base.data_ptr()
+    assert torch.equal(base[:, :-1], g)
+    assert torch.equal(base[:, -1], orig[:, -1]), "rows outside the view are untouched"
+
+
+def test_inplace_refuses_overlapping_rows():
+    z = torch.randn(1, 50).expand(4, 50)
+    y = torch.zeros(4, dtype=torch.long)
+    out = cpu.row_forward(z, y, torch.ones(4), IGN, 0)  # reading is fine
+    with pytest.raises(RuntimeError, match="overlap"):
+        cpu.row_backward(z, y, torch.ones(4), out[1], out[1], torch.ones(4), None, IGN, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignored_rows_are_zero_everywhere(dtype):
+    z = make((6, 3000), dtype)
+    y = torch.tensor([IGN, 5, IGN, 0, 2999, IGN])
+    it = torch.ones(6)
+    out = cpu.row_forward(z, y, it, IGN, STAT_ALL, z.flip(-1))
+    assert (out[:, y == IGN] == 0).all()
+    w = z.clone()
+    cpu.row_backward(w, y, it, out[1], out[2], torch.ones(6), torch.ones(6), IGN, True)
+    assert (w[y == IGN] == 0).all() and (w[y != IGN] != 0).any()
+    # another ignore index
+    out7 = cpu.row_forward(z, torch.full((6,), 7), it, 7, NOKL)
+    assert (out7 == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_neg_inf_entries(dtype):
+    V = 3 * CHUNK + 11
+    z = make((5, V), dtype)
+    z[0, ::3] = -math.inf                 # masked entries
+    z[1, : 2 * CHUNK] = -math.inf         # whole leading chunks
+    z[2, 1:] = -math.inf                  # a single finite entry
+    z[3, :] = -math.inf                   # nothing finite: NaN log-probs
+    y = torch.tensor([0, 5, 0, 1, 7])     # rows 0, 1: the label itself is -inf
+    it = torch.ones(5)
+    zr = make((5, V), dtype)
+    zr[4, 100] = -math.inf                # q = 0 where p > 0: KL = inf
+    out = cpu.row_forward(z, y, it, IGN, STAT_ALL, zr)
+    ref = ref_forward(z, y, it, zr=zr)
+    assert_fwd(out, ref, STAT_ALL, kl=True)
+    assert out[OUT_LOGP, 0] == -math.inf and out[OUT_LOGP, 1] == -math.inf
+    assert out[OUT_LOGP, 2] == 0 and out[OUT_ENTROPY, 2] == 0
+    assert math.isnan(out[OUT_LOGP, 3]) and out[OUT_LSE, 3] == -math.inf
+    assert out[OUT_MEAN, 0] == -math.inf and out[OUT_KL, 4] == math.inf
+    assert torch.isfinite(out[OUT_ENTROPY, :3]).all()
+
+    c, e = torch.randn(5), torch.randn(5)
+    fin = [0, 1, 2, 4]
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, IGN, False)
+    ref_g = ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e)
+    assert_grad(g[fin], ref_g[fin], dtype)
+    assert torch.isnan(g[3]).all()  # NaN row in, NaN gradient row out
+    masked = torch.isneginf(z) & (torch.arange(V) != y[:, None])
+    assert (g[fin][masked[fin]] == 0).all(), "p = 0 entries get exactly 0, no NaN from 0 * inf"
+    assert g[0, 0].float() == c[0].to(dtype).float()  # a -inf label: c * (1 - 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_rows_stay_local(dtype):
+    z = make((5, 5000), dtype)
+    z[1, 4321] = math.nan
+    z[2, 17] = math.inf
+    z[3, 0] = math.inf
+    z[3, 1] = -math.inf
+    y = torch.tensor([1, 2, 3, 4, 5])
+    it = torch.ones(5)
+    out = cpu.row_forward(z, y, it, IGN, STAT_ALL, z.roll(1, 0))
+    ref = ref_forward(z, y, it, zr=z.roll(1, 0))
+    for r in (1, 2, 3):
+        assert math.isnan(out[OUT_LOGP, r]) and math.isnan(out[OUT_LSE, r])
+        assert math.isnan(out[OUT_ENTROPY, r])
+    assert_fwd(out[:, [0, 4]], ref[:, [0, 4]], STAT_ALL & ~STAT_MEAN)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], torch.ones(5), torch.ones(5), IGN, False)
+    assert torch.isnan(g[1:4]).all() and torch.isfinite(g[[0, 4]]).all()
+
+
+def test_large_magnitudes():
+    # 1e4 logits: fp32 ulp ~1e-3, log-probs must still be accurate (no x_y - lse cancellation)
+    z = torch.randn(4, 9000) * 1e4
+    y = torch.randint(0, 9000, (4,))
+    y[0] = int(z[0].argmax())
+    it = torch.ones(4)
+    out = cpu.row_forward(z, y, it, IGN, NOKL)
+    ref = ref_forward(z, y, it)
+    assert_fwd(out, ref, STAT_ALL, rtol=1e-5, atol=1e-4)
+    c = torch.randn(4)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, c, IGN, False)
+    assert_grad(g, ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, c), torch.float32)
+    # beyond 2^64 the rows take the exact double path
+    zh = torch.randn(3, 3000)
+    zh[0, 5] = 1e30
+    zh[1, 7] = -1e30
+    zh[2] *= 1e25
+    outh = cpu.row_forward(zh, torch.tensor([5, 7, 9]), torch.ones(3), IGN, NOKL)
+    refh = ref_forward(zh, torch.tensor([5, 7, 9]), torch.ones(3))
+    assert_fwd(outh, refh, STAT_ALL, rtol=1e-5, atol=1e-4)
+    assert outh[OUT_LOGP, 0] == 0 and outh[OUT_LOGP, 1] == zh[1, 7]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_of_range_labels_are_safe(dtype):
+    V = 1000
+    z = make((4, V), dtype)
+    y = torch.tensor([V, -5, 2 ** 40, 3])
+    it = torch.ones(4)
+    out = cpu.row_forward(z, y, it, IGN, NOKL)
+    ref = ref_forward(z, y, it)
+    assert torch.isnan(out[OUT_LOGP, :3]).all() and (out[OUT_ARGMAX, :3] == 0).all()
+    assert_fwd(out, ref, STAT_ALL)  # every other statistic as usual
+    c = torch.randn(4)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], c, None, IGN, False)
+    assert_grad(g, ref_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], c), dtype)  # no one-hot term
+
+
+def test_argmax_is_the_first_index_of_the_max():
+    V = 40 * CHUNK  # long enough for a single row to be split across threads
+    pairs = [(3, 9), (10, CHUNK + 1), (CHUNK - 1, V // 2 + 5), (0, V - 1)]
+    z = torch.randn(len(pairs), V)
+    for r, (a, b) in enumerate(pairs):
+        z[r, a] = z[r, b] = 50.0
+    first = torch.tensor([a for a, _ in pairs])
+    second = torch.tensor([b for _, b in pairs])
+    one = torch.ones(1)
+    for r in range(len(pairs)):
+        for rows in (z, z[r:r + 1]):  # all rows, or one row alone (split into segments)
+            sel = slice(None) if rows is z else slice(r, r + 1)
+            n = rows.shape[0]
+            assert (cpu.row_forward(rows, first[sel], one.expand(n).contiguous(), IGN, STAT_ARGMAX)[OUT_ARGMAX] == 1).all()
+            assert (cpu.row_forward(rows, second[sel], one.expand(n).contiguous(), IGN, STAT_ARGMAX)[OUT_ARGMAX] == 0).all()
+
+
+def test_max_jumps_late_in_the_row():
+    # the running reference is raised when a later chunk's max is far above it
+    z = torch.randn(3, 6 * CHUNK) * 0.1
+    z[0, 5 * CHUNK + 3] = 80.0
+    z[1, ::CHUNK] = torch.arange(6.0) * 35
+    z[2, -1] = 200.0
+    y = torch.tensor([0, 5 * CHUNK, 17])
+    zr = z.flip(0).clone()
+    out = cpu.row_forward(z, y, torch.ones(3), IGN, STAT_ALL, zr)
+    assert_fwd(out, ref_forward(z, y, torch.ones(3), zr=zr), STAT_ALL, kl=True)
+
+
+# ----------------------------------------------------------------------------- > 2^31 elements
+
+@pytest.mark.slow
+def test_more_than_2_31_elements_bf16():
+    N, V = 17, 2 ** 27  # 2.28e9 elements (4.6 GB of bf16): row 16 starts at element 2^31
+    B = 1 << 20
+    gen = torch.Generator().manual_seed(1)
+    blocks = (torch.randn(4, B, generator=gen) * 2).to(torch.bfloat16)
+    spike = [(r * 7919 + 12345) % V for r in range(N)]
+    SPIKE = 16.0  # above the largest of 2^20 samples of N(0, 4)
+    z = torch.empty(N, V, dtype=torch.bfloat16)
+    y = torch.randint(0, V, (N,), generator=gen)
+    y[-1] = V - 1
+    y[0] = spike[0]
+    for r in range(N):  # cheap fill: a random block tiled V / B times, plus one spike per row
+        z[r].view(V // B, B).copy_(blocks[r % 4])
+        z[r, spike[r]] = SPIKE
+    it = torch.ones(N)
+    check = [0, N // 2, N - 1]
+    cols = {r: torch.cat([torch.arange(0, 4096), torch.arange(V - 4096, V), y[r:r + 1], torch.tensor([spike[r]])])
+            for r in check}
+    saved = {r: z[r, cols[r]].clone() for r in check}
+
+    out = cpu.row_forward(z, y, it, IGN, STAT_ENTROPY | STAT_ARGMAX)
+    for r in check:
+        # fp64 reference from the structure of the row: the block V / B times, one entry replaced
+        b = blocks[r % 4].double()
+        old = b[spike[r] % B]
+        s = (V // B) * b.exp().sum() - old.exp() + math.exp(SPIKE)
+        sx = (V // B) * (b.exp() * b).sum() - old.exp() * old + math.exp(SPIKE) * SPIKE
+        lse = s.log()
+        ent = lse - sx / s
+        logp = z[r, y[r]].double() - lse
+        torch.testing.assert_close(out[[OUT_LSE, OUT_LOGP, OUT_ENTROPY], r].double(), torch.stack([lse, logp, ent]),
+                                   rtol=2e-5, atol=2e-5)
+        assert out[OUT_ARGMAX, r] == float(y[r] == spike[r])
+    assert out[OUT_ARGMAX, 0] == 1
+
+    c = torch.full((N,), -1.0)
+    cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, None, IGN, True)
+    for r in check:  # a slice of each row, including the label and the spike
+        # (the reference sees only these columns, so give it no label and add the one-hot term)
+        ref_g = ref_backward(saved[r][None], torch.tensor([IGN + 1]), it[:1], out[OUT_LSE, r:r + 1],
+                             out[OUT_ENTROPY, r:r + 1], c[:1])
+        ref_g[0, cols[r] == y[r]] += c[r].double()
+        assert_grad(z[r, cols[r]][None], ref_g, torch.bfloat16)
