@@ -83,6 +83,11 @@ def test_derive_metrics():
     assert r["bound_alloc_s"]["step"] == pytest.approx(bound_step + extra)
     assert r["bound_alloc_s"]["fwd"] == pytest.approx(r["bound_s"]["fwd"])
     assert r["x_bound_alloc"]["step"] < r["x_bound"]["step"]
+    # the better fresh rate (huge pages) is used when calibrated; in-place: no first touch
+    H.derive(r, TL.OP, shape, d, dict(calib, fresh_bound_Bps=10e9), None)
+    assert r["bound_alloc_s"]["step"] == pytest.approx(bound_step + alloc * 2 * (1 / 10e9 - 1 / 20e9))
+    H.derive(r, TL.OP, shape, d, calib, None, allocates=False)
+    assert r["bound_alloc_s"] == r["bound_s"]
 
 
 def test_summarize_and_speedups():
