@@ -142,7 +142,7 @@ def build(case, dtype):
     elif case == "neg_inf":
         z, y = _rows_neg_inf(g(4, 8, 400) * 2)
     elif case == "magnitude_1e4":
-        z = (torch.rand(6, 8, 500) * 2 - 1) * 1e4
+        z = (torch.rand(4, 6, 500) * 2 - 1) * 1e4
         y = _labels(z, argmax_frac=0.5)
         z[0, 0, :] = 1e4  # a constant row of huge logits
         z[0, 1, :100] = -1e4
@@ -449,6 +449,8 @@ def test_nonfinite_rows_stay_local(backend, device, dtype):
 def test_inplace_backward(backend, device, dtype, which):
     """inplace_backward=True: same gradient, written over the logits' own memory (a view
     logits[:, :-1] of a non-leaf [B, T, V] buffer), the last position untouched."""
+    if _interpreted_triton(backend) and (dtype == torch.float16 or (which == "logp" and dtype != torch.float32)):
+        pytest.skip("interpreted Triton: reduced matrix")
     B, T, V = 3, 9, 777
     base = (torch.randn(B, T, V) * 2).to(dtype).to(device)
     y = _labels(base[:, :-1].cpu()).to(device)
@@ -529,8 +531,8 @@ def test_strided_logits_are_not_copied(backend, device, dtype):
     only one is the gradient itself, and with inplace_backward=True there is none."""
     if device.type != "cpu":
         pytest.skip("allocation tracking through the CPU allocator")
-    if backend == "torch" and dtype == torch.float32:
-        pytest.skip("torch backend: the bf16 case covers .contiguous()/.float(); fp32 at this size is slow")
+    if backend in ("torch", "triton") and dtype == torch.float32:
+        pytest.skip("the bf16 case covers .contiguous()/.float(); fp32 is slow here (large / interpreted)")
     B, T, V = _copy_shape(backend)
     full = torch.randn(B, T, V, dtype=dtype)
     y = torch.randint(0, V, (B, T - 1))
@@ -657,3 +659,16 @@ def test_more_than_2_31_elements_cpu_backend():
     ref_g = _ref_grads(inp, ys, {}, "both", w1[special], w2[special])
     check_close(g[special], ref_g, "grad rows", **grad_tol(_scale(inp, 1.0), torch.bfloat16, 5.0))
     assert torch.equal(full.detach()[N], sentinel), "in-place backward wrote past the end of the view"
+
+
+# ----------------------------------------------------------------------------- no rows
+
+
+@pytest.mark.parametrize("shape", [(0, 100), (2, 0, 100)])
+def test_zero_rows(backend, device, shape):
+    z = torch.randn(shape, device=device, requires_grad=True)
+    y = torch.zeros(shape[:-1], dtype=torch.long, device=device)
+    out = tl(z, y, stats=STAT_NAMES, backend=backend)
+    assert out.logprobs.shape == y.shape and out.entropy.shape == y.shape
+    (g,) = torch.autograd.grad((out.logprobs.sum() + out.entropy.sum()), z)
+    assert g.shape == z.shape
