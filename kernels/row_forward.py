@@ -6,8 +6,14 @@ be kept per lane and reduced once at the end: the only per-tile reduction is the
 Per-lane accumulators, relative to the shift c, over the elements x seen so far:
     s = sum e,  t = sum e (x - c),  q = sum e^2,   e = exp(x - c)
 so LSE = c + log S, H = log S - T / S, log sum p^2 = log Q - 2 log S (S, T, Q the lane
-sums): no cancellation at large magnitudes. Semantics: ``prefopt_fast._rows``.
+sums): no cancellation at large magnitudes. With the exact-KL extension the reference
+row xr is read alongside, with its own shift cr and sums
+    sr = sum exp(xr - cr),  w = sum e ((x - c) - (xr - cr))
+so REF_LSE = cr + log SR and KL(p || q) = W / S - log S + log SR.
+Semantics: ``prefopt_fast._rows``.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -20,21 +26,26 @@ _OUT_ENTROPY = tl.constexpr(_rows.OUT_ENTROPY)
 _OUT_LSSP = tl.constexpr(_rows.OUT_LSSP)
 _OUT_MEAN = tl.constexpr(_rows.OUT_MEAN)
 _OUT_ARGMAX = tl.constexpr(_rows.OUT_ARGMAX)
+_OUT_KL = tl.constexpr(_rows.OUT_KL)
+_OUT_REF_LSE = tl.constexpr(_rows.OUT_REF_LSE)
 
 # Compiled flag sets. A request is rounded up to the first set containing it (unrequested
-# output rows are unspecified), so the GPU compiles at most 3 variants per dtype instead
-# of 16; the extra statistics cost a few flops per element of a memory-bound kernel.
-SUPPORTED_STATS = _rows.STAT_ENTROPY | _rows.STAT_LSSP | _rows.STAT_MEAN | _rows.STAT_ARGMAX
-STAT_VARIANTS = (0, _rows.STAT_ENTROPY, SUPPORTED_STATS)
+# output rows are unspecified), so the GPU compiles at most 3 variants per dtype (x2 for
+# KL) instead of 32; the extra statistics cost a few flops per element of a memory-bound
+# kernel. KL is never added unasked: it reads a second tensor.
+_STATS4 = _rows.STAT_ENTROPY | _rows.STAT_LSSP | _rows.STAT_MEAN | _rows.STAT_ARGMAX
+SUPPORTED_STATS = _STATS4 | _rows.STAT_KL
+STAT_VARIANTS = tuple(base | kl for kl in (0, _rows.STAT_KL) for base in (0, _rows.STAT_ENTROPY, _STATS4))
 
 
 def stats_variant(stats: int) -> int:
     """Smallest compiled flag set containing ``stats`` (bit mask of ``_rows.STAT_*``)."""
+    if stats & ~SUPPORTED_STATS:
+        raise ValueError(f"stats: unknown bits {stats & ~SUPPORTED_STATS:#x} in {stats:#x}")
     for v in STAT_VARIANTS:
-        if stats & ~v == 0:
+        if stats & ~v == 0 and (v ^ stats) & _rows.STAT_KL == 0:
             return v
-    raise ValueError(f"stats: bits {stats & ~SUPPORTED_STATS:#x} of {stats:#x} are not "
-                     f"implemented by the Triton row kernels")
+    raise AssertionError("unreachable")
 
 
 def stat_flags(stats: int) -> dict:
@@ -44,20 +55,32 @@ def stat_flags(stats: int) -> dict:
         LSSP=bool(stats & _rows.STAT_LSSP),
         MEAN=bool(stats & _rows.STAT_MEAN),
         ARGMAX=bool(stats & _rows.STAT_ARGMAX),
+        KL=bool(stats & _rows.STAT_KL),
     )
 
 
 @triton.jit
-def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_i,
-          BLOCK_V: tl.constexpr, MASKED: tl.constexpr, ENTROPY: tl.constexpr,
-          LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr):
-    offs = start + tl.arange(0, BLOCK_V)
+def _load_tile(ptr, offs, V, it, MASKED: tl.constexpr):
+    """x = z * inv_temp in fp32; -inf in the padding lanes, which then add exp(-inf) = 0."""
     if MASKED:
-        # -inf in the padding lanes contributes exp(-inf) = 0 to every sum
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))
+        z = tl.load(ptr + offs, mask=offs < V, other=float("-inf"))
     else:
-        z = tl.load(row_ptr + offs)
-    x = z.to(tl.float32) * it
+        z = tl.load(ptr + offs)
+    return z.to(tl.float32) * it
+
+
+@triton.jit
+def _shift(m):
+    # While every value so far is -inf, shift by 0: exp(-inf - 0) = 0, not NaN.
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _tile(row_ptr, ref_ptr, start, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
+          BLOCK_V: tl.constexpr, MASKED: tl.constexpr, ENTROPY: tl.constexpr,
+          LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr, KL: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK_V)
+    x = _load_tile(row_ptr, offs, V, it, MASKED)
     if ARGMAX:
         # NaN counts as +inf for the argmax, explicitly, so that the result does not
         # depend on whether the hardware max propagates NaN (LSE is NaN either way)
@@ -66,15 +89,25 @@ def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_i,
         xa = x
     m_tile = tl.max(xa, axis=0)
     m_new = tl.maximum(m, m_tile)
-    # While every value so far is -inf, shift by 0: exp(-inf - 0) = 0, not NaN.
     # NaN or +inf in the row turns s into NaN through exp(NaN) or exp(inf - inf),
     # whether or not the hardware max propagates NaN: LSE and LOGP come out NaN.
-    c_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    c = _shift(m)
+    c_new = _shift(m_new)
     alpha = tl.exp(c - c_new)
     e = tl.exp(x - c_new)
     if ENTROPY:
         # e == 0 where x == -inf: count 0 instead of 0 * -inf
         t = alpha * (t + (c - c_new) * s) + tl.where(e > 0, e * (x - c_new), 0.0)
+    if KL:
+        xr = _load_tile(ref_ptr, offs, V, it, MASKED)
+        mr_new = tl.maximum(mr, tl.max(xr, axis=0))
+        cr = _shift(mr)
+        cr_new = _shift(mr_new)
+        # e > 0 with xr == -inf (q == 0) gives +inf: KL = +inf, as it should
+        w = alpha * (w + ((c - c_new) - (cr - cr_new)) * s) \
+            + tl.where(e > 0, e * ((x - c_new) - (xr - cr_new)), 0.0)
+        sr = sr * tl.exp(cr - cr_new) + tl.exp(xr - cr_new)
+        mr = mr_new
     s = s * alpha + e
     if LSSP:
         q = q * (alpha * alpha) + e * e
@@ -87,13 +120,15 @@ def _tile(row_ptr, start, V, it, m, c, s, t, q, xsum, best_i,
         # strict >: an earlier tile keeps the first index of the max
         first = tl.min(tl.where(xa == m_tile, offs, 2147483647), axis=0)
         best_i = tl.where(m_tile > m, first, best_i)
-    return m_new, c_new, s, t, q, xsum, best_i
+    return m_new, s, t, q, xsum, best_i, mr, sr, w
 
 
 @triton.jit(do_not_specialize=["N", "V", "ignore_index"])
 def row_forward_kernel(
     logits_ptr,    # *T    base of the logits (T = fp32 / fp16 / bf16)
     row_off_ptr,   # *i64  [N] element offset of each row from logits_ptr
+    ref_ptr,       # *T    base of the reference logits (read only when KL)
+    ref_off_ptr,   # *i64  [N] element offset of each reference row (read only when KL)
     labels_ptr,    # *i64  [N]
     inv_temp_ptr,  # *fp32 [N]
     out_ptr,       # *fp32 [N_OUT, N] contiguous
@@ -101,41 +136,50 @@ def row_forward_kernel(
     V,             # vocabulary (row length, stride 1)
     ignore_index,
     BLOCK_V: tl.constexpr,   # tile length, power of two
-    ALIGN: tl.constexpr,     # every row offset is a multiple of ALIGN elements
+    ALIGN: tl.constexpr,     # every row offset (of both tensors) is a multiple of ALIGN elements
     ENTROPY: tl.constexpr, LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr,
+    KL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row)
     it = tl.load(inv_temp_ptr + row)
     off = tl.load(row_off_ptr + row)
+    if KL:
+        ref_off = tl.load(ref_off_ptr + row)
+    else:
+        ref_off = off
     if ALIGN > 1:
         off = tl.multiple_of(off, ALIGN)
+        ref_off = tl.multiple_of(ref_off, ALIGN)
     row_ptr = logits_ptr + off
+    ref_row_ptr = ref_ptr + ref_off
     ignored = y == ignore_index
 
     m = tl.full([], float("-inf"), tl.float32)
-    c = tl.full([], 0.0, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
     t = tl.zeros([BLOCK_V], tl.float32)
     q = tl.zeros([BLOCK_V], tl.float32)
     xsum = tl.zeros([BLOCK_V], tl.float32)
     best_i = tl.full([], 0, tl.int32)  # a row of only -inf has its argmax at 0, as in torch
+    mr = tl.full([], float("-inf"), tl.float32)
+    sr = tl.zeros([BLOCK_V], tl.float32)
+    w = tl.zeros([BLOCK_V], tl.float32)
 
     # ignored rows are not read at all
     v_lim = tl.where(ignored, 0, V)
     n_full = v_lim // BLOCK_V
     for i in range(0, n_full):
-        m, c, s, t, q, xsum, best_i = _tile(
-            row_ptr, i * BLOCK_V, V, it, m, c, s, t, q, xsum, best_i,
-            BLOCK_V, False, ENTROPY, LSSP, MEAN, ARGMAX)
+        m, s, t, q, xsum, best_i, mr, sr, w = _tile(
+            row_ptr, ref_row_ptr, i * BLOCK_V, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
+            BLOCK_V, False, ENTROPY, LSSP, MEAN, ARGMAX, KL)
     if n_full * BLOCK_V < v_lim:
-        m, c, s, t, q, xsum, best_i = _tile(
-            row_ptr, n_full * BLOCK_V, V, it, m, c, s, t, q, xsum, best_i,
-            BLOCK_V, True, ENTROPY, LSSP, MEAN, ARGMAX)
+        m, s, t, q, xsum, best_i, mr, sr, w = _tile(
+            row_ptr, ref_row_ptr, n_full * BLOCK_V, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
+            BLOCK_V, True, ENTROPY, LSSP, MEAN, ARGMAX, KL)
 
     s_row = tl.sum(s, axis=0)
     log_s = tl.log(s_row)
-    lse = c + log_s
+    lse = _shift(m) + log_s
     # masked: an out-of-range label is never read
     in_range = (y >= 0) & (y < V)
     x_y = tl.load(row_ptr + y, mask=in_range & (~ignored), other=0.0).to(tl.float32) * it
@@ -157,21 +201,33 @@ def row_forward_kernel(
     if ARGMAX:
         hit = (best_i == y) & (~ignored)
         tl.store(col + _OUT_ARGMAX * stride, tl.where(hit, 1.0, 0.0))
+    if KL:
+        log_sr = tl.log(tl.sum(sr, axis=0))
+        kl = tl.sum(w, axis=0) / s_row - log_s + log_sr
+        tl.store(col + _OUT_KL * stride, tl.where(ignored, 0.0, kl))
+        tl.store(col + _OUT_REF_LSE * stride, tl.where(ignored, 0.0, _shift(mr) + log_sr))
 
 
 def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
            inv_temp: torch.Tensor, out: torch.Tensor, ignore_index: int, flags: int,
-           *, block_v: int, num_warps: int, align: int = 1) -> None:
+           *, block_v: int, num_warps: int, align: int = 1,
+           ref_logits: Optional[torch.Tensor] = None, ref_row_off: Optional[torch.Tensor] = None) -> None:
     """Launch over N = labels.numel() rows (FMA contraction on, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N] (see
     ``_rows.row_offsets``); labels int64 [N]; inv_temp fp32 [N]; out fp32 [N_OUT, N]
-    contiguous, filled in place. ``flags``: the compiled ``_rows.STAT_*`` bits.
+    contiguous, filled in place. ``flags``: the compiled ``_rows.STAT_*`` bits; with
+    STAT_KL, ``ref_logits`` (shape and dtype of logits, own strides) and its row offsets.
     """
     n = labels.numel()
     if n == 0:
         return
+    flags = stat_flags(flags)
+    if flags["KL"] and (ref_logits is None or ref_row_off is None):
+        raise ValueError("STAT_KL needs ref_logits and ref_row_off")
+    if not flags["KL"]:
+        ref_logits, ref_row_off = logits, row_off  # never read
     row_forward_kernel[(n,)](
-        logits, row_off, labels, inv_temp, out, n, logits.shape[-1], ignore_index,
-        BLOCK_V=block_v, ALIGN=align, **stat_flags(flags), num_warps=num_warps,
+        logits, row_off, ref_logits, ref_row_off, labels, inv_temp, out, n, logits.shape[-1],
+        ignore_index, BLOCK_V=block_v, ALIGN=align, **flags, num_warps=num_warps,
         enable_fp_fusion=True)

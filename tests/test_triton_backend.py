@@ -42,7 +42,7 @@ def small_tiles(monkeypatch):
 
 # ---------------------------------------------------------------- reference (fp64)
 
-def ref_forward(logits, labels, inv_temp, ignore_index=IGN):
+def ref_forward(logits, labels, inv_temp, ignore_index=IGN, ref_logits=None):
     """fp64 [N_OUT, N] per _rows.py, differentiable in ``logits`` (fp64 leaf)."""
     V = logits.shape[-1]
     x = logits.reshape(-1, V) * inv_temp.double()[:, None]
@@ -54,19 +54,22 @@ def ref_forward(logits, labels, inv_temp, ignore_index=IGN):
     p = ls.exp()
     # terms with p == 0 count 0 (and a 0 gradient, not 0 * -inf)
     ent = -(p * torch.where(p > 0, ls, torch.zeros_like(ls))).sum(-1)
-    out = torch.stack([
-        logp,
-        torch.logsumexp(x, -1),
-        ent,
-        torch.logsumexp(2 * ls, -1),
-        x.mean(-1),
-        (x.argmax(-1) == labels).double(),
-    ])
+    rows = [logp, torch.logsumexp(x, -1), ent, torch.logsumexp(2 * ls, -1), x.mean(-1),
+            (x.argmax(-1) == labels).double()]
+    if ref_logits is None:
+        rows += [torch.zeros_like(logp)] * 2
+    else:
+        xr = ref_logits.reshape(-1, V).double() * inv_temp.double()[:, None]
+        lq = torch.log_softmax(xr, -1)
+        rows += [(p * torch.where(p > 0, ls - lq, torch.zeros_like(ls))).sum(-1), torch.logsumexp(xr, -1)]
+    out = torch.stack(rows)
     return torch.where(keep, out, torch.zeros_like(out))
 
 
 def check_forward(out, ref, stats=STATS4, atol=1e-5, rtol=1e-5):
     rows = [_rows.OUT_LOGP, _rows.OUT_LSE] + [o for b, o in _rows.STATS.values() if stats & b]
+    if stats & _rows.STAT_KL:
+        rows.append(_rows.OUT_REF_LSE)
     for r in rows:
         torch.testing.assert_close(out[r].double().cpu(), ref[r].detach().cpu(), atol=atol, rtol=rtol,
                                    equal_nan=True, msg=lambda m: f"output row {r}: {m}")
@@ -85,18 +88,24 @@ def make_case(shape, V, dtype, scale=3.0, n_ignored=2, seed=0):
     return logits.to(DEVICE), labels.to(DEVICE), inv_temp.to(DEVICE)
 
 
-def run_backward(logits, labels, inv_temp, out, c, e, inplace):
+def run_backward(logits, labels, inv_temp, out, c, e, inplace, k=None, ref_logits=None):
     lse = out[_rows.OUT_LSE].contiguous()
     ent = out[_rows.OUT_ENTROPY].contiguous() if e is not None else lse
-    return tb.row_backward(logits, labels, inv_temp, lse, ent, c, e, IGN, inplace)
+    kl_args = {}
+    if k is not None:
+        kl_args = dict(grad_kl=k, ref_logits=ref_logits, ref_lse=out[_rows.OUT_REF_LSE].contiguous(),
+                       kl=out[_rows.OUT_KL].contiguous())
+    return tb.row_backward(logits, labels, inv_temp, lse, ent, c, e, IGN, inplace, **kl_args)
 
 
-def ref_grad(logits, labels, inv_temp, c, e):
+def ref_grad(logits, labels, inv_temp, c, e, k=None, ref_logits=None):
     x = logits.detach().double().requires_grad_()
-    ref = ref_forward(x, labels, inv_temp)
+    ref = ref_forward(x, labels, inv_temp, ref_logits=None if ref_logits is None else ref_logits.double())
     loss = (c.double() * ref[_rows.OUT_LOGP]).sum()
     if e is not None:
         loss = loss + (e.double() * ref[_rows.OUT_ENTROPY]).sum()
+    if k is not None:
+        loss = loss + (k.double() * ref[_rows.OUT_KL]).sum()
     loss.backward()
     return x.grad
 
@@ -125,10 +134,13 @@ def test_forward_flag_combinations_direct():
     config, fwd, _ = tb.kernel_modules()
     logits, labels, inv_temp = make_case((4,), 100, torch.float32, n_ignored=1)
     ref = ref_forward(logits.double(), labels, inv_temp)
-    for stats in range(16):
+    ref_logits = torch.randn_like(logits) * 2
+    ref = ref_forward(logits.double(), labels, inv_temp, ref_logits=ref_logits)
+    for stats in range(32):
         out = torch.full((_rows.N_OUT, 4), math.inf, device=DEVICE)
         fwd.launch(logits, _rows.row_offsets(logits), labels, inv_temp, out, IGN, stats,
-                   block_v=BLOCK, num_warps=4)
+                   block_v=BLOCK, num_warps=4, ref_logits=ref_logits,
+                   ref_row_off=_rows.row_offsets(ref_logits))
         check_forward(out, ref, stats)
 
 
@@ -310,6 +322,72 @@ def test_backward_nan_and_inf_rows_stay_nan():
     assert grad[3].isfinite().all() and (grad[4] == 0).all()
 
 
+# ---------------------------------------------------------------- exact-KL extension
+
+def make_ref(logits, seed=1):
+    """Reference logits near the policy's, in a differently strided buffer."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(logits.shape, generator=g).to(DEVICE)
+    buf = torch.empty(*logits.shape[:-1], logits.shape[-1] + 3, dtype=logits.dtype, device=DEVICE)
+    ref = buf[..., 2:-1]
+    ref.copy_((logits.float() + noise).to(logits.dtype))
+    return ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_kl(dtype):
+    logits, labels, inv_temp = make_case((3, 4), 203, dtype)
+    ref_logits = make_ref(logits)
+    ref_logits[0, 1, 7] = -math.inf   # q == 0 where p > 0: KL = +inf
+    logits[0, 2, :50] = -math.inf     # p == 0: those terms count 0, even where q == 0
+    ref_logits[0, 2, :30] = -math.inf
+    out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_KL | _rows.STAT_ENTROPY, ref_logits)
+    ref = ref_forward(logits.double(), labels, inv_temp, ref_logits=ref_logits)
+    check_forward(out, ref, _rows.STAT_KL | _rows.STAT_ENTROPY)
+    if labels[1] != IGN:
+        assert out[_rows.OUT_KL, 1] == math.inf
+    # the same statistics without KL are unchanged
+    plain = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY)
+    torch.testing.assert_close(plain[:3], out[:3])
+
+
+def test_forward_kl_large_magnitudes_and_identical_rows():
+    logits, labels, inv_temp = make_case((8,), 150, torch.float32, scale=1e4)
+    ref_logits = logits.clone()
+    ref_logits[4:] += torch.randn(4, 150, device=DEVICE)
+    out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_KL, ref_logits)
+    # relative to the row shifts: no cancellation against LSE ~ 4e4
+    assert (out[_rows.OUT_KL, :4] == 0).all()
+    ref = ref_forward(logits.double(), labels, inv_temp, ref_logits=ref_logits)
+    torch.testing.assert_close(out[_rows.OUT_KL].double(), ref[_rows.OUT_KL], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_kl(dtype, inplace):
+    logits, labels, inv_temp = make_case((2, 5), 203, dtype)
+    ref_logits = make_ref(logits)
+    c, e, k = (torch.randn(10, device=DEVICE) for _ in range(3))
+    expect = ref_grad(logits, labels, inv_temp, c, e, k, ref_logits)
+    keep_ref = ref_logits.clone()
+    out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY | _rows.STAT_KL, ref_logits)
+    grad = run_backward(logits, labels, inv_temp, out, c, e, inplace, k, ref_logits)
+    torch.testing.assert_close(grad.double(), expect, rtol=GRAD_RTOL[dtype], atol=1e-6)
+    assert torch.equal(ref_logits, keep_ref)
+
+
+def test_backward_grad_kl_without_ref_logits_is_ignored():
+    """What an autograd Function may pass when no KL was asked for: no KL term."""
+    logits, labels, inv_temp = make_case((6,), 100, torch.float32)
+    c, e, k = (torch.randn(6, device=DEVICE) for _ in range(3))
+    out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY)
+    lse, ent = out[_rows.OUT_LSE].contiguous(), out[_rows.OUT_ENTROPY].contiguous()
+    plain = tb.row_backward(logits, labels, inv_temp, lse, ent, c, e, IGN, False)
+    with_k = tb.row_backward(logits, labels, inv_temp, lse, ent, c, e, IGN, False,
+                             grad_kl=k, ref_logits=None, ref_lse=lse, kl=ent)
+    assert torch.equal(plain, with_k)
+
+
 # ---------------------------------------------------------------- the wrapper
 
 def test_row_alignment_hint():
@@ -341,8 +419,12 @@ def test_wrapper_rejects_inconsistent_rows():
         tb.row_forward(logits, labels, inv_temp.double(), IGN, 0)
     with pytest.raises(ValueError, match="last stride"):
         tb.row_forward(logits.t(), labels[:4].repeat(13)[:50], torch.ones(50), IGN, 0)
-    with pytest.raises(ValueError, match="not implemented"):
+    with pytest.raises(ValueError, match="ref_logits"):
         tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_KL)
+    with pytest.raises(ValueError, match="ref_logits"):
+        tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_KL, ref_logits=logits[:, :-1])
+    with pytest.raises(ValueError, match="unknown bits"):
+        tb.row_forward(logits, labels, inv_temp, IGN, 64)
 
 
 def test_custom_ops_opcheck():
@@ -350,13 +432,18 @@ def test_custom_ops_opcheck():
     out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY)
     lse, ent = out[_rows.OUT_LSE].contiguous(), out[_rows.OUT_ENTROPY].contiguous()
     c, e = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
+    ref_logits = make_ref(logits)
     ops = torch.ops.prefopt_fast
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.library.opcheck(ops.triton_row_forward, (logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY))
-        torch.library.opcheck(ops.triton_row_backward, (logits, labels, inv_temp, lse, ent, c, e, IGN))
+        torch.library.opcheck(ops.triton_row_forward, (logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY, None))
+        torch.library.opcheck(ops.triton_row_forward, (logits, labels, inv_temp, IGN, _rows.STAT_KL, ref_logits))
+        torch.library.opcheck(ops.triton_row_backward,
+                              (logits, labels, inv_temp, lse, ent, c, e, IGN, None, None, None, None))
+        torch.library.opcheck(ops.triton_row_backward,
+                              (logits, labels, inv_temp, lse, ent, c, e, IGN, c, ref_logits, lse, ent))
         torch.library.opcheck(ops.triton_row_backward_inplace,
-                              (logits.clone(), labels, inv_temp, lse, ent, c, None, IGN))
+                              (logits.clone(), labels, inv_temp, lse, ent, c, None, IGN, None, None, None, None))
 
 
 def test_torch_compile_fullgraph():

@@ -40,16 +40,17 @@ def _modules():
 
 
 def _forward_signature(t):
-    return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "labels_ptr": "*i64",
-            "inv_temp_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "V": "i32",
-            "ignore_index": "i32"}
+    return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "ref_ptr": f"*{t}", "ref_off_ptr": "*i64",
+            "labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32",
+            "V": "i32", "ignore_index": "i32"}
 
 
 def _backward_signature(t):
     return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "grad_ptr": f"*{t}",
             "labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "lse_ptr": "*fp32",
             "ent_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_ent_ptr": "*fp32",
-            "V": "i32", "ignore_index": "i32"}
+            "ref_ptr": f"*{t}", "ref_off_ptr": "*i64", "ref_lse_ptr": "*fp32", "kl_ptr": "*fp32",
+            "grad_kl_ptr": "*fp32", "V": "i32", "ignore_index": "i32"}
 
 
 def variants(all_stat_combos=False):
@@ -61,17 +62,18 @@ def variants(all_stat_combos=False):
         dtype = getattr(torch, dname)
         aligns = (16 // _ELT_SIZE[dname], 1)
         fc, bc = config.FORWARD[dtype], config.BACKWARD[dtype]
-        stat_sets = range(16) if all_stat_combos else fwd.STAT_VARIANTS
+        stat_sets = range(fwd.SUPPORTED_STATS + 1) if all_stat_combos else fwd.STAT_VARIANTS
         for stats in stat_sets:
             for align in aligns:
                 out.append(("forward", dname, fc.num_warps,
                             dict(BLOCK_V=fc.block_v, ALIGN=align, **fwd.stat_flags(stats))))
         for inplace in (False, True):
             for has_ent in (False, True):
-                for align in aligns:
-                    out.append(("backward_inplace" if inplace else "backward", dname, bc.num_warps,
-                                dict(BLOCK_V=bc.block_v, ALIGN=align, HAS_ENT=has_ent,
-                                     INPLACE=inplace)))
+                for has_kl in (False, True):
+                    for align in aligns:
+                        out.append(("backward_inplace" if inplace else "backward", dname, bc.num_warps,
+                                    dict(BLOCK_V=bc.block_v, ALIGN=align, HAS_ENT=has_ent,
+                                         HAS_KL=has_kl, INPLACE=inplace)))
     return out
 
 
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--all-stat-combos", action="store_true",
-                    help="all 16 forward flag combinations, not only the compiled flag sets")
+                    help="all 32 forward flag combinations, not only the compiled flag sets")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)

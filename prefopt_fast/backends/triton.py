@@ -4,9 +4,11 @@ Runs on CUDA (and ROCm) tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` 
 tests only). The launches are ``torch.library`` custom ops with fake implementations so
 ``torch.compile(fullgraph=True)`` traces through them:
 
-    prefopt_fast::triton_row_forward(logits, labels, inv_temp, ignore_index, stats) -> out
+    prefopt_fast::triton_row_forward(logits, labels, inv_temp, ignore_index, stats,
+                                     ref_logits?) -> out
     prefopt_fast::triton_row_backward(logits, labels, inv_temp, lse, entropy, grad_logp,
-                                      grad_entropy?, ignore_index) -> grad
+                                      grad_entropy?, ignore_index, grad_kl?, ref_logits?,
+                                      ref_lse?, kl?) -> grad
     prefopt_fast::triton_row_backward_inplace(...same...) -> ()   mutates logits
 
 Triton and the kernels are imported on first use, so importing this module is cheap and
@@ -117,91 +119,120 @@ def _check_rows(logits, labels, inv_temp, *vectors):
         raise ValueError(f"logits: expected float32/float16/bfloat16, got {logits.dtype}")
     n = _rows.num_rows(logits)
     for name, t, dtype in (("labels", labels, torch.int64), ("inv_temp", inv_temp, torch.float32)) + vectors:
+        if t is None:
+            raise ValueError(f"{name}: required here, got None")
         if t.dtype != dtype or t.numel() != n or not t.is_contiguous() or t.device != logits.device:
             raise ValueError(f"{name}: expected a contiguous {dtype} tensor of {n} elements on "
                              f"{logits.device}, got {t.dtype} shape {tuple(t.shape)} on {t.device}")
 
 
+def _check_ref(logits, ref_logits):
+    if ref_logits is None:
+        raise ValueError("ref_logits: required for the KL statistic and its gradient, got None")
+    if (ref_logits.shape != logits.shape or ref_logits.dtype != logits.dtype
+            or ref_logits.device != logits.device
+            or ref_logits.stride(-1) != 1 and ref_logits.shape[-1] > 1):
+        raise ValueError(f"ref_logits: expected shape {tuple(logits.shape)}, dtype {logits.dtype}, "
+                         f"device {logits.device} and last stride 1, got {tuple(ref_logits.shape)}, "
+                         f"{ref_logits.dtype}, {ref_logits.device}, strides {ref_logits.stride()}")
+
+
 @torch.library.custom_op("prefopt_fast::triton_row_forward", mutates_args=())
 def _forward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                ignore_index: int, stats: int) -> torch.Tensor:
+                ignore_index: int, stats: int, ref_logits: Optional[torch.Tensor]) -> torch.Tensor:
     _check_rows(logits, labels, inv_temp)
     config, fwd, _ = kernel_modules()
+    flags = fwd.stats_variant(stats)
+    kl = bool(flags & _rows.STAT_KL)
+    if kl:
+        _check_ref(logits, ref_logits)
     # O(N): rows of statistics not computed read 0, not stale memory (deterministic output)
     out = torch.zeros((_rows.N_OUT, labels.numel()), dtype=torch.float32, device=logits.device)
     cfg = config.forward_config(logits.dtype)
+    align = config.row_alignment(logits)
+    if kl:
+        align = min(align, config.row_alignment(ref_logits))
     with _device_guard(logits):
-        fwd.launch(logits, _rows.row_offsets(logits), labels, inv_temp, out, ignore_index,
-                   fwd.stats_variant(stats), block_v=cfg.block_v, num_warps=cfg.num_warps,
-                   align=config.row_alignment(logits))
+        fwd.launch(logits, _rows.row_offsets(logits), labels, inv_temp, out, ignore_index, flags,
+                   block_v=cfg.block_v, num_warps=cfg.num_warps, align=align,
+                   ref_logits=ref_logits if kl else None,
+                   ref_row_off=_rows.row_offsets(ref_logits) if kl else None)
     return out
 
 
 @_forward_op.register_fake
-def _(logits, labels, inv_temp, ignore_index, stats):
+def _(logits, labels, inv_temp, ignore_index, stats, ref_logits):
     return logits.new_empty((_rows.N_OUT, labels.numel()), dtype=torch.float32)
 
 
 def _launch_backward(logits, grad, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
-                     ignore_index):
+                     ignore_index, grad_kl, ref_logits, ref_lse, kl):
     f32 = torch.float32
     vectors = (("lse", lse, f32), ("entropy", entropy, f32), ("grad_logp", grad_logp, f32))
     if grad_entropy is not None:
         vectors += (("grad_entropy", grad_entropy, f32),)
+    # no reference logits, no KL term (whatever grad_kl says)
+    has_kl = grad_kl is not None and ref_logits is not None
+    if has_kl:
+        _check_ref(logits, ref_logits)
+        vectors += (("grad_kl", grad_kl, f32), ("ref_lse", ref_lse, f32), ("kl", kl, f32))
     _check_rows(logits, labels, inv_temp, *vectors)
     config, _, bwd = kernel_modules()
     cfg = config.backward_config(logits.dtype)
     align = config.row_alignment(logits, with_contiguous_copy=grad is not None)
+    kl_args = {}
+    if has_kl:
+        align = min(align, config.row_alignment(ref_logits))
+        kl_args = dict(ref_logits=ref_logits, ref_row_off=_rows.row_offsets(ref_logits),
+                       ref_lse=ref_lse, kl=kl, grad_kl=grad_kl)
     with _device_guard(logits):
         bwd.launch(logits, _rows.row_offsets(logits), grad, labels, inv_temp, lse, entropy,
                    grad_logp, grad_entropy, ignore_index, block_v=cfg.block_v,
-                   num_warps=cfg.num_warps, align=align)
+                   num_warps=cfg.num_warps, align=align, **kl_args)
 
 
 @torch.library.custom_op("prefopt_fast::triton_row_backward", mutates_args=())
 def _backward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
                  lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                 grad_entropy: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+                 grad_entropy: Optional[torch.Tensor], ignore_index: int,
+                 grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
+                 ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _launch_backward(logits, grad, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
-                     ignore_index)
+                     ignore_index, grad_kl, ref_logits, ref_lse, kl)
     return grad
 
 
 @_backward_op.register_fake
-def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index):
+def _(logits, *args):
     return logits.new_empty(logits.shape)
 
 
 @torch.library.custom_op("prefopt_fast::triton_row_backward_inplace", mutates_args=("logits",))
 def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
                          lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                         grad_entropy: Optional[torch.Tensor], ignore_index: int) -> None:
+                         grad_entropy: Optional[torch.Tensor], ignore_index: int,
+                         grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
+                         ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> None:
     _launch_backward(logits, None, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
-                     ignore_index)
+                     ignore_index, grad_kl, ref_logits, ref_lse, kl)
 
 
 @_backward_inplace_op.register_fake
-def _(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index):
+def _(logits, *args):
     return None
 
 
-# The exact-KL extension of the contract (ref_logits, STAT_KL) is not implemented here:
-# the dispatcher routes KL requests elsewhere. Without ref_logits the KL keywords are
-# ignored (there is no KL term), with it they are an error.
-SUPPORTS_KL = False
-
-
-def _no_kl(ref_logits):
-    if ref_logits is not None:
-        raise NotImplementedError("the triton backend does not implement the exact-KL extension (ref_logits)")
+# The exact-KL extension: ref_logits with STAT_KL forward; grad_kl with ref_logits,
+# ref_lse and kl backward (a grad_kl without ref_logits is ignored: no KL was computed).
+SUPPORTS_KL = True
 
 
 def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
                 ignore_index: int, stats: int, ref_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
     """fp32 [N_OUT, N]; see ``prefopt_fast._rows``."""
-    _no_kl(ref_logits)
-    return torch.ops.prefopt_fast.triton_row_forward(logits, labels, inv_temp, ignore_index, stats)
+    return torch.ops.prefopt_fast.triton_row_forward(logits, labels, inv_temp, ignore_index, stats,
+                                                     ref_logits)
 
 
 def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
@@ -210,10 +241,9 @@ def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Ten
                  grad_kl: Optional[torch.Tensor] = None, ref_logits: Optional[torch.Tensor] = None,
                  ref_lse: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient shaped like logits in logits.dtype (``logits`` itself when inplace)."""
-    _no_kl(ref_logits)
+    args = (logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+            grad_kl, ref_logits, ref_lse, kl)
     if inplace:
-        torch.ops.prefopt_fast.triton_row_backward_inplace(
-            logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index)
+        torch.ops.prefopt_fast.triton_row_backward_inplace(*args)
         return logits
-    return torch.ops.prefopt_fast.triton_row_backward(
-        logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index)
+    return torch.ops.prefopt_fast.triton_row_backward(*args)
