@@ -29,7 +29,8 @@ Chunk-size rule (``chunk_size=None``): the chunk's logits take
 itemsize of the hidden dtype), i.e. ``chunk_size = max(1, B // (V * itemsize))`` tokens,
 all of them when that is more. The backward tiles use the same byte budget, counting the
 second buffer of the softcap chain and, on devices without an fp32-output half-precision
-GEMM (the CPU), the fp32 copies the accumulating GEMMs need. So the peak extra memory is
+GEMM (the CPU), the fp32 copies the accumulating GEMMs need (blocks are never narrower than
+``MIN_VOCAB_BLOCK`` = 256 columns). So the peak extra memory is
 about one chunk (at most 1/16 of the logits for large inputs) plus per-token vectors plus
 the fp32 gradient accumulators: ``[M, H]`` for the hidden gradient when the vocabulary
 takes several blocks, and ``[V, H]`` for a half-precision weight gradient only when more
@@ -60,6 +61,9 @@ CHUNK_FRACTION = 16
 # Backward: tokens per tile. Up to this many tokens the weight gradient of each vocabulary
 # block is one GEMM (no [V, H] accumulator); beyond, tiles bound the hidden accumulator too.
 TOKEN_TILE = 4096
+# Backward: vocabulary blocks are never narrower than this (tiny GEMMs waste more time than
+# the few KiB they save): at most MIN_VOCAB_BLOCK * (TOKEN_TILE * (itemsize + 4) + 4 * H) bytes.
+MIN_VOCAB_BLOCK = 256
 # Labels handed to the row kernels are always >= 0 (ignored rows were dropped), and a
 # vocabulary block marks "label elsewhere" with an out-of-range index: -1 can never match.
 _KERNEL_IGNORE = -1
@@ -205,12 +209,13 @@ def _backward_tiles(M: int, V: int, H: int, r: int, item: int, cfg: _Cfg, half_n
     mc = max(1, min(M, TOKEN_TILE))
     budget = max(1, min(cfg.chunk, M)) * V * item  # bytes of one forward chunk
     per_col = mc * item * (2 if cfg.softcap is not None else 1)
-    vb = max(1, min(V, budget // per_col))
+    floor = max(1, min(V, MIN_VOCAB_BLOCK))
+    vb = max(floor, min(V, budget // per_col))
     upcast = half_no_fp32_mm and ((acc_over_vocab and vb < V) or (acc_over_tokens and M > mc))
     if upcast:
         # the fp32 copies of the gradient tile and of the weight / LoRA B block
         per_col += mc * 4 + (H + r) * 4
-        vb = max(1, min(V, budget // per_col))
+        vb = max(floor, min(V, budget // per_col))
     return mc, vb, upcast
 
 

@@ -1,0 +1,607 @@
+"""Fused-linear log-probs and losses against the naive path, on every backend available here.
+
+The reference materializes the logits in fp64 from the SAME (possibly bf16) inputs upcast
+exactly, then log_softmax + gather + autograd. fp32 inputs: the fused path differs only by
+fp32 rounding of the GEMM and the row kernels. bf16 inputs: the chunk logits are rounded
+to bf16 after the GEMM (what the lm_head of a bf16 model produces), i.e. an absolute error
+of about |z| * 2^-8 per logit, and the gradients come back in bf16; the tolerances below
+scale with that. Gradients are compared by relative Frobenius error, per tensor.
+
+Sizes stay tiny for the triton backend, which runs under the interpreter on CPU.
+"""
+import math
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import prefopt_fast.ops.linear_logprobs as LL
+from prefopt_fast import fused_dpo_loss, ppo_loss
+from prefopt_fast.linear import (
+    LinearDPOLoss,
+    LinearPPOLoss,
+    LinearSequenceLogProbs,
+    linear_dpo_loss,
+    linear_ppo_loss,
+    linear_sequence_logprobs,
+    linear_token_logprobs,
+)
+
+IGN = -100
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (logp / stat atol, gradient relative error) per dtype
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (6e-2, 3e-2)}
+
+
+@pytest.fixture(autouse=True)
+def narrow_vocab_blocks(request, monkeypatch):
+    """Let the tiny test vocabularies split into several backward blocks (the default floor of
+    256 columns would keep them whole), except under the slow Triton interpreter."""
+    params = getattr(request.node, "callspec", None)
+    if params is None or params.params.get("backend") != "triton":
+        monkeypatch.setattr(LL, "MIN_VOCAB_BLOCK", 1)
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def ref_logits(h, w, *, bias=None, lora=None, logit_scale=1.0, softcap=None):
+    """The transformed logits (before temperature), fp64, differentiable w.r.t. every input."""
+    z = h.double() @ w.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    if lora is not None:
+        a, b, s = lora
+        z = z + s * (h.double() @ a.double().t()) @ b.double().t()
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def ref_stats(z, y, temperature=1.0, ignore_index=IGN):
+    """logp, entropy, log_sum_sq_probs, mean_logit, is_argmax of fp64 logits z [..., V]."""
+    t = temperature.double().unsqueeze(-1) if torch.is_tensor(temperature) else temperature
+    x = z / t
+    lp = torch.log_softmax(x, -1)
+    keep = y != ignore_index
+    ys = torch.where(keep, y, 0).unsqueeze(-1)
+    p = lp.exp()
+    logp = lp.gather(-1, ys).squeeze(-1) * keep
+    ent = -(p * lp).sum(-1) * keep
+    lssp = torch.log((p * p).sum(-1)) * keep
+    mean = x.mean(-1) * keep
+    argmax = (x.argmax(-1) == y) & keep
+    return logp, ent, lssp, mean, argmax
+
+
+def make(B=2, T=7, H=16, V=50, dtype=torch.float32, *, bias=False, lora_r=0, ignore=True, seed=0, wscale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g).to(dtype)
+    w = (torch.randn(V, H, generator=g) * wscale).to(dtype)
+    y = torch.randint(0, V, (B, T), generator=g)
+    if ignore:
+        y[0, :3] = IGN   # a prompt
+        y[-1, -1] = IGN  # padding
+    out = dict(h=h, w=w, y=y)
+    if bias:
+        out["b"] = torch.randn(V, generator=g).to(dtype)
+    if lora_r:
+        out["A"] = (torch.randn(lora_r, H, generator=g) * 0.3).to(dtype)
+        out["Bm"] = (torch.randn(V, lora_r, generator=g) * 0.3).to(dtype)
+    return out
+
+
+def _leaves(d, names):
+    return {k: d[k].clone().requires_grad_(True) for k in names if k in d}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _assert_grads(got, want, tol, what=""):
+    for k in want:
+        assert got[k] is not None, f"{what} no gradient for {k}"
+        err = _rel(got[k], want[k])
+        assert err < tol, f"{what} grad {k}: relative error {err:.3g} >= {tol}"
+
+
+CONFIGS = {
+    "plain": dict(),
+    "bias+scale": dict(bias=True, logit_scale=0.7),
+    "softcap": dict(bias=True, logit_scale=1.3, softcap=2.5),
+    "lora": dict(lora_r=3, logit_scale=1.2),
+    "lora+softcap": dict(lora_r=3, softcap=3.0, bias=True),
+}
+
+
+def _run_case(backend, dtype, cfg, *, temperature=1.0, chunk_size=3, stats=("entropy",), V=50, seed=0):
+    cfg = dict(cfg)
+    logit_scale, softcap = cfg.pop("logit_scale", 1.0), cfg.pop("softcap", None)
+    d = make(dtype=dtype, V=V, seed=seed, **cfg)
+    names = ("h", "w", "b", "A", "Bm")
+    ours, ref = _leaves(d, names), _leaves(d, names)
+    lora = (ours["A"], ours["Bm"], 0.5) if "A" in ours else None
+    out = linear_token_logprobs(ours["h"], ours["w"], d["y"], bias=ours.get("b"), lora=lora,
+                                temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                                stats=stats, chunk_size=chunk_size, backend=backend)
+    z = ref_logits(ref["h"], ref["w"], bias=ref.get("b"), lora=(ref["A"], ref["Bm"], 0.5) if "A" in ref else None,
+                   logit_scale=logit_scale, softcap=softcap)
+    r = ref_stats(z, d["y"], temperature)
+    g = torch.Generator().manual_seed(1)
+    c, e = torch.randn(d["y"].shape, generator=g), torch.randn(d["y"].shape, generator=g)
+    loss = (out.logprobs * c).sum() + (out.entropy * e).sum() if stats else (out * c).sum()
+    loss.backward()
+    rloss = (r[0] * c).sum() + (r[1] * e).sum() if stats else (r[0] * c).sum()
+    rloss.backward()
+    return d, out, r, {k: v.grad for k, v in ours.items()}, {k: v.grad for k, v in ref.items()}, z
+
+
+# ----------------------------------------------------------------------------- token log-probs vs naive
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_matches_naive(backend, dtype, config):
+    dt = DTYPES[dtype]
+    temperature = 0.8 if config != "plain" else 1.0
+    d, out, r, got, want, z = _run_case(backend, dt, CONFIGS[config], temperature=temperature)
+    atol, gtol = TOL[dt]
+    scale = max(1.0, z.abs().max().item()) if dt != torch.float32 else 1.0
+    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == d["y"].shape
+    torch.testing.assert_close(out.logprobs.double(), r[0], atol=atol * scale, rtol=0)
+    torch.testing.assert_close(out.entropy.double(), r[1], atol=atol * scale, rtol=0)
+    assert (out.logprobs[d["y"] == IGN] == 0).all() and (out.entropy[d["y"] == IGN] == 0).all()
+    _assert_grads(got, want, gtol, f"{backend}/{dtype}/{config}")
+
+
+def test_per_token_and_per_sequence_temperature(backend):
+    for temp in (torch.rand(2, 7) + 0.5, torch.tensor([[0.7], [1.6]])):
+        d, out, r, got, want, _ = _run_case(backend, torch.float32, CONFIGS["bias+scale"], temperature=temp)
+        torch.testing.assert_close(out.logprobs.double(), r[0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(out.entropy.double(), r[1], atol=2e-5, rtol=0)
+        _assert_grads(got, want, 2e-5)
+
+
+def test_all_stats_match_naive(backend):
+    stats = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
+    d = make(bias=True)
+    # put some labels on the row argmax so is_argmax is exercised both ways
+    z = ref_logits(d["h"], d["w"], bias=d["b"], logit_scale=1.1, softcap=4.0)
+    d["y"][1, :4] = z[1, :4].argmax(-1)
+    out = linear_token_logprobs(d["h"], d["w"], d["y"], bias=d["b"], logit_scale=1.1, softcap=4.0,
+                                temperature=0.9, stats=stats, chunk_size=4, backend=backend)
+    r = ref_stats(z, d["y"], 0.9)
+    for got, want in zip(out[:4], r[:4]):
+        torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
+    assert out.is_argmax.dtype == torch.bool and torch.equal(out.is_argmax, r[4])
+    assert out.is_argmax.any() and out.kl is None
+
+
+def test_stats_subset_and_plain_return(backend):
+    d = make()
+    lp = linear_token_logprobs(d["h"], d["w"], d["y"], backend=backend)
+    assert isinstance(lp, torch.Tensor) and lp.shape == d["y"].shape
+    out = linear_token_logprobs(d["h"], d["w"], d["y"], stats=("mean_logit",), backend=backend)
+    assert out.entropy is None and out.mean_logit is not None and out.is_argmax is None
+    torch.testing.assert_close(out.logprobs, lp)
+
+
+# ----------------------------------------------------------------------------- chunking
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_chunk_boundaries_and_token_tiles(backend, dtype, monkeypatch):
+    """Chunks that split sequences, one-token chunks, many vocabulary blocks and several token
+    tiles (the weight-gradient accumulator path) all give the same answer."""
+    dt = DTYPES[dtype]
+    atol, gtol = TOL[dt]
+    d = make(dtype=dt, bias=True, lora_r=2, V=70)
+    y = d["y"]
+    results = []
+    configs = ((None, 4096), (1, 4096), (5, 4096), (3, 4), (100, 5))
+    if backend == "triton":  # the tiling is backend-independent; the interpreter is slow per tile
+        configs = ((None, 4096), (3, 4))
+        monkeypatch.setattr(LL, "MIN_VOCAB_BLOCK", 16)
+    for chunk, tile in configs:
+        monkeypatch.setattr(LL, "TOKEN_TILE", tile)
+        leaves = _leaves(d, ("h", "w", "b", "A", "Bm"))
+        out = linear_token_logprobs(leaves["h"], leaves["w"], y, bias=leaves["b"],
+                                    lora=(leaves["A"], leaves["Bm"], 2.0), stats=("entropy",), chunk_size=chunk,
+                                    backend=backend)
+        (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
+        results.append((out, {k: v.grad for k, v in leaves.items()}))
+    base_out, base_g = results[0]
+    for out, g in results[1:]:
+        torch.testing.assert_close(out.logprobs, base_out.logprobs, atol=atol * 4, rtol=0)
+        _assert_grads(g, base_g, gtol * 2 if dt == torch.float32 else gtol)
+
+
+def test_backward_tiling_rule(monkeypatch):
+    monkeypatch.setattr(LL, "MIN_VOCAB_BLOCK", 256)
+    assert LL._backward_tiles(64, 1000, 32, 0, 4, LL._Cfg(1.0, 1.0, None, 0, 1, "torch"), False, True, True) == \
+        (64, 256, False)  # the floor
+    monkeypatch.setattr(LL, "MIN_VOCAB_BLOCK", 1)
+    cfg = LL._Cfg(1.0, 1.0, None, 0, 8, "torch")
+    # single token tile, several vocabulary blocks of the forward chunk's byte budget
+    mc, vb, up = LL._backward_tiles(64, 1000, 32, 0, 4, cfg, False, True, True)
+    assert (mc, vb, up) == (64, 125, False)
+    # CPU half precision: the fp32 copies are counted in the budget
+    mc, vb, up = LL._backward_tiles(64, 1000, 32, 0, 2, cfg, True, True, True)
+    assert up and mc == 64 and vb == (8 * 1000 * 2) // (64 * 2 + 64 * 4 + 32 * 4)
+    # the whole vocabulary fits: no accumulation over blocks, no upcast
+    assert LL._backward_tiles(8, 1000, 32, 0, 2, LL._Cfg(1.0, 1.0, None, 0, 8, "torch"), True, True, False) == \
+        (8, 1000, False)
+
+
+def test_default_chunk_size_rule():
+    # 1/16 of the logits, clamped to [16 MiB, 256 MiB]
+    V = 128256
+    assert LL.default_chunk_size(2048, V, torch.float32) == (2048 * V * 4 // 16) // (V * 4)
+    assert LL.default_chunk_size(10 ** 6, V, torch.bfloat16) == (256 << 20) // (V * 2)
+    assert LL.default_chunk_size(100, 1000, torch.float32) == 100  # under 16 MiB: one chunk
+    assert LL.default_chunk_size(100, V, torch.float32) == (16 << 20) // (V * 4)
+    assert LL.default_chunk_size(0, V, torch.float32) == 1
+
+
+# ----------------------------------------------------------------------------- ignored rows
+
+
+def test_all_ignored_sequence_and_batch(backend):
+    d = make(bias=True)
+    y = d["y"].clone()
+    y[1] = IGN  # a whole sequence
+    for labels in (y, torch.full_like(y, IGN)):
+        leaves = _leaves(d, ("h", "w", "b"))
+        out = linear_token_logprobs(leaves["h"], leaves["w"], labels, bias=leaves["b"], stats=("entropy",),
+                                    chunk_size=2, backend=backend)
+        assert torch.isfinite(out.logprobs).all()
+        assert (out.logprobs[labels == IGN] == 0).all() and (out.entropy[labels == IGN] == 0).all()
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+        gh = leaves["h"].grad
+        assert gh is not None and (gh[labels == IGN] == 0).all()
+        if (labels == IGN).all():
+            assert (leaves["w"].grad == 0).all() and (leaves["b"].grad == 0).all()
+        else:
+            ref = _leaves(d, ("h", "w", "b"))
+            r = ref_stats(ref_logits(ref["h"], ref["w"], bias=ref["b"]), labels)
+            (r[0].sum() + r[1].sum()).backward()
+            _assert_grads({k: v.grad for k, v in leaves.items()}, {k: v.grad for k, v in ref.items()}, 2e-5)
+
+
+# ----------------------------------------------------------------------------- no wasted GEMMs
+
+
+class GemmLog(TorchDispatchMode):
+    """Records (op, output shape, output dtype, operand shapes) of every matmul-family op."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_", "matmul", "bmm", "baddbmm", "linear"):
+            res = out if isinstance(out, torch.Tensor) else None
+            if res is not None:
+                shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+                self.calls.append((name, tuple(res.shape), res.dtype, shapes))
+        return out
+
+
+def test_frozen_weight_runs_no_weight_gemm(backend):
+    d = make(H=24, V=50, bias=True)
+    M = int((d["y"] != IGN).sum())
+    h = d["h"].clone().requires_grad_(True)
+    w, b = d["w"], d["b"]  # frozen head (requires_grad False)
+    for chunk in (None, 3):  # one vocabulary block, several (of 15 columns: no shape collides with M = 10)
+        h.grad = None
+        with GemmLog() as log:
+            out = linear_token_logprobs(h, w, d["y"], bias=b, chunk_size=chunk, backend=backend)
+            out.sum().backward()
+        assert h.grad is not None and w.grad is None and b.grad is None
+        # every GEMM with H columns is a hidden-gradient one ([M, H]); none produces [V or block, H]
+        h_cols = [c for c in log.calls if c[1][-1] == 24]
+        assert h_cols and all(c[1][0] == M for c in h_cols), log.calls
+
+
+def test_frozen_hidden_and_lora_on_frozen_head(backend):
+    d = make(H=24, V=50, lora_r=3)
+    M = int((d["y"] != IGN).sum())
+    w = d["w"].clone().requires_grad_(True)
+    with GemmLog() as log:
+        linear_token_logprobs(d["h"], w, d["y"], chunk_size=3, backend=backend).sum().backward()
+    assert w.grad is not None
+    assert not [c for c in log.calls if c[1] == (M, 24)], "a hidden-gradient GEMM ran for a frozen hidden"
+
+    # the usual LoRA setup: frozen weight, trainable A and B (and hidden)
+    leaves = _leaves(d, ("h", "A", "Bm"))
+    ref = _leaves(d, ("h", "A", "Bm"))
+    with GemmLog() as log:
+        out = linear_token_logprobs(leaves["h"], d["w"], d["y"], lora=(leaves["A"], leaves["Bm"], 0.7),
+                                    stats=("entropy",), chunk_size=3, backend=backend)
+        (out.logprobs.sum() - out.entropy.sum()).backward()
+    assert not [c for c in log.calls if c[1] == (50, 24) or (c[1][-1] == 24 and c[1][0] not in (M, 3))]
+    r = ref_stats(ref_logits(ref["h"], d["w"], lora=(ref["A"], ref["Bm"], 0.7)), d["y"])
+    (r[0].sum() - r[1].sum()).backward()
+    _assert_grads({k: v.grad for k, v in leaves.items()}, {k: v.grad for k, v in ref.items()}, 2e-5)
+
+
+def test_bf16_gradients_accumulate_in_fp32(backend, monkeypatch):
+    """Many vocabulary blocks and token tiles: every accumulating GEMM writes an fp32 tensor."""
+    if backend == "triton":
+        pytest.skip("backend-independent tiling; hundreds of tiles are too slow for the Triton interpreter")
+    monkeypatch.setattr(LL, "TOKEN_TILE", 4)
+    d = make(dtype=torch.bfloat16, V=64, H=24, bias=True)
+    leaves = _leaves(d, ("h", "w", "b"))
+    with GemmLog() as log:
+        out = linear_token_logprobs(leaves["h"], leaves["w"], d["y"], bias=leaves["b"], chunk_size=1,
+                                    backend=backend)
+        out.sum().backward()
+    acc = [c for c in log.calls if c[0].startswith("addmm") and c[1][-1] == 24]
+    assert acc and all(c[2] == torch.float32 for c in acc), acc
+    assert all(g.dtype == torch.bfloat16 for g in (leaves["h"].grad, leaves["w"].grad, leaves["b"].grad))
+    ref = _leaves(d, ("h", "w", "b"))
+    ref_stats(ref_logits(ref["h"], ref["w"], bias=ref["b"]), d["y"])[0].sum().backward()
+    _assert_grads({k: v.grad for k, v in leaves.items()}, {k: v.grad for k, v in ref.items()}, 3e-2)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live storages created by ops inside the region.
+
+    Every op output whose storage was not seen before is counted at its storage size and
+    uncounted when the last tensor viewing it is freed (weakref finalizers; with PyObject
+    preservation a tensor's Python object lives as long as its TensorImpl, including inside
+    the autograd graph). In-place and ``out=`` results reuse a seen storage and add nothing.
+    Covers every aten / custom op, so any [N, V] tensor anywhere shows up.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.biggest = 0
+        self.refs = {}
+
+    def _drop(self, key, nbytes):
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t in outs:
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            st = t.untyped_storage()
+            key, nbytes = st.data_ptr(), st.nbytes()
+            if nbytes == 0:
+                continue
+            if key not in self.refs:
+                self.refs[key] = 0
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                self.biggest = max(self.biggest, nbytes)
+            self.refs[key] += 1
+            weakref.finalize(t, self._drop, key, nbytes)
+        return out
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_logits_are_never_materialized(backend, dtype):
+    if backend == "triton":
+        pytest.skip("sizes too large for the Triton interpreter; the memory rule is backend-independent")
+    dt = DTYPES[dtype]
+    B, T, H, V = 4, 128, 32, 4096
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, H, generator=g).to(dt).requires_grad_(True)
+    w = (torch.randn(V, H, generator=g) * 0.3).to(dt).requires_grad_(True)
+    y = torch.randint(0, V, (B, T), generator=g)
+    N, item = B * T, h.element_size()
+    logits_bytes = N * V * 4
+    chunk = 16
+    with LiveBytes() as mem:
+        out = linear_token_logprobs(h, w, y, stats=("entropy",), chunk_size=chunk, backend=backend)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+    # what the op may hold at once: one chunk (x3 for fp32 copies of a half tile on CPU),
+    # the gradients and their fp32 accumulators, O(N) vectors and O(N * H) copies
+    grads = (N * H + V * H) * (item + 4)
+    bound = 3 * chunk * V * 4 + grads + 64 * N * 8 + 4 * N * H * 4 + (1 << 16)
+    assert mem.peak < bound, (mem.peak, bound)
+    assert mem.peak < logits_bytes / 4, (mem.peak, logits_bytes)
+    assert mem.biggest < N * V * item / 8, mem.biggest
+    # the naive path on the same inputs does allocate the logits (the probe sees them)
+    with LiveBytes() as naive:
+        torch.log_softmax((h @ w.t()).float(), -1).gather(-1, y.unsqueeze(-1)).sum().backward()
+    assert naive.biggest >= N * V * item
+
+
+# ----------------------------------------------------------------------------- TRL's fused head
+
+
+def test_matches_trl_chunked_logprob_function(backend):
+    trl_kernels = pytest.importorskip("trl.kernels.chunked_logprob")
+    fn = trl_kernels.ChunkedLogProbFunction
+    d = make(bias=True, ignore=False, V=64)
+    stats = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
+    z = ref_logits(d["h"], d["w"], bias=d["b"], logit_scale=1.2, softcap=3.0)
+    d["y"][0, :3] = z[0, :3].argmax(-1)
+    a, b = _leaves(d, ("h", "w", "b")), _leaves(d, ("h", "w", "b"))
+    H = d["h"].shape[-1]
+    trl_out = fn.apply(a["h"].reshape(-1, H), a["w"], a["b"], d["y"].reshape(-1), 0.9, 16, 3.0, 1.2,
+                       ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    ours = linear_token_logprobs(b["h"], b["w"], d["y"], bias=b["b"], temperature=0.9, logit_scale=1.2,
+                                 softcap=3.0, stats=stats, chunk_size=5, backend=backend)
+    for got, want in zip(ours[:4], trl_out[:4]):
+        torch.testing.assert_close(got.reshape(-1), want, atol=3e-5, rtol=1e-5)
+    assert torch.equal(ours.is_argmax.reshape(-1), trl_out[4]) and trl_out[4].any()
+    c = torch.randn(d["y"].numel())
+    (trl_out[0] * c + trl_out[1]).sum().backward()
+    (ours.logprobs.reshape(-1) * c + ours.entropy.reshape(-1)).sum().backward()
+    _assert_grads({k: v.grad for k, v in b.items()}, {k: v.grad for k, v in a.items()}, 3e-5)
+
+
+# ----------------------------------------------------------------------------- sequences, DPO, PPO
+
+
+def _materialized(d, *, bias=None, lora=None, logit_scale=1.0, softcap=None):
+    z = d["h"] @ d["w"].t()
+    if bias is not None:
+        z = z + bias
+    if lora is not None:
+        z = z + lora[2] * (d["h"] @ lora[0].t()) @ lora[1].t()
+    z = z * logit_scale
+    return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+
+def test_sequence_logprobs_padded_and_packed(backend):
+    d = make(bias=True)
+    h, w, y = d["h"], d["w"], d["y"]
+    for average in (False, True):
+        got = linear_sequence_logprobs(h, w, y, bias=d["b"], average=average, softcap=5.0, chunk_size=4,
+                                       backend=backend)
+        r = ref_stats(ref_logits(h, w, bias=d["b"], softcap=5.0), y)[0]
+        n = (y != IGN).sum(-1).clamp(min=1)
+        want = r.sum(-1) / (n if average else 1)
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
+    cu = torch.tensor([0, 7, 14])
+    packed = linear_sequence_logprobs(h.reshape(14, -1), w, y.reshape(14), bias=d["b"], cu_seqlens=cu,
+                                      softcap=5.0, chunk_size=4, backend=backend)
+    torch.testing.assert_close(packed, linear_sequence_logprobs(h, w, y, bias=d["b"], softcap=5.0, backend=backend),
+                               atol=2e-5, rtol=0)
+    mod = LinearSequenceLogProbs(average=True, softcap=5.0, chunk_size=4, backend=backend)
+    torch.testing.assert_close(mod(h, w, y, bias=d["b"]),
+                               linear_sequence_logprobs(h, w, y, bias=d["b"], softcap=5.0, average=True,
+                                                        backend=backend))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", ["sigmoid", "sft"]])
+def test_dpo_equals_fused_dpo_on_materialized_logits(backend, loss_type):
+    if backend == "triton" and loss_type != "sigmoid":
+        pytest.skip("the loss head is backend-independent; one loss type is enough under the interpreter")
+    d = make(B=4, T=6, bias=True, lora_r=2)
+    ref_h = d["h"] + 0.1 * torch.randn_like(d["h"])
+    kw = dict(logit_scale=0.9, softcap=4.0)
+    a, b = _leaves(d, ("h", "w", "b", "A", "Bm")), _leaves(d, ("h", "w", "b", "A", "Bm"))
+    loss, met = linear_dpo_loss(a["h"], a["w"], d["y"], bias=a["b"], lora=(a["A"], a["Bm"], 0.5), ref_hidden=ref_h,
+                                ref_weight=d["w"], ref_bias=d["b"], beta=0.2, loss_type=loss_type, temperature=1.1,
+                                chunk_size=5, backend=backend, **kw)
+    logits = _materialized(dict(h=b["h"], w=b["w"]), bias=b["b"], lora=(b["A"], b["Bm"], 0.5), **kw)
+    ref_logits_ = _materialized(dict(h=ref_h, w=d["w"]), bias=d["b"], **kw)
+    loss2, met2 = fused_dpo_loss(logits, d["y"], ref_logits=ref_logits_, beta=0.2, loss_type=loss_type,
+                                 temperature=1.1, backend=backend)
+    torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
+    assert met.keys() == met2.keys()
+    for k in met:
+        torch.testing.assert_close(met[k], met2[k], atol=2e-5, rtol=1e-5)
+    loss.backward()
+    loss2.backward()
+    _assert_grads({k: v.grad for k, v in a.items()}, {k: v.grad for k, v in b.items()}, 2e-5)
+
+    # module, precomputed reference log-probs, packed layout
+    mod = LinearDPOLoss(beta=0.2, loss_type=loss_type, temperature=1.1, chunk_size=5, backend=backend, **kw)
+    ref_logps = linear_sequence_logprobs(ref_h, d["w"], d["y"], bias=d["b"], temperature=1.1, backend=backend, **kw)
+    rc, rr = ref_logps[:2], ref_logps[2:]
+    loss3, _ = mod(d["h"].reshape(-1, d["h"].shape[-1]), d["w"], d["y"].reshape(-1), rc, rr, bias=d["b"],
+                   lora=(d["A"], d["Bm"], 0.5), cu_seqlens=torch.arange(0, 25, 6))
+    torch.testing.assert_close(loss3, loss.detach(), atol=1e-4, rtol=1e-4)
+
+
+PPO_VARIANTS = {
+    "default": dict(),
+    "k3+entropy": dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, clip_eps_high=0.28),
+    "seq-dual": dict(loss_agg_mode="seq-mean-token-mean", dual_clip=3.0, kl_coef=0.05, kl_estimator="k1"),
+    "gspo-mask": dict(importance_sampling_level="sequence", loss_mask=True, loss_agg_mode="seq-mean-token-sum"),
+}
+
+
+@pytest.mark.parametrize("variant", list(PPO_VARIANTS))
+def test_ppo_equals_ppo_loss_on_materialized_logits(backend, variant):
+    kw = dict(PPO_VARIANTS[variant])
+    d = make(B=3, T=6, bias=True)
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(3, 6, generator=g) * 3
+    adv = torch.randn(3, generator=g)
+    if kw.pop("loss_mask", False):
+        kw["loss_mask"] = torch.rand(3, 6, generator=g) > 0.3
+    if kw.get("kl_coef"):
+        kw["ref_logps"] = -torch.rand(3, 6, generator=g) * 3
+    tkw = dict(temperature=0.9)
+    a, b = _leaves(d, ("h", "w", "b")), _leaves(d, ("h", "w", "b"))
+    loss, met = linear_ppo_loss(a["h"], a["w"], d["y"], old, adv, bias=a["b"], softcap=6.0, chunk_size=4,
+                                backend=backend, **tkw, **kw)
+    logits = _materialized(dict(h=b["h"], w=b["w"]), bias=b["b"], softcap=6.0)
+    loss2, met2 = ppo_loss(logits, d["y"], old, adv, backend=backend, **tkw, **kw)
+    torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
+    assert met.keys() == met2.keys()
+    for k in met:
+        torch.testing.assert_close(met[k], met2[k], atol=1e-5, rtol=1e-5)
+    loss.backward()
+    loss2.backward()
+    _assert_grads({k: v.grad for k, v in a.items()}, {k: v.grad for k, v in b.items()}, 3e-5)
+
+
+def test_ppo_module_and_full_kl_is_refused(backend):
+    d = make(B=3, T=6)
+    old, adv = -torch.rand(3, 6), torch.randn(3, 6)
+    mod = LinearPPOLoss(clip_eps_low=0.1, entropy_coef=0.01, softcap=6.0, chunk_size=3, backend=backend)
+    loss, _ = mod(d["h"], d["w"], d["y"], old, adv)
+    loss2, _ = linear_ppo_loss(d["h"], d["w"], d["y"], old, adv, clip_eps_low=0.1, entropy_coef=0.01, softcap=6.0,
+                               backend=backend)
+    torch.testing.assert_close(loss, loss2)
+    assert "softcap=6.0" in repr(mod)
+    with pytest.raises(ValueError, match="full"):
+        linear_ppo_loss(d["h"], d["w"], d["y"], old, adv, kl_estimator="full", backend=backend)
+    with pytest.raises(ValueError, match="full"):
+        LinearPPOLoss(kl_estimator="full")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_raise_clear_errors():
+    d = make(bias=True, lora_r=2)
+    h, w, y = d["h"], d["w"], d["y"]
+    cases = [
+        (dict(hidden=h.long()), TypeError, "hidden must be float32"),
+        (dict(weight=w[:, :5]), ValueError, r"weight must have shape \[V, H\]"),
+        (dict(weight=w.double()), TypeError, "weight must have the dtype of hidden"),
+        (dict(labels=y[:, :3]), ValueError, "labels must have shape hidden.shape"),
+        (dict(labels=y.float()), TypeError, "labels must be an integer tensor"),
+        (dict(labels=torch.full_like(y, 50)), ValueError, r"labels must lie in \[0, 50\)"),
+        (dict(bias=d["b"][:3]), ValueError, "bias must have shape"),
+        (dict(lora=(d["A"], d["Bm"])), TypeError, "lora must be a tuple"),
+        (dict(lora=(d["A"], d["Bm"][:3], 1.0)), ValueError, "lora B must have shape"),
+        (dict(lora=(d["A"], d["Bm"], torch.tensor(1.0))), TypeError, "scaling"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(softcap=-1.0), ValueError, "softcap"),
+        (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+        (dict(stats=("kl",)), ValueError, "not available in the fused-linear path"),
+        (dict(stats=("nope",)), ValueError, "stats entries"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+    ]
+    for over, exc, msg in cases:
+        kw = dict(hidden=h, weight=w, labels=y)
+        kw.update(over)
+        args = (kw.pop("hidden"), kw.pop("weight"), kw.pop("labels"))
+        with pytest.raises(exc, match=msg):
+            linear_token_logprobs(*args, **kw)
+    with pytest.raises(ValueError, match="ref_weight"):
+        linear_dpo_loss(make(B=2)["h"], w, make(B=2)["y"], ref_hidden=make(B=2)["h"])
+
+
+def test_nan_hidden_row_stays_nan(backend):
+    d = make()
+    d["h"][1, 2, 0] = float("nan")
+    out = linear_token_logprobs(d["h"], d["w"], d["y"], chunk_size=3, backend=backend)
+    assert math.isnan(out[1, 2].item())
+    assert torch.isfinite(out[0]).all()
