@@ -339,6 +339,12 @@ def test_large_magnitudes():
     refh = ref_forward(zh, torch.tensor([5, 7, 9]), torch.ones(3))
     assert_fwd(outh, refh, STAT_ALL, rtol=1e-5, atol=1e-4)
     assert outh[OUT_LOGP, 0] == 0 and outh[OUT_LOGP, 1] == zh[1, 7]
+    # finite values near -FLT_MAX overflow float partial sums: the mean is still finite
+    zm = torch.randn(2, 5000)
+    zm[0, 10:12] = -3e38
+    zm[1, 3] = -math.inf
+    outm = cpu.row_forward(zm, torch.tensor([0, 1]), torch.ones(2), IGN, STAT_MEAN)
+    torch.testing.assert_close(outm[OUT_MEAN].double(), zm.double().mean(-1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,15 +1,19 @@
 // CPU row kernels: forward (logsumexp, log-prob and row statistics) and backward
 // (gradient of the logits), semantics as in prefopt_fast/_rows.py. No torch headers.
 //
-// Fast path, per row: chunks of kChunk elements are converted to fp32 (x = z * inv_temp)
-// into an L1-resident buffer while integer bit tests flag NaN / +inf / |x| >= 2^64
-// and -inf (replaced by a finite sentinel); then a vectorised pass of pf_exp_poly
-// accumulates the online logsumexp. The whole file is compiled with IEEE semantics
-// (no -ffast-math): float reductions vectorise through `omp simd reduction` clauses
-// (-fopenmp-simd, no OpenMP runtime) and exp is straight-line arithmetic, so there is
-// no vector math library and no flush-to-zero side effect on the host process.
-// Rows (or backward chunks) that the bit tests flag go through an exact scalar path in
-// double precision which follows float64 torch.log_softmax.
+// Forward: one fused pass per chunk of kChunk elements (convert to fp32, max, sum of x,
+// exp-sums against a running reference max; see fwd_segment_impl), so each logits byte
+// is read once. Backward: one pass, one read of the row and one write of the gradient.
+// Rows are spread over threads; a few very long rows are split into segments whose
+// partial accumulators are merged (pf_lse_merge, pf_kl_rebase).
+//
+// The whole file is compiled with IEEE semantics, no -ffast-math: float reductions
+// vectorise through `omp simd reduction` clauses (-fopenmp-simd, no OpenMP runtime),
+// and exp is pf_exp_poly (prefopt_math.h), straight-line arithmetic, so there is no
+// vector math library and no flush-to-zero side effect on the host process. Because
+// IEEE holds, NaN / +inf show up in the row's sum / max and -inf entries give exp = 0;
+// such rows, rows of only -inf and rows with |x| >= 2^64 go through an exact scalar
+// path in double precision that follows float64 torch.log_softmax.
 #include "row_kernels.h"
 
 #include <math.h>
@@ -37,7 +41,7 @@
 namespace prefopt_cpu {
 namespace {
 
-// 2048 fp32 = 8 KiB of buffer plus at most 8 KiB of input: both stay in a 32 KiB L1d.
+// 2048 fp32 = 8 KiB (16-bit rows: plus 4 KiB of input): the widened buffers stay in L1d.
 constexpr int64_t kChunk = 2048;
 
 enum : int { kStatEntropy = 1, kStatLssp = 2, kStatMean = 4, kStatArgmax = 8, kStatKl = 16 };
@@ -397,7 +401,7 @@ void exact_row_forward(const typename D::S* z, const typename D::S* zr, int64_t 
 
 template <class D>
 void finish_row(const typename D::S* z, const typename D::S* zr, int64_t V, float it, int64_t y,
-                const FwdPart& part, double* o) {
+                const FwdPart& part, bool want_mean, double* o) {
   const bool y_ok = y >= 0 && y < V;
   if ((part.flags & kFlagBad) || part.acc.s == 0.0 || (zr && part.racc.s == 0.0)) {
     exact_row_forward<D>(z, zr, V, it, y, y_ok, o);
@@ -409,7 +413,14 @@ void finish_row(const typename D::S* z, const typename D::S* zr, int64_t V, floa
   o[kOutLogp] = y_ok ? ((double)(D::load(z, y) * it) - part.acc.m) - ls : kNaN;
   o[kOutEntropy] = pf_lse_entropy(part.acc);
   o[kOutLssp] = pf_lse_log_sum_sq(part.acc);
-  o[kOutMean] = part.sum_x / (double)V;  // -inf if any x_v is
+  o[kOutMean] = part.sum_x / (double)V;
+  if (want_mean && part.sum_x == -kInf) {
+    // -inf entries, or (rarely) finite values near -FLT_MAX that overflowed the float
+    // partial sums: tell them apart in double
+    double sx = 0.0;
+    for (int64_t v = 0; v < V && sx != -kInf; ++v) sx += (double)(D::load(z, v) * it);
+    o[kOutMean] = sx / (double)V;
+  }
   o[kOutArgmax] = (y_ok && y == part.argmax) ? 1.0 : 0.0;
   if (zr) {
     o[kOutRefLse] = pf_lse_value(part.racc);
@@ -427,6 +438,7 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
   const bool kl = R != nullptr && (stats & kStatKl) != 0;
   const bool full = (stats & (kStatEntropy | kStatLssp | kStatMean)) != 0;
   const bool want_argmax = (stats & kStatArgmax) != 0;
+  const bool want_mean = (stats & kStatMean) != 0;
   const int mode = kl ? kModeKl : full ? kModeFull : kModeBasic;
   static const FwdSegmentFn table[3][3] = {{fwd_f32_basic, fwd_f32_full, fwd_f32_kl},
                                            {fwd_bf16_basic, fwd_bf16_full, fwd_bf16_kl},
@@ -462,7 +474,7 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
         const float it = inv_temp[n];
         const FwdPart part = seg_fn(z, zr, 0, V, it, want_argmax);
         double o[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
-        finish_row<D>(z, zr, V, it, y, part, o);
+        finish_row<D>(z, zr, V, it, y, part, want_mean, o);
         write(n, o);
       }
     });
@@ -493,7 +505,7 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
       const S *z, *zr;
       row_ptrs(n, &z, &zr);
       double o[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
-      finish_row<D>(z, zr, V, inv_temp[n], y, row, o);
+      finish_row<D>(z, zr, V, inv_temp[n], y, row, want_mean, o);
       write(n, o);
     }
   });
