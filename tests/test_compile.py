@@ -68,7 +68,7 @@ def test_compile_bf16_inplace_backward(backend, device):
         loss.backward()
         return loss.detach(), h.grad
 
-    a = run(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    a = run(torch.compile(f, fullgraph=True))
     b = run(f)
     torch.testing.assert_close(a[0], b[0], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=2**-7)
