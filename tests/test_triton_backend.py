@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from prefopt_fast import _rows  # noqa: E402
 from prefopt_fast.backends import triton as tb  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 IGN = -100
 BLOCK = 64

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all-stat-combos", action="store_true",
                     help="all 32 forward flag combinations, not only the compiled flag sets")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
     t0 = time.perf_counter()

@@ -34,7 +34,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    # the values Triton itself reads as true
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 @functools.lru_cache(maxsize=None)
