@@ -67,12 +67,17 @@ def check_labels(labels, logits: torch.Tensor, ignore_index: int, name: str = "l
     msg = f"{name} must lie in [0, {V}) (the vocabulary size) or equal ignore_index={ignore_index}"
     if _compiling():
         torch._assert_async(~bad.any(), msg)
-    elif bad.any():
+    elif labels.device.type != "meta" and bad.any():  # meta tensors have no values to check
         first = int(labels[bad].reshape(-1)[0])
         raise ValueError(f"{msg}; found {first} ({int(bad.sum())} bad labels)")
 
 
 def check_positive_float(value, name: str) -> float:
+    if _compiling():
+        # torch.compile makes a float that changes between calls symbolic: check it as a
+        # guard of the graph rather than with Python math, so no value recompiles
+        torch._check(value > 0, lambda: f"{name} must be a finite float > 0")
+        return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
     value = float(value)
@@ -87,7 +92,7 @@ def inverse_temperature(temperature, labels: torch.Tensor, dtype: torch.dtype = 
     n = labels.numel()
     if not isinstance(temperature, torch.Tensor):
         t = check_positive_float(temperature, "temperature")
-        return torch.full((n,), 1.0 / t, dtype=dtype, device=labels.device)
+        return torch.full((n,), t, dtype=dtype, device=labels.device).reciprocal()
     if not temperature.dtype.is_floating_point:
         raise TypeError(f"temperature must be a float or a floating-point tensor; got {temperature.dtype}")
     if temperature.device != labels.device:
