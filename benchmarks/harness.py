@@ -1276,15 +1276,28 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
         for o in outs:
             case = Case.make(job["shape"], o.pop("dtype"), device)
             r = new_result(op, prov, case, **o)
-            if r.get("status") == "ok":
-                d = case.torch_dtype
-                derive(r, op, job["shape"], d, calib[op.main_bytes(job["shape"], d)], gemm.get(case.dtype),
-                       allocates=not prov.mutates)
-            else:
+            if r.get("status") != "ok":
                 bar.note(f"{prov.name} {shape_label(job['shape'])} {case.dtype}: {r.get('status')}: {r.get('note')}")
             results.append(r)
         bar.finish(label, time.perf_counter() - t0)
     bar.close()
+
+    # the copy test again after the jobs: on a shared machine one window can be unlucky, and
+    # the bound takes the best rate seen (the first-touch rate too)
+    if not dry_run and jobs:
+        for c in calib_list:
+            c2 = copy_bandwidth(c["nbytes"], device, repeats=5, min_time=0.5)
+            c["copy_Bps_runs"] = [c["copy_Bps"], c2["copy_Bps"]]
+            c["copy_Bps"] = max(c["copy_Bps_runs"])
+            c["fresh_copy_Bps"] = max(c["fresh_copy_Bps"], c2["fresh_copy_Bps"])
+            c["fresh_bound_Bps"] = max(c["fresh_bound_Bps"], c["fresh_copy_Bps"])
+        gc.collect()
+        _malloc_trim()
+    for r in results:
+        if r.get("status") == "ok":
+            prov, d = op.provider(r["provider"]), DTYPES[r["dtype"]]
+            derive(r, op, r["shape"], d, calib[op.main_bytes(r["shape"], d)], gemm.get(r["dtype"]),
+                   allocates=not prov.mutates)
 
     # table order: shapes as given, dtypes as given, providers in table order
     order_p = {p.name: i for i, p in enumerate(op.providers)}
