@@ -5,36 +5,41 @@
     x = z / temperature                                 (the row kernels' inv_temp)
 
 (the transform of TRL 1.16's fused LM head). The vocabulary is touched only by the row
-kernels of the backend the dispatcher picks (``prefopt_fast._rows``), run on one chunk of
-logits at a time in a reusable buffer:
+kernels of the backend the dispatcher picks (``prefopt_fast._rows``), run on one tile of
+logits at a time in a reusable buffer. Rows whose label is ``ignore_index`` are dropped
+first (an O(N * H) gather of the hidden rows of the real labels); the M remaining tokens
+are cut into token tiles of up to ``TOKEN_TILE`` (4096) tokens, the vocabulary into blocks
+that fill the chunk budget (``[token_tile, vocab_block]`` tiles: the GEMMs keep all the
+tokens of a tile as their long dimension and each weight block is read once per tile,
+where ``[chunk_size, V]`` row chunks would re-read the whole weight per chunk with a short,
+inefficient GEMM).
 
 forward
-    rows whose label is ``ignore_index`` are dropped first (an O(N * H) gather of the
-    hidden rows of the real labels); then per chunk of ``chunk_size`` tokens: one GEMM into
-    the chunk buffer ``[chunk_size, V]``, bias / LoRA / softcap in place, ``row_forward``;
-    only per-token statistics are kept.
+    per tile: one GEMM into the buffer, bias / LoRA / softcap in place, ``row_forward`` on
+    the block (a label outside it is an out-of-range index, which the row contract allows);
+    the per-block statistics merge exactly into the full-row ones (online log-sum-exp, see
+    ``_linear_forward``). Only per-token statistics are kept.
 backward
-    tiles of ``[token_tile, vocab_block]`` (whole token set in one tile up to
-    ``TOKEN_TILE`` tokens; the vocabulary block sized to the same byte budget as a forward
-    chunk): recompute the tile's logits, ``row_backward`` in place over them, chain through
-    the softcap, then the gradient GEMMs. Products are accumulated in fp32 whatever the
-    input dtype (fp32 accumulators, cast at the end); a GEMM whose result is complete in one
-    tile (the weight gradient of a single token tile, the hidden gradient of a single
-    vocabulary block) writes its result directly, its internal accumulation being fp32
-    already. No weight-gradient GEMM runs when the weight does not require grad (likewise
-    for the hidden states, the bias and the LoRA factors).
+    per tile: recompute the logits, ``row_backward`` in place over them (it needs only the
+    full-row lse / entropy of the forward), chain through the softcap, then the gradient
+    GEMMs. Products are accumulated in fp32 whatever the input dtype (fp32 accumulators,
+    cast at the end); a GEMM whose result is complete in one tile (the weight gradient of a
+    single token tile, the hidden gradient of a single vocabulary block) writes its result
+    directly, its internal accumulation being fp32 already. No weight-gradient GEMM runs
+    when the weight does not require grad (likewise for the hidden states, the bias and the
+    LoRA factors).
 
-Chunk-size rule (``chunk_size=None``): the chunk's logits take
-``B = clamp(M * V * itemsize / 16, 16 MiB, 256 MiB)`` bytes (M = tokens with a real label,
-itemsize of the hidden dtype), i.e. ``chunk_size = max(1, B // (V * itemsize))`` tokens,
-all of them when that is more. The backward tiles use the same byte budget, counting the
-second buffer of the softcap chain and, on devices without an fp32-output half-precision
-GEMM (the CPU), the fp32 copies the accumulating GEMMs need (blocks are never narrower than
-``MIN_VOCAB_BLOCK`` = 256 columns). So the peak extra memory is
-about one chunk (at most 1/16 of the logits for large inputs) plus per-token vectors plus
-the fp32 gradient accumulators: ``[M, H]`` for the hidden gradient when the vocabulary
-takes several blocks, and ``[V, H]`` for a half-precision weight gradient only when more
-than ``TOKEN_TILE`` tokens need several token tiles.
+Chunk-size rule. ``chunk_size`` (tokens) sets the byte budget of the logits buffer to that
+of ``chunk_size`` full rows: ``chunk_size * V * itemsize``. ``chunk_size=None`` takes
+``clamp(M * V * itemsize / 16, 16 MiB, 256 MiB)`` bytes (M = tokens with a real label,
+itemsize of the hidden dtype), i.e. at most 1/16 of the logits it replaces once they pass
+256 MiB, all of them below 16 MiB. The backward counts in the same budget the second buffer
+of the softcap chain and, on devices without an fp32-output half-precision GEMM (the CPU),
+the fp32 copies the accumulating GEMMs need. Vocabulary blocks are never narrower than
+``MIN_VOCAB_BLOCK`` (256) columns. So the peak extra memory is about one chunk plus
+per-token vectors plus the fp32 gradient accumulators: ``[M, H]`` for the hidden gradient
+when the vocabulary takes several blocks, and ``[V, H]`` for a half-precision weight
+gradient only when more than ``TOKEN_TILE`` tokens need several token tiles.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -44,9 +49,8 @@ from torch import nn
 
 from .. import _validate
 from .._dispatch import _load, resolve_backend
-from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN, STATS
-
-assert (OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX) == tuple(range(6))
+from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY, STAT_LSSP
+from .._rows import STAT_MEAN, STATS
 from .token_logprobs import TokenLogProbs
 
 __all__ = ["linear_token_logprobs", "linear_sequence_logprobs", "LinearSequenceLogProbs",
@@ -143,6 +147,103 @@ def _logits_into(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias, u, lor
     return z
 
 
+def _forward_tiles(M: int, V: int, item: int, cfg: _Cfg) -> Tuple[int, int]:
+    """(token tile, vocabulary block) of the forward: one buffer of the chunk's byte budget."""
+    mc = max(1, min(M, TOKEN_TILE))
+    budget = max(1, min(cfg.chunk, M)) * V * item
+    vb = max(max(1, min(V, MIN_VOCAB_BLOCK)), min(V, budget // (mc * item)))
+    return mc, vb
+
+
+def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg):
+    """Row statistics over the whole vocabulary, one [token tile, vocabulary block] tile at a time.
+
+    The row kernels see a block of each row; their per-block outputs merge exactly into the
+    full-row ones (a label outside the block is an out-of-range index: the kernels then
+    compute every statistic but the label's). With L_b, H_b the block's log-sum-exp and
+    entropy and lse = log sum_b exp L_b:
+        sum_v p_v x_v    = sum_b exp(L_b - lse) (L_b - H_b)     -> H = lse - that
+        sum_v p_v^2      = sum_b exp(2 (L_b - lse)) exp(LSSP_b)
+        mean_v x_v       = sum_b (V_b / V) MEAN_b
+        logp             = x_y - lse, x_y read from the tile holding the label
+        is_argmax        = first argmax in its block, above every earlier block's max and
+                           not below any later block's max
+    kept as running sums rescaled whenever lse grows (online log-sum-exp).
+    Returns logp [M], lse [M], entropy [M] (zeros unless asked for) and [3, M] extras.
+    """
+    M, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    acc_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    be = _load(cfg.backend)
+    want_ent = bool(cfg.stats & STAT_ENTROPY)
+    want_sq = bool(cfg.stats & STAT_LSSP)
+    want_mean = bool(cfg.stats & STAT_MEAN)
+    want_arg = bool(cfg.stats & STAT_ARGMAX)
+
+    full = lambda v: torch.full((M,), v, dtype=acc_dt, device=dev)  # noqa: E731
+    lse = full(-math.inf)
+    xy = full(math.nan)
+    ent = full(0.0)      # sum_v exp(x_v - lse) x_v, relative to the running lse
+    sq = full(0.0)       # sum_v exp(2 (x_v - lse))
+    mean = full(0.0)
+    arg_in = full(0.0)   # the kernel's ARGMAX in the label's block
+    max_all = full(-math.inf)
+    max_before = full(-math.inf)  # max over the blocks that end at or before the label
+
+    mc, vb = _forward_tiles(M, V, hidden.element_size(), cfg)
+    one_block = vb >= V
+    buf = hidden.new_empty(mc * vb) if M else None
+    for t0 in range(0, M, mc):
+        t1 = min(M, t0 + mc)
+        m = t1 - t0
+        h_c = hidden[t0:t1]
+        u_c = None if u is None else u[t0:t1]
+        y, it = labels[t0:t1], inv_temp[t0:t1]
+        for v0 in range(0, V, vb):
+            v1 = min(V, v0 + vb)
+            z = buf[: m * (v1 - v0)].view(m, v1 - v0)
+            _logits_into(z, h_c, weight[v0:v1], None if bias is None else bias[v0:v1], u_c,
+                         None if lora_b is None else lora_b[v0:v1], cfg)
+            inb = (y >= v0) & (y < v1)
+            yb = y - v0 if one_block else torch.where(inb, y - v0, v1 - v0)
+            out = be.row_forward(z, yb, it, _KERNEL_IGNORE, cfg.stats)
+            L = out[OUT_LSE].to(acc_dt)
+            # x_y exactly as the kernels compute it: the tile's value times inv_temp
+            zy = z.gather(1, yb.clamp(max=v1 - v0 - 1).unsqueeze(1)).squeeze(1).to(acc_dt) * it.to(acc_dt)
+            xy[t0:t1] = torch.where(inb, zy, xy[t0:t1])
+            old = lse[t0:t1]
+            new = torch.logaddexp(old, L)
+            empty = torch.isneginf(new)  # every logit so far is -inf: nothing to rescale
+            r_old = torch.where(empty, 0.0, torch.exp(old - new))
+            w = torch.where(empty | torch.isneginf(L), 0.0, torch.exp(L - new))
+            if want_ent:
+                term = torch.where(w > 0, w * (L - out[OUT_ENTROPY].to(acc_dt)), 0.0)
+                ent[t0:t1] = ent[t0:t1] * r_old + term
+            if want_sq:
+                term = torch.where(w > 0, w * w * torch.exp(out[OUT_LSSP].to(acc_dt)), 0.0)
+                sq[t0:t1] = sq[t0:t1] * (r_old * r_old) + term
+            lse[t0:t1] = new
+            if want_mean:
+                mean[t0:t1] += out[OUT_MEAN].to(acc_dt) * ((v1 - v0) / V)
+            if want_arg:
+                bm = z.amax(1).to(acc_dt) * it.to(acc_dt)  # max_v of x_v, as the kernels round it
+                arg_in[t0:t1] = torch.where(inb, out[OUT_ARGMAX].to(acc_dt), arg_in[t0:t1])
+                max_before[t0:t1] = torch.where(y >= v1, torch.maximum(max_before[t0:t1], bm), max_before[t0:t1])
+                max_all[t0:t1] = torch.maximum(max_all[t0:t1], bm)
+    del buf
+    logp = xy - lse
+    entropy = lse - ent if want_ent else full(0.0)
+    extra = torch.zeros(3, M, dtype=acc_dt, device=dev)
+    if want_sq:
+        extra[0] = torch.log(sq)
+    if want_mean:
+        extra[1] = mean
+    if want_arg:
+        extra[2] = ((arg_in != 0) & (xy > max_before) & (xy >= max_all)).to(acc_dt)
+    return logp, lse, entropy, extra
+
+
 # --------------------------------------------------------------------------- autograd Function
 
 
@@ -158,26 +259,8 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, cfg: _Cfg):
-        M, H = hidden.shape
-        V = weight.shape[0]
-        acc_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        be = _load(cfg.backend)
         u = torch.mm(hidden, lora_a.t()) if lora_a is not None else None
-        # rows OUT_LOGP .. OUT_ARGMAX (0..5) of the kernels' output
-        res = torch.zeros(6, M, dtype=acc_dt, device=hidden.device)
-        n = max(1, min(cfg.chunk, M))
-        buf = hidden.new_empty(n * V) if M else None
-        for s in range(0, M, n):
-            e = min(M, s + n)
-            z = buf[: (e - s) * V].view(e - s, V)
-            _logits_into(z, hidden[s:e], weight, bias, None if u is None else u[s:e], lora_b, cfg)
-            out = be.row_forward(z, labels[s:e], inv_temp[s:e], _KERNEL_IGNORE, cfg.stats)
-            res[:, s:e] = out[:6]
-        del buf
-        if not cfg.stats & STATS["entropy"][0]:
-            res[OUT_ENTROPY].zero_()  # unspecified when not asked for; saved for the backward
-        logp, lse, entropy = res[0].clone(), res[1].clone(), res[2].clone()
-        extra = res[3:6].clone()
+        logp, lse, entropy, extra = _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u)
@@ -434,7 +517,9 @@ def linear_token_logprobs(
         lora: ``(A, B, scaling)`` with A ``[r, H]``, B ``[V, r]``: adds
             ``scaling * (hidden @ A.T) @ B.T`` to the logits (gradients flow to A and B);
             the merged weight is never formed.
-        chunk_size: tokens per chunk of logits, or None for the rule in the module docstring.
+        chunk_size: the logits buffer holds as many bytes as ``chunk_size`` full rows of
+            logits (laid out as [token tile, vocabulary block] tiles), or None for the rule
+            in the module docstring.
         backend: the row-kernel backend (``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``, ...).
 
     Returns:
