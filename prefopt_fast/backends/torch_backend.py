@@ -40,11 +40,25 @@ def _rows_per_block(V: int) -> int:
     return max(1, BLOCK_ELEMS // max(V, 1))
 
 
-def _scaled(z: torch.Tensor, inv_t: torch.Tensor, unit_temp: bool, cdt: torch.dtype) -> torch.Tensor:
-    """x = z * inv_t in the compute dtype; aliases z when no conversion is needed."""
+class _Scratch:
+    """Block-sized buffers reused across the blocks of one call: fresh memory costs page
+    faults on every touch, which would cost more than the arithmetic."""
+
+    def __init__(self, rows: int, V: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (rows, V), dtype, device
+        self.bufs = {}
+
+    def __call__(self, name: str, rows: int) -> torch.Tensor:
+        if name not in self.bufs:
+            self.bufs[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.bufs[name][:rows]
+
+
+def _scaled(z: torch.Tensor, inv_t: torch.Tensor, unit_temp: bool, out: torch.Tensor) -> torch.Tensor:
+    """x = z * inv_t in the compute dtype (out's); aliases z when no conversion is needed."""
     if unit_temp:
-        return z if z.dtype == cdt else z.to(cdt)
-    return torch.mul(z, inv_t.to(cdt).unsqueeze(1))
+        return z if z.dtype == out.dtype else out.copy_(z)
+    return torch.mul(z, inv_t.to(out.dtype).unsqueeze(1), out=out)
 
 
 def _label_info(y: torch.Tensor, V: int, ignore_index: int):
@@ -59,6 +73,18 @@ def _masked_dot(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(p, torch.where(p > 0, v, 0.0))
 
 
+def _log_softmax(x: torch.Tensor, out: torch.Tensor):
+    """(log softmax of x into out, lse [rows]). One fused vectorized pass (torch.logsumexp
+    on CPU is several times slower: it materializes x - max and its exp)."""
+    ls = torch.ops.aten._log_softmax.out(x, -1, False, out=out)
+    m = x.amax(-1)
+    # lse = max x - max log p (both at the argmax, where log p is in [-log V, 0]: no
+    # cancellation); an all -inf row keeps lse = -inf (a vocabulary shard may be fully
+    # masked); NaN or +inf in a row gives NaN, as log_softmax does
+    lse = torch.where(m == float("-inf"), m, m - ls.amax(-1))
+    return ls, lse
+
+
 def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, ref_logits=None) -> torch.Tensor:
     V = logits.shape[-1]
     N = num_rows(logits)
@@ -69,38 +95,35 @@ def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, r
     unit_temp = bool((inv_temp == 1).all())
     with_kl = bool(stats & STAT_KL)
     tensors = [logits, ref_logits] if with_kl else [logits]
-    for r0, r1, blocks in row_blocks(tensors, _rows_per_block(V)):
+    rows = _rows_per_block(V)
+    scratch = _Scratch(rows, V, cdt, logits.device)
+    for r0, r1, blocks in row_blocks(tensors, rows):
+        b = r1 - r0
         it = inv_temp[r0:r1]
-        x = _scaled(blocks[0], it, unit_temp, cdt)
+        x = _scaled(blocks[0], it, unit_temp, scratch("x", b))
+        ls, lse = _log_softmax(x, scratch("ls", b))
         ignored, bad, y = _label_info(labels[r0:r1], V, ignore_index)
-        lse = _lse(x)
         o = out[:, r0:r1]
-        o[OUT_LOGP] = torch.where(bad, float("nan"), x.gather(1, y.unsqueeze(1)).squeeze(1) - lse)
+        o[OUT_LOGP] = torch.where(bad, float("nan"), ls.gather(1, y.unsqueeze(1)).squeeze(1))
         o[OUT_LSE] = lse
         if stats & (STAT_ENTROPY | STAT_LSSP | STAT_KL):
-            logp_all = x - lse.unsqueeze(1)
-            p = logp_all.exp()
+            p = ls.exp()
             if stats & STAT_ENTROPY:
-                o[OUT_ENTROPY] = -_masked_dot(p, logp_all)
+                o[OUT_ENTROPY] = -_masked_dot(p, ls)
             if stats & STAT_LSSP:
                 o[OUT_LSSP] = torch.linalg.vecdot(p, p).log()
             if with_kl:
-                xr = _scaled(blocks[1], it, unit_temp, cdt)
-                ref_lse = _lse(xr)
-                o[OUT_KL] = _masked_dot(p, logp_all - (xr - ref_lse.unsqueeze(1)))
+                xr = _scaled(blocks[1], it, unit_temp, scratch("xr", b))
+                log_q, ref_lse = _log_softmax(xr, scratch("lq", b))
+                o[OUT_KL] = _masked_dot(p, ls - log_q)
                 o[OUT_REF_LSE] = ref_lse
         if stats & STAT_MEAN:
             o[OUT_MEAN] = x.mean(-1)
         if stats & STAT_ARGMAX:
-            o[OUT_ARGMAX] = (x.argmax(-1) == y).to(cdt)
-        o.masked_fill_(ignored.unsqueeze(0), 0.0)
+            o[OUT_ARGMAX] = (~bad & (x.argmax(-1) == y)).to(cdt)
+        if ignored.any():
+            o.masked_fill_(ignored.unsqueeze(0), 0.0)
     return out
-
-
-def _lse(x: torch.Tensor) -> torch.Tensor:
-    lse = torch.logsumexp(x, -1)
-    # NaN or +inf anywhere in a row makes the whole row NaN, as log_softmax does
-    return torch.where(torch.isposinf(lse), float("nan"), lse)
 
 
 def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
@@ -113,14 +136,18 @@ def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_e
     in_place = grad is logits
     with_kl = grad_kl is not None
     tensors = [logits, ref_logits] if with_kl else [logits]
-    for r0, r1, blocks in row_blocks(tensors, _rows_per_block(V)):
+    rows = _rows_per_block(V)
+    scratch = _Scratch(rows, V, cdt, logits.device)
+    for r0, r1, blocks in row_blocks(tensors, rows):
+        b = r1 - r0
         z = blocks[0]
         g_out = z if in_place else grad[r0:r1]
         ignored, bad, y = _label_info(labels[r0:r1], V, ignore_index)
         c = grad_logp[r0:r1].to(cdt).unsqueeze(1)
-        x = _scaled(z, inv_temp[r0:r1], unit_temp, cdt)
+        x = _scaled(z, inv_temp[r0:r1], unit_temp, scratch("x", b))
         # work in the output block when it has the compute dtype; x may alias it (in place)
-        g = g_out if g_out.dtype == cdt else torch.empty_like(x)
+        g = g_out if g_out.dtype == cdt else scratch("g", b)
+        # p from the given lse (not a fresh softmax): a vocabulary shard gets the global lse
         torch.sub(x, lse[r0:r1].to(cdt).unsqueeze(1), out=g)  # log p
         if grad_entropy is None and not with_kl:
             g.exp_().mul_(-c)  # the common case: three passes over a cached block
@@ -133,7 +160,7 @@ def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_e
                 inner -= e * (g + entropy[r0:r1].to(cdt).unsqueeze(1))
             if with_kl:
                 k = grad_kl[r0:r1].to(cdt).unsqueeze(1)
-                xr = _scaled(blocks[1], inv_temp[r0:r1], unit_temp, cdt)
+                xr = _scaled(blocks[1], inv_temp[r0:r1], unit_temp, scratch("xr", b))
                 log_q = xr - ref_lse[r0:r1].to(cdt).unsqueeze(1)
                 # k == 0 contributes nothing, even on a row whose KL is +inf
                 inner += torch.where(k != 0, k * (g - log_q - kl[r0:r1].to(cdt).unsqueeze(1)), 0.0)
@@ -141,7 +168,8 @@ def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_e
         g.scatter_add_(1, y.unsqueeze(1), torch.where(bad.unsqueeze(1), 0.0, c))
         if not unit_temp:
             g.mul_(inv_temp[r0:r1].to(cdt).unsqueeze(1))
-        g.masked_fill_(ignored.unsqueeze(1), 0.0)
+        if ignored.any():
+            g.masked_fill_(ignored.unsqueeze(1), 0.0)
         if g is not g_out:
             g_out.copy_(g)
 
