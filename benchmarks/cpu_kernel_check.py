@@ -16,6 +16,27 @@ import torch
 from prefopt_fast.backends import cpu
 
 
+def _status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_extra_bytes(fn):
+    """Peak RSS growth while fn() runs (Linux: VmHWM reset through /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _status_kib("VmRSS")
+    keep = fn()
+    peak = _status_kib("VmHWM")
+    del keep
+    return (peak - base) * 1024
+
+
 def tmin(fn, reps):
     best = float("inf")
     for _ in range(reps):
@@ -94,7 +115,13 @@ def main():
             t0 = time.perf_counter()
             cpu.row_backward(work, labels, it, lse, lse, c, None, -100, True)
             best_bip = min(best_bip, time.perf_counter() - t0)
+        m_f = peak_extra_bytes(fwd)
+        m_b = peak_extra_bytes(lambda: cpu.row_backward(logits, labels, it, lse, lse, c, None, -100, False))
+        work.copy_(logits)
+        m_ip = peak_extra_bytes(lambda: cpu.row_backward(work, labels, it, lse, lse, c, None, -100, True))
         del work
+        print(f"  peak extra memory: forward {m_f / 2**20:.1f} MiB, backward fresh {m_b / nbytes:.3f} x gradient, "
+              f"in place {m_ip / 2**20:.1f} MiB ({m_ip / nbytes * 100:.2f}% of logits)")
         print(f"  cpu forward            {t_f * 1e3:8.1f} ms  ({nbytes / t_f / 1e9:.1f} GB/s read)")
         print(f"  cpu backward fresh     {t_bf * 1e3:8.1f} ms")
         print(f"  cpu backward in place  {best_bip * 1e3:8.1f} ms")

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -80,12 +81,31 @@ int64_t row_offset(const RowsView& L, int64_t n) {
   return off;
 }
 
+// Items [0, n) in blocks handed out dynamically (an atomic counter): torch's parallel_for
+// splits statically, so one thread slowed down by a neighbour on a shared machine
+// would otherwise hold up the whole call. `min_block` items are the least worth a task.
 template <class F>
-void run_parallel(const Threading& th, int64_t n, int64_t grain, const F& f) {
+void run_parallel(const Threading& th, int64_t n, int64_t min_block, const F& f) {
   if (n <= 0) return;
-  th.parallel_for(0, n, grain < 1 ? 1 : grain,
-                  [](int64_t b, int64_t e, void* ctx) { (*static_cast<const F*>(ctx))(b, e); },
-                  const_cast<void*>(static_cast<const void*>(&f)));
+  const int64_t threads = std::max(th.num_threads, 1);
+  min_block = std::max<int64_t>(min_block, 1);
+  if (threads == 1 || n <= min_block) {
+    f(0, n);
+    return;
+  }
+  const int64_t block = std::max<int64_t>(min_block, n / (16 * threads));  // ~16 blocks per thread
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b = next.fetch_add(block, std::memory_order_relaxed);
+      if (b >= n) break;
+      f(b, std::min(n, b + block));
+    }
+  };
+  const int64_t workers = std::min(threads, (n + block - 1) / block);
+  th.parallel_for(0, workers, 1,
+                  [](int64_t b, int64_t e, void* ctx) { (*static_cast<const decltype(worker)*>(ctx))(b, e); },
+                  const_cast<void*>(static_cast<const void*>(&worker)));
 }
 
 // Rows are split into segments only when there are too few rows to feed the threads.
