@@ -8,6 +8,7 @@ read of the logits forward, one read + one write backward), naive PyTorch
 place. Times are the minimum over --reps runs (the machine may be shared).
 """
 import argparse
+import os
 import resource
 import time
 
@@ -63,7 +64,8 @@ def main():
     ap.add_argument("--stats", type=int, default=0, help="stats bit mask for the forward")
     args = ap.parse_args()
     N, V = args.n, args.v
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, N={N} V={V}")
+    load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else "?"
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, N={N} V={V}, load average {load}")
     bw = copy_bandwidth(1 << 30, args.reps)
     print(f"copy bandwidth (1 GiB, read+write bytes / time): {bw / 1e9:.1f} GB/s")
     for name in args.dtypes.split(","):

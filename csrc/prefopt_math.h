@@ -3,8 +3,9 @@
 // Host/device functions only: no torch headers, no host-only library calls. The
 // row-kernel semantics these serve are documented in prefopt_fast/_rows.py.
 //
-// Notation: x = z * inv_temp (a logits row, scaled), M = running max of x,
-// e_v = exp(x_v - M). The online logsumexp accumulator keeps, relative to M,
+// Notation: x = z * inv_temp (a logits row, scaled), M = a reference value (the running
+// max, or any value the max does not exceed by much), e_v = exp(x_v - M). The online
+// logsumexp accumulator keeps, relative to M,
 //   s = sum e_v,  t = sum e_v (x_v - M),  q = sum e_v^2
 // from which lse = M + log s, entropy H = log s - t / s, log sum p^2 = log q - 2 log s.
 #pragma once
