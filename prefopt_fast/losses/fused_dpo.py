@@ -18,14 +18,16 @@ __all__ = ["fused_dpo_loss", "FusedDPOLoss", "pair_logps"]
 def pair_logps(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Tensor] = None,
                ref_rejected_logps: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
                ignore_index: int = -100, temperature=1.0, cu_seqlens: Optional[Tensor] = None,
-               inplace_backward: bool = False, backend: str = "auto") -> Dict[str, Optional[Tensor]]:
+               inplace_backward: bool = False, backend: str = "auto", process_group=None,
+               vocab_start: Optional[int] = None, vocab_size: Optional[int] = None) -> Dict[str, Optional[Tensor]]:
     """Summed completion log-probs of the stacked batch, split into the DPO inputs.
 
     Returns a dict with ``chosen_logps``, ``rejected_logps``, ``ref_chosen_logps``,
     ``ref_rejected_logps`` (None when reference-free) and ``chosen_lengths``,
     ``rejected_lengths`` (int64 counts of real labels), all ``[B]``.
     """
-    kw = dict(ignore_index=ignore_index, temperature=temperature, cu_seqlens=cu_seqlens, backend=backend)
+    kw = dict(ignore_index=ignore_index, temperature=temperature, cu_seqlens=cu_seqlens, backend=backend,
+              process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
     sums, counts = sequence_logprobs_and_lengths(logits, labels, inplace_backward=inplace_backward, **kw)
     if sums.dim() != 1 or sums.shape[0] % 2:
         raise ValueError(
@@ -46,7 +48,8 @@ def pair_logps(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Ten
 def fused_dpo_loss(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Tensor] = None,
                    ref_rejected_logps: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
                    ignore_index: int = -100, temperature=1.0, cu_seqlens: Optional[Tensor] = None,
-                   inplace_backward: bool = False, backend: str = "auto",
+                   inplace_backward: bool = False, backend: str = "auto", process_group=None,
+                   vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
                    **dpo_kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss straight from the policy logits of the stacked batch.
 
@@ -57,6 +60,8 @@ def fused_dpo_loss(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional
         ref_chosen_logps, ref_rejected_logps: precomputed ``[B]`` reference log-probs, or
         ref_logits: the reference model's logits (same layout), evaluated under no_grad
             here; or neither, for reference-free training.
+        process_group, vocab_start, vocab_size: vocabulary-parallel ``logits`` and ``ref_logits``
+            (each rank holds a vocabulary shard), as in :func:`prefopt_fast.token_logprobs`.
         dpo_kwargs: everything :func:`dpo_loss` takes (beta, loss_type, label_smoothing, ...).
             Completion lengths default to the counts of real labels.
 
@@ -65,7 +70,8 @@ def fused_dpo_loss(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional
     """
     logps = pair_logps(logits, labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                        ref_logits=ref_logits, ignore_index=ignore_index, temperature=temperature,
-                       cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend)
+                       cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend,
+                       process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
     for k in ("chosen_lengths", "rejected_lengths"):
         if dpo_kwargs.get(k) is not None:
             logps.pop(k)

@@ -227,7 +227,7 @@ def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
 
 
 def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_logps, ref_logits, temperature,
-         is_weights, global_num_tokens, backend) -> Tuple[Tensor, Dict[str, Tensor]]:
+         is_weights, global_num_tokens, backend, vocab_parallel=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor; got {type(logits).__name__}")
     if logits.dim() != 3:
@@ -244,7 +244,7 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
         return token_logprobs(
             logits, kernel_labels, ignore_index=cfg.ignore_index, temperature=temperature,
             stats=("entropy", "kl") if with_kl else ("entropy",),
-            ref_logits=ref_logits if with_kl else None, backend=backend,
+            ref_logits=ref_logits if with_kl else None, backend=backend, **(vocab_parallel or {}),
         )
 
     return _ppo_head(token_stats, labels, B, T, logits.device, old_logps, advantages, cfg, loss_mask, ref_logps,
@@ -405,6 +405,9 @@ def ppo_loss(
     is_weights: Optional[Tensor] = None,
     global_num_tokens: Optional[Union[float, Tensor]] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO / GSPO) straight from the logits.
 
@@ -449,6 +452,9 @@ def ppo_loss(
             across gradient-accumulation steps, divided by the number of data-parallel ranks
             when DDP / FSDP average the gradients. Default: the local count.
         backend: the row-kernel backend (see :func:`prefopt_fast.token_logprobs`).
+        process_group, vocab_start, vocab_size: vocabulary-parallel ``logits`` and
+            ``ref_logits`` (each rank holds a vocabulary shard; every other input replicated),
+            as in :func:`prefopt_fast.token_logprobs`. The loss and metrics are replicated.
 
     Returns:
         ``(loss, metrics)``: a 0-d fp32 loss (fp64 if an input is fp64) and detached 0-d
@@ -461,8 +467,11 @@ def ppo_loss(
     """
     cfg = _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                         kl_ratio_correction, entropy_coef, loss_agg_mode, max_length, importance_sampling_level)
+    vocab_parallel = None
+    if process_group is not None or vocab_start is not None or vocab_size is not None:
+        vocab_parallel = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
     return _ppo(logits, labels, old_logps, advantages, cfg, loss_mask, ref_logps, ref_logits, temperature,
-                is_weights, global_num_tokens, backend)
+                is_weights, global_num_tokens, backend, vocab_parallel)
 
 
 class PPOLoss(nn.Module):

@@ -53,9 +53,11 @@ def per_sequence_sums(token_values: torch.Tensor, mask: torch.Tensor,
 
 
 def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperature=1.0, average=False,
-                                  cu_seqlens=None, inplace_backward=False, backend="auto"):
+                                  cu_seqlens=None, inplace_backward=False, backend="auto", process_group=None,
+                                  vocab_start=None, vocab_size=None):
     """:func:`sequence_logprobs` plus the int64 number of real labels per sequence."""
-    _validate.check_logits(logits)
+    if process_group is None and vocab_start is None and vocab_size is None:
+        _validate.check_logits(logits)  # (a vocabulary shard may be empty: token_logprobs checks it)
     _validate.check_tensor(labels, "labels")
     if cu_seqlens is None:
         if labels.dim() < 1:
@@ -65,7 +67,8 @@ def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperat
             raise ValueError(f"with cu_seqlens, labels must be packed: shape [total_tokens]; got {tuple(labels.shape)}")
         cu_seqlens = _check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
     logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                          inplace_backward=inplace_backward, backend=backend)
+                          inplace_backward=inplace_backward, backend=backend, process_group=process_group,
+                          vocab_start=vocab_start, vocab_size=vocab_size)
     sums, counts = per_sequence_sums(logp, labels != ignore_index, cu_seqlens)
     if average:
         # sums are 0 where counts are 0: a sequence with no real label gives 0, not NaN
@@ -75,7 +78,8 @@ def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperat
 
 def sequence_logprobs(logits, labels, *, ignore_index: int = -100, temperature=1.0, average: bool = False,
                       cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False,
-                      backend: str = "auto") -> torch.Tensor:
+                      backend: str = "auto", process_group=None, vocab_start: Optional[int] = None,
+                      vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-sequence log-probs: the sum (or, with ``average``, the mean) over real labels.
 
     Args:
@@ -86,13 +90,16 @@ def sequence_logprobs(logits, labels, *, ignore_index: int = -100, temperature=1
         cu_seqlens: int ``[B + 1]`` offsets of the packed sequences (0, ..., total_tokens).
         average: divide by the number of real labels (0 for a sequence without any).
         temperature, inplace_backward, backend: as in :func:`token_logprobs`.
+        process_group, vocab_start, vocab_size: vocabulary-parallel logits (a shard of the
+            vocabulary per rank), as in :func:`token_logprobs`.
 
     Returns:
         fp32 ``[B]`` (``labels.shape[:-1]`` when padded).
     """
     return sequence_logprobs_and_lengths(
         logits, labels, ignore_index=ignore_index, temperature=temperature, average=average,
-        cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend)[0]
+        cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend, process_group=process_group,
+        vocab_start=vocab_start, vocab_size=vocab_size)[0]
 
 
 class SequenceLogProbs(nn.Module):

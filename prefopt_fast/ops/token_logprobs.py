@@ -5,6 +5,7 @@ import torch
 
 from .. import _validate
 from .._dispatch import _load, resolve_backend
+from ..distributed import is_dtensor, vocab_parallel_token_logprobs
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_REF_LSE, STAT_ENTROPY, STAT_KL, STATS
 
 STAT_NAMES = tuple(STATS)
@@ -78,6 +79,9 @@ def token_logprobs(
     ref_logits: Optional[torch.Tensor] = None,
     inplace_backward: bool = False,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ):
     """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``, fused.
 
@@ -104,11 +108,22 @@ def token_logprobs(
             tensor (no N x V allocation; the logits are destroyed by the backward).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``
             (``PREFOPT_BACKEND`` overrides ``"auto"``).
+        process_group, vocab_start, vocab_size: vocabulary parallelism (tensor-parallel
+            lm_head): ``logits`` (and ``ref_logits``) hold this rank's slice
+            ``[vocab_start, vocab_start + V_local)`` of the vocabulary, ``labels`` are global
+            indices; ``vocab_start`` defaults to the rank-ordered layout, ``vocab_size`` is
+            checked. DTensor logits sharded on the last dimension need none of these. See
+            :mod:`prefopt_fast.distributed` and docs/distributed.md.
 
     Returns:
         float32 log-probs shaped like ``labels`` (float64 for float64 logits) when
         ``stats`` is empty, else a :class:`TokenLogProbs` named tuple.
     """
+    if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(logits):
+        return vocab_parallel_token_logprobs(
+            logits, labels, ignore_index=ignore_index, temperature=temperature, stats=stats, ref_logits=ref_logits,
+            inplace_backward=inplace_backward, backend=backend, process_group=process_group,
+            vocab_start=vocab_start, vocab_size=vocab_size)
     _validate.check_logits(logits)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     _validate.check_labels(labels, logits, ignore_index)
