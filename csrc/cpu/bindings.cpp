@@ -11,6 +11,7 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -162,7 +163,12 @@ Tensor row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, T
   Tensor grad = torch::stable::empty(shape, logits.scalar_type(), std::nullopt,
                                      torch::stable::Device(torch::headeronly::DeviceType::CPU));
   void* g = grad.data_ptr();
-  prefopt_cpu::advise_huge_pages(g, (size_t)grad.numel() * grad.element_size());
+  // PREFOPT_CPU_THP=0 turns the transparent-huge-page hint off (to compare first-touch costs)
+  static const bool thp = [] {
+    const char* v = std::getenv("PREFOPT_CPU_THP");
+    return !(v && v[0] == '0');
+  }();
+  if (thp) prefopt_cpu::advise_huge_pages(g, (size_t)grad.numel() * grad.element_size());
   backward_into(logits, L, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
                 ref_logits, ref_lse, kl, g);
   return grad;
