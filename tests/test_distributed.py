@@ -196,8 +196,314 @@ def _check_token_logprobs(env, backends=("torch", "cpu"), dtypes=(torch.float32,
                 env.close(f"{tag} grad", loc.grad, _shard(ref_in.grad, -1, s0, n0), **gtol)
 
 
+def _one_layout(env):
+    """The most uneven layout of this world size (explicit starts when it has them)."""
+    lname, V, sizes, starts = _layouts(env.world)[-1]
+    st = _starts(sizes, starts)
+    kw = dict(process_group=env.group, vocab_start=st[env.rank] if starts is not None else None)
+    return V, sizes, st, kw
+
+
+def _check_kl_inplace(env):
+    """The exact-KL statistic (backward through logp, entropy and kl) and the in-place backward."""
+    from prefopt_fast import token_logprobs
+
+    V, sizes, st, kw = _one_layout(env)
+    s0, n0 = st[env.rank], sizes[env.rank]
+    for dt in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(2)
+        B, T = 2, 10
+        full = (torch.randn(B, T, V, generator=g) * 2).to(dt)
+        ref_full = (full.float() + torch.randn(B, T, V, generator=g)).to(dt)
+        ref_full[0, 2, :5] = float("-inf")       # q_v = 0 where p_v > 0: KL = +inf
+        ref_full[1, 4] = full[1, 4]              # identical rows: KL = 0
+        y = _labels(B, T, V, sizes, st, g)
+        y[0, 2] = 7
+        gl, ge, gk = (torch.randn(B, T, generator=g) for _ in range(3))
+        gk[0, 2] = 0                             # a zero upstream gradient on the infinite-KL row
+        tag = str(dt)
+        ref_in = full.clone().requires_grad_()
+        ref = token_logprobs(ref_in, y, stats=("entropy", "kl"), ref_logits=ref_full, temperature=0.8)
+        (ref.logprobs * gl + ref.entropy * ge + ref.kl * gk).sum().backward()
+        loc = _shard(full, -1, s0, n0).clone().requires_grad_()
+        out = token_logprobs(loc, y, stats=("entropy", "kl"), ref_logits=_shard(ref_full, -1, s0, n0).clone(),
+                             temperature=0.8, **kw)
+        (out.logprobs * gl + out.entropy * ge + out.kl * gk).sum().backward()
+        for f in ("logprobs", "entropy", "kl"):
+            env.close(f"{tag} {f}", getattr(out, f), getattr(ref, f), rtol=2e-5, atol=2e-5)
+        env.check(f"{tag} kl +inf", bool(torch.isposinf(out.kl[0, 2])), str(out.kl[0, 2]))
+        gtol = dict(rtol=1e-5, atol=1e-6) if dt == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+        env.close(f"{tag} grad", loc.grad, _shard(ref_in.grad, -1, s0, n0), **gtol)
+
+        # in place: the gradient lands in the shard's own buffer
+        buf = _shard(full, -1, s0, n0).clone()
+        loc2 = buf.clone().requires_grad_()
+        x = loc2 * 1  # a non-leaf the backward may overwrite
+        out2 = token_logprobs(x, y, stats=("entropy",), inplace_backward=True, backend="cpu", **kw)
+        (out2.logprobs * gl + out2.entropy * ge).sum().backward()
+        ref_in2 = full.clone().requires_grad_()
+        ref2 = token_logprobs(ref_in2, y, stats=("entropy",), backend="cpu")
+        (ref2.logprobs * gl + ref2.entropy * ge).sum().backward()
+        env.close(f"{tag} in-place grad", loc2.grad, _shard(ref_in2.grad, -1, s0, n0), **gtol)
+
+
+def _check_nonfinite(env):
+    """NaN anywhere in a row (on one shard) -> NaN log-prob; +inf likewise; one shard all -inf."""
+    from prefopt_fast import token_logprobs
+
+    V, sizes, st, kw = _one_layout(env)
+    s0, n0 = st[env.rank], sizes[env.rank]
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(4, V, generator=g)
+    y = torch.tensor([0, V - 1, 3, V // 2])
+    full[0, V - 1] = float("nan")
+    full[1, 0] = float("inf")
+    first = max(range(len(sizes)), key=lambda r: sizes[r])
+    full[2, st[first]: st[first] + sizes[first]] = float("-inf")   # a whole shard masked
+    y[2] = (st[first] + sizes[first]) % V
+    ref = token_logprobs(full, y, stats=("entropy", "mean_logit"), backend="cpu")
+    out = token_logprobs(_shard(full, -1, s0, n0).clone(), y, stats=("entropy", "mean_logit"), backend="cpu", **kw)
+    env.check("NaN row", bool(torch.isnan(out.logprobs[0])), str(out.logprobs))
+    env.check("+inf row", bool(torch.isnan(out.logprobs[1])), str(out.logprobs))
+    env.close("masked shard logp", out.logprobs[2:], ref.logprobs[2:])
+    env.close("masked shard entropy", out.entropy[2:], ref.entropy[2:])
+    env.close("masked shard mean", out.mean_logit[2:], ref.mean_logit[2:])
+
+
+def _check_losses(env):
+    """sequence_logprobs (packed), fused_dpo_loss with ref_logits, ppo_loss with the exact KL."""
+    from prefopt_fast import fused_dpo_loss, ppo_loss, sequence_logprobs
+
+    V, sizes, st, kw = _one_layout(env)
+    if 0 in sizes:
+        V, sizes, st, kw = 40, [10] * env.world, [10 * r for r in range(env.world)], dict(process_group=env.group)
+    s0, n0 = st[env.rank], sizes[env.rank]
+    g = torch.Generator().manual_seed(4)
+    B, T = 4, 9
+    full = (torch.randn(B, T, V, generator=g) * 2).to(torch.bfloat16)
+    ref_full = (full.float() + 0.5 * torch.randn(B, T, V, generator=g)).to(torch.bfloat16)
+    y = _labels(B, T, V, sizes, st, g)
+    sh = lambda x: _shard(x, -1, s0, n0).clone()  # noqa: E731
+    gtol = dict(rtol=2e-2, atol=1e-4)
+
+    # packed sequences
+    cu = torch.tensor([0, 5, 5, 20, B * T])
+    a = full.view(B * T, V).clone().requires_grad_()
+    ref = sequence_logprobs(a, y.view(-1), cu_seqlens=cu, average=True)
+    ref.sum().backward()
+    b = sh(full.view(B * T, V)).requires_grad_()
+    out = sequence_logprobs(b, y.view(-1), cu_seqlens=cu, average=True, **kw)
+    out.sum().backward()
+    env.close("sequence_logprobs", out, ref)
+    env.close("sequence_logprobs grad", b.grad, _shard(a.grad, -1, s0, n0), **gtol)
+
+    # DPO family, reference logits sharded too
+    for loss_type in ("sigmoid", "ipo"):
+        a = full.clone().requires_grad_()
+        ref_loss, ref_m = fused_dpo_loss(a, y, ref_logits=ref_full, beta=0.1, loss_type=loss_type)
+        ref_loss.backward()
+        b = sh(full).requires_grad_()
+        loss, m = fused_dpo_loss(b, y, ref_logits=sh(ref_full), beta=0.1, loss_type=loss_type, **kw)
+        loss.backward()
+        env.close(f"dpo {loss_type} loss", loss, ref_loss)
+        for k in ref_m:
+            env.close(f"dpo {loss_type} metric {k}", m[k], ref_m[k])
+        env.close(f"dpo {loss_type} grad", b.grad, _shard(a.grad, -1, s0, n0), **gtol)
+
+    # PPO with the exact KL over the sharded vocabulary, entropy bonus, a loss mask
+    old = torch.randn(B, T, generator=g) * 0.1 - 3
+    adv = torch.randn(B, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    cfg = dict(kl_coef=0.05, kl_estimator="full", entropy_coef=0.01, clip_eps_high=0.28, loss_mask=mask)
+    a = full.clone().requires_grad_()
+    ref_loss, ref_m = ppo_loss(a, y, old, adv, ref_logits=ref_full, **cfg)
+    ref_loss.backward()
+    b = sh(full).requires_grad_()
+    loss, m = ppo_loss(b, y, old, adv, ref_logits=sh(ref_full), **cfg, **kw)
+    loss.backward()
+    env.close("ppo loss", loss, ref_loss)
+    for k in ref_m:
+        env.close(f"ppo metric {k}", m[k], ref_m[k])
+    env.close("ppo grad", b.grad, _shard(a.grad, -1, s0, n0), **gtol)
+
+
+def _check_linear(env):
+    """linear_token_logprobs (bias, LoRA, softcap, stats), linear_dpo_loss, linear_ppo_loss."""
+    from prefopt_fast.linear import linear_dpo_loss, linear_ppo_loss, linear_token_logprobs
+
+    V, sizes, st, kw = _one_layout(env)
+    s0, n0 = st[env.rank], sizes[env.rank]
+    stats = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
+    for dt in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(5)
+        B, T, H, r = 2, 7, 16, 4
+        hidden = torch.randn(B, T, H, generator=g).to(dt)
+        weight = (torch.randn(V, H, generator=g) / 2).to(dt)
+        bias = torch.randn(V, generator=g).to(dt)
+        la = (torch.randn(r, H, generator=g) / 4).to(dt)
+        lb = (torch.randn(V, r, generator=g) / 4).to(dt)
+        y = _labels(B, T, V, sizes, st, g)
+        gl, ge = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+        tol = dict(rtol=2e-5, atol=2e-5) if dt == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+        gtol = dict(rtol=1e-4, atol=1e-5) if dt == torch.float32 else dict(rtol=3e-2, atol=3e-3)
+        # bf16: each rank's hidden / LoRA-A gradient is its shard's bf16 GEMM, then summed over
+        # ranks: an absolute error of a bf16 ulp of the partial sums, not of the total
+        htol = gtol if dt == torch.float32 else dict(rtol=3e-2, atol=1e-2)
+        for softcap in (None, 5.0):
+            tag = f"{dt} softcap={softcap}"
+            leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias, la, lb)]
+            h, w, b_, a_, B_ = leaves
+            ref = linear_token_logprobs(h, w, y, bias=b_, lora=(a_, B_, 0.5), softcap=softcap, logit_scale=1.3,
+                                        temperature=0.9, stats=stats, chunk_size=5)
+            (ref.logprobs * gl + ref.entropy * ge).sum().backward()
+            mine = [hidden.clone(), _shard(weight, 0, s0, n0).clone(), _shard(bias, 0, s0, n0).clone(), la.clone(),
+                    _shard(lb, 0, s0, n0).clone()]
+            mine = [x.requires_grad_() for x in mine]
+            h2, w2, b2, a2, B2 = mine
+            out = linear_token_logprobs(h2, w2, y, bias=b2, lora=(a2, B2, 0.5), softcap=softcap, logit_scale=1.3,
+                                        temperature=0.9, stats=stats, chunk_size=5, **kw)
+            (out.logprobs * gl + out.entropy * ge).sum().backward()
+            for f in ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit"):
+                env.close(f"{tag} {f}", getattr(out, f), getattr(ref, f), **tol)
+            env.check(f"{tag} is_argmax", torch.equal(out.is_argmax, ref.is_argmax))
+            env.close(f"{tag} grad hidden", h2.grad, h.grad, **htol)
+            env.close(f"{tag} grad weight", w2.grad, _shard(w.grad, 0, s0, n0), **gtol)
+            env.close(f"{tag} grad bias", b2.grad, _shard(b_.grad, 0, s0, n0), **gtol)
+            env.close(f"{tag} grad lora A", a2.grad, a_.grad, **htol)
+            env.close(f"{tag} grad lora B", B2.grad, _shard(B_.grad, 0, s0, n0), **gtol)
+
+    # the losses, fp32
+    g = torch.Generator().manual_seed(6)
+    B, T, H = 4, 6, 8
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / 2
+    ref_hidden = hidden + 0.1 * torch.randn(B, T, H, generator=g)
+    y = _labels(B, T, V, sizes, st, g)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_loss, _ = linear_dpo_loss(h, w, y, ref_hidden=ref_hidden, ref_weight=weight, beta=0.2)
+    ref_loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), _shard(weight, 0, s0, n0).clone().requires_grad_()
+    loss, _ = linear_dpo_loss(h2, w2, y, ref_hidden=ref_hidden, ref_weight=_shard(weight, 0, s0, n0), beta=0.2, **kw)
+    loss.backward()
+    env.close("linear dpo loss", loss, ref_loss)
+    env.close("linear dpo grad hidden", h2.grad, h.grad, rtol=1e-4, atol=1e-6)
+    env.close("linear dpo grad weight", w2.grad, _shard(w.grad, 0, s0, n0), rtol=1e-4, atol=1e-6)
+
+    old = torch.randn(B, T, generator=g) * 0.1 - 3
+    ref_lp = torch.randn(B, T, generator=g) * 0.1 - 3
+    adv = torch.randn(B, generator=g)
+    cfg = dict(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, loss_agg_mode="dapo", global_num_tokens=30.0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_loss, ref_m = linear_ppo_loss(h, w, y, old, adv, ref_logps=ref_lp, **cfg)
+    ref_loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), _shard(weight, 0, s0, n0).clone().requires_grad_()
+    loss, m = linear_ppo_loss(h2, w2, y, old, adv, ref_logps=ref_lp, **cfg, **kw)
+    loss.backward()
+    env.close("linear ppo loss", loss, ref_loss)
+    for k in ref_m:
+        env.close(f"linear ppo metric {k}", m[k], ref_m[k])
+    env.close("linear ppo grad hidden", h2.grad, h.grad, rtol=1e-4, atol=1e-6)
+    env.close("linear ppo grad weight", w2.grad, _shard(w.grad, 0, s0, n0), rtol=1e-4, atol=1e-6)
+
+
+def _check_dtensor(env):
+    """DTensor logits Shard(-1) / weight Shard(0) on a 1-D CPU mesh (torch.chunk's uneven split)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from prefopt_fast import token_logprobs
+    from prefopt_fast.linear import linear_token_logprobs
+
+    mesh = init_device_mesh("cpu", (env.world,))
+    V = 4 * env.world + 3                       # uneven: torch.chunk sizes
+    c = -(-V // env.world)
+    s0 = min(env.rank * c, V)
+    n0 = min(V, s0 + c) - s0
+    g = torch.Generator().manual_seed(7)
+    B, T, H = 2, 5, 6
+    full = torch.randn(B, T, V, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[0, 0] = -100
+    gl, ge = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    d = distribute_tensor(full, mesh, [Shard(2)]).requires_grad_()
+    env.check("dtensor shard offset", torch.equal(d.to_local(), _shard(full, -1, s0, n0)))
+    out = token_logprobs(d, y, stats=("entropy",))
+    (out.logprobs * gl + out.entropy * ge).sum().backward()
+    a = full.clone().requires_grad_()
+    ref = token_logprobs(a, y, stats=("entropy",))
+    (ref.logprobs * gl + ref.entropy * ge).sum().backward()
+    env.check("dtensor output is a plain tensor", type(out.logprobs) is torch.Tensor, str(type(out.logprobs)))
+    env.close("dtensor logprobs", out.logprobs, ref.logprobs)
+    env.close("dtensor entropy", out.entropy, ref.entropy)
+    env.close("dtensor grad", d.grad.to_local(), _shard(a.grad, -1, s0, n0), rtol=1e-5, atol=1e-6)
+
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    dw = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+    h = hidden.clone().requires_grad_()
+    out = linear_token_logprobs(h, dw, y)
+    (out * gl).sum().backward()
+    h0, w0 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = linear_token_logprobs(h0, w0, y)
+    (ref * gl).sum().backward()
+    env.close("dtensor linear logprobs", out, ref)
+    env.close("dtensor linear grad hidden", h.grad, h0.grad, rtol=1e-5, atol=1e-6)
+    env.close("dtensor linear grad weight", dw.grad.to_local(), _shard(w0.grad, 0, s0, n0), rtol=1e-5, atol=1e-6)
+
+
+def _check_errors(env):
+    """Bad input raises the same clear error on every rank (no rank left hanging)."""
+    from prefopt_fast import token_logprobs
+
+    kw = dict(process_group=env.group)
+    n0 = 40 // env.world
+    x = torch.randn(3, n0)
+    cases = [
+        ("label >= V", dict(labels=torch.tensor([0, 40, 1])), "labels must lie in [0, 40)"),
+        ("vocab_size", dict(vocab_size=41), "vocab_size must equal"),
+        ("overlap", dict(vocab_start=0), "must tile"),
+        ("start on one rank", dict(vocab_start=0 if env.rank == 0 else None), "on all ranks"),
+    ]
+    for name, over, want in cases:
+        args = dict(labels=torch.tensor([0, 39, 1]), **kw)
+        args.update(over)
+        labels = args.pop("labels")
+        try:
+            token_logprobs(x, labels, **args)
+            env.check(name, False, "no error")
+        except ValueError as exc:
+            env.check(name, want in str(exc), str(exc))
+
+
+def _check_triton(env):
+    """The interpreted Triton kernels on a shard (small: the interpreter is slow)."""
+    import prefopt_fast
+    from prefopt_fast import token_logprobs
+
+    if "triton" not in prefopt_fast.available_backends():
+        return
+    V, sizes, st, kw = _one_layout(env)
+    s0, n0 = st[env.rank], sizes[env.rank]
+    g = torch.Generator().manual_seed(8)
+    full = torch.randn(6, V, generator=g)
+    y = _labels(2, 3, V, sizes, st, g).view(-1)
+    gl, ge = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    a = full.clone().requires_grad_()
+    ref = token_logprobs(a, y, stats=("entropy", "is_argmax"), backend="triton")
+    (ref.logprobs * gl + ref.entropy * ge).sum().backward()
+    b = _shard(full, -1, s0, n0).clone().requires_grad_()
+    out = token_logprobs(b, y, stats=("entropy", "is_argmax"), backend="triton", **kw)
+    (out.logprobs * gl + out.entropy * ge).sum().backward()
+    env.close("triton logprobs", out.logprobs, ref.logprobs)
+    env.close("triton entropy", out.entropy, ref.entropy)
+    env.check("triton is_argmax", torch.equal(out.is_argmax, ref.is_argmax))
+    env.close("triton grad", b.grad, _shard(a.grad, -1, s0, n0), rtol=1e-5, atol=1e-6)
+
+
 SUITES = {
-    "core": [("token_logprobs", _check_token_logprobs)],
+    "all": [("token_logprobs", _check_token_logprobs), ("kl+inplace", _check_kl_inplace),
+            ("nonfinite", _check_nonfinite), ("losses", _check_losses), ("linear", _check_linear),
+            ("dtensor", _check_dtensor), ("errors", _check_errors), ("triton", _check_triton)],
 }
 
 
@@ -206,4 +512,4 @@ SUITES = {
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel(world, tmp_path):
-    _spawn(world, "core", tmp_path)
+    _spawn(world, "all", tmp_path)

@@ -25,7 +25,9 @@ def linear_pair_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: O
                       ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
                       ignore_index: int = -100, temperature=1.0, logit_scale: float = 1.0,
                       softcap: Optional[float] = None, cu_seqlens: Optional[Tensor] = None,
-                      chunk_size: Optional[int] = None, backend: str = "auto") -> Dict[str, Optional[Tensor]]:
+                      chunk_size: Optional[int] = None, backend: str = "auto", process_group=None,
+                      vocab_start: Optional[int] = None, vocab_size: Optional[int] = None
+                      ) -> Dict[str, Optional[Tensor]]:
     """Summed completion log-probs of the stacked [chosen; rejected] batch, split into the DPO inputs.
 
     As :func:`prefopt_fast.pair_logps`, from hidden states. The reference, when given as
@@ -33,7 +35,8 @@ def linear_pair_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: O
     transform (temperature, logit_scale, softcap) and no LoRA.
     """
     kw = dict(ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend)
+              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, process_group=process_group,
+              vocab_start=vocab_start, vocab_size=vocab_size)
     sums, counts = linear_sequence_logprobs_and_lengths(hidden, weight, labels, bias=bias, lora=lora, **kw)
     if sums.dim() != 1 or sums.shape[0] % 2:
         raise ValueError(
@@ -62,6 +65,7 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
                     ref_bias: Optional[Tensor] = None, ignore_index: int = -100, temperature=1.0,
                     logit_scale: float = 1.0, softcap: Optional[float] = None,
                     cu_seqlens: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
+                    process_group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
                     **dpo_kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss from the policy's last hidden states of the stacked batch and its lm_head.
 
@@ -74,6 +78,8 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
         ref_chosen_logps, ref_rejected_logps: precomputed ``[B]`` reference log-probs, or
         ref_hidden, ref_weight, ref_bias: the reference model's hidden states and head,
             evaluated under no_grad here; or none of these, for reference-free training.
+        process_group, vocab_start, vocab_size: vocabulary-parallel ``weight`` / ``ref_weight``
+            (and biases), as in :func:`prefopt_fast.linear_token_logprobs`.
         dpo_kwargs: everything :func:`prefopt_fast.dpo_loss` takes (beta, loss_type, ...).
 
     Returns:
@@ -83,7 +89,8 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
                               ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
                               ref_bias=ref_bias, ignore_index=ignore_index, temperature=temperature,
                               logit_scale=logit_scale, softcap=softcap, cu_seqlens=cu_seqlens,
-                              chunk_size=chunk_size, backend=backend)
+                              chunk_size=chunk_size, backend=backend, process_group=process_group,
+                              vocab_start=vocab_start, vocab_size=vocab_size)
     for k in ("chosen_lengths", "rejected_lengths"):
         if dpo_kwargs.get(k) is not None:
             logps.pop(k)
@@ -124,7 +131,8 @@ class LinearDPOLoss(DPOLoss):
 
 
 def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lora, loss_mask, ref_logps,
-                temperature, logit_scale, softcap, is_weights, global_num_tokens, chunk_size, backend):
+                temperature, logit_scale, softcap, is_weights, global_num_tokens, chunk_size, backend,
+                vocab_parallel=None):
     if cfg.kl_estimator == "full":
         raise ValueError('kl_estimator="full" is not available in the fused-linear PPO loss (the exact KL needs the '
                          "reference logits); use a sampled estimator (\"k1\", \"k2\", \"k3\", \"abs\", "
@@ -143,7 +151,7 @@ def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lor
         return linear_token_logprobs(hidden, weight, kernel_labels, bias=bias, lora=lora,
                                      ignore_index=cfg.ignore_index, temperature=temperature,
                                      logit_scale=logit_scale, softcap=softcap, stats=("entropy",),
-                                     chunk_size=chunk_size, backend=backend)
+                                     chunk_size=chunk_size, backend=backend, **(vocab_parallel or {}))
 
     return _ppo_mod._ppo_head(token_stats, labels, B, T, hidden.device, old_logps, advantages, cfg, loss_mask,
                               ref_logps, False, is_weights, global_num_tokens)
@@ -178,6 +186,9 @@ def linear_ppo_loss(
     global_num_tokens: Optional[Union[float, Tensor]] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`prefopt_fast.ppo_loss` from hidden states ``[B, T, H]`` and the lm_head ``weight [V, H]``.
 
@@ -185,7 +196,8 @@ def linear_ppo_loss(
     ``kl_estimator="full"`` (the exact KL, which needs reference logits) is not available;
     ``bias``, ``lora``, ``logit_scale``, ``softcap`` and ``chunk_size`` are as in
     :func:`prefopt_fast.linear_token_logprobs`. Tokens masked by ``ignore_index`` or
-    ``loss_mask`` are dropped before any matmul.
+    ``loss_mask`` are dropped before any matmul. ``process_group``, ``vocab_start``,
+    ``vocab_size``: a vocabulary-parallel head, as in :func:`prefopt_fast.linear_token_logprobs`.
     """
     cfg = _ppo_mod._check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                                  kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
@@ -193,7 +205,9 @@ def linear_ppo_loss(
     return _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, bias=bias, lora=lora, loss_mask=loss_mask,
                        ref_logps=ref_logps, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                        is_weights=is_weights, global_num_tokens=global_num_tokens, chunk_size=chunk_size,
-                       backend=backend)
+                       backend=backend, vocab_parallel=None if process_group is None and vocab_start is None and
+                       vocab_size is None else dict(process_group=process_group, vocab_start=vocab_start,
+                                                    vocab_size=vocab_size))
 
 
 class LinearPPOLoss(_ppo_mod.PPOLoss):

@@ -51,6 +51,7 @@ from .. import _validate
 from .._dispatch import _load, resolve_backend
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY, STAT_LSSP
 from .._rows import STAT_MEAN, STATS
+from ..distributed import is_dtensor, vocab_parallel_linear_token_logprobs
 from .token_logprobs import TokenLogProbs
 
 __all__ = ["linear_token_logprobs", "linear_sequence_logprobs", "LinearSequenceLogProbs",
@@ -499,6 +500,9 @@ def linear_token_logprobs(
     lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
 ):
     """Log-probs of ``labels`` under the lm_head logits of ``hidden``, never materializing them.
 
@@ -521,12 +525,21 @@ def linear_token_logprobs(
             logits (laid out as [token tile, vocabulary block] tiles), or None for the rule
             in the module docstring.
         backend: the row-kernel backend (``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"``, ...).
+        process_group, vocab_start, vocab_size: vocabulary-parallel head: ``weight``, ``bias``
+            and LoRA ``B`` hold this rank's rows ``[vocab_start, vocab_start + V_local)``,
+            ``hidden``, ``labels`` and LoRA ``A`` are replicated (a DTensor ``weight`` sharded on
+            dim 0 needs none of these); see :mod:`prefopt_fast.distributed`.
 
     Returns:
         fp32 log-probs shaped like ``labels`` (fp64 for fp64 inputs), or with ``stats`` a
         :class:`prefopt_fast.TokenLogProbs` (``kl`` None). Gradients reach ``hidden``,
         ``weight``, ``bias`` and the LoRA factors, accumulated in fp32.
     """
+    if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(weight):
+        return vocab_parallel_linear_token_logprobs(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+            logit_scale=logit_scale, softcap=softcap, stats=stats, lora=lora, chunk_size=chunk_size,
+            backend=backend, process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
     logit_scale, softcap = _check_scalars(logit_scale, softcap, chunk_size)
@@ -579,7 +592,8 @@ def linear_token_logprobs(
 
 def linear_sequence_logprobs_and_lengths(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
                                          logit_scale=1.0, softcap=None, lora=None, average=False, cu_seqlens=None,
-                                         chunk_size=None, backend="auto"):
+                                         chunk_size=None, backend="auto", process_group=None, vocab_start=None,
+                                         vocab_size=None):
     """:func:`linear_sequence_logprobs` plus the int64 number of real labels per sequence."""
     from .sequence_logprobs import _check_cu_seqlens, per_sequence_sums
 
@@ -595,7 +609,8 @@ def linear_sequence_logprobs_and_lengths(hidden, weight, labels, *, bias=None, i
         raise TypeError(f"average must be a bool; got {type(average).__name__}")
     logp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                  temperature=temperature, logit_scale=logit_scale, softcap=softcap, lora=lora,
-                                 chunk_size=chunk_size, backend=backend)
+                                 chunk_size=chunk_size, backend=backend, process_group=process_group,
+                                 vocab_start=vocab_start, vocab_size=vocab_size)
     sums, counts = per_sequence_sums(logp, labels != ignore_index, cu_seqlens)
     if average:
         sums = sums / counts.clamp(min=1).to(sums.dtype)
@@ -605,15 +620,16 @@ def linear_sequence_logprobs_and_lengths(hidden, weight, labels, *, bias=None, i
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index: int = -100, temperature=1.0,
                              logit_scale: float = 1.0, softcap: Optional[float] = None, lora=None,
                              average: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                             chunk_size: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+                             chunk_size: Optional[int] = None, backend: str = "auto", process_group=None,
+                             vocab_start: Optional[int] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-sequence log-probs (sum, or mean with ``average``) from hidden states and the lm_head.
 
     Args:
         hidden: padded ``[B, T, H]`` (any leading ``[..., T]``) or packed ``[total_tokens, H]``
             with ``cu_seqlens`` (int ``[B + 1]``).
         labels: ``hidden.shape[:-1]`` integers, already shifted; ``ignore_index`` on prompt / padding.
-        weight, bias, temperature, logit_scale, softcap, lora, chunk_size, backend: as in
-            :func:`linear_token_logprobs`.
+        weight, bias, temperature, logit_scale, softcap, lora, chunk_size, backend, process_group,
+            vocab_start, vocab_size: as in :func:`linear_token_logprobs`.
         average: divide by the number of real labels (0 for a sequence without any).
 
     Returns:
@@ -622,7 +638,8 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index:
     return linear_sequence_logprobs_and_lengths(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
         logit_scale=logit_scale, softcap=softcap, lora=lora, average=average, cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size, backend=backend)[0]
+        chunk_size=chunk_size, backend=backend, process_group=process_group, vocab_start=vocab_start,
+        vocab_size=vocab_size)[0]
 
 
 class LinearSequenceLogProbs(nn.Module):
