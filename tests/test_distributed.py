@@ -450,6 +450,39 @@ def _check_dtensor(env):
     env.close("dtensor linear grad hidden", h.grad, h0.grad, rtol=1e-5, atol=1e-6)
     env.close("dtensor linear grad weight", dw.grad.to_local(), _shard(w0.grad, 0, s0, n0), rtol=1e-5, atol=1e-6)
 
+    # a loss on DTensor logits (ppo_loss: labels and the per-token inputs are plain tensors)
+    from prefopt_fast import ppo_loss
+
+    old = torch.randn(B, T, generator=g) - 3
+    adv = torch.randn(B, generator=g)
+    d = distribute_tensor(full, mesh, [Shard(2)]).requires_grad_()
+    loss, _ = ppo_loss(d, y, old, adv, entropy_coef=0.1)
+    loss.backward()
+    a = full.clone().requires_grad_()
+    ref_loss, _ = ppo_loss(a, y, old, adv, entropy_coef=0.1)
+    ref_loss.backward()
+    env.close("dtensor ppo loss", loss, ref_loss)
+    env.close("dtensor ppo grad", d.grad.to_local(), _shard(a.grad, -1, s0, n0), rtol=1e-5, atol=1e-6)
+
+    if env.world == 4:
+        # data x vocabulary parallel on a 2 x 2 mesh: rows split over "dp", vocabulary over "tp"
+        mesh2 = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        dp, tp = mesh2.get_local_rank("dp"), mesh2.get_local_rank("tp")
+        V2 = 9
+        full2 = torch.randn(4, 3, V2, generator=g)
+        y2 = torch.randint(0, V2, (4, 3), generator=g)
+        d2 = distribute_tensor(full2, mesh2, [Shard(0), Shard(2)]).requires_grad_()
+        rows = slice(2 * dp, 2 * dp + 2)
+        out = token_logprobs(d2, y2[rows], stats=("entropy",))
+        (out.logprobs + out.entropy).sum().backward()
+        a = full2[rows].clone().requires_grad_()
+        ref = token_logprobs(a, y2[rows], stats=("entropy",))
+        (ref.logprobs + ref.entropy).sum().backward()
+        s2, n2 = (0, 5) if tp == 0 else (5, 4)
+        env.close("2-D mesh logprobs", out.logprobs, ref.logprobs)
+        env.close("2-D mesh entropy", out.entropy, ref.entropy)
+        env.close("2-D mesh grad", d2.grad.to_local(), _shard(a.grad, -1, s2, n2), rtol=1e-5, atol=1e-6)
+
 
 def _check_errors(env):
     """Bad input raises the same clear error on every rank (no rank left hanging)."""
