@@ -155,8 +155,8 @@ def _from_dtensor(x, dim: int, name: str):
     return x.to_local(), x.device_mesh.get_group(mesh_dims[0]), x.shape[dim]
 
 
-def _local(x, name: str):
-    """A replicated companion input (labels, ref tensors): DTensors give their local tensor."""
+def _local(x):
+    """A companion input (labels, hidden, LoRA A): a DTensor gives its local tensor."""
     return x.to_local() if is_dtensor(x) else x
 
 
@@ -392,7 +392,7 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
             ref_logits = _from_dtensor(ref_logits, -1, "ref_logits")[0]
     elif is_dtensor(ref_logits):
         raise TypeError("ref_logits is a DTensor but logits is not; pass both as DTensors or both as local shards")
-    labels = _local(labels, "labels")
+    labels = _local(labels)
     if process_group is None:
         raise ValueError("process_group is required for vocabulary-parallel log-probs")
     _check_local_logits(logits, "logits")
@@ -545,7 +545,7 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     like it, LoRA ``A`` ``[r, H]`` is replicated. The gradients of ``hidden`` and ``A`` are
     all-reduced (summed) over the group in the backward.
     """
-    from .ops.linear_logprobs import LINEAR_STAT_NAMES, _Cfg, _check_inputs, _check_scalars, default_chunk_size
+    from .ops.linear_logprobs import _Cfg, _check_inputs, _check_scalars, default_chunk_size
     from .ops.token_logprobs import TokenLogProbs
 
     if is_dtensor(weight):
@@ -558,8 +558,8 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
             bias = _from_dtensor(bias, 0, "bias")[0] if is_dtensor(bias) else bias
         if lora is not None and isinstance(lora, (tuple, list)) and len(lora) == 3:
             a, b, sc = lora
-            lora = (_local(a, "lora A"), _from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
-    hidden, labels = _local(hidden, "hidden"), _local(labels, "labels")
+            lora = (_local(a), _from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
+    hidden, labels = _local(hidden), _local(labels)
     if process_group is None:
         raise ValueError("process_group is required for vocabulary-parallel log-probs")
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
@@ -576,7 +576,6 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     if "kl" in names:
         raise ValueError('stats "kl" is not available in the fused-linear path; use token_logprobs(logits, ..., '
                          "ref_logits=...) or a sampled KL estimator on per-token reference log-probs")
-    assert set(names) <= set(LINEAR_STAT_NAMES)
     layout = shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device)
     _check_global_labels(labels, hidden.shape[:-1], layout.vocab, ignore_index, hidden.device, "hidden.shape[:-1]")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
