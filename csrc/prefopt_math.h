@@ -242,6 +242,39 @@ PF_HD PF_INLINE T pf_grad_elem_kl(T p, T logp, T logq, T onehot, T c, T e, T H, 
   return inv_temp * (c * (onehot - p) + inner);
 }
 
+// The same gradient factored per row for fast loops:
+//   g = onehot * oh + p * (a + b * logp + c * logq)
+// with oh = inv_temp c, a = -inv_temp (c + e H + k kl), b = inv_temp (k - e),
+// c = -inv_temp k (k = 0 without the KL term). Pass logp through pf_exp_poly_arg (finite:
+// p = 0 then gives 0 instead of 0 * -inf); with a KL term use pf_grad_fast_kl, which
+// selects 0 where p = 0 (logq may be -inf there).
+template <typename T>
+struct PfGradCoef {
+  T oh, a, b, c;
+};
+
+template <typename T>
+PF_HD PF_INLINE PfGradCoef<T> pf_grad_coef(T c, T e, T H, T k, T kl, T inv_temp) {
+  PfGradCoef<T> r;
+  r.oh = inv_temp * c;
+  r.a = -inv_temp * (c + e * H + k * kl);
+  r.b = inv_temp * (k - e);
+  r.c = -inv_temp * k;
+  return r;
+}
+
+template <typename T>
+PF_HD PF_INLINE T pf_grad_fast(T p, T logp_clamped, T onehot, const PfGradCoef<T>& g) {
+  return onehot * g.oh + p * (g.a + g.b * logp_clamped);
+}
+
+template <typename T>
+PF_HD PF_INLINE T pf_grad_fast_kl(T p, T logp_clamped, T logq, T onehot, const PfGradCoef<T>& g) {
+  T inner = g.a + g.b * logp_clamped + g.c * logq;
+  inner = p == T(0) ? T(0) : inner;
+  return onehot * g.oh + p * inner;
+}
+
 // Same without an entropy term (grad_entropy absent).
 template <typename T>
 PF_HD PF_INLINE T pf_grad_elem_noent(T p, T onehot, T c, T inv_temp) {

@@ -362,6 +362,26 @@ def test_out_of_range_labels_are_safe(dtype):
     assert_grad(g, ref_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], c), dtype)  # no one-hot term
 
 
+@pytest.mark.parametrize("which", ["logp", "entropy", "kl"])
+def test_confident_rows_keep_gradient_precision(which):
+    # p_y ~ 1 - 1e-5: c (1 - p_y) and the entropy terms are small differences of O(1) terms
+    N, V = 4, 5000
+    z = torch.randn(N, V)
+    y = torch.randint(0, V, (N,))
+    z[torch.arange(N), y] = 16.0
+    zr = z + 0.1 * torch.randn(N, V)
+    it = torch.ones(N)
+    out = cpu.row_forward(z, y, it, IGN, STAT_ENTROPY | STAT_KL, zr)
+    c, e, k = torch.randn(N), (torch.randn(N) if which != "logp" else None), (torch.randn(N) if which == "kl" else None)
+    kl_kw = dict(grad_kl=k, ref_logits=zr, ref_lse=out[OUT_REF_LSE], kl=out[OUT_KL]) if k is not None else {}
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, IGN, False, **kl_kw)
+    ref = ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, zr=zr, k=k, rlse=out[OUT_REF_LSE],
+                       kl=out[OUT_KL])
+    for r in range(N):  # each row against its own scale
+        scale = ref[r].abs().max().item()
+        torch.testing.assert_close(g[r].double(), ref[r], rtol=2e-5, atol=1e-6 * scale)
+
+
 def test_argmax_is_the_first_index_of_the_max():
     V = 40 * CHUNK  # long enough for a single row to be split across threads
     pairs = [(3, 9), (10, CHUNK + 1), (CHUNK - 1, V // 2 + 5), (0, V - 1)]

@@ -535,8 +535,9 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
 
 struct RowGrad {
   float it, lse, H, c, e;
-  float k, rlse, kl;  // KL term (k = 0 without it)
-  int64_t y;          // label if in [0, V), else -1 (no one-hot term)
+  float k, rlse, kl;     // KL term (k = 0 without it)
+  int64_t y;             // label if in [0, V), else -1 (no one-hot term)
+  PfGradCoef<float> coef;  // the fast paths' factored form of the same gradient
 };
 
 enum : int { kGradPlain = 0, kGradEntropy = 1, kGradKl = 2 };
@@ -564,13 +565,26 @@ void exact_grad_range(const typename D::S* z, const typename D::S* zr, typename 
   }
 }
 
+// Every element but the label's: the factored form (fewer operations per element).
 template <int MODE>
-PF_INLINE float fast_grad(float x, float xr, float oh, const RowGrad& r) {
+PF_INLINE float fast_grad(float x, float xr, const RowGrad& r) {
   const float logp = x - r.lse;
-  const float p = pf_exp_poly(logp);  // 0 for x = -inf; the formulas then select 0 for p * log p terms
-  if (MODE == kGradKl) return pf_grad_elem_kl<float>(p, logp, xr - r.rlse, oh, r.c, r.e, r.H, r.k, r.kl, r.it);
-  if (MODE == kGradEntropy) return pf_grad_elem<float>(p, logp, oh, r.c, r.e, r.H, r.it);
-  return pf_grad_elem_noent<float>(p, oh, r.c, r.it);
+  const float p = pf_exp_poly(logp);  // 0 for x = -inf
+  const float lpc = pf_exp_poly_arg(logp);
+  if (MODE == kGradKl) return pf_grad_fast_kl<float>(p, lpc, xr - r.rlse, 0.0f, r.coef);
+  return pf_grad_fast<float>(p, lpc, 0.0f, r.coef);
+}
+
+// The label's element: the literal formula in double, so that c * (1 - p) keeps its
+// precision when p ~ 1 (a float p is only good to 6e-8 absolute). Once per row.
+template <int MODE>
+PF_INLINE float label_grad(float x, float xr, const RowGrad& r) {
+  const double logp = (double)x - (double)r.lse;
+  const double p = exp(logp);
+  if (MODE == kGradKl)
+    return (float)pf_grad_elem_kl<double>(p, logp, (double)xr - (double)r.rlse, 1.0, r.c, r.e, r.H, r.k, r.kl, r.it);
+  if (MODE == kGradEntropy) return (float)pf_grad_elem<double>(p, logp, 1.0, r.c, r.e, r.H, r.it);
+  return (float)pf_grad_elem_noent<double>(p, 1.0, r.c, r.it);
 }
 
 // One read of the row, one write of the gradient. Rows reach this only with finite
@@ -593,7 +607,7 @@ PF_INLINE void bwd_segment_impl(const typename D::S* z, const typename D::S* zr,
     // omp simd: in place (gs == zs) each element is read before it is written, in the
     // same iteration, so there is no cross-iteration dependence despite the aliasing
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) gs[i] = fast_grad<MODE>(zs[i] * rr.it, KL ? zrs[i] * rr.it : 0.0f, 0.0f, rr);
+    for (int64_t i = 0; i < n; ++i) gs[i] = fast_grad<MODE>(zs[i] * rr.it, KL ? zrs[i] * rr.it : 0.0f, rr);
   } else {
     // 16-bit: widen a chunk into fp32, compute, narrow (uniform-width loops vectorise
     // well); in place, the whole chunk is read before any of it is written
@@ -604,13 +618,13 @@ PF_INLINE void bwd_segment_impl(const typename D::S* z, const typename D::S* zr,
       widen<D>(z + c0, bx, n, rr.it);
       if (KL) widen<D>(zr + c0, bxr, n, rr.it);
 #pragma omp simd
-      for (int i = 0; i < n; ++i) bx[i] = fast_grad<MODE>(bx[i], KL ? bxr[i] : 0.0f, 0.0f, rr);
+      for (int i = 0; i < n; ++i) bx[i] = fast_grad<MODE>(bx[i], KL ? bxr[i] : 0.0f, rr);
       typename D::S* gc = g + c0;
 #pragma omp simd
       for (int i = 0; i < n; ++i) D::store(gc, i, bx[i]);
     }
   }
-  if (has_y) D::store(g, rr.y, fast_grad<MODE>(xy, xry, 1.0f, rr));
+  if (has_y) D::store(g, rr.y, label_grad<MODE>(xy, xry, rr));
 }
 
 template <class D>
@@ -680,6 +694,7 @@ void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const T
       r.rlse = has_kl ? A.ref_lse[n] : 0.0f;
       r.kl = has_kl ? A.kl[n] : 0.0f;
       r.y = (y >= 0 && y < V) ? y : -1;
+      r.coef = pf_grad_coef<float>(r.c, r.e, r.H, r.k, r.kl, r.it);
       const bool fast = std::isfinite(r.it) && std::isfinite(r.lse) && std::isfinite(r.c) &&
                         std::isfinite(r.e) && std::isfinite(r.H) && std::isfinite(r.k) &&
                         std::isfinite(r.rlse) && std::isfinite(r.kl) && std::fabs(r.lse) < PF_HUGE &&
