@@ -178,7 +178,9 @@ PF_HD PF_INLINE PfLseAcc<T> pf_lse_rescale(PfLseAcc<T> a, T m) {
   T f = pf_exp(dm);
   PfLseAcc<T> r;
   r.m = m;
-  r.t = f * (a.t + a.s * dm);
+  // f == 0: a is negligible next to m; a.s * dm may overflow then, and 0 * inf is NaN
+  // (f * a.t keeps a NaN)
+  r.t = f == T(0) ? f * a.t : f * (a.t + a.s * dm);
   r.s = f * a.s;
   r.q = f * f * a.q;
   return r;
@@ -207,7 +209,10 @@ PF_HD PF_INLINE PfLseAcc<T> pf_lse_merge(PfLseAcc<T> a, PfLseAcc<T> b) {
 template <typename T>
 PF_HD PF_INLINE T pf_kl_rebase(T u, T s, T dm, T dmr) {
   if (s == T(0)) return T(0);
-  return pf_exp(-dm) * (u + (dmr - dm) * s);
+  T f = pf_exp(-dm);
+  // negligible part (f == 0; (dmr - dm) * s may overflow): 0, but an infinite or NaN u stays
+  if (f == T(0)) return T(0) * u == T(0) ? T(0) : u;
+  return f * (u + (dmr - dm) * s);
 }
 
 template <typename T>
