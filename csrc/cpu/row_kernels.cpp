@@ -153,6 +153,18 @@ PF_INLINE void widen(const typename D::S* z, float* x, int n, float it) {
   for (int i = 0; i < n; ++i) x[i] = D::load(z, i) * it;
 }
 
+// Software prefetch of elements [from, to) of a row, issued for the chunk two ahead of
+// the one being processed. Used only where it measured faster (A/B, one thread, 1024 x
+// 128256): the 16-bit backward, 38 -> 31.5 ms, whose widen / compute / narrow phases
+// leave the input stream idle; it made the fp32 loops ~15% slower.
+template <class S>
+PF_INLINE void prefetch_range(const S* base, int64_t from, int64_t to) {
+  const char* a = reinterpret_cast<const char*>(base + from);
+  const char* e = reinterpret_cast<const char*>(base + to);
+  for (; a < e; a += 64) __builtin_prefetch(a, 0, 3);
+}
+constexpr int64_t kPrefetchAhead = 2 * kChunk;
+
 template <class D, int MODE>
 PF_INLINE ChunkSums chunk_pass(const typename D::S* zc, const typename D::S* zrc, int n, float it, float ref,
                                float rref) {
@@ -615,6 +627,8 @@ PF_INLINE void bwd_segment_impl(const typename D::S* z, const typename D::S* zr,
     alignas(64) float bxr[KL ? kChunk : 1];
     for (int64_t c0 = v0; c0 < v1; c0 += kChunk) {
       const int n = (int)std::min<int64_t>(kChunk, v1 - c0);
+      prefetch_range(z, c0 + kPrefetchAhead, std::min(v1, c0 + kPrefetchAhead + kChunk));
+      if (KL) prefetch_range(zr, c0 + kPrefetchAhead, std::min(v1, c0 + kPrefetchAhead + kChunk));
       widen<D>(z + c0, bx, n, rr.it);
       if (KL) widen<D>(zr + c0, bxr, n, rr.it);
 #pragma omp simd

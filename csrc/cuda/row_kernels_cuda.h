@@ -1,0 +1,70 @@
+// Torch-free, CUDA-header-free interface of the CUDA row kernels (semantics:
+// prefopt_fast/_rows.py). The binding (compiled by the host compiler against the torch
+// stable ABI) fills these plain descriptions; the launchers (compiled by nvcc) see only
+// raw pointers, sizes, strides and a stream handle.
+#pragma once
+
+#include <stdint.h>
+
+namespace prefopt_cuda {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+constexpr int kMaxLeadDims = 16;
+constexpr int kNumOut = 8;  // rows of prefopt_fast._rows.OUT_*
+
+// A logits tensor [..., V] with last stride 1: row n starts at
+// data + sum_i idx_i(n) * lead_strides[i] elements, idx(n) the row-major multi-index of
+// n over lead_sizes (leading dims of size 1 dropped, mergeable ones merged). 64-bit.
+struct Rows {
+  const void* data;
+  int dtype;
+  int nlead;
+  int64_t V;
+  int64_t rows;
+  int64_t lead_sizes[kMaxLeadDims];
+  int64_t lead_strides[kMaxLeadDims];
+};
+
+struct ForwardArgs {
+  const int64_t* labels;   // [rows]
+  const float* inv_temp;   // [rows]
+  int64_t ignore_index;
+  int stats;               // bit mask of prefopt_fast._rows.STAT_*
+  float* out;              // [kNumOut, rows] contiguous
+};
+
+// grad_entropy == nullptr: no entropy term (entropy unused); grad_kl == nullptr: no KL
+// term (ref, ref_lse, kl unused).
+struct BackwardArgs {
+  const int64_t* labels;
+  const float* inv_temp;
+  const float* lse;
+  const float* entropy;
+  const float* grad_logp;
+  const float* grad_entropy;
+  const float* grad_kl;
+  const float* ref_lse;
+  const float* kl;
+  int64_t ignore_index;
+};
+
+// Launch on `stream` (a cudaStream_t) of device `device`. Return nullptr on success, else
+// a static message (cudaGetErrorString of the launch error, e.g. "CUDA driver version is
+// insufficient for CUDA runtime version" or "no kernel image is available ...").
+// ref: nullptr, or the reference logits (same rows, V and dtype; own strides) for STAT_KL.
+const char* row_forward(const Rows& logits, const Rows* ref, const ForwardArgs& args, int device,
+                        void* stream);
+
+// grad: a contiguous [rows, V] buffer of logits.dtype, or nullptr to write over `logits`
+// in place. ref: the reference logits when args.grad_kl is given.
+const char* row_backward(const Rows& logits, const Rows* ref, const BackwardArgs& args, void* grad,
+                         int device, void* stream);
+
+// CUDART_VERSION the launchers were compiled with (e.g. 13000), and the runtime / driver
+// versions seen at run time (0 where unknown: no driver).
+int cuda_version_built();
+int cuda_runtime_version();
+int cuda_driver_version();
+
+}  // namespace prefopt_cuda
