@@ -25,6 +25,7 @@ import torch
 from .._rows import N_OUT
 
 NAME = "cpu"
+SUPPORTS_KL = True  # the exact-KL extension of the row contract (ref_logits, STAT_KL)
 
 try:
     from .. import _C  # noqa: F401  (importing registers the ops)
