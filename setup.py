@@ -9,7 +9,8 @@ CUDA version. Environment (see tools/cuda_build.py and docs/cuda.md):
 
     PREFOPT_CUDA=0|1|auto      no CUDA code / require it / build it if a toolkit is found
     CUDA_HOME                  the toolkit (else `nvcc` on PATH, else /usr/local/cuda)
-    PREFOPT_CUDA_ARCHS         e.g. "80;90+PTX" (default "80;86;89;90;100;120+PTX")
+    PREFOPT_CUDA_ARCHS         e.g. "80;90+PTX"; default: "80;86;89;90;100;120+PTX" for
+                               wheels, "80;90+PTX" for in-place / editable builds
     PREFOPT_LOCAL_VERSION      local version suffix of the wheel: default "cuXYZ" for a
                                CUDA build (0.1.0+cu130), none for a CPU-only one; "" = none
     PREFOPT_NO_EXTENSION=1     pure Python (no _C at all)
@@ -59,16 +60,11 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
         cuda_home = cuda_build.find_cuda_home()
         if cuda_home is None and want_cuda in ("1", "true", "yes", "on"):
             raise RuntimeError("PREFOPT_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
-    cuda_archs = cuda_build.parse_archs() if cuda_home else []
     link_args = []
     if cuda_home:
         cuda_ver = cuda_build.cuda_version(cuda_home)
-        print(f"prefopt_fast: building the CUDA kernels with CUDA {cuda_ver} ({cuda_home}) for "
-              f"{', '.join(cuda_build.arch_names(cuda_archs))}", file=sys.stderr)
         sources += sorted(glob.glob("csrc/cuda/*.cpp"))  # the binding, host compiler
         depends += sorted(glob.glob("csrc/cuda/*.h") + glob.glob("csrc/cuda/*.cuh"))
-        # read back at run time by prefopt_fast.build_info()
-        cxx_flags.append("-DPREFOPT_CUDA_ARCHS=" + ",".join(cuda_build.arch_names(cuda_archs)))
         link_args = cuda_build.link_args(cuda_home)
         local = os.environ.get("PREFOPT_LOCAL_VERSION", "cu" + cuda_ver.replace(".", ""))
     else:
@@ -81,8 +77,25 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
         """torch's BuildExtension for the C++ sources; the .cu files go through nvcc here
         (our flags, no torch headers), their objects linked into the extension."""
 
+        def run(self):
+            # setuptools clears `inplace` while it builds (then copies into the tree)
+            self._prefopt_dev = bool(self.inplace or getattr(self, "editable_mode", False))
+            super().run()
+
         def build_extension(self, ext):
             if cuda_home:
+                # PREFOPT_CUDA_ARCHS, else: in-place / editable (development) builds the small
+                # set (sm_80 + sm_90 SASS, compute_90 PTX: every GPU >= sm_80 runs it), wheels
+                # the release set
+                dev = getattr(self, "_prefopt_dev", False)
+                spec = os.environ.get("PREFOPT_CUDA_ARCHS", "").strip() or (
+                    cuda_build.DEV_ARCHS if dev else cuda_build.DEFAULT_ARCHS)
+                cuda_archs = cuda_build.parse_archs(spec)
+                names = cuda_build.arch_names(cuda_archs)
+                print(f"prefopt_fast: CUDA {cuda_ver} kernels ({cuda_home}) for {', '.join(names)}", file=sys.stderr)
+                # read back at run time by prefopt_fast.build_info()
+                ext.extra_compile_args["cxx"] = ext.extra_compile_args["cxx"] + [
+                    "-DPREFOPT_CUDA_ARCHS=" + ",".join(names)]
                 compiled = cuda_build.compile_sources(
                     cuda_home, [Path(s) for s in sorted(glob.glob("csrc/cuda/*.cu"))],
                     # a fixed place (editable installs build in throw-away temp dirs): an

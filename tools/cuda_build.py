@@ -8,8 +8,9 @@ Environment:
                             (wrappers too: nvcc --dryrun reports its real TOP)
     PREFOPT_CUDA            "0": never build CUDA code; "1": fail without a toolkit;
                             unset / "auto": build it when a toolkit is found
-    PREFOPT_CUDA_ARCHS      architectures, e.g. "80;86;89;90;100;120+PTX" (the default),
-                            "sm_80 sm_90+PTX", "8.0,9.0", "compute_90" (PTX only)
+    PREFOPT_CUDA_ARCHS      architectures, e.g. "80;86;89;90;100;120+PTX" (the default of
+                            wheels), "80;90+PTX" (the default of in-place / editable
+                            builds), "sm_80 sm_90+PTX", "8.0,9.0", "compute_90" (PTX only)
 """
 import os
 import re
