@@ -227,3 +227,12 @@ extern "C" __attribute__((visibility("default"))) const char* prefopt_fast_cuda_
                 prefopt_cuda::cuda_driver_version(), PF_STR(PREFOPT_CUDA_ARCHS));
   return buf;
 }
+
+// 0 if the CUDA kernels can run on `device`; else nonzero with the CUDA error in msg.
+// *arch: the architecture of the code the device will run (e.g. 90), 0 on error.
+extern "C" __attribute__((visibility("default"))) int prefopt_fast_cuda_probe(int device, int* arch, char* msg,
+                                                                             int msg_len) {
+  const char* err = prefopt_cuda::probe(device, arch);
+  if (msg && msg_len > 0) std::snprintf(msg, (size_t)msg_len, "%s", err ? err : "");
+  return err ? 1 : 0;
+}

@@ -11,9 +11,14 @@
 // shared with the CPU kernels comes from prefopt_math.h.
 #pragma once
 
+#if defined(PF_CUDA_HOST_EMULATION)
+// tests/cuda_emulation: the kernels compiled by a host compiler, threads emulated
+#include "cuda_host_emulation.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
 #include "prefopt_math.h"
@@ -33,6 +38,9 @@ enum : int { kFwdEnt = 1, kFwdFull = 2, kFwdKl = 4 };
 // Backward variants.
 enum : int { kBwdPlain = 0, kBwdEnt = 1, kBwdKl = 2 };
 
+// Block size limit; kernels declare __launch_bounds__(kMaxThreads, 2): at least two
+// blocks per SM (<= 128 registers), and ptxas otherwise free: without the minimum it aims
+// at ~64 registers and spills on sm_100 / sm_120.
 constexpr int kMaxThreads = 256;
 constexpr float kInf = __builtin_huge_valf();
 
@@ -143,24 +151,12 @@ __device__ __forceinline__ float shift_of(float m) { return m == -kInf ? 0.0f : 
 
 // ---------------------------------------------------------------- launch helpers
 
-int threads_for(int64_t V) { return V >= 8192 ? 256 : V >= 1024 ? 128 : 64; }
+inline int threads_for(int64_t V) { return V >= 8192 ? 256 : V >= 1024 ? 128 : 64; }
 
 // One block per row; more rows than this loop inside the blocks.
-unsigned blocks_for(int64_t rows) {
+inline unsigned blocks_for(int64_t rows) {
   const int64_t cap = (int64_t)1 << 24;
   return (unsigned)(rows < cap ? rows : cap);
-}
-
-const char* prepare(int device) {
-  int cur = -1;
-  cudaError_t err = cudaGetDevice(&cur);
-  if (err == cudaSuccess && cur != device) err = cudaSetDevice(device);
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-const char* last_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 }  // namespace

@@ -61,6 +61,13 @@ const char* row_forward(const Rows& logits, const Rows* ref, const ForwardArgs& 
 const char* row_backward(const Rows& logits, const Rows* ref, const BackwardArgs& args, void* grad,
                          int device, void* stream);
 
+// Can the kernels run on `device`? Loads the module for it without launching anything
+// (cudaFuncGetAttributes on a forward kernel): nullptr if they can, else the CUDA error
+// (no driver / driver too old for this CUDA version, no device, no kernel image for the
+// device's architecture, PTX too new for the driver). *binary_version: the SASS / PTX
+// architecture the device will run (e.g. 90), 0 on error.
+const char* probe(int device, int* binary_version);
+
 // CUDART_VERSION the launchers were compiled with (e.g. 13000), and the runtime / driver
 // versions seen at run time (0 where unknown: no driver).
 int cuda_version_built();
