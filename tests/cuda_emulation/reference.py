@@ -1,0 +1,133 @@
+"""fp64 references of the row-kernel contract (prefopt_fast._rows) and the awkward inputs
+the CUDA tests feed every implementation: shapes that exercise each load path, rows
+with NaN / inf / -inf / huge values, ties, labels ignored or out of range."""
+import math
+
+import torch
+
+from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP,
+                                OUT_MEAN, OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP,
+                                STAT_MEAN)
+
+IGN = -100
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _x64(z, it):
+    """x = z * inv_temp in fp32 (as the contract says), then fp64; [N, V]."""
+    return (z.reshape(-1, z.shape[-1]).float() * it[:, None].float()).double()
+
+
+def _lse64(x):
+    lse = torch.logsumexp(x, -1)
+    lse = torch.where(torch.isnan(x).any(-1) | torch.isposinf(x).any(-1), math.nan, lse)
+    return lse
+
+
+def ref_forward(z, y, it, ignore=IGN, zr=None):
+    """fp64 [N_OUT, N], every statistic (KL rows only with zr)."""
+    z, y, it = z.cpu(), y.cpu(), it.cpu()
+    V = z.shape[-1]
+    x = _x64(z, it)
+    lse = _lse64(x)
+    lp = x - lse[:, None]
+    p = lp.exp()
+    ok = (y >= 0) & (y < V)
+    ys = torch.where(ok, y, 0)
+    out = torch.zeros(N_OUT, x.shape[0], dtype=torch.float64)
+    out[OUT_LSE] = lse
+    out[OUT_LOGP] = torch.where(ok, x.gather(1, ys[:, None]).squeeze(1) - lse, math.nan)
+    out[OUT_ENTROPY] = -torch.where(p == 0, 0.0, p * lp).sum(-1)
+    out[OUT_LSSP] = (p * p).sum(-1).log()
+    out[OUT_MEAN] = x.mean(-1)
+    out[OUT_ARGMAX] = ((x.argmax(-1) == y) & ok).double()
+    if zr is not None:
+        xr = _x64(zr.cpu(), it)
+        rlse = _lse64(xr)
+        lq = xr - rlse[:, None]
+        out[OUT_KL] = torch.where(p == 0, 0.0, p * (lp - lq)).sum(-1)
+        out[OUT_REF_LSE] = rlse
+    out[:, y == ignore] = 0
+    return out
+
+
+def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None):
+    """fp64 [N, V] gradient of the contract's formula."""
+    z, y, it = z.cpu(), y.cpu(), it.cpu()
+    V = z.shape[-1]
+    x = _x64(z, it)
+    lp = x - lse.cpu().double()[:, None]
+    p = lp.exp()
+    oh = torch.zeros_like(x)
+    ok = (y >= 0) & (y < V)
+    oh[ok.nonzero().squeeze(1), y[ok]] = 1.0
+    g = c.cpu().double()[:, None] * (oh - p)
+    if e is not None:
+        g = g - torch.where(p == 0, 0.0, e.cpu().double()[:, None] * p * (lp + H.cpu().double()[:, None]))
+    if k is not None:
+        lq = _x64(zr.cpu(), it) - rlse.cpu().double()[:, None]
+        g = g + torch.where(p == 0, 0.0, k.cpu().double()[:, None] * p * (lp - lq - kl.cpu().double()[:, None]))
+    g = g * it.double()[:, None]
+    g[y == ignore] = 0
+    return g
+
+
+def stat_rows(stats, kl=False):
+    rows = [OUT_LOGP, OUT_LSE]
+    for bit, r in ((STAT_ENTROPY, OUT_ENTROPY), (STAT_LSSP, OUT_LSSP), (STAT_MEAN, OUT_MEAN),
+                   (STAT_ARGMAX, OUT_ARGMAX)):
+        if stats & bit:
+            rows.append(r)
+    if kl or stats & STAT_KL:
+        rows += [OUT_KL, OUT_REF_LSE]
+    return rows
+
+
+def assert_forward(out, ref, stats, rtol=3e-5, atol=3e-5, what=""):
+    for r in stat_rows(stats):
+        torch.testing.assert_close(out[r].cpu().double(), ref[r], rtol=rtol, atol=atol, equal_nan=True,
+                                   msg=lambda m, r=r: f"{what} output row {r}: {m}")
+
+
+def grad_tol(dtype):
+    return {torch.float32: 3e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+
+
+def assert_grad(g, ref, dtype, what=""):
+    fin = torch.isfinite(ref)
+    scale = max(ref[fin].abs().max().item(), 1e-30) if fin.any() else 1.0
+    torch.testing.assert_close(g.cpu().double().reshape(ref.shape), ref, rtol=grad_tol(dtype),
+                               atol=1e-6 * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def make(shape, dtype, scale=3.0, device="cpu"):
+    return (torch.randn(shape) * scale).to(dtype).to(device)
+
+
+def special_rows(dtype, V, big=None):
+    """[R, V] rows of the given dtype, each an edge case (V >= 8). ``big``: the huge
+    magnitude of row 4 (default: near the dtype's max). Reference logits for the KL take
+    a smaller one: with +-3e38 in a reference row, (x - c) - (xr - cr) overflows fp32 and
+    the KL comes out +inf (as in the torch backend's fp32 math)."""
+    if big is None:
+        big = {torch.float32: 3e38, torch.bfloat16: 3e38, torch.float16: 6e4}[dtype]
+    rows = (torch.randn(11, V) * 3)
+    rows[0, V // 3] = math.nan                           # NaN -> NaN row
+    rows[1, 2] = math.inf                                # +inf -> NaN row
+    rows[2, ::2] = -math.inf                             # -inf entries (p = 0)
+    rows[3] = -math.inf                                  # only -inf -> NaN log-prob
+    rows[4, 1] = big                                     # huge positive
+    rows[4, 3] = -big                                    #   and negative in one row
+    rows[5] = rows[5] * 1e-3 + 30.0                      # large offset
+    rows[6, 5] = 80.0                                    # a confident row: p ~ 1
+    rows[7] = 1.0
+    rows[7, [1, V - 2]] = 5.0                            # a tie: the first index is the argmax
+    rows[8, V - 1] = math.nan                            # NaN last, after the max
+    rows[8, 0] = math.inf                                # and +inf first
+    rows[9, :V // 2] = -math.inf                         # -inf first half
+    rows[10] = rows[10] * 50                             # wide spread
+    return rows.to(dtype)
+
+
+def special_labels(V):
+    return torch.tensor([V // 3, 2, 0, 1, 1, 4, 5, 1, V - 1, V - 1, V + 7], dtype=torch.int64)
