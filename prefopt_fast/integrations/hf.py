@@ -340,6 +340,8 @@ def sequence_logprobs(model: nn.Module, input_ids: Tensor, loss_mask: Tensor, *,
     Sum over the marked tokens (mean with ``average``); differentiable, through
     :func:`prefopt_fast.linear_sequence_logprobs` (the logits are never built). ``loss_mask``
     ``[B, T]`` marks the scored tokens of ``input_ids`` (the first token can never be scored).
+    A ZeRO-3 head is gathered for the forward only: fine under ``no_grad`` (a reference); to
+    train through it, use :func:`gathered_lm_head` around the loss and its backward.
     """
     from ..ops.linear_logprobs import linear_sequence_logprobs
 

@@ -56,7 +56,6 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import trl
 import trl.trainer.utils as _trl_utils
@@ -560,35 +559,39 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
 
     @staticmethod
     def _prefopt_check(args) -> None:
-        lt = args.loss_type
-        if lt not in SUPPORTED_GRPO_LOSS_TYPES:
-            raise _unsupported("GRPOTrainer", "loss_type", lt,
-                               f"prefopt_fast's PPO head implements the clipped surrogate of "
-                               f"{list(SUPPORTED_GRPO_LOSS_TYPES)}, not the {lt!r} objective")
-        if args.use_adaptive_entropy:
-            raise _unsupported("GRPOTrainer", "use_adaptive_entropy", True,
-                               "the adaptive entropy controller is not reproduced; use a static entropy_coef")
-        if args.top_entropy_quantile < 1.0 and args.entropy_coef != 0.0:
-            raise _unsupported("GRPOTrainer", "top_entropy_quantile", args.top_entropy_quantile,
-                               f"with entropy_coef={args.entropy_coef} TRL restricts the entropy bonus to the "
-                               "high-entropy tokens, which the head does not; use top_entropy_quantile=1.0 or "
-                               "entropy_coef=0.0")
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        try:
-            GRPOTrainer._prefopt_config(args, args.entropy_coef, eps_high)
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"prefopt_fast.integrations.trl.GRPOTrainer: GRPOConfig(loss_type={lt!r}, epsilon={args.epsilon}, "
-                f"epsilon_high={args.epsilon_high}, delta={args.delta}, beta={args.beta}, entropy_coef="
-                f"{args.entropy_coef}, importance_sampling_level={args.importance_sampling_level!r}, "
-                f"max_completion_length={args.max_completion_length}) is not supported by the PPO head: {e}") from e
+        GRPOTrainer._prefopt_head_config(
+            args.loss_type, args.epsilon, eps_high, args.delta, args.beta, args.use_bias_correction_kl,
+            args.entropy_coef, args.max_completion_length, args.importance_sampling_level,
+            args.use_adaptive_entropy, args.top_entropy_quantile)
 
     @staticmethod
-    def _prefopt_config(args, entropy_coef, eps_high):
-        return _ppo._check_config(
-            -100, args.epsilon, eps_high, args.delta, args.beta, "k3", bool(args.use_bias_correction_kl),
-            entropy_coef, args.loss_type, args.max_completion_length if args.loss_type == "dr_grpo" else None,
-            args.importance_sampling_level)
+    def _prefopt_head_config(loss_type, eps_low, eps_high, delta, beta, bias_correction_kl, entropy_coef,
+                             max_completion_length, importance_sampling_level, adaptive_entropy=False,
+                             top_entropy_quantile=1.0):
+        """The PPO head's validated config for these GRPO settings, or ValueError naming the TRL option."""
+        if loss_type not in SUPPORTED_GRPO_LOSS_TYPES:
+            raise _unsupported("GRPOTrainer", "loss_type", loss_type,
+                               f"prefopt_fast's PPO head implements the clipped surrogate of "
+                               f"{list(SUPPORTED_GRPO_LOSS_TYPES)}, not the {loss_type!r} objective")
+        if adaptive_entropy:
+            raise _unsupported("GRPOTrainer", "use_adaptive_entropy", True,
+                               "the adaptive entropy controller is not reproduced; use a static entropy_coef")
+        if top_entropy_quantile < 1.0 and entropy_coef != 0.0:
+            raise _unsupported("GRPOTrainer", "top_entropy_quantile", top_entropy_quantile,
+                               f"with entropy_coef={entropy_coef} TRL restricts the entropy bonus to the "
+                               "high-entropy tokens, which the head does not; use top_entropy_quantile=1.0 or "
+                               "entropy_coef=0.0")
+        try:
+            return _ppo._check_config(
+                -100, eps_low, eps_high, delta, beta, "k3", bool(bias_correction_kl), entropy_coef, loss_type,
+                max_completion_length if loss_type == "dr_grpo" else None, importance_sampling_level)
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"prefopt_fast.integrations.trl.GRPOTrainer: GRPO settings (loss_type={loss_type!r}, epsilon="
+                f"{eps_low}, epsilon_high={eps_high}, delta={delta}, beta={beta}, entropy_coef={entropy_coef}, "
+                f"importance_sampling_level={importance_sampling_level!r}, max_completion_length="
+                f"{max_completion_length}) are not supported by the PPO head: {e}") from e
 
     @_with_lm_head_patch
     def _prepare_inputs(self, *args, **kwargs):
@@ -641,7 +644,10 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
             if mode == "train":
                 global_tokens = global_tokens * G / self.args.steps_per_generation
             coef = coef / G
-        cfg = self._prefopt_config(self.args, coef, self.epsilon_high)
+        cfg = self._prefopt_head_config(
+            self.loss_type, self.epsilon_low, self.epsilon_high, self.args.delta, self.beta,
+            self.args.use_bias_correction_kl, coef, self.max_completion_length, self.importance_sampling_level,
+            self.use_adaptive_entropy, self.top_entropy_quantile)
         B, T = completion_ids.shape
         labels = completion_ids.masked_fill(mask == 0, -100)
         stats = TokenLogProbs(per_token_logps, entropies)
