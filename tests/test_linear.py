@@ -220,21 +220,25 @@ def test_chunk_boundaries_and_token_tiles(backend, dtype, monkeypatch):
         _assert_grads(g, base_g, gtol * 2 if dt == torch.float32 else gtol)
 
 
-def test_backward_tiling_rule(monkeypatch):
+def test_backward_plan(monkeypatch):
     monkeypatch.setattr(LL, "MIN_VOCAB_BLOCK", 256)
-    assert LL._backward_tiles(64, 1000, 32, 0, 4, LL._Cfg(1.0, 1.0, None, 0, 1, "torch"), False, True, True) == \
-        (64, 256, False)  # the floor
+    cfg = LL._Cfg(1.0, 1.0, None, 0, 1, "torch")
+    assert LL._backward_plan(64, 1000, 4, cfg, False, True, True) == ("tiles", 64, 256)  # the floor
     monkeypatch.setattr(LL, "MIN_VOCAB_BLOCK", 1)
     cfg = LL._Cfg(1.0, 1.0, None, 0, 8, "torch")
-    # single token tile, several vocabulary blocks of the forward chunk's byte budget
-    mc, vb, up = LL._backward_tiles(64, 1000, 32, 0, 4, cfg, False, True, True)
-    assert (mc, vb, up) == (64, 125, False)
-    # CPU half precision: the fp32 copies are counted in the budget
-    mc, vb, up = LL._backward_tiles(64, 1000, 32, 0, 2, cfg, True, True, True)
-    assert up and mc == 64 and vb == (8 * 1000 * 2) // (64 * 2 + 64 * 4 + 32 * 4)
-    # the whole vocabulary fits: no accumulation over blocks, no upcast
-    assert LL._backward_tiles(8, 1000, 32, 0, 2, LL._Cfg(1.0, 1.0, None, 0, 8, "torch"), True, True, False) == \
-        (8, 1000, False)
+    # one token tile, several vocabulary blocks of the byte budget (8 rows of logits)
+    assert LL._backward_plan(64, 1000, 4, cfg, False, True, True) == ("tiles", 64, 125)
+    # the softcap's second buffer halves the block
+    soft = LL._Cfg(1.0, 1.0, 3.0, 0, 8, "torch")
+    assert LL._backward_plan(64, 1000, 4, soft, False, True, True) == ("tiles", 64, 62)
+    # half precision without an fp32-output GEMM: two passes, blocks of all tokens / rows of the whole vocabulary
+    assert LL._backward_plan(64, 1000, 2, cfg, True, True, True) == ("two-pass", 8, 125)
+    # ... unless nothing needs summing across tiles (the whole vocabulary fits one block)
+    assert LL._backward_plan(8, 1000, 2, cfg, True, True, True) == ("tiles", 8, 1000)
+    # a frozen head: only the hidden gradient, summed over blocks
+    assert LL._backward_plan(64, 1000, 2, cfg, True, True, False)[0] == "two-pass"
+    # only the weight gradient, one token tile: each block is one GEMM already
+    assert LL._backward_plan(64, 1000, 2, cfg, True, False, True) == ("tiles", 64, 125)
 
 
 def test_default_chunk_size_rule():
@@ -331,22 +335,34 @@ def test_frozen_hidden_and_lora_on_frozen_head(backend):
     _assert_grads({k: v.grad for k, v in leaves.items()}, {k: v.grad for k, v in ref.items()}, 2e-5)
 
 
-def test_bf16_gradients_accumulate_in_fp32(backend, monkeypatch):
-    """Many vocabulary blocks and token tiles: every accumulating GEMM writes an fp32 tensor."""
+@pytest.mark.parametrize("trainable", ["all", "head", "hidden"])
+def test_bf16_gradients_never_sum_rounded_products(backend, monkeypatch, trainable):
+    """Many vocabulary blocks and token tiles in bf16: every gradient GEMM either writes an fp32
+    accumulator (fp32-output GEMM) or produces a complete result in one call; on the CPU
+    (no fp32-output bf16 GEMM) the backward takes two passes and no product is summed."""
     if backend == "triton":
         pytest.skip("backend-independent tiling; hundreds of tiles are too slow for the Triton interpreter")
     monkeypatch.setattr(LL, "TOKEN_TILE", 4)
-    d = make(dtype=torch.bfloat16, V=64, H=24, bias=True)
-    leaves = _leaves(d, ("h", "w", "b"))
+    d = make(dtype=torch.bfloat16, V=64, H=24, bias=True, lora_r=2)
+    names = {"all": ("h", "w", "b", "A", "Bm"), "head": ("w", "b"), "hidden": ("h", "A", "Bm")}[trainable]
+    leaves = _leaves(d, names)
+    args = {k: leaves.get(k, d[k]) for k in ("h", "w", "b", "A", "Bm")}
     with GemmLog() as log:
-        out = linear_token_logprobs(leaves["h"], leaves["w"], d["y"], bias=leaves["b"], chunk_size=1,
-                                    backend=backend)
-        out.sum().backward()
-    acc = [c for c in log.calls if c[0].startswith("addmm") and c[1][-1] == 24]
-    assert acc and all(c[2] == torch.float32 for c in acc), acc
-    assert all(g.dtype == torch.bfloat16 for g in (leaves["h"].grad, leaves["w"].grad, leaves["b"].grad))
-    ref = _leaves(d, ("h", "w", "b"))
-    ref_stats(ref_logits(ref["h"], ref["w"], bias=ref["b"]), d["y"])[0].sum().backward()
+        out = linear_token_logprobs(args["h"], args["w"], d["y"], bias=args["b"], lora=(args["A"], args["Bm"], 0.5),
+                                    stats=("entropy",), chunk_size=1, backend=backend)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+    # gradient GEMMs have H = 24 or r = 2 columns (the logits' LoRA term has a vocabulary block's)
+    grad_acc = [c for c in log.calls if c[0].startswith("addmm") and c[1][-1] in (24, 2)]
+    assert not [c for c in grad_acc if c[2] == torch.bfloat16], grad_acc
+    if not LL._fp32_out_mm(torch.device("cpu")):
+        # no fp32 GEMMs on upcast copies either, only the final [M, H] += grad_u @ A of LoRA
+        assert [c for c in grad_acc if c[1] != (10, 24)] == [], grad_acc
+    for k, v in leaves.items():
+        assert v.grad.dtype == torch.bfloat16, k
+    ref = _leaves(d, names)
+    rargs = {k: ref.get(k, d[k]) for k in ("h", "w", "b", "A", "Bm")}
+    r = ref_stats(ref_logits(rargs["h"], rargs["w"], bias=rargs["b"], lora=(rargs["A"], rargs["Bm"], 0.5)), d["y"])
+    (r[0].sum() + r[1].sum()).backward()
     _assert_grads({k: v.grad for k, v in leaves.items()}, {k: v.grad for k, v in ref.items()}, 3e-2)
 
 
@@ -585,6 +601,7 @@ def test_bad_inputs_raise_clear_errors():
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(softcap=-1.0), ValueError, "softcap"),
         (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+        (dict(logit_scale=-1.0), ValueError, "logit_scale must be a finite float > 0"),
         (dict(stats=("kl",)), ValueError, "not available in the fused-linear path"),
         (dict(stats=("nope",)), ValueError, "stats entries"),
         (dict(temperature=0.0), ValueError, "temperature"),

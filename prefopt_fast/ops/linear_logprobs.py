@@ -23,23 +23,24 @@ backward
     per tile: recompute the logits, ``row_backward`` in place over them (it needs only the
     full-row lse / entropy of the forward), chain through the softcap, then the gradient
     GEMMs. Products are accumulated in fp32 whatever the input dtype (fp32 accumulators,
-    cast at the end); a GEMM whose result is complete in one tile (the weight gradient of a
-    single token tile, the hidden gradient of a single vocabulary block) writes its result
-    directly, its internal accumulation being fp32 already. No weight-gradient GEMM runs
-    when the weight does not require grad (likewise for the hidden states, the bias and the
-    LoRA factors).
+    cast at the end): a gradient spread over several tiles is summed by fp32-output GEMMs
+    (``torch.addmm(..., out_dtype=float32)`` on CUDA); where the device has none (the CPU)
+    half-precision inputs take two passes instead, each of which produces its gradient
+    blocks in one GEMM apiece (see ``_backward_plan``), so no partial product is ever
+    rounded to the half dtype. No weight-gradient GEMM runs when the weight does not require
+    grad (likewise for the hidden states, the bias and the LoRA factors).
 
 Chunk-size rule. ``chunk_size`` (tokens) sets the byte budget of the logits buffer to that
 of ``chunk_size`` full rows: ``chunk_size * V * itemsize``. ``chunk_size=None`` takes
 ``clamp(M * V * itemsize / 16, 16 MiB, 256 MiB)`` bytes (M = tokens with a real label,
-itemsize of the hidden dtype), i.e. at most 1/16 of the logits it replaces once they pass
-256 MiB, all of them below 16 MiB. The backward counts in the same budget the second buffer
-of the softcap chain and, on devices without an fp32-output half-precision GEMM (the CPU),
-the fp32 copies the accumulating GEMMs need. Vocabulary blocks are never narrower than
-``MIN_VOCAB_BLOCK`` (256) columns. So the peak extra memory is about one chunk plus
-per-token vectors plus the fp32 gradient accumulators: ``[M, H]`` for the hidden gradient
-when the vocabulary takes several blocks, and ``[V, H]`` for a half-precision weight
-gradient only when more than ``TOKEN_TILE`` tokens need several token tiles.
+itemsize of the hidden dtype): 1/16 of the logits it replaces, but at least 16 MiB (all of
+them when they are smaller) and at most 256 MiB. The backward fits the second buffer of the
+softcap chain in the same budget. Vocabulary blocks are never narrower than
+``MIN_VOCAB_BLOCK`` (256) columns. So the peak extra memory is one buffer of the budget,
+per-token vectors, and the fp32 gradient accumulators: ``[M, H]`` for the hidden gradient
+(the size of the hidden states' gradient; small next to the logits when H << V), ``[V, r]``
+and ``[M, r]`` for LoRA, and ``[V, H]`` for a half-precision weight gradient only when more
+than ``TOKEN_TILE`` tokens take several token tiles on a device with fp32-output GEMMs.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -63,11 +64,11 @@ _MiB = 1 << 20
 MIN_CHUNK_BYTES = 16 * _MiB
 MAX_CHUNK_BYTES = 256 * _MiB
 CHUNK_FRACTION = 16
-# Backward: tokens per tile. Up to this many tokens the weight gradient of each vocabulary
-# block is one GEMM (no [V, H] accumulator); beyond, tiles bound the hidden accumulator too.
+# Tokens per tile. Up to this many tokens the weight gradient of each vocabulary block is
+# one GEMM (no [V, H] accumulator); more tokens take several tiles.
 TOKEN_TILE = 4096
-# Backward: vocabulary blocks are never narrower than this (tiny GEMMs waste more time than
-# the few KiB they save): at most MIN_VOCAB_BLOCK * (TOKEN_TILE * (itemsize + 4) + 4 * H) bytes.
+# Vocabulary blocks are never narrower than this (tiny GEMMs waste more time than the few
+# KiB they save): at most MIN_VOCAB_BLOCK * (TOKEN_TILE * (itemsize + 4) + 4 * H) bytes.
 MIN_VOCAB_BLOCK = 256
 # Labels handed to the row kernels are always >= 0 (ignored rows were dropped), and a
 # vocabulary block marks "label elsewhere" with an out-of-range index: -1 can never match.
@@ -87,7 +88,7 @@ class _Cfg(NamedTuple):
     logit_scale: float
     softcap: Optional[float]
     stats: int              # STAT_* mask
-    chunk: int              # tokens per forward chunk
+    chunk: int              # the buffer's budget, in full rows of logits (chunk_size)
     backend: str
 
 
@@ -111,20 +112,19 @@ def _fp32_out_mm(device: torch.device) -> bool:
     return _FP32_OUT_MM[device.type]
 
 
-def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0,
-            a_up: Optional[torch.Tensor] = None) -> None:
+def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
     """``acc += alpha * a @ b`` with the products in acc's (fp32 / fp64) precision.
 
-    Rounding each tile's product to bf16 before summing biases training; so half inputs use
-    an fp32-output GEMM where the device has one, else fp32 copies of the operands
-    (``a_up``: an fp32 copy of ``a`` the caller already made).
+    Rounding each tile's product to bf16 before summing biases training, so half inputs use
+    an fp32-output GEMM (the backward plans around devices without one: ``_backward_plan``);
+    the fp32-copy fallback is only a safety net.
     """
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b, alpha=alpha)
     elif _fp32_out_mm(acc.device):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
     else:
-        acc.addmm_(a_up if a_up is not None else a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
 
 
 def _logits_into(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias, u, lora_b, cfg: _Cfg,
@@ -249,58 +249,79 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
 
 
 class LinearLogProbsFunction(torch.autograd.Function):
-    """Per-token statistics of the transformed ``hidden @ weight.T`` logits, chunked.
+    """Per-token statistics of the transformed ``hidden @ weight.T`` logits, in tiles.
 
-    Inputs: hidden [M, H] (rows with real labels only), weight [V, H], bias [V] or None,
-    lora_a [r, H] / lora_b [V, r] or None, labels int64 [M] in [0, V), inv_temp fp32 [M]
-    (with logit_scale folded in when there is no softcap), cfg.
-    Outputs: logp [M], entropy [M] (differentiable; zeros unless asked for) and the
-    non-differentiable rows [3, M] (log_sum_sq_probs, mean_logit, is_argmax).
+    Inputs: hidden [N, H], weight [V, H], bias [V] or None, lora_a [r, H] / lora_b [V, r] or
+    None, labels int64 [M] in [0, V) and inv_temp fp32 [M] of the rows kept, idx int64 [M]
+    (the rows of ``hidden`` with a real label, or None for all of them), cfg. ``inv_temp``
+    has logit_scale folded in when there is no softcap.
+    Outputs, per kept row: logp [M], entropy [M] (differentiable; zeros unless asked for)
+    and the non-differentiable rows [3, M] (log_sum_sq_probs, mean_logit, is_argmax).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, cfg: _Cfg):
-        u = torch.mm(hidden, lora_a.t()) if lora_a is not None else None
-        logp, lse, entropy, extra = _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg)
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, idx, cfg: _Cfg):
+        # the gather of the kept rows lives here, not in autograd: index_select's backward is
+        # a scatter-add several times slower than the index_put the backward below does
+        h = hidden if idx is None else hidden.index_select(0, idx)
+        h = h if h.is_contiguous() else h.contiguous()
+        u = torch.mm(h, lora_a.t()) if lora_a is not None else None
+        logp, lse, entropy, extra = _linear_forward(h, weight, bias, u, lora_b, labels, inv_temp, cfg)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u)
+        ctx.save_for_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx)
         ctx.cfg = cfg
+        ctx.num_rows = hidden.shape[0]
         return logp, entropy, extra
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_extra):
-        nones = (None,) * 8
+        nones = (None,) * 9
         if grad_logp is None and grad_entropy is None:
             return nones
-        hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u = ctx.saved_tensors
-        cfg: _Cfg = ctx.cfg
+        h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx = ctx.saved_tensors
         need_h, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         if not (need_h or need_w or need_b or need_a or need_lb):
             return nones
-        return _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
-                                grad_logp, grad_entropy, cfg, need_h, need_w, need_b, need_a, need_lb) + \
-            (None, None, None)
+        grads = _linear_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
+                                 grad_logp, grad_entropy, ctx.cfg, need_h, need_w, need_b, need_a, need_lb)
+        grad_h = grads[0]
+        if grad_h is not None and idx is not None:
+            full = grad_h.new_zeros(ctx.num_rows, grad_h.shape[1])
+            grad_h = full.index_put_((idx,), grad_h)
+        return (grad_h,) + grads[1:] + (None, None, None, None)
 
 
-def _backward_tiles(M: int, V: int, H: int, r: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool,
-                    acc_over_vocab: bool, acc_over_tokens: bool) -> Tuple[int, int, bool]:
-    """(token tile, vocabulary block, whether the accumulating GEMMs upcast to fp32).
+def _backward_plan(M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, acc_over_vocab: bool,
+                   acc_over_tokens: bool) -> Tuple[str, int, int]:
+    """How the backward walks the logits: ``(mode, token tile, vocabulary block)``.
 
-    ``acc_over_vocab``: a gradient summed over vocabulary blocks is wanted (hidden, LoRA u);
-    ``acc_over_tokens``: one summed over token tiles (weight, LoRA B).
+    ``acc_over_vocab``: a gradient summed over the vocabulary is wanted (hidden, LoRA u);
+    ``acc_over_tokens``: one summed over the tokens (weight, bias, LoRA B).
+
+    ``"tiles"``: [token tile, vocabulary block] tiles of the byte budget, each tile's logits
+    recomputed once; a gradient spread over several tiles is accumulated in fp32 (fp32
+    inputs, or half inputs on devices with an fp32-output GEMM).
+    ``"two-pass"``: half inputs without an fp32-output GEMM (the CPU), where that
+    accumulation would round every tile's product to the half dtype (or cost fp32 GEMMs, 5-8x
+    slower there): one pass over [all tokens, vocabulary block] tiles gives each block of the
+    weight / bias / LoRA-B gradient in ONE GEMM over all tokens, one pass over [token block,
+    whole vocabulary] tiles gives each row block of the hidden / LoRA-u gradient in ONE GEMM
+    over the whole vocabulary; every GEMM accumulates in fp32 internally and rounds once. The
+    logits are recomputed twice (five GEMMs in all instead of four), all in the half dtype.
+    The returned sizes are then (token block of the second pass, vocabulary block of the first).
     """
-    mc = max(1, min(M, TOKEN_TILE))
-    budget = max(1, min(cfg.chunk, M)) * V * item  # bytes of one forward chunk
-    per_col = mc * item * (2 if cfg.softcap is not None else 1)
+    softcap_bufs = 2 if cfg.softcap is not None else 1
+    budget = max(1, min(cfg.chunk, M)) * V * item  # bytes of chunk_size rows of logits
     floor = max(1, min(V, MIN_VOCAB_BLOCK))
-    vb = max(floor, min(V, budget // per_col))
-    upcast = half_no_fp32_mm and ((acc_over_vocab and vb < V) or (acc_over_tokens and M > mc))
-    if upcast:
-        # the fp32 copies of the gradient tile and of the weight / LoRA B block
-        per_col += mc * 4 + (H + r) * 4
-        vb = max(floor, min(V, budget // per_col))
-    return mc, vb, upcast
+    mc = max(1, min(M, TOKEN_TILE))
+    vb = max(floor, min(V, budget // (mc * item * softcap_bufs)))
+    needs_acc = (acc_over_vocab and vb < V) or (acc_over_tokens and M > mc)
+    if not (half_no_fp32_mm and needs_acc):
+        return "tiles", mc, vb
+    vb_all = max(floor, min(V, budget // (max(M, 1) * item * softcap_bufs)))
+    rows = max(1, min(M, budget // (V * item * softcap_bufs)))
+    return "two-pass", rows, vb_all
 
 
 def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
@@ -320,73 +341,84 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
         grad_entropy = grad_entropy.to(lse.dtype).contiguous()
 
     half = dt in (torch.float16, torch.bfloat16)
-    mc, vb, upcast = _backward_tiles(M, V, H, r, hidden.element_size(), cfg, half and not _fp32_out_mm(dev),
-                                     need_h or need_u, need_w or need_lb)
-    n_tok_tiles = -(-M // mc) if M else 0
-    n_voc_blocks = -(-V // vb)
+    want_rows = need_h or need_u              # gradients summed over the vocabulary
+    want_cols = need_w or need_b or need_lb   # gradients summed over the tokens
+    mode, mc, vb = _backward_plan(M, V, hidden.element_size(), cfg, half and not _fp32_out_mm(dev),
+                                  want_rows, want_cols)
+    if mode == "tiles":
+        passes = [(mc, vb, want_rows, want_cols)]
+    else:
+        passes = ([(M, vb, False, True)] if want_cols else []) + ([(mc, V, True, False)] if want_rows else [])
 
     # accumulators (fp32, or fp64 for fp64 inputs); a result complete in one tile is written directly
     gh = torch.zeros(M, H, dtype=acc_dt, device=dev) if need_h else None
     gu = torch.zeros(M, r, dtype=acc_dt, device=dev) if need_u else None
-    if need_w:  # a single token tile writes every block of the weight gradient directly
-        gw = torch.zeros(V, H, dtype=acc_dt, device=dev) if n_tok_tiles != 1 else \
-            torch.empty(V, H, dtype=weight.dtype, device=dev)
     gb = torch.zeros(V, dtype=acc_dt, device=dev) if need_b else None
     glb = torch.zeros(V, r, dtype=acc_dt, device=dev) if need_lb else None
+    gw = None
+    if need_w:  # one token tile over all tokens writes every block of the weight gradient directly
+        direct_w = any(cols and p_mc >= M for p_mc, _, _, cols in passes)
+        gw = torch.empty(V, H, dtype=weight.dtype, device=dev) if direct_w and M else \
+            torch.zeros(V, H, dtype=acc_dt, device=dev)
 
-    if M:
-        buf = hidden.new_empty(mc * vb)
-        buf2 = hidden.new_empty(mc * vb) if cfg.softcap is not None else None
-    for t0 in range(0, M, mc):
-        t1 = min(M, t0 + mc)
-        m = t1 - t0
-        h_c = hidden[t0:t1]
-        u_c = None if u is None else u[t0:t1]
-        y = labels[t0:t1]
-        it, lse_c, c_c = inv_temp[t0:t1], lse[t0:t1], grad_logp[t0:t1]
-        e_c = None if grad_entropy is None else grad_entropy[t0:t1]
-        ent_c = entropy[t0:t1] if e_c is not None else lse_c
-        for v0 in range(0, V, vb):
-            v1 = min(V, v0 + vb)
-            w_b = weight[v0:v1]
-            b_b = None if bias is None else bias[v0:v1]
-            lb_b = None if lora_b is None else lora_b[v0:v1]
-            g = buf[: m * (v1 - v0)].view(m, v1 - v0)
-            raw = None if buf2 is None else buf2[: m * (v1 - v0)].view(m, v1 - v0)
-            _logits_into(g, h_c, w_b, b_b, u_c, lb_b, cfg, t=raw)
-            # labels of this block; "elsewhere" is an out-of-range index (drops the one-hot term)
-            yb = y - v0 if n_voc_blocks == 1 else torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
-            be.row_backward(g, yb, it, lse_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
-            if raw is not None:
-                # d softcap*tanh(scale*r/softcap) / dr = scale / cosh(scale*r/softcap)^2, accurate
-                # in relative terms even in half precision (unlike 1 - tanh^2)
-                raw.mul_(cfg.logit_scale / cfg.softcap).cosh_().square_().reciprocal_().mul_(cfg.logit_scale)
-                g.mul_(raw)
-            g_up = g.to(acc_dt) if upcast and ((need_h or need_u) and n_voc_blocks > 1 or
-                                               (need_w or need_lb) and n_tok_tiles > 1) else None
-            if need_w:
-                if n_tok_tiles == 1:
-                    torch.mm(g.t(), h_c, out=gw[v0:v1])
-                else:
-                    _acc_mm(gw[v0:v1], g.t(), h_c, a_up=None if g_up is None else g_up.t())
-            if need_b:
-                gb[v0:v1] += g.sum(0, dtype=acc_dt)
-            if need_lb:
-                if n_tok_tiles == 1:
-                    glb[v0:v1].add_(torch.mm(g.t(), u_c), alpha=s_lora)
-                else:
-                    _acc_mm(glb[v0:v1], g.t(), u_c, alpha=s_lora, a_up=None if g_up is None else g_up.t())
-            if need_h:
-                if n_voc_blocks == 1:
-                    gh[t0:t1] += torch.mm(g, w_b)
-                else:
-                    _acc_mm(gh[t0:t1], g, w_b, a_up=g_up)
-            if need_u:
-                if n_voc_blocks == 1:
-                    gu[t0:t1].add_(torch.mm(g, lb_b), alpha=s_lora)
-                else:
-                    _acc_mm(gu[t0:t1], g, lb_b, alpha=s_lora, a_up=g_up)
-            del g_up
+    softcap_bufs = 2 if cfg.softcap is not None else 1
+    for p_mc, p_vb, rows_here, cols_here in passes:
+        if not M:
+            break
+        n_tok_tiles = -(-M // p_mc)
+        n_voc_blocks = -(-V // p_vb)
+        size = min(p_mc, M) * p_vb
+        buf = hidden.new_empty(size)
+        buf2 = hidden.new_empty(size) if softcap_bufs == 2 else None
+        for t0 in range(0, M, p_mc):
+            t1 = min(M, t0 + p_mc)
+            m = t1 - t0
+            h_c = hidden[t0:t1]
+            u_c = None if u is None else u[t0:t1]
+            y = labels[t0:t1]
+            it, lse_c, c_c = inv_temp[t0:t1], lse[t0:t1], grad_logp[t0:t1]
+            e_c = None if grad_entropy is None else grad_entropy[t0:t1]
+            ent_c = entropy[t0:t1] if e_c is not None else lse_c
+            for v0 in range(0, V, p_vb):
+                v1 = min(V, v0 + p_vb)
+                w_b = weight[v0:v1]
+                lb_b = None if lora_b is None else lora_b[v0:v1]
+                g = buf[: m * (v1 - v0)].view(m, v1 - v0)
+                raw = None if buf2 is None else buf2[: m * (v1 - v0)].view(m, v1 - v0)
+                _logits_into(g, h_c, w_b, None if bias is None else bias[v0:v1], u_c, lb_b, cfg, t=raw)
+                # labels of this block; "elsewhere" is an out-of-range index (drops the one-hot term)
+                yb = y - v0 if n_voc_blocks == 1 else torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
+                be.row_backward(g, yb, it, lse_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
+                if raw is not None:
+                    # d softcap*tanh(scale*r/softcap) / dr = scale / cosh(scale*r/softcap)^2, accurate
+                    # in relative terms even in half precision (unlike 1 - tanh^2)
+                    raw.mul_(cfg.logit_scale / cfg.softcap).cosh_().square_().reciprocal_().mul_(cfg.logit_scale)
+                    g.mul_(raw)
+                if cols_here:
+                    if need_w:
+                        if n_tok_tiles == 1:
+                            torch.mm(g.t(), h_c, out=gw[v0:v1])
+                        else:
+                            _acc_mm(gw[v0:v1], g.t(), h_c)
+                    if need_b:
+                        gb[v0:v1] += g.sum(0, dtype=acc_dt)
+                    if need_lb:
+                        if n_tok_tiles == 1:
+                            glb[v0:v1].add_(torch.mm(g.t(), u_c), alpha=s_lora)
+                        else:
+                            _acc_mm(glb[v0:v1], g.t(), u_c, alpha=s_lora)
+                if rows_here:
+                    if need_h:
+                        if n_voc_blocks == 1:
+                            gh[t0:t1] += torch.mm(g, w_b)
+                        else:
+                            _acc_mm(gh[t0:t1], g, w_b)
+                    if need_u:
+                        if n_voc_blocks == 1:
+                            gu[t0:t1].add_(torch.mm(g, lb_b), alpha=s_lora)
+                        else:
+                            _acc_mm(gu[t0:t1], g, lb_b, alpha=s_lora)
+        del buf, buf2
 
     grad_h = grad_w = grad_b = grad_a = grad_lb = None
     if need_u:
@@ -473,8 +505,8 @@ def _check_inputs(hidden, weight, labels, bias, lora, ignore_index):
 
 def _check_scalars(logit_scale, softcap, chunk_size):
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or \
-            not math.isfinite(logit_scale) or logit_scale == 0:
-        raise ValueError(f"logit_scale must be a finite non-zero float; got {logit_scale!r}")
+            not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"logit_scale must be a finite float > 0; got {logit_scale!r}")
     if softcap is not None:
         softcap = _validate.check_positive_float(softcap, "softcap")
     if chunk_size is not None:
@@ -513,7 +545,7 @@ def linear_token_logprobs(
             dropped before any matmul and give 0 in every output (and no gradient).
         bias: optional ``[V]``.
         temperature: float > 0 or a tensor broadcastable to ``labels.shape`` (constant).
-        logit_scale: multiplies the projection (before the softcap).
+        logit_scale: float > 0 multiplying the projection (before the softcap).
         softcap: ``softcap * tanh(z / softcap)`` on the scaled logits (Gemma-style), or None.
         stats: any of ``"entropy"`` (differentiable), ``"log_sum_sq_probs"``,
             ``"mean_logit"``, ``"is_argmax"`` (as :func:`prefopt_fast.token_logprobs`; the
@@ -561,7 +593,6 @@ def linear_token_logprobs(
     idx = None
     if not bool(real.all()):
         idx = real.nonzero().squeeze(1)
-        flat_h = flat_h.index_select(0, idx)
         flat_y = flat_y.index_select(0, idx)
         inv_temp = inv_temp.index_select(0, idx)
     M = flat_y.shape[0]
@@ -573,8 +604,7 @@ def linear_token_logprobs(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, hidden.dtype)
     cfg = _Cfg(scaling, logit_scale, softcap, mask, chunk, be.NAME)
     logp, entropy, extra = LinearLogProbsFunction.apply(
-        flat_h.contiguous() if not flat_h.is_contiguous() else flat_h, weight, bias, lora_a, lora_b,
-        flat_y, inv_temp.contiguous(), cfg)
+        flat_h, weight, bias, lora_a, lora_b, flat_y, inv_temp.contiguous(), idx, cfg)
 
     def full(x):
         if idx is None:
