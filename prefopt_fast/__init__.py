@@ -6,6 +6,8 @@ logits, without materializing the softmax, with exact gradients.
 from ._dispatch import available_backends
 from .losses import *  # noqa: F401,F403  (the loss heads; their __all__ lists them)
 from .losses import __all__ as _losses_all
+from .linear import *  # noqa: F401,F403  (the fused-linear variants: hidden states + lm_head weight)
+from .linear import __all__ as _linear_all
 from .ops.sequence_logprobs import SequenceLogProbs, sequence_logprobs
 from .ops.token_logprobs import TokenLogProbs, token_logprobs
 
@@ -18,4 +20,5 @@ __all__ = [
     "sequence_logprobs",
     "SequenceLogProbs",
     *_losses_all,
+    *_linear_all,
 ]
