@@ -351,7 +351,10 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
         passes = ([(M, vb, False, True)] if want_cols else []) + ([(mc, V, True, False)] if want_rows else [])
 
     # accumulators (fp32, or fp64 for fp64 inputs); a result complete in one tile is written directly
-    gh = torch.zeros(M, H, dtype=acc_dt, device=dev) if need_h else None
+    rows_direct = all(p_vb >= V for _, p_vb, rows, _ in passes if rows) and not need_u
+    gh = None
+    if need_h:
+        gh = torch.empty(M, H, dtype=dt, device=dev) if rows_direct else torch.zeros(M, H, dtype=acc_dt, device=dev)
     gu = torch.zeros(M, r, dtype=acc_dt, device=dev) if need_u else None
     gb = torch.zeros(V, dtype=acc_dt, device=dev) if need_b else None
     glb = torch.zeros(V, r, dtype=acc_dt, device=dev) if need_lb else None
@@ -409,7 +412,9 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
                             _acc_mm(glb[v0:v1], g.t(), u_c, alpha=s_lora)
                 if rows_here:
                     if need_h:
-                        if n_voc_blocks == 1:
+                        if rows_direct:
+                            torch.mm(g, w_b, out=gh[t0:t1])
+                        elif n_voc_blocks == 1:
                             gh[t0:t1] += torch.mm(g, w_b)
                         else:
                             _acc_mm(gh[t0:t1], g, w_b)
