@@ -100,7 +100,7 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
                     cuda_home, [Path(s) for s in sorted(glob.glob("csrc/cuda/*.cu"))],
                     # a fixed place (editable installs build in throw-away temp dirs): an
                     # unchanged source with the same nvcc command line is not recompiled
-                    Path(ROOT) / "build" / "cuda", cuda_archs,
+                    cuda_build.object_dir(Path(ROOT), cuda_home, cuda_archs), cuda_archs,
                     [os.path.abspath("csrc"), os.path.abspath("csrc/cuda")], depends=depends, force=self.force)
                 reports = [r for c in compiled for r in cuda_build.parse_ptxas(c.log)]
                 spills = [r for r in reports if r.spill_stores or r.spill_loads]

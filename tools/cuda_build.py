@@ -12,6 +12,7 @@ Environment:
                             wheels), "80;90+PTX" (the default of in-place / editable
                             builds), "sm_80 sm_90+PTX", "8.0,9.0", "compute_90" (PTX only)
 """
+import hashlib
 import os
 import re
 import shutil
@@ -143,6 +144,13 @@ def nvcc_command(home: Path, src: Path, obj: Path, archs: Sequence[Arch], includ
         f"--threads={max(1, threads)}",
         *extra,
     ]
+
+
+def object_dir(root: Path, home: Path, archs: Sequence[Arch]) -> Path:
+    """Where the CUDA objects of one (toolkit, architectures) build are kept: separate
+    per configuration, so a wheel build and a development build do not evict each other."""
+    key = hashlib.sha1(f"{Path(home).resolve()}|{','.join(arch_names(archs))}".encode()).hexdigest()[:10]
+    return Path(root) / "build" / f"cuda-{key}"
 
 
 class Compiled(NamedTuple):

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
 
     # 2. registers and spills
     reports = []
-    for log in sorted((work / "build" / "cuda").glob("*.ptxas.log")):
+    for log in sorted(cuda_build.object_dir(work, home, archs).glob("*.ptxas.log")):
         reports += cuda_build.parse_ptxas(log.read_text())
     print("\nptxas -v (registers / spill bytes / stack bytes):")
     print(cuda_build.format_table(reports))
