@@ -15,7 +15,9 @@ Availability needs an extension built with the CUDA kernels (a CUDA toolkit at b
 time), a CUDA device, and kernels that load on it: the driver must support the CUDA
 version the extension was built with and the wheel must carry code for the GPU's
 architecture (``prefopt_fast.build_info()``). Where that fails while a GPU is present,
-auto selection falls back to Triton and says why, once, with a warning.
+auto selection falls back to Triton and says why, once, with a warning. The first
+availability check on a GPU machine initializes CUDA (it loads the kernels and makes one
+tiny launch); its result is cached per device.
 """
 import ctypes
 import functools
