@@ -3,6 +3,7 @@
 Per-token log-probs, the DPO / Bradley-Terry losses and the PPO loss straight from the
 logits, without materializing the softmax, with exact gradients.
 """
+from ._build_info import build_info
 from ._dispatch import available_backends
 from .losses import *  # noqa: F401,F403  (the loss heads; their __all__ lists them)
 from .losses import __all__ as _losses_all
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "available_backends",
+    "build_info",
     "token_logprobs",
     "TokenLogProbs",
     "sequence_logprobs",

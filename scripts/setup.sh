@@ -14,5 +14,7 @@ fi
 # Optional peers and test extras (small, pure Python or already wheels here).
 "$PY" -m pip install --quiet "setuptools>=68" wheel pytest hypothesis numpy ${PREFOPT_EXTRAS:-}
 # --no-build-isolation: build against the torch installed above instead of fetching
-# another one into an isolated build environment.
+# another one into an isolated build environment. With a CUDA toolkit present the CUDA
+# kernels are compiled too (sm_80 + sm_90 + PTX for editable builds; PREFOPT_CUDA=0 skips).
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 "$PY" -m pip install --quiet --no-build-isolation -e .

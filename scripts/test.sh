@@ -4,6 +4,6 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PREFOPT_EXTRAS="triton==3.9.0 trl==1.16.0 peft ${PREFOPT_EXTRAS:-}" bash scripts/setup.sh
+PREFOPT_EXTRAS="triton==3.9.0 trl==1.16.0 peft nvidia-cuda-cuobjdump ${PREFOPT_EXTRAS:-}" bash scripts/setup.sh
 export TRITON_INTERPRET=1
 exec "${PYTHON:-python3}" -m pytest tests -ra "$@"
