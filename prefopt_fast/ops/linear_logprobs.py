@@ -163,35 +163,46 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
     full-row ones (a label outside the block is an out-of-range index: the kernels then
     compute every statistic but the label's). With L_b, H_b the block's log-sum-exp and
     entropy and lse = log sum_b exp L_b:
-        sum_v p_v x_v    = sum_b exp(L_b - lse) (L_b - H_b)     -> H = lse - that
+        H                = sum_b exp(L_b - lse) (H_b + lse - L_b)   (terms >= 0: no cancellation)
         sum_v p_v^2      = sum_b exp(2 (L_b - lse)) exp(LSSP_b)
         mean_v x_v       = sum_b (V_b / V) MEAN_b
         logp             = x_y - lse, x_y read from the tile holding the label
         is_argmax        = first argmax in its block, above every earlier block's max and
                            not below any later block's max
     kept as running sums rescaled whenever lse grows (online log-sum-exp).
-    Returns logp [M], lse [M], entropy [M] (zeros unless asked for) and [3, M] extras.
+    Returns logp [M], lse [M] and entropy [M] (zeros unless asked for), [3, M] extras and the
+    per-row shift [M] subtracted from fp32 tiles (None otherwise; lse is that of the shifted
+    rows, as the backward must see them).
     """
     M, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     acc_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    # the O(M) merge state is fp64: each merge step would otherwise add an fp32 rounding to
+    # lse and to the weights exp(L_b - lse), which the backward's exp(x - lse) inherits
+    mdt = torch.float64
     be = _load(cfg.backend)
     want_ent = bool(cfg.stats & STAT_ENTROPY)
     want_sq = bool(cfg.stats & STAT_LSSP)
     want_mean = bool(cfg.stats & STAT_MEAN)
     want_arg = bool(cfg.stats & STAT_ARGMAX)
 
-    full = lambda v: torch.full((M,), v, dtype=acc_dt, device=dev)  # noqa: E731
+    full = lambda v: torch.full((M,), v, dtype=mdt, device=dev)  # noqa: E731
     lse = full(-math.inf)
     xy = full(math.nan)
-    ent = full(0.0)      # sum_v exp(x_v - lse) x_v, relative to the running lse
+    ent = full(0.0)      # sum over blocks so far of exp(L_b - lse) (H_b + lse - L_b), lse the running one
     sq = full(0.0)       # sum_v exp(2 (x_v - lse))
     mean = full(0.0)
     arg_in = full(0.0)   # the kernel's ARGMAX in the label's block
     max_all = full(-math.inf)
     max_before = full(-math.inf)  # max over the blocks that end at or before the label
 
+    # fp32 tiles are shifted per row by the max of the row's first block: the kernels' fp32
+    # lse then has the magnitude of the logits' spread, not of the logits, so the merge
+    # weights exp(L_b - lse) and the backward's exp(x - lse) do not inherit ulp(|lse|) as a
+    # relative error (at logits ~30 that was ~30x plain PyTorch's). Half tiles are not
+    # shifted: a rounding of z - c to the half dtype would cost more than it saves.
+    shift = torch.zeros(M, dtype=acc_dt, device=dev) if hidden.dtype == torch.float32 else None
     mc, vb = _forward_tiles(M, V, hidden.element_size(), cfg)
     one_block = vb >= V
     buf = hidden.new_empty(mc * vb) if M else None
@@ -206,12 +217,17 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
             z = buf[: m * (v1 - v0)].view(m, v1 - v0)
             _logits_into(z, h_c, weight[v0:v1], None if bias is None else bias[v0:v1], u_c,
                          None if lora_b is None else lora_b[v0:v1], cfg)
+            if shift is not None:
+                if v0 == 0:
+                    c = z.amax(1)
+                    shift[t0:t1] = torch.where(torch.isfinite(c), c, 0.0)
+                z.sub_(shift[t0:t1].unsqueeze(1))
             inb = (y >= v0) & (y < v1)
             yb = y - v0 if one_block else torch.where(inb, y - v0, v1 - v0)
             out = be.row_forward(z, yb, it, _KERNEL_IGNORE, cfg.stats)
-            L = out[OUT_LSE].to(acc_dt)
+            L = out[OUT_LSE].to(mdt)
             # x_y exactly as the kernels compute it: the tile's value times inv_temp
-            zy = z.gather(1, yb.clamp(max=v1 - v0 - 1).unsqueeze(1)).squeeze(1).to(acc_dt) * it.to(acc_dt)
+            zy = (z.gather(1, yb.clamp(max=v1 - v0 - 1).unsqueeze(1)).squeeze(1).to(acc_dt) * it).to(mdt)
             xy[t0:t1] = torch.where(inb, zy, xy[t0:t1])
             old = lse[t0:t1]
             new = torch.logaddexp(old, L)
@@ -219,22 +235,32 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
             r_old = torch.where(empty, 0.0, torch.exp(old - new))
             w = torch.where(empty | torch.isneginf(L), 0.0, torch.exp(L - new))
             if want_ent:
-                term = torch.where(w > 0, w * (L - out[OUT_ENTROPY].to(acc_dt)), 0.0)
-                ent[t0:t1] = ent[t0:t1] * r_old + term
+                # H = sum_b w_b (H_b + lse - L_b): every term >= 0, no cancellation at large logits.
+                # Moving the reference from old to new: D <- r_old * (D + (new - old)) (the old
+                # weights sum to 1), and new - old, new - L as softplus of d = L - old.
+                d = L - old
+                sp = torch.log1p(torch.exp(-d.abs()))
+                first = torch.isneginf(old)   # nothing merged yet (or only -inf): no old part
+                no_new = empty | torch.isneginf(L)  # an all -inf block adds nothing
+                kept = torch.where(first, 0.0, r_old * (ent[t0:t1] + d.clamp(min=0) + sp))
+                term = torch.where(no_new, 0.0, w * (out[OUT_ENTROPY].to(mdt) + (-d).clamp(min=0) + sp))
+                ent[t0:t1] = kept + term  # NaN in a row stays NaN
             if want_sq:
-                term = torch.where(w > 0, w * w * torch.exp(out[OUT_LSSP].to(acc_dt)), 0.0)
+                term = torch.where(w > 0, w * w * torch.exp(out[OUT_LSSP].to(mdt)), 0.0)
                 sq[t0:t1] = sq[t0:t1] * (r_old * r_old) + term
             lse[t0:t1] = new
             if want_mean:
-                mean[t0:t1] += out[OUT_MEAN].to(acc_dt) * ((v1 - v0) / V)
+                mean[t0:t1] += out[OUT_MEAN].to(mdt) * ((v1 - v0) / V)
             if want_arg:
-                bm = z.amax(1).to(acc_dt) * it.to(acc_dt)  # max_v of x_v, as the kernels round it
-                arg_in[t0:t1] = torch.where(inb, out[OUT_ARGMAX].to(acc_dt), arg_in[t0:t1])
+                bm = (z.amax(1).to(acc_dt) * it).to(mdt)  # max_v of x_v, as the kernels round it
+                arg_in[t0:t1] = torch.where(inb, out[OUT_ARGMAX].to(mdt), arg_in[t0:t1])
                 max_before[t0:t1] = torch.where(y >= v1, torch.maximum(max_before[t0:t1], bm), max_before[t0:t1])
                 max_all[t0:t1] = torch.maximum(max_all[t0:t1], bm)
     del buf
     logp = xy - lse
-    entropy = lse - ent if want_ent else full(0.0)
+    if shift is not None and want_mean:
+        mean += shift.to(mdt) * inv_temp.to(mdt)
+    entropy = ent if want_ent else full(0.0)
     extra = torch.zeros(3, M, dtype=acc_dt, device=dev)
     if want_sq:
         extra[0] = torch.log(sq)
@@ -242,7 +268,7 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
         extra[1] = mean
     if want_arg:
         extra[2] = ((arg_in != 0) & (xy > max_before) & (xy >= max_all)).to(acc_dt)
-    return logp, lse, entropy, extra
+    return logp.to(acc_dt), lse.to(acc_dt), entropy.to(acc_dt), extra, shift
 
 
 # --------------------------------------------------------------------------- autograd Function
@@ -266,10 +292,10 @@ class LinearLogProbsFunction(torch.autograd.Function):
         h = hidden if idx is None else hidden.index_select(0, idx)
         h = h if h.is_contiguous() else h.contiguous()
         u = torch.mm(h, lora_a.t()) if lora_a is not None else None
-        logp, lse, entropy, extra = _linear_forward(h, weight, bias, u, lora_b, labels, inv_temp, cfg)
+        logp, lse, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, labels, inv_temp, cfg)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx)
+        ctx.save_for_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx, shift)
         ctx.cfg = cfg
         ctx.num_rows = hidden.shape[0]
         return logp, entropy, extra
@@ -279,11 +305,11 @@ class LinearLogProbsFunction(torch.autograd.Function):
         nones = (None,) * 9
         if grad_logp is None and grad_entropy is None:
             return nones
-        h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx = ctx.saved_tensors
+        h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx, shift = ctx.saved_tensors
         need_h, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         if not (need_h or need_w or need_b or need_a or need_lb):
             return nones
-        grads = _linear_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
+        grads = _linear_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, shift,
                                  grad_logp, grad_entropy, ctx.cfg, need_h, need_w, need_b, need_a, need_lb)
         grad_h = grads[0]
         if grad_h is not None and idx is not None:
@@ -324,7 +350,7 @@ def _backward_plan(M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, 
     return "two-pass", rows, vb_all
 
 
-def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
+def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, shift,
                      grad_logp, grad_entropy, cfg: _Cfg, need_h, need_w, need_b, need_a, need_lb):
     M, H = hidden.shape
     V = weight.shape[0]
@@ -382,6 +408,7 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
             it, lse_c, c_c = inv_temp[t0:t1], lse[t0:t1], grad_logp[t0:t1]
             e_c = None if grad_entropy is None else grad_entropy[t0:t1]
             ent_c = entropy[t0:t1] if e_c is not None else lse_c
+            shift_c = None if shift is None else shift[t0:t1].unsqueeze(1)
             for v0 in range(0, V, p_vb):
                 v1 = min(V, v0 + p_vb)
                 w_b = weight[v0:v1]
@@ -389,6 +416,8 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
                 g = buf[: m * (v1 - v0)].view(m, v1 - v0)
                 raw = None if buf2 is None else buf2[: m * (v1 - v0)].view(m, v1 - v0)
                 _logits_into(g, h_c, w_b, None if bias is None else bias[v0:v1], u_c, lb_b, cfg, t=raw)
+                if shift_c is not None:
+                    g.sub_(shift_c)  # the forward's rows, which its lse belongs to
                 # labels of this block; "elsewhere" is an out-of-range index (drops the one-hot term)
                 yb = y - v0 if n_voc_blocks == 1 else torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
                 be.row_backward(g, yb, it, lse_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
