@@ -107,24 +107,6 @@ def _run(pb, backend, skip=()):
     bl.run_rule(pb, backend, backend_device(backend), skip=skip)
 
 
-def _linear_skip(pb):
-    """KNOWN_ISSUES['linear-entropy-merge']: the entropy of a vocabulary split in blocks."""
-    from prefopt_fast.ops.linear_logprobs import MIN_VOCAB_BLOCK, _forward_tiles
-
-    ins = pb.inputs
-    M = int((ins["labels"] != bl.IGNORE).sum())
-    V = ins["weight"].shape[0]
-    if M == 0:
-        return ()
-    from prefopt_fast.ops.linear_logprobs import default_chunk_size
-
-    chunk = ins["chunk_size"] or default_chunk_size(M, V, ins["hidden"].dtype)
-    cfg = type("C", (), {"chunk": chunk})
-    _, vb = _forward_tiles(M, V, ins["hidden"].element_size(), cfg)
-    assert MIN_VOCAB_BLOCK >= 1
-    return ("entropy",) if vb < V else ()
-
-
 # --------------------------------------------------------------------------- tests
 # One native test and one Triton test per op: the same property, two example budgets.
 
@@ -194,14 +176,14 @@ def test_ppo_loss_triton(backend, pb):
 @_settings(20)
 @given(pb=linear_cases())
 def test_linear_token_logprobs(backend, pb):
-    _run(pb, backend, skip=_linear_skip(pb))
+    _run(pb, backend)
 
 
 @pytest.mark.parametrize("backend", TRITON, indirect=True)
 @_settings(2)
 @given(pb=linear_cases(small=True))
 def test_linear_token_logprobs_triton(backend, pb):
-    _run(pb, backend, skip=_linear_skip(pb))
+    _run(pb, backend)
 
 
 @_settings(40)
@@ -264,11 +246,6 @@ KNOWN_ISSUES = {
         "lse as one fp32 number, so p = exp(x - lse) carries ulp(lse) as a relative error (backward stable, "
         "but ~30x plain PyTorch's error at |x| ~ 30). Keeping lse as an fp32 (hi, lo) pair, or fp64, in the "
         "forward output and computing (x - hi) - lo in the backward would remove it."),
-    "linear-entropy-merge": (
-        "linear_token_logprobs: when the vocabulary is split into blocks, the entropy is merged as "
-        "lse - sum_b w_b (L_b - H_b) (ops/linear_logprobs.py, _linear_forward): a difference of two numbers of "
-        "the logits' magnitude: 5-12x plain PyTorch's error in fp32 for logits ~ N(0, 4), 20x with logits near 30. The cancellation-free merge "
-        "H = sum_b w_b (H_b + lse - L_b) (all terms >= 0) would fix it."),
 }
 
 
@@ -290,12 +267,15 @@ def test_ppo_metrics_with_one_token_per_sequence():
     torch.testing.assert_close(metrics["entropy"], expected)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["linear-entropy-merge"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
 def test_linear_entropy_over_vocabulary_blocks(backend):
-    # logits ~ 30 + N(0, 4): a constant shift leaves the softmax unchanged but the merge
-    # cancels at |lse| ~ 35 (entropy error ~1e-4 against plain PyTorch's ~1e-6)
+    # logits ~ 30 + N(0, 4): a constant shift leaves the softmax unchanged; a merge of the block
+    # entropies as lse - sum_b w_b (L_b - H_b), or block lse's kept at |lse| ~ 35, would cancel
+    # (entropy error ~1e-4 against plain PyTorch's ~1e-6)
     pb = bl.make_linear_problem(2, N=12, H=16, V=600, dtype=torch.float32, chunk_size=1, bias=True)
     pb.inputs["bias"] = pb.inputs["bias"] + 30.0
-    assert _linear_skip(pb) == ("entropy",)  # the vocabulary is split
+    from prefopt_fast.ops.linear_logprobs import _Cfg, _forward_tiles
+
+    M = int((pb.inputs["labels"] != bl.IGNORE).sum())
+    assert _forward_tiles(M, 600, 4, _Cfg(1.0, 1.0, None, 0, 1, backend))[1] < 600  # the vocabulary is split
     bl.run_rule(pb, backend)
