@@ -19,11 +19,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAN, INF = math.nan, math.inf
 
 KNOWN_ISSUES = {
-    "torch-nan-grad": (
-        "torch backend: the gradient of a NaN / +inf row is 0 (plus c at the label) instead of NaN whenever an "
-        "entropy or KL term is in the backward: backends/torch_backend.py _row_backward_impl writes "
-        "torch.where(p > 0, p * inner, 0.0), and NaN > 0 is False. torch.where(p == 0, 0.0, p * inner) keeps "
-        "the NaN (the forward's _masked_dot is fine: its NaN p still multiplies)."),
     "triton-first-tile": (
         "triton backend: a row whose first tile (BLOCK_V elements) is entirely below about -88 (in x = z / T) gives "
         "a NaN log-prob, e.g. token_logprobs(torch.randn(2, 300) - 100, y, backend='triton'); likewise V = 1 "
@@ -106,18 +101,11 @@ def test_nan_stays_in_its_row(backend, device, dtype):
     assert (g[6] == 0).all(), "an ignored row gets a zero gradient, NaN or not"
 
 
-def _torch_nan_grad_xfail():
-    return [pytest.param(b, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["torch-nan-grad"])]
-                         if b == "torch" else [], id=b) for b in ("torch", "cpu", "triton", "cuda")]
-
-
-@pytest.mark.parametrize("backend", _torch_nan_grad_xfail(), indirect=True)
+@pytest.mark.parametrize("backend", ("torch", "cpu", "triton", "cuda"), indirect=True)
 @pytest.mark.parametrize("with_entropy", [False, True], ids=["logp", "logp+entropy"])
 def test_nan_row_gradient_is_nan(backend, device, with_entropy):
     """The gradient of a real row holding NaN or +inf is NaN in every entry, with or
     without an entropy term in the backward (a NaN must never turn into a number)."""
-    if not with_entropy and backend == "torch":
-        pytest.xfail("the torch backend's plain branch keeps NaN; xfail covers the entropy branch only")
     V = 40
     z = torch.randn(4, V)
     y = torch.tensor([1, 2, 3, 4])

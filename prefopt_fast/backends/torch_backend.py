@@ -164,7 +164,7 @@ def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_e
                 log_q = xr - ref_lse[r0:r1].to(cdt).unsqueeze(1)
                 # k == 0 contributes nothing, even on a row whose KL is +inf
                 inner += torch.where(k != 0, k * (g - log_q - kl[r0:r1].to(cdt).unsqueeze(1)), 0.0)
-            g.copy_(torch.where(p > 0, p * inner, 0.0))
+            g.copy_(torch.where(p == 0, 0.0, p * inner))  # NaN p (a NaN row) stays NaN
         g.scatter_add_(1, y.unsqueeze(1), torch.where(bad.unsqueeze(1), 0.0, c))
         if not unit_temp:
             g.mul_(inv_temp[r0:r1].to(cdt).unsqueeze(1))
