@@ -93,7 +93,9 @@ def _tile(row_ptr, ref_ptr, start, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
     # whether or not the hardware max propagates NaN: LSE and LOGP come out NaN.
     c = _shift(m)
     c_new = _shift(m_new)
-    alpha = tl.exp(c - c_new)
+    # nothing to rescale while every value so far is -inf (s, t, q, w are 0): exp(c - c_new)
+    # would overflow for a first tile far below zero and make 0 * inf = NaN
+    alpha = tl.where(m == float("-inf"), 1.0, tl.exp(c - c_new))
     e = tl.exp(x - c_new)
     if ENTROPY:
         # e == 0 where x == -inf: count 0 instead of 0 * -inf
@@ -106,7 +108,7 @@ def _tile(row_ptr, ref_ptr, start, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
         # e > 0 with xr == -inf (q == 0) gives +inf: KL = +inf, as it should
         w = alpha * (w + ((c - c_new) - (cr - cr_new)) * s) \
             + tl.where(e > 0, e * ((x - c_new) - (xr - cr_new)), 0.0)
-        sr = sr * tl.exp(cr - cr_new) + tl.exp(xr - cr_new)
+        sr = sr * tl.where(mr == float("-inf"), 1.0, tl.exp(cr - cr_new)) + tl.exp(xr - cr_new)
         mr = mr_new
     s = s * alpha + e
     if LSSP:
@@ -183,7 +185,8 @@ def row_forward_kernel(
     # masked: an out-of-range label is never read
     in_range = (y >= 0) & (y < V)
     x_y = tl.load(row_ptr + y, mask=in_range & (~ignored), other=0.0).to(tl.float32) * it
-    logp = tl.where(in_range, x_y - lse, float("nan"))
+    # (x_y - shift) - log s, not x_y - lse: no cancellation of the large shift at |x| >> 1
+    logp = tl.where(in_range, (x_y - _shift(m)) - log_s, float("nan"))
 
     col = out_ptr + row
     stride = N.to(tl.int64)

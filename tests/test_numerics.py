@@ -19,16 +19,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAN, INF = math.nan, math.inf
 
 KNOWN_ISSUES = {
-    "triton-first-tile": (
-        "triton backend: a row whose first tile (BLOCK_V elements) is entirely below about -88 (in x = z / T) gives "
-        "a NaN log-prob, e.g. token_logprobs(torch.randn(2, 300) - 100, y, backend='triton'); likewise V = 1 "
-        "with a logit below -88. kernels/row_forward.py _tile: on the first tile c = _shift(-inf) = 0, so "
-        "alpha = exp(c - c_new) = exp(-c_new) overflows to inf and s * alpha = 0 * inf = NaN (t, q, w too). "
-        "alpha = tl.where(m == -inf, 1.0, tl.exp(c - c_new)) fixes it (s, t, q, w are 0 then)."),
-    "triton-logp-cancellation": (
-        "triton backend: LOGP = x_y - lse in fp32 (kernels/row_forward.py), an absolute error of ulp(|x|): "
-        "7e-5 at |x| ~ 5e3 where plain log_softmax (and the torch / cpu backends, which take x_y - max - log S) "
-        "are exact; at 1e8 a constant row gives 0 instead of -log V. (x_y - m) - log(S) fixes it."),
     "cpu-huge-path": (
         "cpu backend, rows with |x| >= 2^64 (the exact double path of csrc/cpu/row_kernels.cpp): the log-prob is "
         "x_y - lse in double, so a constant row of 1e30 gives 0 instead of -log V (error 3.5 at V = 33); "
@@ -220,9 +210,7 @@ def test_infinities_follow_float64_log_softmax(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend", [
-    "torch", "cpu", pytest.param("triton", marks=pytest.mark.xfail(strict=True,
-                                                                   reason=KNOWN_ISSUES["triton-first-tile"])),
-    "cuda"], indirect=True)
+    "torch", "cpu", "triton", "cuda"], indirect=True)
 def test_rows_far_below_zero(backend, device):
     """Logits all around -100 (or x = z / T that low): an ordinary softmax, not a NaN."""
     g = torch.Generator().manual_seed(7)
@@ -359,8 +347,6 @@ def _huge_problem(magnitude, dtype):
 
 
 def _huge_xfails(backend, magnitude, dtype):
-    if backend == "triton":
-        return [pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["triton-logp-cancellation"])]
     if backend == "cpu" and magnitude >= 1e30:
         return [pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["cpu-huge-path"])]
     return []
@@ -466,7 +452,7 @@ def test_logprobs_never_positive(backend, device, dtype):
 @pytest.mark.parametrize("backend", [
     "torch",
     pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["cpu-fma-sign"])),
-    pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["triton-first-tile"])),
+    "triton",
     "cuda"], indirect=True)
 def test_vocabulary_of_one(backend, device):
     """V = 1: every output is exactly 0, whatever the logit (here +-300 at T = 0.3)."""
