@@ -309,8 +309,9 @@ class LinearLogProbsFunction(torch.autograd.Function):
         need_h, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         if not (need_h or need_w or need_b or need_a or need_lb):
             return nones
-        grads = _linear_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, shift,
-                                 grad_logp, grad_entropy, ctx.cfg, need_h, need_w, need_b, need_a, need_lb)
+        grads = _linear_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
+                                 grad_logp, grad_entropy, ctx.cfg, need_h, need_w, need_b, need_a, need_lb,
+                                 shift=shift)
         grad_h = grads[0]
         if grad_h is not None and idx is not None:
             full = grad_h.new_zeros(ctx.num_rows, grad_h.shape[1])
@@ -350,8 +351,11 @@ def _backward_plan(M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, 
     return "two-pass", rows, vb_all
 
 
-def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, shift,
-                     grad_logp, grad_entropy, cfg: _Cfg, need_h, need_w, need_b, need_a, need_lb):
+def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
+                     grad_logp, grad_entropy, cfg: _Cfg, need_h, need_w, need_b, need_a, need_lb, shift=None):
+    """Gradients (hidden [M, H], weight, bias, lora_a, lora_b; None where not needed) of the
+    kept rows. ``shift`` [M]: what the forward subtracted from each fp32 row (its ``lse`` is
+    that of the shifted rows); None for unshifted rows. Also used by prefopt_fast.distributed."""
     M, H = hidden.shape
     V = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
