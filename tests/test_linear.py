@@ -375,8 +375,9 @@ class LiveBytes(TorchDispatchMode):
     Every op output whose storage was not seen before is counted at its storage size and
     uncounted when the last tensor viewing it is freed (weakref finalizers; with PyObject
     preservation a tensor's Python object lives as long as its TensorImpl, including inside
-    the autograd graph). In-place and ``out=`` results reuse a seen storage and add nothing.
-    Covers every aten / custom op, so any [N, V] tensor anywhere shows up.
+    the autograd graph). Views, in-place and ``out=`` results share an input's storage and
+    add nothing (views of tensors made before the region, such as weight slices, are not
+    counted). Covers every aten / custom op, so any [N, V] tensor anywhere shows up.
     """
 
     def __init__(self):
@@ -393,15 +394,21 @@ class LiveBytes(TorchDispatchMode):
             self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         outs = out if isinstance(out, (tuple, list)) else (out,)
+        inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, (tuple, list)):
+                inputs += [x for x in a if isinstance(x, torch.Tensor)]
+        seen_in = {a.untyped_storage().data_ptr() for a in inputs}
         for t in outs:
             if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
                 continue
             st = t.untyped_storage()
             key, nbytes = st.data_ptr(), st.nbytes()
-            if nbytes == 0:
-                continue
+            if nbytes == 0 or (key in seen_in and key not in self.refs):
+                continue  # a view of / in-place result on memory allocated before the region
             if key not in self.refs:
                 self.refs[key] = 0
                 self.live += nbytes

@@ -456,7 +456,7 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
                             gu[t0:t1].add_(torch.mm(g, lb_b), alpha=s_lora)
                         else:
                             _acc_mm(gu[t0:t1], g, lb_b, alpha=s_lora)
-        del buf, buf2
+        g = raw = buf = buf2 = None  # the views too: the next pass's buffer must not coexist with this one
 
     grad_h = grad_w = grad_b = grad_a = grad_lb = None
     if need_u:
