@@ -17,8 +17,10 @@ inefficient GEMM).
 forward
     per tile: one GEMM into the buffer, bias / LoRA / softcap in place, ``row_forward`` on
     the block (a label outside it is an out-of-range index, which the row contract allows);
-    the per-block statistics merge exactly into the full-row ones (online log-sum-exp, see
-    ``_linear_forward``). Only per-token statistics are kept.
+    the per-block statistics merge exactly into the full-row ones (online log-sum-exp in
+    fp64, cancellation-free entropy merge, see ``_linear_forward``); fp32 tiles are first
+    shifted per row by their first block's max, so no fp32 lse of the logits' magnitude
+    costs precision. Only per-token statistics are kept.
 backward
     per tile: recompute the logits, ``row_backward`` in place over them (it needs only the
     full-row lse / entropy of the forward), chain through the softcap, then the gradient
