@@ -112,7 +112,7 @@ def _run(pb, backend, skip=()):
 
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
-@_settings(40)
+@_settings(60)
 @given(pb=token_cases())
 def test_token_logprobs(backend, pb):
     _run(pb, backend)
@@ -126,7 +126,7 @@ def test_token_logprobs_triton(backend, pb):
 
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
-@_settings(25)
+@_settings(30)
 @given(pb=sequence_cases())
 def test_sequence_logprobs(backend, pb):
     _run(pb, backend)
@@ -139,18 +139,22 @@ def test_sequence_logprobs_triton(backend, pb):
     _run(pb, backend)
 
 
+# KNOWN_ISSUES['dpo-margins-cancellation']: the margins metric is checked by its own xfail
+DPO_SKIP = ("rewards/margins",)
+
+
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
-@_settings(25)
+@_settings(30)
 @given(pb=fused_dpo_cases())
 def test_fused_dpo_loss(backend, pb):
-    _run(pb, backend)
+    _run(pb, backend, skip=DPO_SKIP)
 
 
 @pytest.mark.parametrize("backend", TRITON, indirect=True)
 @_settings(2)
 @given(pb=fused_dpo_cases(small=True))
 def test_fused_dpo_loss_triton(backend, pb):
-    _run(pb, backend)
+    _run(pb, backend, skip=DPO_SKIP)
 
 
 def _ppo_skip(pb):
@@ -159,7 +163,7 @@ def _ppo_skip(pb):
 
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
-@_settings(25)
+@_settings(30)
 @given(pb=ppo_cases())
 def test_ppo_loss(backend, pb):
     _run(pb, backend, skip=_ppo_skip(pb))
@@ -173,7 +177,7 @@ def test_ppo_loss_triton(backend, pb):
 
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
-@_settings(20)
+@_settings(25)
 @given(pb=linear_cases())
 def test_linear_token_logprobs(backend, pb):
     _run(pb, backend)
@@ -186,7 +190,7 @@ def test_linear_token_logprobs_triton(backend, pb):
     _run(pb, backend)
 
 
-@_settings(40)
+@_settings(60)
 @given(seed=seeds, B=st.integers(1, 16), dtype=dtypes,
        loss_type=st.sampled_from(["sigmoid", "ipo", "hinge", "robust", "apo_zero"]),
        beta=st.sampled_from([0.01, 0.1, 1.0, 5.0]), label_smoothing=st.sampled_from([0.0, 0.2, 0.4]),
@@ -194,10 +198,10 @@ def test_linear_token_logprobs_triton(backend, pb):
 def test_dpo_loss(seed, B, dtype, loss_type, beta, label_smoothing, with_ref, magnitude):
     pb = bl.make_dpo_problem(seed, B=B, dtype=dtype, loss_type=loss_type, beta=beta,
                              label_smoothing=label_smoothing, with_ref=with_ref, magnitude=magnitude)
-    bl.run_rule(pb, None)
+    bl.run_rule(pb, None, skip=DPO_SKIP)
 
 
-@_settings(40)
+@_settings(60)
 @given(seed=seeds, B=st.integers(1, 16), dtype=dtypes, margin=st.sampled_from(["none", "float", "tensor"]),
        coef=st.sampled_from([None, 0.0, 0.01]), magnitude=st.sampled_from([0.1, 3.0, 30.0]))
 def test_bradley_terry_loss(seed, B, dtype, margin, coef, magnitude):
@@ -235,6 +239,12 @@ def test_rule_catches_a_bf16_softmax():
 # --------------------------------------------------------------- known open issues
 
 KNOWN_ISSUES = {
+    "dpo-margins-cancellation": (
+        "dpo_loss metric rewards/margins is mean(beta * r_w - beta * r_l) (losses/_common.py reward_metrics gets "
+        "the two scaled rewards): each product is rounded at the magnitude of beta * logps before the difference "
+        "cancels, e.g. chosen -1000.3, rejected -1000.1, beta 5, reference-free: -1.0 instead of -1.00006 "
+        "(plain beta * (r_w - r_l) is exact there). A logged metric only (the loss uses h = beta * (s_w - s_l)); "
+        "computing the margins from r_w - r_l fixes it."),
     "ppo-metrics-T1": (
         "ppo_loss metrics with T == 1: losses/ppo.py _masked_mean takes any [B, 1] tensor for a per-sequence "
         "value (x.shape[1] == 1) and averages it over all B sequences, masked tokens included, so with one "
@@ -254,6 +264,16 @@ KNOWN_ISSUES = {
 def test_fp32_gradient_at_large_logits_with_the_plain_floor(backend):
     pb = bl.make_token_problem(0, shape=(4, 300), dtype=torch.float32, scale=30.0, stats=("entropy",))
     bl.run_rule(pb, backend, grad_scale=1.0)
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["dpo-margins-cancellation"])
+def test_dpo_margins_metric_without_cancellation():
+    import prefopt_fast as pf
+
+    cw, cl = torch.tensor([-1000.3]), torch.tensor([-1000.1])
+    _, metrics = pf.dpo_loss(cw, cl, beta=5.0)
+    exact = 5.0 * (cw.double() - cl.double())
+    assert abs(float(metrics["rewards/margins"]) - float(exact)) <= 4 * 2.0**-23 * abs(float(exact))
 
 
 @pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["ppo-metrics-T1"])
