@@ -7,4 +7,5 @@ OPS = {
     "token_logprobs": "benchmarks.bench_token_logprobs",
     "ppo_loss": "benchmarks.bench_ppo",
     "ppo_loss_full_kl": "benchmarks.bench_ppo_full_kl",
+    "linear_dpo": "benchmarks.bench_linear",
 }
