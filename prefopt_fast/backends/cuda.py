@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _build_info
-from . import cpu as _cpu  # noqa: F401  (imports the extension, registers the fake implementations)
+from . import cpu as _cpu  # imports the extension, registers the fake implementations
 
 NAME = "cuda"
 # the exact-KL extension (ref_logits with STAT_KL forward; grad_kl, ref_logits, ref_lse, kl backward)
@@ -145,22 +145,7 @@ def supports(logits: torch.Tensor) -> Optional[str]:
     return reason or None
 
 
-def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor, ignore_index: int,
-                stats: int, ref_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp32 [N_OUT, N] row statistics of ``logits [..., V]`` (see ``prefopt_fast._rows``)."""
-    return torch.ops.prefopt_fast.row_forward(logits, labels, inv_temp, ignore_index, stats, ref_logits)
-
-
-def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor, lse: torch.Tensor,
-                 entropy: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor],
-                 ignore_index: int, inplace: bool, grad_kl: Optional[torch.Tensor] = None,
-                 ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None,
-                 kl: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gradient w.r.t. ``logits`` in logits.dtype: a fresh contiguous tensor, or ``logits``
-    itself overwritten when ``inplace`` (see ``prefopt_fast._rows``)."""
-    args = (logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
-            grad_kl, ref_logits, ref_lse, kl)
-    if inplace:
-        torch.ops.prefopt_fast.row_backward_(*args)
-        return logits
-    return torch.ops.prefopt_fast.row_backward(*args)
+# The same torch.library ops serve both devices (the dispatcher picks the CUDA kernels for
+# CUDA tensors), so the cpu backend's wrappers are the cuda backend's too.
+row_forward = _cpu.row_forward
+row_backward = _cpu.row_backward
