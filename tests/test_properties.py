@@ -139,41 +139,32 @@ def test_sequence_logprobs_triton(backend, pb):
     _run(pb, backend)
 
 
-# KNOWN_ISSUES['dpo-margins-cancellation']: the margins metric is checked by its own xfail
-DPO_SKIP = ("rewards/margins",)
-
-
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
 @_settings(30)
 @given(pb=fused_dpo_cases())
 def test_fused_dpo_loss(backend, pb):
-    _run(pb, backend, skip=DPO_SKIP)
+    _run(pb, backend)
 
 
 @pytest.mark.parametrize("backend", TRITON, indirect=True)
 @_settings(2)
 @given(pb=fused_dpo_cases(small=True))
 def test_fused_dpo_loss_triton(backend, pb):
-    _run(pb, backend, skip=DPO_SKIP)
-
-
-def _ppo_skip(pb):
-    """KNOWN_ISSUES['ppo-metrics-T1']: with T == 1 the metrics average over masked tokens too."""
-    return ("entropy",) if pb.inputs["labels"].shape[1] == 1 else ()
+    _run(pb, backend)
 
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
 @_settings(30)
 @given(pb=ppo_cases())
 def test_ppo_loss(backend, pb):
-    _run(pb, backend, skip=_ppo_skip(pb))
+    _run(pb, backend)
 
 
 @pytest.mark.parametrize("backend", TRITON, indirect=True)
 @_settings(2)
 @given(pb=ppo_cases(small=True))
 def test_ppo_loss_triton(backend, pb):
-    _run(pb, backend, skip=_ppo_skip(pb))
+    _run(pb, backend)
 
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
@@ -198,7 +189,7 @@ def test_linear_token_logprobs_triton(backend, pb):
 def test_dpo_loss(seed, B, dtype, loss_type, beta, label_smoothing, with_ref, magnitude):
     pb = bl.make_dpo_problem(seed, B=B, dtype=dtype, loss_type=loss_type, beta=beta,
                              label_smoothing=label_smoothing, with_ref=with_ref, magnitude=magnitude)
-    bl.run_rule(pb, None, skip=DPO_SKIP)
+    bl.run_rule(pb, None)
 
 
 @_settings(60)
@@ -239,18 +230,6 @@ def test_rule_catches_a_bf16_softmax():
 # --------------------------------------------------------------- known open issues
 
 KNOWN_ISSUES = {
-    "dpo-margins-cancellation": (
-        "dpo_loss metric rewards/margins is mean(beta * r_w - beta * r_l) (losses/_common.py reward_metrics gets "
-        "the two scaled rewards): each product is rounded at the magnitude of beta * logps before the difference "
-        "cancels, e.g. chosen -1000.3, rejected -1000.1, beta 5, reference-free: -1.0 instead of -1.00006 "
-        "(plain beta * (r_w - r_l) is exact there). A logged metric only (the loss uses h = beta * (s_w - s_l)); "
-        "computing the margins from r_w - r_l fixes it."),
-    "ppo-metrics-T1": (
-        "ppo_loss metrics with T == 1: losses/ppo.py _masked_mean takes any [B, 1] tensor for a per-sequence "
-        "value (x.shape[1] == 1) and averages it over all B sequences, masked tokens included, so with one "
-        "token per sequence 'entropy', 'ratio', 'clip_ratio/*' and 'kl' count ignored tokens (the loss itself "
-        "is right). Deciding per-sequence by the tensor's origin (advantages / is_weights / GSPO ratio given as "
-        "[B]), not by its shape, would fix it."),
     "fp32-lse-gradient": (
         "fp32 gradients lose ~log2(max|logits/T|) bits against log_softmax's backward: the row contract keeps "
         "lse as one fp32 number, so p = exp(x - lse) carries ulp(lse) as a relative error (backward stable, "
@@ -266,25 +245,41 @@ def test_fp32_gradient_at_large_logits_with_the_plain_floor(backend):
     bl.run_rule(pb, backend, grad_scale=1.0)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["dpo-margins-cancellation"])
+# ------------------------------------------------- fixed issues: regression tests
+
+
 def test_dpo_margins_metric_without_cancellation():
+    """rewards/margins is beta * (r_w - r_l), not beta r_w - beta r_l: two products rounded at
+    the magnitude of beta * logps before the difference cancels (-1.0 instead of -1.00006)."""
     import prefopt_fast as pf
 
     cw, cl = torch.tensor([-1000.3]), torch.tensor([-1000.1])
-    _, metrics = pf.dpo_loss(cw, cl, beta=5.0)
     exact = 5.0 * (cw.double() - cl.double())
-    assert abs(float(metrics["rewards/margins"]) - float(exact)) <= 4 * 2.0**-23 * abs(float(exact))
+    for fn in (lambda: pf.dpo_loss(cw, cl, beta=5.0),
+               lambda: pf.dpo_loss(cw, cl, torch.zeros(1), torch.zeros(1), beta=5.0),
+               lambda: pf.cpo_loss(cw, cl, beta=5.0, cpo_alpha=0.0)):
+        _, metrics = fn()
+        assert abs(float(metrics["rewards/margins"]) - float(exact)) <= 4 * 2.0**-23 * abs(float(exact))
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["ppo-metrics-T1"])
 def test_ppo_metrics_with_one_token_per_sequence():
+    """With T == 1 a per-token value is [B, 1] too: the metrics still average over the real
+    tokens only (per sequence only where the value is: a [B] advantage with the GSPO ratio)."""
     import prefopt_fast as pf
 
-    z = torch.randn(2, 1, 5)
+    z = torch.randn(2, 1, 5, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([[1], [-100]])
-    _, metrics = pf.ppo_loss(z, y, None, torch.ones(2))
-    expected = pf.token_logprobs(z[:1], y[:1], stats=("entropy",)).entropy.sum()
-    torch.testing.assert_close(metrics["entropy"], expected)
+    old = torch.tensor([[-3.0], [0.0]])
+    kw = dict(ref_logps=torch.full((2, 1), -2.0), kl_coef=0.1, clip_eps_low=0.1)
+    _, metrics = pf.ppo_loss(z, y, old, torch.ones(2), **kw)
+    _, alone = pf.ppo_loss(z[:1], y[:1], old[:1], torch.ones(1), **{**kw, "ref_logps": kw["ref_logps"][:1]})
+    for name in ("entropy", "ratio", "kl", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        torch.testing.assert_close(metrics[name], alone[name], msg=name)
+    assert float(metrics["clip_ratio/high_mean"]) == 1.0  # the one real token is clipped
+    # GSPO: the ratio is per sequence, averaged over all B sequences (TRL), whatever T is
+    _, gspo = pf.ppo_loss(z, y, old, torch.ones(2), importance_sampling_level="sequence")
+    torch.testing.assert_close(gspo["ratio"], (alone["ratio"] + 1.0) / 2)
+    assert float(gspo["clip_ratio/high_mean"]) == 0.5
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)

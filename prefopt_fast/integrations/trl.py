@@ -421,9 +421,8 @@ class DPOTrainer(_LMHeadPatchMixin, trl.DPOTrainer):
             loss = sft_loss if loss is None else loss + sft_loss
         if metrics is None:
             dt = torch.float64 if chosen.dtype == torch.float64 else torch.float32
-            rw = self.beta * (chosen.to(dt) - ref_chosen.to(dt))
-            rl = self.beta * (rejected.to(dt) - ref_rejected.to(dt))
-            metrics = reward_metrics(rw, rl, chosen, rejected)
+            metrics = reward_metrics(self.beta, chosen.to(dt) - ref_chosen.to(dt),
+                                     rejected.to(dt) - ref_rejected.to(dt), chosen, rejected)
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss

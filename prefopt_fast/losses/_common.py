@@ -88,15 +88,20 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -LN2, a, b)
 
 
-def reward_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor,
+def reward_metrics(beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor,
                    chosen_logps: Tensor, rejected_logps: Tensor) -> Dict[str, Tensor]:
-    """TRL's preference metrics, batch means as detached 0-d tensors (no host sync)."""
-    cr, rr = chosen_rewards.detach(), rejected_rewards.detach()
+    """TRL's preference metrics, batch means as detached 0-d tensors (no host sync).
+
+    The rewards are ``beta * r``; the margin is ``beta * (r_w - r_l)``, the difference taken
+    before scaling so it does not cancel two rounded products (``beta r_w - beta r_l``).
+    """
+    rw, rl = chosen_logratios.detach(), rejected_logratios.detach()
+    cr, rr = beta * rw, beta * rl
     return {
         "rewards/chosen": cr.mean(),
         "rewards/rejected": rr.mean(),
         "rewards/accuracies": (cr > rr).to(cr.dtype).mean(),
-        "rewards/margins": (cr - rr).mean(),
+        "rewards/margins": (beta * (rw - rl)).mean(),
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
     }

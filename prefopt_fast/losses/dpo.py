@@ -437,7 +437,7 @@ def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_
         term = per_pair.mean() * w
         loss = term if loss is None else loss + term
 
-    metrics = reward_metrics(cfg.beta * r_w, cfg.beta * r_l, cw, cl)
+    metrics = reward_metrics(cfg.beta, r_w, r_l, cw, cl)
     return loss, metrics
 
 

@@ -218,12 +218,16 @@ def _aggregate(x: Tensor, m: Tensor, agg: str, max_length: Optional[int], denom:
     return s.sum() / (s.shape[0] * max_length)
 
 
-def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    """TRL's metric mean: over sequences for a per-sequence [B, 1] value, else over the masked tokens."""
+def _masked_mean(x: Tensor, m: Tensor, per_sequence: bool = False) -> Tensor:
+    """TRL's metric mean: over the B sequences for a per-sequence value, else over the masked tokens.
+
+    ``per_sequence`` comes from where the value came from (a ``[B]`` advantage, the GSPO
+    ratio), not from its shape: with T == 1 a per-token value is ``[B, 1]`` too.
+    """
     x = x.detach()
-    if x.shape[1] == 1:
+    if per_sequence:
         return x.to(m.dtype).mean()
-    return (x * m).sum() / m.sum().clamp(min=1.0)
+    return (x.expand(m.shape) * m).sum() / m.sum().clamp(min=1.0)
 
 
 def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_logps, ref_logits, temperature,
@@ -256,7 +260,10 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
     """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
     log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; the
     fused-linear PPO loss shares this with :func:`ppo_loss`."""
+    # per sequence by origin: [B], or [B, 1] when that is not also [B, T]
+    adv_per_seq = isinstance(advantages, Tensor) and (advantages.dim() == 1 or T > 1)
     advantages = _check_bt(advantages, "advantages", B, T, dev, allow_seq=True)
+    adv_per_seq = adv_per_seq and advantages.shape[1] == 1
     if old_logps is not None:
         old_logps = _check_bt(old_logps, "old_logps", B, T, dev)
     if loss_mask is not None:
@@ -327,7 +334,8 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
     # Masked positions may hold anything (padding, -inf): keep them out of exp and the gradient.
     old = logp.detach() if old_logps is None else old_logps.to(dt)
     log_ratio = torch.where(keep, logp - old, zero)
-    if cfg.importance_sampling_level == "sequence":
+    ratio_per_seq = cfg.importance_sampling_level == "sequence"
+    if ratio_per_seq:
         log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
     ratio = torch.exp(log_ratio)                        # [B, T] or [B, 1]
     adv = advantages.to(dt)
@@ -368,16 +376,17 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
     with torch.no_grad():
         low = (ratio < 1.0 - cfg.clip_eps_low) & (adv < 0)
         high = (ratio > 1.0 + cfg.clip_eps_high) & (adv > 0)
+        clip_per_seq = ratio_per_seq and adv_per_seq
         metrics = {
-            "clip_ratio/low_mean": _masked_mean(low, m),
-            "clip_ratio/high_mean": _masked_mean(high, m),
-            "clip_ratio/region_mean": _masked_mean(low | high, m),
-            "ratio": _masked_mean(ratio, m),
+            "clip_ratio/low_mean": _masked_mean(low, m, clip_per_seq),
+            "clip_ratio/high_mean": _masked_mean(high, m, clip_per_seq),
+            "clip_ratio/region_mean": _masked_mean(low | high, m, clip_per_seq),
+            "ratio": _masked_mean(ratio, m, ratio_per_seq),
             "entropy": _masked_mean(entropy, m),
             "policy_loss": policy_loss,
         }
         if kl is not None:
-            metrics["kl"] = _masked_mean(kl.expand(B, T), m)
+            metrics["kl"] = _masked_mean(kl, m)
     return loss, metrics
 
 

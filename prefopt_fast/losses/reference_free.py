@@ -145,7 +145,7 @@ def cpo_loss(
         nll = nll_loss.to(dt) if nll_loss is not None else _chosen_nll(chosen_logps.to(dt), chosen_lengths)
         loss = losses.mean() + cpo_alpha * nll
 
-    metrics = reward_metrics(beta * rw, beta * rl, xw, xl)
+    metrics = reward_metrics(beta, rw, rl, xw, xl)
     metrics["nll_loss"] = nll.detach()
     return loss, metrics
 
@@ -219,7 +219,7 @@ def orpo_loss(
     nll = nll_loss.to(dt) if nll_loss is not None else _chosen_nll(chosen_logps.to(dt), chosen_lengths)
     loss = nll - beta * ratio.mean()
 
-    metrics = reward_metrics(beta * xw, beta * xl, xw, xl)
+    metrics = reward_metrics(beta, xw, xl, xw, xl)
     metrics["nll_loss"] = nll.detach()
     metrics["log_odds_ratio"] = ratio.detach().mean()
     metrics["log_odds_chosen"] = log_odds.detach().mean()
