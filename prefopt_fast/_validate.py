@@ -1,7 +1,7 @@
 """Argument checks shared by the public functions: clear errors before any kernel runs."""
 import math
-from numbers import Real
-from typing import Sequence, Tuple
+from numbers import Integral, Real
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -34,8 +34,11 @@ def check_logits(logits, name: str = "logits") -> None:
         )
 
 
-def check_like(x, logits: torch.Tensor, name: str) -> None:
-    """x must be a second logits tensor: same shape, dtype and device, last stride 1."""
+def check_like(x, logits: torch.Tensor, name: str, *, empty_vocab: bool = False) -> None:
+    """x must be a second logits tensor: same shape, dtype and device, last stride 1.
+
+    ``empty_vocab``: ``logits`` is a vocabulary shard, which may be empty.
+    """
     check_tensor(x, name)
     if tuple(x.shape) != tuple(logits.shape):
         raise ValueError(f"{name} must have the shape of logits {tuple(logits.shape)}; got {tuple(x.shape)}")
@@ -43,25 +46,83 @@ def check_like(x, logits: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must have the dtype of logits ({logits.dtype}); got {x.dtype}")
     if x.device != logits.device:
         raise ValueError(f"{name} must be on the device of logits ({logits.device}); got {x.device}")
-    check_logits(x, name)
+    if not (empty_vocab and x.shape[-1] == 0):
+        check_logits(x, name)
 
 
-def check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+def check_int(value, name: str, *, lo: Optional[int] = None, optional: bool = False) -> Optional[int]:
+    """``value`` as a Python int (``>= lo`` if given; None allowed with ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}; got {type(value).__name__}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be an int >= {lo}; got {value!r}")
+    return int(value)
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
     return value
 
 
+def check_choice(value, choices: Sequence[str], name: str, what: str = "") -> str:
+    """A str among ``choices``: TypeError for another type, ValueError for an unknown name."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {list(choices)}; got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}{what}; got {value!r}")
+    return value
+
+
+def check_real(value, name: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
+               lo_open: bool = False, hi_open: bool = False, why: str = "") -> float:
+    """``value`` as a finite Python float inside the given interval, else a TypeError/ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        if lo is None and hi is None:
+            rng = "a finite float"
+        else:
+            left = "-inf" if lo is None else f"{lo:g}"
+            right = "inf" if hi is None else f"{hi:g}"
+            lb = "(" if (lo_open or lo is None) else "["
+            rb = ")" if (hi_open or hi is None) else "]"
+            rng = f"a finite float in {lb}{left}, {right}{rb}"
+        raise ValueError(f"{name} must be {rng}{why}; got {value!r}")
+    return v
+
+
+def check_index_tensor(x, name: str, shape, device, what: str) -> None:
+    """An integer tensor (labels and the like) of ``shape`` on ``device``; ``what`` names the
+    tensor it must match (e.g. "logits.shape[:-1]")."""
+    check_tensor(x, name)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64 or int32); got {x.dtype}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {what} = {tuple(shape)}; got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the device of {what.split('.')[0]} ({device}); got {x.device}")
+
+
+def check_linear_scalars(logit_scale, softcap, chunk_size) -> Tuple[float, Optional[float]]:
+    """The fused-linear transform's scalars: (logit_scale, softcap) as floats; chunk_size an int >= 1 or None."""
+    logit_scale = check_positive_float(logit_scale, "logit_scale")
+    if softcap is not None:
+        softcap = check_positive_float(softcap, "softcap")
+    check_int(chunk_size, "chunk_size", lo=1, optional=True)
+    return logit_scale, softcap
+
+
 def check_labels(labels, logits: torch.Tensor, ignore_index: int, name: str = "labels") -> None:
-    check_tensor(labels, name)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64 or int32); got {labels.dtype}")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"{name} must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}; got {tuple(labels.shape)}"
-        )
-    if labels.device != logits.device:
-        raise ValueError(f"{name} must be on the device of logits ({logits.device}); got {labels.device}")
+    check_index_tensor(labels, name, logits.shape[:-1], logits.device, "logits.shape[:-1]")
     V = logits.shape[-1]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     msg = f"{name} must lie in [0, {V}) (the vocabulary size) or equal ignore_index={ignore_index}"

@@ -474,46 +474,16 @@ CELLS = list(_cells())
 
 # (function, argument, label) -> why the package does not meet the expectation yet
 _GAPS = {
-    "average": "sequence_logprobs does not check `average` (any truthy value averages, None sums); "
-               "SequenceLogProbs.__init__ does not check inplace_backward (ops/sequence_logprobs.py)",
-    "cu2d": "_check_cu_seqlens raises TypeError for a 2-D integer cu_seqlens: a wrong shape should be a "
-            "ValueError (ops/sequence_logprobs.py)",
-    "ref": "pair_logps (fused_dpo_loss) does not validate ref_logits itself: a list gives AttributeError "
-           "('list' object has no attribute 'detach'); a wrong dtype / shape / device is reported by the reference "
-           "pass's own checks as a problem of `logits` or `labels` (losses/fused_dpo.py; "
-           "_validate.check_like(ref_logits, logits, 'ref_logits') up front would fix it)",
-    "ppo_labels": "ppo_loss with a loss_mask runs torch.where(keep, labels, ignore_index) before token_logprobs "
-                  "validates labels: bool labels silently become int 0/1, labels on another device raise torch's "
-                  "RuntimeError 'Tensor on device cpu is not on the expected device meta!' (losses/ppo.py, _ppo_head)",
-    "enum_type": "a non-str kl_estimator / importance_sampling_level / CPO loss_type raises ValueError; a wrong "
-                 "type should be a TypeError (losses/ppo.py _check_config, losses/reference_free.py cpo_loss)",
-    "int_type": "max_length / chunk_size of a wrong type (str, float) raise ValueError, not TypeError "
-                "(losses/ppo.py _check_config, ops/linear_logprobs.py _check_scalars)",
-    "logit_scale": "logit_scale of a wrong type (str, None) raises ValueError, not TypeError "
-                   "(ops/linear_logprobs.py _check_scalars)",
-    "linear_ppo_device": "linear_ppo_loss with hidden on another device: the message names `advantages` and "
-                         "'the device of logits', never hidden (losses/linear.py reuses the from-logits checks)",
+    "int_type": "chunk_size of a wrong type (str, float) raises ValueError, not TypeError (ops/linear_logprobs.py "
+                "_check_scalars; _validate.check_linear_scalars, which the fused-linear loss modules use, is the fix)",
+    "logit_scale": "logit_scale of a wrong type (str, None) raises ValueError, not TypeError (ops/linear_logprobs.py "
+                   "_check_scalars; _validate.check_linear_scalars is the fix)",
 }
 KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {
-    **{("sequence_logprobs", "average", lab): _GAPS["average"] for lab in ("a str", "an int", "None")},
-    **{("SequenceLogProbs()", "inplace_backward", lab): _GAPS["average"] for lab in ("a str", "an int", "None")},
-    ("sequence_logprobs(packed)", "cu_seqlens", "2-D"): _GAPS["cu2d"],
-    ("linear_sequence_logprobs", "cu_seqlens", "2-D"): _GAPS["cu2d"],
-    **{("fused_dpo_loss", "ref_logits", lab): _GAPS["ref"]
-       for lab in ("a list", "an integer tensor", "on another device", "another shape")},
-    ("ppo_loss", "labels", "a bool tensor"): _GAPS["ppo_labels"],
-    ("ppo_loss", "labels", "on another device"): _GAPS["ppo_labels"],
-    ("ppo_loss", "kl_estimator", "an int"): _GAPS["enum_type"],
-    ("PPOLoss()", "kl_estimator", "an int"): _GAPS["enum_type"],
-    ("ppo_loss", "importance_sampling_level", "an int"): _GAPS["enum_type"],
-    ("cpo_loss", "loss_type", "an int"): _GAPS["enum_type"],
-    ("ppo_loss(full kl, dr_grpo)", "max_length", "a str"): _GAPS["int_type"],
-    ("ppo_loss(full kl, dr_grpo)", "max_length", "a float"): _GAPS["int_type"],
     **{(f, "chunk_size", lab): _GAPS["int_type"] for f in ("linear_token_logprobs", "LinearSequenceLogProbs()")
        for lab in ("a float", "a str")},
     **{(f, "logit_scale", lab): _GAPS["logit_scale"] for f in ("linear_token_logprobs", "LinearSequenceLogProbs()")
        for lab in ("a str", "None")},
-    ("linear_ppo_loss", "hidden", "on another device"): _GAPS["linear_ppo_device"],
 }
 
 

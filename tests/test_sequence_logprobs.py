@@ -88,8 +88,10 @@ def test_bad_cu_seqlens(cu, match):
 
 def test_bad_cu_seqlens_type_and_layout():
     z, y = torch.randn(6, 11), torch.randint(0, 11, (6,))
-    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D integer tensor"):
+    with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor"):
         pf.sequence_logprobs(z, y, cu_seqlens=torch.tensor([0.0, 6.0]))
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        pf.sequence_logprobs(z, y, cu_seqlens=torch.tensor([[0, 6]]))
     with pytest.raises(ValueError, match="packed"):
         pf.sequence_logprobs(z.reshape(2, 3, 11), y.reshape(2, 3), cu_seqlens=torch.tensor([0, 6]))
 

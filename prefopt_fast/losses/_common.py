@@ -4,37 +4,14 @@ Checks only look at Python values, dtypes, shapes and devices, never at tensor v
 a value check would force a device sync and break ``torch.compile(fullgraph=True)``.
 """
 import math
-from numbers import Real
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
+from .._validate import check_real  # noqa: F401  (the heads' float checks, shared with the ops)
+
 LN2 = math.log(2.0)
-
-
-def check_real(value, name: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
-               lo_open: bool = False, hi_open: bool = False, why: str = "") -> float:
-    """``value`` as a finite Python float inside the given interval, else a TypeError/ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float; got {type(value).__name__}")
-    v = float(value)
-    ok = math.isfinite(v)
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v < hi if hi_open else v <= hi
-    if not ok:
-        if lo is None and hi is None:
-            rng = "a finite float"
-        else:
-            left = "-inf" if lo is None else f"{lo:g}"
-            right = "inf" if hi is None else f"{hi:g}"
-            lb = "(" if (lo_open or lo is None) else "["
-            rb = ")" if (hi_open or hi is None) else "]"
-            rng = f"a finite float in {lb}{left}, {right}{rb}"
-        raise ValueError(f"{name} must be {rng}{why}; got {value!r}")
-    return v
 
 
 def check_vector(x, name: str, *, like: Optional[Tensor] = None, like_name: str = "",

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_bool, check_choice
 from ._common import (
     LN2,
     check_real,
@@ -285,8 +286,7 @@ def _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, 
             stacklevel=3,
         )
 
-    if not isinstance(f_divergence, str) or f_divergence not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence must be one of {list(F_DIVERGENCES)}; got {f_divergence!r}")
+    check_choice(f_divergence, F_DIVERGENCES, "f_divergence")
     if f_divergence != "reverse_kl":
         bad = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
         if bad:
@@ -462,8 +462,7 @@ class DPOLoss(nn.Module):
         super().__init__()
         cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
         self._cfg = cfg
-        if not isinstance(bco_running_mean, bool):
-            raise TypeError(f"bco_running_mean must be a bool; got {type(bco_running_mean).__name__}")
+        check_bool(bco_running_mean, "bco_running_mean")
         if bco_running_mean and "bco_pair" not in cfg.loss_types:
             raise ValueError(f"bco_running_mean=True needs loss_type 'bco_pair'; got {list(cfg.loss_types)}")
         self.bco_running_mean = bco_running_mean

@@ -9,6 +9,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _validate
+from ..distributed import is_dtensor
 from ..ops.sequence_logprobs import sequence_logprobs_and_lengths
 from .dpo import DPOLoss, dpo_loss
 
@@ -28,6 +30,17 @@ def pair_logps(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Ten
     """
     kw = dict(ignore_index=ignore_index, temperature=temperature, cu_seqlens=cu_seqlens, backend=backend,
               process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+    if ref_logits is not None:
+        # checked here, before either pass: the reference pass would report a bad ref_logits as `logits`
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("pass either ref_logits or ref_chosen_logps / ref_rejected_logps, not both")
+        shard = process_group is not None or vocab_start is not None or vocab_size is not None or \
+            is_dtensor(logits)
+        if shard:
+            _validate.check_tensor(logits, "logits")
+        else:
+            _validate.check_logits(logits)
+        _validate.check_like(ref_logits, logits, "ref_logits", empty_vocab=shard)
     sums, counts = sequence_logprobs_and_lengths(logits, labels, inplace_backward=inplace_backward, **kw)
     if sums.dim() != 1 or sums.shape[0] % 2:
         raise ValueError(
@@ -36,8 +49,6 @@ def pair_logps(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Ten
         )
     B = sums.shape[0] // 2
     if ref_logits is not None:
-        if ref_chosen_logps is not None or ref_rejected_logps is not None:
-            raise ValueError("pass either ref_logits or ref_chosen_logps / ref_rejected_logps, not both")
         with torch.no_grad():
             ref_sums, _ = sequence_logprobs_and_lengths(ref_logits.detach(), labels, **kw)
         ref_chosen_logps, ref_rejected_logps = ref_sums[:B], ref_sums[B:]
@@ -88,13 +99,11 @@ class FusedDPOLoss(DPOLoss):
     def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, ignore_index: int = -100,
                  temperature: float = 1.0, inplace_backward: bool = False, backend: str = "auto", **dpo_config):
         super().__init__(beta, loss_type, **dpo_config)
-        from .. import _validate
-
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
-        if not isinstance(inplace_backward, bool):
-            raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
-        self.inplace_backward = inplace_backward
+        self.inplace_backward = _validate.check_bool(inplace_backward, "inplace_backward")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.backend = backend
 
     def forward(self, logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor] = None,

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
-from ..ops.linear_logprobs import _check_scalars, linear_sequence_logprobs_and_lengths, linear_token_logprobs
+from ..ops.linear_logprobs import linear_sequence_logprobs_and_lengths, linear_token_logprobs
 from . import ppo as _ppo_mod
 from .dpo import DPOLoss, dpo_loss
 
@@ -111,7 +111,7 @@ class LinearDPOLoss(DPOLoss):
         super().__init__(beta, loss_type, **dpo_config)
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
-        self.logit_scale, self.softcap = _check_scalars(logit_scale, softcap, chunk_size)
+        self.logit_scale, self.softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.chunk_size = chunk_size
@@ -140,10 +140,8 @@ def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lor
     _validate.check_tensor(hidden, "hidden")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H]; got {list(hidden.shape)}")
-    _validate.check_tensor(labels, "labels")
     B, T = hidden.shape[0], hidden.shape[1]
-    if tuple(labels.shape) != (B, T):
-        raise ValueError(f"labels must have shape hidden.shape[:-1] = {[B, T]}; got {list(labels.shape)}")
+    _validate.check_index_tensor(labels, "labels", (B, T), hidden.device, "hidden.shape[:-1]")
     if B == 0 or T == 0:
         raise ValueError(f"hidden must have a non-empty batch and sequence; got shape {list(hidden.shape)}")
 
@@ -154,7 +152,7 @@ def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lor
                                      chunk_size=chunk_size, backend=backend, **(vocab_parallel or {}))
 
     return _ppo_mod._ppo_head(token_stats, labels, B, T, hidden.device, old_logps, advantages, cfg, loss_mask,
-                              ref_logps, False, is_weights, global_num_tokens)
+                              ref_logps, False, is_weights, global_num_tokens, src="hidden")
 
 
 def linear_ppo_loss(
@@ -223,7 +221,7 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
         if self._cfg.kl_estimator == "full":
             raise ValueError('kl_estimator="full" is not available in the fused-linear PPO loss; use a sampled '
                              'estimator ("k1", "k2", "k3", "abs", "low_var_kl") with ref_logps')
-        self.logit_scale, self.softcap = _check_scalars(logit_scale, softcap, chunk_size)
+        self.logit_scale, self.softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
         self.chunk_size = chunk_size
 
     def extra_repr(self) -> str:

@@ -53,14 +53,14 @@ Reproducing a TRL training step exactly (TRL's eval mode is the default above):
 - not supported: TRL's cispo, sapo, luspo and vespo objectives, and adaptive entropy control.
 """
 import math
-from numbers import Integral, Real
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import _validate
+from .._validate import check_bool, check_choice, check_real
 from ..ops.token_logprobs import token_logprobs
-from ._common import check_real
 
 __all__ = ["ppo_loss", "PPOLoss", "KL_ESTIMATORS", "LOSS_AGG_MODES", "TRL_LOSS_TYPES",
            "IMPORTANCE_SAMPLING_LEVELS"]
@@ -94,27 +94,19 @@ class _Config(NamedTuple):
     importance_sampling_level: str
 
 
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-    return value
-
-
 def _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                   kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
                   importance_sampling_level) -> _Config:
     """Validate the hyper-parameters (Python values only, no tensors)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    ignore_index = _validate.check_int(ignore_index, "ignore_index")
     eps_low = check_real(clip_eps_low, "clip_eps_low", lo=0.0)
     eps_high = eps_low if clip_eps_high is None else check_real(clip_eps_high, "clip_eps_high", lo=0.0)
     if dual_clip is not None:
         dual_clip = check_real(dual_clip, "dual_clip", lo=1.0, lo_open=True,
                                why=" (the dual-clip bound c on the ratio for negative advantages; None disables it)")
     kl_coef = check_real(kl_coef, "kl_coef", lo=0.0)
-    if not isinstance(kl_estimator, str) or kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}; got {kl_estimator!r}")
-    kl_ratio_correction = _check_bool(kl_ratio_correction, "kl_ratio_correction")
+    kl_estimator = check_choice(kl_estimator, KL_ESTIMATORS, "kl_estimator")
+    kl_ratio_correction = check_bool(kl_ratio_correction, "kl_ratio_correction")
     entropy_coef = check_real(entropy_coef, "entropy_coef")
 
     if not isinstance(loss_agg_mode, str):
@@ -141,9 +133,7 @@ def _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef,
                 f"max_length is required by loss_agg_mode={loss_agg_mode!r}: the fixed divisor of Dr. GRPO "
                 "(the maximum completion length, TRL's max_completion_length)"
             )
-        if isinstance(max_length, bool) or not isinstance(max_length, Integral) or max_length < 1:
-            raise ValueError(f"max_length must be an int >= 1; got {max_length!r}")
-        max_length = int(max_length)
+        max_length = _validate.check_int(max_length, "max_length", lo=1)
     elif max_length is not None:
         raise ValueError(
             f"max_length is only used by loss_agg_mode 'seq-mean-token-sum-norm' / 'dr_grpo'; "
@@ -158,16 +148,13 @@ def _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef,
             f"`delta` matches the dual clip only above 1 + epsilon_high); got {dual_clip:g}"
         )
 
-    if not isinstance(importance_sampling_level, str) or importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {list(IMPORTANCE_SAMPLING_LEVELS)}; "
-            f"got {importance_sampling_level!r}"
-        )
-    return _Config(int(ignore_index), eps_low, eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
+    check_choice(importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level")
+    return _Config(ignore_index, eps_low, eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
                    entropy_coef, agg, trl, max_length, importance_sampling_level)
 
 
-def _check_bt(x, name: str, B: int, T: int, device, *, allow_seq: bool = False, kinds: str = "float") -> Tensor:
+def _check_bt(x, name: str, B: int, T: int, device, *, allow_seq: bool = False, kinds: str = "float",
+              src: str = "logits") -> Tensor:
     """``x`` as a [B, T] tensor, or [B, 1] when ``allow_seq`` and it is [B] / [B, 1]."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
@@ -182,7 +169,7 @@ def _check_bt(x, name: str, B: int, T: int, device, *, allow_seq: bool = False, 
         want = f"[B, T] = {[B, T]}" + (f" or [B] = {[B]} (one value per sequence)" if allow_seq else "")
         raise ValueError(f"{name} must have shape {want} (B, T from labels); got {list(shape)}")
     if x.device != device:
-        raise ValueError(f"{name} must be on the device of logits ({device}); got {x.device}")
+        raise ValueError(f"{name} must be on the device of {src} ({device}); got {x.device}")
     return x
 
 
@@ -236,11 +223,10 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
         raise TypeError(f"logits must be a torch.Tensor; got {type(logits).__name__}")
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [B, T, V]; got {list(logits.shape)}")
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor; got {type(labels).__name__}")
     B, T = logits.shape[0], logits.shape[1]
-    if tuple(labels.shape) != (B, T):
-        raise ValueError(f"labels must have shape logits.shape[:-1] = {[B, T]}; got {list(labels.shape)}")
+    # dtype and device before the loss mask is folded into the labels (torch.where would cast a
+    # bool tensor, or fail inside torch for another device)
+    _validate.check_index_tensor(labels, "labels", (B, T), logits.device, "logits.shape[:-1]")
     if B == 0 or T == 0:
         raise ValueError(f"logits must have a non-empty batch and sequence; got shape {list(logits.shape)}")
 
@@ -256,20 +242,22 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
 
 
 def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, cfg: _Config, loss_mask, ref_logps,
-              has_ref_logits: bool, is_weights, global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
+              has_ref_logits: bool, is_weights, global_num_tokens, src: str = "logits"
+              ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
     log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; the
-    fused-linear PPO loss shares this with :func:`ppo_loss`."""
+    fused-linear PPO loss shares this with :func:`ppo_loss`. ``labels`` are checked already;
+    ``src`` names the tensor whose device ``dev`` is ("logits" or "hidden")."""
     # per sequence by origin: [B], or [B, 1] when that is not also [B, T]
     adv_per_seq = isinstance(advantages, Tensor) and (advantages.dim() == 1 or T > 1)
-    advantages = _check_bt(advantages, "advantages", B, T, dev, allow_seq=True)
+    advantages = _check_bt(advantages, "advantages", B, T, dev, allow_seq=True, src=src)
     adv_per_seq = adv_per_seq and advantages.shape[1] == 1
     if old_logps is not None:
-        old_logps = _check_bt(old_logps, "old_logps", B, T, dev)
+        old_logps = _check_bt(old_logps, "old_logps", B, T, dev, src=src)
     if loss_mask is not None:
-        loss_mask = _check_bt(loss_mask, "loss_mask", B, T, dev, kinds="mask")
+        loss_mask = _check_bt(loss_mask, "loss_mask", B, T, dev, kinds="mask", src=src)
     if is_weights is not None:
-        is_weights = _check_bt(is_weights, "is_weights", B, T, dev, allow_seq=True)
+        is_weights = _check_bt(is_weights, "is_weights", B, T, dev, allow_seq=True, src=src)
 
     full = cfg.kl_estimator == "full"
     if full:
@@ -287,7 +275,7 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
             raise ValueError(f"kl_estimator={cfg.kl_estimator!r} needs ref_logps: the reference model's per-token "
                              f"log-probs [B, T] (kl_coef={cfg.kl_coef:g})")
     if ref_logps is not None:
-        ref_logps = _check_bt(ref_logps, "ref_logps", B, T, dev)
+        ref_logps = _check_bt(ref_logps, "ref_logps", B, T, dev, src=src)
     # ref_logits is checked (shape, dtype, device, strides) by token_logprobs
 
     if global_num_tokens is not None:
@@ -305,7 +293,7 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
                 raise ValueError("global_num_tokens must be a number or a one-element real tensor; got a "
                                  f"{global_num_tokens.dtype} tensor of shape {list(global_num_tokens.shape)}")
             if global_num_tokens.device != dev:
-                raise ValueError(f"global_num_tokens must be on the device of logits ({dev}); "
+                raise ValueError(f"global_num_tokens must be on the device of {src} ({dev}); "
                                  f"got {global_num_tokens.device}")
         else:
             global_num_tokens = check_real(global_num_tokens, "global_num_tokens", lo=0.0, lo_open=True)

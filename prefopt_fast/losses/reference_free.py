@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._validate import check_choice
 from ._common import check_real, check_vector, clamped_lengths, compute_dtype, log1mexp, reward_metrics
 
 __all__ = ["cpo_loss", "simpo_loss", "orpo_loss", "CPO_LOSS_TYPES"]
@@ -95,8 +96,7 @@ def cpo_loss(
     mean(beta x_w), ``rewards/rejected``, ``rewards/accuracies`` (strict >), ``rewards/margins``,
     ``logps/chosen`` / ``logps/rejected`` (batch means of the un-shaped x), ``nll_loss``.
     """
-    if not isinstance(loss_type, str) or loss_type not in CPO_LOSS_TYPES:
-        raise ValueError(f"loss_type: unknown CPO loss type {loss_type!r}; valid: {list(CPO_LOSS_TYPES)}")
+    check_choice(loss_type, CPO_LOSS_TYPES, "loss_type", " (the CPO loss types)")
     beta = check_real(beta, "beta", lo=0.0, lo_open=True)
     if loss_type in ("sigmoid", "simpo"):
         label_smoothing = check_real(label_smoothing, "label_smoothing", lo=0.0, hi=1.0, hi_open=True,

@@ -17,9 +17,10 @@ from .token_logprobs import token_logprobs
 
 def _check_cu_seqlens(cu_seqlens, total: int, device) -> torch.Tensor:
     _validate.check_tensor(cu_seqlens, "cu_seqlens")
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
-        raise TypeError(f"cu_seqlens must be a 1-D integer tensor [B + 1]; got {cu_seqlens.dtype} "
-                        f"of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor [B + 1]; got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [B + 1]; got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must have B + 1 >= 2 entries (0, ..., total tokens); got {cu_seqlens.numel()}")
     if cu_seqlens.device != device:
@@ -56,6 +57,7 @@ def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperat
                                   cu_seqlens=None, inplace_backward=False, backend="auto", process_group=None,
                                   vocab_start=None, vocab_size=None):
     """:func:`sequence_logprobs` plus the int64 number of real labels per sequence."""
+    _validate.check_bool(average, "average")
     if process_group is None and vocab_start is None and vocab_size is None:
         _validate.check_logits(logits)  # (a vocabulary shard may be empty: token_logprobs checks it)
     _validate.check_tensor(labels, "labels")
@@ -110,10 +112,10 @@ class SequenceLogProbs(nn.Module):
         super().__init__()
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
-        if not isinstance(average, bool):
-            raise TypeError(f"average must be a bool; got {type(average).__name__}")
-        self.average = average
-        self.inplace_backward = inplace_backward
+        self.average = _validate.check_bool(average, "average")
+        self.inplace_backward = _validate.check_bool(inplace_backward, "inplace_backward")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.backend = backend
 
     def forward(self, logits, labels, cu_seqlens=None):
