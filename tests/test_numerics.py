@@ -29,14 +29,6 @@ KNOWN_ISSUES = {
         "tie, a gradient off by O(1) (constant row of 1e8 at V = 33: -1 instead of -0.03 per entry, 0 instead of "
         "0.97 at the label). Plain log_softmax's backward is exact there. Passing lse as an fp32 (hi, lo) pair "
         "or in fp64 to the backward fixes this and the smaller fp32-gradient loss of tests/test_properties.py."),
-    "cpu-fma-sign": (
-        "cpu backend, temperature != 1: log-probs up to +0.5 ulp(max|x|) (e.g. +3.8e-6 at x ~ 98, +0.004 at "
-        "x ~ 7e4), entropy down to -6e-8, log_sum_sq_probs up to +6e-8. Cause: -ffp-contract=fast (setup.py) "
-        "fuses x = z * inv_temp into d = x - ref as fma(z, inv_temp, -ref), so the exp-sum sees the unrounded "
-        "product while x_y and the reference max are the rounded one: the label's own term exp(d) < 1 and "
-        "log s < 0. Built with -ffp-contract=off the same kernel gives max logp 0, min H 0, max lssp 0 "
-        "(checked with a standalone build); alternatively round x explicitly (widen into the chunk buffer) or "
-        "clamp logp <= 0, H >= 0, lssp <= 0 in finish_row."),
 }
 
 
@@ -236,8 +228,7 @@ def test_scaled_logits_that_overflow_fp32_are_infinite(backend, device):
 
 
 @pytest.mark.parametrize("backend, dtype", [
-    pytest.param(b, d, id=f"{b}-{n}", marks=[pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["cpu-fma-sign"])]
-                 if (b, n) == ("cpu", "fp32") else [])
+    pytest.param(b, d, id=f"{b}-{n}")
     for b in ("torch", "cpu", "triton", "cuda") for n, d in DTYPES.items()], indirect=["backend"])
 def test_rows_where_only_the_label_is_finite(backend, device, dtype):
     """A fully determined token: log-prob, entropy and log_sum_sq_probs exactly 0,
@@ -432,14 +423,8 @@ def _sign_violations(backend, device, dtype):
     return {k: v for k, v in worst.items() if v > 0}
 
 
-def _sign_xfail(backend, dtype):
-    if backend == "cpu" and dtype == torch.float32:
-        return [pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["cpu-fma-sign"])]
-    return []
-
-
 @pytest.mark.parametrize("backend, dtype", [
-    pytest.param(b, d, marks=_sign_xfail(b, d), id=f"{b}-{n}")
+    pytest.param(b, d, id=f"{b}-{n}")
     for b in ("torch", "cpu", "triton", "cuda") for n, d in DTYPES.items()
 ], indirect=["backend"])
 def test_logprobs_never_positive(backend, device, dtype):
@@ -449,11 +434,7 @@ def test_logprobs_never_positive(backend, device, dtype):
     assert not bad, f"sign violations (largest wrong-signed value per output): {bad}"
 
 
-@pytest.mark.parametrize("backend", [
-    "torch",
-    pytest.param("cpu", marks=pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["cpu-fma-sign"])),
-    "triton",
-    "cuda"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"], indirect=True)
 def test_vocabulary_of_one(backend, device):
     """V = 1: every output is exactly 0, whatever the logit (here +-300 at T = 0.3)."""
     z = torch.randn(4, 3, 1, generator=torch.Generator().manual_seed(6)).to(device) * 100

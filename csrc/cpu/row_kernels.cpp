@@ -165,16 +165,35 @@ PF_INLINE void prefetch_range(const S* base, int64_t from, int64_t to) {
 }
 constexpr int64_t kPrefetchAhead = 2 * kChunk;
 
-template <class D, int MODE>
+// x = z * inv_temp rounded to fp32, never contracted into what follows. With
+// -ffp-contract=fast, x - ref would become fma(z, inv_temp, -ref): the exp-sum would see
+// the unrounded product while the max and x_y are the rounded one, and log-probs come out
+// up to 0.5 ulp(max |x|) above 0. An xor with a zero the compiler cannot see through
+// keeps the product a separate, rounded value at the cost of one integer op per element
+// (-ffp-contract=off instead cost ~40%: pf_exp_poly needs its FMAs; widening fp32 rows
+// into a buffer ~50%). __builtin_assoc_barrier is dropped by the vectorizer (GCC 12).
+PF_INLINE uint32_t opaque_zero() {
+  uint32_t z = 0;
+#if defined(__GNUC__)
+  __asm__("" : "+r"(z));
+#endif
+  return z;
+}
+PF_INLINE float mul_rn(float a, float b, uint32_t zero) { return pf_bits_f32(pf_f32_bits(a * b) ^ zero); }
+
+// ROUND: x = mul_rn(z, it) (fp32 rows with it != 1); else z * it is exact or already rounded
+// (it == 1, or a widened 16-bit chunk).
+template <class D, int MODE, bool ROUND>
 PF_INLINE ChunkSums chunk_pass(const typename D::S* zc, const typename D::S* zrc, int n, float it, float ref,
                                float rref) {
   constexpr bool FULL = MODE != kModeBasic;
   constexpr bool KL = MODE == kModeKl;
   const float ninf = -std::numeric_limits<float>::infinity();
   float cm = ninf, cmr = ninf, sx = 0.0f, sxr = 0.0f, s = 0.0f, t = 0.0f, q = 0.0f, u = 0.0f, sr = 0.0f;
+  const uint32_t zero = ROUND ? opaque_zero() : 0u;
 #pragma omp simd reduction(max : cm, cmr) reduction(+ : sx, sxr, s, t, q, u, sr)
   for (int i = 0; i < n; ++i) {
-    const float x = D::load(zc, i) * it;
+    const float x = ROUND ? mul_rn(D::load(zc, i), it, zero) : D::load(zc, i) * it;
     cm = x > cm ? x : cm;
     sx += x;
     const float d = x - ref;
@@ -185,7 +204,7 @@ PF_INLINE ChunkSums chunk_pass(const typename D::S* zc, const typename D::S* zrc
       q += e * e;
     }
     if (KL) {
-      const float xr = D::load(zrc, i) * it;
+      const float xr = ROUND ? mul_rn(D::load(zrc, i), it, zero) : D::load(zrc, i) * it;
       cmr = xr > cmr ? xr : cmr;
       sxr += xr;
       const float dr = xr - rref;
@@ -237,6 +256,7 @@ PF_INLINE FwdPart fwd_segment_impl(const typename D::S* z, const typename D::S* 
   constexpr bool WIDEN = !std::is_same<D, F32>::value;
   alignas(64) float bx[WIDEN ? kChunk : 1];
   alignas(64) float bxr[WIDEN && KL ? kChunk : 1];
+  const bool round = !WIDEN && it != 1.0f;
   for (int64_t c0 = v0; c0 < v1; c0 += kChunk) {
     const int n = (int)std::min<int64_t>(kChunk, v1 - c0);
     const float* zc;
@@ -256,7 +276,8 @@ PF_INLINE FwdPart fwd_segment_impl(const typename D::S* z, const typename D::S* 
     // no reference yet: compute against 0 and (unless the chunk is all -inf) redo below
     const float ref_eff = acc.m == dninf ? 0.0f : ref;
     const float rref_eff = racc.m == dninf ? 0.0f : rref;
-    ChunkSums cs = chunk_pass<F32, MODE>(zc, zrc, n, itc, ref_eff, rref_eff);
+    ChunkSums cs = round ? chunk_pass<F32, MODE, true>(zc, zrc, n, itc, ref_eff, rref_eff)
+                         : chunk_pass<F32, MODE, false>(zc, zrc, n, itc, ref_eff, rref_eff);
     if (nan_or_posinf(cs.sx) || huge_max(cs.cm) || (KL && (nan_or_posinf(cs.sxr) || huge_max(cs.cmr)))) {
       flags |= kFlagBad;  // the exact path redoes the whole row
       break;
@@ -276,8 +297,9 @@ PF_INLINE FwdPart fwd_segment_impl(const typename D::S* z, const typename D::S* 
         acc = pf_lse_rescale<double>(acc, (double)cs.cm);
         ref = cs.cm;
       }
-      const ChunkSums again = chunk_pass<F32, MODE>(zc, zrc, n, itc, acc.m == dninf ? 0.0f : ref,
-                                                  racc.m == dninf ? 0.0f : rref);
+      const float ref2 = acc.m == dninf ? 0.0f : ref, rref2 = racc.m == dninf ? 0.0f : rref;
+      const ChunkSums again = round ? chunk_pass<F32, MODE, true>(zc, zrc, n, itc, ref2, rref2)
+                                    : chunk_pass<F32, MODE, false>(zc, zrc, n, itc, ref2, rref2);
       cs.s = again.s;
       cs.t = again.t;
       cs.q = again.q;
@@ -611,15 +633,24 @@ PF_INLINE void bwd_segment_impl(const typename D::S* z, const typename D::S* zr,
   // read before the loop: in place, z[y] is overwritten by it
   const float xy = has_y ? D::load(z, rr.y) * rr.it : 0.0f;
   const float xry = (has_y && KL) ? D::load(zr, rr.y) * rr.it : 0.0f;
-  if (std::is_same<D, F32>::value) {
+  if (std::is_same<D, F32>::value && rr.it == 1.0f) {  // x = z exactly
+    const float* zs = reinterpret_cast<const float*>(z) + v0;
+    const float* zrs = KL ? reinterpret_cast<const float*>(zr) + v0 : nullptr;
+    float* gs = reinterpret_cast<float*>(g) + v0;
+    const int64_t n = v1 - v0;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) gs[i] = fast_grad<MODE>(zs[i], KL ? zrs[i] : 0.0f, rr);
+  } else if (std::is_same<D, F32>::value) {
     const float* zs = reinterpret_cast<const float*>(z) + v0;
     const float* zrs = KL ? reinterpret_cast<const float*>(zr) + v0 : nullptr;
     float* gs = reinterpret_cast<float*>(g) + v0;
     const int64_t n = v1 - v0;
     // omp simd: in place (gs == zs) each element is read before it is written, in the
     // same iteration, so there is no cross-iteration dependence despite the aliasing
+    const uint32_t zero = opaque_zero();  // x rounded as in the forward (see mul_rn)
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) gs[i] = fast_grad<MODE>(zs[i] * rr.it, KL ? zrs[i] * rr.it : 0.0f, rr);
+    for (int64_t i = 0; i < n; ++i)
+      gs[i] = fast_grad<MODE>(mul_rn(zs[i], rr.it, zero), KL ? mul_rn(zrs[i], rr.it, zero) : 0.0f, rr);
   } else {
     // 16-bit: widen a chunk into fp32, compute, narrow (uniform-width loops vectorise
     // well); in place, the whole chunk is read before any of it is written

@@ -41,10 +41,10 @@ __device__ __forceinline__ float label_grad(float x, float xr, const RowGrad& r)
 // Every other element: the factored form.
 template <int MODE>
 __device__ __forceinline__ float fast_grad(float z, float zr, const RowGrad& r) {
-  const float logp = fmaf(z, r.it, -r.lse);
+  const float logp = __fmul_rn(z, r.it) - r.lse;  // x rounded as in the forward
   const float p = fast_exp(logp);
   const float lpc = pf_exp_poly_arg(logp);  // finite: p = 0 gives 0, not 0 * -inf
-  if (MODE == kBwdKl) return pf_grad_fast_kl<float>(p, lpc, fmaf(zr, r.it, -r.rlse), 0.0f, r.coef);
+  if (MODE == kBwdKl) return pf_grad_fast_kl<float>(p, lpc, __fmul_rn(zr, r.it) - r.rlse, 0.0f, r.coef);
   return pf_grad_fast<float>(p, lpc, 0.0f, r.coef);
 }
 

@@ -138,7 +138,7 @@ __device__ __forceinline__ void fwd_group(FwdState& st, const float (&z)[K], con
     if (KL) cmr = fmaxf(cmr, zr[j]);
   }
   // inv_temp > 0: max(z) * it = max(z * it)
-  const float mx = cm * it, mxr = cmr * it;
+  const float mx = __fmul_rn(cm, it), mxr = __fmul_rn(cmr, it);
   if (KL) {
     const bool up = mx > st.acc.m, upr = mxr > st.racc.m;
     if (up || upr) {
@@ -154,7 +154,10 @@ __device__ __forceinline__ void fwd_group(FwdState& st, const float (&z)[K], con
   const float nc = -shift_of(st.acc.m), ncr = -shift_of(st.racc.m);
 #pragma unroll
   for (int j = 0; j < K; ++j) {
-    const float d = fmaf(z[j], it, nc);  // x - c, x = z * inv_temp
+    // x - c with x = z * inv_temp rounded (__fmul_rn: never contracted into an fma), as the
+    // max and x_y are: the max element gives d = 0 and e = 1 exactly, so log s >= 0 and
+    // log-probs stay <= 0 (an fma would see the unrounded product)
+    const float d = __fmul_rn(z[j], it) + nc;
     const float e = fast_exp(d);
     st.acc.s += e;
     // e * d with d = -inf must count 0: clamp d (e is 0 there; a NaN d has a NaN e)
@@ -164,7 +167,7 @@ __device__ __forceinline__ void fwd_group(FwdState& st, const float (&z)[K], con
       st.sx = fmaf(z[j], itv, st.sx);  // x / V: no overflow of the sum
     }
     if (KL) {
-      const float dr = fmaf(zr[j], it, ncr);
+      const float dr = __fmul_rn(zr[j], it) + ncr;
       st.racc.s += fast_exp(dr);
       // q_v = 0 (xr = -inf) where p_v > 0 makes this +inf, as KL should be
       st.u += e > 0.0f ? e * (d - dr) : 0.0f;
@@ -297,7 +300,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) row_forward_kernel(const __gri
       const float ls = pf_log(st.acc.s);
       const float c = shift_of(st.acc.m);
       // relative to the shift rather than x_y - lse: no cancellation for large logits
-      const float logp = y_ok ? fmaf(E::to_f(z[y]), it, -c) - ls : __int_as_float(0x7fc00000);
+      const float logp = y_ok ? (__fmul_rn(E::to_f(z[y]), it) - c) - ls : __int_as_float(0x7fc00000);
       o[kOutLogp * N] = logp;
       o[kOutLse * N] = pf_lse_value(st.acc);
       o[kOutEntropy * N] = ENT ? pf_lse_entropy(st.acc) : 0.0f;

@@ -134,6 +134,7 @@ inline T __ldg(const T* p) {
 }
 
 inline float __expf(float x) { return expf(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // (built without FMA contraction)
 inline float __uint_as_float(unsigned u) { return pf_bits_f32(u); }
 inline unsigned __float_as_uint(float f) { return pf_f32_bits(f); }
 inline float __int_as_float(int i) { return pf_bits_f32((uint32_t)i); }
