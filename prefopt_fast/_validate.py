@@ -112,6 +112,18 @@ def check_index_tensor(x, name: str, shape, device, what: str) -> None:
         raise ValueError(f"{name} must be on the device of {what.split('.')[0]} ({device}); got {x.device}")
 
 
+def check_companion(x, name: str, shape, dtype: torch.dtype, device, of: str, shape_desc: str = "") -> None:
+    """``x`` is a tensor of ``shape`` with the dtype and device of the tensor named ``of``
+    (a bias, a LoRA factor, a second model's head)."""
+    check_tensor(x, name)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}{shape_desc}; got {list(x.shape)}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of {of} ({dtype}); got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the device of {of} ({device}); got {x.device}")
+
+
 def check_linear_scalars(logit_scale, softcap, chunk_size) -> Tuple[float, Optional[float]]:
     """The fused-linear transform's scalars: (logit_scale, softcap) as floats; chunk_size an int >= 1 or None."""
     logit_scale = check_positive_float(logit_scale, "logit_scale")

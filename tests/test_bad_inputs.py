@@ -219,6 +219,97 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         dict(hidden="hidden_3d", weight="weight", labels="labels", old_logps="bt", advantages="advantages",
              loss_agg_mode="agg"),
     ),
+    "dpo_loss(bco_pair, loss_weights)": (
+        _call(pf.dpo_loss),
+        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), loss_type=["sigmoid", "bco_pair"],
+                     loss_weights=[1.0, 0.5], bco_delta=0.1),
+        dict(loss_weights="loss_weights", bco_delta="bco_delta"),
+    ),
+    "dpo_loss(alpha_divergence)": (
+        _call(pf.dpo_loss),
+        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), f_divergence="alpha_divergence", f_alpha=0.5),
+        dict(f_divergence="f_divergence", f_alpha="real"),
+    ),
+    "cpo_loss(every option)": (
+        _call(pf.cpo_loss),
+        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
+                     rejected_lengths=torch.tensor([2, 5]), loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=1.0,
+                     simpo_gamma=0.5, alpha=0.1, nll_loss=torch.tensor(1.5)),
+        dict(label_smoothing="smoothing_lt1", cpo_alpha="nonneg_float", simpo_gamma="real", alpha="real",
+             nll_loss="nll_loss"),
+    ),
+    "simpo_loss(nll)": (
+        _call(pf.simpo_loss),
+        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
+                     rejected_lengths=torch.tensor([2, 5]), label_smoothing=0.1, nll_weight=1.0,
+                     nll_loss=torch.tensor(1.5)),
+        dict(label_smoothing="smoothing_lt1", nll_weight="nonneg_float", nll_loss="nll_loss"),
+    ),
+    "orpo_loss(nll_loss)": (
+        _call(pf.orpo_loss),
+        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
+                     rejected_lengths=torch.tensor([2, 5]), nll_loss=torch.tensor(1.5)),
+        dict(nll_loss="nll_loss"),
+    ),
+    "ppo_loss(ignore_index, backend)": (
+        _call(pf.ppo_loss),
+        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
+                     advantages=torch.randn(B, generator=_g()), ignore_index=-100, backend="auto"),
+        dict(ignore_index="int", backend="backend"),
+    ),
+    "pair_logps": (
+        _call(pf.pair_logps),
+        lambda: dict(logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_logits=_logits(2 * B, T) + 0.1,
+                     temperature=1.0, inplace_backward=False, ignore_index=-100, backend="auto"),
+        dict(logits="logits", labels="labels", ref_logits="ref_logits", temperature="temperature",
+             inplace_backward="bool", ignore_index="int", backend="backend"),
+    ),
+    "pair_logps(packed)": (
+        _call(pf.pair_logps),
+        lambda: dict(logits=_logits(8), labels=_labels(8), cu_seqlens=torch.tensor([0, 2, 5, 6, 8])),
+        dict(cu_seqlens="cu_seqlens"),
+    ),
+    "linear_token_logprobs(lora)": (
+        _call(pfl.linear_token_logprobs),
+        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(B, T), lora=(torch.randn(2, H, generator=_g()), torch.randn(V, 2, generator=_g()),
+                                                 0.5)),
+        dict(lora="lora"),
+    ),
+    "linear_sequence_logprobs(every option)": (
+        _call(pfl.linear_sequence_logprobs),
+        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(B, T), bias=torch.randn(V, generator=_g()), temperature=0.9, ignore_index=-100,
+                     logit_scale=1.0, softcap=30.0, chunk_size=2, backend="auto", average=False),
+        dict(labels="labels", bias="bias", temperature="temperature", ignore_index="int", softcap="opt_pos_float",
+             backend="backend"),
+    ),
+    "linear_pair_logps(ref model)": (
+        _call(pfl.linear_pair_logps),
+        lambda: dict(hidden=torch.randn(2 * B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(2 * B, T), ref_hidden=torch.randn(2 * B, T, H + 1, generator=_g()),
+                     ref_weight=torch.randn(V, H + 1, generator=_g()), ref_bias=torch.randn(V, generator=_g())),
+        dict(ref_hidden="ref_hidden", ref_weight="ref_weight", ref_bias="ref_bias"),
+    ),
+    "linear_dpo_loss(packed, ref model)": (
+        _call(pfl.linear_dpo_loss),
+        lambda: dict(hidden=torch.randn(8, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(8), cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
+                     ref_hidden=torch.randn(8, H, generator=_g()), ref_weight=torch.randn(V, H, generator=_g()),
+                     chunk_size=3, loss_type="ipo"),
+        dict(cu_seqlens="cu_seqlens", ref_hidden="ref_hidden", ref_weight="ref_weight", loss_type="dpo_loss_type"),
+    ),
+    "linear_ppo_loss(every option)": (
+        _call(pfl.linear_ppo_loss),
+        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(B, T), old_logps=None, advantages=torch.randn(B, T, generator=_g()),
+                     bias=torch.randn(V, generator=_g()), loss_mask=torch.ones(B, T), ref_logps=-torch.rand(B, T),
+                     kl_coef=0.1, kl_estimator="k3", temperature=0.9, softcap=30.0, is_weights=torch.ones(B),
+                     global_num_tokens=torch.tensor(6.0), ignore_index=-100),
+        dict(labels="labels", bias="bias", loss_mask="mask", ref_logps="bt", kl_estimator="linear_kl_estimator",
+             temperature="temperature", softcap="opt_pos_float", is_weights="advantages",
+             global_num_tokens="normalizer", ignore_index="int"),
+    ),
     # configuration-only modules: validated once, in __init__
     "DPOLoss()": (_ctor(pf.DPOLoss), lambda: dict(beta=0.1, loss_type="sigmoid"),
                   dict(beta="pos_float", loss_type="dpo_loss_type")),
@@ -238,6 +329,103 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
                            dict(center_rewards_coefficient="nonneg_float")),
     "LinearSequenceLogProbs()": (_ctor(pfl.LinearSequenceLogProbs), lambda: dict(chunk_size=4, logit_scale=1.0),
                                  dict(chunk_size="chunk_size", logit_scale="pos_float")),
+    "DPOLoss(bco_running_mean)": (_ctor(pf.DPOLoss), lambda: dict(loss_type="bco_pair", bco_running_mean=True,
+                                                                   label_smoothing=0.0, f_divergence="reverse_kl"),
+                                   dict(bco_running_mean="bool", label_smoothing="nonneg_float",
+                                        f_divergence="f_divergence")),
+    "LinearDPOLoss()": (_ctor(pfl.LinearDPOLoss), lambda: dict(beta=0.1, temperature=1.0, logit_scale=1.0,
+                                                               softcap=None, chunk_size=4, ignore_index=-100,
+                                                               backend="auto"),
+                        dict(beta="pos_float", temperature="float_temperature", logit_scale="pos_float",
+                             softcap="opt_pos_float", chunk_size="chunk_size", ignore_index="int",
+                             backend="backend_ctor")),
+    "LinearPPOLoss()": (_ctor(pfl.LinearPPOLoss), lambda: dict(kl_estimator="k3", logit_scale=1.0, softcap=None,
+                                                               chunk_size=4, max_length=None),
+                        dict(kl_estimator="linear_kl_estimator", logit_scale="pos_float", softcap="opt_pos_float",
+                             chunk_size="chunk_size")),
+    "PPOLoss(dr_grpo)": (_ctor(pf.PPOLoss), lambda: dict(loss_agg_mode="dr_grpo", max_length=4,
+                                                         importance_sampling_level="sequence", dual_clip=3.0),
+                         dict(max_length="max_length", importance_sampling_level="is_level", dual_clip="dual_clip")),
+    # the modules' forward arguments
+    "DPOLoss.forward": (
+        _module_call(pf.DPOLoss, dict(loss_type="ipo")),
+        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), ref_chosen_logps=_vec(), ref_rejected_logps=_vec(),
+                     chosen_lengths=torch.tensor([3, 4]), rejected_lengths=torch.tensor([2, 5]),
+                     pair_weights=torch.ones(B)),
+        dict(chosen_logps="vector", rejected_logps="vector", ref_chosen_logps="vector", ref_rejected_logps="vector",
+             chosen_lengths="lengths", rejected_lengths="lengths", pair_weights="vector"),
+    ),
+    "DPOLoss(bco_running_mean).forward": (
+        _module_call(pf.DPOLoss, dict(loss_type="bco_pair", bco_running_mean=True)),
+        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), ref_chosen_logps=_vec(), ref_rejected_logps=_vec()),
+        dict(chosen_logps="vector", rejected_logps="vector", ref_chosen_logps="vector", ref_rejected_logps="vector"),
+    ),
+    "FusedDPOLoss.forward": (
+        _module_call(pf.FusedDPOLoss, dict(inplace_backward=True)),
+        lambda: dict(logits=_nonleaf_logits(2 * B, T), labels=_labels(2 * B, T), ref_logits=_logits(2 * B, T) + 0.1,
+                     pair_weights=torch.ones(B)),
+        dict(logits="logits", labels="labels", ref_logits="ref_logits", pair_weights="vector"),
+    ),
+    "FusedDPOLoss(packed).forward": (
+        _module_call(pf.FusedDPOLoss, {}),
+        lambda: dict(logits=_logits(8), labels=_labels(8), cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
+                     ref_chosen_logps=_vec(), ref_rejected_logps=_vec()),
+        dict(cu_seqlens="cu_seqlens", ref_chosen_logps="vector", ref_rejected_logps="vector"),
+    ),
+    "PPOLoss.forward": (
+        _module_call(pf.PPOLoss, dict(kl_coef=0.1)),
+        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=-torch.rand(B, T, generator=_g()),
+                     advantages=torch.randn(B, generator=_g()), loss_mask=torch.ones(B, T, dtype=torch.bool),
+                     ref_logps=-torch.rand(B, T, generator=_g()), is_weights=torch.ones(B, T),
+                     global_num_tokens=5.0),
+        dict(logits="logits_3d", labels="labels", old_logps="bt", advantages="advantages", loss_mask="mask",
+             ref_logps="bt", is_weights="advantages", global_num_tokens="normalizer"),
+    ),
+    "PPOLoss(full kl).forward": (
+        _module_call(pf.PPOLoss, dict(kl_coef=0.1, kl_estimator="full")),
+        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
+                     advantages=torch.randn(B, generator=_g()), ref_logits=_logits(B, T) + 0.1),
+        dict(ref_logits="ref_logits"),
+    ),
+    "SequenceLogProbs.forward": (
+        _module_call(pf.SequenceLogProbs, {}),
+        lambda: dict(logits=_logits(5), labels=_labels(5), cu_seqlens=torch.tensor([0, 2, 5])),
+        dict(logits="logits", labels="labels", cu_seqlens="cu_seqlens"),
+    ),
+    "BradleyTerryLoss.forward": (
+        _module_call(pf.BradleyTerryLoss, dict(center_rewards_coefficient=0.01)),
+        lambda: dict(chosen_rewards=torch.randn(B, generator=_g()), rejected_rewards=torch.randn(B, generator=_g()),
+                     margin=torch.rand(B, generator=_g())),
+        dict(chosen_rewards="vector", rejected_rewards="vector", margin="margin"),
+    ),
+    "LinearSequenceLogProbs.forward": (
+        _module_call(pfl.LinearSequenceLogProbs, dict(chunk_size=2)),
+        lambda: dict(hidden=torch.randn(5, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(5), bias=torch.randn(V, generator=_g()), cu_seqlens=torch.tensor([0, 2, 5])),
+        dict(hidden="hidden", weight="weight", labels="labels", bias="bias", cu_seqlens="cu_seqlens"),
+    ),
+    "LinearDPOLoss.forward": (
+        _module_call(pfl.LinearDPOLoss, dict(chunk_size=2)),
+        lambda: dict(hidden=torch.randn(2 * B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(2 * B, T), ref_hidden=torch.randn(2 * B, T, H, generator=_g()),
+                     ref_weight=torch.randn(V, H, generator=_g()), pair_weights=torch.ones(B)),
+        dict(hidden="hidden", weight="weight", labels="labels", ref_hidden="ref_hidden", ref_weight="ref_weight",
+             pair_weights="vector"),
+    ),
+    "LinearPPOLoss.forward": (
+        _module_call(pfl.LinearPPOLoss, dict(kl_coef=0.1, chunk_size=2)),
+        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(B, T), old_logps=-torch.rand(B, T, generator=_g()),
+                     advantages=torch.randn(B, generator=_g()), ref_logps=-torch.rand(B, T, generator=_g()),
+                     loss_mask=torch.ones(B, T, dtype=torch.bool), bias=torch.randn(V, generator=_g())),
+        dict(hidden="hidden_3d", weight="weight", labels="labels", old_logps="bt", advantages="advantages",
+             ref_logps="bt", loss_mask="mask", bias="bias"),
+    ),
+    "default_chunk_size": (
+        _call(pfl.default_chunk_size),
+        lambda: dict(num_tokens=6, vocab=V, dtype=torch.float32),
+        dict(num_tokens="token_count", vocab="count", dtype="dtype"),
+    ),
 }
 
 
@@ -398,6 +586,7 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
     ],
     "f_divergence": [
         ("an unknown name", lambda v, a: "kl", ValueError),
+        ("an int", lambda v, a: 3, TypeError),
     ],
     "kl_estimator": [
         ("an unknown name", lambda v, a: "k4", ValueError),
@@ -452,6 +641,74 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("a str", lambda v, a: "3", TypeError),
         ("a float", lambda v, a: 3.5, TypeError),
     ],
+    "loss_weights": [
+        ("a float", lambda v, a: 1.0, TypeError),
+        ("one weight for two types", lambda v, a: [1.0], ValueError),
+        ("a nan weight", lambda v, a: [1.0, math.nan], ValueError),
+        ("a str weight", lambda v, a: [1.0, "2"], TypeError),
+    ],
+    "bco_delta": [
+        ("a str", lambda v, a: "0.1", TypeError),
+        ("nan", lambda v, a: math.nan, ValueError),
+        ("a tensor of 2 entries", lambda v, a: torch.zeros(2), ValueError),
+        ("an integer tensor", lambda v, a: torch.tensor(1), TypeError),
+        ("a tensor on another device", lambda v, a: torch.zeros((), device=META), ValueError),
+    ],
+    "smoothing_lt1": [
+        ("1.0", lambda v, a: 1.0, ValueError),
+        ("-0.1", lambda v, a: -0.1, ValueError),
+        ("a str", lambda v, a: "0.1", TypeError),
+    ],
+    "nll_loss": [
+        ("a float", lambda v, a: 1.5, TypeError),
+        ("an integer tensor", lambda v, a: torch.tensor(1), TypeError),
+        ("a tensor of 2 entries", lambda v, a: torch.ones(2), ValueError),
+        ("on another device", lambda v, a: _meta(v), ValueError),
+    ],
+    "lora": [
+        ("a pair", lambda v, a: v[:2], TypeError),
+        ("A of another hidden size", lambda v, a: (v[0][:, :-1], v[1], v[2]), ValueError),
+        ("B of another rank", lambda v, a: (v[0], v[1][:, :1], v[2]), ValueError),
+        ("B of another dtype", lambda v, a: (v[0], v[1].double(), v[2]), TypeError),
+        ("A on another device", lambda v, a: (_meta(v[0]), v[1], v[2]), ValueError),
+        ("a str scaling", lambda v, a: (v[0], v[1], "0.5"), TypeError),
+        ("a nan scaling", lambda v, a: (v[0], v[1], math.nan), ValueError),
+        ("A not a tensor", lambda v, a: (v[0].tolist(), v[1], v[2]), TypeError),
+    ],
+    "ref_hidden": _float_tensor_kinds([
+        ("another number of tokens", lambda v, a: v[:1], ValueError),
+        ("a hidden size unlike ref_weight's", lambda v, a: v[..., :-1], ValueError),
+        ("another dtype than ref_weight", lambda v, a: v.double(), TypeError),
+    ]),
+    "ref_weight": _float_tensor_kinds([
+        ("1-D", lambda v, a: v[0], ValueError),
+        ("another vocabulary than weight", lambda v, a: v[:-1], ValueError),
+        ("another dtype than ref_hidden", lambda v, a: v.double(), TypeError),
+    ]),
+    "ref_bias": _float_tensor_kinds([
+        ("V - 1 entries", lambda v, a: v[:-1], ValueError),
+        ("another dtype than ref_hidden", lambda v, a: v.double(), TypeError),
+    ]),
+    "linear_kl_estimator": [
+        ('"full" (needs logits)', lambda v, a: "full", ValueError),
+        ("an unknown name", lambda v, a: "k4", ValueError),
+        ("an int", lambda v, a: 3, TypeError),
+    ],
+    "count": [
+        ("0", lambda v, a: 0, ValueError),
+        ("-1", lambda v, a: -1, ValueError),
+        ("a float", lambda v, a: 6.5, TypeError),
+        ("a str", lambda v, a: "6", TypeError),
+    ],
+    "token_count": [  # 0 tokens is an empty batch, valid
+        ("-1", lambda v, a: -1, ValueError),
+        ("a float", lambda v, a: 6.5, TypeError),
+        ("a str", lambda v, a: "6", TypeError),
+    ],
+    "dtype": [
+        ("an int dtype", lambda v, a: torch.int64, ValueError),
+        ("a str", lambda v, a: "float32", TypeError),
+    ],
     "normalizer": [
         ("0", lambda v, a: 0.0, ValueError),
         ("a str", lambda v, a: "12", TypeError),
@@ -478,12 +735,23 @@ _GAPS = {
                 "_check_scalars; _validate.check_linear_scalars, which the fused-linear loss modules use, is the fix)",
     "logit_scale": "logit_scale of a wrong type (str, None) raises ValueError, not TypeError (ops/linear_logprobs.py "
                    "_check_scalars; _validate.check_linear_scalars is the fix)",
+    "lora_nan": "a NaN LoRA scaling raises TypeError ('lora scaling must be a finite float'): a bad value should be a "
+                "ValueError (ops/linear_logprobs.py _check_inputs; _validate.check_real(scaling, 'lora scaling') fixes "
+                "it)",
+    "chunk_rule": "default_chunk_size checks no argument: a negative or str num_tokens / vocab gives a number or a "
+                  "TypeError from inside the arithmetic ('str' // int), vocab 0 and an integer dtype return a chunk "
+                  "size (ops/linear_logprobs.py; _validate.check_int(..., lo=0 / lo=1) and a floating-dtype check fix "
+                  "it)",
 }
 KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {
     **{(f, "chunk_size", lab): _GAPS["int_type"] for f in ("linear_token_logprobs", "LinearSequenceLogProbs()")
        for lab in ("a float", "a str")},
     **{(f, "logit_scale", lab): _GAPS["logit_scale"] for f in ("linear_token_logprobs", "LinearSequenceLogProbs()")
        for lab in ("a str", "None")},
+    ("linear_token_logprobs(lora)", "lora", "a nan scaling"): _GAPS["lora_nan"],
+    **{("default_chunk_size", "num_tokens", lab): _GAPS["chunk_rule"] for lab in ("-1", "a float", "a str")},
+    **{("default_chunk_size", "vocab", lab): _GAPS["chunk_rule"] for lab in ("0", "-1", "a float", "a str")},
+    ("default_chunk_size", "dtype", "an int dtype"): _GAPS["chunk_rule"],
 }
 
 
@@ -542,17 +810,22 @@ def test_valid_arguments_are_accepted(fname):
 
 
 def test_every_public_function_is_in_the_matrix():
-    """A new public function must get a row in FUNCS."""
+    """A new public function must get a row in FUNCS, a new public module a constructor row
+    ("Name(...)") and a forward row ("Name(...).forward")."""
     covered = {name.split("(")[0] for name in FUNCS}
-    public = {n for n in pf.__all__ if callable(getattr(pf, n)) and n[0].islower()}
-    public |= {n for n in pfl.__all__ if callable(getattr(pfl, n)) and n[0].islower()}
-    public -= {"available_backends", "build_info", "default_chunk_size", "pair_logps", "linear_pair_logps"}
-    # modules' forward is the function; their constructors validate the configuration
+    names = [(pf, n) for n in pf.__all__] + [(pfl, n) for n in pfl.__all__]
+    public = {n for m, n in names if callable(getattr(m, n)) and n[0].islower()}
+    public -= {"available_backends", "build_info"}  # no arguments
     assert public <= covered, f"public functions missing from the bad-input matrix: {sorted(public - covered)}"
+    modules = {n for m, n in names if isinstance(getattr(m, n), type) and issubclass(getattr(m, n), torch.nn.Module)}
+    ctors = {name.split("(")[0] for name in FUNCS if name.endswith(")") and name[0].isupper()}
+    forwards = {name.split("(")[0].split(".")[0] for name in FUNCS if name.endswith(".forward")}
+    assert modules <= ctors, f"modules without a constructor row: {sorted(modules - ctors)}"
+    assert modules <= forwards, f"modules without a forward row: {sorted(modules - forwards)}"
 
 
 def test_matrix_size():
-    assert len(CELLS) > 250
+    assert len(CELLS) > 600
 
 
 # ----------------------------------------------------------- rejected backward calls

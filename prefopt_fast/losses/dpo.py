@@ -393,9 +393,11 @@ def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_
     elif "bco_pair" not in cfg.loss_types:
         raise ValueError(f"bco_delta is only used by loss_type 'bco_pair'; got loss_type {list(cfg.loss_types)}")
     elif isinstance(bco_delta, Tensor):
-        if bco_delta.numel() != 1 or not bco_delta.dtype.is_floating_point:
-            raise ValueError(f"bco_delta must be a float or a one-element float tensor; got {bco_delta.dtype} "
-                             f"tensor of shape {tuple(bco_delta.shape)}")
+        if not bco_delta.dtype.is_floating_point:
+            raise TypeError(f"bco_delta must be a float or a one-element float tensor; got {bco_delta.dtype}")
+        if bco_delta.numel() != 1:
+            raise ValueError(f"bco_delta must be a float or a one-element float tensor; got shape "
+                             f"{tuple(bco_delta.shape)}")
         if bco_delta.device != chosen_logps.device:
             raise ValueError(f"bco_delta must be on the device of chosen_logps ({chosen_logps.device}); "
                              f"got {bco_delta.device}")

@@ -19,6 +19,27 @@ from .dpo import DPOLoss, dpo_loss
 __all__ = ["linear_pair_logps", "linear_dpo_loss", "LinearDPOLoss", "linear_ppo_loss", "LinearPPOLoss"]
 
 
+def _check_reference(labels: Tensor, weight: Tensor, ref_hidden, ref_weight, ref_bias) -> None:
+    """The reference model's states and head, checked by their own names (the reference pass
+    would report them as ``hidden`` / ``weight``). The policy's inputs are valid already."""
+    _validate.check_tensor(ref_hidden, "ref_hidden")
+    if ref_hidden.dtype not in _validate.LOGIT_DTYPES:
+        raise TypeError(f"ref_hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); "
+                        f"got {ref_hidden.dtype}")
+    if tuple(ref_hidden.shape[:-1]) != tuple(labels.shape) or ref_hidden.dim() != labels.dim() + 1 or \
+            ref_hidden.shape[-1] < 1:
+        raise ValueError(f"ref_hidden must have shape labels.shape + [H_ref] = {list(labels.shape)} + [H_ref], "
+                         f"H_ref >= 1 (the reference's hidden size); got {list(ref_hidden.shape)}")
+    if ref_hidden.device != labels.device:
+        raise ValueError(f"ref_hidden must be on the device of hidden ({labels.device}); got {ref_hidden.device}")
+    V, Hr = weight.shape[0], ref_hidden.shape[-1]
+    _validate.check_companion(ref_weight, "ref_weight", (V, Hr), ref_hidden.dtype, ref_hidden.device, "ref_hidden",
+                              " = [V, H_ref] (V = weight.shape[0], H_ref = ref_hidden.shape[-1])")
+    if ref_bias is not None:
+        _validate.check_companion(ref_bias, "ref_bias", (V,), ref_hidden.dtype, ref_hidden.device, "ref_hidden",
+                                  " = [V] (V = weight.shape[0])")
+
+
 def linear_pair_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
                       lora=None, ref_chosen_logps: Optional[Tensor] = None,
                       ref_rejected_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
@@ -50,6 +71,7 @@ def linear_pair_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: O
                              "([V, H]); pass ref_weight=weight when the policy and the reference share the head")
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("pass either ref_hidden / ref_weight or ref_chosen_logps / ref_rejected_logps, not both")
+        _check_reference(labels, weight, ref_hidden, ref_weight, ref_bias)
         with torch.no_grad():
             ref_sums, _ = linear_sequence_logprobs_and_lengths(
                 ref_hidden.detach(), ref_weight.detach(), labels,
@@ -130,13 +152,17 @@ class LinearDPOLoss(DPOLoss):
         return super().forward(**logps, pair_weights=pair_weights)
 
 
+def _check_sampled_kl(cfg) -> None:
+    if cfg.kl_estimator == "full":
+        raise ValueError('kl_estimator must be a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl", with '
+                         'ref_logps) in the fused-linear PPO loss: "full" needs the reference logits (use ppo_loss '
+                         "on materialized logits for it)")
+
+
 def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lora, loss_mask, ref_logps,
                 temperature, logit_scale, softcap, is_weights, global_num_tokens, chunk_size, backend,
                 vocab_parallel=None):
-    if cfg.kl_estimator == "full":
-        raise ValueError('kl_estimator="full" is not available in the fused-linear PPO loss (the exact KL needs the '
-                         "reference logits); use a sampled estimator (\"k1\", \"k2\", \"k3\", \"abs\", "
-                         '"low_var_kl") with ref_logps, or ppo_loss on materialized logits')
+    _check_sampled_kl(cfg)
     _validate.check_tensor(hidden, "hidden")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H]; got {list(hidden.shape)}")
@@ -218,9 +244,7 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
     def __init__(self, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
                  chunk_size: Optional[int] = None, **ppo_config):
         super().__init__(**ppo_config)
-        if self._cfg.kl_estimator == "full":
-            raise ValueError('kl_estimator="full" is not available in the fused-linear PPO loss; use a sampled '
-                             'estimator ("k1", "k2", "k3", "abs", "low_var_kl") with ref_logps')
+        _check_sampled_kl(self._cfg)
         self.logit_scale, self.softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
         self.chunk_size = chunk_size
 

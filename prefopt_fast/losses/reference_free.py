@@ -50,9 +50,10 @@ def _check_nll(nll_loss, like: Tensor) -> Optional[Tensor]:
         return None
     if not isinstance(nll_loss, Tensor):
         raise TypeError(f"nll_loss must be a 0-d float tensor or None; got {type(nll_loss).__name__}")
-    if nll_loss.numel() != 1 or not nll_loss.dtype.is_floating_point:
-        raise ValueError(f"nll_loss must be a 0-d float tensor (a mean NLL); got {nll_loss.dtype} tensor of "
-                         f"shape {tuple(nll_loss.shape)}")
+    if not nll_loss.dtype.is_floating_point:
+        raise TypeError(f"nll_loss must be a 0-d float tensor (a mean NLL); got {nll_loss.dtype}")
+    if nll_loss.numel() != 1:
+        raise ValueError(f"nll_loss must be a 0-d float tensor (a mean NLL); got shape {tuple(nll_loss.shape)}")
     if nll_loss.device != like.device:
         raise ValueError(f"nll_loss must be on the device of chosen_logps ({like.device}); got {nll_loss.device}")
     return nll_loss.reshape(())

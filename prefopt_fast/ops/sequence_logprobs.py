@@ -15,7 +15,8 @@ from .. import _validate
 from .token_logprobs import token_logprobs
 
 
-def _check_cu_seqlens(cu_seqlens, total: int, device) -> torch.Tensor:
+def _check_cu_seqlens(cu_seqlens, total: int, device, of: str = "labels") -> torch.Tensor:
+    """cu_seqlens as int64 ``[B + 1]``, on ``device`` (the device of ``of``)."""
     _validate.check_tensor(cu_seqlens, "cu_seqlens")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
         raise TypeError(f"cu_seqlens must be an integer tensor [B + 1]; got {cu_seqlens.dtype}")
@@ -24,7 +25,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, device) -> torch.Tensor:
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must have B + 1 >= 2 entries (0, ..., total tokens); got {cu_seqlens.numel()}")
     if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens must be on the device of logits ({device}); got {cu_seqlens.device}")
+        raise ValueError(f"cu_seqlens must be on the device of {of} ({device}); got {cu_seqlens.device}")
     cu = cu_seqlens.to(torch.int64)
     ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
     msg = (f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens "
@@ -67,7 +68,9 @@ def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperat
     else:
         if labels.dim() != 1:
             raise ValueError(f"with cu_seqlens, labels must be packed: shape [total_tokens]; got {tuple(labels.shape)}")
-        cu_seqlens = _check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
+        # against the logits' device: labels on another device are then reported as such
+        dev, of = (logits.device, "logits") if isinstance(logits, torch.Tensor) else (labels.device, "labels")
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, labels.shape[0], dev, of)
     logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
                           inplace_backward=inplace_backward, backend=backend, process_group=process_group,
                           vocab_start=vocab_start, vocab_size=vocab_size)
