@@ -19,10 +19,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAN, INF = math.nan, math.inf
 
 KNOWN_ISSUES = {
-    "cpu-huge-path": (
-        "cpu backend, rows with |x| >= 2^64 (the exact double path of csrc/cpu/row_kernels.cpp): the log-prob is "
-        "x_y - lse in double, so a constant row of 1e30 gives 0 instead of -log V (error 3.5 at V = 33); "
-        "(x_y - m) - log(s) as in the fast path fixes it."),
     "fp32-lse-huge": (
         "every backend: the backward recomputes p = exp(x - lse) from the forward's fp32 lse (the row contract), "
         "so once |x| >~ 1e7 lse - max is below ulp(max): rows with tied or near-tied maxima get p = 1 for every "
@@ -337,14 +333,8 @@ def _huge_problem(magnitude, dtype):
     return _problem(z.to(dtype), y, temperature)
 
 
-def _huge_xfails(backend, magnitude, dtype):
-    if backend == "cpu" and magnitude >= 1e30:
-        return [pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["cpu-huge-path"])]
-    return []
-
-
 @pytest.mark.parametrize("backend, magnitude, dtype", [
-    pytest.param(b, m, d, id=f"{b}-{m:g}-{str(d)[6:]}", marks=_huge_xfails(b, m, d))
+    pytest.param(b, m, d, id=f"{b}-{m:g}-{str(d)[6:]}")
     for b in ("torch", "cpu", "triton", "cuda") for m, d in HUGE], indirect=["backend"])
 def test_huge_magnitudes_forward(backend, device, magnitude, dtype):
     """Logits of magnitude 1e4 (every dtype) and up to 3e38 (fp32): every forward output

@@ -424,7 +424,8 @@ void exact_row_forward(const typename D::S* z, const typename D::S* zr, int64_t 
   o[kOutArgmax] = (y_ok && y == am) ? 1.0 : 0.0;
   const bool fin = lse == lse && lse != -kInf;  // lse is never +inf
   if (fin) {
-    o[kOutLogp] = y_ok ? (double)(D::load(z, y) * it) - lse : kNaN;
+    // (x_y - max) - log s, as the fast path: x_y - lse cancels where |x| >> log s
+    o[kOutLogp] = y_ok ? ((double)(D::load(z, y) * it) - acc.m) - log(acc.s) : kNaN;
     o[kOutEntropy] = pf_lse_entropy(acc);
     o[kOutLssp] = pf_lse_log_sum_sq(acc);
   } else {  // log-probs are NaN - lse or -inf - (-inf)
@@ -445,8 +446,10 @@ void exact_row_forward(const typename D::S* z, const typename D::S* zr, int64_t 
           kl = kInf;
           break;
         }
-        const double lp = x - lse;
-        kl += exp(lp) * (lp - (xr - rlse));
+        // relative to the maxima, as the log-prob: no cancellation of huge x against lse
+        const double lp = (x - acc.m) - log(acc.s);
+        const double lq = (xr - racc.m) - log(racc.s);
+        kl += exp(lp) * (lp - lq);
       }
     }
     o[kOutKl] = kl;
