@@ -21,6 +21,7 @@ The device cells use ``meta`` tensors to stand in for "another device" (labels o
 with logits on the CPU behave the same). Cells whose expectation the package does not meet
 yet are listed in ``KNOWN_GAPS`` and run as strict xfails (so a fix shows up as XPASS).
 """
+import contextlib
 import math
 import re
 from typing import Any, Callable, Dict, List, Tuple
@@ -72,6 +73,32 @@ def _ctor(cls):
 
 def _module_call(cls, init):
     return lambda a: cls(**init)(**a)
+
+
+@contextlib.contextmanager
+def _one_process_group():
+    """A world-size-1 gloo group for the vocabulary-parallel rows (torn down after the call, so
+    other tests that initialize torch.distributed are unaffected)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _vocab_parallel(fn):
+    """Call fn with process_group = a one-process group; a "WORLD" placeholder value stands for it."""
+    def call(a):
+        with _one_process_group() as group:
+            if a.get("process_group") == "WORLD":
+                a = {**a, "process_group": group}
+            return fn(**a)
+    return call
 
 
 FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
@@ -309,6 +336,40 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         dict(labels="labels", bias="bias", loss_mask="mask", ref_logps="bt", kl_estimator="linear_kl_estimator",
              temperature="temperature", softcap="opt_pos_float", is_weights="advantages",
              global_num_tokens="normalizer", ignore_index="int"),
+    ),
+    # vocabulary-parallel entry points (prefopt_fast.distributed) on a one-process gloo group
+    "token_logprobs(vocab-parallel)": (
+        _vocab_parallel(pf.token_logprobs),
+        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), temperature=0.7, stats=("entropy",),
+                     process_group="WORLD", vocab_start=0, vocab_size=V, inplace_backward=False, ignore_index=-100),
+        dict(logits="logits", labels="labels", temperature="temperature", stats="stats", process_group="group",
+             vocab_start="vocab_start", vocab_size="vocab_size", inplace_backward="bool", ignore_index="int"),
+    ),
+    "token_logprobs(vocab-parallel kl)": (
+        _vocab_parallel(pf.token_logprobs),
+        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), stats=("kl",), ref_logits=_logits(B, T) + 0.1,
+                     process_group="WORLD"),
+        dict(ref_logits="ref_logits"),
+    ),
+    "linear_token_logprobs(vocab-parallel)": (
+        _vocab_parallel(pfl.linear_token_logprobs),
+        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
+                     labels=_labels(B, T), bias=torch.randn(V, generator=_g()), process_group="WORLD",
+                     vocab_start=0, vocab_size=V),
+        dict(hidden="hidden", weight="weight", labels="labels", bias="bias", process_group="group",
+             vocab_start="vocab_start", vocab_size="vocab_size"),
+    ),
+    "ppo_loss(vocab-parallel)": (
+        _vocab_parallel(pf.ppo_loss),
+        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
+                     advantages=torch.randn(B, generator=_g()), loss_mask=torch.ones(B, T), process_group="WORLD"),
+        dict(labels="labels", loss_mask="mask", advantages="advantages"),
+    ),
+    "fused_dpo_loss(vocab-parallel)": (
+        _vocab_parallel(pf.fused_dpo_loss),
+        lambda: dict(logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_logits=_logits(2 * B, T) + 0.1,
+                     process_group="WORLD"),
+        dict(labels="labels", ref_logits="ref_logits_seq"),
     ),
     # configuration-only modules: validated once, in __init__
     "DPOLoss()": (_ctor(pf.DPOLoss), lambda: dict(beta=0.1, loss_type="sigmoid"),
@@ -700,6 +761,16 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("a float", lambda v, a: 6.5, TypeError),
         ("a str", lambda v, a: "6", TypeError),
     ],
+    "group": [("a str", lambda v, a: "world", TypeError)],
+    "vocab_start": [
+        ("a str", lambda v, a: "0", TypeError),
+        ("-1", lambda v, a: -1, ValueError),
+        ("past the vocabulary", lambda v, a: 3, ValueError),
+    ],
+    "vocab_size": [
+        ("a float", lambda v, a: float(V), TypeError),
+        ("V + 1", lambda v, a: V + 1, ValueError),
+    ],
     "token_count": [  # 0 tokens is an empty batch, valid
         ("-1", lambda v, a: -1, ValueError),
         ("a float", lambda v, a: 6.5, TypeError),
@@ -738,6 +809,20 @@ _GAPS = {
     "lora_nan": "a NaN LoRA scaling raises TypeError ('lora scaling must be a finite float'): a bad value should be a "
                 "ValueError (ops/linear_logprobs.py _check_inputs; _validate.check_real(scaling, 'lora scaling') fixes "
                 "it)",
+    "vp_device": "vocabulary-parallel logits on another device than labels / the group: shard_layout all-gathers its "
+                 "info tensor on logits.device before any device check, so meta logits give NotImplementedError "
+                 "('Cannot copy out of meta tensor') and a CUDA shard with CPU labels fails in the collective "
+                 "(distributed.py vocab_parallel_token_logprobs: check labels' / temperature's device before "
+                 "shard_layout)",
+    "vp_empty": "vocabulary-parallel logits with an empty vocabulary on every rank: the message blames vocab_size "
+                "('must equal the sum of the local vocabulary sizes [0]'), never logits (distributed.py shard_layout; "
+                "check V >= 1 before the vocab_size comparison and name logits' last dimension)",
+    "vp_group": "process_group of a wrong type (a str) gives torch's ValueError 'Group world is not registered', "
+                "naming neither process_group nor what is expected (distributed.py shard_layout: "
+                "isinstance(process_group, dist.ProcessGroup) -> TypeError)",
+    "vp_weight": "vocab-parallel linear_token_logprobs with a non-tensor weight: AttributeError (\"'list' object has "
+                 "no attribute 'shape'\") from distributed.py vocab_parallel_linear_token_logprobs, which reads "
+                 "weight.shape before _validate.check_tensor",
     "chunk_rule": "default_chunk_size checks no argument: a negative or str num_tokens / vocab gives a number or a "
                   "TypeError from inside the arithmetic ('str' // int), vocab 0 and an integer dtype return a chunk "
                   "size (ops/linear_logprobs.py; _validate.check_int(..., lo=0 / lo=1) and a floating-dtype check fix "
@@ -752,6 +837,11 @@ KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {
     **{("default_chunk_size", "num_tokens", lab): _GAPS["chunk_rule"] for lab in ("-1", "a float", "a str")},
     **{("default_chunk_size", "vocab", lab): _GAPS["chunk_rule"] for lab in ("0", "-1", "a float", "a str")},
     ("default_chunk_size", "dtype", "an int dtype"): _GAPS["chunk_rule"],
+    ("token_logprobs(vocab-parallel)", "logits", "on another device"): _GAPS["vp_device"],
+    ("token_logprobs(vocab-parallel)", "logits", "an empty vocabulary"): _GAPS["vp_empty"],
+    ("token_logprobs(vocab-parallel)", "process_group", "a str"): _GAPS["vp_group"],
+    ("linear_token_logprobs(vocab-parallel)", "process_group", "a str"): _GAPS["vp_group"],
+    ("linear_token_logprobs(vocab-parallel)", "weight", "a list"): _GAPS["vp_weight"],
 }
 
 
