@@ -3,10 +3,8 @@ on every backend; and what the result may depend on (see docs/numerics.md, Deter
 
 - run to run, same process, same settings: bitwise equal, every op, every backend;
 - the cpu backend and the thread count (torch.set_num_threads): bitwise equal for any
-  thread count when rows are plentiful; with few very long rows (V >= 65536 and fewer than
-  4 x threads rows) the kernels split rows into segments whose number depends on the thread
-  count, and the entropy / log_sum_sq_probs / mean_logit / KL rows then change in the last
-  bits (a known issue, below);
+  thread count, with plentiful rows and with few very long ones (V >= 65536 and fewer than
+  64 rows: split into segments whose number follows N and V only);
 - the torch backend and the fused-linear path (GEMMs) across thread counts;
 - torch.use_deterministic_algorithms(True): every op runs under it (nothing in the package
   is refused as nondeterministic) and gives the same bits as without it.
@@ -18,19 +16,6 @@ import torch
 
 import prefopt_fast as pf
 from prefopt_fast import linear as pfl
-
-KNOWN_ISSUES = {
-    "cpu-threads-segments": (
-        "cpu backend: the forward's entropy, log_sum_sq_probs, mean_logit and kl, and so gradients with an entropy "
-        "or KL term (not logp / lse / the log-prob gradient), change in the last bits with torch.set_num_threads "
-        "when there are few very long rows: "
-        "csrc/cpu/row_kernels.cpp split_rows() picks the number of segments per row from th.num_threads "
-        "(want = 4 x threads; e.g. 3 rows of V = 131083: 2 segments on 1 thread, 4 on 2), and the float partial "
-        "sums merge in a different grouping. Avoidable: derive the split from (rows, V) only (e.g. a fixed "
-        "segment length of 32768 whenever rows < some constant), so the work split, not the arithmetic, "
-        "follows the threads."),
-}
-
 
 @contextlib.contextmanager
 def num_threads(n):
@@ -151,13 +136,13 @@ def test_run_to_run_bitwise(backend, device, op):
 
 CPU_SHAPES = {
     "many rows": dict(N=64, V=3001),
-    "few long rows": dict(N=3, V=131083),   # segmented rows: 2 segments on 1 thread, 4 on 2
+    "few long rows": dict(N=3, V=131083),   # segmented rows (4 segments, whatever the thread count)
 }
 
 
 @pytest.mark.parametrize("shape", [
     "many rows",
-    pytest.param("few long rows", marks=pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["cpu-threads-segments"])),
+    "few long rows",
 ])
 def test_cpu_backend_thread_count(backends, shape):
     if "cpu" not in backends:
@@ -173,8 +158,8 @@ def test_cpu_backend_thread_count(backends, shape):
 
 
 def test_cpu_backend_logp_and_its_gradient_do_not_depend_on_threads_even_when_segmented(backends):
-    """The part of the known issue that is NOT affected: log-probs (lse) and the gradient
-    of a loss of the log-probs alone (DPO, SFT, PPO without entropy / full KL)."""
+    """Log-probs and the gradient of a loss of the log-probs alone (DPO, SFT, PPO without
+    entropy / full KL) through segmented rows, with the backward too."""
     if "cpu" not in backends:
         pytest.skip("no cpu backend")
     ins = _token_inputs("cpu", False, dtype=torch.float32, **CPU_SHAPES["few long rows"])

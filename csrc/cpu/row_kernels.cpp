@@ -108,18 +108,22 @@ void run_parallel(const Threading& th, int64_t n, int64_t min_block, const F& f)
                   const_cast<void*>(static_cast<const void*>(&worker)));
 }
 
-// Rows are split into segments only when there are too few rows to feed the threads.
+// Few long rows are split into segments (of about kSegLen elements) so that they can feed
+// several threads. The split depends on (rows, V) only, never on the thread count: the
+// forward merges the segments' float partial sums, whose grouping is then the same for any
+// torch.get_num_threads(), and so are the bits of every output. kFewRows rows or more
+// keep 4 threads per row busy up to 16 threads without any split.
 struct Split {
   int64_t nseg;
   int64_t seg_len;
 };
 
-Split split_rows(int64_t rows, int64_t V, int num_threads) {
-  const int64_t want = 4 * (int64_t)std::max(num_threads, 1);
+constexpr int64_t kFewRows = 64;
+constexpr int64_t kSegLen = 32768;
+
+Split split_rows(int64_t rows, int64_t V) {
   int64_t nseg = 1;
-  if (rows < want && V >= 2 * 32768) {
-    nseg = std::min((want + rows - 1) / rows, V / 32768);
-  }
+  if (rows < kFewRows && V >= 2 * kSegLen) nseg = V / kSegLen;
   int64_t seg_len = (V + nseg - 1) / nseg;
   seg_len = (seg_len + 63) / 64 * 64;
   if (seg_len == 0) seg_len = 1;
@@ -501,7 +505,7 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
                                            {fwd_bf16_basic, fwd_bf16_full, fwd_bf16_kl},
                                            {fwd_f16_basic, fwd_f16_full, fwd_f16_kl}};
   const FwdSegmentFn seg_fn = table[L.dtype][mode];
-  const Split sp = split_rows(N, V, th.num_threads);
+  const Split sp = split_rows(N, V);
   const int64_t seg_len = sp.seg_len, nseg = sp.nseg;
 
   auto write = [&](int64_t n, const double* o) {
@@ -717,7 +721,7 @@ void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const T
                                            {bwd_f16_plain, bwd_f16_ent, bwd_f16_kl}};
   const BwdSegmentFn seg_fn = table[L.dtype][mode];
   const auto zero_fn = L.dtype == kF32 ? zero_f32 : zero_u16;
-  const Split sp = split_rows(N, V, th.num_threads);
+  const Split sp = split_rows(N, V);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(sp.seg_len, 1));
 
   run_parallel(th, N * sp.nseg, grain, [&](int64_t b, int64_t e) {
