@@ -1,16 +1,18 @@
-"""Benchmark of ppo_loss (issue 4): the clipped policy-gradient loss from logits [B, T, V].
+"""Benchmark of ppo_loss (issue 4), one op per KL estimator: the clipped policy-gradient
+loss from logits [B, T, V].
 
-The loss is a GRPO-style step: off-policy ratio, asymmetric clip + dual clip, k3 KL to
-reference log-probs (kl_coef 0.04), entropy bonus (0.01), token-mean. The issue's target:
-forward + backward within 5% of ``token_logprobs`` with the entropy statistic on the same
-logits (the provider ``token_logprobs+entropy.<backend>``), since the loss head is [B, T]
-work. The exact-KL variant (``kl_estimator="full"``, two logits tensors) is benchmarked by
-``bench_ppo_full_kl.py``.
+The loss is a GRPO-style step: off-policy ratio, asymmetric clip + dual clip, a KL penalty
+to the reference (kl_coef 0.04), entropy bonus (0.01), token-mean. ``variant_op(kl)`` for
+``kl`` in k1, k2, k3, abs, low_var_kl (sampled estimators from reference log-probs [B, T];
+ops ``ppo_loss_<kl>``) and full (the exact KL over the vocabulary from reference logits
+[B, T, V], read but not differentiated; op ``ppo_loss_full_kl``, whose bound counts both
+logits tensors). The issue's targets: the sampled estimators' step within 5% of
+``token_logprobs`` with the entropy statistic (provider ``token_logprobs+entropy.<backend>``,
+the loss head is [B, T] work); the exact KL's step within 1.6x of the bound.
 
-Run: ``python benchmarks/bench_ppo.py [--quick|--full]`` (register ``"ppo_loss":
-"benchmarks.bench_ppo"`` in ``benchmarks/__init__.py`` to reach it with ``--op``).
+Run: ``python -m benchmarks --op 'ppo_loss_*'`` or ``python benchmarks/bench_ppo.py --op ppo_loss_k2``.
 """
-import dataclasses
+import math
 import os
 import sys
 
@@ -19,83 +21,72 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
+from benchmarks import bench_support as S
 from benchmarks import harness as H
 
 B = 8  # sequences per batch; tokens N = B * T
-LOSS_KW = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.04, kl_estimator="k3",
-               entropy_coef=0.01, loss_agg_mode="token-mean")
+ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
+LOSS_KW = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.04, entropy_coef=0.01,
+               loss_agg_mode="token-mean")
 
 
-def make_shape(tokens: int, vocab: int) -> dict:
-    if tokens % B:
-        raise ValueError(f"token count must be a multiple of {B}, got {tokens}")
-    return {"B": B, "T": tokens // B, "V": vocab}
+def op_name(kl: str) -> str:
+    return "ppo_loss_full_kl" if kl == "full" else f"ppo_loss_{kl}"
 
 
-def make_inputs(shape, dtype, device, seed=0, with_ref_logits=False):
-    """logits [B, T, V] ~ N(0, 2^2) in ``dtype``; labels [B, T] uniform (the last eighth of each
-    sequence is padding); old / reference log-probs [B, T] fp32 near log(1 / V); advantages [B]."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    b, t, v = shape["B"], shape["T"], shape["V"]
-    logits = torch.empty(b, t, v, dtype=dtype, device=device)
-    logits.normal_(0.0, 2.0, **({"generator": g} if device == "cpu" else {}))
-    labels = torch.randint(0, v, (b, t), generator=g)
-    labels[:, t - t // 8:] = -100
-    base = -torch.log(torch.tensor(float(v))) - 2.0
-    old = base + 0.3 * torch.randn(b, t, generator=g)
-    ref = base + 0.3 * torch.randn(b, t, generator=g)
-    adv = torch.randn(b, generator=g)
-    out = {"logits": logits, "labels": labels.to(device), "old_logps": old.to(device), "ref_logps": ref.to(device),
-           "advantages": adv.to(device)}
-    if with_ref_logits:
-        ref_logits = torch.empty_like(logits)
-        ref_logits.normal_(0.0, 2.0, **({"generator": g} if device == "cpu" else {}))
-        out["ref_logits"] = ref_logits
-    return out
+def _extra(shape, g):
+    """old / reference log-probs [B, T] fp32 near log(1 / V) - 2; advantages [B]."""
+    b, t = shape["B"], shape["T"]
+    base = -math.log(shape["V"]) - 2.0
+    return {"old_logps": base + 0.3 * torch.randn(b, t, generator=g),
+            "ref_logps": base + 0.3 * torch.randn(b, t, generator=g), "advantages": torch.randn(b, generator=g)}
 
 
-def _n(shape):
-    return shape["B"] * shape["T"]
+def kl_estimate(d, kl):
+    """The sampled KL estimate from d = log pi_ref - log pi (the definitions in the PPO docs)."""
+    if kl == "k1":
+        return -d
+    if kl == "k2":
+        return 0.5 * d * d
+    if kl == "abs":
+        return d.abs()
+    if kl == "low_var_kl":
+        d = d.clamp(-20.0, 20.0)
+        return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
+    return torch.exp(d) - d - 1.0
 
 
-def main_bytes(shape, dtype):
-    return _n(shape) * shape["V"] * torch.empty((), dtype=dtype).element_size()
-
-
-def bytes_moved(shape, dtype):
-    """fwd reads the logits once; bwd reads them once and writes the gradient once
-    (+ the [B, T] vectors, negligible)."""
-    n, s = _n(shape), main_bytes(shape, dtype)
-    small = n * (8 + 4 * 4)
-    return {"fwd": s + small, "bwd": 2 * s + small}
-
-
-# ----------------------------------------------------------------------------- providers
-
-
-def naive(inputs):
-    """What users write: a full fp32 log_softmax, gather, entropy from the probabilities, then the loss."""
+def naive(inputs, kl="k3"):
+    """What users write: full fp32 log_softmax (of both tensors for the exact KL), gather,
+    entropy from the probabilities, then the loss."""
     logits, labels = inputs["logits"], inputs["labels"]
-    keep = labels != -100
+    keep = labels != S.IGN
     m = keep.float()
     logp_all = torch.log_softmax(logits.float(), dim=-1)
+    p = logp_all.exp()
     logp = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
+    ent = -(p * logp_all).sum(-1)
     ratio = torch.exp(torch.where(keep, logp - inputs["old_logps"], 0.0))
     a = inputs["advantages"].unsqueeze(1)
     pg = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
     pg = torch.where(a < 0, torch.minimum(pg, -3.0 * a), pg)
-    d = torch.where(keep, inputs["ref_logps"] - logp, 0.0)
-    per_tok = pg + 0.04 * (torch.exp(d) - d - 1.0) - 0.01 * ent
+    if kl == "full":
+        klv = (p * (logp_all - torch.log_softmax(inputs["ref_logits"].float(), dim=-1))).sum(-1)
+    else:
+        klv = kl_estimate(torch.where(keep, inputs["ref_logps"] - logp, 0.0), kl)
+    per_tok = pg + 0.04 * klv - 0.01 * ent
     return (per_tok * m).sum() / m.sum().clamp(min=1.0)
 
 
-def _ppo_call(inputs, backend, inplace_backward):
-    from prefopt_fast.losses import ppo_loss
+def _ppo_call(kl):
+    def call(inputs, backend, inplace_backward):
+        from prefopt_fast.losses import ppo_loss
 
-    loss, _ = ppo_loss(inputs["logits"], inputs["labels"], inputs["old_logps"], inputs["advantages"],
-                       ref_logps=inputs["ref_logps"], backend=backend, **LOSS_KW)
-    return loss
+        ref = {"ref_logits": inputs["ref_logits"]} if kl == "full" else {"ref_logps": inputs["ref_logps"]}
+        loss, _ = ppo_loss(inputs["logits"], inputs["labels"], inputs["old_logps"], inputs["advantages"],
+                           kl_estimator=kl, backend=backend, **ref, **LOSS_KW)
+        return loss
+    return call
 
 
 def _token_logprobs_call(inputs, backend, inplace_backward):
@@ -106,47 +97,55 @@ def _token_logprobs_call(inputs, backend, inplace_backward):
     return out.logprobs, out.entropy
 
 
-def _renamed(providers, prefix, kind, what):
-    return [dataclasses.replace(p, name=p.name.replace("prefopt_fast", prefix, 1), kind=kind,
-                                description=p.description.replace("prefopt_fast", what, 1)) for p in providers]
+def _kl_check(backend, inner):
+    def check(case):
+        try:
+            from prefopt_fast import _dispatch
+            if not getattr(_dispatch._load(backend), "SUPPORTS_KL", False):
+                return f"backend {backend!r} has no exact-KL kernel yet"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return inner(case) if inner is not None else None
+    return check
 
 
-_ours, _our_notes = H.prefopt_fast_providers(_ppo_call, inplace=False)
-_tl, _ = H.prefopt_fast_providers(_token_logprobs_call, inplace=False)
+def variant_op(kl: str) -> H.OpSpec:
+    if kl not in ESTIMATORS:
+        raise KeyError(f"unknown KL estimator {kl!r}; known: {', '.join(ESTIMATORS)}")
+    full = kl == "full"
+    ours, notes = H.prefopt_fast_providers(_ppo_call(kl), inplace=False)
+    if full:
+        ours = [H.dataclasses.replace(p, check=_kl_check(p.name.split(".", 1)[1], p.check)) for p in ours]
+        floor = []
+        notes.append("target: prefopt_fast.<backend> step within 1.6x of the bound (both logits read)")
+    else:
+        floor = S.renamed(H.prefopt_fast_providers(_token_logprobs_call, inplace=False)[0], "token_logprobs+entropy",
+                          "baseline", "the floor: prefopt_fast.token_logprobs(stats=('entropy',))")
+        notes.append("target: prefopt_fast.<backend> within 5% of token_logprobs+entropy.<backend> (step)")
 
-PROVIDERS = [
-    H.Provider("naive", lambda: naive, mem_factor=8.0,
-               description="fp32 log_softmax over the whole vocabulary + gather + entropy, then the loss"),
-] + _renamed(_tl, "token_logprobs+entropy", "baseline",
-             "the floor: prefopt_fast.token_logprobs(stats=('entropy',))") + _ours
+    def naive_kl(inputs):
+        return naive(inputs, kl)
+    providers = [
+        H.Provider("naive", lambda: naive_kl, mem_factor=12.0 if full else 8.0,
+                   description="fp32 log_softmax over the vocabulary + gather + entropy"
+                               + (" + exact KL vs the reference logits" if full else f" + {kl} KL") + ", then the loss"),
+        S.compiled_provider(naive_kl),
+    ] + floor + ours
+    # the estimators differ only in [B, T] work: the k3 op sweeps every provider, the others
+    # only naive and ours (the floor is the same for all of them)
+    sweep = None if kl in ("k3", "full") else ("naive", "prefopt_fast.*")
+    return S.logits_op(
+        op_name(kl), f"benchmarks.bench_ppo:{kl}",
+        S.LogitsLayout(batch=B, prompt=0.125, ref_logits=full, extra=_extra, small_per_token=24), providers,
+        description=(f"clipped PG loss ({kl} KL, entropy bonus) from logits [B, T, V]" if not full else
+                     "clipped PG loss with the exact full-vocabulary KL from policy + reference logits [B, T, V]")
+        + ", fwd + bwd into the logits",
+        notes=notes, default=(4096, 128256),  # the issue's B = 8, T = 512, V = 128256
+        dtypes=("bf16", "fp32"), full_providers=sweep or ("naive", "token_logprobs+entropy.*", "prefopt_fast.*"),
+        full_tokens=(4096,) if sweep else (256, 4096))
 
-_FULL = [make_shape(n, v) for v in (32000, 128256) for n in (1024, 4096)]
 
-OP = H.OpSpec(
-    name="ppo_loss",
-    module="benchmarks.bench_ppo",
-    description="GRPO-style clipped PG loss (k3 KL, entropy bonus) from logits [B, T, V], fwd + bwd into the logits",
-    make_inputs=make_inputs,
-    grad_inputs=("logits",),
-    main_bytes=main_bytes,
-    bytes_moved=bytes_moved,
-    alloc_bytes=main_bytes,
-    make_shape=make_shape,
-    tokens=_n,
-    vocab=lambda s: s["V"],
-    presets={
-        "dry-run": [make_shape(64, 1000)],
-        "quick": [make_shape(1024, 32000)],
-        "default": [make_shape(4096, 128256)],  # the issue's B = 8, T = 512, V = 128256
-        "full": _FULL,
-    },
-    preset_dtypes={"dry-run": ["fp32", "bf16"], "quick": ["bf16"], "default": ["bf16", "fp32"],
-                   "full": ["bf16", "fp32"]},
-    providers=PROVIDERS,
-    reference=("naive",),
-    notes=_our_notes + ["target: prefopt_fast.<backend> within 5% of token_logprobs+entropy.<backend> (step)"],
-)
+OP = variant_op("k3")
 
 if __name__ == "__main__":
-    from benchmarks import bench_ppo as _self  # the importable module, for the workers
-    sys.exit(H.main(op=_self.OP))
+    sys.exit(S.script_main("benchmarks.bench_ppo", ESTIMATORS))

@@ -54,10 +54,19 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 PRESET_SETTINGS = {
     "dry-run": dict(repeats=1, warmup=0, min_repeats=1, max_loop_s=0.0),
     # --quick: no separate warm-up (the memory step before the timing loops serves as one)
-    "quick": dict(repeats=3, warmup=0, min_repeats=2, max_loop_s=0.5),
+    "quick": dict(repeats=3, warmup=0, min_repeats=2, max_loop_s=0.3),
     "default": dict(repeats=5, warmup=1, min_repeats=3, max_loop_s=30.0),
-    "full": dict(repeats=5, warmup=1, min_repeats=3, max_loop_s=30.0),
+    "full": dict(repeats=5, warmup=1, min_repeats=2, max_loop_s=4.0),
 }
+# How the (provider, shape) cases are run by default: "shape" = one fresh worker process per
+# (provider, shape); "provider" = one worker per provider running all its shapes in turn (the
+# peak-RSS counter is reset per region, so the memory figures stay per case; this saves the
+# ~3 s start-up of a worker per shape, which would dominate --full); "inline" = in this
+# process (--quick and --dry-run: seconds matter more than isolation there).
+PRESET_JOBS = {"dry-run": "inline", "quick": "inline", "default": "shape", "full": "provider"}
+
+# Peak memory a case may be expected to need before it is skipped (bytes; --max-mem-gb).
+DEFAULT_MEM_CAP = 16 << 30
 
 # Calibration buffers are the size of the logits up to this cap (two of them are needed).
 CALIBRATION_CAP_BYTES = 1 << 30
@@ -114,6 +123,8 @@ class OpSpec:
     make_shape(tokens, vocab) -> a shape dict; tokens(shape), vocab(shape) -> the two axes.
     presets: preset name -> list of shape dicts ("dry-run", "quick", "default", "full").
     preset_dtypes: preset name -> list of dtype names.
+    preset_providers: preset name -> provider names or globs run in that preset when
+        --providers is not given (a sweep that would take too long with every provider).
     reference: the provider "x naive" compares against (per dtype, the first of these
         names that has a result).
     notes: lines printed and stored with the results (peers that do not apply, etc.).
@@ -133,6 +144,7 @@ class OpSpec:
     providers: list
     alloc_bytes: Callable | None = None
     flops: Callable | None = None
+    preset_providers: dict = dataclasses.field(default_factory=dict)
     reference: tuple = ("naive",)
     notes: list = dataclasses.field(default_factory=list)
     description: str = ""
@@ -316,6 +328,13 @@ def _malloc_trim():
         pass
 
 
+def _collect():
+    """gc.collect, then freeze the survivors: with transformers imported (TRL) a full
+    collection takes ~0.5 s here, and later ones then only scan objects made since."""
+    gc.collect()
+    gc.freeze()
+
+
 def _proc_status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -357,7 +376,7 @@ class MemProbe:
             self.method = "rss ru_maxrss (not resettable)"
 
     def start(self):
-        gc.collect()
+        _collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -469,8 +488,10 @@ def measure_case(op: OpSpec, provider: Provider, case: Case, settings: dict, fn=
     dry = settings.get("dry_run", False)
     res: dict = {"mem_method": probe.method}
     times = {p: [] for p in PHASES}
+    # a compiling provider's first call must not land in the memory or timing measurements
+    warmup = settings["warmup"] if (dry or not provider.slow_setup) else max(1, settings["warmup"])
     try:
-        for _ in range(settings["warmup"]):
+        for _ in range(warmup):
             runner.prepare()
             if provider.backward:
                 runner.step()
@@ -544,7 +565,7 @@ def measure_case(op: OpSpec, provider: Provider, case: Case, settings: dict, fn=
     finally:
         runner.close()
         del runner
-        gc.collect()
+        _collect()
         _malloc_trim()
     return res
 
@@ -553,21 +574,32 @@ def measure_case(op: OpSpec, provider: Provider, case: Case, settings: dict, fn=
 
 
 def load_op(module: str) -> OpSpec:
-    return importlib.import_module(module).OP
+    """The OpSpec of ``"pkg.module"`` (its ``OP``) or ``"pkg.module:variant"`` (its
+    ``variant_op(variant)``: one script parametrized, e.g. the PPO KL estimator)."""
+    name, _, variant = module.partition(":")
+    mod = importlib.import_module(name)
+    return mod.variant_op(variant) if variant else mod.OP
+
+
+def job_cases(job: dict) -> list:
+    """[(shape, dtype)] of a job: ``{"shape", "dtypes"}`` or ``{"cases": [{"shape", "dtypes"}]}``."""
+    groups = job["cases"] if "cases" in job else [{"shape": job["shape"], "dtypes": job["dtypes"]}]
+    return [(g["shape"], d) for g in groups for d in g["dtypes"]]
 
 
 def run_job(job: dict, op: OpSpec | None = None) -> list:
-    """Run one (provider, shape) job over its dtypes in this process; one result per dtype."""
+    """Run one job (a provider over one or several shapes, each over its dtypes) in this
+    process; one result per (shape, dtype), carrying both."""
     op = op if op is not None else load_op(job["module"])
     out = []
     try:
         provider = op.provider(job["provider"])
         fn = provider.make()
     except Exception as exc:
-        return [{"dtype": d, "status": "error", "note": f"setup failed: {type(exc).__name__}: {exc}"}
-                for d in job["dtypes"]]
-    for dtype in job["dtypes"]:
-        case = Case.make(job["shape"], dtype, job["device"])
+        return [{"shape": sh, "dtype": d, "status": "error", "note": f"setup failed: {type(exc).__name__}: {exc}"}
+                for sh, d in job_cases(job)]
+    for shape, dtype in job_cases(job):
+        case = Case.make(shape, dtype, job["device"])
         t0 = time.perf_counter()
         try:
             res = measure_case(op, provider, case, job["settings"], fn=fn)
@@ -575,6 +607,7 @@ def run_job(job: dict, op: OpSpec | None = None) -> list:
             msg = str(exc).strip().splitlines()
             res = {"status": "error",
                    "note": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:400]}
+        res["shape"] = dict(shape)
         res["dtype"] = case.dtype
         res["wall_s"] = time.perf_counter() - t0
         out.append(res)
@@ -594,7 +627,7 @@ def worker_main():
 def run_job_subprocess(job: dict, timeout: float) -> list:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    fail = lambda note: [{"dtype": d, "status": "error", "note": note} for d in job["dtypes"]]
+    fail = lambda note: [{"shape": sh, "dtype": d, "status": "error", "note": note} for sh, d in job_cases(job)]
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks._worker"], input=json.dumps(job),
                               capture_output=True, text=True, timeout=timeout, env=env)
@@ -1138,7 +1171,12 @@ def default_device() -> str:
 
 
 def select_providers(op: OpSpec, patterns: Sequence[str] | None, preset: str) -> tuple[list, list]:
-    """Providers to run (in table order) and notes on those left out by the preset."""
+    """Providers to run (in table order) and notes on those left out by the preset.
+
+    Without ``patterns`` (--providers), the op's ``preset_providers[preset]`` globs (if any)
+    restrict the table (e.g. a sweep that would take too long with every provider), and
+    compiling providers are left out of --quick.
+    """
     notes = []
     if patterns:
         chosen = [p for p in op.providers if any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns)]
@@ -1148,28 +1186,39 @@ def select_providers(op: OpSpec, patterns: Sequence[str] | None, preset: str) ->
                          f"(known: {', '.join(p.name for p in op.providers)})")
         return chosen, notes
     chosen = []
+    keep = op.preset_providers.get(preset)
     for p in op.providers:
+        if keep is not None and not any(fnmatch.fnmatchcase(p.name, pat) for pat in keep):
+            notes.append(f"{p.name}: not in the {preset} preset of {op.name} (name it in --providers to include it)")
+            continue
         if preset in ("quick",) and p.slow_setup:
-            notes.append(f"{p.name}: left out of --quick (its first call compiles, ~30 s here);"
+            notes.append(f"{p.name}: left out of --quick (its first call compiles, ~10-30 s here);"
                          f" name it in --providers to include it")
             continue
         chosen.append(p)
     return chosen, notes
 
 
-def memory_guard(op: OpSpec, provider: Provider, case: Case, avail: int | None) -> str | None:
-    if avail is None:
+def memory_guard(op: OpSpec, provider: Provider, case: Case, avail: int | None,
+                 cap: int | None = DEFAULT_MEM_CAP) -> str | None:
+    """A skip note if the case's estimated peak (inputs + the provider's extra, from
+    ``mem_factor``) exceeds 85% of the available memory or ``cap``; None if it fits."""
+    limits = [x for x in (None if avail is None else 0.85 * avail, cap) if x is not None]
+    if not limits:
         return None
     main = op.main_bytes(case.shape_dict, case.torch_dtype)
     need = main * (1.0 + (1.0 if provider.mutates else 0.0) + provider.mem_factor) + 300e6
-    if need > 0.85 * avail:
-        return f"skipped: needs about {need / 1e9:.1f} GB, {avail / 1e9:.1f} GB available"
+    if need > min(limits):
+        have = f"{avail / 1e9:.1f} GB available" if avail is not None else "no memory figure"
+        cap_s = f", cap {cap / 2**30:.0f} GiB (--max-mem-gb)" if cap is not None else ""
+        return f"skipped: needs about {need / 1e9:.1f} GB ({have}{cap_s})"
     return None
 
 
 def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
-         avail: int | None) -> tuple[list, list]:
-    """Jobs (provider x shape, with the dtypes that apply) and per-case skip results."""
+         avail: int | None, cap: int | None = DEFAULT_MEM_CAP, per: str = "shape") -> tuple[list, list]:
+    """Jobs and per-case skip results. ``per="shape"``: one job per (provider, shape) with the
+    dtypes that apply; ``per="provider"``: one job per provider holding all its shapes."""
     jobs, skipped = [], []
     for shape in shapes:
         for prov in providers:
@@ -1178,7 +1227,7 @@ def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
                 case = Case.make(shape, dt, device)
                 reason = prov.check(case) if prov.check else None
                 if reason is None:
-                    reason = memory_guard(op, prov, case, avail)
+                    reason = memory_guard(op, prov, case, avail, cap)
                 if reason is not None:
                     skipped.append(new_result(op, prov, case, status="skipped", note=reason))
                 else:
@@ -1186,7 +1235,20 @@ def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
             if run_dtypes:
                 jobs.append({"module": op.module, "provider": prov.name, "shape": dict(shape),
                              "dtypes": run_dtypes, "device": device})
+    if per == "provider":
+        merged: dict = {}
+        for j in jobs:
+            m = merged.setdefault(j["provider"], {"module": op.module, "provider": j["provider"],
+                                                  "device": device, "cases": []})
+            m["cases"].append({"shape": j["shape"], "dtypes": j["dtypes"]})
+        jobs = list(merged.values())
     return jobs, skipped
+
+
+def job_label(job: dict) -> str:
+    if "cases" in job:
+        return f"{job['provider']} ({len(job['cases'])} shapes)"
+    return f"{job['provider']} {shape_label(job['shape'])} {','.join(job['dtypes'])}"
 
 
 def new_result(op: OpSpec, prov: Provider, case: Case, **kw) -> dict:
@@ -1198,23 +1260,65 @@ def new_result(op: OpSpec, prov: Provider, case: Case, **kw) -> dict:
     return r
 
 
+_CALIBRATION_CACHE: dict = {}
+
+
+def calibrate_copy(main: int, device: str, *, dry_run: bool, quick: bool) -> dict:
+    """The copy-bandwidth calibration for a logits size ``main`` (cached per process, so the
+    ops of one ``--op all`` run share it; each op's document gets its own copy)."""
+    size = min(main, CALIBRATION_CAP_BYTES)
+    key = (size, device, dry_run, quick)
+    if key not in _CALIBRATION_CACHE:
+        c = copy_bandwidth(size, device, repeats=3 if (dry_run or quick) else 5,
+                           min_time=0.05 if dry_run else (0.15 if quick else 0.5))
+        c["capped"] = size < main
+        c["device"] = device
+        # the huge-page rate needs a subprocess: not worth its start-up in --quick
+        thp = None if (dry_run or quick or device != "cpu") else fresh_copy_thp(size)
+        c["fresh_copy_Bps_thp"] = thp
+        c["fresh_bound_Bps"] = max(c["fresh_copy_Bps"], thp or 0.0)
+        _CALIBRATION_CACHE[key] = c
+    return dict(_CALIBRATION_CACHE[key], for_main_bytes=main)
+
+
+def calibrate_gemm(dtype: str, device: str, *, dry_run: bool, quick: bool) -> dict:
+    key = ("gemm", dtype, device, dry_run, quick)
+    if key not in _CALIBRATION_CACHE:
+        g = gemm_throughput(DTYPES[dtype], device, size=256 if dry_run else (1024 if quick else 2048))
+        g["dtype"] = dtype
+        _CALIBRATION_CACHE[key] = g
+    return dict(_CALIBRATION_CACHE[key])
+
+
 def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None = None,
         dtypes: Sequence[str] | None = None, device: str | None = None, outdir: str = "results",
         dry_run: bool = False, shapes: list | None = None, subprocesses: bool | None = None,
         repeats: int | None = None, warmup: int | None = None, plots: bool = True,
-        progress: bool = True, timeout: float = 1800.0, quiet: bool = False) -> dict:
-    """Run the benchmark of one op and write its outputs; returns the JSON document."""
+        progress: bool = True, timeout: float = 1800.0, quiet: bool = False, jobs_per: str | None = None,
+        mem_cap: int | None = DEFAULT_MEM_CAP) -> dict:
+    """Run the benchmark of one op and write its outputs; returns the JSON document.
+
+    jobs_per: "inline", "shape" or "provider" (see PRESET_JOBS; default per preset);
+    ``subprocesses=False`` is "inline", ``True`` the preset's subprocess mode (or "shape").
+    mem_cap: skip cases estimated to need more peak memory than this (bytes; None: no cap).
+    """
     device = device or default_device()
-    settings = dict(PRESET_SETTINGS["dry-run" if dry_run else preset])
+    name = "dry-run" if dry_run else preset
+    settings = dict(PRESET_SETTINGS[name])
     if repeats is not None:
         settings["repeats"] = max(1, repeats)
         settings["min_repeats"] = min(settings["min_repeats"], settings["repeats"])
     if warmup is not None:
         settings["warmup"] = max(0, warmup)
     settings["dry_run"] = dry_run
-    if subprocesses is None:
-        subprocesses = not dry_run
-    shapes = shapes or op.presets["dry-run" if dry_run else preset]
+    if jobs_per is None:
+        jobs_per = PRESET_JOBS[name]
+        if subprocesses is False:
+            jobs_per = "inline"
+        elif subprocesses and jobs_per == "inline":
+            jobs_per = "shape"
+    quick = preset == "quick" and not dry_run
+    shapes = shapes or op.presets[name]
     dtypes = [canonical_dtype(d) for d in (dtypes or op.preset_dtypes.get(preset) or op.preset_dtypes["default"])]
     chosen, notes = select_providers(op, providers, preset)
     notes = list(op.notes) + notes
@@ -1230,7 +1334,8 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
             runnable.append(p)
 
     avail = available_memory(device)
-    jobs, results = plan(op, runnable, shapes, dtypes, device, avail)
+    jobs, results = plan(op, runnable, shapes, dtypes, device, avail, mem_cap,
+                         per="provider" if jobs_per == "provider" else "shape")
 
     # calibration, before any job, once per distinct logits size
     calib_list, calib = [], {}
@@ -1239,23 +1344,11 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
         for dt in dtypes:
             main = op.main_bytes(shape, DTYPES[dt])
             if main not in calib:
-                size = min(main, CALIBRATION_CAP_BYTES)
-                c = copy_bandwidth(size, device, repeats=3 if dry_run else 5,
-                                   min_time=0.05 if dry_run else 0.5)
-                c["for_main_bytes"] = main
-                c["capped"] = size < main
-                c["device"] = device
-                # the huge-page rate needs a subprocess: not worth its start-up in --quick
-                thp = None if (dry_run or preset == "quick" or device != "cpu") else fresh_copy_thp(size)
-                c["fresh_copy_Bps_thp"] = thp
-                c["fresh_bound_Bps"] = max(c["fresh_copy_Bps"], thp or 0.0)
-                calib[main] = c
-                calib_list.append(c)
+                calib[main] = calibrate_copy(main, device, dry_run=dry_run, quick=quick)
+                calib_list.append(calib[main])
             if op.flops is not None and dt not in gemm:
-                g = gemm_throughput(DTYPES[dt], device, size=256 if dry_run else 2048)
-                g["dtype"] = dt
-                gemm[dt] = g
-                gemm_list.append(g)
+                gemm[dt] = calibrate_gemm(dt, device, dry_run=dry_run, quick=quick)
+                gemm_list.append(gemm[dt])
     gc.collect()
     _malloc_trim()
 
@@ -1265,26 +1358,26 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
     t_all = time.perf_counter()
     for job in jobs:
         job["settings"] = settings
-        label = f"{job['provider']} {shape_label(job['shape'])} {','.join(job['dtypes'])}"
+        label = job_label(job)
         bar.start(label)
         t0 = time.perf_counter()
-        if subprocesses:
-            outs = run_job_subprocess(job, timeout)
-        else:
+        if jobs_per == "inline":
             outs = run_job(job, op=op)
+        else:
+            outs = run_job_subprocess(job, timeout)
         prov = op.provider(job["provider"])
         for o in outs:
-            case = Case.make(job["shape"], o.pop("dtype"), device)
+            case = Case.make(o.pop("shape"), o.pop("dtype"), device)
             r = new_result(op, prov, case, **o)
             if r.get("status") != "ok":
-                bar.note(f"{prov.name} {shape_label(job['shape'])} {case.dtype}: {r.get('status')}: {r.get('note')}")
+                bar.note(f"{prov.name} {shape_label(case.shape_dict)} {case.dtype}: {r.get('status')}: {r.get('note')}")
             results.append(r)
         bar.finish(label, time.perf_counter() - t0)
     bar.close()
 
     # the copy test again after the jobs: on a shared machine one window can be unlucky, and
-    # the bound takes the best rate seen (the first-touch rate too)
-    if not dry_run and jobs:
+    # the bound takes the best rate seen (the first-touch rate too); not in --quick (seconds)
+    if not dry_run and not quick and jobs:
         for c in calib_list:
             c2 = copy_bandwidth(c["nbytes"], device, repeats=5, min_time=0.5)
             c["copy_Bps_runs"] = [c["copy_Bps"], c2["copy_Bps"]]
@@ -1312,7 +1405,8 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - t_all,
         "machine": machine_info(device),
-        "settings": {**settings, "subprocess_per_job": subprocesses, "dtypes": dtypes,
+        "settings": {**settings, "subprocess_per_job": jobs_per != "inline", "jobs_per": jobs_per,
+                     "mem_cap_bytes": mem_cap, "dtypes": dtypes,
                      "shapes": [dict(s) for s in shapes]},
         "calibration": {"copy": calib_list, "gemm": gemm_list,
                         "note": "bound = max(bytes_moved / copy_Bps, flops / flops_per_s); copy_Bps is"
@@ -1359,8 +1453,10 @@ def build_parser(op_names: Iterable[str] = ()) -> argparse.ArgumentParser:
         description="prefopt_fast benchmarks: time, peak extra memory, GB/s and the machine's bound, "
                     "against naive PyTorch and the peers installed here.")
     names = list(op_names)
-    p.add_argument("--op", default=names[0] if names else None,
-                   help=f"op to benchmark ({', '.join(names)}; 'all' for every op)")
+    p.add_argument("--op", default=None,
+                   help=f"ops to benchmark, comma-separated names or globs ({', '.join(names)}; 'all' for"
+                        f" every op). Default: every op with --quick / --full / --dry-run,"
+                        f" {names[0] if names else '-'} otherwise")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_const", dest="preset", const="quick",
                    help="one small shape, few repeats (under a minute on a 2-core machine)")
@@ -1379,7 +1475,12 @@ def build_parser(op_names: Iterable[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="warm-up steps (default: per preset)")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process instead of a fresh subprocess per (provider, shape)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per (provider, shape) job")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker job")
+    p.add_argument("--max-mem-gb", type=float, default=DEFAULT_MEM_CAP / 2**30,
+                   help="skip cases estimated to need more peak memory than this (GiB; default 16)")
+    p.add_argument("--jobs-per", choices=("shape", "provider", "inline"),
+                   help="one worker process per (provider, shape), per provider, or none"
+                        " (default: inline for --quick / --dry-run, provider for --full, shape otherwise)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list", action="store_true", help="list the providers and whether they run here")
@@ -1406,16 +1507,35 @@ def list_providers(op: OpSpec, device: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None, op: OpSpec | None = None) -> int:
-    from . import OPS  # op name -> module
-    ops = {op.name: op.module} if op is not None else dict(OPS)
+def select_ops(spec: str | None, names: Sequence[str], preset: str, dry_run: bool) -> list:
+    """Op names from ``--op`` (comma-separated names or globs, 'all'); raises KeyError."""
+    if not spec:
+        spec = "all" if (preset in ("quick", "full") or dry_run) else names[0]
+    out = []
+    for pat in _csv(spec) or []:
+        hit = list(names) if pat == "all" else [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise KeyError(pat)
+        out += [n for n in hit if n not in out]
+    return out
+
+
+def main(argv: Sequence[str] | None = None, op: OpSpec | None = None, ops: dict | None = None) -> int:
+    """The command line. ``op``: run this one op (a script run directly); ``ops``: name ->
+    module spec to choose from (default: benchmarks.OPS)."""
+    if op is not None:
+        ops = {op.name: op.module}
+    elif ops is None:
+        from . import OPS  # op name -> module
+        ops = dict(OPS)
     args = build_parser(ops).parse_args(argv)
-    names = list(ops) if args.op == "all" else [args.op]
-    for name in names:
-        if name not in ops:
-            print(f"unknown --op {name!r}; known: {', '.join(ops)}", file=sys.stderr)
-            return 2
+    try:
+        names = select_ops(args.op, list(ops), args.preset, args.dry_run)
+    except KeyError as exc:
+        print(f"unknown --op {exc.args[0]!r}; known: {', '.join(ops)}", file=sys.stderr)
+        return 2
     device = args.device or default_device()
+    t0 = time.perf_counter()
     for name in names:
         spec = op if op is not None and op.name == name else load_op(ops[name])
         if args.list:
@@ -1425,5 +1545,9 @@ def main(argv: Sequence[str] | None = None, op: OpSpec | None = None) -> int:
         run(spec, preset=args.preset, providers=_csv(args.providers), dtypes=_csv(args.dtypes),
             device=device, outdir=args.out, dry_run=args.dry_run, shapes=shapes,
             subprocesses=False if args.in_process else None, repeats=args.repeats, warmup=args.warmup,
-            plots=not args.no_plots, progress=not args.no_progress, timeout=args.timeout)
+            plots=not args.no_plots, progress=not args.no_progress, timeout=args.timeout,
+            jobs_per=args.jobs_per, mem_cap=int(args.max_mem_gb * 2**30) if args.max_mem_gb > 0 else None)
+        print()
+    if len(names) > 1 and not args.list:
+        print(f"{len(names)} ops in {time.perf_counter() - t0:.0f} s: {', '.join(names)}")
     return 0
