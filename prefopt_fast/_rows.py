@@ -81,6 +81,34 @@ def row_offsets(x: torch.Tensor) -> torch.Tensor:
     return off.reshape(-1)
 
 
+def rows_disjoint(x: torch.Tensor) -> bool:
+    """True if no two rows of ``x[..., V]`` (last stride 1) share memory.
+
+    O(ndim) on the strides, no data touched: sorted by |stride|, every leading dimension
+    must step past the span of the smaller ones (sufficient, and exact for the layouts
+    that occur: contiguous tensors, slices, transposes, ``expand()`` or ``as_strided``
+    views with a zero or short stride fail it).
+    """
+    if x.numel() == 0:
+        return True
+    dims = sorted((abs(st), sz) for sz, st in zip(x.shape[:-1], x.stride()[:-1]) if sz > 1)
+    span = x.shape[-1]
+    for st, sz in dims:
+        if st < span:
+            return False
+        span += st * (sz - 1)
+    return True
+
+
+def check_inplace_rows(logits: torch.Tensor, name: str = "logits") -> None:
+    """ValueError unless an in-place backward may write over ``logits`` (rows disjoint)."""
+    if not rows_disjoint(logits):
+        raise ValueError(
+            f"inplace_backward=True writes the gradient over {name}, whose rows overlap in memory "
+            f"(shape {tuple(logits.shape)}, strides {tuple(logits.stride())}, e.g. an expand()ed tensor); "
+            f"pass inplace_backward=False, or {name}.contiguous()")
+
+
 def num_rows(x: torch.Tensor) -> int:
     n = 1
     for s in x.shape[:-1]:

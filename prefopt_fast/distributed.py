@@ -45,7 +45,7 @@ import torch.distributed as dist
 from . import _validate
 from ._dispatch import _load, resolve_backend
 from ._rows import (OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN, OUT_REF_LSE,
-                    STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, STATS)
+                    STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, STATS, check_inplace_rows)
 
 __all__ = ["ShardLayout", "shard_layout", "is_dtensor", "vocab_parallel_token_logprobs",
            "vocab_parallel_linear_token_logprobs", "VocabParallelLogProbsFunction",
@@ -400,6 +400,8 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
+    if inplace_backward:
+        check_inplace_rows(logits)
     want_kl = "kl" in names
     if want_kl and ref_logits is None:
         raise ValueError('stats=("kl",) needs ref_logits: the reference model\'s logits shaped like logits')

@@ -292,3 +292,37 @@ def test_available_backends_lists_torch():
     names = prefopt_fast.available_backends()
     assert isinstance(names, list) and "torch" in names
     assert set(names) <= {"torch", "cpu", "triton", "cuda"}
+
+
+# ------------------------------------------------------------- in-place backward
+
+
+def test_rows_disjoint_matches_a_brute_force_check():
+    from prefopt_fast._rows import rows_disjoint
+
+    base = torch.arange(2 * 3 * 40, dtype=torch.float32)
+    views = [base.view(6, 40), base.view(2, 3, 40)[:, :-1], base.view(2, 3, 40)[:, 1:, 5:30],
+             base.view(2, 3, 40).transpose(0, 1), base.view(6, 40)[:, :20], base[:40].expand(3, 40),
+             base.as_strided((5, 10), (8, 1)), base.as_strided((3, 2, 10), (10, 30, 1)),
+             base.as_strided((4, 1, 10), (0, 7, 1)),
+             base.as_strided((0, 10), (0, 1)), base.view(6, 40).flip(0)]
+    for v in views:
+        idx = torch.as_strided(torch.arange(base.numel()), v.shape, v.stride(), v.storage_offset()).reshape(-1)
+        assert rows_disjoint(v) == (idx.unique().numel() == idx.numel()), (tuple(v.shape), v.stride())
+    # a sufficient test: interleaved disjoint rows are refused (conservatively)
+    assert not rows_disjoint(base.as_strided((3, 2, 10), (20, 30, 1)))
+
+
+def test_inplace_backward_on_overlapping_rows_is_refused_before_any_kernel(backend, monkeypatch):
+    import importlib
+
+    mod = importlib.import_module(f"prefopt_fast.backends.{'torch_backend' if backend == 'torch' else backend}")
+    calls = []
+    orig = mod.row_forward
+    monkeypatch.setattr(mod, "row_forward", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    z = torch.randn(1, V).expand(4, V)
+    with pytest.raises(ValueError, match="inplace_backward.*overlap"):
+        tl(z, torch.randint(0, V, (4,)), inplace_backward=True, backend=backend)
+    assert not calls
+    tl(z, torch.randint(0, V, (4,)), backend=backend)  # reading such rows is fine
+    assert calls

@@ -91,5 +91,9 @@ def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Ten
             grad_kl, ref_logits, ref_lse, kl)
     if inplace:
         torch.ops.prefopt_fast.row_backward_(*args)
+        # ops bound through the stable ABI get no ADInplaceOrView kernel: bump the version
+        # counter by hand, so autograd refuses anything that saved the overwritten logits
+        # (e.g. a second backward through them)
+        torch.autograd.graph.increment_version(logits)
         return logits
     return torch.ops.prefopt_fast.row_backward(*args)

@@ -7,6 +7,7 @@ from .. import _validate
 from .._dispatch import _load, resolve_backend
 from ..distributed import is_dtensor, vocab_parallel_token_logprobs
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_REF_LSE, STAT_ENTROPY, STAT_KL, STATS
+from .._rows import check_inplace_rows
 
 STAT_NAMES = tuple(STATS)
 
@@ -130,6 +131,8 @@ def token_logprobs(
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
+    if inplace_backward:
+        check_inplace_rows(logits)  # before anything runs: overlapping rows would be half-written
     want_kl = "kl" in names
     if want_kl and ref_logits is None:
         raise ValueError('stats=("kl",) needs ref_logits: the reference model\'s logits shaped like logits')
