@@ -74,7 +74,7 @@ def bytes_moved(shape, dtype):
     return {"fwd": s, "bwd": 2 * s}
 
 
-_SHAPE = make_shape(16 * 512)
+_SHAPE = make_shape(16 * 128)
 OP = H.OpSpec(
     name="bradley_terry", module="benchmarks.bench_bradley_terry",
     description="Bradley-Terry reward loss from the last hidden state [2B, T, H] through a scalar head",

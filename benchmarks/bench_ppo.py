@@ -142,6 +142,7 @@ def variant_op(kl: str) -> H.OpSpec:
         + ", fwd + bwd into the logits",
         notes=notes, default=(4096, 128256),  # the B = 8, T = 512, V = 128256
         dtypes=("bf16", "fp32"), full_providers=sweep or ("naive", "token_logprobs+entropy.*", "prefopt_fast.*"),
+        quick_providers=sweep,
         full_tokens=(4096,) if sweep else (256, 4096))
 
 

@@ -112,10 +112,11 @@ class LogitsLayout:
 
 def logits_op(name: str, module: str, layout: LogitsLayout, providers: list, *, description: str,
               notes=(), quick=(256, 8192), default=(2048, 128256), full_center: int = 1024,
-              full_tokens=(256, 4096), dtypes=("fp32", "bf16"), full_dtypes=("bf16",),
-              full_providers=None, reference=("naive",)) -> H.OpSpec:
+              full_tokens=(256, 4096), dtypes=("fp32", "bf16"), quick_dtypes=("fp32",), full_dtypes=("bf16",),
+              full_providers=None, quick_providers=None, reference=("naive",)) -> H.OpSpec:
     """An OpSpec for an op on logits, with the family's presets; ``providers`` should list
-    the baselines and peers, followed by ``H.prefopt_fast_providers`` output."""
+    the baselines and peers, followed by ``H.prefopt_fast_providers`` output.
+    ``*_providers``: globs restricting the providers of --full / --quick (time budgets)."""
     ms = layout.make_shape
     return H.OpSpec(
         name=name, module=module, description=description,
@@ -125,10 +126,14 @@ def logits_op(name: str, module: str, layout: LogitsLayout, providers: list, *, 
         make_shape=ms, tokens=layout.tokens, vocab=layout.vocab,
         presets={"dry-run": [ms(layout.batch * 8, 1000)], "quick": [ms(*quick)], "default": [ms(*default)],
                  "full": cross_shapes(ms, full_center, full_tokens)},
-        preset_dtypes={"dry-run": list(dtypes), "quick": list(dtypes), "default": list(dtypes),
+        preset_dtypes={"dry-run": list(dtypes), "quick": list(quick_dtypes), "default": list(dtypes),
                        "full": list(full_dtypes)},
-        preset_providers={"full": list(full_providers)} if full_providers else {},
+        preset_providers=_preset_providers(full_providers, quick_providers),
         providers=providers, reference=tuple(reference), notes=list(notes))
+
+
+def _preset_providers(full, quick) -> dict:
+    return {k: list(v) for k, v in (("full", full), ("quick", quick)) if v}
 
 
 # --------------------------------------------------------------------------- fused-linear ops
@@ -189,8 +194,8 @@ class LinearLayout:
 
 def linear_op(name: str, module: str, layout: LinearLayout, providers: list, *, description: str,
               notes=(), quick=(256, 8192, 256), default=(2048, 128256, 2048), full_center: int = 512,
-              full_tokens=(128, 2048), full_hidden: int = 256, dtypes=("fp32", "bf16"), full_dtypes=("bf16",),
-              full_providers=None, reference=("naive",)) -> H.OpSpec:
+              full_tokens=(128, 2048), full_hidden: int = 256, dtypes=("fp32", "bf16"), quick_dtypes=("bf16",),
+              full_dtypes=("bf16",), full_providers=None, quick_providers=None, reference=("naive",)) -> H.OpSpec:
     """An OpSpec for a fused-linear op (grads to hidden and weight), with the family's presets."""
     ms = layout.make_shape
     return H.OpSpec(
@@ -201,9 +206,9 @@ def linear_op(name: str, module: str, layout: LinearLayout, providers: list, *, 
         presets={"dry-run": [ms(layout.batch * 16, 1000, 32)], "quick": [ms(*quick)],
                  "default": [ms(*default)],
                  "full": cross_shapes(lambda n, v: ms(n, v, full_hidden), full_center, full_tokens)},
-        preset_dtypes={"dry-run": list(dtypes), "quick": list(dtypes), "default": list(dtypes),
+        preset_dtypes={"dry-run": list(dtypes), "quick": list(quick_dtypes), "default": list(dtypes),
                        "full": list(full_dtypes)},
-        preset_providers={"full": list(full_providers)} if full_providers else {},
+        preset_providers=_preset_providers(full_providers, quick_providers),
         providers=providers, reference=tuple(reference), notes=list(notes))
 
 

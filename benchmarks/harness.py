@@ -54,7 +54,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 PRESET_SETTINGS = {
     "dry-run": dict(repeats=1, warmup=0, min_repeats=1, max_loop_s=0.0),
     # --quick: no separate warm-up (the memory step before the timing loops serves as one)
-    "quick": dict(repeats=3, warmup=0, min_repeats=2, max_loop_s=0.3),
+    "quick": dict(repeats=2, warmup=0, min_repeats=2, max_loop_s=0.3),
     "default": dict(repeats=5, warmup=1, min_repeats=3, max_loop_s=30.0),
     "full": dict(repeats=5, warmup=1, min_repeats=2, max_loop_s=4.0),
 }

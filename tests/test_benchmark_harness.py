@@ -230,28 +230,197 @@ def test_validate_doc_catches_problems():
     assert any("status" in e for e in errs)
 
 
+# --------------------------------------------------------------------------- the op scripts: bytes, FLOPs, variants
+
+from benchmarks import OPS  # noqa: E402
+from benchmarks import bench_support as S  # noqa: E402
+
+
+def _op(name):
+    return H.load_op(OPS[name])
+
+
+@pytest.mark.parametrize("name,k,small", [("sequence_logprobs", 1, 8), ("sequence_logprobs_packed", 1, 8),
+                                          ("dpo", 1, 8), ("ppo_loss_k1", 1, 24), ("ppo_loss_full_kl", 2, 24)])
+def test_logits_ops_bytes_moved(name, k, small):
+    """k logits tensors read forward; read again plus one gradient written backward."""
+    op = _op(name)
+    shape = op.make_shape(4096, 128256)
+    n, s = 4096, 4096 * 128256 * 2
+    assert op.main_bytes(shape, torch.bfloat16) == s
+    b = H.bytes_by_phase(op, shape, torch.bfloat16)
+    assert b["fwd"] == k * s + n * small
+    assert b["bwd"] == (k + 1) * s + n * small
+    assert b["step"] == b["fwd"] + b["bwd"] and b["fwd_nograd"] == b["fwd"]
+
+
+@pytest.mark.parametrize("name", ["linear_token_logprobs", "linear_sequence_logprobs", "linear_dpo", "linear_ppo"])
+def test_linear_ops_flops_and_bound(name):
+    op = _op(name)
+    shape = op.make_shape(2048, 128256)  # T = 2048 / B, first min(64, T / 4) positions ignored
+    t = shape["T"]
+    m = shape["B"] * (t - min(64, t // 4))
+    f = H.flops_by_phase(op, shape, torch.bfloat16)
+    assert f["fwd"] == 2.0 * m * 2048 * 128256 and f["bwd"] == 2 * f["fwd"] and f["step"] == 3 * f["fwd"]
+    b = H.bytes_by_phase(op, shape, torch.bfloat16)
+    w, h = 128256 * 2048 * 2, m * 2048 * 2
+    assert b["fwd"] == w + h and b["bwd"] == 2 * (w + h)
+    # the bound is the GEMM term at these sizes, and derive() uses it
+    calib, gemm = {"copy_Bps": 40e9, "fresh_copy_Bps": 10e9}, {"flops_per_s": 1e11}
+    r = {"time_s": {"step": H.summarize([2 * f["step"] / 1e11]), "fwd": None, "bwd": None, "fwd_nograd": None}}
+    H.derive(r, op, shape, torch.bfloat16, calib, gemm)
+    assert r["bound_s"]["step"] == pytest.approx(f["step"] / 1e11)
+    assert r["bound_s"]["step"] > b["step"] / 40e9
+    assert r["x_bound"]["step"] == pytest.approx(2.0)
+
+
+def test_bradley_terry_bytes_are_the_last_rows():
+    op = _op("bradley_terry")
+    shape = op.presets["quick"][0]
+    b = H.bytes_by_phase(op, shape, torch.float32)
+    assert b["fwd"] == (shape["B"] + 1) * shape["H"] * 4 and b["bwd"] == 2 * b["fwd"]
+
+
+def test_registry_and_variants():
+    """Every registered op loads, names itself as registered, and round-trips through its module spec
+    (what the workers import); the PPO script covers every estimator."""
+    assert {f"ppo_loss_{k}" for k in ("k1", "k2", "k3", "abs", "low_var_kl")} | {"ppo_loss_full_kl"} <= set(OPS)
+    for name, module in OPS.items():
+        op = H.load_op(module)
+        assert op.name == name and op.module == module
+        assert {"dry-run", "quick", "default", "full"} <= set(op.presets)
+        assert any(p.kind == "ours" for p in op.providers), name
+        assert op.provider("naive")
+        full = op.presets["full"]
+        if name != "bradley_terry":  # --full sweeps the vocabulary and the token count
+            assert {op.vocab(s) for s in full} == set(S.FULL_VOCABS)
+            assert len({op.tokens(s) for s in full}) >= 2
+    with pytest.raises(KeyError, match="estimator"):
+        H.load_op("benchmarks.bench_ppo:k9")
+    assert H.select_ops("ppo_loss_k*,dpo", list(OPS), "default", False) == \
+        ["ppo_loss_k1", "ppo_loss_k2", "ppo_loss_k3", "dpo"]
+    assert H.select_ops(None, list(OPS), "quick", False) == list(OPS)
+    assert H.select_ops(None, list(OPS), "default", False) == ["token_logprobs"]
+    with pytest.raises(KeyError):
+        H.select_ops("nope*", list(OPS), "default", False)
+
+
+def test_packed_inputs_are_consistent():
+    op = _op("sequence_logprobs_packed")
+    shape = op.make_shape(64, 100)
+    x = op.make_inputs(shape, torch.float32, "cpu")
+    cu = x["cu_seqlens"]
+    assert x["logits"].shape == (64, 100) and x["labels"].shape == (64,)
+    assert cu[0] == 0 and cu[-1] == 64 and (cu[1:] >= cu[:-1]).all() and len(set(cu.diff().tolist())) > 1
+    # the naive provider and ours compute the same per-sequence sums
+    import prefopt_fast
+
+    ref = op.provider("naive").make()(x)
+    ours = prefopt_fast.sequence_logprobs(x["logits"], x["labels"], cu_seqlens=cu)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name,peer", [("dpo", "trl"), ("ppo_loss_low_var_kl", "prefopt_fast.cpu"),
+                                       ("linear_dpo", "torch-linear-ce"), ("linear_token_logprobs", "trl")])
+def test_providers_compute_the_same_loss(name, peer):
+    """The naive provider and a peer / ours agree on the op's value (not just its cost)."""
+    op = _op(name)
+    prov = next((p for p in op.providers if p.name == peer), None)
+    if prov is None or H.availability(prov):
+        pytest.skip(f"{peer} not available here")
+    x = op.make_inputs(op.presets["dry-run"][0], torch.float32, "cpu")
+    a, b = op.provider("naive").make()(x), prov.make()(x)
+    if name == "linear_token_logprobs":  # ours / naive give [B, T]; the peers the completion rows
+        a = a[x["labels"] != S.IGN]
+    torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-3)
+
+
+def test_liger_dpo_matches_naive_reference_free():
+    op = _op("linear_dpo")
+    liger = op.provider("liger")
+    if H.availability(liger):
+        pytest.skip("liger-kernel not installed")
+    x = op.make_inputs(op.presets["dry-run"][0], torch.float32, "cpu")
+    ref_free = dict(x, ref_chosen=torch.zeros_like(x["ref_chosen"]), ref_rejected=torch.zeros_like(x["ref_rejected"]))
+    torch.testing.assert_close(liger.make()(x), op.provider("naive").make()(ref_free), rtol=1e-4, atol=1e-4)
+
+
+def test_absent_peers_of_real_ops_are_skipped(tmp_path, monkeypatch):
+    """Hide TRL, Liger and cut-cross-entropy: their providers become notes, the run still succeeds."""
+    hidden = {"trl", "liger_kernel", "cut_cross_entropy"}
+    real = H.importlib.util.find_spec
+    monkeypatch.setattr(H.importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name.split(".")[0] in hidden else real(name, *a, **k))
+    op = _op("linear_dpo")
+    doc = H.run(op, preset="quick", dry_run=True, outdir=str(tmp_path), plots=False, progress=False, quiet=True,
+                providers=["naive", "trl", "liger", "cce*", "prefopt_fast.cpu"])
+    prov = {p["name"]: p for p in doc["providers"]}
+    for name, mod in (("trl", "trl"), ("liger", "liger_kernel"), ("cce", "cut_cross_entropy"),
+                      ("cce-compile", "cut_cross_entropy")):
+        assert prov[name]["status"] == "skipped" and mod in prov[name]["note"], prov[name]
+        assert "pip install" in prov[name]["note"]
+    assert {r["provider"] for r in doc["results"]} == {"naive", "prefopt_fast.cpu"}
+    assert all(r["status"] == "ok" for r in doc["results"])
+    assert H.validate_doc(doc) == []
+
+
+def test_preset_providers_memory_cap_and_grouping():
+    op = _op("ppo_loss_k1")
+    chosen, notes = H.select_providers(op, None, "full")
+    assert {p.name for p in chosen} <= {"naive"} | {p.name for p in op.providers if p.kind == "ours"}
+    assert any("not in the full preset" in n for n in notes)
+    chosen, _ = H.select_providers(op, ["token_logprobs+entropy.*"], "full")  # --providers overrides
+    assert chosen and all(p.name.startswith("token_logprobs+entropy.") for p in chosen)
+    # the cap applies even when the machine has the memory
+    big = H.Case.make(op.make_shape(4096, 256000), "fp32", "cpu")
+    naive = op.provider("naive")
+    assert "cap 16 GiB" in H.memory_guard(op, naive, big, avail=1 << 40)
+    assert H.memory_guard(op, naive, big, avail=1 << 40, cap=None) is None
+    # --full: one job per provider holding every shape
+    shapes = [op.make_shape(64, 100), op.make_shape(64, 200)]
+    jobs, _ = H.plan(op, [naive], shapes, ["fp32"], "cpu", None, per="provider")
+    assert len(jobs) == 1 and [c["shape"] for c in jobs[0]["cases"]] == shapes
+    assert H.job_cases(jobs[0]) == [(shapes[0], "fp32"), (shapes[1], "fp32")]
+
+
+def test_full_preset_runs_per_provider_in_a_worker():
+    """A job with several shapes in one worker process gives one result per (shape, dtype)."""
+    job = {"module": OPS["dpo"], "provider": "naive", "device": "cpu",
+           "cases": [{"shape": S.LogitsLayout(batch=4).make_shape(32, 50), "dtypes": ["fp32"]},
+                     {"shape": S.LogitsLayout(batch=4).make_shape(32, 80), "dtypes": ["fp32", "bf16"]}],
+           "settings": dict(H.PRESET_SETTINGS["dry-run"], dry_run=True)}
+    res = H.run_job_subprocess(job, timeout=120)
+    assert [(r["shape"]["V"], r["dtype"], r["status"]) for r in res] == \
+        [(50, "fp32", "ok"), (80, "fp32", "ok"), (80, "bf16", "ok")], res
+
+
 # --------------------------------------------------------------------------- the smoke run
 
 
 def test_quick_dry_run_smoke(tmp_path, capsys):
-    """``python -m benchmarks --quick --dry-run``: every provider of the quick preset once."""
+    """``python -m benchmarks --quick --dry-run``: every op, every provider of --quick, once."""
     rc = H.main(["--quick", "--dry-run", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "token_logprobs" in out and "x bound" in out and "naive" in out
-    path = tmp_path / "token_logprobs_dry-run_cpu.json"
-    doc = json.loads(path.read_text())
-    assert H.validate_doc(doc) == []
-    assert (tmp_path / "token_logprobs_dry-run_cpu.md").exists()
-    ok = [r for r in doc["results"] if r["status"] == "ok"]
-    assert {r["dtype"] for r in ok} == {"fp32", "bf16"}
-    assert any(r["provider"] == "naive" for r in ok)
-    assert not [r for r in doc["results"] if r["status"] == "error"], doc["results"]
-    for r in ok:
-        assert r["time_s"]["step"]["n"] == 1  # dry run: each phase once
-        assert r["x_naive"].get("step") is not None
+    assert "x bound" in out and f"{len(OPS)} ops in" in out
     try:
         import matplotlib  # noqa: F401
-        assert doc.get("plots") and all((tmp_path / p).exists() for p in doc["plots"])
+        has_mpl = True
     except ImportError:
-        assert any("matplotlib" in n for n in doc["notes"])
+        has_mpl = False
+    for name in OPS:
+        path = tmp_path / f"{name}_dry-run_cpu.json"
+        doc = json.loads(path.read_text())
+        assert doc["op"] == name and H.validate_doc(doc) == [], name
+        assert (tmp_path / f"{name}_dry-run_cpu.md").exists()
+        assert not [r for r in doc["results"] if r["status"] == "error"], (name, doc["results"])
+        ok = [r for r in doc["results"] if r["status"] == "ok"]
+        assert {r["dtype"] for r in ok} == set(doc["settings"]["dtypes"]), name
+        assert any(r["provider"] == "naive" for r in ok) and any(r["kind"] == "ours" for r in ok), name
+        for r in ok:
+            assert r["time_s"]["step"]["n"] == 1  # dry run: each phase once
+            assert r["x_naive"].get("step") is not None
+        if has_mpl:
+            assert doc.get("plots") and all((tmp_path / p).exists() for p in doc["plots"])
+        else:
+            assert any("matplotlib" in n for n in doc["notes"])
