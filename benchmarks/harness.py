@@ -595,6 +595,9 @@ def run_job(job: dict, op: OpSpec | None = None) -> list:
     try:
         provider = op.provider(job["provider"])
         fn = provider.make()
+    except ImportError as exc:  # installed but not importable here (e.g. a GPU-only dependency)
+        return [{"shape": sh, "dtype": d, "status": "skipped", "note": f"import failed: {type(exc).__name__}: {exc}"}
+                for sh, d in job_cases(job)]
     except Exception as exc:
         return [{"shape": sh, "dtype": d, "status": "error", "note": f"setup failed: {type(exc).__name__}: {exc}"}
                 for sh, d in job_cases(job)]
@@ -1488,12 +1491,22 @@ def build_parser(op_names: Iterable[str] = ()) -> argparse.ArgumentParser:
 
 
 def shapes_from_args(op: OpSpec, preset: str, tokens, vocab, dry_run: bool) -> list | None:
+    """The grid of --tokens x --vocab; other shape keys (e.g. the hidden size H of the
+    fused-linear ops) keep the preset's value when all its shapes agree on it."""
     if not tokens and not vocab:
         return None
     base = op.presets["dry-run" if dry_run else preset]
     ts = [int(t) for t in tokens] if tokens else sorted({op.tokens(s) for s in base})
     vs = [int(v) for v in vocab] if vocab else sorted({op.vocab(s) for s in base})
-    return [op.make_shape(t, v) for v in vs for t in ts]
+    out = []
+    for v in vs:
+        for t in ts:
+            s = op.make_shape(t, v)
+            for k, val in base[0].items():
+                if k not in ("B", "T", "V") and k in s and all(b.get(k) == val for b in base):
+                    s[k] = val
+            out.append(s)
+    return out
 
 
 def list_providers(op: OpSpec, device: str) -> str:
