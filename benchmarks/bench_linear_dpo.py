@@ -75,20 +75,10 @@ def _linear_dpo_call(inputs, backend, inplace_backward):
 
 _ours, _our_notes = H.prefopt_fast_providers(_linear_dpo_call, inplace=False, mem_factor=0.2)
 
-PROVIDERS = [
-    S.matmul_floor_provider(),
-    H.Provider("naive", lambda: naive, mem_factor=4.0,
-               description="hidden @ W.T in the dtype, fp32 log_softmax, gather, sums, DPO"),
-    S.trl_provider(lambda: S.on_completion_rows(S.trl_chunked_logps(), _finish),
-                   "trl.kernels.ChunkedLogProbFunction (TRL 1.16 fused head) on the completion rows", mem_factor=1.0),
+PROVIDERS = S.linear_baselines(naive, lambda: S.on_completion_rows(S.trl_chunked_logps(), _finish), ", sums, DPO") + [
     S.torch_lce_provider(_from_ce, "on the completion rows, sums, DPO"),
     *S.cce_providers(_from_ce, "on the completion rows, sums, DPO"),
-    H.Provider("liger", _make_liger(False), kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
-               mem_factor=1.0, description="liger_kernel.chunked_loss.LigerFusedLinearDPOLoss(compiled=False),"
-                                           " reference-free"),
-    H.Provider("liger-compile", _make_liger(True), kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
-               slow_setup=True, mem_factor=1.0,
-               description="LigerFusedLinearDPOLoss(compiled=True) (its chunk step under torch.compile), reference-free"),
+    *S.liger_providers(_make_liger, "LigerFusedLinearDPOLoss (reference-free)"),
 ] + _ours
 
 OP = S.linear_op(

@@ -52,13 +52,8 @@ def variant_op(kind: str) -> H.OpSpec:
     ours, notes = H.prefopt_fast_providers(_call(kind), inplace=False, mem_factor=0.2)
     fin = _finish(kind)
     what = "on the completion rows" + ("" if kind == "token" else ", sums")
-    providers = [
-        S.matmul_floor_provider(),
-        H.Provider("naive", lambda: _naive(kind), mem_factor=4.0,
-                   description="hidden @ W.T in the dtype, fp32 log_softmax, gather" + ("" if kind == "token" else
-                                                                                       ", masked sums")),
-        S.trl_provider(lambda: S.on_completion_rows(S.trl_chunked_logps(), fin),
-                       "trl.kernels.ChunkedLogProbFunction (TRL 1.16 fused head) " + what, mem_factor=1.0),
+    providers = S.linear_baselines(_naive(kind), lambda: S.on_completion_rows(S.trl_chunked_logps(), fin),
+                                   "" if kind == "token" else ", sums") + [
         S.torch_lce_provider(lambda ce: S.from_ce(ce, fin), what),
         *S.cce_providers(lambda ce: S.from_ce(ce, fin), what),
     ] + ours

@@ -87,18 +87,8 @@ def _call(inputs, backend, inplace_backward):
 
 _ours, _notes = H.prefopt_fast_providers(_call, inplace=False, mem_factor=0.2)
 
-PROVIDERS = [
-    S.matmul_floor_provider(),
-    H.Provider("naive", lambda: naive, mem_factor=4.0,
-               description="hidden @ W.T in the dtype, fp32 log_softmax, gather, then the loss"),
-    S.trl_provider(_make_trl, "trl.kernels.ChunkedLogProbFunction on the completion rows, then the loss",
-                   mem_factor=1.0),
-    H.Provider("liger", _make_liger(False), kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
-               mem_factor=1.0, description="liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(compiled=False,"
-                                           " loss_type='dapo')"),
-    H.Provider("liger-compile", _make_liger(True), kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
-               slow_setup=True, mem_factor=1.0, description="LigerFusedLinearGRPOLoss(compiled=True, loss_type='dapo')"),
-] + _ours
+PROVIDERS = S.linear_baselines(naive, _make_trl, ", then the loss") + S.liger_providers(
+    _make_liger, "LigerFusedLinearGRPOLoss(loss_type='dapo')") + _ours
 
 OP = S.linear_op(
     "linear_ppo", "benchmarks.bench_linear_ppo", LAYOUT, PROVIDERS,

@@ -252,6 +252,29 @@ def matmul_floor_provider() -> H.Provider:
                       description="the three GEMMs alone (h W^T, G W, G^T h) on the completion rows; materializes")
 
 
+def linear_baselines(naive, make_trl, what: str) -> list:
+    """The fused-linear ops' first rows: matmul-floor, naive (materialized logits) and TRL's
+    fused head; ``what`` ends the descriptions (", sums, DPO", ...)."""
+    return [
+        matmul_floor_provider(),
+        H.Provider("naive", lambda: naive, mem_factor=4.0,
+                   description=f"hidden @ W.T in the dtype, fp32 log_softmax, gather{what}"),
+        trl_provider(make_trl, f"trl.kernels.ChunkedLogProbFunction (TRL 1.16 fused head) on the completion rows{what}",
+                     mem_factor=1.0),
+    ]
+
+
+def liger_providers(make_liger, what: str) -> list:
+    """Liger-Kernel's chunked loss ``what``: eager (``make_liger(False)``) and with its chunk
+    step under torch.compile (``make_liger(True)``, slow_setup). Plain PyTorch: runs on CPU."""
+    return [
+        H.Provider("liger", make_liger(False), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
+                   mem_factor=1.0, description=f"liger_kernel.chunked_loss.{what}, compiled=False"),
+        H.Provider("liger-compile", make_liger(True), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
+                   slow_setup=True, mem_factor=1.0, description=f"liger_kernel.chunked_loss.{what}, compiled=True"),
+    ]
+
+
 # --------------------------------------------------------------------------- shared reference math
 
 
