@@ -921,15 +921,7 @@ def test_matrix_size():
 # ----------------------------------------------------------- rejected backward calls
 
 
-OVERLAP_GAP = (
-    "the triton backend (kernels/, backends/triton.py) writes an in-place gradient into overlapping rows without "
-    "any check: an expand()ed logits buffer gets a silently wrong gradient (max error ~3 on [4, 37]); the check "
-    "belongs in token_logprobs when inplace_backward=True, for every backend (the cpu binding has rows_disjoint, "
-    "the torch backend gets torch's internal-overlap error)")
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=pytest.mark.xfail(
-    strict=True, reason=OVERLAP_GAP)), "cuda"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"], indirect=True)
 def test_inplace_backward_on_overlapping_rows_leaves_logits_untouched(backend, device):
     """An expand()ed buffer cannot take an in-place gradient (its rows share memory): the
     call must fail with a clear error and leave the buffer as it was."""
@@ -960,15 +952,7 @@ def test_logits_modified_between_forward_and_inplace_backward(backend, device):
     assert torch.equal(_bits(buf), snapshot)
 
 
-VERSION_GAP = (
-    "the cpu backend's in-place backward (torch.ops.prefopt_fast.row_backward_, csrc/cpu/bindings.cpp via "
-    "backends/cpu.py) does not bump the logits' autograd version counter, so a second backward (retain_graph) "
-    "or any other node that saved the logits silently reads the gradient as logits (error 0.3 on [3, 29]); "
-    "torch.autograd.graph.increment_version(logits) after the call in backends/cpu.py would fix it")
-
-
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.xfail(
-    strict=True, reason=VERSION_GAP)), "triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"], indirect=True)
 def test_second_backward_after_inplace_backward_is_refused(backend, device):
     """After an in-place backward the logits hold the gradient: a second backward must not
     silently differentiate through the overwritten values (the version counter refuses)."""
