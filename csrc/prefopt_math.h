@@ -221,6 +221,16 @@ PF_HD PF_INLINE T pf_kl_value(T u, T s, T sr) { return u / s - pf_log(s) + pf_lo
 template <typename T>
 PF_HD PF_INLINE T pf_lse_value(PfLseAcc<T> a) { return a.m + pf_log(a.s); }
 
+// lse = m + ls (ls = log s) as an fp32 pair: *hi the float nearest to m + ls, *lo = fl32(lse -
+// hi), summed in double (m - hi is exact there), 0 where hi is not finite. The backward's
+// (x - hi) - lo then keeps p = exp(x - lse) accurate to fp32 at any magnitude of x, where
+// a single fp32 lse costs ulp(lse) of relative error (O(1) at |x| ~ 1e8).
+PF_HD PF_INLINE void pf_lse_split(double m, double ls, float* hi, float* lo) {
+  const float h = (float)(m + ls);
+  *hi = h;
+  *lo = (h - h == 0.0f) ? (float)((m - (double)h) + ls) : 0.0f;
+}
+
 template <typename T>
 PF_HD PF_INLINE T pf_lse_entropy(PfLseAcc<T> a) { return pf_log(a.s) - a.t / a.s; }
 

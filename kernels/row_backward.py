@@ -1,6 +1,7 @@
 """Backward row kernel: gradient of (log-prob, entropy) with respect to a logits row.
 
-One program per row (1-D grid of N programs). p is recomputed from the saved LSE:
+One program per row (1-D grid of N programs). p is recomputed from the saved LSE pair,
+p_v = exp((x_v - lse) - lse_lo) (x_v - lse exact where p_v matters):
     grad_v = inv_temp * (c (1[v == y] - p_v) - e p_v (x_v - lse + H)
                          + k p_v (log p_v - log q_v - KL))
 (the k-term only with the exact-KL extension, log q_v = xr_v - ref_lse read from the
@@ -13,14 +14,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(row_ptr, ref_row_ptr, g_ptr, start, V, y, it, lse, h, c, e, ref_lse, kl, k,
+def _tile(row_ptr, ref_row_ptr, g_ptr, start, V, y, it, lse, lse_lo, h, c, e, ref_lse, kl, k,
           BLOCK_V: tl.constexpr, MASKED: tl.constexpr, HAS_ENT: tl.constexpr, HAS_KL: tl.constexpr):
     offs = start + tl.arange(0, BLOCK_V)
     if MASKED:
         z = tl.load(row_ptr + offs, mask=offs < V, other=0.0)
     else:
         z = tl.load(row_ptr + offs)
-    d = z.to(tl.float32) * it - lse
+    d = (z.to(tl.float32) * it - lse) - lse_lo
     p = tl.exp(d)
     g = tl.where(offs == y, c, 0.0) - c * p
     if HAS_ENT:
@@ -59,6 +60,7 @@ def row_backward_kernel(
     labels_ptr,     # *i64  [N]
     inv_temp_ptr,   # *fp32 [N]
     lse_ptr,        # *fp32 [N]
+    lse_lo_ptr,     # *fp32 [N] low part of the lse
     ent_ptr,        # *fp32 [N] (read only when HAS_ENT)
     grad_logp_ptr,  # *fp32 [N]
     grad_ent_ptr,   # *fp32 [N] (read only when HAS_ENT)
@@ -105,6 +107,7 @@ def row_backward_kernel(
     else:
         it = tl.load(inv_temp_ptr + row)
         lse = tl.load(lse_ptr + row)
+        lse_lo = tl.load(lse_lo_ptr + row)
         c = tl.load(grad_logp_ptr + row)
         if HAS_ENT:
             h = tl.load(ent_ptr + row)
@@ -121,22 +124,23 @@ def row_backward_kernel(
             kl = 0.0
             k = 0.0
         for i in range(0, n_full):
-            _tile(row_ptr, ref_row_ptr, g_ptr, i * BLOCK_V, V, y, it, lse, h, c, e, ref_lse, kl, k,
+            _tile(row_ptr, ref_row_ptr, g_ptr, i * BLOCK_V, V, y, it, lse, lse_lo, h, c, e, ref_lse, kl, k,
                   BLOCK_V, False, HAS_ENT, HAS_KL)
         if has_tail:
-            _tile(row_ptr, ref_row_ptr, g_ptr, n_full * BLOCK_V, V, y, it, lse, h, c, e, ref_lse, kl, k,
+            _tile(row_ptr, ref_row_ptr, g_ptr, n_full * BLOCK_V, V, y, it, lse, lse_lo, h, c, e, ref_lse, kl, k,
                   BLOCK_V, True, HAS_ENT, HAS_KL)
 
 
 def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tensor,
-           inv_temp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+           inv_temp: torch.Tensor, lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor,
+           grad_logp: torch.Tensor,
            grad_entropy, ignore_index: int, *, block_v: int, num_warps: int, align: int = 1,
            ref_logits=None, ref_row_off=None, ref_lse=None, kl=None, grad_kl=None) -> None:
     """Launch over N = labels.numel() rows (FMA contraction on, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N]; grad: a contiguous
     tensor of the shape and dtype of logits, or None to write over ``logits`` in place;
-    labels int64 [N]; inv_temp, lse, entropy, grad_logp fp32 [N]; grad_entropy fp32 [N]
+    labels int64 [N]; inv_temp, lse, lse_lo, entropy, grad_logp fp32 [N]; grad_entropy fp32 [N]
     or None (no entropy term). KL term: ``grad_kl`` fp32 [N] with ``ref_logits`` (shape
     and dtype of logits, own strides), ``ref_row_off`` int64 [N], ``ref_lse``, ``kl``
     fp32 [N]; or grad_kl None (no KL term).
@@ -154,7 +158,7 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tens
     if not has_kl:  # never read
         ref_logits, ref_row_off, ref_lse, kl, grad_kl = logits, row_off, lse, lse, lse
     row_backward_kernel[(n,)](
-        logits, row_off, grad, labels, inv_temp, lse, entropy if has_ent else lse, grad_logp,
+        logits, row_off, grad, labels, inv_temp, lse, lse_lo, entropy if has_ent else lse, grad_logp,
         grad_entropy if has_ent else grad_logp, ref_logits, ref_row_off, ref_lse, kl, grad_kl,
         logits.shape[-1], ignore_index,
         BLOCK_V=block_v, ALIGN=align, HAS_ENT=has_ent, HAS_KL=has_kl, INPLACE=inplace,

@@ -28,6 +28,7 @@ _OUT_MEAN = tl.constexpr(_rows.OUT_MEAN)
 _OUT_ARGMAX = tl.constexpr(_rows.OUT_ARGMAX)
 _OUT_KL = tl.constexpr(_rows.OUT_KL)
 _OUT_REF_LSE = tl.constexpr(_rows.OUT_REF_LSE)
+_OUT_LSE_LO = tl.constexpr(_rows.OUT_LSE_LO)
 
 # Compiled flag sets. A request is rounded up to the first set containing it (unrequested
 # output rows are unspecified), so the GPU compiles at most 3 variants per dtype (x2 for
@@ -181,7 +182,13 @@ def row_forward_kernel(
 
     s_row = tl.sum(s, axis=0)
     log_s = tl.log(s_row)
-    lse = _shift(m) + log_s
+    # lse = shift + log s as an fp32 pair (TwoSum: lse_lo is the exact rounding error of
+    # lse), so the backward's (x - lse) - lse_lo keeps p's precision at any magnitude
+    c_row = _shift(m)
+    lse = c_row + log_s
+    b_part = lse - c_row
+    lse_lo = (c_row - (lse - b_part)) + (log_s - b_part)
+    lse_lo = tl.where((lse - lse) == 0.0, lse_lo, 0.0)  # 0 where lse is not finite
     # masked: an out-of-range label is never read
     in_range = (y >= 0) & (y < V)
     x_y = tl.load(row_ptr + y, mask=in_range & (~ignored), other=0.0).to(tl.float32) * it
@@ -192,6 +199,7 @@ def row_forward_kernel(
     stride = N.to(tl.int64)
     tl.store(col + _OUT_LOGP * stride, tl.where(ignored, 0.0, logp))
     tl.store(col + _OUT_LSE * stride, tl.where(ignored, 0.0, lse))
+    tl.store(col + _OUT_LSE_LO * stride, tl.where(ignored, 0.0, lse_lo))
     if ENTROPY:
         h = log_s - tl.sum(t, axis=0) / s_row
         tl.store(col + _OUT_ENTROPY * stride, tl.where(ignored, 0.0, h))

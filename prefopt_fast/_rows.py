@@ -9,14 +9,19 @@ whose last dimension has stride 1 (any other strides, never copied):
     inv_temp fp32  [N] contiguous, 1 / temperature per row
     stats    int bit mask of STAT_* (which optional statistics to compute)
     out      fp32 [N_OUT, N] contiguous, rows indexed by OUT_*:
-             x_v = z_v * inv_temp            (fp32 math whatever the logits dtype)
-             LSE     = log sum_v exp x_v
-             LOGP    = x_y - LSE
+             x_v = z_v * inv_temp            (fp32 math whatever the logits dtype; x is
+                                              rounded to fp32 before any use)
+             LSE     = log sum_v exp x_v      (fp32: the nearest float, "hi")
+             LSE_LO  = fl32(lse - LSE)        (the low part: LSE + LSE_LO is lse to about
+                                              fp64 precision, e.g. hi = fl32(m + log s),
+                                              lo = fl32((m - hi) + log s) in double or by
+                                              TwoSum, m the row max; 0 where LSE is not finite)
+             LOGP    = x_y - lse              (as (x_y - m) - log s: no cancellation)
              ENTROPY = LSE - sum_v p_v x_v   (terms with p_v == 0 count 0)
              LSSP    = log sum_v p_v^2
              MEAN    = (1 / V) sum_v x_v
              ARGMAX  = 1.0 if y is the first index of max_v x_v else 0.0
-    LOGP and LSE are always written; an optional row is written only when its bit is
+    LOGP, LSE and LSE_LO are always written; an optional row is written only when its bit is
     set (its content is unspecified otherwise). Rows whose label == ignore_index get 0
     in every output. A label outside [0, V) that is not ignore_index gives LOGP = NaN
     and ARGMAX = 0 while every other output is computed as usual (the public API rejects
@@ -32,12 +37,15 @@ the same shape and dtype as ``logits``, its own strides, last stride 1; bit STAT
              REF_LSE = log sum_v exp xr_v
     Both rows are written only when STAT_KL is set (which needs ref_logits).
 
-``row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+``row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                ignore_index, inplace) -> grad``
-    lse, entropy, grad_logp fp32 [N] contiguous; grad_entropy fp32 [N] or None
-    (None: no entropy term; ``entropy`` is then unused and may be ``lse``).
-    grad[n, v] = inv_temp * (c * (1[v == y] - p_v) - e * p_v * (x_v - lse + H))
-    with p_v = exp(x_v - lse), c = grad_logp[n], e = grad_entropy[n], H = entropy[n];
+    lse, lse_lo, entropy, grad_logp fp32 [N] contiguous (lse, lse_lo: the forward's LSE and
+    LSE_LO rows, or any fp32 pair whose sum is the row's logsumexp); grad_entropy fp32 [N]
+    or None (None: no entropy term; ``entropy`` is then unused and may be ``lse``).
+    grad[n, v] = inv_temp * (c * (1[v == y] - p_v) - e * p_v * (log p_v + H))
+    with log p_v = (x_v - lse) - lse_lo (x_v - lse is exact where it matters, so p_v keeps
+    full fp32 relative precision at any magnitude of x), p_v = exp(log p_v),
+    c = grad_logp[n], e = grad_entropy[n], H = entropy[n];
     the e-term is 0 where p_v == 0. Ignored rows get an all-zero gradient row. A label
     outside [0, V) (not ignore_index) drops the 1[v == y] term and keeps the rest.
     Written in logits.dtype: into a fresh contiguous tensor shaped like logits, or,
@@ -45,7 +53,8 @@ the same shape and dtype as ``logits``, its own strides, last stride 1; bit STAT
     KL extension: optional keywords ``grad_kl`` fp32 [N], ``ref_logits``, ``ref_lse``,
     ``kl`` (all given, or all None) add
         inv_temp * k * p_v * (log p_v - log q_v - KL),   k = grad_kl[n]
-    to grad[n, v] (0 where p_v == 0). No gradient flows to ref_logits.
+    to grad[n, v] (0 where p_v == 0), log q_v = xr_v - ref_lse. No gradient flows to
+    ref_logits.
 """
 import torch
 
@@ -56,8 +65,20 @@ STAT_ARGMAX = 8
 STAT_KL = 16
 STAT_ALL = STAT_ENTROPY | STAT_LSSP | STAT_MEAN | STAT_ARGMAX | STAT_KL
 
-OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX, OUT_KL, OUT_REF_LSE = range(8)
-N_OUT = 8
+OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX, OUT_KL, OUT_REF_LSE, OUT_LSE_LO = range(9)
+N_OUT = 9
+
+
+def split_lse(lse: torch.Tensor, dtype: torch.dtype):
+    """(LSE, LSE_LO) in ``dtype`` of a logsumexp held in fp64 (e.g. merged over vocabulary
+    blocks or shards): hi = fl(lse), lo = fl(lse - hi), 0 where hi is not finite. For fp64
+    rows (the torch backend's) lo is 0. O(N)."""
+    if dtype == torch.float64:
+        return lse.to(dtype), torch.zeros_like(lse, dtype=dtype)
+    hi = lse.to(dtype)
+    lo = torch.where(torch.isfinite(hi), lse - hi.to(lse.dtype), 0.0).to(dtype)
+    return hi, lo
+
 
 # public stat name -> (bit, output row)
 STATS = {

@@ -44,8 +44,9 @@ import torch.distributed as dist
 
 from . import _validate
 from ._dispatch import _load, resolve_backend
-from ._rows import (OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN, OUT_REF_LSE,
-                    STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, STATS, check_inplace_rows)
+from ._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN,
+                    OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, STATS, check_inplace_rows,
+                    split_lse)
 
 __all__ = ["ShardLayout", "shard_layout", "is_dtensor", "vocab_parallel_token_logprobs",
            "vocab_parallel_linear_token_logprobs", "VocabParallelLogProbsFunction",
@@ -178,11 +179,15 @@ def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
     L, XY (x_y, meaningful where ``own``), own, before, and per ``stats``: H, S2 (LSSP),
     MEAN, MX (max_v x_v) and AM (kernel ARGMAX), KL and RL (REF_LSE).
 
-    Returns a dict of [N] tensors: lse, logp, and entropy / lssp / mean / argmax / kl / ref_lse
-    when asked for; ignored rows hold 0.
+    Returns a dict of [N] tensors: lse (fp64, for ``_rows.split_lse``), logp, and entropy / lssp /
+    mean / argmax / kl / ref_lse when asked for (in XY's dtype); ignored rows hold 0. The merge
+    runs in fp64 (O(N) vectors): the shards' lse pairs combine without an fp32 rounding, which
+    the backward's exp(x - lse) would inherit.
     """
+    out_dt = part["XY"].dtype
+    dt = torch.float64
+    part = {k: v.to(dt) if v.is_floating_point() else v for k, v in part.items()}
     L = part["L"]
-    dt = L.dtype
     want_ent, want_sq, want_mean = stats & STAT_ENTROPY, stats & STAT_LSSP, stats & STAT_MEAN
     want_arg, want_kl = stats & STAT_ARGMAX, stats & STAT_KL
     zero = torch.zeros((), dtype=dt, device=L.device)
@@ -233,7 +238,7 @@ def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
         res["ref_lse"] = mr + torch.log(Sr)
         res["kl"] = next(it) / S - log_s + torch.log(Sr)
     for k, v in res.items():
-        res[k] = v.masked_fill(ignored, 0.0)
+        res[k] = v.masked_fill(ignored, 0.0) if k == "lse" else v.masked_fill(ignored, 0.0).to(out_dt)
     return res
 
 
@@ -255,8 +260,8 @@ def _empty_part(N: int, dt, device, stats: int):
 
 
 def _part_from_rows(out: torch.Tensor, stats: int) -> dict:
-    """The row kernels' [N_OUT, N] output as a part (views, no copy)."""
-    part = {"L": out[OUT_LSE]}
+    """The row kernels' [N_OUT, N] output as a part (views, no copy; L = LSE + LSE_LO in fp64)."""
+    part = {"L": out[OUT_LSE].double() + out[OUT_LSE_LO].double()}
     if stats & STAT_ENTROPY:
         part["H"] = out[OUT_ENTROPY]
     if stats & STAT_LSSP:
@@ -307,12 +312,13 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
             res = {k: torch.zeros(0, dtype=acc, device=logits.device)
                    for k in ("lse", "logp", "entropy", "lssp", "mean", "argmax", "kl", "ref_lse")}
         z = torch.zeros(N, dtype=acc, device=logits.device)
-        lse, logp = res["lse"], res["logp"]
+        lse, lse_lo = split_lse(res["lse"], acc)
+        logp = res["logp"]
         entropy, kl, ref_lse = res.get("entropy", z), res.get("kl", z), res.get("ref_lse", z)
         extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(logits, ky, inv_temp, lse, entropy, ref_logits, ref_lse, kl)
+        ctx.save_for_backward(logits, ky, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl)
         ctx.meta = (inplace, backend, bool(stats & STAT_ENTROPY), bool(stats & STAT_KL), layout.size)
         return logp, entropy.clone(), kl.clone(), extra
 
@@ -321,7 +327,7 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         nones = (None,) * 11
         if grad_logp is None and grad_entropy is None and grad_kl is None:
             return nones
-        logits, ky, inv_temp, lse, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
+        logits, ky, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
         inplace, backend, has_entropy, has_kl, size = ctx.meta
         if size == 0:
             return (torch.zeros_like(logits),) + nones[1:]
@@ -336,8 +342,8 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         if grad_kl is not None:
             kl_args = dict(grad_kl=grad_kl.to(lse.dtype).contiguous(), ref_logits=ref_logits, ref_lse=ref_lse, kl=kl)
         # the global lse / entropy / kl: the kernel then writes this shard's slice of the full gradient
-        grad = _load(backend).row_backward(logits, ky, inv_temp, lse, entropy, grad_logp, grad_entropy, _IGNORE,
-                                           inplace, **kl_args)
+        grad = _load(backend).row_backward(logits, ky, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
+                                           _IGNORE, inplace, **kl_args)
         return (grad,) + nones[1:]
 
 
@@ -452,7 +458,7 @@ def _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg):
     if Vr == 0:
         return _empty_part(M, acc, hidden.device, stats)
     be = _load(cfg.backend)
-    res = torch.zeros(8, M, dtype=acc, device=hidden.device)  # N_OUT rows of the kernels' output
+    res = torch.zeros(N_OUT, M, dtype=acc, device=hidden.device)
     xy = torch.zeros(M, dtype=acc, device=hidden.device)
     mx = torch.full((M,), -math.inf, dtype=acc, device=hidden.device) if stats & STAT_ARGMAX else None
     n = max(1, min(cfg.chunk, M))
@@ -488,14 +494,15 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         part = _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg)
         part["own"], part["before"] = own, before
         M = hidden.shape[0]
-        acc = part["L"].dtype
+        acc = part["XY"].dtype
         z = torch.zeros(M, dtype=acc, device=hidden.device)
         res = _merge(part, layout, torch.zeros_like(own), cfg.stats) if M else {"lse": z, "logp": z}
-        lse, logp, entropy = res["lse"], res["logp"], res.get("entropy", z)
+        lse, lse_lo = split_lse(res["lse"], acc)
+        logp, entropy = res["logp"], res.get("entropy", z)
         extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, entropy, u)
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u)
         ctx.cfg, ctx.layout = cfg, layout
         return logp, entropy.clone(), extra
 
@@ -506,7 +513,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         nones = (None,) * 11
         if grad_logp is None and grad_entropy is None:
             return nones
-        hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, entropy, u = ctx.saved_tensors
+        hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u = ctx.saved_tensors
         cfg, layout = ctx.cfg, ctx.layout
         if not cfg.stats & STAT_ENTROPY:
             grad_entropy = None
@@ -527,7 +534,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
                 grads[4] = torch.zeros_like(lora_b)
         else:
             grads = list(_linear_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, entropy, u,
-                                          grad_logp, grad_entropy, cfg, *need))
+                                          grad_logp, grad_entropy, cfg, *need, lse_lo=lse_lo))
         # hidden (and LoRA A) are replicated: their gradient is the sum of every shard's part
         for i in (0, 3):
             if grads[i] is not None:

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP,
+from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP,
                                 OUT_MEAN, OUT_REF_LSE, STAT_ALL, STAT_ARGMAX, STAT_ENTROPY, STAT_KL,
-                                STAT_LSSP, STAT_MEAN)
+                                STAT_LSSP, STAT_MEAN, split_lse)
 from prefopt_fast.backends import cpu
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=cpu.unavailable_reason() or "cpu backend")
@@ -49,7 +49,8 @@ def ref_forward(z, y, it, ignore=IGN, zr=None):
     ok = (y >= 0) & (y < V)
     ys = torch.where(ok, y, 0)
     out = torch.zeros(N_OUT, x.shape[0], dtype=torch.float64)
-    out[OUT_LSE] = lse
+    hi, lo = split_lse(lse, torch.float32)
+    out[OUT_LSE], out[OUT_LSE_LO] = hi.double(), lo.double()
     out[OUT_LOGP] = torch.where(ok, x.gather(1, ys[:, None]).squeeze(1) - lse, math.nan)
     out[OUT_ENTROPY] = -torch.where(p == 0, 0.0, p * lp_all).sum(-1)
     out[OUT_LSSP] = (p * p).sum(-1).log()
@@ -65,11 +66,12 @@ def ref_forward(z, y, it, ignore=IGN, zr=None):
     return out
 
 
-def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None):
-    """fp64 [N, V] gradient of prefopt_fast._rows.row_backward (the formula)."""
+def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None, lse_lo=None):
+    """fp64 [N, V] gradient of prefopt_fast._rows.row_backward (the formula; lse + lse_lo the lse)."""
     V = z.shape[-1]
     x = _x64(z, it)
-    lp = x - lse.double()[:, None]
+    lse = lse.double() + (0.0 if lse_lo is None else lse_lo.double())
+    lp = x - lse[:, None]
     p = lp.exp()
     oh = torch.zeros_like(x)
     ok = (y >= 0) & (y < V)
@@ -96,6 +98,9 @@ def assert_fwd(out, ref, stats, kl=False, rtol=2e-5, atol=2e-5):
     for r in rows:
         torch.testing.assert_close(out[r].double(), ref[r], rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m, r=r: f"output row {r}: {m}")
+    # LSE + LSE_LO: the lse to the accuracy of the exp-sums (~1e-7), at any magnitude
+    torch.testing.assert_close(out[OUT_LSE].double() + out[OUT_LSE_LO].double(), ref[OUT_LSE] + ref[OUT_LSE_LO],
+                               rtol=0, atol=1e-6, equal_nan=True, msg=lambda m: f"LSE + LSE_LO: {m}")
 
 
 def grad_tol(dtype):
@@ -135,11 +140,11 @@ def test_opcheck(dtype):
     torch.library.opcheck(ops.row_forward.default, (z, y, it, IGN, STAT_ALL, zr))
     torch.library.opcheck(ops.row_forward.default, (z, y, it, IGN, 0, None))
     out = ops.row_forward(z, y, it, IGN, STAT_ALL, zr)
-    lse, H, rlse, kl = out[OUT_LSE], out[OUT_ENTROPY], out[OUT_REF_LSE], out[OUT_KL]
+    lse, lo, H, rlse, kl = out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], out[OUT_REF_LSE], out[OUT_KL]
     c, e, k = torch.randn(8), torch.randn(8), torch.randn(8)
-    for args in [(z, y, it, lse, lse, c, None, IGN, None, None, None, None),
-                 (z, y, it, lse, H, c, e, IGN, None, None, None, None),
-                 (z, y, it, lse, H, c, e, IGN, k, zr, rlse, kl)]:
+    for args in [(z, y, it, lse, lo, lse, c, None, IGN, None, None, None, None),
+                 (z, y, it, lse, lo, H, c, e, IGN, None, None, None, None),
+                 (z, y, it, lse, lo, H, c, e, IGN, k, zr, rlse, kl)]:
         torch.library.opcheck(ops.row_backward.default, args)
         torch.library.opcheck(ops.row_backward_.default, (z.clone(),) + args[1:])
 
@@ -150,7 +155,7 @@ def test_torch_compile_fullgraph():
 
     def f(z, y, it, c):
         out = cpu.row_forward(z, y, it, IGN, STAT_ENTROPY)
-        g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, None, IGN, False)
+        g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, None, IGN, False)
         return out, g
 
     out, g = torch.compile(f, fullgraph=True, backend="aot_eager")(z, y, it, c)
@@ -215,11 +220,11 @@ def test_forward_backward_against_fp64(dtype, shape):
     out0 = cpu.row_forward(z, y, it, IGN, 0)
     torch.testing.assert_close(out0[:2], out[:2], rtol=1e-6, atol=1e-6)
 
-    lse, H, rlse, kl = out[OUT_LSE], out[OUT_ENTROPY], out[OUT_REF_LSE], out[OUT_KL]
+    lse, lo, H, rlse, kl = out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], out[OUT_REF_LSE], out[OUT_KL]
     c, e, k = torch.randn(N), torch.randn(N), torch.randn(N)
     for kw in (dict(), dict(e=e), dict(e=e, k=k)):
-        ref = ref_backward(z, y, it, lse, H, c, ignore=IGN, zr=zr, rlse=rlse, kl=kl, **kw)
-        args = (y, it, lse, H, c, kw.get("e"), IGN)
+        ref = ref_backward(z, y, it, lse, H, c, ignore=IGN, zr=zr, rlse=rlse, kl=kl, lse_lo=lo, **kw)
+        args = (y, it, lse, lo, H, c, kw.get("e"), IGN)
         kl_kw = dict(grad_kl=k, ref_logits=zr, ref_lse=rlse, kl=kl) if "k" in kw else {}
         g = cpu.row_backward(z, *args, False, **kl_kw)
         assert g.shape == z.shape and g.dtype == dtype and g.is_contiguous()
@@ -237,8 +242,8 @@ def test_inplace_on_strided_view_writes_only_the_view():
     y = rand_labels(N, 700)
     it = torch.ones(N)
     out = cpu.row_forward(z, y, it, IGN, 0)
-    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], torch.ones(N), None, IGN, False)
-    r = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], torch.ones(N), None, IGN, True)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(N), None, IGN, False)
+    r = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(N), None, IGN, True)
     assert r is z and r.data_ptr() == base.data_ptr()
     assert torch.equal(base[:, :-1], g)
     assert torch.equal(base[:, -1], orig[:, -1]), "rows outside the view are untouched"
@@ -249,7 +254,7 @@ def test_inplace_refuses_overlapping_rows():
     y = torch.zeros(4, dtype=torch.long)
     out = cpu.row_forward(z, y, torch.ones(4), IGN, 0)  # reading is fine
     with pytest.raises(RuntimeError, match="overlap"):
-        cpu.row_backward(z, y, torch.ones(4), out[1], out[1], torch.ones(4), None, IGN, True)
+        cpu.row_backward(z, y, torch.ones(4), out[OUT_LSE], out[OUT_LSE_LO], out[1], torch.ones(4), None, IGN, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -260,7 +265,7 @@ def test_ignored_rows_are_zero_everywhere(dtype):
     out = cpu.row_forward(z, y, it, IGN, STAT_ALL, z.flip(-1))
     assert (out[:, y == IGN] == 0).all()
     w = z.clone()
-    cpu.row_backward(w, y, it, out[1], out[2], torch.ones(6), torch.ones(6), IGN, True)
+    cpu.row_backward(w, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[2], torch.ones(6), torch.ones(6), IGN, True)
     assert (w[y == IGN] == 0).all() and (w[y != IGN] != 0).any()
     # another ignore index
     out7 = cpu.row_forward(z, torch.full((6,), 7), it, 7, NOKL)
@@ -290,8 +295,8 @@ def test_neg_inf_entries(dtype):
 
     c, e = torch.randn(5), torch.randn(5)
     fin = [0, 1, 2, 4]
-    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, IGN, False)
-    ref_g = ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, e, IGN, False)
+    ref_g = ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, lse_lo=out[OUT_LSE_LO])
     assert_grad(g[fin], ref_g[fin], dtype)
     assert torch.isnan(g[3]).all()  # NaN row in, NaN gradient row out
     masked = torch.isneginf(z) & (torch.arange(V) != y[:, None])
@@ -314,7 +319,8 @@ def test_nan_and_inf_rows_stay_local(dtype):
         assert math.isnan(out[OUT_LOGP, r]) and math.isnan(out[OUT_LSE, r])
         assert math.isnan(out[OUT_ENTROPY, r])
     assert_fwd(out[:, [0, 4]], ref[:, [0, 4]], STAT_ALL & ~STAT_MEAN)
-    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], torch.ones(5), torch.ones(5), IGN, False)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], torch.ones(5), torch.ones(5),
+                         IGN, False)
     assert torch.isnan(g[1:4]).all() and torch.isfinite(g[[0, 4]]).all()
 
 
@@ -328,8 +334,8 @@ def test_large_magnitudes():
     ref = ref_forward(z, y, it)
     assert_fwd(out, ref, STAT_ALL, rtol=1e-5, atol=1e-4)
     c = torch.randn(4)
-    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, c, IGN, False)
-    assert_grad(g, ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, c), torch.float32)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, c, IGN, False)
+    assert_grad(g, ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, c, lse_lo=out[OUT_LSE_LO]), torch.float32)
     # beyond 2^64 the rows take the exact double path
     zh = torch.randn(3, 3000)
     zh[0, 5] = 1e30
@@ -358,8 +364,9 @@ def test_out_of_range_labels_are_safe(dtype):
     assert torch.isnan(out[OUT_LOGP, :3]).all() and (out[OUT_ARGMAX, :3] == 0).all()
     assert_fwd(out, ref, STAT_ALL)  # every other statistic as usual
     c = torch.randn(4)
-    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], c, None, IGN, False)
-    assert_grad(g, ref_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], c), dtype)  # no one-hot term
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], c, None, IGN, False)
+    ref = ref_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], c, lse_lo=out[OUT_LSE_LO])
+    assert_grad(g, ref, dtype)  # no one-hot term
 
 
 @pytest.mark.parametrize("which", ["logp", "entropy", "kl"])
@@ -374,9 +381,9 @@ def test_confident_rows_keep_gradient_precision(which):
     out = cpu.row_forward(z, y, it, IGN, STAT_ENTROPY | STAT_KL, zr)
     c, e, k = torch.randn(N), (torch.randn(N) if which != "logp" else None), (torch.randn(N) if which == "kl" else None)
     kl_kw = dict(grad_kl=k, ref_logits=zr, ref_lse=out[OUT_REF_LSE], kl=out[OUT_KL]) if k is not None else {}
-    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, IGN, False, **kl_kw)
+    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, e, IGN, False, **kl_kw)
     ref = ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, zr=zr, k=k, rlse=out[OUT_REF_LSE],
-                       kl=out[OUT_KL])
+                       kl=out[OUT_KL], lse_lo=out[OUT_LSE_LO])
     for r in range(N):  # each row against its own scale
         scale = ref[r].abs().max().item()
         torch.testing.assert_close(g[r].double(), ref[r], rtol=2e-5, atol=1e-6 * scale)
@@ -450,10 +457,10 @@ def test_more_than_2_31_elements_bf16():
     assert out[OUT_ARGMAX, 0] == 1
 
     c = torch.full((N,), -1.0)
-    cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, None, IGN, True)
+    cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, None, IGN, True)
     for r in check:  # a slice of each row, including the label and the spike
         # (the reference sees only these columns, so give it no label and add the one-hot term)
         ref_g = ref_backward(saved[r][None], torch.tensor([IGN + 1]), it[:1], out[OUT_LSE, r:r + 1],
-                             out[OUT_ENTROPY, r:r + 1], c[:1])
+                             out[OUT_ENTROPY, r:r + 1], c[:1], lse_lo=out[OUT_LSE_LO, r:r + 1])
         ref_g[0, cols[r] == y[r]] += c[r].double()
         assert_grad(z[r, cols[r]][None], ref_g, torch.bfloat16)

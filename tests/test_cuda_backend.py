@@ -19,7 +19,8 @@ import torch
 
 import prefopt_fast
 from prefopt_fast import _rows
-from prefopt_fast._rows import (OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_REF_LSE, STAT_ALL, STAT_ENTROPY, STAT_KL)
+from prefopt_fast._rows import (OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_REF_LSE, STAT_ALL, STAT_ENTROPY,
+                                STAT_KL)
 from prefopt_fast.backends import torch_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
@@ -163,10 +164,10 @@ def test_row_kernels_special_rows_vs_fp64(backend, dtype, V):
     k = torch.randn(y.numel(), device=DEV) if kl else None
     kw = dict(grad_kl=k, ref_logits=zr, ref_lse=ref32[OUT_REF_LSE], kl=ref32[OUT_KL]) if kl else {}
     g_ref = ref_backward(z, y, it, ref32[OUT_LSE], ref32[OUT_ENTROPY], c, e, zr=zr if kl else None, k=k,
-                         rlse=kw.get("ref_lse"), kl=kw.get("kl"))
+                         rlse=kw.get("ref_lse"), kl=kw.get("kl"), lse_lo=ref32[OUT_LSE_LO])
     for inplace in (False, True):
-        g = mod.row_backward(z.clone() if inplace else z, y, it, ref32[OUT_LSE], ref32[OUT_ENTROPY], c, e, IGN,
-                             inplace, **kw)
+        g = mod.row_backward(z.clone() if inplace else z, y, it, ref32[OUT_LSE], ref32[OUT_LSE_LO],
+                             ref32[OUT_ENTROPY], c, e, IGN, inplace, **kw)
         assert_grad(g, g_ref, dtype, what=f"{backend} inplace={inplace}")
 
 
@@ -281,7 +282,8 @@ def test_opcheck_cuda_ops():
     torch.library.opcheck(ops.row_forward.default, (z, y, it, IGN, STAT_ALL, zr))
     out = ops.row_forward(z, y, it, IGN, STAT_ALL, zr)
     c, e, k = (torch.randn(8, device=DEV) for _ in range(3))
-    args = (z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, IGN, k, zr, out[OUT_REF_LSE], out[OUT_KL])
+    args = (z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, e, IGN, k, zr, out[OUT_REF_LSE],
+            out[OUT_KL])
     torch.library.opcheck(ops.row_backward.default, args)
     torch.library.opcheck(ops.row_backward_.default, (z.clone(),) + args[1:])
 
@@ -334,7 +336,8 @@ def test_more_than_2_pow_31_elements(backend):
     out = mod.row_forward(z, y, it, IGN, 0)
     ref = torch.logsumexp(z[rows].float(), -1)
     torch.testing.assert_close(out[OUT_LSE][rows], ref, rtol=1e-4, atol=1e-4)
-    g = mod.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE], torch.ones(N, device=DEV), None, IGN, True)
+    g = mod.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(N, device=DEV), None,
+                         IGN, True)
     assert g is z
     # every row of c (onehot - p) sums to 0; the last rows are past element 2^31
     sums = g[rows].float().sum(-1)

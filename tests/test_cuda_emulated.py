@@ -18,7 +18,7 @@ import emulated  # noqa: E402
 from reference import (DTYPES, IGN, assert_forward, assert_grad, make, ref_backward,  # noqa: E402
                        ref_forward, special_labels, special_rows)
 
-from prefopt_fast._rows import (OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_MEAN, OUT_REF_LSE, STAT_ALL,  # noqa: E402
+from prefopt_fast._rows import (OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_MEAN, OUT_REF_LSE, STAT_ALL,  # noqa: E402
                                 STAT_ENTROPY, STAT_KL, STAT_MEAN)
 
 pytestmark = pytest.mark.skipif(emulated.compiler() is None, reason="no host C++ compiler")
@@ -108,15 +108,15 @@ def test_forward_ignored_rows_are_not_read_and_zero():
 def _backward_case(dtype, z, y, it, mode, zr=None):
     N = y.numel()
     out = ref_forward(z, y, it, zr=zr).float()
-    lse, H = out[OUT_LSE], out[OUT_ENTROPY]
+    lse, lo, H = out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY]
     c = torch.randn(N)
     e = torch.randn(N) if mode != "plain" else None
     k = torch.randn(N) if mode == "kl" else None
     kw = {}
     if mode == "kl":
         kw = dict(grad_kl=k, ref_logits=zr, ref_lse=out[OUT_REF_LSE], kl=out[OUT_KL])
-    ref = ref_backward(z, y, it, lse, H, c, e, zr=zr, k=k, rlse=kw.get("ref_lse"), kl=kw.get("kl"))
-    return (lse, H if e is not None else lse, c, e), kw, ref
+    ref = ref_backward(z, y, it, lse, H, c, e, zr=zr, k=k, rlse=kw.get("ref_lse"), kl=kw.get("kl"), lse_lo=lo)
+    return (lse, lo, H if e is not None else lse, c, e), kw, ref
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -130,10 +130,10 @@ def test_backward(mode, inplace, dtype):
     y[2] = IGN
     y[9] = -5  # out of range: no one-hot term
     it = torch.rand(N) + 0.5
-    (lse, H, c, e), kw, ref = _backward_case(dtype, z, y, it, mode, zr if mode == "kl" else None)
+    (lse, lo, H, c, e), kw, ref = _backward_case(dtype, z, y, it, mode, zr if mode == "kl" else None)
     zin = z.clone() if inplace else z
     z_before = z.clone()
-    g = emulated.row_backward(zin, y, it, lse, H, c, e, IGN, inplace, **kw, blocks=5)
+    g = emulated.row_backward(zin, y, it, lse, lo, H, c, e, IGN, inplace, **kw, blocks=5)
     assert_grad(g, ref, dtype, what=f"{mode} inplace={inplace}")
     if inplace:
         assert g is zin
@@ -149,9 +149,9 @@ def test_backward_aligned_shapes(V, dtype):
     N = 4
     y = torch.randint(0, V, (N,))
     it = torch.rand(N) + 0.5
-    (lse, H, c, e), kw, ref = _backward_case(dtype, z, y, it, "entropy")
+    (lse, lo, H, c, e), kw, ref = _backward_case(dtype, z, y, it, "entropy")
     for inplace in (False, True):
-        g = emulated.row_backward(z.clone() if inplace else z, y, it, lse, H, c, e, IGN, inplace)
+        g = emulated.row_backward(z.clone() if inplace else z, y, it, lse, lo, H, c, e, IGN, inplace)
         assert_grad(g, ref, dtype, what=f"inplace={inplace}")
 
 
@@ -163,12 +163,13 @@ def test_backward_special_rows(dtype):
     N = y.numel()
     it = torch.ones(N)
     zr = special_rows(dtype, V, big=1e30 if dtype != torch.float16 else 6e4).flip(0)
-    (lse, H, c, e), kw, ref = _backward_case(dtype, z, y, it, "kl", zr)
+    (lse, lo, H, c, e), kw, ref = _backward_case(dtype, z, y, it, "kl", zr)
     c[6] = float("nan")  # NaN upstream gradient: a NaN row
     e[7] = float("inf")
-    ref = ref_backward(z, y, it, lse, H, c, e, zr=zr, k=kw["grad_kl"], rlse=kw["ref_lse"], kl=kw["kl"])
+    ref = ref_backward(z, y, it, lse, H, c, e, zr=zr, k=kw["grad_kl"], rlse=kw["ref_lse"], kl=kw["kl"],
+                       lse_lo=lo)
     for inplace in (False, True):
-        g = emulated.row_backward(z.clone() if inplace else z, y, it, lse, H, c, e, IGN, inplace, **kw)
+        g = emulated.row_backward(z.clone() if inplace else z, y, it, lse, lo, H, c, e, IGN, inplace, **kw)
         assert_grad(g, ref, dtype, what=f"inplace={inplace}")
 
 
@@ -177,5 +178,21 @@ def test_backward_ignored_rows_zero_without_reading():
     z[1] = float("nan")
     y = torch.tensor([1, IGN, 3, IGN, 0])
     lse = torch.logsumexp(z.float(), -1)
-    g = emulated.row_backward(z, y, torch.ones(5), lse, lse, torch.ones(5), None, IGN, False)
+    g = emulated.row_backward(z, y, torch.ones(5), lse, torch.zeros(5), lse, torch.ones(5), None, IGN, False)
     assert (g[[1, 3]] == 0).all() and not g[[1, 3]].signbit().any()
+
+
+@pytest.mark.parametrize("magnitude", [1e8, 1e30])
+def test_backward_tied_maxima_at_huge_magnitudes(magnitude):
+    """LSE + LSE_LO carry log V below ulp(max): p = 1/V for every tie, not 1 (fast path at
+    1e8, the exact path beyond 2^64)."""
+    V = 33
+    z = torch.full((2, V), magnitude)
+    y = torch.tensor([4, 0])
+    out = emulated.row_forward(z, y, torch.ones(2), IGN, 0)
+    g = emulated.row_backward(z, y, torch.ones(2), out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(2),
+                              None, IGN, False)
+    expected = torch.full((2, V), -1.0 / V)
+    expected[0, 4] += 1.0
+    expected[1, 0] += 1.0
+    torch.testing.assert_close(g, expected, atol=1e-6, rtol=1e-5)

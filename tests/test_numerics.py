@@ -18,16 +18,6 @@ from prefopt_fast.naive import STAT_NAMES, naive_token_logprobs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAN, INF = math.nan, math.inf
 
-KNOWN_ISSUES = {
-    "fp32-lse-huge": (
-        "every backend: the backward recomputes p = exp(x - lse) from the forward's fp32 lse (the row contract), "
-        "so once |x| >~ 1e7 lse - max is below ulp(max): rows with tied or near-tied maxima get p = 1 for every "
-        "tie, a gradient off by O(1) (constant row of 1e8 at V = 33: -1 instead of -0.03 per entry, 0 instead of "
-        "0.97 at the label). Plain log_softmax's backward is exact there. Passing lse as an fp32 (hi, lo) pair "
-        "or in fp64 to the backward fixes this and the smaller fp32-gradient loss of tests/test_properties.py."),
-}
-
-
 def _tl(z, y, backend, **kw):
     return pf.token_logprobs(z, y, backend=backend, **kw)
 
@@ -363,7 +353,6 @@ def test_huge_magnitudes_gradient(backend, device, dtype):
     bl.run_rule(pb, backend, device)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["fp32-lse-huge"])
 @pytest.mark.parametrize("magnitude", [1e8, 1e30])
 def test_gradient_of_tied_maxima_at_huge_magnitudes(backend, device, magnitude):
     V = 33

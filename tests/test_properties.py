@@ -230,15 +230,9 @@ def test_rule_catches_a_bf16_softmax():
 # --------------------------------------------------------------- known open issues
 
 KNOWN_ISSUES = {
-    "fp32-lse-gradient": (
-        "fp32 gradients lose ~log2(max|logits/T|) bits against log_softmax's backward: the row contract keeps "
-        "lse as one fp32 number, so p = exp(x - lse) carries ulp(lse) as a relative error (backward stable, "
-        "but ~30x plain PyTorch's error at |x| ~ 30). Keeping lse as an fp32 (hi, lo) pair, or fp64, in the "
-        "forward output and computing (x - hi) - lo in the backward would remove it."),
 }
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_ISSUES["fp32-lse-gradient"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
 def test_fp32_gradient_at_large_logits_with_the_plain_floor(backend):
     pb = bl.make_token_problem(0, shape=(4, 300), dtype=torch.float32, scale=30.0, stats=("entropy",))

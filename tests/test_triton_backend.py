@@ -62,6 +62,8 @@ def ref_forward(logits, labels, inv_temp, ignore_index=IGN, ref_logits=None):
         xr = ref_logits.reshape(-1, V).double() * inv_temp.double()[:, None]
         lq = torch.log_softmax(xr, -1)
         rows += [(p * torch.where(p > 0, ls - lq, torch.zeros_like(ls))).sum(-1), torch.logsumexp(xr, -1)]
+    lse = rows[_rows.OUT_LSE].detach()
+    rows.append(torch.where(torch.isfinite(lse), lse - lse.float().double(), 0.0))  # OUT_LSE_LO
     out = torch.stack(rows)
     return torch.where(keep, out, torch.zeros_like(out))
 
@@ -73,6 +75,10 @@ def check_forward(out, ref, stats=STATS4, atol=1e-5, rtol=1e-5):
     for r in rows:
         torch.testing.assert_close(out[r].double().cpu(), ref[r].detach().cpu(), atol=atol, rtol=rtol,
                                    equal_nan=True, msg=lambda m: f"output row {r}: {m}")
+    # LSE + LSE_LO: the lse to the accuracy of the fp32 log of the exp-sum, at any magnitude
+    lse = out[_rows.OUT_LSE].double().cpu() + out[_rows.OUT_LSE_LO].double().cpu()
+    torch.testing.assert_close(lse, ref[_rows.OUT_LSE].detach().cpu(), atol=max(atol, 2e-6), rtol=0,
+                               equal_nan=True, msg=lambda m: f"LSE + LSE_LO: {m}")
 
 
 def make_case(shape, V, dtype, scale=3.0, n_ignored=2, seed=0):
@@ -89,13 +95,13 @@ def make_case(shape, V, dtype, scale=3.0, n_ignored=2, seed=0):
 
 
 def run_backward(logits, labels, inv_temp, out, c, e, inplace, k=None, ref_logits=None):
-    lse = out[_rows.OUT_LSE].contiguous()
+    lse, lo = out[_rows.OUT_LSE].contiguous(), out[_rows.OUT_LSE_LO].contiguous()
     ent = out[_rows.OUT_ENTROPY].contiguous() if e is not None else lse
     kl_args = {}
     if k is not None:
         kl_args = dict(grad_kl=k, ref_logits=ref_logits, ref_lse=out[_rows.OUT_REF_LSE].contiguous(),
                        kl=out[_rows.OUT_KL].contiguous())
-    return tb.row_backward(logits, labels, inv_temp, lse, ent, c, e, IGN, inplace, **kl_args)
+    return tb.row_backward(logits, labels, inv_temp, lse, lo, ent, c, e, IGN, inplace, **kl_args)
 
 
 def ref_grad(logits, labels, inv_temp, c, e, k=None, ref_logits=None):
@@ -382,8 +388,9 @@ def test_backward_grad_kl_without_ref_logits_is_ignored():
     c, e, k = (torch.randn(6, device=DEVICE) for _ in range(3))
     out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY)
     lse, ent = out[_rows.OUT_LSE].contiguous(), out[_rows.OUT_ENTROPY].contiguous()
-    plain = tb.row_backward(logits, labels, inv_temp, lse, ent, c, e, IGN, False)
-    with_k = tb.row_backward(logits, labels, inv_temp, lse, ent, c, e, IGN, False,
+    lo = out[_rows.OUT_LSE_LO].contiguous()
+    plain = tb.row_backward(logits, labels, inv_temp, lse, lo, ent, c, e, IGN, False)
+    with_k = tb.row_backward(logits, labels, inv_temp, lse, lo, ent, c, e, IGN, False,
                              grad_kl=k, ref_logits=None, ref_lse=lse, kl=ent)
     assert torch.equal(plain, with_k)
 
@@ -431,6 +438,7 @@ def test_custom_ops_opcheck():
     logits, labels, inv_temp = make_case((2, 3), 70, torch.float32)
     out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY)
     lse, ent = out[_rows.OUT_LSE].contiguous(), out[_rows.OUT_ENTROPY].contiguous()
+    lo = out[_rows.OUT_LSE_LO].contiguous()
     c, e = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
     ref_logits = make_ref(logits)
     ops = torch.ops.prefopt_fast
@@ -439,11 +447,11 @@ def test_custom_ops_opcheck():
         torch.library.opcheck(ops.triton_row_forward, (logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY, None))
         torch.library.opcheck(ops.triton_row_forward, (logits, labels, inv_temp, IGN, _rows.STAT_KL, ref_logits))
         torch.library.opcheck(ops.triton_row_backward,
-                              (logits, labels, inv_temp, lse, ent, c, e, IGN, None, None, None, None))
+                              (logits, labels, inv_temp, lse, lo, ent, c, e, IGN, None, None, None, None))
         torch.library.opcheck(ops.triton_row_backward,
-                              (logits, labels, inv_temp, lse, ent, c, e, IGN, c, ref_logits, lse, ent))
+                              (logits, labels, inv_temp, lse, lo, ent, c, e, IGN, c, ref_logits, lse, ent))
         torch.library.opcheck(ops.triton_row_backward_inplace,
-                              (logits.clone(), labels, inv_temp, lse, ent, c, None, IGN, None, None, None, None))
+                              (logits.clone(), labels, inv_temp, lse, lo, ent, c, None, IGN, None, None, None, None))
 
 
 def test_torch_compile_fullgraph():
@@ -453,7 +461,8 @@ def test_torch_compile_fullgraph():
     def step(z):
         out = tb.row_forward(z, labels, inv_temp, IGN, _rows.STAT_ENTROPY)
         g = tb.row_backward(z, labels, inv_temp, out[_rows.OUT_LSE].contiguous(),
-                            out[_rows.OUT_ENTROPY].contiguous(), c, e, IGN, True)
+                            out[_rows.OUT_LSE_LO].contiguous(), out[_rows.OUT_ENTROPY].contiguous(), c, e,
+                            IGN, True)
         return out[_rows.OUT_LOGP] * 2, g
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

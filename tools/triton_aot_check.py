@@ -47,7 +47,7 @@ def _forward_signature(t):
 
 def _backward_signature(t):
     return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "grad_ptr": f"*{t}",
-            "labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "lse_ptr": "*fp32",
+            "labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "lse_ptr": "*fp32", "lse_lo_ptr": "*fp32",
             "ent_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_ent_ptr": "*fp32",
             "ref_ptr": f"*{t}", "ref_off_ptr": "*i64", "ref_lse_ptr": "*fp32", "kl_ptr": "*fp32",
             "grad_kl_ptr": "*fp32", "V": "i32", "ignore_index": "i32"}

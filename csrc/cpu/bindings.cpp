@@ -115,7 +115,8 @@ Tensor row_forward(Tensor logits, Tensor labels, Tensor inv_temp, int64_t ignore
 const float* vec_ptr(const Tensor& t) { return static_cast<const float*>(t.data_ptr()); }
 
 void backward_into(const Tensor& logits, const prefopt_cpu::RowsView& L, const Tensor& labels,
-                   const Tensor& inv_temp, const Tensor& lse, const Tensor& entropy, const Tensor& grad_logp,
+                   const Tensor& inv_temp, const Tensor& lse, const Tensor& lse_lo, const Tensor& entropy,
+                   const Tensor& grad_logp,
                    const std::optional<Tensor>& grad_entropy, int64_t ignore_index,
                    const std::optional<Tensor>& grad_kl, const std::optional<Tensor>& ref_logits,
                    const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& kl, void* grad) {
@@ -123,11 +124,13 @@ void backward_into(const Tensor& logits, const prefopt_cpu::RowsView& L, const T
   check_vec(labels, "labels", ScalarType::Long, "int64", N);
   check_vec(inv_temp, "inv_temp", ScalarType::Float, "float32", N);
   check_vec(lse, "lse", ScalarType::Float, "float32", N);
+  check_vec(lse_lo, "lse_lo", ScalarType::Float, "float32", N);
   check_vec(grad_logp, "grad_logp", ScalarType::Float, "float32", N);
   prefopt_cpu::BackwardArgs A = {};
   A.labels = static_cast<const int64_t*>(labels.data_ptr());
   A.inv_temp = vec_ptr(inv_temp);
   A.lse = vec_ptr(lse);
+  A.lse_lo = vec_ptr(lse_lo);
   A.grad_logp = vec_ptr(grad_logp);
   A.ignore_index = ignore_index;
   if (grad_entropy.has_value()) {
@@ -154,7 +157,7 @@ void backward_into(const Tensor& logits, const prefopt_cpu::RowsView& L, const T
   prefopt_cpu::row_backward(L, A, grad, threading());
 }
 
-Tensor row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor entropy,
+Tensor row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor lse_lo, Tensor entropy,
                     Tensor grad_logp, std::optional<Tensor> grad_entropy, int64_t ignore_index,
                     std::optional<Tensor> grad_kl, std::optional<Tensor> ref_logits,
                     std::optional<Tensor> ref_lse, std::optional<Tensor> kl) {
@@ -169,12 +172,12 @@ Tensor row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, T
     return !(v && v[0] == '0');
   }();
   if (thp) prefopt_cpu::advise_huge_pages(g, (size_t)grad.numel() * grad.element_size());
-  backward_into(logits, L, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
+  backward_into(logits, L, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
                 ref_logits, ref_lse, kl, g);
   return grad;
 }
 
-void row_backward_(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor entropy,
+void row_backward_(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor lse_lo, Tensor entropy,
                    Tensor grad_logp, std::optional<Tensor> grad_entropy, int64_t ignore_index,
                    std::optional<Tensor> grad_kl, std::optional<Tensor> ref_logits,
                    std::optional<Tensor> ref_lse, std::optional<Tensor> kl) {
@@ -182,7 +185,7 @@ void row_backward_(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Te
   STD_TORCH_CHECK(prefopt_cpu::rows_disjoint(L),
                   "prefopt_fast cpu kernels: in-place backward needs logits whose rows do not overlap "
                   "in memory (e.g. not an expand()ed tensor)");
-  backward_into(logits, L, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
+  backward_into(logits, L, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
                 ref_logits, ref_lse, kl, nullptr);
 }
 
@@ -193,11 +196,11 @@ STABLE_TORCH_LIBRARY(prefopt_fast, m) {
       "row_forward(Tensor logits, Tensor labels, Tensor inv_temp, int ignore_index, int stats, "
       "Tensor? ref_logits=None) -> Tensor");
   m.def(
-      "row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor entropy, "
+      "row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor lse_lo, Tensor entropy, "
       "Tensor grad_logp, Tensor? grad_entropy, int ignore_index, Tensor? grad_kl=None, "
       "Tensor? ref_logits=None, Tensor? ref_lse=None, Tensor? kl=None) -> Tensor");
   m.def(
-      "row_backward_(Tensor(a!) logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor entropy, "
+      "row_backward_(Tensor(a!) logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor lse_lo, Tensor entropy, "
       "Tensor grad_logp, Tensor? grad_entropy, int ignore_index, Tensor? grad_kl=None, "
       "Tensor? ref_logits=None, Tensor? ref_lse=None, Tensor? kl=None) -> ()");
 }

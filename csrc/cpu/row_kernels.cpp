@@ -46,8 +46,8 @@ namespace {
 constexpr int64_t kChunk = 2048;
 
 enum : int { kStatEntropy = 1, kStatLssp = 2, kStatMean = 4, kStatArgmax = 8, kStatKl = 16 };
-enum : int { kOutLogp = 0, kOutLse, kOutEntropy, kOutLssp, kOutMean, kOutArgmax, kOutKl, kOutRefLse };
-static_assert(kOutRefLse + 1 == kNumOut, "rows of prefopt_fast._rows.OUT_*");
+enum : int { kOutLogp = 0, kOutLse, kOutEntropy, kOutLssp, kOutMean, kOutArgmax, kOutKl, kOutRefLse, kOutLseLo };
+static_assert(kOutLseLo + 1 == kNumOut, "rows of prefopt_fast._rows.OUT_*");
 enum : uint32_t { kFlagBad = 1 };
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
@@ -424,10 +424,15 @@ void exact_row_forward(const typename D::S* z, const typename D::S* zr, int64_t 
   PfLseAcc<double> acc;
   const double lse = exact_lse<D>(z, V, it, &am, &mean, &acc);
   o[kOutLse] = lse;
+  o[kOutLseLo] = 0.0;
   o[kOutMean] = mean;
   o[kOutArgmax] = (y_ok && y == am) ? 1.0 : 0.0;
   const bool fin = lse == lse && lse != -kInf;  // lse is never +inf
   if (fin) {
+    float hi, lo;
+    pf_lse_split(acc.m, log(acc.s), &hi, &lo);
+    o[kOutLse] = hi;
+    o[kOutLseLo] = lo;
     // (x_y - max) - log s, as the fast path: x_y - lse cancels where |x| >> log s
     o[kOutLogp] = y_ok ? ((double)(D::load(z, y) * it) - acc.m) - log(acc.s) : kNaN;
     o[kOutEntropy] = pf_lse_entropy(acc);
@@ -469,7 +474,10 @@ void finish_row(const typename D::S* z, const typename D::S* zr, int64_t V, floa
     return;
   }
   const double ls = log(part.acc.s);
-  o[kOutLse] = part.acc.m + ls;
+  float hi, lo;
+  pf_lse_split(part.acc.m, ls, &hi, &lo);
+  o[kOutLse] = hi;
+  o[kOutLseLo] = lo;
   // relative to the reference rather than x_y - lse: no cancellation for large logits
   o[kOutLogp] = y_ok ? ((double)(D::load(z, y) * it) - part.acc.m) - ls : kNaN;
   o[kOutEntropy] = pf_lse_entropy(part.acc);
@@ -509,13 +517,13 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
   const int64_t seg_len = sp.seg_len, nseg = sp.nseg;
 
   auto write = [&](int64_t n, const double* o) {
-    static const int bit[kNumOut] = {0, 0, kStatEntropy, kStatLssp, kStatMean, kStatArgmax, kStatKl, kStatKl};
+    static const int bit[kNumOut] = {0, 0, kStatEntropy, kStatLssp, kStatMean, kStatArgmax, kStatKl, kStatKl, 0};
     for (int r = 0; r < kNumOut; ++r) {
       const bool on = bit[r] == 0 || ((stats & bit[r]) && (bit[r] != kStatKl || kl));
       out[r * N + n] = on ? (float)o[r] : 0.0f;
     }
   };
-  const double zeros[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const double zeros[kNumOut] = {};
   auto row_ptrs = [&](int64_t n, const S** z, const S** zr) {
     *z = base + row_offset(L, n);
     *zr = kl ? rbase + row_offset(*R, n) : nullptr;
@@ -534,7 +542,7 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
         row_ptrs(n, &z, &zr);
         const float it = inv_temp[n];
         const FwdPart part = seg_fn(z, zr, 0, V, it, want_argmax);
-        double o[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+        double o[kNumOut] = {};
         finish_row<D>(z, zr, V, it, y, part, want_mean, o);
         write(n, o);
       }
@@ -565,7 +573,7 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
       for (int64_t sg = 1; sg < nseg; ++sg) row = merge_parts(row, parts[(size_t)(n * nseg + sg)], kl);
       const S *z, *zr;
       row_ptrs(n, &z, &zr);
-      double o[kNumOut] = {0, 0, 0, 0, 0, 0, 0, 0};
+      double o[kNumOut] = {};
       finish_row<D>(z, zr, V, inv_temp[n], y, row, want_mean, o);
       write(n, o);
     }
@@ -575,7 +583,7 @@ void forward_rows(const RowsView& L, const RowsView* R, const int64_t* labels, c
 // ---------------------------------------------------------------- backward
 
 struct RowGrad {
-  float it, lse, H, c, e;
+  float it, lse, lse_lo, H, c, e;  // log p_v = (x_v - lse) - lse_lo
   float k, rlse, kl;     // KL term (k = 0 without it)
   int64_t y;             // label if in [0, V), else -1 (no one-hot term)
   PfGradCoef<float> coef;  // the fast paths' factored form of the same gradient
@@ -590,7 +598,7 @@ void exact_grad_range(const typename D::S* z, const typename D::S* zr, typename 
                       const RowGrad& r) {
   for (int64_t v = a; v < b; ++v) {
     const double x = (double)(D::load(z, v) * r.it);
-    const double logp = x - (double)r.lse;
+    const double logp = (x - (double)r.lse) - (double)r.lse_lo;
     const double p = exp(logp);
     const double oh = v == r.y ? 1.0 : 0.0;
     double gv;
@@ -609,7 +617,7 @@ void exact_grad_range(const typename D::S* z, const typename D::S* zr, typename 
 // Every element but the label's: the factored form (fewer operations per element).
 template <int MODE>
 PF_INLINE float fast_grad(float x, float xr, const RowGrad& r) {
-  const float logp = x - r.lse;
+  const float logp = (x - r.lse) - r.lse_lo;  // x - lse is exact where p is not negligible
   const float p = pf_exp_poly(logp);  // 0 for x = -inf
   const float lpc = pf_exp_poly_arg(logp);
   if (MODE == kGradKl) return pf_grad_fast_kl<float>(p, lpc, xr - r.rlse, 0.0f, r.coef);
@@ -620,7 +628,7 @@ PF_INLINE float fast_grad(float x, float xr, const RowGrad& r) {
 // precision when p ~ 1 (a float p is only good to 6e-8 absolute). Once per row.
 template <int MODE>
 PF_INLINE float label_grad(float x, float xr, const RowGrad& r) {
-  const double logp = (double)x - (double)r.lse;
+  const double logp = ((double)x - (double)r.lse) - (double)r.lse_lo;
   const double p = exp(logp);
   if (MODE == kGradKl)
     return (float)pf_grad_elem_kl<double>(p, logp, (double)xr - (double)r.rlse, 1.0, r.c, r.e, r.H, r.k, r.kl, r.it);
@@ -739,6 +747,7 @@ void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const T
       RowGrad r;
       r.it = A.inv_temp[n];
       r.lse = A.lse[n];
+      r.lse_lo = A.lse_lo[n];
       r.c = A.grad_logp[n];
       r.e = has_e ? A.grad_entropy[n] : 0.0f;
       r.H = has_e ? A.entropy[n] : 0.0f;
@@ -747,7 +756,7 @@ void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const T
       r.kl = has_kl ? A.kl[n] : 0.0f;
       r.y = (y >= 0 && y < V) ? y : -1;
       r.coef = pf_grad_coef<float>(r.c, r.e, r.H, r.k, r.kl, r.it);
-      const bool fast = std::isfinite(r.it) && std::isfinite(r.lse) && std::isfinite(r.c) &&
+      const bool fast = std::isfinite(r.it) && std::isfinite(r.lse) && std::isfinite(r.lse_lo) && std::isfinite(r.c) &&
                         std::isfinite(r.e) && std::isfinite(r.H) && std::isfinite(r.k) &&
                         std::isfinite(r.rlse) && std::isfinite(r.kl) && std::fabs(r.lse) < PF_HUGE &&
                         std::fabs(r.rlse) < PF_HUGE;

@@ -35,7 +35,7 @@ struct Threading {
   int num_threads;
 };
 
-constexpr int kNumOut = 8;  // rows of prefopt_fast._rows.OUT_*
+constexpr int kNumOut = 9;  // rows of prefopt_fast._rows.OUT_*
 
 // out: fp32 [kNumOut, rows] contiguous. ref: nullptr, or the reference logits (same
 // rows, V and dtype as `logits`, own strides) for the exact-KL statistic.
@@ -50,6 +50,7 @@ struct BackwardArgs {
   const int64_t* labels;
   const float* inv_temp;
   const float* lse;
+  const float* lse_lo;  // lse = lse + lse_lo (prefopt_fast._rows.OUT_LSE_LO)
   const float* entropy;
   const float* grad_logp;
   const float* grad_entropy;

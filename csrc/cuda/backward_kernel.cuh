@@ -23,14 +23,14 @@ struct BwdParams {
 };
 
 struct RowGrad {
-  float it, lse, H, c, e, k, rlse, kl;
+  float it, lse, lse_lo, H, c, e, k, rlse, kl;  // log p_v = (x_v - lse) - lse_lo
   PfGradCoef<float> coef;
 };
 
 // The label's element: the literal formula in double (c * (1 - p) does not cancel when p ~ 1).
 template <int MODE>
 __device__ __forceinline__ float label_grad(float x, float xr, const RowGrad& r) {
-  const double logp = (double)x - (double)r.lse;
+  const double logp = ((double)x - (double)r.lse) - (double)r.lse_lo;
   const double p = exp(logp);
   if (MODE == kBwdKl)
     return (float)pf_grad_elem_kl<double>(p, logp, (double)xr - (double)r.rlse, 1.0, r.c, r.e, r.H, r.k, r.kl, r.it);
@@ -41,7 +41,8 @@ __device__ __forceinline__ float label_grad(float x, float xr, const RowGrad& r)
 // Every other element: the factored form.
 template <int MODE>
 __device__ __forceinline__ float fast_grad(float z, float zr, const RowGrad& r) {
-  const float logp = __fmul_rn(z, r.it) - r.lse;  // x rounded as in the forward
+  // x rounded as in the forward; x - lse is exact where p is not negligible
+  const float logp = (__fmul_rn(z, r.it) - r.lse) - r.lse_lo;
   const float p = fast_exp(logp);
   const float lpc = pf_exp_poly_arg(logp);  // finite: p = 0 gives 0, not 0 * -inf
   if (MODE == kBwdKl) return pf_grad_fast_kl<float>(p, lpc, __fmul_rn(zr, r.it) - r.rlse, 0.0f, r.coef);
@@ -182,7 +183,7 @@ __device__ void bwd_exact_row(const typename E::S* z, const typename E::S* zr, t
                               int64_t y, const RowGrad& r) {
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
     const double x = (double)(E::to_f(z[v]) * r.it);
-    const double logp = x - (double)r.lse;
+    const double logp = (x - (double)r.lse) - (double)r.lse_lo;
     const double p = exp(logp);
     const double oh = v == y ? 1.0 : 0.0;
     double gv;
@@ -219,6 +220,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) row_backward_kernel(const __gr
     RowGrad r;
     r.it = A.inv_temp[n];
     r.lse = A.lse[n];
+    r.lse_lo = A.lse_lo[n];
     r.c = A.grad_logp[n];
     const bool has_e = ENT && A.grad_entropy != nullptr;
     r.e = has_e ? A.grad_entropy[n] : 0.0f;
@@ -228,7 +230,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) row_backward_kernel(const __gr
     r.kl = KL ? A.kl[n] : 0.0f;
     r.coef = pf_grad_coef<float>(r.c, r.e, r.H, r.k, r.kl, r.it);
     const int64_t yv = (y >= 0 && y < V) ? y : -1;  // out of range: no one-hot term
-    const bool fast = finite(r.it) && finite(r.lse) && finite(r.c) && finite(r.e) && finite(r.H) &&
+    const bool fast = finite(r.it) && finite(r.lse) && finite(r.lse_lo) && finite(r.c) && finite(r.e) && finite(r.H) &&
                       finite(r.k) && finite(r.rlse) && finite(r.kl) && fabsf(r.lse) < PF_HUGE &&
                       fabsf(r.rlse) < PF_HUGE;
     if (!fast) {

@@ -138,7 +138,7 @@ Tensor row_forward(Tensor logits, Tensor labels, Tensor inv_temp, int64_t ignore
 const float* vec_ptr(const Tensor& t) { return static_cast<const float*>(t.data_ptr()); }
 
 void backward_into(const Tensor& logits, const prefopt_cuda::Rows& L, const Tensor& labels, const Tensor& inv_temp,
-                   const Tensor& lse, const Tensor& entropy, const Tensor& grad_logp,
+                   const Tensor& lse, const Tensor& lse_lo, const Tensor& entropy, const Tensor& grad_logp,
                    const std::optional<Tensor>& grad_entropy, int64_t ignore_index,
                    const std::optional<Tensor>& grad_kl, const std::optional<Tensor>& ref_logits,
                    const std::optional<Tensor>& ref_lse, const std::optional<Tensor>& kl, void* grad) {
@@ -147,11 +147,13 @@ void backward_into(const Tensor& logits, const prefopt_cuda::Rows& L, const Tens
   check_vec(labels, "labels", ScalarType::Long, "int64", N, device);
   check_vec(inv_temp, "inv_temp", ScalarType::Float, "float32", N, device);
   check_vec(lse, "lse", ScalarType::Float, "float32", N, device);
+  check_vec(lse_lo, "lse_lo", ScalarType::Float, "float32", N, device);
   check_vec(grad_logp, "grad_logp", ScalarType::Float, "float32", N, device);
   prefopt_cuda::BackwardArgs A = {};
   A.labels = static_cast<const int64_t*>(labels.data_ptr());
   A.inv_temp = vec_ptr(inv_temp);
   A.lse = vec_ptr(lse);
+  A.lse_lo = vec_ptr(lse_lo);
   A.grad_logp = vec_ptr(grad_logp);
   A.ignore_index = ignore_index;
   if (grad_entropy.has_value()) {
@@ -180,25 +182,25 @@ void backward_into(const Tensor& logits, const prefopt_cuda::Rows& L, const Tens
   check(prefopt_cuda::row_backward(L, given == 4 ? &R : nullptr, A, grad, device, stream), "row_backward launch");
 }
 
-Tensor row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor entropy, Tensor grad_logp,
+Tensor row_backward(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor lse_lo, Tensor entropy, Tensor grad_logp,
                     std::optional<Tensor> grad_entropy, int64_t ignore_index, std::optional<Tensor> grad_kl,
                     std::optional<Tensor> ref_logits, std::optional<Tensor> ref_lse, std::optional<Tensor> kl) {
   const prefopt_cuda::Rows L = rows_view(logits, "logits");
   std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end());
   Tensor grad = torch::stable::new_empty(logits, shape);  // contiguous, logits.dtype
-  backward_into(logits, L, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
+  backward_into(logits, L, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
                 ref_logits, ref_lse, kl, grad.data_ptr());
   return grad;
 }
 
-void row_backward_(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor entropy, Tensor grad_logp,
+void row_backward_(Tensor logits, Tensor labels, Tensor inv_temp, Tensor lse, Tensor lse_lo, Tensor entropy, Tensor grad_logp,
                    std::optional<Tensor> grad_entropy, int64_t ignore_index, std::optional<Tensor> grad_kl,
                    std::optional<Tensor> ref_logits, std::optional<Tensor> ref_lse, std::optional<Tensor> kl) {
   const prefopt_cuda::Rows L = rows_view(logits, "logits");
   STD_TORCH_CHECK(rows_disjoint(L),
                   "prefopt_fast cuda kernels: in-place backward needs logits whose rows do not overlap "
                   "in memory (e.g. not an expand()ed tensor)");
-  backward_into(logits, L, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
+  backward_into(logits, L, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, grad_kl,
                 ref_logits, ref_lse, kl, nullptr);
 }
 

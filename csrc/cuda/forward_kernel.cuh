@@ -302,7 +302,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2) row_forward_kernel(const __gri
       // relative to the shift rather than x_y - lse: no cancellation for large logits
       const float logp = y_ok ? (__fmul_rn(E::to_f(z[y]), it) - c) - ls : __int_as_float(0x7fc00000);
       o[kOutLogp * N] = logp;
-      o[kOutLse * N] = pf_lse_value(st.acc);
+      // lse = c + log s as an fp32 pair (summed in double, once per row); -inf for a row of
+      // only -inf (c = 0, s = 0), NaN for NaN / +inf rows
+      float hi, lo;
+      pf_lse_split((double)c, (double)ls, &hi, &lo);
+      o[kOutLse * N] = hi;
+      o[kOutLseLo * N] = lo;
       o[kOutEntropy * N] = ENT ? pf_lse_entropy(st.acc) : 0.0f;
       o[kOutLssp * N] = FULL ? pf_lse_log_sum_sq(st.acc) : 0.0f;
       o[kOutMean * N] = FULL ? st.sx : 0.0f;

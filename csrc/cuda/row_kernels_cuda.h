@@ -11,7 +11,7 @@ namespace prefopt_cuda {
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 constexpr int kMaxLeadDims = 16;
-constexpr int kNumOut = 8;  // rows of prefopt_fast._rows.OUT_*
+constexpr int kNumOut = 9;  // rows of prefopt_fast._rows.OUT_*
 
 // A logits tensor [..., V] with last stride 1: row n starts at
 // data + sum_i idx_i(n) * lead_strides[i] elements, idx(n) the row-major multi-index of
@@ -40,6 +40,7 @@ struct BackwardArgs {
   const int64_t* labels;
   const float* inv_temp;
   const float* lse;
+  const float* lse_lo;  // lse = lse + lse_lo (prefopt_fast._rows.OUT_LSE_LO)
   const float* entropy;
   const float* grad_logp;
   const float* grad_entropy;

@@ -5,7 +5,7 @@ variants chosen at load time), fp32 math for fp32 / bf16 / fp16 logits, any stri
 in the leading dimensions (no copies). The kernels are the torch.library ops
 
     prefopt_fast::row_forward(logits, labels, inv_temp, ignore_index, stats, ref_logits=None) -> Tensor
-    prefopt_fast::row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+    prefopt_fast::row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                                ignore_index, grad_kl=None, ref_logits=None, ref_lse=None, kl=None) -> Tensor
     prefopt_fast::row_backward_(...same...) -> ()      (writes the gradient over logits)
 
@@ -64,12 +64,12 @@ if _C is not None:
         return logits.new_empty((N_OUT, labels.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("prefopt_fast::row_backward")
-    def _row_backward_fake(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    def _row_backward_fake(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
                            grad_kl=None, ref_logits=None, ref_lse=None, kl=None):
         return logits.new_empty(logits.shape)  # contiguous, logits.dtype
 
     @torch.library.register_fake("prefopt_fast::row_backward_")
-    def _row_backward_inplace_fake(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+    def _row_backward_inplace_fake(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                                    ignore_index, grad_kl=None, ref_logits=None, ref_lse=None, kl=None):
         return None
 
@@ -81,13 +81,13 @@ def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tens
 
 
 def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor, lse: torch.Tensor,
-                 entropy: torch.Tensor, grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor],
-                 ignore_index: int, inplace: bool, grad_kl: Optional[torch.Tensor] = None,
-                 ref_logits: Optional[torch.Tensor] = None, ref_lse: Optional[torch.Tensor] = None,
-                 kl: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                 grad_entropy: Optional[torch.Tensor], ignore_index: int, inplace: bool,
+                 grad_kl: Optional[torch.Tensor] = None, ref_logits: Optional[torch.Tensor] = None,
+                 ref_lse: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient w.r.t. ``logits`` in logits.dtype: a fresh contiguous tensor, or ``logits``
     itself overwritten when ``inplace`` (see ``prefopt_fast._rows``)."""
-    args = (logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    args = (logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
             grad_kl, ref_logits, ref_lse, kl)
     if inplace:
         torch.ops.prefopt_fast.row_backward_(*args)

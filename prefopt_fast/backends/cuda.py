@@ -3,7 +3,7 @@
 The same torch.library ops as the cpu backend, with CUDA implementations:
 
     prefopt_fast::row_forward(logits, labels, inv_temp, ignore_index, stats, ref_logits=None) -> Tensor
-    prefopt_fast::row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+    prefopt_fast::row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                                ignore_index, grad_kl=None, ref_logits=None, ref_lse=None, kl=None) -> Tensor
     prefopt_fast::row_backward_(...same...) -> ()      (writes the gradient over logits)
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .._blocks import row_blocks
-from .._rows import N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_MEAN
+from .._rows import N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN
 from .._rows import OUT_KL, OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, num_rows
 
 NAME = "torch"
@@ -74,15 +74,21 @@ def _masked_dot(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _log_softmax(x: torch.Tensor, out: torch.Tensor):
-    """(log softmax of x into out, lse [rows]). One fused vectorized pass (torch.logsumexp
-    on CPU is several times slower: it materializes x - max and its exp)."""
+    """(log softmax of x into out, lse hi [rows], lse lo [rows]). One fused vectorized pass
+    (torch.logsumexp on CPU is several times slower: it materializes x - max and its exp)."""
     ls = torch.ops.aten._log_softmax.out(x, -1, False, out=out)
     m = x.amax(-1)
-    # lse = max x - max log p (both at the argmax, where log p is in [-log V, 0]: no
-    # cancellation); an all -inf row keeps lse = -inf (a vocabulary shard may be fully
-    # masked); NaN or +inf in a row gives NaN, as log_softmax does
-    lse = torch.where(m == float("-inf"), m, m - ls.amax(-1))
-    return ls, lse
+    # log_softmax is (x - m) - log s, so at the argmax it is -log s exactly: lse = m + log s,
+    # summed in fp64 and split into an fp32 (hi, lo) pair (the backward's (x - hi) - lo
+    # keeps p's precision at any magnitude). An all -inf row keeps lse = -inf (a vocabulary
+    # shard may be fully masked); NaN or +inf in a row gives NaN, as log_softmax does.
+    log_s = -ls.amax(-1)
+    if x.dtype == torch.float64:
+        return ls, torch.where(m == float("-inf"), m, m + log_s), torch.zeros_like(m)
+    m64 = m.double()
+    hi = torch.where(m == float("-inf"), m, (m64 + log_s.double()).to(m.dtype))
+    lo = torch.where(torch.isfinite(hi), (m64 - hi.double()) + log_s.double(), 0.0).to(m.dtype)
+    return ls, hi, lo
 
 
 def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, ref_logits=None) -> torch.Tensor:
@@ -101,11 +107,12 @@ def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, r
         b = r1 - r0
         it = inv_temp[r0:r1]
         x = _scaled(blocks[0], it, unit_temp, scratch("x", b))
-        ls, lse = _log_softmax(x, scratch("ls", b))
+        ls, lse, lse_lo = _log_softmax(x, scratch("ls", b))
         ignored, bad, y = _label_info(labels[r0:r1], V, ignore_index)
         o = out[:, r0:r1]
         o[OUT_LOGP] = torch.where(bad, float("nan"), ls.gather(1, y.unsqueeze(1)).squeeze(1))
         o[OUT_LSE] = lse
+        o[OUT_LSE_LO] = lse_lo
         if stats & (STAT_ENTROPY | STAT_LSSP | STAT_KL):
             p = ls.exp()
             if stats & STAT_ENTROPY:
@@ -114,7 +121,7 @@ def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, r
                 o[OUT_LSSP] = torch.linalg.vecdot(p, p).log()
             if with_kl:
                 xr = _scaled(blocks[1], it, unit_temp, scratch("xr", b))
-                log_q, ref_lse = _log_softmax(xr, scratch("lq", b))
+                log_q, ref_lse, _ = _log_softmax(xr, scratch("lq", b))
                 o[OUT_KL] = _masked_dot(p, ls - log_q)
                 o[OUT_REF_LSE] = ref_lse
         if stats & STAT_MEAN:
@@ -126,7 +133,7 @@ def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, r
     return out
 
 
-def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+def _row_backward_impl(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                        ignore_index: int, grad: torch.Tensor, grad_kl=None, ref_logits=None,
                        ref_lse=None, kl=None) -> None:
     """Write the gradient into ``grad``: a contiguous ``[N, V]`` tensor, or ``logits`` itself."""
@@ -148,7 +155,8 @@ def _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_e
         # work in the output block when it has the compute dtype; x may alias it (in place)
         g = g_out if g_out.dtype == cdt else scratch("g", b)
         # p from the given lse (not a fresh softmax): a vocabulary shard gets the global lse
-        torch.sub(x, lse[r0:r1].to(cdt).unsqueeze(1), out=g)  # log p
+        torch.sub(x, lse[r0:r1].to(cdt).unsqueeze(1), out=g)
+        g.sub_(lse_lo[r0:r1].to(cdt).unsqueeze(1))  # log p = (x - hi) - lo
         if grad_entropy is None and not with_kl:
             g.exp_().mul_(-c)  # the common case: three passes over a cached block
         else:
@@ -187,12 +195,12 @@ def _(logits, labels, inv_temp, ignore_index, stats, ref_logits):
 
 @torch.library.custom_op("prefopt_fast::torch_row_backward", mutates_args=())
 def row_backward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                    lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                    lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
                     grad_entropy: Optional[torch.Tensor], ignore_index: int,
                     grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
                     ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> torch.Tensor:
     grad = torch.empty((num_rows(logits), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-    _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, grad,
+    _row_backward_impl(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, grad,
                        grad_kl, ref_logits, ref_lse, kl)
     return grad.view(logits.shape)
 
@@ -204,11 +212,11 @@ def _(logits, *args):
 
 @torch.library.custom_op("prefopt_fast::torch_row_backward_", mutates_args=("logits",))
 def row_backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                            lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                            grad_entropy: Optional[torch.Tensor], ignore_index: int,
+                            lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor,
+                            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], ignore_index: int,
                             grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
                             ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> None:
-    _row_backward_impl(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, logits,
+    _row_backward_impl(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, logits,
                        grad_kl, ref_logits, ref_lse, kl)
 
 
@@ -216,9 +224,9 @@ def row_forward(logits, labels, inv_temp, ignore_index: int, stats: int, ref_log
     return row_forward_op(logits, labels, inv_temp, ignore_index, stats, ref_logits)
 
 
-def row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index: int,
+def row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index: int,
                  inplace: bool, grad_kl=None, ref_logits=None, ref_lse=None, kl=None) -> torch.Tensor:
-    args = (logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    args = (logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
             grad_kl, ref_logits, ref_lse, kl)
     if inplace:
         row_backward_inplace_op(*args)

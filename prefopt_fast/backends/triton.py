@@ -6,7 +6,7 @@ tests only). The launches are ``torch.library`` custom ops with fake implementat
 
     prefopt_fast::triton_row_forward(logits, labels, inv_temp, ignore_index, stats,
                                      ref_logits?) -> out
-    prefopt_fast::triton_row_backward(logits, labels, inv_temp, lse, entropy, grad_logp,
+    prefopt_fast::triton_row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp,
                                       grad_entropy?, ignore_index, grad_kl?, ref_logits?,
                                       ref_lse?, kl?) -> grad
     prefopt_fast::triton_row_backward_inplace(...same...) -> ()   mutates logits
@@ -166,10 +166,11 @@ def _(logits, labels, inv_temp, ignore_index, stats, ref_logits):
     return logits.new_empty((_rows.N_OUT, labels.numel()), dtype=torch.float32)
 
 
-def _launch_backward(logits, grad, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+def _launch_backward(logits, grad, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                      ignore_index, grad_kl, ref_logits, ref_lse, kl):
     f32 = torch.float32
-    vectors = (("lse", lse, f32), ("entropy", entropy, f32), ("grad_logp", grad_logp, f32))
+    vectors = (("lse", lse, f32), ("lse_lo", lse_lo, f32), ("entropy", entropy, f32),
+               ("grad_logp", grad_logp, f32))
     if grad_entropy is not None:
         vectors += (("grad_entropy", grad_entropy, f32),)
     # no reference logits, no KL term (whatever grad_kl says)
@@ -187,19 +188,19 @@ def _launch_backward(logits, grad, labels, inv_temp, lse, entropy, grad_logp, gr
         kl_args = dict(ref_logits=ref_logits, ref_row_off=_rows.row_offsets(ref_logits),
                        ref_lse=ref_lse, kl=kl, grad_kl=grad_kl)
     with _device_guard(logits):
-        bwd.launch(logits, _rows.row_offsets(logits), grad, labels, inv_temp, lse, entropy,
+        bwd.launch(logits, _rows.row_offsets(logits), grad, labels, inv_temp, lse, lse_lo, entropy,
                    grad_logp, grad_entropy, ignore_index, block_v=cfg.block_v,
                    num_warps=cfg.num_warps, align=align, **kl_args)
 
 
 @torch.library.custom_op("prefopt_fast::triton_row_backward", mutates_args=())
 def _backward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                 lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                 lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
                  grad_entropy: Optional[torch.Tensor], ignore_index: int,
                  grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
                  ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _launch_backward(logits, grad, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+    _launch_backward(logits, grad, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                      ignore_index, grad_kl, ref_logits, ref_lse, kl)
     return grad
 
@@ -211,11 +212,11 @@ def _(logits, *args):
 
 @torch.library.custom_op("prefopt_fast::triton_row_backward_inplace", mutates_args=("logits",))
 def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                         lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                         lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
                          grad_entropy: Optional[torch.Tensor], ignore_index: int,
                          grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
                          ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> None:
-    _launch_backward(logits, None, labels, inv_temp, lse, entropy, grad_logp, grad_entropy,
+    _launch_backward(logits, None, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
                      ignore_index, grad_kl, ref_logits, ref_lse, kl)
 
 
@@ -237,12 +238,12 @@ def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tens
 
 
 def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                 lse: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
+                 lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
                  grad_entropy: Optional[torch.Tensor], ignore_index: int, inplace: bool,
                  grad_kl: Optional[torch.Tensor] = None, ref_logits: Optional[torch.Tensor] = None,
                  ref_lse: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient shaped like logits in logits.dtype (``logits`` itself when inplace)."""
-    args = (logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index,
+    args = (logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
             grad_kl, ref_logits, ref_lse, kl)
     if inplace:
         torch.ops.prefopt_fast.triton_row_backward_inplace(*args)

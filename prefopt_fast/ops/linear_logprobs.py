@@ -52,8 +52,8 @@ from torch import nn
 
 from .. import _validate
 from .._dispatch import _load, resolve_backend
-from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY, STAT_LSSP
-from .._rows import STAT_MEAN, STATS
+from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY
+from .._rows import STAT_LSSP, STAT_MEAN, STATS, split_lse
 from ..distributed import is_dtensor, vocab_parallel_linear_token_logprobs
 from .token_logprobs import TokenLogProbs
 
@@ -172,9 +172,10 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
         is_argmax        = first argmax in its block, above every earlier block's max and
                            not below any later block's max
     kept as running sums rescaled whenever lse grows (online log-sum-exp).
-    Returns logp [M], lse [M] and entropy [M] (zeros unless asked for), [3, M] extras and the
-    per-row shift [M] subtracted from fp32 tiles (None otherwise; lse is that of the shifted
-    rows, as the backward must see them).
+    Returns logp [M], lse [M] and lse_lo [M] (the merged fp64 lse as the row contract's pair),
+    entropy [M] (zeros unless asked for), [3, M] extras and the per-row shift [M] subtracted
+    from fp32 tiles (None otherwise; lse is that of the shifted rows, as the backward must
+    see them).
     """
     M, H = hidden.shape
     V = weight.shape[0]
@@ -227,7 +228,7 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
             inb = (y >= v0) & (y < v1)
             yb = y - v0 if one_block else torch.where(inb, y - v0, v1 - v0)
             out = be.row_forward(z, yb, it, _KERNEL_IGNORE, cfg.stats)
-            L = out[OUT_LSE].to(mdt)
+            L = out[OUT_LSE].to(mdt) + out[OUT_LSE_LO].to(mdt)  # the block's lse to ~fp64
             # x_y exactly as the kernels compute it: the tile's value times inv_temp
             zy = (z.gather(1, yb.clamp(max=v1 - v0 - 1).unsqueeze(1)).squeeze(1).to(acc_dt) * it).to(mdt)
             xy[t0:t1] = torch.where(inb, zy, xy[t0:t1])
@@ -270,7 +271,8 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
         extra[1] = mean
     if want_arg:
         extra[2] = ((arg_in != 0) & (xy > max_before) & (xy >= max_all)).to(acc_dt)
-    return logp.to(acc_dt), lse.to(acc_dt), entropy.to(acc_dt), extra, shift
+    lse_hi, lse_lo = split_lse(lse, acc_dt)
+    return logp.to(acc_dt), lse_hi, lse_lo, entropy.to(acc_dt), extra, shift
 
 
 # --------------------------------------------------------------------------- autograd Function
@@ -294,10 +296,12 @@ class LinearLogProbsFunction(torch.autograd.Function):
         h = hidden if idx is None else hidden.index_select(0, idx)
         h = h if h.is_contiguous() else h.contiguous()
         u = torch.mm(h, lora_a.t()) if lora_a is not None else None
-        logp, lse, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, labels, inv_temp, cfg)
+        logp, lse, lse_lo, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, labels, inv_temp,
+                                                                   cfg)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx, shift)
+        ctx.save_for_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, u, idx,
+                              shift)
         ctx.cfg = cfg
         ctx.num_rows = hidden.shape[0]
         return logp, entropy, extra
@@ -307,13 +311,13 @@ class LinearLogProbsFunction(torch.autograd.Function):
         nones = (None,) * 9
         if grad_logp is None and grad_entropy is None:
             return nones
-        h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u, idx, shift = ctx.saved_tensors
+        h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, u, idx, shift = ctx.saved_tensors
         need_h, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         if not (need_h or need_w or need_b or need_a or need_lb):
             return nones
         grads = _linear_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
                                  grad_logp, grad_entropy, ctx.cfg, need_h, need_w, need_b, need_a, need_lb,
-                                 shift=shift)
+                                 shift=shift, lse_lo=lse_lo)
         grad_h = grads[0]
         if grad_h is not None and idx is not None:
             full = grad_h.new_zeros(ctx.num_rows, grad_h.shape[1])
@@ -354,10 +358,13 @@ def _backward_plan(M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, 
 
 
 def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
-                     grad_logp, grad_entropy, cfg: _Cfg, need_h, need_w, need_b, need_a, need_lb, shift=None):
+                     grad_logp, grad_entropy, cfg: _Cfg, need_h, need_w, need_b, need_a, need_lb, shift=None,
+                     lse_lo=None):
     """Gradients (hidden [M, H], weight, bias, lora_a, lora_b; None where not needed) of the
-    kept rows. ``shift`` [M]: what the forward subtracted from each fp32 row (its ``lse`` is
-    that of the shifted rows); None for unshifted rows. Also used by prefopt_fast.distributed."""
+    kept rows. ``lse``, ``lse_lo`` [M]: the rows' logsumexp as the row contract's pair
+    (``_rows.split_lse``; lse_lo None: zeros, for fp64 rows). ``shift`` [M]: what the forward
+    subtracted from each fp32 row (its ``lse`` is that of the shifted rows); None for
+    unshifted rows. Also used by prefopt_fast.distributed."""
     M, H = hidden.shape
     V = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
@@ -371,6 +378,8 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     if grad_entropy is not None:
         grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+    if lse_lo is None:
+        lse_lo = torch.zeros_like(lse)
 
     half = dt in (torch.float16, torch.bfloat16)
     want_rows = need_h or need_u              # gradients summed over the vocabulary
@@ -411,7 +420,7 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
             h_c = hidden[t0:t1]
             u_c = None if u is None else u[t0:t1]
             y = labels[t0:t1]
-            it, lse_c, c_c = inv_temp[t0:t1], lse[t0:t1], grad_logp[t0:t1]
+            it, lse_c, lo_c, c_c = inv_temp[t0:t1], lse[t0:t1], lse_lo[t0:t1], grad_logp[t0:t1]
             e_c = None if grad_entropy is None else grad_entropy[t0:t1]
             ent_c = entropy[t0:t1] if e_c is not None else lse_c
             shift_c = None if shift is None else shift[t0:t1].unsqueeze(1)
@@ -426,7 +435,7 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
                     g.sub_(shift_c)  # the forward's rows, which its lse belongs to
                 # labels of this block; "elsewhere" is an out-of-range index (drops the one-hot term)
                 yb = y - v0 if n_voc_blocks == 1 else torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
-                be.row_backward(g, yb, it, lse_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
+                be.row_backward(g, yb, it, lse_c, lo_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
                 if raw is not None:
                     # d softcap*tanh(scale*r/softcap) / dr = scale / cosh(scale*r/softcap)^2, accurate
                     # in relative terms even in half precision (unlike 1 - tanh^2)

@@ -6,7 +6,8 @@ import torch
 from .. import _validate
 from .._dispatch import _load, resolve_backend
 from ..distributed import is_dtensor, vocab_parallel_token_logprobs
-from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP, OUT_REF_LSE, STAT_ENTROPY, STAT_KL, STATS
+from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_REF_LSE
+from .._rows import STAT_ENTROPY, STAT_KL, STATS
 from .._rows import check_inplace_rows
 
 STAT_NAMES = tuple(STATS)
@@ -38,11 +39,11 @@ class TokenLogProbsFunction(torch.autograd.Function):
                                          **({"ref_logits": ref_logits} if ref_logits is not None else {}))
         # O(N) copies: the autograd outputs must not be views of one buffer
         logp, lse, entropy = out[OUT_LOGP].clone(), out[OUT_LSE].clone(), out[OUT_ENTROPY].clone()
-        kl, ref_lse = out[OUT_KL].clone(), out[OUT_REF_LSE].clone()
+        kl, ref_lse, lse_lo = out[OUT_KL].clone(), out[OUT_REF_LSE].clone(), out[OUT_LSE_LO].clone()
         extra = out[OUT_LSSP:OUT_ARGMAX + 1]  # the three rows are adjacent
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(logits, labels, inv_temp, lse, entropy, ref_logits, ref_lse, kl)
+        ctx.save_for_backward(logits, labels, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl)
         ctx.meta = (ignore_index, inplace, backend, bool(stats & STAT_ENTROPY), bool(stats & STAT_KL))
         return logp, entropy, kl, extra
 
@@ -50,7 +51,7 @@ class TokenLogProbsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
         if grad_logp is None and grad_entropy is None and grad_kl is None:
             return (None,) * 8
-        logits, labels, inv_temp, lse, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
+        logits, labels, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
         ignore_index, inplace, backend, has_entropy, has_kl = ctx.meta
         # Under torch.compile the unused outputs' gradients arrive as zeros, not None; an
         # output that was not computed holds unspecified values and must not be touched.
@@ -65,7 +66,8 @@ class TokenLogProbsFunction(torch.autograd.Function):
         if grad_kl is not None:
             kl_args = dict(grad_kl=grad_kl.to(lse.dtype).contiguous(), ref_logits=ref_logits, ref_lse=ref_lse, kl=kl)
         grad = _load(backend).row_backward(
-            logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index, inplace, **kl_args
+            logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, inplace,
+            **kl_args
         )
         return grad, None, None, None, None, None, None, None
 

@@ -17,11 +17,13 @@ from typing import Optional
 
 import torch
 
+from prefopt_fast import _rows
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SOURCES = ([ROOT / "csrc" / "prefopt_math.h"] + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
            + sorted((ROOT / "csrc" / "cuda").glob("*.h")) + [HERE / "cuda_host_emulation.h", HERE / "emu_driver.cpp"])
-N_OUT = 8
+N_OUT = _rows.N_OUT
 MAX_LEAD = 16
 _DTYPE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -63,7 +65,7 @@ class ForwardArgs(ctypes.Structure):
 
 
 class BackwardArgs(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("labels", "inv_temp", "lse", "entropy", "grad_logp",
+    _fields_ = [(name, ctypes.c_void_p) for name in ("labels", "inv_temp", "lse", "lse_lo", "entropy", "grad_logp",
                                                       "grad_entropy", "grad_kl", "ref_lse", "kl")]
     _fields_ += [("ignore_index", ctypes.c_int64)]
 
@@ -112,14 +114,14 @@ def row_forward(logits, labels, inv_temp, ignore_index: int, stats: int, ref_log
     return out
 
 
-def row_backward(logits, labels, inv_temp, lse, entropy, grad_logp, grad_entropy, ignore_index: int,
+def row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index: int,
                  inplace: bool, grad_kl=None, ref_logits=None, ref_lse=None, kl=None, *,
                  threads: int = 0, blocks: int = 0) -> torch.Tensor:
     L = rows_of(logits)
     grad = logits if inplace else torch.full(logits.shape, float("nan"), dtype=logits.dtype)
     has_kl = grad_kl is not None
     R = rows_of(ref_logits) if has_kl else None
-    A = BackwardArgs(_ptr(labels), _ptr(inv_temp), _ptr(lse), _ptr(entropy), _ptr(grad_logp),
+    A = BackwardArgs(_ptr(labels), _ptr(inv_temp), _ptr(lse), _ptr(lse_lo), _ptr(entropy), _ptr(grad_logp),
                      _ptr(grad_entropy), _ptr(grad_kl), _ptr(ref_lse), _ptr(kl), ignore_index)
     library().emu_row_backward(ctypes.byref(L), ctypes.byref(R) if R is not None else None, ctypes.byref(A),
                                None if inplace else ctypes.c_void_p(grad.data_ptr()), threads, blocks)

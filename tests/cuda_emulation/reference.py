@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSSP,
+from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP,
                                 OUT_MEAN, OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP,
-                                STAT_MEAN)
+                                STAT_MEAN, split_lse)
 
 IGN = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -25,7 +25,8 @@ def _lse64(x):
 
 
 def ref_forward(z, y, it, ignore=IGN, zr=None):
-    """fp64 [N_OUT, N], every statistic (KL rows only with zr)."""
+    """fp64 [N_OUT, N], every statistic (KL rows only with zr). LSE and LSE_LO are the fp32
+    pair of the exact lse (their fp64 sum is the lse to ~fp64)."""
     z, y, it = z.cpu(), y.cpu(), it.cpu()
     V = z.shape[-1]
     x = _x64(z, it)
@@ -35,7 +36,8 @@ def ref_forward(z, y, it, ignore=IGN, zr=None):
     ok = (y >= 0) & (y < V)
     ys = torch.where(ok, y, 0)
     out = torch.zeros(N_OUT, x.shape[0], dtype=torch.float64)
-    out[OUT_LSE] = lse
+    hi, lo = split_lse(lse, torch.float32)
+    out[OUT_LSE], out[OUT_LSE_LO] = hi.double(), lo.double()
     out[OUT_LOGP] = torch.where(ok, x.gather(1, ys[:, None]).squeeze(1) - lse, math.nan)
     out[OUT_ENTROPY] = -torch.where(p == 0, 0.0, p * lp).sum(-1)
     out[OUT_LSSP] = (p * p).sum(-1).log()
@@ -51,12 +53,13 @@ def ref_forward(z, y, it, ignore=IGN, zr=None):
     return out
 
 
-def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None):
-    """fp64 [N, V] gradient of the contract's formula."""
+def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None, lse_lo=None):
+    """fp64 [N, V] gradient of the contract's formula (lse + lse_lo the row's logsumexp)."""
     z, y, it = z.cpu(), y.cpu(), it.cpu()
     V = z.shape[-1]
     x = _x64(z, it)
-    lp = x - lse.cpu().double()[:, None]
+    lse = lse.cpu().double() + (0.0 if lse_lo is None else lse_lo.cpu().double())
+    lp = x - lse[:, None]
     p = lp.exp()
     oh = torch.zeros_like(x)
     ok = (y >= 0) & (y < V)
@@ -87,6 +90,10 @@ def assert_forward(out, ref, stats, rtol=3e-5, atol=3e-5, what=""):
     for r in stat_rows(stats):
         torch.testing.assert_close(out[r].cpu().double(), ref[r], rtol=rtol, atol=atol, equal_nan=True,
                                    msg=lambda m, r=r: f"{what} output row {r}: {m}")
+    # LSE + LSE_LO: the lse to the accuracy of the fp32 exp-sums, at any magnitude
+    lse = out[OUT_LSE].cpu().double() + out[OUT_LSE_LO].cpu().double()
+    torch.testing.assert_close(lse, ref[OUT_LSE] + ref[OUT_LSE_LO], rtol=0, atol=2e-6, equal_nan=True,
+                               msg=lambda m: f"{what} LSE + LSE_LO: {m}")
 
 
 def grad_tol(dtype):

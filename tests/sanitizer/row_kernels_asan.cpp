@@ -280,6 +280,7 @@ void run_case(const Case& c, int stats, std::vector<float>* logp_out, std::vecto
 
   // backward: three flavours, each fresh then in place
   float* lse = exact<float>((size_t)N);
+  float* lse_lo = exact<float>((size_t)N);
   float* ent = exact<float>((size_t)N);
   float* klv = exact<float>((size_t)N);
   float* rlse = exact<float>((size_t)N);
@@ -288,6 +289,7 @@ void run_case(const Case& c, int stats, std::vector<float>* logp_out, std::vecto
   float* gk = exact<float>((size_t)N);
   for (int64_t n = 0; n < N; ++n) {
     lse[n] = out[(size_t)kOutLse * N + n];
+    lse_lo[n] = out[(size_t)kOutLseLo * N + n];
     ent[n] = (stats & kStatEntropy) ? out[(size_t)kOutEntropy * N + n] : 0.0f;
     klv[n] = kl ? out[(size_t)kOutKl * N + n] : 0.0f;
     rlse[n] = kl ? out[(size_t)kOutRefLse * N + n] : 0.0f;
@@ -303,6 +305,7 @@ void run_case(const Case& c, int stats, std::vector<float>* logp_out, std::vecto
     A.labels = labels;
     A.inv_temp = inv_temp;
     A.lse = lse;
+    A.lse_lo = lse_lo;
     A.entropy = flavour >= 1 ? ent : lse;
     A.grad_logp = gl;
     A.grad_entropy = flavour >= 1 ? ge : nullptr;
@@ -349,8 +352,8 @@ void run_case(const Case& c, int stats, std::vector<float>* logp_out, std::vecto
     }
     std::free(grad);
   }
-  for (void* p : {(void*)labels, (void*)inv_temp, (void*)out, (void*)lse, (void*)ent, (void*)klv, (void*)rlse,
-                  (void*)gl, (void*)ge, (void*)gk})
+  for (void* p : {(void*)labels, (void*)inv_temp, (void*)out, (void*)lse, (void*)lse_lo, (void*)ent, (void*)klv,
+                  (void*)rlse, (void*)gl, (void*)ge, (void*)gk})
     std::free(p);
 }
 
