@@ -58,7 +58,7 @@ OP = S.logits_op(
      S.trl_provider(_make_trl, "trl selective_log_softmax, masked sums, TRL's sigmoid DPO formula")] + _ours,
     description="sigmoid DPO fwd + bwd from the logits [2B, T, V] of the stacked batch (precomputed reference)",
     notes=_notes + ["Liger's DPO and cut-cross-entropy work from hidden states: see linear_dpo"],
-    full_providers=("naive", "naive-compile", "trl", "prefopt_fast.*"))
+    full_providers=("naive", "trl", "prefopt_fast.*"))
 
 if __name__ == "__main__":
     sys.exit(S.script_main("benchmarks.bench_dpo"))

@@ -86,7 +86,7 @@ OP = S.linear_op(
     description="sigmoid DPO fwd + bwd from hidden states [2B, T, H] and the lm_head [V, H] (grads to both)",
     notes=_our_notes + ["matmul-floor materializes the logits: its memory column is not a contender's",
                         "liger runs reference-free (reference sums 0): the same lm_head work as the others"],
-    full_providers=("matmul-floor", "naive", "trl", "torch-linear-ce", "liger", "prefopt_fast.*"))
+    full_providers=("matmul-floor", "naive", "trl", "cce", "liger", "prefopt_fast.*"))
 
 if __name__ == "__main__":
     sys.exit(S.script_main("benchmarks.bench_linear_dpo"))

@@ -63,8 +63,10 @@ def variant_op(kind: str) -> H.OpSpec:
                     " [B, T, H] and the lm_head [V, H], fwd + bwd (grads to both)",
         notes=notes + ["Liger-Kernel's chunked losses have no plain log-prob / cross-entropy head that runs"
                        " on CPU (its fused-linear cross-entropy is Triton): see linear_dpo / linear_ppo"],
-        full_providers=("matmul-floor", "naive", "trl", "torch-linear-ce", "prefopt_fast.*")
-        if kind == "token" else ("naive", "prefopt_fast.*"))
+        # torch-linear-ce runs at ~100x the GEMM bound on this CPU and TRL's head at ~15x:
+        # in --full only linear_dpo keeps TRL (each would take minutes per shape here)
+        full_providers=("matmul-floor", "naive", "cce", "prefopt_fast.*") if kind == "token" else
+        ("naive", "prefopt_fast.*"))
 
 
 OP = variant_op("token")

@@ -93,7 +93,7 @@ PROVIDERS = S.linear_baselines(naive, _make_trl, ", then the loss") + S.liger_pr
 OP = S.linear_op(
     "linear_ppo", "benchmarks.bench_linear_ppo", LAYOUT, PROVIDERS,
     description="clipped PG loss (k3 KL) fwd + bwd from hidden states [B, T, H] and the lm_head [V, H]",
-    notes=_notes, full_providers=("matmul-floor", "naive", "trl", "liger", "prefopt_fast.*"))
+    notes=_notes, full_providers=("matmul-floor", "naive", "liger", "prefopt_fast.*"))
 
 if __name__ == "__main__":
     sys.exit(S.script_main("benchmarks.bench_linear_ppo"))

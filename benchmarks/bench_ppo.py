@@ -132,8 +132,10 @@ def variant_op(kl: str) -> H.OpSpec:
         S.compiled_provider(naive_kl),
     ] + floor + ours
     # the estimators differ only in [B, T] work: the k3 op sweeps every provider, the others
-    # only naive and ours (the floor is the same for all of them)
+    # (in --quick: naive and ours; in --full: naive and the compiled backends, the pure-PyTorch
+    # fallback taking seconds per step at V = 256000 here) skip the floor, the same for all
     sweep = None if kl in ("k3", "full") else ("naive", "prefopt_fast.*")
+    full_sweep = None if sweep is None else ("naive",) + S.COMPILED
     return S.logits_op(
         op_name(kl), f"benchmarks.bench_ppo:{kl}",
         S.LogitsLayout(batch=B, prompt=0.125, ref_logits=full, extra=_extra, small_per_token=24), providers,
@@ -141,9 +143,10 @@ def variant_op(kl: str) -> H.OpSpec:
                      "clipped PG loss with the exact full-vocabulary KL from policy + reference logits [B, T, V]")
         + ", fwd + bwd into the logits",
         notes=notes, default=(4096, 128256),  # the B = 8, T = 512, V = 128256
-        dtypes=("bf16", "fp32"), full_providers=sweep or ("naive", "token_logprobs+entropy.*", "prefopt_fast.*"),
+        dtypes=("bf16", "fp32"), full_providers=full_sweep or ("naive", "prefopt_fast.*") + tuple(
+            p.replace("prefopt_fast", "token_logprobs+entropy") for p in S.COMPILED),
         quick_providers=sweep,
-        full_tokens=(4096,) if sweep else (256, 4096))
+        full_tokens=(2048,) if sweep else (128, 2048))
 
 
 OP = variant_op("k3")

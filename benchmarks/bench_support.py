@@ -28,6 +28,9 @@ from benchmarks import harness as H
 
 IGN = -100
 FULL_VOCABS = (32000, 128256, 256000)
+# the backends with compiled kernels: --full sweeps of the secondary ops skip the pure-PyTorch
+# fallback ("torch"), which takes seconds per step at V = 256000 on a small CPU
+COMPILED = ("prefopt_fast.cpu", "prefopt_fast.triton", "prefopt_fast.cuda")
 
 
 def itemsize(dtype) -> int:
@@ -111,8 +114,8 @@ class LogitsLayout:
 
 
 def logits_op(name: str, module: str, layout: LogitsLayout, providers: list, *, description: str,
-              notes=(), quick=(256, 8192), default=(2048, 128256), full_center: int = 1024,
-              full_tokens=(256, 4096), dtypes=("fp32", "bf16"), quick_dtypes=("fp32",), full_dtypes=("bf16",),
+              notes=(), quick=(256, 8192), default=(2048, 128256), full_center: int = 256,
+              full_tokens=(128, 2048), dtypes=("fp32", "bf16"), quick_dtypes=("fp32",), full_dtypes=("bf16",),
               full_providers=None, quick_providers=None, reference=("naive",)) -> H.OpSpec:
     """An OpSpec for an op on logits, with the family's presets; ``providers`` should list
     the baselines and peers, followed by ``H.prefopt_fast_providers`` output.
@@ -193,8 +196,8 @@ class LinearLayout:
 
 
 def linear_op(name: str, module: str, layout: LinearLayout, providers: list, *, description: str,
-              notes=(), quick=(256, 8192, 256), default=(2048, 128256, 2048), full_center: int = 512,
-              full_tokens=(128, 2048), full_hidden: int = 256, dtypes=("fp32", "bf16"), quick_dtypes=("bf16",),
+              notes=(), quick=(256, 8192, 256), default=(2048, 128256, 2048), full_center: int = 256,
+              full_tokens=(128, 1024), full_hidden: int = 256, dtypes=("fp32", "bf16"), quick_dtypes=("bf16",),
               full_dtypes=("bf16",), full_providers=None, quick_providers=None, reference=("naive",)) -> H.OpSpec:
     """An OpSpec for a fused-linear op (grads to hidden and weight), with the family's presets."""
     ms = layout.make_shape

@@ -80,7 +80,8 @@ PROVIDERS = [
 OP = S.logits_op(
     "token_logprobs", "benchmarks.bench_token_logprobs", LAYOUT, PROVIDERS,
     description="per-token log-probs of the labels from logits [B, T, V] (fwd, and bwd into the logits)",
-    quick_dtypes=("fp32", "bf16"), full_dtypes=("fp32", "bf16"),
+    quick_dtypes=("fp32", "bf16"), full_dtypes=("fp32", "bf16"), full_center=512, full_tokens=(128, 4096),
+    full_providers=("naive", "naive-fp32", "torch-cross-entropy", "trl", "liger", "prefopt_fast.*"),
     notes=_our_notes + [
         "cut-cross-entropy and torch's F.linear_cross_entropy take hidden states and the classifier, not"
         " logits: they are benchmarked with the fused-linear ops (linear_token_logprobs), not here",

@@ -56,14 +56,17 @@ PRESET_SETTINGS = {
     # --quick: no separate warm-up (the memory step before the timing loops serves as one)
     "quick": dict(repeats=2, warmup=0, min_repeats=2, max_loop_s=0.3),
     "default": dict(repeats=5, warmup=1, min_repeats=3, max_loop_s=30.0),
-    "full": dict(repeats=5, warmup=1, min_repeats=2, max_loop_s=4.0),
+    # --full: the memory step before the timing loops serves as the warm-up (compiling
+    # providers still get one), loops stop after 2 repeats once 3 s are used
+    "full": dict(repeats=5, warmup=0, min_repeats=2, max_loop_s=3.0),
 }
 # How the (provider, shape) cases are run by default: "shape" = one fresh worker process per
-# (provider, shape); "provider" = one worker per provider running all its shapes in turn (the
-# peak-RSS counter is reset per region, so the memory figures stay per case; this saves the
-# ~3 s start-up of a worker per shape, which would dominate --full); "inline" = in this
-# process (--quick and --dry-run: seconds matter more than isolation there).
-PRESET_JOBS = {"dry-run": "inline", "quick": "inline", "default": "shape", "full": "provider"}
+# (provider, shape); "provider" = one worker per provider running all its shapes in turn;
+# "op" = one worker per op running every provider and shape in turn (the peak-RSS counter is
+# reset per region, so the memory figures stay per case; this saves the ~3-7 s start-up of a
+# worker, which would take a quarter of --full); "inline" = in this process (--quick and
+# --dry-run: seconds matter more than isolation there).
+PRESET_JOBS = {"dry-run": "inline", "quick": "inline", "default": "shape", "full": "op"}
 
 # Peak memory a case may be expected to need before it is skipped (bytes; --max-mem-gb).
 DEFAULT_MEM_CAP = 16 << 30
@@ -582,25 +585,38 @@ def load_op(module: str) -> OpSpec:
 
 
 def job_cases(job: dict) -> list:
-    """[(shape, dtype)] of a job: ``{"shape", "dtypes"}`` or ``{"cases": [{"shape", "dtypes"}]}``."""
+    """[(shape, dtype)] of a job: ``{"shape", "dtypes"}`` or ``{"cases": [{"shape", "dtypes"}]}``
+    (for a job of ``subjobs``: [(provider, shape, dtype)])."""
+    if "subjobs" in job:
+        return [(j["provider"], sh, d) for j in job["subjobs"] for sh, d in job_cases(j)]
     groups = job["cases"] if "cases" in job else [{"shape": job["shape"], "dtypes": job["dtypes"]}]
     return [(g["shape"], d) for g in groups for d in g["dtypes"]]
+
+
+def _fail(job: dict, status: str, note: str) -> list:
+    if "subjobs" in job:
+        return [{"provider": p, "shape": sh, "dtype": d, "status": status, "note": note} for p, sh, d in job_cases(job)]
+    return [{"shape": sh, "dtype": d, "status": status, "note": note} for sh, d in job_cases(job)]
 
 
 def run_job(job: dict, op: OpSpec | None = None) -> list:
     """Run one job (a provider over one or several shapes, each over its dtypes) in this
     process; one result per (shape, dtype), carrying both."""
     op = op if op is not None else load_op(job["module"])
+    if "subjobs" in job:
+        out = []
+        for sj in job["subjobs"]:
+            sj = dict(sj, settings=job["settings"])
+            out += [dict(r, provider=sj["provider"]) for r in run_job(sj, op)]
+        return out
     out = []
     try:
         provider = op.provider(job["provider"])
         fn = provider.make()
     except ImportError as exc:  # installed but not importable here (e.g. a GPU-only dependency)
-        return [{"shape": sh, "dtype": d, "status": "skipped", "note": f"import failed: {type(exc).__name__}: {exc}"}
-                for sh, d in job_cases(job)]
+        return _fail(job, "skipped", f"import failed: {type(exc).__name__}: {exc}")
     except Exception as exc:
-        return [{"shape": sh, "dtype": d, "status": "error", "note": f"setup failed: {type(exc).__name__}: {exc}"}
-                for sh, d in job_cases(job)]
+        return _fail(job, "error", f"setup failed: {type(exc).__name__}: {exc}")
     for shape, dtype in job_cases(job):
         case = Case.make(shape, dtype, job["device"])
         t0 = time.perf_counter()
@@ -630,7 +646,7 @@ def worker_main():
 def run_job_subprocess(job: dict, timeout: float) -> list:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    fail = lambda note: [{"shape": sh, "dtype": d, "status": "error", "note": note} for sh, d in job_cases(job)]
+    fail = lambda note: _fail(job, "error", note)
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks._worker"], input=json.dumps(job),
                               capture_output=True, text=True, timeout=timeout, env=env)
@@ -1221,7 +1237,8 @@ def memory_guard(op: OpSpec, provider: Provider, case: Case, avail: int | None,
 def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
          avail: int | None, cap: int | None = DEFAULT_MEM_CAP, per: str = "shape") -> tuple[list, list]:
     """Jobs and per-case skip results. ``per="shape"``: one job per (provider, shape) with the
-    dtypes that apply; ``per="provider"``: one job per provider holding all its shapes."""
+    dtypes that apply; ``per="provider"``: one job per provider holding all its shapes;
+    ``per="op"``: one job holding all of them (``subjobs``)."""
     jobs, skipped = [], []
     for shape in shapes:
         for prov in providers:
@@ -1238,6 +1255,8 @@ def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
             if run_dtypes:
                 jobs.append({"module": op.module, "provider": prov.name, "shape": dict(shape),
                              "dtypes": run_dtypes, "device": device})
+    if per == "op" and jobs:
+        jobs = [{"module": op.module, "provider": f"{len(providers)} providers", "device": device, "subjobs": jobs}]
     if per == "provider":
         merged: dict = {}
         for j in jobs:
@@ -1249,6 +1268,8 @@ def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
 
 
 def job_label(job: dict) -> str:
+    if "subjobs" in job:
+        return f"{job['provider']} x {len({json.dumps(j['shape']) for j in job['subjobs']})} shapes"
     if "cases" in job:
         return f"{job['provider']} ({len(job['cases'])} shapes)"
     return f"{job['provider']} {shape_label(job['shape'])} {','.join(job['dtypes'])}"
@@ -1338,7 +1359,7 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
 
     avail = available_memory(device)
     jobs, results = plan(op, runnable, shapes, dtypes, device, avail, mem_cap,
-                         per="provider" if jobs_per == "provider" else "shape")
+                         per=jobs_per if jobs_per in ("provider", "op") else "shape")
 
     # calibration, before any job, once per distinct logits size
     calib_list, calib = [], {}
@@ -1368,8 +1389,8 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
             outs = run_job(job, op=op)
         else:
             outs = run_job_subprocess(job, timeout)
-        prov = op.provider(job["provider"])
         for o in outs:
+            prov = op.provider(o.pop("provider", job["provider"]))
             case = Case.make(o.pop("shape"), o.pop("dtype"), device)
             r = new_result(op, prov, case, **o)
             if r.get("status") != "ok":
@@ -1486,9 +1507,9 @@ def build_parser(op_names: Iterable[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker job")
     p.add_argument("--max-mem-gb", type=float, default=DEFAULT_MEM_CAP / 2**30,
                    help="skip cases estimated to need more peak memory than this (GiB; default 16)")
-    p.add_argument("--jobs-per", choices=("shape", "provider", "inline"),
-                   help="one worker process per (provider, shape), per provider, or none"
-                        " (default: inline for --quick / --dry-run, provider for --full, shape otherwise)")
+    p.add_argument("--jobs-per", choices=("shape", "provider", "op", "inline"),
+                   help="one worker process per (provider, shape), per provider, per op, or none"
+                        " (default: inline for --quick / --dry-run, op for --full, shape otherwise)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list", action="store_true", help="list the providers and whether they run here")

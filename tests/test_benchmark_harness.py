@@ -392,6 +392,15 @@ def test_full_preset_runs_per_provider_in_a_worker():
     res = H.run_job_subprocess(job, timeout=120)
     assert [(r["shape"]["V"], r["dtype"], r["status"]) for r in res] == \
         [(50, "fp32", "ok"), (80, "fp32", "ok"), (80, "bf16", "ok")], res
+    # --full's default: one worker per op running every provider; results name their provider
+    op = _op("dpo")
+    provs = [op.provider("naive"), op.provider("prefopt_fast.cpu"), op.provider("trl")]
+    (ojob,), _ = H.plan(op, provs, [job["cases"][0]["shape"]], ["fp32"], "cpu", None, per="op")
+    assert [j["provider"] for j in ojob["subjobs"]] == ["naive", "prefopt_fast.cpu", "trl"]
+    ojob["settings"] = job["settings"]
+    res = H.run_job(dict(ojob, subjobs=ojob["subjobs"][:2] + [dict(ojob["subjobs"][0], provider="nope")]))
+    assert [(r["provider"], r["status"]) for r in res] == [("naive", "ok"), ("prefopt_fast.cpu", "ok"),
+                                                         ("nope", "error")], res
 
 
 # --------------------------------------------------------------------------- the smoke run
