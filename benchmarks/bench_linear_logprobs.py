@@ -66,7 +66,9 @@ def variant_op(kind: str) -> H.OpSpec:
         # torch-linear-ce runs at ~100x the GEMM bound on this CPU and TRL's head at ~15x:
         # in --full only linear_dpo keeps TRL (each would take minutes per shape here)
         full_providers=("matmul-floor", "naive", "cce", "prefopt_fast.*") if kind == "token" else
-        ("naive", "prefopt_fast.*"))
+        ("naive", "prefopt_fast.*"),
+        # the sequence variant is the token one plus [B] sums: --quick skips its slowest peer
+        quick_providers=None if kind == "token" else ("matmul-floor", "naive", "trl", "cce", "prefopt_fast.*"))
 
 
 OP = variant_op("token")
