@@ -11,13 +11,15 @@ whose last dimension has stride 1 (any other strides, never copied):
     out      fp32 [N_OUT, N] contiguous, rows indexed by OUT_*:
              x_v = z_v * inv_temp            (fp32 math whatever the logits dtype; x is
                                               rounded to fp32 before any use)
-             LSE     = log sum_v exp x_v      (fp32: the nearest float, "hi")
+             lse     = log sum_v exp x_v = m + log s   (m the row max, s = sum_v exp(x_v - m))
+             LSE     = fl32(lse)              (the nearest float, "hi")
              LSE_LO  = fl32(lse - LSE)        (the low part: LSE + LSE_LO is lse to about
                                               fp64 precision, e.g. hi = fl32(m + log s),
                                               lo = fl32((m - hi) + log s) in double or by
-                                              TwoSum, m the row max; 0 where LSE is not finite)
+                                              TwoSum; 0 where LSE is not finite, and for
+                                              fp64 rows on the torch backend)
              LOGP    = x_y - lse              (as (x_y - m) - log s: no cancellation)
-             ENTROPY = LSE - sum_v p_v x_v   (terms with p_v == 0 count 0)
+             ENTROPY = lse - sum_v p_v x_v   (terms with p_v == 0 count 0)
              LSSP    = log sum_v p_v^2
              MEAN    = (1 / V) sum_v x_v
              ARGMAX  = 1.0 if y is the first index of max_v x_v else 0.0
