@@ -17,7 +17,8 @@ def check_tensor(x, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
 
 
-def check_logits(logits, name: str = "logits") -> None:
+def check_logits(logits, name: str = "logits", *, empty_vocab: bool = False) -> None:
+    """``empty_vocab``: ``logits`` is a vocabulary shard, which may be empty."""
     check_tensor(logits, name)
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(
@@ -25,7 +26,7 @@ def check_logits(logits, name: str = "logits") -> None:
         )
     if logits.dim() < 1:
         raise ValueError(f"{name} must have shape [..., V] with at least one dimension; got a 0-d tensor")
-    if logits.shape[-1] < 1:
+    if logits.shape[-1] < 1 and not empty_vocab:
         raise ValueError(f"{name} must have a non-empty vocabulary dimension; got shape {tuple(logits.shape)}")
     if logits.shape[-1] > 1 and logits.stride(-1) != 1:
         raise ValueError(
@@ -135,9 +136,14 @@ def check_linear_scalars(logit_scale, softcap, chunk_size) -> Tuple[float, Optio
 
 def check_labels(labels, logits: torch.Tensor, ignore_index: int, name: str = "labels") -> None:
     check_index_tensor(labels, name, logits.shape[:-1], logits.device, "logits.shape[:-1]")
-    V = logits.shape[-1]
+    check_label_range(labels, logits.shape[-1], ignore_index, name)
+
+
+def check_label_range(labels: torch.Tensor, V: int, ignore_index: int, name: str = "labels",
+                      vocab: str = "the vocabulary size") -> None:
+    """Every entry of ``labels`` in [0, V) or == ignore_index; ``vocab`` says what V is."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    msg = f"{name} must lie in [0, {V}) (the vocabulary size) or equal ignore_index={ignore_index}"
+    msg = f"{name} must lie in [0, {V}) ({vocab}) or equal ignore_index={ignore_index}"
     if _compiling():
         torch._assert_async(~bad.any(), msg)
     elif labels.device.type != "meta" and bad.any():  # meta tensors have no values to check

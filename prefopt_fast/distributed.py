@@ -71,28 +71,31 @@ class ShardLayout(NamedTuple):
     vocab: int          # the global vocabulary size
 
 
-def _check_opt_int(value, name: str) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None; got {type(value).__name__}")
-    return value
+def check_process_group(process_group) -> None:
+    """process_group must be a ProcessGroup of an initialized torch.distributed."""
+    if process_group is None:
+        raise ValueError("process_group is required for vocabulary-parallel log-probs")
+    if dist.is_available() and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD "
+                        f"or one from torch.distributed.new_group); got {type(process_group).__name__}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group needs torch.distributed to be initialized "
+                           "(torch.distributed.init_process_group)")
 
 
 def shard_layout(process_group, local_size: int, vocab_start: Optional[int] = None,
-                 vocab_size: Optional[int] = None, device=None) -> ShardLayout:
+                 vocab_size: Optional[int] = None, device=None, what: str = "local_size") -> ShardLayout:
     """Gather every rank's ``(local_size, vocab_start, vocab_size)`` (one all-gather of 3
     int64 per rank) and check that the shards tile ``[0, V)``.
 
     Without ``vocab_start`` the shards follow the rank order (rank r starts after ranks
     0..r-1; ``rank * local_size`` for even shards). Values are checked after the exchange, so
-    a bad value on one rank raises the same error on every rank instead of a hang.
+    a bad value on one rank raises the same error on every rank instead of a hang. ``what``
+    names ``local_size`` in errors (e.g. "logits.shape[-1]").
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("process_group needs torch.distributed to be initialized "
-                           "(torch.distributed.init_process_group)")
-    vocab_start = _check_opt_int(vocab_start, "vocab_start")
-    vocab_size = _check_opt_int(vocab_size, "vocab_size")
+    check_process_group(process_group)
+    vocab_start = _validate.check_int(vocab_start, "vocab_start", optional=True)
+    vocab_size = _validate.check_int(vocab_size, "vocab_size", optional=True)
     rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     if rank < 0:
         raise ValueError("this process is not a member of process_group")
@@ -103,6 +106,9 @@ def shard_layout(process_group, local_size: int, vocab_start: Optional[int] = No
     rows = torch.stack(gathered).tolist()  # host sync: the layout decides every shape below
     sizes = [r[0] for r in rows]
     V = sum(sizes)
+    if V < 1:
+        raise ValueError(f"the vocabulary shards are all empty: {what} must be >= 1 on at least one rank of "
+                         f"process_group; got {sizes}")
     if len({r[1] for r in rows}) != 1 or len({r[3] for r in rows}) != 1:
         raise ValueError("vocab_start and vocab_size must be given on all ranks of process_group or on none")
     if rows[0][3]:
@@ -122,8 +128,6 @@ def shard_layout(process_group, local_size: int, vocab_start: Optional[int] = No
                              f"[0, {V}) without gaps or overlaps; got starts {starts} with sizes {sizes}")
     else:
         starts = [sum(sizes[:r]) for r in range(world)]
-    if V < 1:
-        raise ValueError("the vocabulary shards are all empty")
     return ShardLayout(process_group, rank, world, starts[rank], sizes[rank], V)
 
 
@@ -347,32 +351,6 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         return (grad,) + nones[1:]
 
 
-def _check_local_logits(logits, name: str) -> None:
-    _validate.check_tensor(logits, name)
-    if logits.dtype not in _validate.LOGIT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 on backend='torch'); got {logits.dtype}")
-    if logits.dim() < 1:
-        raise ValueError(f"{name} must have shape [..., V_local]; got a 0-d tensor")
-    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
-        raise ValueError(f"{name} must have stride 1 in its last (vocabulary) dimension; "
-                         f"got strides {tuple(logits.stride())}")
-
-
-def _check_global_labels(labels, shape, V: int, ignore_index: int, device, what: str) -> None:
-    _validate.check_tensor(labels, "labels")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64 or int32); got {labels.dtype}")
-    if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"labels must have shape {what} = {tuple(shape)}; got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels must be on the device of {what.split('.')[0]} ({device}); got {labels.device}")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bad.any():
-        first = int(labels[bad].reshape(-1)[0])
-        raise ValueError(f"labels must lie in [0, {V}) (the global vocabulary size) or equal "
-                         f"ignore_index={ignore_index}; found {first} ({int(bad.sum())} bad labels)")
-
-
 def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, stats=(),
                                   ref_logits=None, inplace_backward=False, backend="auto", process_group=None,
                                   vocab_start=None, vocab_size=None):
@@ -399,13 +377,14 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     elif is_dtensor(ref_logits):
         raise TypeError("ref_logits is a DTensor but logits is not; pass both as DTensors or both as local shards")
     labels = _local(labels)
-    if process_group is None:
-        raise ValueError("process_group is required for vocabulary-parallel log-probs")
-    _check_local_logits(logits, "logits")
+    check_process_group(process_group)
+    _validate.check_logits(logits, empty_vocab=True)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
+    # everything that needs no collective is checked first: a bad tensor must not reach the
+    # all-gather of shard_layout (where a device mismatch fails inside the collective)
+    _validate.check_index_tensor(labels, "labels", logits.shape[:-1], logits.device, "logits.shape[:-1]")
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
+    _validate.check_bool(inplace_backward, "inplace_backward")
     if inplace_backward:
         check_inplace_rows(logits)
     want_kl = "kl" in names
@@ -414,18 +393,16 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     if ref_logits is not None:
         if not want_kl:
             raise ValueError('ref_logits is only used by the "kl" statistic; add "kl" to stats or drop ref_logits')
-        if logits.shape[-1]:
-            _validate.check_like(ref_logits, logits, "ref_logits")
-        elif tuple(ref_logits.shape) != tuple(logits.shape):
-            raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}; "
-                             f"got {tuple(ref_logits.shape)}")
-
-    layout = shard_layout(process_group, logits.shape[-1], vocab_start, vocab_size, logits.device)
-    _check_global_labels(labels, logits.shape[:-1], layout.vocab, ignore_index, logits.device, "logits.shape[:-1]")
+        _validate.check_like(ref_logits, logits, "ref_logits", empty_vocab=True)
     inv_temp = _validate.inverse_temperature(
         temperature, labels, torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
     # an empty shard never reaches a kernel; resolve the backend on a dtype/device probe
     be = resolve_backend(backend, logits, need_kl=want_kl)
+
+    layout = shard_layout(process_group, logits.shape[-1], vocab_start, vocab_size, logits.device,
+                          what="logits.shape[-1]")
+    _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
     mask = 0
     for name in names:
@@ -554,7 +531,7 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     like it, LoRA ``A`` ``[r, H]`` is replicated. The gradients of ``hidden`` and ``A`` are
     all-reduced (summed) over the group in the backward.
     """
-    from .ops.linear_logprobs import _Cfg, _check_inputs, _check_scalars, default_chunk_size
+    from .ops.linear_logprobs import _Cfg, _check_inputs, default_chunk_size
     from .ops.token_logprobs import TokenLogProbs
 
     if is_dtensor(weight):
@@ -569,27 +546,22 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
             a, b, sc = lora
             lora = (_local(a), _from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
     hidden, labels = _local(hidden), _local(labels)
-    if process_group is None:
-        raise ValueError("process_group is required for vocabulary-parallel log-probs")
+    check_process_group(process_group)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    _validate.check_tensor(labels, "labels")
-    if weight.shape[0]:
-        # shapes, dtypes and LoRA of the local shard; the labels' range is checked against the
-        # global vocabulary below, so the local checks get labels that are all ignore_index
-        lora_a, lora_b, scaling = _check_inputs(hidden, weight, torch.full_like(labels, ignore_index), bias,
-                                                lora, ignore_index)
-    else:
-        lora_a, lora_b, scaling = _check_empty_shard(hidden, weight, bias, lora)
-    logit_scale, softcap = _check_scalars(logit_scale, softcap, chunk_size)
+    # shapes, dtypes and LoRA of the local shard (which may have no rows); the labels' range
+    # needs the global vocabulary: checked after shard_layout, everything else before it
+    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=True)
+    logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
     names = _validate.parse_names(stats, tuple(STATS), "stats")
     if "kl" in names:
         raise ValueError('stats "kl" is not available in the fused-linear path; use token_logprobs(logits, ..., '
                          "ref_logits=...) or a sampled KL estimator on per-token reference log-probs")
-    layout = shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device)
-    _check_global_labels(labels, hidden.shape[:-1], layout.vocab, ignore_index, hidden.device, "hidden.shape[:-1]")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     inv_temp = _validate.inverse_temperature(temperature, labels, acc)
     be = resolve_backend(backend, hidden)
+    layout = shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device,
+                          what="weight.shape[0]")
+    _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
     H = hidden.shape[-1]
     flat_h = hidden.reshape(-1, H)
@@ -627,16 +599,3 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     if "is_argmax" in names:
         out["is_argmax"] = full(extra[2]) != 0
     return TokenLogProbs(full(logp), **out)
-
-
-def _check_empty_shard(hidden, weight, bias, lora):
-    """The local checks for a rank whose head shard has no rows (``[0, H]``)."""
-    _validate.check_tensor(hidden, "hidden")
-    _validate.check_tensor(weight, "weight")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must be [V_local, H] with hidden's H and dtype; got {list(weight.shape)} "
-                         f"{weight.dtype}")
-    if lora is None:
-        return None, None, 1.0
-    a, b, sc = lora
-    return a, b, float(sc)

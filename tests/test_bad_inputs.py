@@ -801,48 +801,7 @@ def _cells():
 CELLS = list(_cells())
 
 # (function, argument, label) -> why the package does not meet the expectation yet
-_GAPS = {
-    "int_type": "chunk_size of a wrong type (str, float) raises ValueError, not TypeError (ops/linear_logprobs.py "
-                "_check_scalars; _validate.check_linear_scalars, which the fused-linear loss modules use, is the fix)",
-    "logit_scale": "logit_scale of a wrong type (str, None) raises ValueError, not TypeError (ops/linear_logprobs.py "
-                   "_check_scalars; _validate.check_linear_scalars is the fix)",
-    "lora_nan": "a NaN LoRA scaling raises TypeError ('lora scaling must be a finite float'): a bad value should be a "
-                "ValueError (ops/linear_logprobs.py _check_inputs; _validate.check_real(scaling, 'lora scaling') fixes "
-                "it)",
-    "vp_device": "vocabulary-parallel logits on another device than labels / the group: shard_layout all-gathers its "
-                 "info tensor on logits.device before any device check, so meta logits give NotImplementedError "
-                 "('Cannot copy out of meta tensor') and a CUDA shard with CPU labels fails in the collective "
-                 "(distributed.py vocab_parallel_token_logprobs: check labels' / temperature's device before "
-                 "shard_layout)",
-    "vp_empty": "vocabulary-parallel logits with an empty vocabulary on every rank: the message blames vocab_size "
-                "('must equal the sum of the local vocabulary sizes [0]'), never logits (distributed.py shard_layout; "
-                "check V >= 1 before the vocab_size comparison and name logits' last dimension)",
-    "vp_group": "process_group of a wrong type (a str) gives torch's ValueError 'Group world is not registered', "
-                "naming neither process_group nor what is expected (distributed.py shard_layout: "
-                "isinstance(process_group, dist.ProcessGroup) -> TypeError)",
-    "vp_weight": "vocab-parallel linear_token_logprobs with a non-tensor weight: AttributeError (\"'list' object has "
-                 "no attribute 'shape'\") from distributed.py vocab_parallel_linear_token_logprobs, which reads "
-                 "weight.shape before _validate.check_tensor",
-    "chunk_rule": "default_chunk_size checks no argument: a negative or str num_tokens / vocab gives a number or a "
-                  "TypeError from inside the arithmetic ('str' // int), vocab 0 and an integer dtype return a chunk "
-                  "size (ops/linear_logprobs.py; _validate.check_int(..., lo=0 / lo=1) and a floating-dtype check fix "
-                  "it)",
-}
-KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {
-    **{(f, "chunk_size", lab): _GAPS["int_type"] for f in ("linear_token_logprobs", "LinearSequenceLogProbs()")
-       for lab in ("a float", "a str")},
-    **{(f, "logit_scale", lab): _GAPS["logit_scale"] for f in ("linear_token_logprobs", "LinearSequenceLogProbs()")
-       for lab in ("a str", "None")},
-    ("linear_token_logprobs(lora)", "lora", "a nan scaling"): _GAPS["lora_nan"],
-    **{("default_chunk_size", "num_tokens", lab): _GAPS["chunk_rule"] for lab in ("-1", "a float", "a str")},
-    **{("default_chunk_size", "vocab", lab): _GAPS["chunk_rule"] for lab in ("0", "-1", "a float", "a str")},
-    ("default_chunk_size", "dtype", "an int dtype"): _GAPS["chunk_rule"],
-    ("token_logprobs(vocab-parallel)", "logits", "on another device"): _GAPS["vp_device"],
-    ("token_logprobs(vocab-parallel)", "logits", "an empty vocabulary"): _GAPS["vp_empty"],
-    ("token_logprobs(vocab-parallel)", "process_group", "a str"): _GAPS["vp_group"],
-    ("linear_token_logprobs(vocab-parallel)", "process_group", "a str"): _GAPS["vp_group"],
-    ("linear_token_logprobs(vocab-parallel)", "weight", "a list"): _GAPS["vp_weight"],
-}
+KNOWN_GAPS: Dict[Tuple[str, str, str], str] = {}
 
 
 def _tensors(obj, out):

@@ -79,7 +79,13 @@ _KERNEL_IGNORE = -1
 
 def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype) -> int:
     """Tokens per chunk for ``chunk_size=None`` (see the module docstring)."""
-    item = torch.empty((), dtype=dtype).element_size()
+    num_tokens = _validate.check_int(num_tokens, "num_tokens", lo=0)
+    vocab = _validate.check_int(vocab, "vocab", lo=1)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype; got {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (that of hidden); got {dtype}")
+    item = dtype.itemsize
     row = max(1, vocab * item)
     budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, num_tokens * row // CHUNK_FRACTION))
     return max(1, min(max(num_tokens, 1), budget // row))
@@ -489,17 +495,10 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
 # --------------------------------------------------------------------------- validation
 
 
-def _check_float(x, name: str, dtype: Optional[torch.dtype], device, shape: tuple) -> None:
-    _validate.check_tensor(x, name)
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}; got {list(x.shape)}")
-    if dtype is not None and x.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of hidden ({dtype}); got {x.dtype}")
-    if x.device != device:
-        raise ValueError(f"{name} must be on the device of hidden ({device}); got {x.device}")
-
-
-def _check_inputs(hidden, weight, labels, bias, lora, ignore_index):
+def _check_inputs(hidden, weight, labels, bias, lora, ignore_index, *, shard: bool = False):
+    """The fused-linear inputs; returns (lora_a, lora_b, scaling). With ``shard`` (the
+    vocabulary-parallel path) ``weight`` is a vocabulary shard, which may have no rows, and the
+    labels' range is left to the caller (it needs the global vocabulary size)."""
     _validate.check_tensor(hidden, "hidden")
     if hidden.dtype not in _validate.LOGIT_DTYPES:
         raise TypeError(f"hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); "
@@ -508,8 +507,9 @@ def _check_inputs(hidden, weight, labels, bias, lora, ignore_index):
         raise ValueError(f"hidden must have shape [..., H] with H >= 1; got {list(hidden.shape)}")
     H = hidden.shape[-1]
     _validate.check_tensor(weight, "weight")
-    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < 1:
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {H} and V >= 1; "
+    min_rows = 0 if shard else 1
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < min_rows:
+        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {H} and V >= {min_rows}; "
                          f"got {list(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}); got {weight.dtype} "
@@ -518,7 +518,7 @@ def _check_inputs(hidden, weight, labels, bias, lora, ignore_index):
         raise ValueError(f"weight must be on the device of hidden ({hidden.device}); got {weight.device}")
     V = weight.shape[0]
     if bias is not None:
-        _check_float(bias, "bias", hidden.dtype, hidden.device, (V,))
+        _validate.check_companion(bias, "bias", (V,), hidden.dtype, hidden.device, "hidden")
     lora_a = lora_b = None
     scaling = 1.0
     if lora is not None:
@@ -529,39 +529,15 @@ def _check_inputs(hidden, weight, labels, bias, lora, ignore_index):
         if lora_a.dim() != 2 or lora_a.shape[1] != H or lora_a.shape[0] < 1:
             raise ValueError(f"lora A must have shape [r, H] with H = {H}, r >= 1; got {list(lora_a.shape)}")
         r = lora_a.shape[0]
-        _check_float(lora_a, "lora A", hidden.dtype, hidden.device, (r, H))
-        _check_float(lora_b, "lora B", hidden.dtype, hidden.device, (V, r))
+        _validate.check_companion(lora_a, "lora A", (r, H), hidden.dtype, hidden.device, "hidden")
+        _validate.check_companion(lora_b, "lora B", (V, r), hidden.dtype, hidden.device, "hidden")
         if isinstance(scaling, torch.Tensor):
             raise TypeError("lora scaling must be a Python float (alpha / r), not a tensor")
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-            raise TypeError(f"lora scaling must be a finite float; got {scaling!r}")
-        scaling = float(scaling)
-    _validate.check_tensor(labels, "labels")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (int64 or int32); got {labels.dtype}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have shape hidden.shape[:-1] = {list(hidden.shape[:-1])}; "
-                         f"got {list(labels.shape)}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels must be on the device of hidden ({hidden.device}); got {labels.device}")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bad.any():
-        first = int(labels[bad].reshape(-1)[0])
-        raise ValueError(f"labels must lie in [0, {V}) (V = weight.shape[0]) or equal ignore_index={ignore_index}; "
-                         f"found {first} ({int(bad.sum())} bad labels)")
+        scaling = _validate.check_real(scaling, "lora scaling")
+    _validate.check_index_tensor(labels, "labels", hidden.shape[:-1], hidden.device, "hidden.shape[:-1]")
+    if not shard:
+        _validate.check_label_range(labels, V, ignore_index, vocab="V = weight.shape[0]")
     return lora_a, lora_b, scaling
-
-
-def _check_scalars(logit_scale, softcap, chunk_size):
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or \
-            not math.isfinite(logit_scale) or logit_scale <= 0:
-        raise ValueError(f"logit_scale must be a finite float > 0; got {logit_scale!r}")
-    if softcap is not None:
-        softcap = _validate.check_positive_float(softcap, "softcap")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be None or an int >= 1 (tokens per chunk); got {chunk_size!r}")
-    return float(logit_scale), softcap
 
 
 # --------------------------------------------------------------------------- public API
@@ -623,7 +599,7 @@ def linear_token_logprobs(
             backend=backend, process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
-    logit_scale, softcap = _check_scalars(logit_scale, softcap, chunk_size)
+    logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
     names = _validate.parse_names(stats, tuple(STATS), "stats")
     if "kl" in names:
         raise ValueError('stats "kl" is not available in the fused-linear path (it would need the reference '
@@ -733,7 +709,7 @@ class LinearSequenceLogProbs(nn.Module):
         super().__init__()
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
-        self.logit_scale, self.softcap = _check_scalars(logit_scale, softcap, chunk_size)
+        self.logit_scale, self.softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
         if not isinstance(average, bool):
             raise TypeError(f"average must be a bool; got {type(average).__name__}")
         if not isinstance(backend, str):
