@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from prefopt_fast._rows import OUT_LSE, OUT_LSE_LO
 from prefopt_fast.backends import cpu
 
 
@@ -83,18 +84,18 @@ def main():
             return cpu.row_forward(logits, labels, it, -100, args.stats)
 
         out = fwd()
-        lse = out[1].clone()
+        lse, lse_lo = out[OUT_LSE].clone(), out[OUT_LSE_LO].clone()
         t_f = tmin(fwd, args.reps)
         grads = []
 
         def bwd_fresh():
-            g = cpu.row_backward(logits, labels, it, lse, lse, c, None, -100, False)
+            g = cpu.row_backward(logits, labels, it, lse, lse_lo, lse, c, None, -100, False)
             grads.append(g)
             del grads[:-1]  # keep one alive at a time, like an autograd step would
 
         def fwd_bwd_fresh():
             o = fwd()
-            cpu.row_backward(logits, labels, it, o[1], o[1], c, None, -100, False)
+            cpu.row_backward(logits, labels, it, o[OUT_LSE], o[OUT_LSE_LO], o[OUT_LSE], c, None, -100, False)
 
         t_bf = tmin(bwd_fresh, args.reps)
         grads.clear()
@@ -103,7 +104,7 @@ def main():
 
         def fwd_bwd_inplace():
             o = cpu.row_forward(work, labels, it, -100, args.stats)
-            cpu.row_backward(work, labels, it, o[1], o[1], c, None, -100, True)
+            cpu.row_backward(work, labels, it, o[OUT_LSE], o[OUT_LSE_LO], o[OUT_LSE], c, None, -100, True)
 
         # in place destroys the logits: re-copy between runs, outside the timing
         best_ip = float("inf")
@@ -115,12 +116,12 @@ def main():
             best_ip = min(best_ip, time.perf_counter() - t0)
             work.copy_(logits)
             t0 = time.perf_counter()
-            cpu.row_backward(work, labels, it, lse, lse, c, None, -100, True)
+            cpu.row_backward(work, labels, it, lse, lse_lo, lse, c, None, -100, True)
             best_bip = min(best_bip, time.perf_counter() - t0)
         m_f = peak_extra_bytes(fwd)
-        m_b = peak_extra_bytes(lambda: cpu.row_backward(logits, labels, it, lse, lse, c, None, -100, False))
+        m_b = peak_extra_bytes(lambda: cpu.row_backward(logits, labels, it, lse, lse_lo, lse, c, None, -100, False))
         work.copy_(logits)
-        m_ip = peak_extra_bytes(lambda: cpu.row_backward(work, labels, it, lse, lse, c, None, -100, True))
+        m_ip = peak_extra_bytes(lambda: cpu.row_backward(work, labels, it, lse, lse_lo, lse, c, None, -100, True))
         del work
         print(f"  peak extra memory: forward {m_f / 2**20:.1f} MiB, backward fresh {m_b / nbytes:.3f} x gradient, "
               f"in place {m_ip / 2**20:.1f} MiB ({m_ip / nbytes * 100:.2f}% of logits)")
