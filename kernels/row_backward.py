@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .row_forward import FP_FUSION, scale
+
 
 @triton.jit
 def _tile(row_ptr, ref_row_ptr, g_ptr, start, V, y, it, lse, lse_lo, h, c, e, ref_lse, kl, k,
@@ -21,7 +23,7 @@ def _tile(row_ptr, ref_row_ptr, g_ptr, start, V, y, it, lse, lse_lo, h, c, e, re
         z = tl.load(row_ptr + offs, mask=offs < V, other=0.0)
     else:
         z = tl.load(row_ptr + offs)
-    d = (z.to(tl.float32) * it - lse) - lse_lo
+    d = (scale(z.to(tl.float32), it) - lse) - lse_lo  # x rounded first: see row_forward.scale
     p = tl.exp(d)
     g = tl.where(offs == y, c, 0.0) - c * p
     if HAS_ENT:
@@ -33,7 +35,7 @@ def _tile(row_ptr, ref_row_ptr, g_ptr, start, V, y, it, lse, lse_lo, h, c, e, re
             zr = tl.load(ref_row_ptr + offs, mask=offs < V, other=0.0)
         else:
             zr = tl.load(ref_row_ptr + offs)
-        log_q = zr.to(tl.float32) * it - ref_lse
+        log_q = scale(zr.to(tl.float32), it) - ref_lse
         g += k * tl.where(p > 0, p * (d - log_q - kl), 0.0)
     g = (g * it).to(g_ptr.dtype.element_ty)
     if MASKED:
@@ -136,7 +138,7 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tens
            grad_logp: torch.Tensor,
            grad_entropy, ignore_index: int, *, block_v: int, num_warps: int, align: int = 1,
            ref_logits=None, ref_row_off=None, ref_lse=None, kl=None, grad_kl=None) -> None:
-    """Launch over N = labels.numel() rows (FMA contraction on, as in the AOT check).
+    """Launch over N = labels.numel() rows (enable_fp_fusion=FP_FUSION, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N]; grad: a contiguous
     tensor of the shape and dtype of logits, or None to write over ``logits`` in place;
@@ -162,4 +164,4 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tens
         grad_entropy if has_ent else grad_logp, ref_logits, ref_row_off, ref_lse, kl, grad_kl,
         logits.shape[-1], ignore_index,
         BLOCK_V=block_v, ALIGN=align, HAS_ENT=has_ent, HAS_KL=has_kl, INPLACE=inplace,
-        num_warps=num_warps, enable_fp_fusion=True)
+        num_warps=num_warps, enable_fp_fusion=FP_FUSION)

@@ -12,6 +12,7 @@ row xr is read alongside, with its own shift cr and sums
 so REF_LSE = cr + log SR and KL(p || q) = W / S - log S + log SR.
 Semantics: ``prefopt_fast._rows``.
 """
+import os
 from typing import Optional
 
 import torch
@@ -29,6 +30,34 @@ _OUT_ARGMAX = tl.constexpr(_rows.OUT_ARGMAX)
 _OUT_KL = tl.constexpr(_rows.OUT_KL)
 _OUT_REF_LSE = tl.constexpr(_rows.OUT_REF_LSE)
 _OUT_LSE_LO = tl.constexpr(_rows.OUT_LSE_LO)
+
+
+def _interpreting() -> bool:
+    # the same switch triton.jit reads when this module is imported
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+# x = z * inv_temp must be rounded to fp32 before x - max, x - lse, sum x: contracted into an
+# FMA with the subtraction (LLVM and ptxas both do it under enable_fp_fusion) the log-prob
+# of a row's maximum came out slightly positive at temperature != 1. mul.rn.f32 is never
+# contracted, and is the same FMUL as mul.f32, so the rest of the kernel keeps its FMAs
+# (tools/triton_aot_check.py checks the PTX). The interpreter rounds every numpy product;
+# ROCm has no PTX, so there contraction is turned off for the whole kernel instead.
+_MUL_RN_PTX = tl.constexpr(not _interpreting() and torch.version.hip is None)
+FP_FUSION = torch.version.hip is None  # enable_fp_fusion of every launch (and of the AOT check)
+
+
+@triton.jit
+def scale(z, it):
+    """fl32(z * it) for fp32 z (any shape) and scalar it, never fused into a later add."""
+    if _MUL_RN_PTX:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [z, it],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return z * it
 
 # Compiled flag sets. A request is rounded up to the first set containing it (unrequested
 # output rows are unspecified), so the GPU compiles at most 3 variants per dtype (x2 for
@@ -67,7 +96,7 @@ def _load_tile(ptr, offs, V, it, MASKED: tl.constexpr):
         z = tl.load(ptr + offs, mask=offs < V, other=float("-inf"))
     else:
         z = tl.load(ptr + offs)
-    return z.to(tl.float32) * it
+    return scale(z.to(tl.float32), it)
 
 
 @triton.jit
@@ -191,7 +220,7 @@ def row_forward_kernel(
     lse_lo = tl.where((lse - lse) == 0.0, lse_lo, 0.0)  # 0 where lse is not finite
     # masked: an out-of-range label is never read
     in_range = (y >= 0) & (y < V)
-    x_y = tl.load(row_ptr + y, mask=in_range & (~ignored), other=0.0).to(tl.float32) * it
+    x_y = scale(tl.load(row_ptr + y, mask=in_range & (~ignored), other=0.0).to(tl.float32), it)
     # (x_y - shift) - log s, not x_y - lse: no cancellation of the large shift at |x| >> 1
     logp = tl.where(in_range, (x_y - _shift(m)) - log_s, float("nan"))
 
@@ -223,7 +252,7 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
            inv_temp: torch.Tensor, out: torch.Tensor, ignore_index: int, flags: int,
            *, block_v: int, num_warps: int, align: int = 1,
            ref_logits: Optional[torch.Tensor] = None, ref_row_off: Optional[torch.Tensor] = None) -> None:
-    """Launch over N = labels.numel() rows (FMA contraction on, as in the AOT check).
+    """Launch over N = labels.numel() rows (enable_fp_fusion=FP_FUSION, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N] (see
     ``_rows.row_offsets``); labels int64 [N]; inv_temp fp32 [N]; out fp32 [N_OUT, N]
@@ -241,4 +270,4 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
     row_forward_kernel[(n,)](
         logits, row_off, ref_logits, ref_row_off, labels, inv_temp, out, n, logits.shape[-1],
         ignore_index, BLOCK_V=block_v, ALIGN=align, **flags, num_warps=num_warps,
-        enable_fp_fusion=True)
+        enable_fp_fusion=FP_FUSION)

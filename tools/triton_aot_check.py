@@ -9,8 +9,10 @@ specialized (``do_not_specialize``), so these are exactly the binaries a GPU wou
 Reports per kernel: registers, bytes of stack + local memory (register spills; a Triton
 kernel has no other use for them) and the number of vector (16-byte) global loads and
 stores in the PTX, from the cubin through the ``cuobjdump`` that Triton ships. Also checks that no
-int argument is specialized by the JIT. Exit status 1 on any compile failure, any spill
-or any specialized int argument.
+int argument is specialized by the JIT, and that the temperature product ``x = z * inv_temp``
+is rounded before use (column ``tfma``: PTX instructions that would let it be contracted
+into an FMA, see ``temperature_product_problems``). Exit status 1 on any compile failure,
+any spill, any such contraction or any specialized int argument.
 
     python tools/triton_aot_check.py [--arch 80 90] [--jobs 2] [--all-stat-combos]
 
@@ -95,8 +97,75 @@ def _cuobjdump():
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def compile_one(kind, dname, num_warps, constexprs, arch):
-    """-> dict(regs, spill, vec_ld, vec_st, seconds) or dict(error=...)."""
+_PTX_INSTR = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+([^;]*);")
+_PTX_REG = re.compile(r"%\w+")
+
+
+def _ptx_instructions(ptx):
+    """[(opcode, dests, sources, text)] of a PTX listing (inline-asm blocks included)."""
+    out = []
+    for line in ptx.splitlines():
+        m = _PTX_INSTR.match(line)
+        if not m or line.lstrip().startswith((".", "//")):
+            continue
+        op, args = m.groups()
+        if op.startswith(("st.", "bra", "ret", "bar")):  # no destination register
+            dests, srcs = [], _PTX_REG.findall(args)
+        elif args.startswith("{"):  # vector destination: { %r1, %r2 }, [addr]
+            head, _, rest = args.partition("}")
+            dests, srcs = _PTX_REG.findall(head), _PTX_REG.findall(rest)
+        else:
+            first, _, rest = args.partition(",")
+            dests, srcs = _PTX_REG.findall(first), _PTX_REG.findall(rest)
+        out.append((op, dests, srcs, line.strip()))
+    return out
+
+
+def temperature_product_problems(ptx, kernel_name, param_index):
+    """(products, problems) for the fp32 value loaded through pointer argument
+    ``param_index`` (``inv_temp_ptr``) of ``kernel_name`` in a PTX listing.
+
+    ``products``: multiplies taking that value. ``problems``: instructions that let a product
+    be contracted with a later add/sub (the rounding of ``x = z * inv_temp`` skipped, which
+    made fp32 log-probs slightly positive on the cpu/cuda backends): an ``fma`` taking the
+    value, or a plain ``mul.f32`` of it (ptxas may fuse those) whose result feeds an add,
+    sub or fma. ``mul.rn.f32`` is never contracted, by LLVM or ptxas."""
+    ins = _ptx_instructions(ptx)
+    param = re.compile(rf"\[\s*{re.escape(kernel_name)}_param_{param_index}\s*\]")
+    ptr, temp = set(), set()
+    for _ in range(2):  # to a fixpoint over loop back edges (address math is straight-line)
+        for op, dests, srcs, text in ins:
+            if op.startswith("ld.param") and param.search(text):
+                ptr.update(dests)
+            elif op.startswith("ld.global"):
+                if ptr.intersection(srcs):
+                    temp.update(dests)
+            elif op.startswith("mov") and temp.intersection(srcs):
+                temp.update(dests)
+            elif ptr.intersection(srcs) and not op.startswith(("st.", "setp")):
+                ptr.update(dests)  # pointer arithmetic
+    users = {}
+    for op, dests, srcs, text in ins:
+        for r in srcs:
+            users.setdefault(r, []).append((op, text))
+    products, problems = [], []
+    for op, dests, srcs, text in ins:
+        if not temp.intersection(srcs) or op.startswith(("ld.", "mov")):
+            continue
+        if op.startswith("fma"):
+            products.append(text)
+            problems.append(f"FMA consumes inv_temp: {text}")
+        elif op.startswith("mul") and op.endswith(".f32"):
+            products.append(text)
+            if ".rn" not in op:
+                for uop, utext in (u for d in dests for u in users.get(d, [])):
+                    if uop.startswith(("add", "sub", "fma")):
+                        problems.append(f"unrounded {text} feeds {utext} (ptxas may contract it)")
+    return products, problems
+
+
+def _compile(kind, dname, num_warps, constexprs, arch):
+    """-> (compiled kernel, jit function) or (None, error message)."""
     import triton
     from triton.backends.compiler import GPUTarget
     _, fwd, bwd = _modules()
@@ -107,16 +176,32 @@ def compile_one(kind, dname, num_warps, constexprs, arch):
         fn, sig = bwd.row_backward_kernel, _backward_signature(t)
     names = list(fn.arg_names)
     if set(names) != set(sig) | set(constexprs):
-        return dict(error=f"signature drift: kernel args {names}, checked {list(sig) + list(constexprs)}")
+        return None, f"signature drift: kernel args {names}, checked {list(sig) + list(constexprs)}"
     sig = dict(sig, **{k: "constexpr" for k in constexprs})
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
-    t0 = time.perf_counter()
     try:
         k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": num_warps, "enable_fp_fusion": True})
+                           options={"num_warps": num_warps, "enable_fp_fusion": fwd.FP_FUSION})
     except Exception as exc:  # report every failure, not just the first
-        return dict(error=f"{type(exc).__name__}: {exc}")
+        return None, f"{type(exc).__name__}: {exc}"
+    return k, fn
+
+
+def temperature_check(kind, dname, num_warps, constexprs, arch):
+    """-> (products, problems) of ``temperature_product_problems`` for one variant's PTX."""
+    k, fn = _compile(kind, dname, num_warps, constexprs, arch)
+    if k is None:
+        raise RuntimeError(fn)
+    return temperature_product_problems(k.asm["ptx"], fn.__name__, list(fn.arg_names).index("inv_temp_ptr"))
+
+
+def compile_one(kind, dname, num_warps, constexprs, arch):
+    """-> dict(regs, spill, vec_ld, vec_st, tfma, seconds) or dict(error=...)."""
+    t0 = time.perf_counter()
+    k, fn = _compile(kind, dname, num_warps, constexprs, arch)
+    if k is None:
+        return dict(error=fn)
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
@@ -131,10 +216,13 @@ def compile_one(kind, dname, num_warps, constexprs, arch):
     if res.returncode or not reg or not local or not stack:
         return dict(error=f"cuobjdump failed ({res.returncode}): {res.stderr.strip() or usage}")
     ptx = k.asm["ptx"]
+    products, problems = temperature_product_problems(ptx, fn.__name__, list(fn.arg_names).index("inv_temp_ptr"))
+    if not products:  # the checker lost track of inv_temp: fail rather than pass vacuously
+        problems = ["no product of inv_temp found in the PTX (checker out of date?)"]
     return dict(regs=int(reg.group(1)), spill=int(stack.group(1)) + int(local.group(1)) + sum(spills),
                 vec_ld=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
                 vec_st=len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx)),
-                seconds=seconds)
+                tfma=len(problems), tfma_detail=problems[:3], seconds=seconds)
 
 
 def _label(kind, dname, constexprs):
@@ -164,7 +252,7 @@ def main(argv=None) -> int:
     for ((kind, dname, _, cx), arch), r in zip(jobs, results):
         rows.setdefault(_label(kind, dname, cx), {})[arch] = r
     bad = 0
-    header = "".join(f" | sm_{a}: regs spill vld vst" for a in args.arch)  # spill: bytes
+    header = "".join(f" | sm_{a}: regs spill vld vst tfma" for a in args.arch)  # spill: bytes
     print(f"{'kernel variant':<62}{header}")
     for label, per_arch in rows.items():
         cells = []
@@ -174,13 +262,16 @@ def main(argv=None) -> int:
                 cells.append(f" | sm_{a}: COMPILE ERROR")
                 bad += 1
             else:
-                bad += r["spill"] > 0
-                cells.append(f" | sm_{a}: {r['regs']:>4} {r['spill']:>5} {r['vec_ld']:>3} {r['vec_st']:>3}")
+                bad += r["spill"] > 0 or r["tfma"] > 0
+                cells.append(f" | sm_{a}: {r['regs']:>4} {r['spill']:>5} {r['vec_ld']:>3} {r['vec_st']:>3} {r['tfma']:>4}")
         print(f"{label:<62}{''.join(cells)}")
     for ((kind, dname, _, cx), arch), r in zip(jobs, results):
         if "error" in r:
             print(f"\nsm_{arch} {_label(kind, dname, cx)}:\n{r['error']}", file=sys.stderr)
-    print(f"\n{len(jobs)} compilations, {bad} failing (compile error or spill), "
+        elif r["tfma"]:
+            print(f"\nsm_{arch} {_label(kind, dname, cx)}: temperature product not rounded:\n  "
+                  + "\n  ".join(r["tfma_detail"]), file=sys.stderr)
+    print(f"\n{len(jobs)} compilations, {bad} failing (compile error, spill or unrounded temperature product), "
           f"{time.perf_counter() - t0:.1f} s")
     return 1 if bad or problems else 0
 
