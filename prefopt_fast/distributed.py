@@ -44,11 +44,10 @@ import torch.distributed as dist
 
 from . import _validate
 from ._dispatch import _load, resolve_backend
-from ._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN,
-                    OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, STATS, check_inplace_rows,
-                    split_lse)
+from ._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, OUT_REF_LSE,
+                    STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, split_lse)
 
-__all__ = ["ShardLayout", "shard_layout", "is_dtensor", "vocab_parallel_token_logprobs",
+__all__ = ["ShardLayout", "shard_layout", "check_process_group", "is_dtensor", "vocab_parallel_token_logprobs",
            "vocab_parallel_linear_token_logprobs", "VocabParallelLogProbsFunction",
            "VocabParallelLinearFunction"]
 
@@ -328,26 +327,17 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
+        from .ops.token_logprobs import logits_grad
+
         nones = (None,) * 11
         if grad_logp is None and grad_entropy is None and grad_kl is None:
             return nones
-        logits, ky, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
         inplace, backend, has_entropy, has_kl, size = ctx.meta
         if size == 0:
-            return (torch.zeros_like(logits),) + nones[1:]
-        if not has_entropy:
-            grad_entropy = None
-        if not has_kl:
-            grad_kl = None
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
-        if grad_entropy is not None:
-            grad_entropy = grad_entropy.to(lse.dtype).contiguous()
-        kl_args = {}
-        if grad_kl is not None:
-            kl_args = dict(grad_kl=grad_kl.to(lse.dtype).contiguous(), ref_logits=ref_logits, ref_lse=ref_lse, kl=kl)
+            return (torch.zeros_like(ctx.saved_tensors[0]),) + nones[1:]
         # the global lse / entropy / kl: the kernel then writes this shard's slice of the full gradient
-        grad = _load(backend).row_backward(logits, ky, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
-                                           _IGNORE, inplace, **kl_args)
+        grad = logits_grad(ctx.saved_tensors, grad_logp, grad_entropy, grad_kl, ignore_index=_IGNORE,
+                           inplace=inplace, backend=backend, has_entropy=has_entropy, has_kl=has_kl)
         return (grad,) + nones[1:]
 
 
@@ -362,7 +352,7 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     ``vocab_start`` come from its mesh and placements). ``labels`` are global vocabulary
     indices, identical on every rank. Outputs are replicated on every rank.
     """
-    from .ops.token_logprobs import STAT_NAMES, TokenLogProbs
+    from .ops.token_logprobs import STAT_NAMES, check_stat_request, stat_mask, token_outputs
 
     if is_dtensor(logits):
         if process_group is not None or vocab_start is not None:
@@ -384,16 +374,7 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     # all-gather of shard_layout (where a device mismatch fails inside the collective)
     _validate.check_index_tensor(labels, "labels", logits.shape[:-1], logits.device, "logits.shape[:-1]")
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
-    _validate.check_bool(inplace_backward, "inplace_backward")
-    if inplace_backward:
-        check_inplace_rows(logits)
-    want_kl = "kl" in names
-    if want_kl and ref_logits is None:
-        raise ValueError('stats=("kl",) needs ref_logits: the reference model\'s logits shaped like logits')
-    if ref_logits is not None:
-        if not want_kl:
-            raise ValueError('ref_logits is only used by the "kl" statistic; add "kl" to stats or drop ref_logits')
-        _validate.check_like(ref_logits, logits, "ref_logits", empty_vocab=True)
+    want_kl = check_stat_request(names, ref_logits, logits, inplace_backward, shard=True)
     inv_temp = _validate.inverse_temperature(
         temperature, labels, torch.float64 if logits.dtype == torch.float64 else torch.float32)
 
@@ -404,21 +385,12 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
                           what="logits.shape[-1]")
     _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
-    mask = 0
-    for name in names:
-        mask |= STATS[name][0]
     y = labels.reshape(-1).to(torch.int64)
     ky, own, before = _kernel_labels(y, ignore_index, layout)
     logp, entropy, kl, extra = VocabParallelLogProbsFunction.apply(
-        logits, ref_logits.detach() if want_kl else None, ky, own, before, y == ignore_index, inv_temp, mask,
-        inplace_backward, be.NAME, layout)
-    shape = labels.shape
-    logp = logp.reshape(shape)
-    if not names:
-        return logp
-    rows = {"entropy": entropy, "log_sum_sq_probs": extra[0], "mean_logit": extra[1],
-            "is_argmax": extra[2] != 0, "kl": kl}
-    return TokenLogProbs(logp, **{n: rows[n].reshape(shape) for n in names})
+        logits, ref_logits.detach() if want_kl else None, ky, own, before, y == ignore_index, inv_temp,
+        stat_mask(names), inplace_backward, be.NAME, layout)
+    return token_outputs(logp, entropy, kl, extra, names, labels.shape)
 
 
 # --------------------------------------------------------------------------- fused linear
@@ -531,8 +503,7 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     like it, LoRA ``A`` ``[r, H]`` is replicated. The gradients of ``hidden`` and ``A`` are
     all-reduced (summed) over the group in the backward.
     """
-    from .ops.linear_logprobs import _Cfg, _check_inputs, default_chunk_size
-    from .ops.token_logprobs import TokenLogProbs
+    from .ops.linear_logprobs import _acc_dtype, _check_inputs, _kept_rows, _make_cfg, _outputs, _stat_names
 
     if is_dtensor(weight):
         if process_group is not None or vocab_start is not None:
@@ -552,50 +523,20 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     # needs the global vocabulary: checked after shard_layout, everything else before it
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=True)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
-    names = _validate.parse_names(stats, tuple(STATS), "stats")
-    if "kl" in names:
-        raise ValueError('stats "kl" is not available in the fused-linear path; use token_logprobs(logits, ..., '
-                         "ref_logits=...) or a sampled KL estimator on per-token reference log-probs")
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    inv_temp = _validate.inverse_temperature(temperature, labels, acc)
+    names = _stat_names(stats)
+    inv_temp = _validate.inverse_temperature(temperature, labels, _acc_dtype(hidden))
     be = resolve_backend(backend, hidden)
     layout = shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device,
                           what="weight.shape[0]")
     _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
-    H = hidden.shape[-1]
-    flat_h = hidden.reshape(-1, H)
-    y = labels.reshape(-1).to(torch.int64)
-    N = y.shape[0]
-    real = y != ignore_index
-    idx = None
-    if not bool(real.all()):  # labels are replicated: every rank drops the same rows
-        idx = real.nonzero().squeeze(1)
+    flat_h, y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
+    if idx is not None:  # labels are replicated: every rank drops the same rows
         flat_h = flat_h.index_select(0, idx)
-        y = y.index_select(0, idx)
-        inv_temp = inv_temp.index_select(0, idx)
-    M = y.shape[0]
-    if softcap is None and logit_scale != 1.0:
-        inv_temp = inv_temp * logit_scale
-    mask = 0
-    for name in names:
-        mask |= STATS[name][0]
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(M, max(1, weight.shape[0]), hidden.dtype)
-    cfg = _Cfg(scaling, logit_scale, softcap, mask, chunk, be.NAME)
+    cfg = _make_cfg(scaling, logit_scale, softcap, names, chunk_size, y.shape[0], max(1, weight.shape[0]),
+                    hidden.dtype, be.NAME)
     ky, own, before = _kernel_labels(y, ignore_index, layout)
     logp, entropy, extra = VocabParallelLinearFunction.apply(
         flat_h if flat_h.is_contiguous() else flat_h.contiguous(), weight, bias, lora_a, lora_b, ky, own, before,
         inv_temp.contiguous(), cfg, layout)
-
-    def full(x):
-        if idx is None:
-            return x.reshape(labels.shape)
-        return x.new_zeros(N).index_copy(0, idx, x).reshape(labels.shape)
-
-    if not names:
-        return full(logp)
-    rows = {"entropy": entropy, "log_sum_sq_probs": extra[0], "mean_logit": extra[1]}
-    out = {n: full(rows[n]) for n in names if n != "is_argmax"}
-    if "is_argmax" in names:
-        out["is_argmax"] = full(extra[2]) != 0
-    return TokenLogProbs(full(logp), **out)
+    return _outputs(logp, entropy, extra, names, idx, labels.shape)

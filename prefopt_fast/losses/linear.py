@@ -163,13 +163,6 @@ def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lor
                 temperature, logit_scale, softcap, is_weights, global_num_tokens, chunk_size, backend,
                 vocab_parallel=None):
     _check_sampled_kl(cfg)
-    _validate.check_tensor(hidden, "hidden")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape [B, T, H]; got {list(hidden.shape)}")
-    B, T = hidden.shape[0], hidden.shape[1]
-    _validate.check_index_tensor(labels, "labels", (B, T), hidden.device, "hidden.shape[:-1]")
-    if B == 0 or T == 0:
-        raise ValueError(f"hidden must have a non-empty batch and sequence; got shape {list(hidden.shape)}")
 
     def token_stats(kernel_labels: Tensor, with_kl: bool):
         return linear_token_logprobs(hidden, weight, kernel_labels, bias=bias, lora=lora,
@@ -177,8 +170,8 @@ def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lor
                                      logit_scale=logit_scale, softcap=softcap, stats=("entropy",),
                                      chunk_size=chunk_size, backend=backend, **(vocab_parallel or {}))
 
-    return _ppo_mod._ppo_head(token_stats, labels, B, T, hidden.device, old_logps, advantages, cfg, loss_mask,
-                              ref_logps, False, is_weights, global_num_tokens, src="hidden")
+    return _ppo_mod._ppo_from(token_stats, hidden, "hidden", "H", labels, old_logps, advantages, cfg, loss_mask,
+                              ref_logps, False, is_weights, global_num_tokens)
 
 
 def linear_ppo_loss(
@@ -229,9 +222,8 @@ def linear_ppo_loss(
     return _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, bias=bias, lora=lora, loss_mask=loss_mask,
                        ref_logps=ref_logps, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                        is_weights=is_weights, global_num_tokens=global_num_tokens, chunk_size=chunk_size,
-                       backend=backend, vocab_parallel=None if process_group is None and vocab_start is None and
-                       vocab_size is None else dict(process_group=process_group, vocab_start=vocab_start,
-                                                    vocab_size=vocab_size))
+                       backend=backend,
+                       vocab_parallel=dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size))
 
 
 class LinearPPOLoss(_ppo_mod.PPOLoss):

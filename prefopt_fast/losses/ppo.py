@@ -219,17 +219,6 @@ def _masked_mean(x: Tensor, m: Tensor, per_sequence: bool = False) -> Tensor:
 
 def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_logps, ref_logits, temperature,
          is_weights, global_num_tokens, backend, vocab_parallel=None) -> Tuple[Tensor, Dict[str, Tensor]]:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"logits must be a torch.Tensor; got {type(logits).__name__}")
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [B, T, V]; got {list(logits.shape)}")
-    B, T = logits.shape[0], logits.shape[1]
-    # dtype and device before the loss mask is folded into the labels (torch.where would cast a
-    # bool tensor, or fail inside torch for another device)
-    _validate.check_index_tensor(labels, "labels", (B, T), logits.device, "logits.shape[:-1]")
-    if B == 0 or T == 0:
-        raise ValueError(f"logits must have a non-empty batch and sequence; got shape {list(logits.shape)}")
-
     def token_stats(kernel_labels: Tensor, with_kl: bool):
         return token_logprobs(
             logits, kernel_labels, ignore_index=cfg.ignore_index, temperature=temperature,
@@ -237,17 +226,36 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
             ref_logits=ref_logits if with_kl else None, backend=backend, **(vocab_parallel or {}),
         )
 
-    return _ppo_head(token_stats, labels, B, T, logits.device, old_logps, advantages, cfg, loss_mask, ref_logps,
+    return _ppo_from(token_stats, logits, "logits", "V", labels, old_logps, advantages, cfg, loss_mask, ref_logps,
                      ref_logits is not None, is_weights, global_num_tokens)
+
+
+def _ppo_from(token_stats, src, src_name: str, last: str, labels, old_logps, advantages, cfg: _Config, loss_mask,
+              ref_logps, has_ref_logits: bool, is_weights, global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`_ppo_head` after checking ``src``, the ``[B, T, last]`` tensor named ``src_name`` the
+    statistics come from ("logits" [B, T, V] for ppo_loss, "hidden" [B, T, H] for linear_ppo_loss),
+    and the labels against it."""
+    _validate.check_tensor(src, src_name)
+    if src.dim() != 3:
+        raise ValueError(f"{src_name} must have shape [B, T, {last}]; got {list(src.shape)}")
+    B, T = src.shape[0], src.shape[1]
+    # dtype and device before the loss mask is folded into the labels (torch.where would cast a
+    # bool tensor, or fail inside torch for another device)
+    _validate.check_index_tensor(labels, "labels", (B, T), src.device, f"{src_name}.shape[:-1]")
+    if B == 0 or T == 0:
+        raise ValueError(f"{src_name} must have a non-empty batch and sequence; got shape {list(src.shape)}")
+    return _ppo_head(token_stats, labels, B, T, src.device, old_logps, advantages, cfg, loss_mask, ref_logps,
+                     has_ref_logits, is_weights, global_num_tokens, src=src_name)
 
 
 def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, cfg: _Config, loss_mask, ref_logps,
               has_ref_logits: bool, is_weights, global_num_tokens, src: str = "logits"
               ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
-    log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; the
-    fused-linear PPO loss shares this with :func:`ppo_loss`. ``labels`` are checked already;
-    ``src`` names the tensor whose device ``dev`` is ("logits" or "hidden")."""
+    log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; ppo_loss,
+    the fused-linear PPO loss (both through :func:`_ppo_from`) and the TRL GRPO integration share
+    it. ``labels`` are checked already; ``src`` names the tensor whose device ``dev`` is
+    ("logits" or "hidden")."""
     # per sequence by origin: [B], or [B, 1] when that is not also [B, T]
     adv_per_seq = isinstance(advantages, Tensor) and (advantages.dim() == 1 or T > 1)
     advantages = _check_bt(advantages, "advantages", B, T, dev, allow_seq=True, src=src)
@@ -464,11 +472,9 @@ def ppo_loss(
     """
     cfg = _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                         kl_ratio_correction, entropy_coef, loss_agg_mode, max_length, importance_sampling_level)
-    vocab_parallel = None
-    if process_group is not None or vocab_start is not None or vocab_size is not None:
-        vocab_parallel = dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
     return _ppo(logits, labels, old_logps, advantages, cfg, loss_mask, ref_logps, ref_logits, temperature,
-                is_weights, global_num_tokens, backend, vocab_parallel)
+                is_weights, global_num_tokens, backend,
+                dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size))
 
 
 class PPOLoss(nn.Module):

@@ -55,7 +55,7 @@ from .._dispatch import _load, resolve_backend
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY
 from .._rows import STAT_LSSP, STAT_MEAN, STATS, split_lse
 from ..distributed import is_dtensor, vocab_parallel_linear_token_logprobs
-from .token_logprobs import TokenLogProbs
+from .token_logprobs import stat_mask, token_outputs
 
 __all__ = ["linear_token_logprobs", "linear_sequence_logprobs", "LinearSequenceLogProbs",
            "default_chunk_size", "LINEAR_STAT_NAMES"]
@@ -600,49 +600,69 @@ def linear_token_logprobs(
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
+    names = _stat_names(stats)
+    inv_temp = _validate.inverse_temperature(temperature, labels, _acc_dtype(hidden))
+    be = resolve_backend(backend, hidden)
+
+    flat_h, flat_y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
+    cfg = _make_cfg(scaling, logit_scale, softcap, names, chunk_size, flat_y.shape[0], weight.shape[0],
+                    hidden.dtype, be.NAME)
+    logp, entropy, extra = LinearLogProbsFunction.apply(
+        flat_h, weight, bias, lora_a, lora_b, flat_y, inv_temp.contiguous(), idx, cfg)
+    return _outputs(logp, entropy, extra, names, idx, labels.shape)
+
+
+# --------------------------------------------------------------------------- shared with the vocab-parallel path
+
+
+def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _stat_names(stats):
     names = _validate.parse_names(stats, tuple(STATS), "stats")
     if "kl" in names:
         raise ValueError('stats "kl" is not available in the fused-linear path (it would need the reference '
                          "model's hidden states and head); use token_logprobs(logits, ..., ref_logits=...) or a "
                          "sampled KL estimator on per-token reference log-probs")
-    acc_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    inv_temp = _validate.inverse_temperature(temperature, labels, acc_dt)
-    be = resolve_backend(backend, hidden)
+    return names
 
-    H = hidden.shape[-1]
-    V = weight.shape[0]
-    flat_h = hidden.reshape(-1, H)
+
+def _kept_rows(hidden, labels, inv_temp, ignore_index: int, logit_scale: float, softcap):
+    """The rows the kernels see: (hidden [N, H] (all rows), labels int64 [M], inv_temp [M],
+    idx int64 [M] or None) for the M rows with a real label (idx: their rows in [N], None for
+    all of them). Without softcap ``inv_temp`` has ``logit_scale`` folded in."""
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1).to(torch.int64)
-    N = flat_y.shape[0]
     real = flat_y != ignore_index
     idx = None
     if not bool(real.all()):
         idx = real.nonzero().squeeze(1)
         flat_y = flat_y.index_select(0, idx)
         inv_temp = inv_temp.index_select(0, idx)
-    M = flat_y.shape[0]
     if softcap is None and logit_scale != 1.0:
         inv_temp = inv_temp * logit_scale  # x = raw * scale / T: the kernels' inverse temperature
-    mask = 0
-    for name in names:
-        mask |= STATS[name][0]
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, hidden.dtype)
-    cfg = _Cfg(scaling, logit_scale, softcap, mask, chunk, be.NAME)
-    logp, entropy, extra = LinearLogProbsFunction.apply(
-        flat_h, weight, bias, lora_a, lora_b, flat_y, inv_temp.contiguous(), idx, cfg)
+    return flat_h, flat_y, inv_temp, idx
 
-    def full(x):
-        if idx is None:
-            return x.reshape(labels.shape)
-        return x.new_zeros(N).index_copy(0, idx, x).reshape(labels.shape)
 
-    if not names:
-        return full(logp)
-    rows = {"entropy": entropy, "log_sum_sq_probs": extra[0], "mean_logit": extra[1]}
-    out = {n: full(rows[n]) for n in names if n != "is_argmax"}
-    if "is_argmax" in names:
-        out["is_argmax"] = full(extra[2]) != 0
-    return TokenLogProbs(full(logp), **out)
+def _make_cfg(scaling, logit_scale, softcap, names, chunk_size, M: int, V: int, dtype, backend: str) -> _Cfg:
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, dtype)
+    return _Cfg(scaling, logit_scale, softcap, stat_mask(names), chunk, backend)
+
+
+def _outputs(logp, entropy, extra, names, idx, shape):
+    """The public result from the kept rows' logp, entropy [M] and extras [3, M]: ignored rows
+    get 0 in every output."""
+    if idx is not None:
+        N = math.prod(shape)
+
+        def full(x):
+            return x.new_zeros(*x.shape[:-1], N).index_copy(x.dim() - 1, idx, x)
+
+        logp = full(logp)
+        if names:
+            entropy, extra = full(entropy), full(extra)
+    return token_outputs(logp, entropy, None, extra, names, shape)
 
 
 def linear_sequence_logprobs_and_lengths(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
@@ -650,26 +670,15 @@ def linear_sequence_logprobs_and_lengths(hidden, weight, labels, *, bias=None, i
                                          chunk_size=None, backend="auto", process_group=None, vocab_start=None,
                                          vocab_size=None):
     """:func:`linear_sequence_logprobs` plus the int64 number of real labels per sequence."""
-    from .sequence_logprobs import _check_cu_seqlens, per_sequence_sums
+    from .sequence_logprobs import check_sequence_labels, sequence_totals
 
-    _validate.check_tensor(labels, "labels")
-    if cu_seqlens is None:
-        if labels.dim() < 1:
-            raise ValueError("labels must have shape [..., T] (padded) or [total_tokens] with cu_seqlens; got 0-d")
-    else:
-        if labels.dim() != 1:
-            raise ValueError(f"with cu_seqlens, labels must be packed: shape [total_tokens]; got {tuple(labels.shape)}")
-        cu_seqlens = _check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device)
-    if not isinstance(average, bool):
-        raise TypeError(f"average must be a bool; got {type(average).__name__}")
+    cu_seqlens = check_sequence_labels(labels, cu_seqlens)
+    _validate.check_bool(average, "average")
     logp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                  temperature=temperature, logit_scale=logit_scale, softcap=softcap, lora=lora,
                                  chunk_size=chunk_size, backend=backend, process_group=process_group,
                                  vocab_start=vocab_start, vocab_size=vocab_size)
-    sums, counts = per_sequence_sums(logp, labels != ignore_index, cu_seqlens)
-    if average:
-        sums = sums / counts.clamp(min=1).to(sums.dtype)
-    return sums, counts
+    return sequence_totals(logp, labels, ignore_index, cu_seqlens, average)
 
 
 def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index: int = -100, temperature=1.0,

@@ -61,19 +61,31 @@ def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperat
     _validate.check_bool(average, "average")
     if process_group is None and vocab_start is None and vocab_size is None:
         _validate.check_logits(logits)  # (a vocabulary shard may be empty: token_logprobs checks it)
+    # against the logits' device: labels on another device are then reported as such
+    dev, of = (logits.device, "logits") if isinstance(logits, torch.Tensor) else (None, "labels")
+    cu_seqlens = check_sequence_labels(labels, cu_seqlens, dev, of)
+    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
+                          inplace_backward=inplace_backward, backend=backend, process_group=process_group,
+                          vocab_start=vocab_start, vocab_size=vocab_size)
+    return sequence_totals(logp, labels, ignore_index, cu_seqlens, average)
+
+
+def check_sequence_labels(labels, cu_seqlens, device=None, of: str = "labels") -> Optional[torch.Tensor]:
+    """``labels`` padded ``[..., T]``, or packed ``[total_tokens]`` with ``cu_seqlens`` (returned
+    as int64 ``[B + 1]``, checked to be on ``device``, the device of ``of``; None: labels')."""
     _validate.check_tensor(labels, "labels")
     if cu_seqlens is None:
         if labels.dim() < 1:
             raise ValueError("labels must have shape [..., T] (padded) or [total_tokens] with cu_seqlens; got 0-d")
-    else:
-        if labels.dim() != 1:
-            raise ValueError(f"with cu_seqlens, labels must be packed: shape [total_tokens]; got {tuple(labels.shape)}")
-        # against the logits' device: labels on another device are then reported as such
-        dev, of = (logits.device, "logits") if isinstance(logits, torch.Tensor) else (labels.device, "labels")
-        cu_seqlens = _check_cu_seqlens(cu_seqlens, labels.shape[0], dev, of)
-    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                          inplace_backward=inplace_backward, backend=backend, process_group=process_group,
-                          vocab_start=vocab_start, vocab_size=vocab_size)
+        return None
+    if labels.dim() != 1:
+        raise ValueError(f"with cu_seqlens, labels must be packed: shape [total_tokens]; got {tuple(labels.shape)}")
+    return _check_cu_seqlens(cu_seqlens, labels.shape[0], labels.device if device is None else device, of)
+
+
+def sequence_totals(logp, labels, ignore_index: int, cu_seqlens, average: bool):
+    """(per-sequence sum or, with ``average``, mean of the token log-probs ``logp``; int64
+    number of real labels per sequence)."""
     sums, counts = per_sequence_sums(logp, labels != ignore_index, cu_seqlens)
     if average:
         # sums are 0 where counts are 0: a sequence with no real label gives 0, not NaN

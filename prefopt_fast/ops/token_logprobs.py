@@ -51,25 +51,72 @@ class TokenLogProbsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
         if grad_logp is None and grad_entropy is None and grad_kl is None:
             return (None,) * 8
-        logits, labels, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl = ctx.saved_tensors
         ignore_index, inplace, backend, has_entropy, has_kl = ctx.meta
-        # Under torch.compile the unused outputs' gradients arrive as zeros, not None; an
-        # output that was not computed holds unspecified values and must not be touched.
-        if not has_entropy:
-            grad_entropy = None
-        if not has_kl:
-            grad_kl = None
-        grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
-        if grad_entropy is not None:
-            grad_entropy = grad_entropy.to(lse.dtype).contiguous()
-        kl_args = {}
-        if grad_kl is not None:
-            kl_args = dict(grad_kl=grad_kl.to(lse.dtype).contiguous(), ref_logits=ref_logits, ref_lse=ref_lse, kl=kl)
-        grad = _load(backend).row_backward(
-            logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, inplace,
-            **kl_args
-        )
+        grad = logits_grad(ctx.saved_tensors, grad_logp, grad_entropy, grad_kl, ignore_index=ignore_index,
+                           inplace=inplace, backend=backend, has_entropy=has_entropy, has_kl=has_kl)
         return grad, None, None, None, None, None, None, None
+
+
+def logits_grad(saved, grad_logp, grad_entropy, grad_kl, *, ignore_index: int, inplace: bool, backend: str,
+                has_entropy: bool, has_kl: bool) -> torch.Tensor:
+    """The row backward kernel on the saved ``(logits, labels, inv_temp, lse, lse_lo, entropy,
+    ref_logits, ref_lse, kl)`` of a forward that ran the row kernels (here, or on a vocabulary
+    shard with the global statistics in prefopt_fast.distributed)."""
+    logits, labels, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl = saved
+    # Under torch.compile the unused outputs' gradients arrive as zeros, not None; an
+    # output that was not computed holds unspecified values and must not be touched.
+    if not has_entropy:
+        grad_entropy = None
+    if not has_kl:
+        grad_kl = None
+    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
+    if grad_entropy is not None:
+        grad_entropy = grad_entropy.to(lse.dtype).contiguous()
+    kl_args = {}
+    if grad_kl is not None:
+        kl_args = dict(grad_kl=grad_kl.to(lse.dtype).contiguous(), ref_logits=ref_logits, ref_lse=ref_lse, kl=kl)
+    return _load(backend).row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
+                                       ignore_index, inplace, **kl_args)
+
+
+def check_stat_request(names, ref_logits, logits, inplace_backward, *, shard: bool = False) -> bool:
+    """The stats / ref_logits / inplace_backward combination (``names`` parsed already);
+    True when the exact KL is asked for. ``shard``: ``logits`` is a vocabulary shard."""
+    _validate.check_bool(inplace_backward, "inplace_backward")
+    if inplace_backward:
+        check_inplace_rows(logits)  # before anything runs: overlapping rows would be half-written
+    want_kl = "kl" in names
+    if want_kl and ref_logits is None:
+        raise ValueError('stats=("kl",) needs ref_logits: the reference model\'s logits shaped like logits')
+    if ref_logits is not None:
+        if not want_kl:
+            raise ValueError('ref_logits is only used by the "kl" statistic; add "kl" to stats or drop ref_logits')
+        _validate.check_like(ref_logits, logits, "ref_logits", empty_vocab=shard)
+    return want_kl
+
+
+def stat_mask(names) -> int:
+    """The STAT_* bit mask of the stat names."""
+    mask = 0
+    for name in names:
+        mask |= STATS[name][0]
+    return mask
+
+
+def token_outputs(logp, entropy, kl, extra, names, shape):
+    """The public result from the flat [N] outputs: log-probs shaped ``shape``, or with
+    ``names`` a TokenLogProbs of them (``extra``: the [3, N] lssp / mean / argmax rows)."""
+    logp = logp.reshape(shape)
+    if not names:
+        return logp
+    rows = {
+        "entropy": entropy,
+        "log_sum_sq_probs": extra[0],
+        "mean_logit": extra[1],
+        "is_argmax": extra[2] != 0,
+        "kl": kl,
+    }
+    return TokenLogProbs(logp, **{n: rows[n].reshape(shape) for n in names})
 
 
 def token_logprobs(
@@ -131,39 +178,15 @@ def token_logprobs(
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     _validate.check_labels(labels, logits, ignore_index)
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool; got {type(inplace_backward).__name__}")
-    if inplace_backward:
-        check_inplace_rows(logits)  # before anything runs: overlapping rows would be half-written
-    want_kl = "kl" in names
-    if want_kl and ref_logits is None:
-        raise ValueError('stats=("kl",) needs ref_logits: the reference model\'s logits shaped like logits')
-    if ref_logits is not None:
-        if not want_kl:
-            raise ValueError('ref_logits is only used by the "kl" statistic; add "kl" to stats or drop ref_logits')
-        _validate.check_like(ref_logits, logits, "ref_logits")
+    want_kl = check_stat_request(names, ref_logits, logits, inplace_backward)
     inv_temp = _validate.inverse_temperature(
         temperature, labels, torch.float64 if logits.dtype == torch.float64 else torch.float32
     )
     be = resolve_backend(backend, logits, need_kl=want_kl)
 
-    mask = 0
-    for name in names:
-        mask |= STATS[name][0]
     flat_labels = labels.reshape(-1).to(torch.int64)
     logp, entropy, kl, extra = TokenLogProbsFunction.apply(
-        logits, flat_labels, inv_temp, ref_logits.detach() if want_kl else None, ignore_index, mask,
+        logits, flat_labels, inv_temp, ref_logits.detach() if want_kl else None, ignore_index, stat_mask(names),
         inplace_backward, be.NAME,
     )
-    shape = labels.shape
-    logp = logp.reshape(shape)
-    if not names:
-        return logp
-    rows = {
-        "entropy": entropy,
-        "log_sum_sq_probs": extra[0],
-        "mean_logit": extra[1],
-        "is_argmax": extra[2] != 0,
-        "kl": kl,
-    }
-    return TokenLogProbs(logp, **{n: rows[n].reshape(shape) for n in names})
+    return token_outputs(logp, entropy, kl, extra, names, labels.shape)
