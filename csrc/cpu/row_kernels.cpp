@@ -715,14 +715,14 @@ PF_CLONES void zero_u16(void* g, int64_t v0, int64_t v1) { zero_segment_impl<BF1
 typedef void (*BwdSegmentFn)(const void*, const void*, void*, int64_t, int64_t, const RowGrad&);
 
 template <class D>
-void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const Threading& th) {
+void backward_rows(const RowsView& L, const RowsView* R, const BackwardArgs& A, void* grad, const Threading& th) {
   typedef typename D::S S;
   const int64_t N = L.rows, V = L.V;
   S* base = static_cast<S*>(L.data);
   S* gbase = static_cast<S*>(grad);  // nullptr: in place
   const bool has_e = A.grad_entropy != nullptr;
   const bool has_kl = A.grad_kl != nullptr;
-  const S* rbase = has_kl ? static_cast<const S*>(A.ref->data) : nullptr;
+  const S* rbase = has_kl ? static_cast<const S*>(R->data) : nullptr;
   const int mode = has_kl ? kGradKl : has_e ? kGradEntropy : kGradPlain;
   static const BwdSegmentFn table[3][3] = {{bwd_f32_plain, bwd_f32_ent, bwd_f32_kl},
                                            {bwd_bf16_plain, bwd_bf16_ent, bwd_bf16_kl},
@@ -743,7 +743,7 @@ void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const T
         zero_fn(g, v0, v1);
         continue;
       }
-      const S* zr = has_kl ? rbase + row_offset(*A.ref, n) : nullptr;
+      const S* zr = has_kl ? rbase + row_offset(*R, n) : nullptr;
       RowGrad r;
       r.it = A.inv_temp[n];
       r.lse = A.lse[n];
@@ -778,48 +778,23 @@ void backward_rows(const RowsView& L, const BackwardArgs& A, void* grad, const T
 
 // ---------------------------------------------------------------- entry points
 
-void row_forward(const RowsView& L, const RowsView* ref, const int64_t* labels, const float* inv_temp,
-                 int64_t ignore_index, int stats, float* out, const Threading& th) {
+void row_forward(const RowsView& L, const RowsView* ref, const ForwardArgs& A, const Threading& th) {
   if (L.rows == 0) return;
   switch (L.dtype) {
-    case kF32: forward_rows<F32>(L, ref, labels, inv_temp, ignore_index, stats, out, th); break;
-    case kBF16: forward_rows<BF16>(L, ref, labels, inv_temp, ignore_index, stats, out, th); break;
-    case kF16: forward_rows<F16>(L, ref, labels, inv_temp, ignore_index, stats, out, th); break;
+    case kF32: forward_rows<F32>(L, ref, A.labels, A.inv_temp, A.ignore_index, A.stats, A.out, th); break;
+    case kBF16: forward_rows<BF16>(L, ref, A.labels, A.inv_temp, A.ignore_index, A.stats, A.out, th); break;
+    case kF16: forward_rows<F16>(L, ref, A.labels, A.inv_temp, A.ignore_index, A.stats, A.out, th); break;
   }
 }
 
-void row_backward(const RowsView& L, const BackwardArgs& args, void* grad, const Threading& th) {
+void row_backward(const RowsView& L, const RowsView* ref, const BackwardArgs& args, void* grad,
+                  const Threading& th) {
   if (L.rows == 0 || L.V == 0) return;
   switch (L.dtype) {
-    case kF32: backward_rows<F32>(L, args, grad, th); break;
-    case kBF16: backward_rows<BF16>(L, args, grad, th); break;
-    case kF16: backward_rows<F16>(L, args, grad, th); break;
+    case kF32: backward_rows<F32>(L, ref, args, grad, th); break;
+    case kBF16: backward_rows<BF16>(L, ref, args, grad, th); break;
+    case kF16: backward_rows<F16>(L, ref, args, grad, th); break;
   }
-}
-
-bool rows_disjoint(const RowsView& L) {
-  // Sorted by stride, each dimension must step past everything the smaller ones span.
-  int64_t st[kMaxLeadDims], sz[kMaxLeadDims];
-  int k = 0;
-  for (int d = 0; d < L.nlead; ++d) {
-    if (L.lead_sizes[d] == 0) return true;  // no rows at all
-    if (L.lead_sizes[d] > 1) {
-      st[k] = L.lead_strides[d] < 0 ? -L.lead_strides[d] : L.lead_strides[d];
-      sz[k] = L.lead_sizes[d];
-      ++k;
-    }
-  }
-  for (int i = 1; i < k; ++i)
-    for (int j = i; j > 0 && st[j] < st[j - 1]; --j) {
-      std::swap(st[j], st[j - 1]);
-      std::swap(sz[j], sz[j - 1]);
-    }
-  int64_t span = L.V;
-  for (int i = 0; i < k; ++i) {
-    if (st[i] < span) return false;
-    span = st[i] * (sz[i] - 1) + span;
-  }
-  return true;
 }
 
 void advise_huge_pages(void* p, size_t bytes) {

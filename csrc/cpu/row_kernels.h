@@ -6,24 +6,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "row_args.h"
+
 namespace prefopt_cpu {
 
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-constexpr int kMaxLeadDims = 16;
-
-// A logits tensor [..., V] with last stride 1: row n starts at
-// data + sum_i idx_i(n) * lead_strides[i] elements, idx(n) the row-major multi-index of
-// n over lead_sizes. Offsets are 64-bit throughout.
-struct RowsView {
-  void* data;
-  int dtype;
-  int64_t V;
-  int64_t rows;
-  int nlead;
-  int64_t lead_sizes[kMaxLeadDims];
-  int64_t lead_strides[kMaxLeadDims];
-};
+// RowsView, ForwardArgs, BackwardArgs, DType, kNumOut, rows_disjoint ... (row_args.h)
+using namespace prefopt;
 
 // Threading is supplied by the caller (torch's parallel_for through the stable ABI),
 // so this translation unit needs neither torch nor an OpenMP runtime.
@@ -35,36 +23,14 @@ struct Threading {
   int num_threads;
 };
 
-constexpr int kNumOut = 9;  // rows of prefopt_fast._rows.OUT_*
-
-// out: fp32 [kNumOut, rows] contiguous. ref: nullptr, or the reference logits (same
-// rows, V and dtype as `logits`, own strides) for the exact-KL statistic.
-void row_forward(const RowsView& logits, const RowsView* ref, const int64_t* labels,
-                 const float* inv_temp, int64_t ignore_index, int stats, float* out,
-                 const Threading& th);
+// out: fp32 [kNumOut, rows] contiguous (args.out). ref: nullptr, or the reference logits
+// (same rows, V and dtype as `logits`, own strides) for the exact-KL statistic.
+void row_forward(const RowsView& logits, const RowsView* ref, const ForwardArgs& args, const Threading& th);
 
 // grad: nullptr to write in place over `logits`, else a contiguous [rows, V] buffer of
-// logits.dtype. grad_entropy == nullptr: no entropy term (entropy unused).
-// grad_kl == nullptr: no KL term (ref, ref_lse, kl unused).
-struct BackwardArgs {
-  const int64_t* labels;
-  const float* inv_temp;
-  const float* lse;
-  const float* lse_lo;  // lse = lse + lse_lo (prefopt_fast._rows.OUT_LSE_LO)
-  const float* entropy;
-  const float* grad_logp;
-  const float* grad_entropy;
-  const float* grad_kl;
-  const RowsView* ref;
-  const float* ref_lse;
-  const float* kl;
-  int64_t ignore_index;
-};
-void row_backward(const RowsView& logits, const BackwardArgs& args, void* grad, const Threading& th);
-
-// True if no two rows of the view share memory (a sufficient check), which in-place
-// writing requires.
-bool rows_disjoint(const RowsView& logits);
+// logits.dtype. ref: the reference logits when args.grad_kl is given, else unused.
+void row_backward(const RowsView& logits, const RowsView* ref, const BackwardArgs& args, void* grad,
+                  const Threading& th);
 
 // Hint the kernel to back a fresh, not yet touched buffer with transparent huge
 // pages: first-touch page faults on an N x V gradient otherwise cost more than the

@@ -6,49 +6,13 @@
 
 #include <stdint.h>
 
+#include "row_args.h"
+
 namespace prefopt_cuda {
 
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-constexpr int kMaxLeadDims = 16;
-constexpr int kNumOut = 9;  // rows of prefopt_fast._rows.OUT_*
-
-// A logits tensor [..., V] with last stride 1: row n starts at
-// data + sum_i idx_i(n) * lead_strides[i] elements, idx(n) the row-major multi-index of
-// n over lead_sizes (leading dims of size 1 dropped, mergeable ones merged). 64-bit.
-struct Rows {
-  const void* data;
-  int dtype;
-  int nlead;
-  int64_t V;
-  int64_t rows;
-  int64_t lead_sizes[kMaxLeadDims];
-  int64_t lead_strides[kMaxLeadDims];
-};
-
-struct ForwardArgs {
-  const int64_t* labels;   // [rows]
-  const float* inv_temp;   // [rows]
-  int64_t ignore_index;
-  int stats;               // bit mask of prefopt_fast._rows.STAT_*
-  float* out;              // [kNumOut, rows] contiguous
-};
-
-// grad_entropy == nullptr: no entropy term (entropy unused); grad_kl == nullptr: no KL
-// term (ref, ref_lse, kl unused).
-struct BackwardArgs {
-  const int64_t* labels;
-  const float* inv_temp;
-  const float* lse;
-  const float* lse_lo;  // lse = lse + lse_lo (prefopt_fast._rows.OUT_LSE_LO)
-  const float* entropy;
-  const float* grad_logp;
-  const float* grad_entropy;
-  const float* grad_kl;
-  const float* ref_lse;
-  const float* kl;
-  int64_t ignore_index;
-};
+// RowsView, ForwardArgs, BackwardArgs, DType, kNumOut, rows_disjoint ... (row_args.h)
+using namespace prefopt;
+using Rows = prefopt::RowsView;
 
 // Launch on `stream` (a cudaStream_t) of device `device`. Return nullptr on success, else
 // a static message (cudaGetErrorString of the launch error, e.g. "CUDA driver version is

@@ -257,7 +257,13 @@ void run_case(const Case& c, int stats, std::vector<float>* logp_out, std::vecto
   float* out = exact<float>((size_t)kNumOut * (size_t)N);
   z.protect();
   zr.protect();
-  row_forward(L, kl ? &R : nullptr, labels, inv_temp, c.ignore_index, stats, out, threading());
+  ForwardArgs F;
+  F.labels = labels;
+  F.inv_temp = inv_temp;
+  F.ignore_index = c.ignore_index;
+  F.stats = stats;
+  F.out = out;
+  row_forward(L, kl ? &R : nullptr, F, threading());
   z.unprotect_and_check(c.name);
   zr.unprotect_and_check(c.name);
 
@@ -312,14 +318,13 @@ void run_case(const Case& c, int stats, std::vector<float>* logp_out, std::vecto
     A.ignore_index = c.ignore_index;
     if (flavour == 2) {
       A.grad_kl = gk;
-      A.ref = &R;
       A.ref_lse = rlse;
       A.kl = klv;
     }
     unsigned char* grad = static_cast<unsigned char*>(std::malloc(std::max<size_t>(gbytes, 1)));
     z.protect();
     zr.protect();
-    row_backward(L, A, grad, threading());
+    row_backward(L, flavour == 2 ? &R : nullptr, A, grad, threading());
     z.unprotect_and_check(c.name);
     zr.unprotect_and_check(c.name);
     for (int64_t n = 0; n < N; ++n) {
@@ -341,7 +346,7 @@ void run_case(const Case& c, int stats, std::vector<float>* logp_out, std::vecto
       std::vector<unsigned char> saved(z.buf, z.buf + z.bytes);
       z.protect();
       zr.protect();
-      row_backward(L, A, nullptr, threading());
+      row_backward(L, flavour == 2 ? &R : nullptr, A, nullptr, threading());
       z.unprotect_and_check(c.name);
       zr.unprotect_and_check(c.name);
       for (int64_t n = 0; n < N; ++n) {

@@ -1,0 +1,84 @@
+// The plain (torch-free, CUDA-free) argument descriptions shared by the CPU and CUDA row
+// kernels and their bindings (semantics: prefopt_fast/_rows.py). The CUDA kernels take
+// these structs by value as kernel parameters, and tests/cuda_emulation/emulated.py
+// mirrors their layout with ctypes: change both together.
+#pragma once
+
+#include <stdint.h>
+
+namespace prefopt {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+constexpr int kMaxLeadDims = 16;
+constexpr int kNumOut = 9;        // rows of prefopt_fast._rows.OUT_*
+
+// A logits tensor [..., V] with last stride 1: row n starts at
+// data + sum_i idx_i(n) * lead_strides[i] elements, idx(n) the row-major multi-index of
+// n over lead_sizes (leading dims of size 1 dropped, mergeable ones merged). 64-bit
+// offsets throughout. `data` is written only by an in-place backward.
+struct RowsView {
+  void* data;
+  int dtype;
+  int nlead;
+  int64_t V;
+  int64_t rows;
+  int64_t lead_sizes[kMaxLeadDims];
+  int64_t lead_strides[kMaxLeadDims];
+};
+
+struct ForwardArgs {
+  const int64_t* labels;   // [rows]
+  const float* inv_temp;   // [rows]
+  int64_t ignore_index;
+  int stats;               // bit mask of prefopt_fast._rows.STAT_*
+  float* out;              // [kNumOut, rows] contiguous
+};
+
+// All [rows] fp32 except labels. grad_entropy == nullptr: no entropy term (entropy
+// unused); grad_kl == nullptr: no KL term (the reference logits, ref_lse, kl unused).
+struct BackwardArgs {
+  const int64_t* labels;
+  const float* inv_temp;
+  const float* lse;
+  const float* lse_lo;  // lse = lse + lse_lo (prefopt_fast._rows.OUT_LSE_LO)
+  const float* entropy;
+  const float* grad_logp;
+  const float* grad_entropy;
+  const float* grad_kl;
+  const float* ref_lse;
+  const float* kl;
+  int64_t ignore_index;
+};
+
+// True if no two rows of the view share memory (a sufficient check), which in-place
+// writing requires. Sorted by |stride|, each dimension must step past everything the
+// smaller ones span. O(nlead^2), no allocation.
+inline bool rows_disjoint(const RowsView& L) {
+  int64_t st[kMaxLeadDims], sz[kMaxLeadDims];
+  int k = 0;
+  for (int d = 0; d < L.nlead; ++d) {
+    if (L.lead_sizes[d] == 0) return true;  // no rows at all
+    if (L.lead_sizes[d] > 1) {
+      st[k] = L.lead_strides[d] < 0 ? -L.lead_strides[d] : L.lead_strides[d];
+      sz[k] = L.lead_sizes[d];
+      ++k;
+    }
+  }
+  for (int i = 1; i < k; ++i)
+    for (int j = i; j > 0 && st[j] < st[j - 1]; --j) {
+      const int64_t s = st[j], z = sz[j];
+      st[j] = st[j - 1];
+      sz[j] = sz[j - 1];
+      st[j - 1] = s;
+      sz[j - 1] = z;
+    }
+  int64_t span = L.V;
+  for (int i = 0; i < k; ++i) {
+    if (st[i] < span) return false;
+    span = st[i] * (sz[i] - 1) + span;
+  }
+  return true;
+}
+
+}  // namespace prefopt
