@@ -22,8 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "sanitizer" / "row_kernels_asan.cpp"
-SOURCES = [DRIVER, ROOT / "csrc" / "cpu" / "row_kernels.cpp", ROOT / "csrc" / "cpu" / "row_kernels.h",
-           ROOT / "csrc" / "prefopt_math.h"]
+# every shared header (prefopt_math.h, row_args.h, ...): an edit to any of them rebuilds the binary
+SOURCES = ([DRIVER, ROOT / "csrc" / "cpu" / "row_kernels.cpp", ROOT / "csrc" / "cpu" / "row_kernels.h"]
+           + sorted((ROOT / "csrc").glob("*.h")))
 # the production flags of setup.py (the same vectorized code), plus the sanitizers
 FLAGS = ["-std=c++17", "-O3", "-g", "-fno-omit-frame-pointer", "-fopenmp-simd", "-ffp-contract=fast",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]

@@ -21,7 +21,7 @@ from prefopt_fast import _rows
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-SOURCES = ([ROOT / "csrc" / "prefopt_math.h"] + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
+SOURCES = (sorted((ROOT / "csrc").glob("*.h")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
            + sorted((ROOT / "csrc" / "cuda").glob("*.h")) + [HERE / "cuda_host_emulation.h", HERE / "emu_driver.cpp"])
 N_OUT = _rows.N_OUT
 MAX_LEAD = 16
