@@ -1081,6 +1081,10 @@ def write_plots(doc: dict, op: OpSpec, outdir: str, stem: str) -> tuple[list, st
         return [], "plots skipped: no successful results"
     dtypes = sorted({r["dtype"] for r in ok}, key=list(DTYPES).index)
     files = []
+    # one color per provider in every panel and plot of the op
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    palette = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]  # distinct hues first
+    colors = {prov: palette[k % len(palette)] for k, prov in enumerate(providers)}
 
     def metric(r, what):
         t = r.get("time_s") or {}
@@ -1104,22 +1108,27 @@ def write_plots(doc: dict, op: OpSpec, outdir: str, stem: str) -> tuple[list, st
         for j, dt in enumerate(dtypes):
             for i, (what, ylab) in enumerate((("time", "step time (ms)"), ("mem", "peak extra memory (MB)"))):
                 ax = axes[i][j]
-                for prov in dict.fromkeys(r["provider"] for r in ok):
+                for prov in providers:
                     pts = sorted((r[axis], metric(r, what)) for r in ok
                                  if r["provider"] == prov and r["dtype"] == dt and r[other] == fixed
                                  and metric(r, what) is not None)
                     if pts:
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov,
+                                color=colors[prov])
                 ax.set_xlabel(label)
                 ax.set_ylabel(ylab)
                 ax.set_xscale("log")
+                # ticks at the measured sizes only (log minor ticks overlap at these few points)
+                ax.set_xticks(sorted(xs), [f"{x:g}" for x in sorted(xs)])
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
                 if what == "time":
                     ax.set_yscale("log")
                 else:  # linear: an in-place provider's ~0 MB must show as 0
                     ax.set_ylim(bottom=0)
                 ax.set_title(f"{op.name} {dt}, {other}={fixed}")
                 ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+        for ax in axes[0]:  # each dtype may have its own providers (e.g. naive-fp32 for bf16 only)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(outdir, f"{stem}_vs_{axis}.png")
         fig.savefig(path, dpi=100)

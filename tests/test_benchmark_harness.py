@@ -433,3 +433,33 @@ def test_quick_dry_run_smoke(tmp_path, capsys):
             assert doc.get("plots") and all((tmp_path / p).exists() for p in doc["plots"])
         else:
             assert any("matplotlib" in n for n in doc["notes"])
+
+
+def test_summary_picks_the_largest_case_and_the_fastest_of_each_role(capsys, tmp_path):
+    from benchmarks import summary
+
+    def res(provider, vocab, ms, mb, dtype="bf16", tokens=256, phase="step"):
+        return {"provider": provider, "vocab": vocab, "tokens": tokens, "dtype": dtype, "status": "ok",
+                "time_s": {phase: {"median": ms / 1e3}}, "mem_bytes": {phase: mb * 1e6},
+                "x_bound": {phase: ms / 10}}
+
+    doc = {"op": "dpo", "results": [
+        res("naive", 32000, 5, 50), res("prefopt_fast.cpu", 32000, 1, 5),  # smaller V: ignored
+        res("naive", 256000, 200, 500), res("trl", 256000, 150, 400), res("liger", 256000, 100, 300),
+        res("matmul-floor", 256000, 10, 1),                                # not a peer
+        res("prefopt_fast.torch", 256000, 40, 30), res("prefopt_fast.cpu+inplace", 256000, 20, 0),
+        dict(res("prefopt_fast.cpu", 256000, 1, 0), status="error"),      # failed: ignored
+        res("naive", 256000, 300, 700, dtype="fp32"), res("prefopt_fast.cpu", 256000, 30, 10, dtype="fp32",
+                                                         phase="fwd_nograd"),
+    ]}
+    rows = summary.summarize_doc(doc)
+    assert [(r["dtype"], r["vocab"]) for r in rows] == [("bf16", 256000), ("fp32", 256000)]
+    bf = rows[0]
+    assert (bf["peer"], bf["ours"]) == ("liger", "cpu+inplace")
+    assert bf["x_naive"] == pytest.approx(10.0) and bf["x_bound"] == pytest.approx(2.0)
+    assert rows[1]["peer"] is None and rows[1]["ours_ms"] == pytest.approx(30.0)  # forward-only phase
+    (tmp_path / "dpo_full_cpu.json").write_text(json.dumps(doc))
+    summary.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| dpo | bf16 | 256 x 256000 | 200 ms | liger 100 ms | cpu+inplace 20 ms | 10.0 | 2.0 | 0 / 500 MB |" in out
+    assert "none ran" in out
