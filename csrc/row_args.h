@@ -6,6 +6,8 @@
 
 #include <stdint.h>
 
+#include "prefopt_math.h"  // PF_HD / PF_INLINE: row_offset runs on the host and the device
+
 namespace prefopt {
 
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -50,6 +52,18 @@ struct BackwardArgs {
   const float* kl;
   int64_t ignore_index;
 };
+
+// Offset in elements of row n from data (the row-major multi-index of n over lead_sizes).
+PF_HD PF_INLINE int64_t row_offset(const RowsView& L, int64_t n) {
+  if (L.nlead == 1) return n * L.lead_strides[0];
+  int64_t off = 0;
+  for (int d = L.nlead - 1; d >= 0; --d) {
+    const int64_t s = L.lead_sizes[d];
+    off += (n % s) * L.lead_strides[d];
+    n /= s;
+  }
+  return off;
+}
 
 // True if no two rows of the view share memory (a sufficient check), which in-place
 // writing requires. Sorted by |stride|, each dimension must step past everything the

@@ -71,16 +71,6 @@ struct F16 {
   static PF_INLINE void store(S* p, int64_t i, float v) { p[i] = pf_f32_to_f16(v); }
 };
 
-int64_t row_offset(const RowsView& L, int64_t n) {
-  int64_t off = 0;
-  for (int d = L.nlead - 1; d >= 0; --d) {
-    const int64_t s = L.lead_sizes[d];
-    off += (n % s) * L.lead_strides[d];
-    n /= s;
-  }
-  return off;
-}
-
 // Items [0, n) in blocks handed out dynamically (an atomic counter): torch's parallel_for
 // splits statically, so one thread slowed down by a neighbour on a shared machine
 // would otherwise hold up the whole call. `min_block` items are the least worth a task.

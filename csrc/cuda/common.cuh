@@ -62,7 +62,22 @@ struct F32 {
   }
 };
 
-struct BF16 {
+// 16-bit types: a 16-byte vector is 8 values, converted two at a time by P's
+// unpack2 / pack2 (P derives from Half8<P>).
+template <class P>
+struct Half8 {
+  static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
+    P::unpack2(v.x, f);
+    P::unpack2(v.y, f + 2);
+    P::unpack2(v.z, f + 4);
+    P::unpack2(v.w, f + 6);
+  }
+  static __device__ __forceinline__ uint4 pack(const float* f) {
+    return make_uint4(P::pack2(f[0], f[1]), P::pack2(f[2], f[3]), P::pack2(f[4], f[5]), P::pack2(f[6], f[7]));
+  }
+};
+
+struct BF16 : Half8<BF16> {
   typedef uint16_t S;
   static constexpr int kVec = 8;
   static __device__ __forceinline__ float to_f(S v) { return pf_bf16_to_f32(v); }
@@ -75,18 +90,9 @@ struct BF16 {
     __nv_bfloat162 h = __floats2bfloat162_rn(a, b);  // .x (low half) = a
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
-    unpack2(v.x, f);
-    unpack2(v.y, f + 2);
-    unpack2(v.z, f + 4);
-    unpack2(v.w, f + 6);
-  }
-  static __device__ __forceinline__ uint4 pack(const float* f) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
-  }
 };
 
-struct F16 {
+struct F16 : Half8<F16> {
   typedef uint16_t S;
   static constexpr int kVec = 8;
   static __device__ __forceinline__ float to_f(S v) { return __half2float(__ushort_as_half(v)); }
@@ -99,15 +105,6 @@ struct F16 {
   static __device__ __forceinline__ uint32_t pack2(float a, float b) {
     __half2 h = __floats2half2_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ void unpack(const uint4& v, float* f) {
-    unpack2(v.x, f);
-    unpack2(v.y, f + 2);
-    unpack2(v.z, f + 4);
-    unpack2(v.w, f + 6);
-  }
-  static __device__ __forceinline__ uint4 pack(const float* f) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
   }
 };
 
@@ -127,17 +124,6 @@ template <bool NC>
 __device__ __forceinline__ uint16_t ld_one(const uint16_t* p) {
   if (NC) return __ldg(reinterpret_cast<const unsigned short*>(p));
   return *p;
-}
-
-__device__ __forceinline__ int64_t row_offset(const Rows& L, int64_t n) {
-  if (L.nlead == 1) return n * L.lead_strides[0];
-  int64_t off = 0;
-  for (int d = L.nlead - 1; d >= 0; --d) {
-    const int64_t s = L.lead_sizes[d];
-    off += (n % s) * L.lead_strides[d];
-    n /= s;
-  }
-  return off;
 }
 
 // exp of arguments <= 0 (up to rounding): ex2.approx, relative error ~ |d| * 2^-24 from
