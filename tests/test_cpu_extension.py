@@ -1,4 +1,5 @@
-"""The native ``cpu`` backend (prefopt_fast._C) against an fp64 reference written here.
+"""The native ``cpu`` backend (prefopt_fast._C) against the fp64 row-contract reference
+(tests/cuda_emulation/reference.py, shared with the CUDA kernel tests).
 
 Focused on the extension itself: the torch.library ops (opcheck, torch.compile), dtypes,
 strided views without copies, awkward vocabulary sizes, rows split across threads,
@@ -6,14 +7,19 @@ ignored rows, -inf / NaN / inf / huge values, out-of-range labels, in-place back
 more than 2^31 elements (slow). The public-API matrix lives in test_token_logprobs.py.
 """
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP,
                                 OUT_MEAN, OUT_REF_LSE, STAT_ALL, STAT_ARGMAX, STAT_ENTROPY, STAT_KL,
-                                STAT_LSSP, STAT_MEAN, split_lse)
+                                STAT_LSSP, STAT_MEAN)
 from prefopt_fast.backends import cpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+from reference import ref_backward, ref_forward  # noqa: E402  (the fp64 row-contract reference)
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason=cpu.unavailable_reason() or "cpu backend")
 
@@ -25,66 +31,8 @@ NOKL = STAT_ALL & ~STAT_KL  # every statistic that needs no ref_logits
 
 # ----------------------------------------------------------------------------- reference
 
-def _lse64(x):
-    lse = torch.logsumexp(x, -1)
-    return torch.where(torch.isposinf(lse), math.nan, lse)
-
-
 def _rows(z):
     return z.reshape(-1, z.shape[-1])  # may copy: the reference only
-
-
-def _x64(z, it):
-    """x = z * inv_temp in fp32 (as the contract says), then fp64."""
-    return (_rows(z).float() * it[:, None]).double()
-
-
-def ref_forward(z, y, it, ignore=IGN, zr=None):
-    """fp64 [N_OUT, N] of prefopt_fast._rows.row_forward (every statistic)."""
-    V = z.shape[-1]
-    x = _x64(z, it)
-    lse = _lse64(x)
-    lp_all = x - lse[:, None]
-    p = lp_all.exp()
-    ok = (y >= 0) & (y < V)
-    ys = torch.where(ok, y, 0)
-    out = torch.zeros(N_OUT, x.shape[0], dtype=torch.float64)
-    hi, lo = split_lse(lse, torch.float32)
-    out[OUT_LSE], out[OUT_LSE_LO] = hi.double(), lo.double()
-    out[OUT_LOGP] = torch.where(ok, x.gather(1, ys[:, None]).squeeze(1) - lse, math.nan)
-    out[OUT_ENTROPY] = -torch.where(p == 0, 0.0, p * lp_all).sum(-1)
-    out[OUT_LSSP] = (p * p).sum(-1).log()
-    out[OUT_MEAN] = x.mean(-1)
-    out[OUT_ARGMAX] = ((x.argmax(-1) == y) & ok).double()
-    if zr is not None:
-        xr = _x64(zr, it)
-        rlse = _lse64(xr)
-        lq = xr - rlse[:, None]
-        out[OUT_KL] = torch.where(p == 0, 0.0, p * (lp_all - lq)).sum(-1)
-        out[OUT_REF_LSE] = rlse
-    out[:, y == ignore] = 0
-    return out
-
-
-def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None, lse_lo=None):
-    """fp64 [N, V] gradient of prefopt_fast._rows.row_backward (the formula; lse + lse_lo the lse)."""
-    V = z.shape[-1]
-    x = _x64(z, it)
-    lse = lse.double() + (0.0 if lse_lo is None else lse_lo.double())
-    lp = x - lse[:, None]
-    p = lp.exp()
-    oh = torch.zeros_like(x)
-    ok = (y >= 0) & (y < V)
-    oh[ok.nonzero().squeeze(1), y[ok]] = 1.0
-    g = c.double()[:, None] * (oh - p)
-    if e is not None:
-        g = g - torch.where(p == 0, 0.0, e.double()[:, None] * p * (lp + H.double()[:, None]))
-    if k is not None:
-        lq = _x64(zr, it) - rlse.double()[:, None]
-        g = g + torch.where(p == 0, 0.0, k.double()[:, None] * p * (lp - lq - kl.double()[:, None]))
-    g = g * it.double()[:, None]
-    g[y == ignore] = 0
-    return g
 
 
 def assert_fwd(out, ref, stats, kl=False, rtol=2e-5, atol=2e-5):

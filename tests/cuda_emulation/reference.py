@@ -1,6 +1,7 @@
-"""fp64 references of the row-kernel contract (prefopt_fast._rows) and the awkward inputs
-the CUDA tests feed every implementation: shapes that exercise each load path, rows
-with NaN / inf / -inf / huge values, ties, labels ignored or out of range."""
+"""fp64 references of the row-kernel contract (prefopt_fast._rows), used by the CPU and CUDA
+kernel tests, and the awkward inputs the CUDA tests feed every implementation: shapes that
+exercise each load path, rows with NaN / inf / -inf / huge values, ties, labels ignored or
+out of range."""
 import math
 
 import torch
