@@ -71,6 +71,12 @@ OUT_LOGP, OUT_LSE, OUT_ENTROPY, OUT_LSSP, OUT_MEAN, OUT_ARGMAX, OUT_KL, OUT_REF_
 N_OUT = 9
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype row statistics are computed and returned in for logits of ``dtype``: fp32,
+    or fp64 for fp64 logits (the torch backend's, so gradcheck can run through it)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def split_lse(lse: torch.Tensor, dtype: torch.dtype):
     """(LSE, LSE_LO) in ``dtype`` of a logsumexp held in fp64 (e.g. merged over vocabulary
     blocks or shards): hi = fl(lse), lo = fl(lse - hi), 0 where hi is not finite. For fp64
@@ -79,6 +85,20 @@ def split_lse(lse: torch.Tensor, dtype: torch.dtype):
         return lse.to(dtype), torch.zeros_like(lse, dtype=dtype)
     hi = lse.to(dtype)
     lo = torch.where(torch.isfinite(hi), lse - hi.to(lse.dtype), 0.0).to(dtype)
+    return hi, lo
+
+
+def lse_pair(m: torch.Tensor, log_s: torch.Tensor, dtype: torch.dtype):
+    """(LSE, LSE_LO) in ``dtype`` of lse = m + log_s, m a row maximum and log_s the log of
+    its exp-sum: hi = fl(m + log s), lo = fl((m - hi) + log s) in fp64. Not
+    ``split_lse(m + log s)``: at |m| ~ 1e30 even the fp64 sum drops log s, while m - hi is
+    exact when hi rounds to m. m = -inf (a row of only -inf): (-inf, 0). fp64 rows:
+    (m + log s, 0). O(N)."""
+    if dtype == torch.float64:
+        return torch.where(m == float("-inf"), m, m + log_s), torch.zeros_like(m)
+    m64, s64 = m.double(), log_s.double()
+    hi = torch.where(m == float("-inf"), m.to(dtype), (m64 + s64).to(dtype))
+    lo = torch.where(torch.isfinite(hi), (m64 - hi.double()) + s64, 0.0).to(dtype)
     return hi, lo
 
 

@@ -45,7 +45,8 @@ import torch.distributed as dist
 from . import _validate
 from ._dispatch import _load, resolve_backend
 from ._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, OUT_REF_LSE,
-                    STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, split_lse)
+                    STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, compute_dtype,
+                    lse_pair)
 
 __all__ = ["ShardLayout", "shard_layout", "check_process_group", "is_dtensor", "vocab_parallel_token_logprobs",
            "vocab_parallel_linear_token_logprobs", "VocabParallelLogProbsFunction",
@@ -179,13 +180,15 @@ def _kernel_labels(y: torch.Tensor, ignore_index: int, layout: ShardLayout):
 
 def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
     """Global row statistics from this shard's ``part`` (dict of [N] tensors, acc dtype):
-    L, XY (x_y, meaningful where ``own``), own, before, and per ``stats``: H, S2 (LSSP),
-    MEAN, MX (max_v x_v) and AM (kernel ARGMAX), KL and RL (REF_LSE).
+    L (the shard's lse, or its LSE row with Llo its LSE_LO), XY (x_y, meaningful where
+    ``own``), own, before, and per ``stats``: H, S2 (LSSP), MEAN, MX (max_v x_v) and AM
+    (kernel ARGMAX), KL and RL (REF_LSE).
 
-    Returns a dict of [N] tensors: lse (fp64, for ``_rows.split_lse``), logp, and entropy / lssp /
-    mean / argmax / kl / ref_lse when asked for (in XY's dtype); ignored rows hold 0. The merge
-    runs in fp64 (O(N) vectors): the shards' lse pairs combine without an fp32 rounding, which
-    the backward's exp(x - lse) would inherit.
+    Returns a dict of [N] tensors: lse_m, lse_log_s (fp64: the global lse as max + log of
+    the exp-sum, for ``_rows.lse_pair``), logp, and entropy / lssp / mean / argmax / kl /
+    ref_lse when asked for (in XY's dtype); ignored rows hold 0. The merge runs in fp64
+    (O(N) vectors) and keeps the max apart from log S, so the lse pair loses nothing even at
+    |x| ~ 1e30, which the backward's exp((x - lse) - lse_lo) would inherit.
     """
     out_dt = part["XY"].dtype
     dt = torch.float64
@@ -201,7 +204,7 @@ def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=layout.group)
     # a row of only -inf logits everywhere: shift by 0 so exp gives 0, not NaN
     m = torch.where(torch.isneginf(mx[0]), zero, mx[0])
-    dL = L - m
+    dL = L - m if "Llo" not in part else (L - m) + part["Llo"]
     e = torch.exp(dL)
     rows = [e, torch.where(part["own"], part["XY"], zero)]
     if want_ent:
@@ -226,8 +229,8 @@ def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
     it = iter(s)
     S = next(it)
     log_s = torch.log(S)
-    res = {"lse": m + log_s}
-    res["logp"] = next(it) - res["lse"]
+    res = {"lse_m": m, "lse_log_s": log_s}
+    res["logp"] = (next(it) - m) - log_s
     if want_ent:
         res["entropy"] = next(it) / S + log_s
     if want_sq:
@@ -241,7 +244,7 @@ def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
         res["ref_lse"] = mr + torch.log(Sr)
         res["kl"] = next(it) / S - log_s + torch.log(Sr)
     for k, v in res.items():
-        res[k] = v.masked_fill(ignored, 0.0) if k == "lse" else v.masked_fill(ignored, 0.0).to(out_dt)
+        res[k] = v.masked_fill(ignored, 0.0) if k.startswith("lse") else v.masked_fill(ignored, 0.0).to(out_dt)
     return res
 
 
@@ -263,8 +266,8 @@ def _empty_part(N: int, dt, device, stats: int):
 
 
 def _part_from_rows(out: torch.Tensor, stats: int) -> dict:
-    """The row kernels' [N_OUT, N] output as a part (views, no copy; L = LSE + LSE_LO in fp64)."""
-    part = {"L": out[OUT_LSE].double() + out[OUT_LSE_LO].double()}
+    """The row kernels' [N_OUT, N] output as a part (views, no copy)."""
+    part = {"L": out[OUT_LSE], "Llo": out[OUT_LSE_LO]}
     if stats & STAT_ENTROPY:
         part["H"] = out[OUT_ENTROPY]
     if stats & STAT_LSSP:
@@ -294,7 +297,7 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
     def forward(ctx, logits, ref_logits, ky, own, before, ignored, inv_temp, stats: int, inplace: bool,
                 backend: str, layout: ShardLayout):
         N = ky.shape[0]
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(logits.dtype)
         if layout.size == 0:
             part = _empty_part(N, acc, logits.device, stats)
         else:
@@ -313,9 +316,9 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
             res = _merge(part, layout, ignored, stats)
         else:
             res = {k: torch.zeros(0, dtype=acc, device=logits.device)
-                   for k in ("lse", "logp", "entropy", "lssp", "mean", "argmax", "kl", "ref_lse")}
+                   for k in ("lse_m", "lse_log_s", "logp", "entropy", "lssp", "mean", "argmax", "kl", "ref_lse")}
         z = torch.zeros(N, dtype=acc, device=logits.device)
-        lse, lse_lo = split_lse(res["lse"], acc)
+        lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
         logp = res["logp"]
         entropy, kl, ref_lse = res.get("entropy", z), res.get("kl", z), res.get("ref_lse", z)
         extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
@@ -376,7 +379,7 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
     want_kl = check_stat_request(names, ref_logits, logits, inplace_backward, shard=True)
     inv_temp = _validate.inverse_temperature(
-        temperature, labels, torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        temperature, labels, compute_dtype(logits.dtype))
 
     # an empty shard never reaches a kernel; resolve the backend on a dtype/device probe
     be = resolve_backend(backend, logits, need_kl=want_kl)
@@ -402,7 +405,7 @@ def _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg):
 
     M = hidden.shape[0]
     Vr = weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(hidden.dtype)
     stats = cfg.stats
     if Vr == 0:
         return _empty_part(M, acc, hidden.device, stats)
@@ -445,8 +448,9 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         M = hidden.shape[0]
         acc = part["XY"].dtype
         z = torch.zeros(M, dtype=acc, device=hidden.device)
-        res = _merge(part, layout, torch.zeros_like(own), cfg.stats) if M else {"lse": z, "logp": z}
-        lse, lse_lo = split_lse(res["lse"], acc)
+        res = (_merge(part, layout, torch.zeros_like(own), cfg.stats) if M
+               else {"lse_m": z, "lse_log_s": z, "logp": z})
+        lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
         logp, entropy = res["logp"], res.get("entropy", z)
         extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
         ctx.set_materialize_grads(False)
@@ -503,7 +507,7 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     like it, LoRA ``A`` ``[r, H]`` is replicated. The gradients of ``hidden`` and ``A`` are
     all-reduced (summed) over the group in the backward.
     """
-    from .ops.linear_logprobs import _acc_dtype, _check_inputs, _kept_rows, _make_cfg, _outputs, _stat_names
+    from .ops.linear_logprobs import _check_inputs, _kept_rows, _make_cfg, _outputs, _stat_names
 
     if is_dtensor(weight):
         if process_group is not None or vocab_start is not None:
@@ -524,7 +528,7 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=True)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
     names = _stat_names(stats)
-    inv_temp = _validate.inverse_temperature(temperature, labels, _acc_dtype(hidden))
+    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
     be = resolve_backend(backend, hidden)
     layout = shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device,
                           what="weight.shape[0]")

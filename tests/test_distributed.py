@@ -7,6 +7,7 @@ the same process. Spawning is slow (seconds per process on a loaded machine), so
 runs the whole list of checks and reports every mismatch at once.
 """
 import json
+import math
 import os
 import socket
 import time
@@ -506,6 +507,28 @@ def _check_errors(env):
             env.check(name, want in str(exc), str(exc))
 
 
+def _check_huge(env):
+    """Tied maxima at 1e30 across shards: the merged lse must keep log S (an fp64 sum
+    m + log S drops it there; the gradient would be -1 everywhere but the label)."""
+    import prefopt_fast
+    from prefopt_fast import token_logprobs
+
+    V, sizes, st, kw = _one_layout(env)
+    s0, n0 = st[env.rank], sizes[env.rank]
+    y = torch.tensor([0, V - 1, V // 2])
+    expected = torch.full((3, V), -1.0 / V)
+    expected[torch.arange(3), y] += 1.0
+    for be in ("torch", "cpu"):
+        if be not in prefopt_fast.available_backends():
+            continue
+        for mag in (1e8, 1e30):
+            loc = torch.full((3, n0), mag, requires_grad=True)
+            out = token_logprobs(loc, y, backend=be, **kw)
+            out.sum().backward()
+            env.close(f"{be} {mag:g} logprobs", out, torch.full((3,), -math.log(V)), rtol=1e-6, atol=1e-6)
+            env.close(f"{be} {mag:g} grad", loc.grad, _shard(expected, -1, s0, n0), rtol=1e-5, atol=1e-6)
+
+
 def _check_triton(env):
     """The interpreted Triton kernels on a shard (small: the interpreter is slow)."""
     import prefopt_fast
@@ -533,7 +556,7 @@ def _check_triton(env):
 
 SUITES = {
     "all": [("token_logprobs", _check_token_logprobs), ("kl+inplace", _check_kl_inplace),
-            ("nonfinite", _check_nonfinite), ("losses", _check_losses), ("linear", _check_linear),
+            ("nonfinite", _check_nonfinite), ("huge", _check_huge), ("losses", _check_losses), ("linear", _check_linear),
             ("dtensor", _check_dtensor), ("errors", _check_errors), ("triton", _check_triton)],
 }
 

@@ -12,6 +12,7 @@ import torch
 from .._blocks import row_blocks
 from .._rows import N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN
 from .._rows import OUT_KL, OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, num_rows
+from .._rows import compute_dtype, lse_pair
 
 NAME = "torch"
 SUPPORTS_KL = True
@@ -30,10 +31,6 @@ def unavailable_reason() -> str:
 
 def supports(logits: torch.Tensor) -> Optional[str]:
     return None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rows_per_block(V: int) -> int:
@@ -83,12 +80,7 @@ def _log_softmax(x: torch.Tensor, out: torch.Tensor):
     # keeps p's precision at any magnitude). An all -inf row keeps lse = -inf (a vocabulary
     # shard may be fully masked); NaN or +inf in a row gives NaN, as log_softmax does.
     log_s = -ls.amax(-1)
-    if x.dtype == torch.float64:
-        return ls, torch.where(m == float("-inf"), m, m + log_s), torch.zeros_like(m)
-    m64 = m.double()
-    hi = torch.where(m == float("-inf"), m, (m64 + log_s.double()).to(m.dtype))
-    lo = torch.where(torch.isfinite(hi), (m64 - hi.double()) + log_s.double(), 0.0).to(m.dtype)
-    return ls, hi, lo
+    return (ls, *lse_pair(m, log_s, m.dtype))
 
 
 def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, ref_logits=None) -> torch.Tensor:

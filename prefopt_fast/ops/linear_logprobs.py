@@ -53,7 +53,7 @@ from torch import nn
 from .. import _validate
 from .._dispatch import _load, resolve_backend
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY
-from .._rows import STAT_LSSP, STAT_MEAN, STATS, split_lse
+from .._rows import STAT_LSSP, STAT_MEAN, STATS, compute_dtype, split_lse
 from ..distributed import is_dtensor, vocab_parallel_linear_token_logprobs
 from .token_logprobs import stat_mask, token_outputs
 
@@ -186,7 +186,7 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
     M, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    acc_dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc_dt = compute_dtype(hidden.dtype)
     # the O(M) merge state is fp64: each merge step would otherwise add an fp32 rounding to
     # lse and to the weights exp(L_b - lse), which the backward's exp(x - lse) inherits
     mdt = torch.float64
@@ -374,7 +374,7 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
     M, H = hidden.shape
     V = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
-    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    acc_dt = compute_dtype(dt)
     lora = lora_a is not None
     r = lora_a.shape[0] if lora else 0
     s_lora = cfg.scaling
@@ -601,7 +601,7 @@ def linear_token_logprobs(
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
     names = _stat_names(stats)
-    inv_temp = _validate.inverse_temperature(temperature, labels, _acc_dtype(hidden))
+    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
     be = resolve_backend(backend, hidden)
 
     flat_h, flat_y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
@@ -613,10 +613,6 @@ def linear_token_logprobs(
 
 
 # --------------------------------------------------------------------------- shared with the vocab-parallel path
-
-
-def _acc_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
 def _stat_names(stats):

@@ -8,7 +8,7 @@ from .._dispatch import _load, resolve_backend
 from ..distributed import is_dtensor, vocab_parallel_token_logprobs
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_REF_LSE
 from .._rows import STAT_ENTROPY, STAT_KL, STATS
-from .._rows import check_inplace_rows
+from .._rows import check_inplace_rows, compute_dtype
 
 STAT_NAMES = tuple(STATS)
 
@@ -180,7 +180,7 @@ def token_logprobs(
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
     want_kl = check_stat_request(names, ref_logits, logits, inplace_backward)
     inv_temp = _validate.inverse_temperature(
-        temperature, labels, torch.float64 if logits.dtype == torch.float64 else torch.float32
+        temperature, labels, compute_dtype(logits.dtype)
     )
     be = resolve_backend(backend, logits, need_kl=want_kl)
 
