@@ -132,7 +132,6 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
 setup(
     version=version,
     packages=["prefopt_fast", "prefopt_fast.backends", "prefopt_fast.ops", "prefopt_fast.losses", "prefopt_fast.integrations", "prefopt_fast.kernels"],
-    package_dir={"prefopt_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -17,11 +17,8 @@ Semantics: ``prefopt_fast._rows``.
 """
 import contextlib
 import functools
-import importlib
-import importlib.util
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -85,22 +82,8 @@ def supports(logits: torch.Tensor) -> Optional[str]:
 
 def kernel_modules():
     """(config, row_forward, row_backward) modules of prefopt_fast.kernels, imported on first use."""
-    try:
-        from prefopt_fast.kernels import config, row_backward, row_forward
-    except ModuleNotFoundError as exc:
-        if exc.name != "prefopt_fast.kernels":
-            raise
-        # Source checkout that is not installed: setup.py maps kernels/ to
-        # prefopt_fast.kernels; do the same mapping by hand.
-        root = Path(__file__).resolve().parents[2] / "kernels"
-        spec = importlib.util.spec_from_file_location(
-            "prefopt_fast.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
-        if spec is None or not (root / "__init__.py").exists():
-            raise
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["prefopt_fast.kernels"] = mod
-        spec.loader.exec_module(mod)
-        from prefopt_fast.kernels import config, row_backward, row_forward
+    from prefopt_fast.kernels import config, row_backward, row_forward
+
     return config, row_forward, row_backward
 
 
