@@ -8,6 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import expected  # noqa: E402  (tests/expected.py: what must be here, and how its absence fails)
+
 # Every backend name the package may offer. Parametrizing over this static list (and
 # skipping the ones not available here) keeps collection independent of the package.
 KNOWN_BACKENDS = ("torch", "cpu", "triton", "cuda")
@@ -38,8 +40,12 @@ def backends():
 
 @pytest.fixture(params=KNOWN_BACKENDS)
 def backend(request):
-    """Each backend available here, by name; the others are skipped with the reason."""
+    """Each backend available here, by name. An absent cpu backend (the native extension) or
+    Triton under the interpreter is a broken install (tests/expected.py: a failure in strict
+    mode); backends that need a GPU are skipped with the reason where there is none."""
     name = request.param
+    if name == "cpu" or (name == "triton" and _interpreting()):
+        expected.require("cpu-extension" if name == "cpu" else "triton")
     avail = _available()
     if name not in avail:
         reason = "not available"

@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import cuda_build  # noqa: E402
+import expected  # noqa: E402
 
 HOME = cuda_build.find_cuda_home()
 pytestmark = pytest.mark.skipif(HOME is None, reason="no CUDA toolkit (CUDA_HOME / nvcc)")
@@ -54,7 +55,7 @@ def test_build_check(tmp_path):
     assert "cuda" not in imp["available_backends"] and imp["auto_cpu_tensors"] == "cpu"
     assert "not available" in imp["backend_cuda_error"]
     if r["fatbin"] is None:
-        pytest.skip("fatbinary not listed: no cuobjdump (pip install nvidia-cuda-cuobjdump)")
+        expected.missing("cuobjdump", "the fatbinary was not listed: no cuobjdump")
     elf = "\n".join(r["fatbin"]["elf"])
     assert ".sm_80.cubin" in elf and ".sm_90.cubin" in elf
     assert ".sm_90.ptx" in "\n".join(r["fatbin"]["ptx"])

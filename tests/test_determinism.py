@@ -16,6 +16,7 @@ import torch
 
 import prefopt_fast as pf
 from prefopt_fast import linear as pfl
+import expected  # noqa: E402  (tests/expected.py)
 
 @contextlib.contextmanager
 def num_threads(n):
@@ -146,7 +147,7 @@ CPU_SHAPES = {
 ])
 def test_cpu_backend_thread_count(backends, shape):
     if "cpu" not in backends:
-        pytest.skip("no cpu backend")
+        expected.require("cpu-extension")
     ins = _token_inputs("cpu", False, dtype=torch.float32, **CPU_SHAPES[shape])
     results = {}
     for n in (1, 2, 3):
@@ -161,7 +162,7 @@ def test_cpu_backend_logp_and_its_gradient_do_not_depend_on_threads_even_when_se
     """Log-probs and the gradient of a loss of the log-probs alone (DPO, SFT, PPO without
     entropy / full KL) through segmented rows, with the backward too."""
     if "cpu" not in backends:
-        pytest.skip("no cpu backend")
+        expected.require("cpu-extension")
     ins = _token_inputs("cpu", False, dtype=torch.float32, **CPU_SHAPES["few long rows"])
     out = {}
     for n in (1, 2, 3):
@@ -188,7 +189,7 @@ def test_torch_backend_thread_count(op):
 def test_cpu_backend_linear_thread_count(backends):
     """The fused-linear path on the cpu backend: GEMMs and row kernels across thread counts."""
     if "cpu" not in backends:
-        pytest.skip("no cpu backend")
+        expected.require("cpu-extension")
     ins = _linear_inputs("cpu", False)
     results = {}
     for n in (1, 2, 3):

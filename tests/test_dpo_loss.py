@@ -20,6 +20,7 @@ import torch
 
 from prefopt_fast.losses import DPO_LOSS_TYPES, F_DIVERGENCES, DPOLoss, dpo_loss
 from prefopt_fast.losses.dpo import F_DIVERGENCE_LOSS_TYPES
+import expected  # noqa: E402  (tests/expected.py)
 
 BETA = 0.3
 # label_smoothing per type where it matters (0 elsewhere)
@@ -578,7 +579,7 @@ class _FakeLM(torch.nn.Module):
 def _trl_dpo(per_token, completion_mask, ref_chosen, ref_rejected, *, loss_type, loss_weights=None, beta=BETA,
              label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5, discopop_tau=0.05, lssp=None):
     """TRL 1.16 DPOTrainer._compute_loss on given per-token log-probs -> (loss, logged metrics)."""
-    dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
+    dpo_trainer = expected.require_module("trl", "trl.trainer.dpo_trainer")
     trainer = object.__new__(dpo_trainer.DPOTrainer)
     n, t = completion_mask.shape
     shift_mask = completion_mask[:, 1:]

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import expected  # tests/expected.py
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -21,11 +21,11 @@ def _run(script: str, steps: int = 3, timeout: int = 240):
 
 
 def test_trl_dpo_lora_example():
-    pytest.importorskip("trl")
-    pytest.importorskip("peft")
+    expected.require("trl")
+    expected.require("peft")
     _run("trl_dpo_lora.py")
 
 
 def test_custom_loop_dpo_example():
-    pytest.importorskip("transformers")
+    expected.require("transformers")
     _run("custom_loop_dpo.py")

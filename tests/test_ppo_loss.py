@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prefopt_fast.losses import KL_ESTIMATORS, LOSS_AGG_MODES, TRL_LOSS_TYPES, PPOLoss, ppo_loss
+import expected  # noqa: E402  (tests/expected.py)
 
 IGN = -100
 
@@ -588,7 +589,7 @@ TRL_CASES = {
 
 @pytest.mark.parametrize("name", list(TRL_CASES))
 def test_matches_trl_grpo_trainer(backend, device, name):
-    pytest.importorskip("trl")
+    expected.require("trl")
     case = dict(TRL_CASES[name])
     data = make_batch()  # TRL runs on the CPU tensors
     labels, B, T = data["labels"], *data["labels"].shape
@@ -639,7 +640,7 @@ def test_matches_trl_grpo_trainer(backend, device, name):
 
 def test_trl_delta_is_the_dual_clip_and_clip_metrics_agree():
     """Sanity of the parity set-up: the batch has ratios beyond TRL's delta with A < 0."""
-    pytest.importorskip("trl")
+    expected.require("trl")
     data = make_batch()
     t_loss, t_m, _ = _trl_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], loss_type="bnpo",
                                delta=3.0)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from prefopt_fast.losses import CPO_LOSS_TYPES, cpo_loss, orpo_loss, simpo_loss
+import expected  # noqa: E402  (tests/expected.py)
 
 
 def _s(x):
@@ -243,7 +244,7 @@ def _trainer(cls, **attrs):
 
 @pytest.mark.parametrize("case", CPO_CASES, ids=lambda c: f"{c['loss_type']}-a{c['alpha']}-c{c['cpo_alpha']}")
 def test_cpo_matches_trl(case):
-    cpo = pytest.importorskip("trl.experimental.cpo")
+    cpo = expected.require_module("trl", "trl.experimental.cpo")
     for B in (1, 3):
         batch, logits = _preference_batch(B, seed=B)
         trainer = _trainer(cpo.CPOTrainer, beta=0.4, loss_type=case["loss_type"], label_smoothing=case["ls"],
@@ -265,7 +266,7 @@ def test_cpo_matches_trl(case):
 
 
 def test_orpo_matches_trl():
-    orpo = pytest.importorskip("trl.experimental.orpo")
+    orpo = expected.require_module("trl", "trl.experimental.orpo")
     for B in (1, 4):
         batch, logits = _preference_batch(B, seed=30 + B)
         trainer = _trainer(orpo.ORPOTrainer, beta=0.2, padding_value=0)

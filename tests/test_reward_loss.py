@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from prefopt_fast.losses import BradleyTerryLoss, bradley_terry_loss
+import expected  # noqa: E402  (tests/expected.py)
 
 
 def make_rewards(B, dtype=torch.float32, seed=0):
@@ -121,7 +122,7 @@ class _FakeRewardModel(torch.nn.Module):
 
 
 def _trl_reward_loss(rewards, margin, c):
-    reward_trainer = pytest.importorskip("trl.trainer.reward_trainer")
+    reward_trainer = expected.require_module("trl", "trl.trainer.reward_trainer")
     trainer = object.__new__(reward_trainer.RewardTrainer)
     model = _FakeRewardModel(rewards)
     trainer.model = model

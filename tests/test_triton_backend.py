@@ -18,6 +18,8 @@ import torch  # noqa: E402
 from prefopt_fast import _rows  # noqa: E402
 from prefopt_fast.backends import triton as tb  # noqa: E402
 
+import expected  # noqa: E402  (tests/expected.py)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 IGN = -100
@@ -27,8 +29,19 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # storage rounding of the gradient (the forward statistics are fp32 whatever the input)
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
+
+
+@pytest.fixture(autouse=True)
+def _triton_here():
+    # under the interpreter Triton is expected (a failure in strict mode); on a GPU run
+    # (TRITON_INTERPRET=0) a machine without a GPU skips
+    if INTERPRET:
+        expected.require("triton")
+    elif not tb.is_available():
+        pytest.skip(f"triton backend: {tb.unavailable_reason()}")
+
+
 pytestmark = [
-    pytest.mark.skipif(not tb.is_available(), reason=f"triton backend: {tb.unavailable_reason()}"),
     # the interpreter evaluates -inf/NaN rows in numpy, which warns
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 ]

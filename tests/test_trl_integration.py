@@ -19,9 +19,11 @@ from collections import defaultdict
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
-transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
+import expected  # noqa: I001  (tests/expected.py: fails in strict mode where a peer is missing)
+
+trl = expected.require_module("trl")
+transformers = expected.require_module("transformers")
+datasets = expected.require_module("datasets")
 
 import trl.trainer.utils as trl_utils  # noqa: E402
 from trl.kernels import ChunkedLogProbFunction  # noqa: E402
