@@ -14,7 +14,7 @@ DEPS=${PREFOPT_DEPS:-tested}
 # A plain `torch` requirement with no torch installed would pull the multi-GB CUDA build: the
 # pinned CPU build goes first, in both modes (on this kind of machine pip finds it on local
 # disk; elsewhere add PyTorch's CPU wheel index, --index-url https://download.pytorch.org/whl/cpu).
-TORCH_PIN=$(grep -E '^torch==' constraints.txt)
+TORCH_PIN=$(grep -m1 -E "^torch==" constraints.txt)
 TMP_CONSTRAINTS=$(mktemp)
 trap 'rm -f "$TMP_CONSTRAINTS"' EXIT
 case "$DEPS" in
