@@ -45,7 +45,7 @@ and ``[M, r]`` for LoRA, and ``[V, H]`` for a half-precision weight gradient onl
 than ``TOKEN_TILE`` tokens take several token tiles on a device with fp32-output GEMMs.
 """
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -281,54 +281,161 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
     return logp.to(acc_dt), lse_hi, lse_lo, entropy.to(acc_dt), extra, shift
 
 
-# --------------------------------------------------------------------------- autograd Function
+# --------------------------------------------------------------------------- the ops and the autograd Function
+
+# The tiled forward and backward are two functions over all N rows, _linear_forward_impl and
+# _linear_backward_impl, each also registered as a torch.library op (prefopt_fast::linear_forward,
+# prefopt_fast::linear_backward). Dropping the ignored rows, the per-call chunk size, the tile
+# loops and the backend's row kernels all depend on the labels' VALUES (how many rows are
+# real); under torch.compile the ops hide that: dynamo sees one opaque call with fixed-shape
+# [N] outputs (the fake implementations below), so the public functions trace with
+# fullgraph=True. Eager calls the same functions directly (_call): no dispatcher overhead, and
+# dispatch modes (FlopCounterMode, memory probes) still see every GEMM inside.
+
+
+def _kept_index(labels: torch.Tensor, ignore_index: int) -> Optional[torch.Tensor]:
+    """int64 [M]: the rows of ``labels`` [N] with a real label; None when all N are real."""
+    real = labels != ignore_index
+    if bool(real.all()):
+        return None
+    return real.nonzero().squeeze(1)
+
+
+def _rows_of(x: Optional[torch.Tensor], idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x is None or idx is None:
+        return x
+    return x.index_select(0, idx)
+
+
+def _op_cfg(scaling, logit_scale, softcap, stats: int, chunk_size, M: int, V: int, dtype, backend: str) -> _Cfg:
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, dtype)
+    return _Cfg(scaling, logit_scale, softcap, stats, chunk, backend)
+
+
+def _linear_forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
+                       inv_temp: torch.Tensor, ignore_index: int, scaling: float, logit_scale: float,
+                       softcap: Optional[float], stats: int, chunk_size: Optional[int], backend: str
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row statistics of ``hidden`` [N, H] (all rows; ignored ones are dropped here):
+    (logp, entropy, extra [3, N], lse, lse_lo, shift), each [N] in the compute dtype, 0 on
+    ignored rows (shift: 0 where nothing was subtracted, e.g. half inputs)."""
+    N = hidden.shape[0]
+    acc_dt = compute_dtype(hidden.dtype)
+    idx = _kept_index(labels, ignore_index)
+    # the gather of the kept rows lives here, not in autograd: index_select's backward is a
+    # scatter-add several times slower than the index_put the backward op does
+    h = _rows_of(hidden, idx)
+    h = h if h.is_contiguous() else h.contiguous()
+    y, it = _rows_of(labels, idx), _rows_of(inv_temp, idx)
+    u = torch.mm(h, lora_a.t()) if lora_a is not None else None
+    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype,
+                  backend)
+    logp, lse, lse_lo, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, y, it, cfg)
+    if shift is None:
+        shift = torch.zeros_like(lse)
+    outs = (logp, entropy, extra, lse, lse_lo, shift)
+    if idx is None:
+        return tuple(x if x.is_contiguous() else x.contiguous() for x in outs)
+    return tuple(x.new_zeros(*x.shape[:-1], N).index_copy_(x.dim() - 1, idx, x) for x in outs)
+
+
+_linear_forward_op = torch.library.custom_op("prefopt_fast::linear_forward", _linear_forward_impl, mutates_args=())
+
+
+@_linear_forward_op.register_fake
+def _(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, ignore_index, scaling, logit_scale, softcap, stats,
+      chunk_size, backend):
+    N = hidden.shape[0]
+    row = lambda *s: hidden.new_empty((*s, N), dtype=compute_dtype(hidden.dtype))  # noqa: E731
+    return row(), row(), row(3), row(), row(), row()
+
+
+def _linear_backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
+                        inv_temp: torch.Tensor, lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor,
+                        shift: torch.Tensor, grad_logp: Optional[torch.Tensor],
+                        grad_entropy: Optional[torch.Tensor], ignore_index: int, scaling: float,
+                        logit_scale: float, softcap: Optional[float], stats: int, chunk_size: Optional[int],
+                        backend: str, need_h: bool, need_w: bool, need_b: bool, need_a: bool, need_lb: bool
+                        ) -> List[torch.Tensor]:
+    """[grad hidden [N, H], grad weight, grad bias, grad lora_a, grad lora_b]; an empty [0]
+    tensor for each gradient not asked for. The saved [N] statistics are those of
+    ``_linear_forward_op``."""
+    idx = _kept_index(labels, ignore_index)
+    h = _rows_of(hidden, idx)
+    h = h if h.is_contiguous() else h.contiguous()
+    y, it, lse_k, lo_k, ent_k = (_rows_of(x, idx) for x in (labels, inv_temp, lse, lse_lo, entropy))
+    g_logp, g_ent = _rows_of(grad_logp, idx), _rows_of(grad_entropy, idx)
+    shift_k = _rows_of(shift, idx) if hidden.dtype == torch.float32 else None
+    u = torch.mm(h, lora_a.t()) if lora_a is not None else None  # recomputed: O(M H r), saved nothing
+    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype,
+                  backend)
+    grads = list(_linear_backward(h, weight, bias, lora_a, lora_b, y, it, lse_k, ent_k, u, g_logp, g_ent, cfg,
+                                  need_h, need_w, need_b, need_a, need_lb, shift=shift_k, lse_lo=lo_k))
+    if grads[0] is not None and idx is not None:
+        grads[0] = grads[0].new_zeros(hidden.shape[0], grads[0].shape[1]).index_put_((idx,), grads[0])
+    empty = hidden.new_empty(0)
+    return [empty.clone() if g is None else g for g in grads]
+
+
+_linear_backward_op = torch.library.custom_op("prefopt_fast::linear_backward", _linear_backward_impl,
+                                             mutates_args=())
+
+
+@_linear_backward_op.register_fake
+def _(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, shift, grad_logp, grad_entropy,
+      ignore_index, scaling, logit_scale, softcap, stats, chunk_size, backend, need_h, need_w, need_b, need_a,
+      need_lb):
+    likes = (hidden, weight, bias, lora_a, lora_b)
+    return [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else hidden.new_empty(0)
+            for need, x in zip((need_h, need_w, need_b, need_a, need_lb), likes)]
+
+
+def _call(op, impl, *args):
+    """``op(*args)`` under torch.compile / torch.export, ``impl(*args)`` (the op's own body) in eager."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 class LinearLogProbsFunction(torch.autograd.Function):
     """Per-token statistics of the transformed ``hidden @ weight.T`` logits, in tiles.
 
     Inputs: hidden [N, H], weight [V, H], bias [V] or None, lora_a [r, H] / lora_b [V, r] or
-    None, labels int64 [M] in [0, V) and inv_temp fp32 [M] of the rows kept, idx int64 [M]
-    (the rows of ``hidden`` with a real label, or None for all of them), cfg. ``inv_temp``
-    has logit_scale folded in when there is no softcap.
-    Outputs, per kept row: logp [M], entropy [M] (differentiable; zeros unless asked for)
-    and the non-differentiable rows [3, M] (log_sum_sq_probs, mean_logit, is_argmax).
+    None, labels int64 [N] (``ignore_index`` rows are dropped inside the ops), inv_temp [N]
+    (with logit_scale folded in when there is no softcap), and the Python options
+    (ignore_index, LoRA scaling, logit_scale, softcap, STAT_* mask, chunk_size, backend name).
+    Outputs, per row: logp [N], entropy [N] (differentiable; zeros unless asked for) and the
+    non-differentiable rows [3, N] (log_sum_sq_probs, mean_logit, is_argmax); 0 on ignored rows.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, idx, cfg: _Cfg):
-        # the gather of the kept rows lives here, not in autograd: index_select's backward is
-        # a scatter-add several times slower than the index_put the backward below does
-        h = hidden if idx is None else hidden.index_select(0, idx)
-        h = h if h.is_contiguous() else h.contiguous()
-        u = torch.mm(h, lora_a.t()) if lora_a is not None else None
-        logp, lse, lse_lo, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, labels, inv_temp,
-                                                                   cfg)
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, ignore_index: int, scaling: float,
+                logit_scale: float, softcap, stats: int, chunk_size, backend: str):
+        opts = (ignore_index, scaling, logit_scale, softcap, stats, chunk_size, backend)
+        logp, entropy, extra, lse, lse_lo, shift = _call(
+            _linear_forward_op, _linear_forward_impl, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, *opts)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, u, idx,
-                              shift)
-        ctx.cfg = cfg
-        ctx.num_rows = hidden.shape[0]
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, shift)
+        ctx.opts = opts
         return logp, entropy, extra
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_extra):
-        nones = (None,) * 9
+        nones = (None,) * 14
+        opts = ctx.opts
+        # under torch.compile an unused output's gradient arrives as zeros, not None; the
+        # entropy output is zeros (not a function of the inputs) unless it was asked for
+        if not opts[4] & STAT_ENTROPY:
+            grad_entropy = None
         if grad_logp is None and grad_entropy is None:
             return nones
-        h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, u, idx, shift = ctx.saved_tensors
-        need_h, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        if not (need_h or need_w or need_b or need_a or need_lb):
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:5])
+        if not any(need):
             return nones
-        grads = _linear_backward(h, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
-                                 grad_logp, grad_entropy, ctx.cfg, need_h, need_w, need_b, need_a, need_lb,
-                                 shift=shift, lse_lo=lse_lo)
-        grad_h = grads[0]
-        if grad_h is not None and idx is not None:
-            full = grad_h.new_zeros(ctx.num_rows, grad_h.shape[1])
-            grad_h = full.index_put_((idx,), grad_h)
-        return (grad_h,) + grads[1:] + (None, None, None, None)
+        grads = _call(_linear_backward_op, _linear_backward_impl, *ctx.saved_tensors, grad_logp, grad_entropy, *opts,
+                      *need)
+        return tuple(g if n else None for g, n in zip(grads, need)) + nones[5:]
 
 
 def _backward_plan(M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, acc_over_vocab: bool,
@@ -604,12 +711,13 @@ def linear_token_logprobs(
     inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
     be = resolve_backend(backend, hidden)
 
-    flat_h, flat_y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
-    cfg = _make_cfg(scaling, logit_scale, softcap, names, chunk_size, flat_y.shape[0], weight.shape[0],
-                    hidden.dtype, be.NAME)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_y = labels.reshape(-1).to(torch.int64)
+    inv_temp = _fold_logit_scale(inv_temp, logit_scale, softcap)
     logp, entropy, extra = LinearLogProbsFunction.apply(
-        flat_h, weight, bias, lora_a, lora_b, flat_y, inv_temp.contiguous(), idx, cfg)
-    return _outputs(logp, entropy, extra, names, idx, labels.shape)
+        flat_h, weight, bias, lora_a, lora_b, flat_y, inv_temp.contiguous(), ignore_index, scaling, logit_scale,
+        softcap, stat_mask(names), chunk_size, be.NAME)
+    return _outputs(logp, entropy, extra, names, None, labels.shape)
 
 
 # --------------------------------------------------------------------------- shared with the vocab-parallel path
@@ -630,15 +738,16 @@ def _kept_rows(hidden, labels, inv_temp, ignore_index: int, logit_scale: float, 
     all of them). Without softcap ``inv_temp`` has ``logit_scale`` folded in."""
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1).to(torch.int64)
-    real = flat_y != ignore_index
-    idx = None
-    if not bool(real.all()):
-        idx = real.nonzero().squeeze(1)
-        flat_y = flat_y.index_select(0, idx)
-        inv_temp = inv_temp.index_select(0, idx)
+    idx = _kept_index(flat_y, ignore_index)
+    flat_y, inv_temp = _rows_of(flat_y, idx), _rows_of(inv_temp, idx)
+    return flat_h, flat_y, _fold_logit_scale(inv_temp, logit_scale, softcap), idx
+
+
+def _fold_logit_scale(inv_temp, logit_scale: float, softcap):
+    """Without softcap, x = raw * scale / T: ``logit_scale`` joins the kernels' inverse temperature."""
     if softcap is None and logit_scale != 1.0:
-        inv_temp = inv_temp * logit_scale  # x = raw * scale / T: the kernels' inverse temperature
-    return flat_h, flat_y, inv_temp, idx
+        return inv_temp * logit_scale
+    return inv_temp
 
 
 def _make_cfg(scaling, logit_scale, softcap, names, chunk_size, M: int, V: int, dtype, backend: str) -> _Cfg:
