@@ -58,10 +58,38 @@ from typing import Optional
 import torch
 
 import trl
-import trl.trainer.utils as _trl_utils
-from accelerate.utils import is_peft_model
-from trl.kernels import ChunkedLogProbFunction as _TRL_CHUNKED
-from trl.models.utils import disable_gradient_checkpointing
+from . import version_guard
+
+# The TRL versions this integration was tested with, [low, high), and the TRL internals it
+# relies on (private names and trainer methods it overrides or calls). Outside the range it
+# warns once at patch / trainer construction; a missing internal is an error naming it.
+TESTED_TRL = ("1.16", "1.17")
+TRL_INTERNALS = (
+    "trl.trainer.utils._ChunkedLogProbFunction",  # the module global patch_trl swaps
+    "trl.trainer.utils.use_adapter",
+    "trl.trainer.utils.nanmin",
+    "trl.trainer.utils.nanmax",
+    "trl.kernels.ChunkedLogProbFunction",
+    "trl.models.utils.disable_gradient_checkpointing",
+    "trl.DPOTrainer._compute_loss",
+    "trl.DPOTrainer.compute_ref_log_probs",
+    "trl.RewardTrainer.compute_loss",
+    "trl.GRPOTrainer._compute_loss",
+    "trl.GRPOTrainer._prepare_inputs",
+    "trl.GRPOTrainer._get_per_token_logps_and_entropies",
+)
+# attributes of a constructed trainer that the subclasses read or update
+_TRAINER_ATTRIBUTES = {"DPOTrainer": ("_metrics", "_total_train_tokens", "_tp_size"),
+                       "RewardTrainer": ("_metrics", "_total_train_tokens", "_tp_size"),
+                       "GRPOTrainer": ("_metrics", "_entropy_bonus_enabled")}
+_INTEGRATION = "prefopt_fast.integrations.trl"
+
+version_guard.require_internals(_INTEGRATION, "trl", trl.__version__, TESTED_TRL, TRL_INTERNALS, error=ImportError)
+
+import trl.trainer.utils as _trl_utils  # noqa: E402
+from accelerate.utils import is_peft_model  # noqa: E402
+from trl.kernels import ChunkedLogProbFunction as _TRL_CHUNKED  # noqa: E402
+from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
 from ..losses import ppo as _ppo
 from ..losses._common import reward_metrics
@@ -71,6 +99,8 @@ from ..ops.linear_logprobs import linear_token_logprobs
 from ..ops.token_logprobs import TokenLogProbs
 
 __all__ = [
+    "TESTED_TRL",
+    "check_trl",
     "patch_trl",
     "unpatch_trl",
     "patched_trl",
@@ -152,6 +182,24 @@ class PrefoptChunkedLogProbFunction:
         return (out.logprobs, out.entropy, out.log_sum_sq_probs, out.mean_logit, out.is_argmax)
 
 
+# --------------------------------------------------------------------------- version guard
+
+
+def check_trl() -> None:
+    """Check the installed TRL: warn once (``UntestedVersionWarning``) when its version is
+    outside :data:`TESTED_TRL`; raise ``RuntimeError`` naming any internal of
+    :data:`TRL_INTERNALS` it lacks. Called by :func:`patch_trl`, :func:`patched_trl` and the
+    trainers' constructors."""
+    version_guard.warn_if_untested(_INTEGRATION, "trl", trl.__version__, TESTED_TRL, stacklevel=4)
+    version_guard.require_internals(_INTEGRATION, "trl", trl.__version__, TESTED_TRL, TRL_INTERNALS)
+
+
+def _check_trainer(trainer, kind: str) -> None:
+    """RuntimeError naming the TRL ``kind`` trainer's attributes the subclass needs and ``trainer`` lacks."""
+    version_guard.require_attributes(f"{_INTEGRATION}.{kind}", f"trl.{kind}", trainer, _TRAINER_ATTRIBUTES[kind],
+                                     "trl", trl.__version__, TESTED_TRL)
+
+
 # --------------------------------------------------------------------------- patch state
 
 _lock = threading.RLock()
@@ -183,6 +231,7 @@ def _uninstall() -> None:
 
 def patch_trl() -> None:
     """Route TRL's fused LM head through prefopt_fast until :func:`unpatch_trl`. Idempotent."""
+    check_trl()
     with _lock:
         _state["manual"] = True
         _install()
@@ -207,6 +256,7 @@ def patched_trl():
     The contexts are counted: the original object comes back when the last one exits, unless
     :func:`patch_trl` was called (then it stays until :func:`unpatch_trl`).
     """
+    check_trl()
     with _lock:
         _state["depth"] += 1
         _install()
@@ -311,11 +361,13 @@ class DPOTrainer(_LMHeadPatchMixin, trl.DPOTrainer):
         if not isinstance(prefopt_lm_head, bool):
             raise TypeError(f"prefopt_lm_head must be a bool; got {type(prefopt_lm_head).__name__}")
         self._prefopt_lm_head = prefopt_lm_head
+        check_trl()
         cfg = _bound_args(trl.DPOTrainer.__init__, args, kwargs)
         if cfg is not None:
             self._prefopt_build_heads(cfg)
         with patched_trl() if prefopt_lm_head else nullcontext():
             super().__init__(*args, **kwargs)
+        _check_trainer(self, "DPOTrainer")
         self._prefopt_build_heads(self.args)
 
     def _prefopt_build_heads(self, args) -> None:
@@ -481,10 +533,12 @@ class RewardTrainer(trl.RewardTrainer):
     """
 
     def __init__(self, *args, **kwargs):
+        check_trl()
         cfg = _bound_args(trl.RewardTrainer.__init__, args, kwargs)
         if cfg is not None:
             self._prefopt_build_head(cfg)
         super().__init__(*args, **kwargs)
+        _check_trainer(self, "RewardTrainer")
         self._prefopt_build_head(self.args)
 
     def _prefopt_build_head(self, args) -> None:
@@ -549,11 +603,13 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
         if not isinstance(prefopt_lm_head, bool):
             raise TypeError(f"prefopt_lm_head must be a bool; got {type(prefopt_lm_head).__name__}")
         self._prefopt_lm_head = prefopt_lm_head
+        check_trl()
         cfg = _bound_args(trl.GRPOTrainer.__init__, args, kwargs)
         if cfg is not None:
             self._prefopt_check(cfg)
         with patched_trl() if prefopt_lm_head else nullcontext():
             super().__init__(*args, **kwargs)
+        _check_trainer(self, "GRPOTrainer")
         self._prefopt_check(self.args)
 
     @staticmethod
