@@ -48,7 +48,7 @@ from ._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO,
                     STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, compute_dtype,
                     lse_pair)
 
-__all__ = ["ShardLayout", "shard_layout", "check_process_group", "is_dtensor", "vocab_parallel_token_logprobs",
+__all__ = ["ShardLayout", "shard_layout", "check_process_group", "check_vocab_parallel_options", "is_dtensor", "vocab_parallel_token_logprobs",
            "vocab_parallel_linear_token_logprobs", "VocabParallelLogProbsFunction",
            "VocabParallelLinearFunction"]
 
@@ -81,6 +81,26 @@ def check_process_group(process_group) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("process_group needs torch.distributed to be initialized "
                            "(torch.distributed.init_process_group)")
+
+
+def check_vocab_parallel_options(process_group, vocab_start, vocab_size):
+    """``(process_group, vocab_start, vocab_size)`` of a module's constructor, checked once.
+
+    All None: one device (or DTensor inputs, which carry their layout). ``process_group``: a
+    ProcessGroup of an initialized torch.distributed; ``vocab_start`` an int >= 0, only with
+    ``process_group`` (a DTensor carries its own offsets); ``vocab_size`` an int >= 1 (with
+    ``process_group``, or alone to check the global size of DTensor inputs). The layout
+    itself (the shards tiling the vocabulary) is checked by every call, across the group.
+    """
+    if process_group is not None:
+        check_process_group(process_group)
+    vocab_start = _validate.check_int(vocab_start, "vocab_start", lo=0, optional=True)
+    vocab_size = _validate.check_int(vocab_size, "vocab_size", lo=1, optional=True)
+    if vocab_start is not None and process_group is None:
+        raise ValueError("vocab_start needs process_group: the rank's shard [vocab_start, vocab_start + V_local) "
+                         "of the vocabulary is laid out over a process group (DTensor inputs carry their own "
+                         "offsets and take no vocab_start)")
+    return process_group, vocab_start, vocab_size
 
 
 def shard_layout(process_group, local_size: int, vocab_start: Optional[int] = None,

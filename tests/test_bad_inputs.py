@@ -22,6 +22,7 @@ with logits on the CPU behave the same). Cells whose expectation the package doe
 yet are listed in ``KNOWN_GAPS`` and run as strict xfails (so a fix shows up as XPASS).
 """
 import contextlib
+import inspect
 import math
 import re
 from typing import Any, Callable, Dict, List, Tuple
@@ -404,6 +405,29 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
                                                                chunk_size=4, max_length=None),
                         dict(kl_estimator="linear_kl_estimator", logit_scale="pos_float", softcap="opt_pos_float",
                              chunk_size="chunk_size")),
+    "DPOLoss(bco_delta)": (_ctor(pf.DPOLoss), lambda: dict(loss_type="bco_pair", bco_delta=0.1),
+                           dict(bco_delta="bco_delta_ctor")),
+    # the vocabulary-parallel options of the modules that touch the vocabulary, on a one-process group
+    "SequenceLogProbs(vocab-parallel)": (
+        _vocab_parallel(pf.SequenceLogProbs), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
+    "FusedDPOLoss(vocab-parallel)": (
+        _vocab_parallel(pf.FusedDPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
+    "PPOLoss(vocab-parallel)": (
+        _vocab_parallel(pf.PPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
+    "LinearSequenceLogProbs(vocab-parallel)": (
+        _vocab_parallel(pfl.LinearSequenceLogProbs), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
+    "LinearDPOLoss(vocab-parallel)": (
+        _vocab_parallel(pfl.LinearDPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
+    "LinearPPOLoss(vocab-parallel)": (
+        _vocab_parallel(pfl.LinearPPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
+    "PPOLoss(no process group)": (_ctor(pf.PPOLoss), lambda: dict(vocab_start=None, vocab_size=V),
+                                  dict(vocab_start="vocab_start_no_group")),
     "PPOLoss(dr_grpo)": (_ctor(pf.PPOLoss), lambda: dict(loss_agg_mode="dr_grpo", max_length=4,
                                                          importance_sampling_level="sequence", dual_clip=3.0),
                          dict(max_length="max_length", importance_sampling_level="is_level", dual_clip="dual_clip")),
@@ -771,6 +795,22 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("a float", lambda v, a: float(V), TypeError),
         ("V + 1", lambda v, a: V + 1, ValueError),
     ],
+    # a module's constructor checks what it can alone; the layout (shards tiling the
+    # vocabulary) needs the group's shards and is checked by every call
+    "vocab_start_ctor": [
+        ("a str", lambda v, a: "0", TypeError),
+        ("-1", lambda v, a: -1, ValueError),
+    ],
+    "vocab_start_no_group": [("0 without process_group", lambda v, a: 0, ValueError)],
+    "vocab_size_ctor": [
+        ("a float", lambda v, a: float(V), TypeError),
+        ("0", lambda v, a: 0, ValueError),
+    ],
+    "bco_delta_ctor": [
+        ("a str", lambda v, a: "0.1", TypeError),
+        ("nan", lambda v, a: math.nan, ValueError),
+        ("a tensor", lambda v, a: torch.tensor(0.1), TypeError),
+    ],
     "token_count": [  # 0 tokens is an empty batch, valid
         ("-1", lambda v, a: -1, ValueError),
         ("a float", lambda v, a: 6.5, TypeError),
@@ -871,6 +911,70 @@ def test_every_public_function_is_in_the_matrix():
     forwards = {name.split("(")[0].split(".")[0] for name in FUNCS if name.endswith(".forward")}
     assert modules <= ctors, f"modules without a constructor row: {sorted(modules - ctors)}"
     assert modules <= forwards, f"modules without a forward row: {sorted(modules - forwards)}"
+
+
+# module -> (its function, and the function its extra keywords go to)
+MODULE_FUNCTIONS = {
+    "SequenceLogProbs": (pf.sequence_logprobs,),
+    "DPOLoss": (pf.dpo_loss,),
+    "FusedDPOLoss": (pf.fused_dpo_loss, pf.dpo_loss),
+    "BradleyTerryLoss": (pf.bradley_terry_loss,),
+    "PPOLoss": (pf.ppo_loss,),
+    "LinearSequenceLogProbs": (pfl.linear_sequence_logprobs,),
+    "LinearDPOLoss": (pfl.linear_dpo_loss, pf.dpo_loss),
+    "LinearPPOLoss": (pfl.linear_ppo_loss,),
+}
+# inputs of dpo_loss the fused DPO modules compute themselves (from the logits / hidden states)
+_PAIR_LOGPS = {"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",
+               "rejected_lengths"}
+# options only a module has, and why
+MODULE_ONLY = {"bco_running_mean": "state across calls (the BCO running mean), which a function cannot keep"}
+
+
+def _keywords(fn) -> Dict[str, inspect.Parameter]:
+    skip = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return {n: p for n, p in inspect.signature(fn).parameters.items() if p.kind not in skip and n != "self"}
+
+
+def _init_keywords(cls) -> Dict[str, inspect.Parameter]:
+    """The keywords ``cls(...)`` accepts: its __init__'s, and its bases' through ``**kwargs``."""
+    out: Dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__)
+        for n, p in _keywords(klass.__init__).items():
+            out.setdefault(n, p)
+        if not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    return out
+
+
+@pytest.mark.parametrize("module", list(MODULE_FUNCTIONS))
+def test_module_takes_every_option_of_its_function(module):
+    """Every keyword of the function that is a configuration option (not a tensor input of the
+    module's forward, nor one the module computes) is a constructor keyword of the module, with
+    the same default; and the module has no option its function lacks (but MODULE_ONLY)."""
+    cls = getattr(pf, module)
+    fns = MODULE_FUNCTIONS[module]
+    inputs = set(_keywords(cls.forward)) | (_PAIR_LOGPS if len(fns) > 1 else set())
+    options: Dict[str, inspect.Parameter] = {}
+    for fn in fns:
+        for n, p in _keywords(fn).items():
+            if n not in inputs:
+                options.setdefault(n, p)
+    init = _init_keywords(cls)
+    missing = sorted(set(options) - set(init))
+    assert not missing, f"{module}(...) lacks options of {fns[0].__name__}: {missing}"
+    extra = sorted(set(init) - set(options) - set(MODULE_ONLY))
+    assert not extra, f"{module}(...) has options its function {fns[0].__name__} lacks: {extra}"
+    defaults = {n: (options[n].default, init[n].default) for n in options if options[n].default != init[n].default}
+    assert not defaults, f"{module}: defaults differ from {fns[0].__name__}'s (function, module): {defaults}"
+
+
+def test_every_public_module_has_its_function():
+    modules = {n for n in pf.__all__ if isinstance(getattr(pf, n), type) and issubclass(getattr(pf, n), torch.nn.Module)}
+    assert modules == set(MODULE_FUNCTIONS), f"MODULE_FUNCTIONS is out of date: {sorted(modules ^ set(MODULE_FUNCTIONS))}"
 
 
 def test_matrix_size():

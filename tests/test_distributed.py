@@ -567,3 +567,126 @@ SUITES = {
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel(world, tmp_path):
     _spawn(world, "all", tmp_path)
+
+
+# --------------------------------------------------------------------------- modules, one process
+#
+# The modules that touch the vocabulary take process_group / vocab_start / vocab_size and pass
+# them to their function: on a world-size-1 gloo group (in this process, no spawn) the module
+# gives exactly the function's result, and the call does go through the vocabulary-parallel
+# path (its shard_layout runs).
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+_B, _T, _V, _H = 4, 6, 23, 8
+
+
+def _mod_inputs():
+    g = torch.Generator().manual_seed(11)
+    y = torch.randint(0, _V, (_B, _T), generator=g)
+    y[0, :2] = -100
+    y[1] = -100
+    return dict(
+        logits=torch.randn(_B, _T, _V, generator=g) * 2,
+        ref_logits=torch.randn(_B, _T, _V, generator=g) * 2,
+        hidden=torch.randn(_B, _T, _H, generator=g),
+        weight=torch.randn(_V, _H, generator=g) / 2,
+        labels=y,
+        old=torch.randn(_B, _T, generator=g) * 0.1 - 3,
+        adv=torch.randn(_B, generator=g),
+        ref_lp=torch.randn(_B, _T, generator=g) * 0.1 - 3,
+    )
+
+
+def _module_cases():
+    """name -> (module class, shared config, call(obj, leaves, x) where obj is the module or the
+    function with the config bound, leaf names)."""
+    import prefopt_fast as pf
+
+    return {
+        "SequenceLogProbs": (pf.SequenceLogProbs, pf.sequence_logprobs, dict(average=True, temperature=0.9),
+                             lambda f, L, x: f(L[0], x["labels"]), ("logits",)),
+        "FusedDPOLoss": (pf.FusedDPOLoss, pf.fused_dpo_loss, dict(beta=0.2, loss_type="ipo"),
+                         lambda f, L, x: f(L[0], x["labels"], ref_logits=x["ref_logits"]), ("logits",)),
+        "PPOLoss": (pf.PPOLoss, pf.ppo_loss, dict(kl_coef=0.05, kl_estimator="full", entropy_coef=0.01),
+                    lambda f, L, x: f(L[0], x["labels"], x["old"], x["adv"], ref_logits=x["ref_logits"]),
+                    ("logits",)),
+        "LinearSequenceLogProbs": (pf.LinearSequenceLogProbs, pf.linear_sequence_logprobs,
+                                   dict(softcap=5.0, chunk_size=3),
+                                   lambda f, L, x: f(L[0], L[1], x["labels"]), ("hidden", "weight")),
+        "LinearDPOLoss": (pf.LinearDPOLoss, pf.linear_dpo_loss, dict(beta=0.2, loss_type="sigmoid", chunk_size=5),
+                          lambda f, L, x: f(L[0], L[1], x["labels"], ref_hidden=x["hidden"] + 0.1,
+                                            ref_weight=x["weight"]),
+                          ("hidden", "weight")),
+        "LinearPPOLoss": (pf.LinearPPOLoss, pf.linear_ppo_loss, dict(kl_coef=0.1, entropy_coef=0.01,
+                                                                     loss_agg_mode="grpo"),
+                          lambda f, L, x: f(L[0], L[1], x["labels"], x["old"], x["adv"], ref_logps=x["ref_lp"]),
+                          ("hidden", "weight")),
+    }
+
+
+def _run_case(call, obj, names, x):
+    leaves = [x[n].clone().requires_grad_() for n in names]
+    out = call(obj, leaves, x)
+    loss = out[0] if isinstance(out, tuple) else out
+    metrics = out[1] if isinstance(out, tuple) else {}
+    (loss.sum() if loss.dim() else loss).backward()
+    return loss.detach(), {k: v for k, v in metrics.items()}, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("name", ["SequenceLogProbs", "FusedDPOLoss", "PPOLoss", "LinearSequenceLogProbs",
+                                  "LinearDPOLoss", "LinearPPOLoss"])
+@pytest.mark.parametrize("layout", ["group", "group+offsets"])
+def test_module_process_group_matches_function(name, layout, one_process_group, monkeypatch):
+    import prefopt_fast.distributed as D
+
+    cls, fn, cfg, call, names = _module_cases()[name]
+    vp = dict(process_group=one_process_group)
+    if layout == "group+offsets":
+        vp.update(vocab_start=0, vocab_size=_V)
+    x = _mod_inputs()
+    layouts = []
+    real = D.shard_layout
+    monkeypatch.setattr(D, "shard_layout", lambda *a, **k: layouts.append(1) or real(*a, **k))
+
+    module = cls(**cfg, **vp)
+    assert module.process_group is one_process_group
+    got = _run_case(call, module, names, x)
+    n_module = len(layouts)
+    assert n_module > 0, f"{name}(process_group=...) did not take the vocabulary-parallel path"
+    want = _run_case(call, lambda *a, **k: fn(*a, **k, **cfg, **vp), names, x)
+    assert len(layouts) == 2 * n_module
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    assert got[1].keys() == want[1].keys()
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k], rtol=0, atol=0, msg=lambda m: f"metric {k}: {m}")
+    for n, a, b in zip(names, got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"grad {n}: {m}")
+    # and the group of one is the single-device result
+    single = _run_case(call, cls(**cfg), names, x)
+    torch.testing.assert_close(got[0], single[0], rtol=1e-5, atol=1e-5)
+    for n, a, b in zip(names, got[2], single[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad {n} vs one device: {m}")
+
+
+def test_module_vocab_layout_checked_at_call(one_process_group):
+    """A module's vocab_size reaches the call: a wrong global size fails there, as the function's does."""
+    import prefopt_fast as pf
+
+    x = _mod_inputs()
+    m = pf.SequenceLogProbs(process_group=one_process_group, vocab_size=_V + 1)
+    with pytest.raises(ValueError, match="vocab_size must equal"):
+        m(x["logits"], x["labels"])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_bool, check_choice
+from .._validate import check_bool, check_choice, check_real
 from ._common import (
     LN2,
     check_real,
@@ -454,19 +454,32 @@ class DPOLoss(nn.Module):
     ``beta * [r_w; r_l]`` into a running mean (each batch counted once, as TRL < 1.0 did) and
     uses the updated mean as ``bco_delta``; in eval mode the stored mean is used unchanged.
     The state lives in buffers (``bco_mean``, ``bco_count``), so it is checkpointed with the
-    module; it is per process (average it across ranks yourself if needed).
+    module; it is per process (average it across ranks yourself if needed). ``bco_delta``
+    instead fixes the shift to a float (as :func:`dpo_loss`'s ``bco_delta``; a tensor shift
+    that changes per call goes to :func:`dpo_loss` itself).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
                  loss_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
                  f_divergence: str = "reverse_kl", f_alpha: float = 0.5, discopop_tau: float = 0.05,
-                 bco_running_mean: bool = False):
+                 bco_running_mean: bool = False, bco_delta: Optional[float] = None):
         super().__init__()
         cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
         self._cfg = cfg
         check_bool(bco_running_mean, "bco_running_mean")
         if bco_running_mean and "bco_pair" not in cfg.loss_types:
             raise ValueError(f"bco_running_mean=True needs loss_type 'bco_pair'; got {list(cfg.loss_types)}")
+        if bco_delta is not None:
+            if isinstance(bco_delta, Tensor):
+                raise TypeError("bco_delta must be a float in DPOLoss (a fixed shift); pass a tensor shift to "
+                                "dpo_loss instead")
+            bco_delta = check_real(bco_delta, "bco_delta")
+            if "bco_pair" not in cfg.loss_types:
+                raise ValueError(f"bco_delta is only used by loss_type 'bco_pair'; got loss_type "
+                                 f"{list(cfg.loss_types)}")
+            if bco_running_mean:
+                raise ValueError("pass either bco_delta (a fixed shift) or bco_running_mean=True, not both")
+        self.bco_delta = bco_delta
         self.bco_running_mean = bco_running_mean
         if bco_running_mean:
             self.register_buffer("bco_mean", torch.zeros((), dtype=torch.float32))
@@ -493,6 +506,8 @@ class DPOLoss(nn.Module):
             s += f", discopop_tau={self.discopop_tau}"
         if self.bco_running_mean:
             s += ", bco_running_mean=True"
+        if self.bco_delta is not None:
+            s += f", bco_delta={self.bco_delta}"
         return s
 
     @torch.no_grad()
@@ -506,7 +521,7 @@ class DPOLoss(nn.Module):
     def forward(self, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Optional[Tensor] = None,
                 ref_rejected_logps: Optional[Tensor] = None, *, chosen_lengths: Optional[Tensor] = None,
                 rejected_lengths: Optional[Tensor] = None, pair_weights: Optional[Tensor] = None):
-        bco_delta = None
+        bco_delta = self.bco_delta
         if self.bco_running_mean:
             if self.training:
                 # validate shapes before touching the state, so a bad call leaves it unchanged

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
-from ..distributed import is_dtensor
+from ..distributed import check_vocab_parallel_options, is_dtensor
 from ..ops.sequence_logprobs import sequence_logprobs_and_lengths
 from .dpo import DPOLoss, dpo_loss
 
@@ -90,14 +90,18 @@ def fused_dpo_loss(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional
 
 
 class FusedDPOLoss(DPOLoss):
-    """Config-only module: :class:`DPOLoss`'s hyper-parameters plus the sequence options.
+    """Config-only module: :class:`DPOLoss`'s hyper-parameters plus the sequence options of
+    :func:`fused_dpo_loss` (``process_group``, ``vocab_start``, ``vocab_size``:
+    vocabulary-parallel logits, as there).
 
     ``forward(logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *,
     ref_logits=None, cu_seqlens=None, pair_weights=None) -> (loss, metrics)``.
     """
 
     def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, ignore_index: int = -100,
-                 temperature: float = 1.0, inplace_backward: bool = False, backend: str = "auto", **dpo_config):
+                 temperature: float = 1.0, inplace_backward: bool = False, backend: str = "auto",
+                 process_group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
+                 **dpo_config):
         super().__init__(beta, loss_type, **dpo_config)
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -105,6 +109,8 @@ class FusedDPOLoss(DPOLoss):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.backend = backend
+        self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
+            process_group, vocab_start, vocab_size)
 
     def forward(self, logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor] = None,
                 ref_rejected_logps: Optional[Tensor] = None, *, ref_logits: Optional[Tensor] = None,
@@ -112,5 +118,7 @@ class FusedDPOLoss(DPOLoss):
         logps = pair_logps(logits, labels, ref_chosen_logps=ref_chosen_logps,
                            ref_rejected_logps=ref_rejected_logps, ref_logits=ref_logits,
                            ignore_index=self.ignore_index, temperature=self.temperature, cu_seqlens=cu_seqlens,
-                           inplace_backward=self.inplace_backward, backend=self.backend)
+                           inplace_backward=self.inplace_backward, backend=self.backend,
+                           process_group=self.process_group, vocab_start=self.vocab_start,
+                           vocab_size=self.vocab_size)
         return super().forward(**logps, pair_weights=pair_weights)

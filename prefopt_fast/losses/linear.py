@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
+from ..distributed import check_vocab_parallel_options
 from ..ops.linear_logprobs import linear_sequence_logprobs_and_lengths, linear_token_logprobs
 from . import ppo as _ppo_mod
 from .dpo import DPOLoss, dpo_loss
@@ -120,7 +121,9 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
 
 
 class LinearDPOLoss(DPOLoss):
-    """Config-only module: :class:`DPOLoss`'s hyper-parameters plus the fused-linear options.
+    """Config-only module: :class:`DPOLoss`'s hyper-parameters plus the fused-linear options of
+    :func:`linear_dpo_loss` (``process_group``, ``vocab_start``, ``vocab_size``: a
+    vocabulary-parallel head, as there).
 
     ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
     lora=None, ref_hidden=None, ref_weight=None, ref_bias=None, cu_seqlens=None, pair_weights=None)
@@ -129,7 +132,8 @@ class LinearDPOLoss(DPOLoss):
 
     def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, ignore_index: int = -100,
                  temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto", **dpo_config):
+                 chunk_size: Optional[int] = None, backend: str = "auto", process_group=None,
+                 vocab_start: Optional[int] = None, vocab_size: Optional[int] = None, **dpo_config):
         super().__init__(beta, loss_type, **dpo_config)
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -138,6 +142,8 @@ class LinearDPOLoss(DPOLoss):
             raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.chunk_size = chunk_size
         self.backend = backend
+        self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
+            process_group, vocab_start, vocab_size)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor] = None,
                 ref_rejected_logps: Optional[Tensor] = None, *, bias: Optional[Tensor] = None, lora=None,
@@ -148,7 +154,9 @@ class LinearDPOLoss(DPOLoss):
                                   ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
                                   ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=self.ignore_index,
                                   temperature=self.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
-                                  cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend)
+                                  cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend,
+                                  process_group=self.process_group, vocab_start=self.vocab_start,
+                                  vocab_size=self.vocab_size)
         return super().forward(**logps, pair_weights=pair_weights)
 
 
@@ -227,7 +235,9 @@ def linear_ppo_loss(
 
 
 class LinearPPOLoss(_ppo_mod.PPOLoss):
-    """Config-only module around :func:`linear_ppo_loss`; hyper-parameters are validated here, once.
+    """Config-only module around :func:`linear_ppo_loss`; hyper-parameters (its keywords, down to
+    ``process_group``, ``vocab_start``, ``vocab_size`` for a vocabulary-parallel head) are
+    validated here, once.
 
     ``forward(hidden, weight, labels, old_logps, advantages, *, bias=None, lora=None, loss_mask=None,
     ref_logps=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
@@ -255,4 +265,5 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
         return _linear_ppo(hidden, weight, labels, old_logps, advantages, self._cfg, bias=bias, lora=lora,
                            loss_mask=loss_mask, ref_logps=ref_logps, temperature=self.temperature,
                            logit_scale=self.logit_scale, softcap=self.softcap, is_weights=is_weights,
-                           global_num_tokens=global_num_tokens, chunk_size=self.chunk_size, backend=self.backend)
+                           global_num_tokens=global_num_tokens, chunk_size=self.chunk_size, backend=self.backend,
+                           vocab_parallel=self._vocab_parallel())

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from .. import _validate
 from .._validate import check_bool, check_choice, check_real
+from ..distributed import check_vocab_parallel_options
 from ..ops.token_logprobs import token_logprobs
 
 __all__ = ["ppo_loss", "PPOLoss", "KL_ESTIMATORS", "LOSS_AGG_MODES", "TRL_LOSS_TYPES",
@@ -478,7 +479,9 @@ def ppo_loss(
 
 
 class PPOLoss(nn.Module):
-    """Config-only module around :func:`ppo_loss`; hyper-parameters are validated here, once.
+    """Config-only module around :func:`ppo_loss`; hyper-parameters (its keywords, down to
+    ``process_group``, ``vocab_start``, ``vocab_size`` for vocabulary-parallel logits) are
+    validated here, once.
 
     ``forward(logits, labels, old_logps, advantages, *, loss_mask=None, ref_logps=None,
     ref_logits=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
@@ -488,7 +491,8 @@ class PPOLoss(nn.Module):
                  clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None, kl_coef: float = 0.0,
                  kl_estimator: str = "k3", kl_ratio_correction: bool = False, entropy_coef: float = 0.0,
                  loss_agg_mode: str = "token-mean", max_length: Optional[int] = None,
-                 importance_sampling_level: str = "token", backend: str = "auto"):
+                 importance_sampling_level: str = "token", backend: str = "auto", process_group=None,
+                 vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
         super().__init__()
         self._cfg = _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                                   kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
@@ -500,6 +504,11 @@ class PPOLoss(nn.Module):
             raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.backend = backend
         self.loss_agg_mode = loss_agg_mode
+        self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
+            process_group, vocab_start, vocab_size)
+
+    def _vocab_parallel(self) -> Dict[str, object]:
+        return dict(process_group=self.process_group, vocab_start=self.vocab_start, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         c = self._cfg
@@ -525,4 +534,4 @@ class PPOLoss(nn.Module):
                 ref_logits: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
                 global_num_tokens: Optional[Union[float, Tensor]] = None):
         return _ppo(logits, labels, old_logps, advantages, self._cfg, loss_mask, ref_logps, ref_logits,
-                    self.temperature, is_weights, global_num_tokens, self.backend)
+                    self.temperature, is_weights, global_num_tokens, self.backend, self._vocab_parallel())

@@ -54,7 +54,7 @@ from .. import _validate
 from .._dispatch import _load, resolve_backend
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY
 from .._rows import STAT_LSSP, STAT_MEAN, STATS, compute_dtype, split_lse
-from ..distributed import is_dtensor, vocab_parallel_linear_token_logprobs
+from ..distributed import check_vocab_parallel_options, is_dtensor, vocab_parallel_linear_token_logprobs
 from .token_logprobs import stat_mask, token_outputs
 
 __all__ = ["linear_token_logprobs", "linear_sequence_logprobs", "LinearSequenceLogProbs",
@@ -812,14 +812,17 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index:
 
 
 class LinearSequenceLogProbs(nn.Module):
-    """Config-only module around :func:`linear_sequence_logprobs`.
+    """Config-only module around :func:`linear_sequence_logprobs` (the options are its keywords,
+    validated here, once; ``process_group``, ``vocab_start``, ``vocab_size``: a
+    vocabulary-parallel head, as there).
 
     ``forward(hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None) -> [B]``.
     """
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, average: bool = False, chunk_size: Optional[int] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group=None, vocab_start: Optional[int] = None,
+                 vocab_size: Optional[int] = None):
         super().__init__()
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -831,12 +834,15 @@ class LinearSequenceLogProbs(nn.Module):
         self.average = average
         self.chunk_size = chunk_size
         self.backend = backend
+        self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
+            process_group, vocab_start, vocab_size)
 
     def forward(self, hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None):
         return linear_sequence_logprobs(
             hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, temperature=self.temperature,
             logit_scale=self.logit_scale, softcap=self.softcap, lora=lora, average=self.average,
-            cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend)
+            cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend,
+            process_group=self.process_group, vocab_start=self.vocab_start, vocab_size=self.vocab_size)
 
     def extra_repr(self):
         s = f"ignore_index={self.ignore_index}, temperature={self.temperature}, average={self.average}"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import _validate
+from ..distributed import check_vocab_parallel_options
 from .token_logprobs import token_logprobs
 
 
@@ -120,10 +121,16 @@ def sequence_logprobs(logits, labels, *, ignore_index: int = -100, temperature=1
 
 
 class SequenceLogProbs(nn.Module):
-    """Config-only module around :func:`sequence_logprobs`."""
+    """Config-only module around :func:`sequence_logprobs` (the options are its keywords,
+    validated here, once; ``process_group``, ``vocab_start``, ``vocab_size``: vocabulary-parallel
+    logits, as there).
+
+    ``forward(logits, labels, cu_seqlens=None) -> [B]``.
+    """
 
     def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, average: bool = False,
-                 inplace_backward: bool = False, backend: str = "auto"):
+                 inplace_backward: bool = False, backend: str = "auto", process_group=None,
+                 vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
         super().__init__()
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -132,11 +139,15 @@ class SequenceLogProbs(nn.Module):
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.backend = backend
+        self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
+            process_group, vocab_start, vocab_size)
 
     def forward(self, logits, labels, cu_seqlens=None):
         return sequence_logprobs(logits, labels, ignore_index=self.ignore_index, temperature=self.temperature,
                                  average=self.average, cu_seqlens=cu_seqlens,
-                                 inplace_backward=self.inplace_backward, backend=self.backend)
+                                 inplace_backward=self.inplace_backward, backend=self.backend,
+                                 process_group=self.process_group, vocab_start=self.vocab_start,
+                                 vocab_size=self.vocab_size)
 
     def extra_repr(self):
         return f"ignore_index={self.ignore_index}, temperature={self.temperature}, average={self.average}"
