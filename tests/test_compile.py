@@ -1,5 +1,9 @@
-"""torch.compile(fullgraph=True) traces token_logprobs (forward and backward) on every
-backend and matches eager; a new temperature value does not recompile."""
+"""torch.compile(fullgraph=True) traces the package and matches eager.
+
+token_logprobs (forward and backward) on every backend, and a new temperature value does not
+recompile; then EVERY public function and module of ``prefopt_fast.__all__`` (CASES below),
+forward and backward, on the torch and cpu backends; a public name without a case fails
+``test_every_public_name_has_a_compile_case``."""
 import pytest
 import torch
 
@@ -110,3 +114,359 @@ def test_no_recompile_per_tensor_temperature(backend, device):
         temp = torch.full((full.shape[0], 1), t, device=device)
         torch.testing.assert_close(cf(full, y, temp), f(full, y, temp), atol=1e-4, rtol=1e-5)
     assert cnt.frame_count == 1, f"recompiled per tensor temperature value: {cnt.frame_count} frames"
+
+
+# ----------------------------------------------------------------------------- every public name
+#
+# Each public function and module of the package, compiled with fullgraph=True (backend
+# "aot_eager": dynamo, the fake implementations and AOT autograd; no codegen, so it stays fast),
+# forward and backward, against eager on the same inputs. A case builds
+# (fn, leaves): fn(*leaves) returns any pytree of tensors (loss, metrics, TokenLogProbs, dicts);
+# the backward runs through a fixed weighted sum of every float output that has a gradient.
+
+import math  # noqa: E402
+from typing import Callable, Dict, NamedTuple, Tuple  # noqa: E402
+
+import prefopt_fast as pf  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+
+B, T, V, H = 2, 5, 37, 8
+IGN = -100
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _y(b=B, t=T, seed=1):
+    y = torch.randint(0, V, (b, t), generator=_g(seed))
+    y[0, :2] = IGN
+    y[-1, -1] = IGN
+    return y
+
+
+def _z(b=B, t=T, seed=2):
+    return torch.randn(b, t, V, generator=_g(seed)) * 2
+
+
+def _vec(n=B, seed=3):
+    return -30 * torch.rand(n, generator=_g(seed))
+
+
+def _hw(b=B, t=T, seed=4):
+    g = _g(seed)
+    return torch.randn(b, t, H, generator=g), torch.randn(V, H, generator=g) / 2
+
+
+class Case(NamedTuple):
+    build: Callable[[str], Tuple[Callable, tuple]]  # backend -> (fn, leaves that get a gradient)
+    takes_backend: bool = True
+
+
+def _token_logprobs(be):
+    y, ref = _y(), _z(seed=5)
+    temp = torch.rand(B, 1, generator=_g(6)) + 0.5
+    stats = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax", "kl")
+    return (lambda x: pf.token_logprobs(x, y, temperature=temp, stats=stats, ref_logits=ref, backend=be)), (_z(),)
+
+
+def _sequence_logprobs(be):
+    y, cu = _y().reshape(-1), torch.tensor([0, 3, 3, B * T])
+    return (lambda x: pf.sequence_logprobs(x, y, cu_seqlens=cu, average=True, temperature=0.9, backend=be)), \
+        (_z().reshape(B * T, V),)
+
+
+def _pair_logps(be):
+    y, ref = _y(2 * B), _z(2 * B, seed=5)
+    return (lambda x: pf.pair_logps(x, y, ref_logits=ref, backend=be)), (_z(2 * B),)
+
+
+def _fused_dpo_loss(be):
+    y, ref = _y(2 * B), _z(2 * B, seed=5)
+    return (lambda x: pf.fused_dpo_loss(x, y, ref_logits=ref, beta=0.2, loss_type=["sigmoid", "ipo"],
+                                        loss_weights=[1.0, 0.5], backend=be)), (_z(2 * B),)
+
+
+def _ppo_inputs():
+    g = _g(7)
+    old = torch.randn(B, T, generator=g) * 0.1 - 3
+    adv = torch.randn(B, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    ref_lp = torch.randn(B, T, generator=g) * 0.1 - 3
+    return old, adv, mask, ref_lp
+
+
+def _ppo_loss(be):
+    old, adv, mask, _ = _ppo_inputs()
+    y, ref = _y(), _z(seed=5)
+    return (lambda x: pf.ppo_loss(x, y, old, adv, loss_mask=mask, ref_logits=ref, kl_coef=0.05, kl_estimator="full",
+                                  entropy_coef=0.01, clip_eps_high=0.28, dual_clip=3.0, backend=be)), (_z(),)
+
+
+def _dpo_loss(_):
+    lengths, rc, rr = torch.tensor([3, 4]), _vec(seed=8), _vec(seed=9)
+    return (lambda c, r: pf.dpo_loss(c, r, rc, rr, beta=0.1, loss_type=["sigmoid", "ipo"],
+                                     chosen_lengths=lengths, rejected_lengths=lengths + 1)), \
+        (_vec(seed=10), _vec(seed=11))
+
+
+def _cpo_loss(_):
+    return (lambda c, r: pf.cpo_loss(c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), loss_type="simpo",
+                                     alpha=0.1, nll_loss=c.mean().neg())), (_vec(seed=10), _vec(seed=11))
+
+
+def _simpo_loss(_):
+    return (lambda c, r: pf.simpo_loss(c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), nll_weight=0.5,
+                                       nll_loss=c.mean().neg())), (_vec(seed=10), _vec(seed=11))
+
+
+def _orpo_loss(_):
+    return (lambda c, r: pf.orpo_loss(c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), nll_loss=c.mean().neg())), \
+        (_vec(seed=10) / 10, _vec(seed=11) / 10)
+
+
+def _bradley_terry_loss(_):
+    margin = torch.rand(B, generator=_g(12))
+    return (lambda c, r: pf.bradley_terry_loss(c, r, margin=margin, center_rewards_coefficient=0.01)), \
+        (torch.randn(B, generator=_g(10)), torch.randn(B, generator=_g(11)))
+
+
+def _linear_token_logprobs(be):
+    h, w = _hw()
+    y = _y()
+    g = _g(13)
+    bias, la, lb = torch.randn(V, generator=g), torch.randn(3, H, generator=g) / 4, torch.randn(V, 3, generator=g) / 4
+    stats = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
+    return (lambda h, w, b, a, lb: pf.linear_token_logprobs(h, w, y, bias=b, lora=(a, lb, 0.5), softcap=5.0,
+                                                            logit_scale=1.3, temperature=0.9, stats=stats,
+                                                            chunk_size=3, backend=be)), (h, w, bias, la, lb)
+
+
+def _linear_sequence_logprobs(be):
+    h, w = _hw()
+    y, cu = _y().reshape(-1), torch.tensor([0, 4, 4, B * T])
+    return (lambda h, w: pf.linear_sequence_logprobs(h, w, y, cu_seqlens=cu, average=True, logit_scale=1.2,
+                                                     chunk_size=4, backend=be)), (h.reshape(B * T, H), w)
+
+
+def _linear_pair_logps(be):
+    h, w = _hw(2 * B)
+    ref_h, ref_w = _hw(2 * B, seed=14)
+    y = _y(2 * B)
+    return (lambda h, w: pf.linear_pair_logps(h, w, y, ref_hidden=ref_h, ref_weight=ref_w, backend=be)), (h, w)
+
+
+def _linear_dpo_loss(be):
+    h, w = _hw(2 * B)
+    ref_h = h + 0.1 * torch.randn(h.shape, generator=_g(15))
+    y = _y(2 * B)
+    return (lambda h, w: pf.linear_dpo_loss(h, w, y, ref_hidden=ref_h, ref_weight=w.detach(), beta=0.2,
+                                            softcap=10.0, backend=be)), (h, w)
+
+
+def _linear_ppo_loss(be):
+    h, w = _hw()
+    y = _y()
+    old, adv, mask, ref_lp = _ppo_inputs()
+    return (lambda h, w: pf.linear_ppo_loss(h, w, y, old, adv, loss_mask=mask, ref_logps=ref_lp, kl_coef=0.1,
+                                            entropy_coef=0.01, loss_agg_mode="grpo", chunk_size=3, backend=be)), (h, w)
+
+
+# modules: constructed outside the compiled region, called inside it
+def _mod_dpo(_):
+    m = pf.DPOLoss(beta=0.2, loss_type=["sigmoid", "robust"], label_smoothing=0.1)
+    rc, rr = _vec(seed=8), _vec(seed=9)
+    return (lambda c, r: m(c, r, rc, rr)), (_vec(seed=10), _vec(seed=11))
+
+
+def _mod_dpo_bco(_):
+    m = pf.DPOLoss(beta=0.2, loss_type="bco_pair", bco_delta=0.05)
+    rc, rr = _vec(seed=8), _vec(seed=9)
+    return (lambda c, r: m(c, r, rc, rr)), (_vec(seed=10), _vec(seed=11))
+
+
+def _mod_dpo_bco_running_mean(_):
+    """A module with state: the BCO running mean (buffers updated in the forward)."""
+    m = pf.DPOLoss(beta=0.2, loss_type="bco_pair", bco_running_mean=True)
+    rc, rr = _vec(seed=8), _vec(seed=9)
+
+    def f(c, r):
+        loss, metrics = m(c, r, rc, rr)
+        return loss, metrics, m.bco_mean * 1.0, m.bco_count * 1
+
+    return f, (_vec(seed=10), _vec(seed=11))
+
+
+def _mod_fused_dpo(be):
+    m = pf.FusedDPOLoss(beta=0.2, loss_type="sigmoid", temperature=0.9, backend=be)
+    y, rc, rr = _y(2 * B), _vec(seed=8), _vec(seed=9)
+    return (lambda x: m(x, y, rc, rr)), (_z(2 * B),)
+
+
+def _mod_bradley_terry(_):
+    m = pf.BradleyTerryLoss(center_rewards_coefficient=0.01)
+    return (lambda c, r: m(c, r, margin=0.5)), (torch.randn(B, generator=_g(10)), torch.randn(B, generator=_g(11)))
+
+
+def _mod_ppo(be):
+    m = pf.PPOLoss(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, loss_agg_mode="dr_grpo", max_length=T,
+                   importance_sampling_level="sequence", backend=be)
+    old, adv, mask, ref_lp = _ppo_inputs()
+    y = _y()
+    return (lambda x: m(x, y, old, adv, loss_mask=mask, ref_logps=ref_lp)), (_z(),)
+
+
+def _mod_sequence_logprobs(be):
+    m = pf.SequenceLogProbs(average=True, temperature=0.8, backend=be)
+    y = _y()
+    return (lambda x: m(x, y)), (_z(),)
+
+
+def _mod_linear_sequence_logprobs(be):
+    m = pf.LinearSequenceLogProbs(softcap=4.0, chunk_size=3, backend=be)
+    y = _y()
+    return (lambda h, w, b: m(h, w, y, bias=b)), (*_hw(), torch.randn(V, generator=_g(16)))
+
+
+def _mod_linear_dpo(be):
+    m = pf.LinearDPOLoss(beta=0.2, loss_type="hinge", chunk_size=3, backend=be)
+    h, w = _hw(2 * B)
+    y, rc, rr = _y(2 * B), _vec(seed=8), _vec(seed=9)
+    return (lambda h, w: m(h, w, y, rc, rr)), (h, w)
+
+
+def _mod_linear_ppo(be):
+    m = pf.LinearPPOLoss(kl_coef=0.1, kl_estimator="k2", clip_eps_high=0.28, loss_agg_mode="dapo", backend=be)
+    old, adv, mask, ref_lp = _ppo_inputs()
+    y = _y()
+    return (lambda h, w: m(h, w, y, None, adv, loss_mask=mask, ref_logps=ref_lp, global_num_tokens=7.0)), _hw()
+
+
+CASES: Dict[str, Case] = {
+    "token_logprobs": Case(_token_logprobs),
+    "sequence_logprobs": Case(_sequence_logprobs),
+    "pair_logps": Case(_pair_logps),
+    "fused_dpo_loss": Case(_fused_dpo_loss),
+    "ppo_loss": Case(_ppo_loss),
+    "dpo_loss": Case(_dpo_loss, takes_backend=False),
+    "cpo_loss": Case(_cpo_loss, takes_backend=False),
+    "simpo_loss": Case(_simpo_loss, takes_backend=False),
+    "orpo_loss": Case(_orpo_loss, takes_backend=False),
+    "bradley_terry_loss": Case(_bradley_terry_loss, takes_backend=False),
+    "linear_token_logprobs": Case(_linear_token_logprobs),
+    "linear_sequence_logprobs": Case(_linear_sequence_logprobs),
+    "linear_pair_logps": Case(_linear_pair_logps),
+    "linear_dpo_loss": Case(_linear_dpo_loss),
+    "linear_ppo_loss": Case(_linear_ppo_loss),
+    "DPOLoss": Case(_mod_dpo, takes_backend=False),
+    "DPOLoss(bco_delta)": Case(_mod_dpo_bco, takes_backend=False),
+    "DPOLoss(bco_running_mean)": Case(_mod_dpo_bco_running_mean, takes_backend=False),
+    "FusedDPOLoss": Case(_mod_fused_dpo),
+    "BradleyTerryLoss": Case(_mod_bradley_terry, takes_backend=False),
+    "PPOLoss": Case(_mod_ppo),
+    "SequenceLogProbs": Case(_mod_sequence_logprobs),
+    "LinearSequenceLogProbs": Case(_mod_linear_sequence_logprobs),
+    "LinearDPOLoss": Case(_mod_linear_dpo),
+    "LinearPPOLoss": Case(_mod_linear_ppo),
+}
+
+# public callables that take no tensors: nothing to trace
+NO_TENSORS = {
+    "available_backends": "lists the backends of this process",
+    "build_info": "reports how the extension was built",
+    "default_chunk_size": "integer arithmetic on Python ints (the fused-linear chunk rule)",
+    "TokenLogProbs": "the NamedTuple the log-prob functions return (traced as their output)",
+}
+
+
+def _weights(outs):
+    """Fixed weights per float output, the same in both runs."""
+    g = _g(99)
+    return [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+
+
+def _fwd_bwd(fn, leaves):
+    leaves = [x.clone().requires_grad_() for x in leaves]
+    outs, _ = tree_flatten(fn(*leaves))
+    tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+    diff = [o for o in tensors if o.requires_grad]
+    assert diff, "no output carries a gradient"
+    total = sum((o.double() * w).sum() for o, w in zip(diff, _weights(diff)))
+    grads = torch.autograd.grad(total, leaves, allow_unused=True)
+    return [o.detach() for o in tensors], grads, [x for x in outs if not isinstance(x, torch.Tensor)]
+
+
+def _compare(name, build, be, dynamo_backend="aot_eager", tol=1e-5):
+    """Eager and compiled runs, each on a fresh build (a stateful module starts from the same state)."""
+    fn, leaves = build(be)
+    eager = _fwd_bwd(fn, leaves)
+    fn, leaves = build(be)
+    compiled = _fwd_bwd(torch.compile(fn, fullgraph=True, backend=dynamo_backend), leaves)
+    assert len(compiled[0]) == len(eager[0]), f"{name}: {len(compiled[0])} outputs compiled, {len(eager[0])} eager"
+    for i, (a, b) in enumerate(zip(compiled[0], eager[0])):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, equal_nan=True, msg=lambda m: f"{name} output {i}: {m}")
+    for i, (a, b) in enumerate(zip(compiled[1], eager[1])):
+        assert (a is None) == (b is None), f"{name}: gradient {i} is None in one run only"
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{name} grad {i}: {m}")
+    assert compiled[2] == eager[2], f"{name}: non-tensor outputs differ"
+    assert any(g is not None for g in eager[1]), f"{name}: no gradient reached the inputs"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.takes_backend])
+def test_public_name_compiles_fullgraph(name, backend):
+    """fullgraph=True forward and backward of every public function and module that touches the
+    vocabulary, on the torch and cpu backends, against eager."""
+    _compare(name, CASES[name].build, backend)
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if not c.takes_backend])
+def test_public_loss_head_compiles_fullgraph(name):
+    """The loss heads over per-sequence values (no vocabulary, no backend)."""
+    _compare(name, CASES[name].build, None)
+
+
+def test_every_public_name_has_a_compile_case():
+    """A new public function or module must get a case in CASES (or say in NO_TENSORS why it has
+    nothing to trace)."""
+    callables = {n for n in pf.__all__ if callable(getattr(pf, n))}
+    covered = {n.split("(")[0] for n in CASES} | set(NO_TENSORS)
+    assert callables <= covered, f"public names without a torch.compile test: {sorted(callables - covered)}"
+    assert set(NO_TENSORS) <= callables, f"stale NO_TENSORS entries: {sorted(set(NO_TENSORS) - callables)}"
+    modules = {n for n in callables if isinstance(getattr(pf, n), type) and issubclass(getattr(pf, n), torch.nn.Module)}
+    assert modules <= set(CASES), f"modules without a compile case: {sorted(modules - set(CASES))}"
+
+
+def test_fused_linear_ops_opcheck():
+    """The two torch.library ops of the fused-linear path (what compiled graphs call): schema,
+    fake implementation and real one agree (torch.library.opcheck), with and without ignored
+    rows, LoRA and bias, fp32 and bf16."""
+    from prefopt_fast._rows import STAT_ENTROPY, STAT_MEAN
+    from prefopt_fast.ops import linear_logprobs as LL
+
+    for dt, ignored in ((torch.float32, True), (torch.bfloat16, False), (torch.float32, False)):
+        h, w = (x.reshape(-1, H).to(dt) if x.dim() == 3 else x.to(dt) for x in _hw())
+        y = _y().reshape(-1) if ignored else _y().reshape(-1).clamp(min=0)
+        it = torch.full((B * T,), 1.1)
+        g = _g(13)
+        bias, la, lb = (torch.randn(V, generator=g).to(dt), (torch.randn(3, H, generator=g) / 4).to(dt),
+                        (torch.randn(V, 3, generator=g) / 4).to(dt))
+        opts = (IGN, 0.5, 1.0, 3.0, STAT_ENTROPY | STAT_MEAN, 4, "cpu")
+        fwd = (h, w, bias, la, lb, y, it, *opts)
+        torch.library.opcheck(torch.ops.prefopt_fast.linear_forward.default, fwd,
+                              test_utils=("test_schema", "test_faketensor"))
+        logp, ent, extra, lse, lse_lo, shift = LL._linear_forward_impl(*fwd)
+        bwd = (h, w, bias, la, lb, y, it, lse, lse_lo, ent, shift, torch.randn(B * T), torch.randn(B * T), *opts,
+               True, True, False, True, True)
+        torch.library.opcheck(torch.ops.prefopt_fast.linear_backward.default, bwd,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_inductor_linear_dpo_loss():
+    """The default backend (inductor) once, on the fused-linear DPO loss."""
+    if not pf.available_backends() or "cpu" not in pf.available_backends():
+        pytest.skip("the cpu backend is not built")
+    _compare("linear_dpo_loss (inductor)", CASES["linear_dpo_loss"].build, "cpu", dynamo_backend="inductor",
+             tol=1e-4)
