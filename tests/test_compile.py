@@ -456,8 +456,8 @@ def test_fused_linear_ops_opcheck():
         fwd = (h, w, bias, la, lb, y, it, *opts)
         torch.library.opcheck(torch.ops.prefopt_fast.linear_forward.default, fwd,
                               test_utils=("test_schema", "test_faketensor"))
-        logp, ent, extra, lse, lse_lo, shift = LL._linear_forward_impl(*fwd)
-        bwd = (h, w, bias, la, lb, y, it, lse, lse_lo, ent, shift, torch.randn(B * T), torch.randn(B * T), *opts,
+        rows = LL._linear_forward_impl(*fwd)
+        bwd = (h, w, bias, la, lb, y, it, rows, torch.randn(B * T), torch.randn(B * T), *opts,
                True, True, False, True, True)
         torch.library.opcheck(torch.ops.prefopt_fast.linear_backward.default, bwd,
                               test_utils=("test_schema", "test_faketensor"))

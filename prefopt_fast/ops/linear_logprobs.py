@@ -312,16 +312,21 @@ def _op_cfg(scaling, logit_scale, softcap, stats: int, chunk_size, M: int, V: in
     return _Cfg(scaling, logit_scale, softcap, stats, chunk, backend)
 
 
+# rows of the forward op's one output [N_ROWS, N]: the public outputs, then what the backward needs
+R_LOGP, R_ENTROPY, R_EXTRA, R_LSE, R_LSE_LO, R_SHIFT = 0, 1, 2, 5, 6, 7
+N_ROWS = 8
+
+
 def _linear_forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
-                       inv_temp: torch.Tensor, ignore_index: int, scaling: float, logit_scale: float,
-                       softcap: Optional[float], stats: int, chunk_size: Optional[int], backend: str
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row statistics of ``hidden`` [N, H] (all rows; ignored ones are dropped here):
-    (logp, entropy, extra [3, N], lse, lse_lo, shift), each [N] in the compute dtype, 0 on
-    ignored rows (shift: 0 where nothing was subtracted, e.g. half inputs)."""
+                         lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
+                         inv_temp: torch.Tensor, ignore_index: int, scaling: float, logit_scale: float,
+                         softcap: Optional[float], stats: int, chunk_size: Optional[int], backend: str
+                         ) -> torch.Tensor:
+    """Per-row statistics of ``hidden`` [N, H] (all rows; ignored ones are dropped here), as one
+    [N_ROWS, N] tensor in the compute dtype, 0 on ignored rows: logp, entropy, the three extras
+    (log_sum_sq_probs, mean_logit, is_argmax), lse, lse_lo, and the shift subtracted from the
+    row's fp32 logits (0 for half inputs)."""
     N = hidden.shape[0]
-    acc_dt = compute_dtype(hidden.dtype)
     idx = _kept_index(labels, ignore_index)
     # the gather of the kept rows lives here, not in autograd: index_select's backward is a
     # scatter-add several times slower than the index_put the backward op does
@@ -332,12 +337,9 @@ def _linear_forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype,
                   backend)
     logp, lse, lse_lo, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, y, it, cfg)
-    if shift is None:
-        shift = torch.zeros_like(lse)
-    outs = (logp, entropy, extra, lse, lse_lo, shift)
-    if idx is None:
-        return tuple(x if x.is_contiguous() else x.contiguous() for x in outs)
-    return tuple(x.new_zeros(*x.shape[:-1], N).index_copy_(x.dim() - 1, idx, x) for x in outs)
+    rows = torch.cat([logp[None], entropy[None], extra, lse[None], lse_lo[None],
+                      torch.zeros_like(lse)[None] if shift is None else shift[None]])
+    return rows if idx is None else rows.new_zeros(N_ROWS, N).index_copy_(1, idx, rows)
 
 
 _linear_forward_op = torch.library.custom_op("prefopt_fast::linear_forward", _linear_forward_impl, mutates_args=())
@@ -346,37 +348,32 @@ _linear_forward_op = torch.library.custom_op("prefopt_fast::linear_forward", _li
 @_linear_forward_op.register_fake
 def _(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, ignore_index, scaling, logit_scale, softcap, stats,
       chunk_size, backend):
-    N = hidden.shape[0]
-    row = lambda *s: hidden.new_empty((*s, N), dtype=compute_dtype(hidden.dtype))  # noqa: E731
-    return row(), row(), row(3), row(), row(), row()
+    return hidden.new_empty((N_ROWS, hidden.shape[0]), dtype=compute_dtype(hidden.dtype))
 
 
 def _linear_backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
-                        inv_temp: torch.Tensor, lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor,
-                        shift: torch.Tensor, grad_logp: Optional[torch.Tensor],
-                        grad_entropy: Optional[torch.Tensor], ignore_index: int, scaling: float,
-                        logit_scale: float, softcap: Optional[float], stats: int, chunk_size: Optional[int],
-                        backend: str, need_h: bool, need_w: bool, need_b: bool, need_a: bool, need_lb: bool
-                        ) -> List[torch.Tensor]:
+                          lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
+                          inv_temp: torch.Tensor, rows: torch.Tensor, grad_logp: Optional[torch.Tensor],
+                          grad_entropy: Optional[torch.Tensor], ignore_index: int, scaling: float,
+                          logit_scale: float, softcap: Optional[float], stats: int, chunk_size: Optional[int],
+                          backend: str, need_h: bool, need_w: bool, need_b: bool, need_a: bool, need_lb: bool
+                          ) -> List[torch.Tensor]:
     """[grad hidden [N, H], grad weight, grad bias, grad lora_a, grad lora_b]; an empty [0]
-    tensor for each gradient not asked for. The saved [N] statistics are those of
-    ``_linear_forward_op``."""
+    tensor for each gradient not asked for. ``rows``: the forward op's [N_ROWS, N] output."""
     idx = _kept_index(labels, ignore_index)
     h = _rows_of(hidden, idx)
     h = h if h.is_contiguous() else h.contiguous()
-    y, it, lse_k, lo_k, ent_k = (_rows_of(x, idx) for x in (labels, inv_temp, lse, lse_lo, entropy))
-    g_logp, g_ent = _rows_of(grad_logp, idx), _rows_of(grad_entropy, idx)
-    shift_k = _rows_of(shift, idx) if hidden.dtype == torch.float32 else None
+    y, it, g_logp, g_ent = (_rows_of(x, idx) for x in (labels, inv_temp, grad_logp, grad_entropy))
+    k = rows if idx is None else rows.index_select(1, idx)
+    shift = k[R_SHIFT] if hidden.dtype == torch.float32 else None
     u = torch.mm(h, lora_a.t()) if lora_a is not None else None  # recomputed: O(M H r), saved nothing
     cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype,
                   backend)
-    grads = list(_linear_backward(h, weight, bias, lora_a, lora_b, y, it, lse_k, ent_k, u, g_logp, g_ent, cfg,
-                                  need_h, need_w, need_b, need_a, need_lb, shift=shift_k, lse_lo=lo_k))
+    grads = list(_linear_backward(h, weight, bias, lora_a, lora_b, y, it, k[R_LSE], k[R_ENTROPY], u, g_logp, g_ent,
+                                  cfg, need_h, need_w, need_b, need_a, need_lb, shift=shift, lse_lo=k[R_LSE_LO]))
     if grads[0] is not None and idx is not None:
         grads[0] = grads[0].new_zeros(hidden.shape[0], grads[0].shape[1]).index_put_((idx,), grads[0])
-    empty = hidden.new_empty(0)
-    return [empty.clone() if g is None else g for g in grads]
+    return [hidden.new_empty(0) if g is None else g for g in grads]
 
 
 _linear_backward_op = torch.library.custom_op("prefopt_fast::linear_backward", _linear_backward_impl,
@@ -384,9 +381,8 @@ _linear_backward_op = torch.library.custom_op("prefopt_fast::linear_backward", _
 
 
 @_linear_backward_op.register_fake
-def _(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, shift, grad_logp, grad_entropy,
-      ignore_index, scaling, logit_scale, softcap, stats, chunk_size, backend, need_h, need_w, need_b, need_a,
-      need_lb):
+def _(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, rows, grad_logp, grad_entropy, ignore_index, scaling,
+      logit_scale, softcap, stats, chunk_size, backend, need_h, need_w, need_b, need_a, need_lb):
     likes = (hidden, weight, bias, lora_a, lora_b)
     return [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else hidden.new_empty(0)
             for need, x in zip((need_h, need_w, need_b, need_a, need_lb), likes)]
@@ -412,11 +408,13 @@ class LinearLogProbsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, ignore_index: int, scaling: float,
                 logit_scale: float, softcap, stats: int, chunk_size, backend: str):
         opts = (ignore_index, scaling, logit_scale, softcap, stats, chunk_size, backend)
-        logp, entropy, extra, lse, lse_lo, shift = _call(
-            _linear_forward_op, _linear_forward_impl, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, *opts)
+        rows = _call(_linear_forward_op, _linear_forward_impl, hidden, weight, bias, lora_a, lora_b, labels, inv_temp,
+                     *opts)
+        # O(N) copies: the autograd outputs must not be views of the saved buffer
+        logp, entropy, extra = rows[R_LOGP].clone(), rows[R_ENTROPY].clone(), rows[R_EXTRA:R_LSE].clone()
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, lse_lo, entropy, shift)
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, rows)
         ctx.opts = opts
         return logp, entropy, extra
 
