@@ -123,7 +123,6 @@ struct ForwardCall {
 inline ForwardCall forward_call(const Tensor& logits, const Tensor& labels, const Tensor& inv_temp,
                                 int64_t ignore_index, int64_t stats, const std::optional<Tensor>& ref_logits,
                                 const Target& tg) {
-  constexpr int64_t kStatKl = 16;  // prefopt_fast._rows.STAT_KL
   ForwardCall c;
   c.L = rows_view(logits, "logits", tg);
   check_vec(labels, "labels", ScalarType::Long, "int64", c.L.rows, tg);

@@ -13,7 +13,37 @@ namespace prefopt {
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 constexpr int kMaxLeadDims = 16;
-constexpr int kNumOut = 9;        // rows of prefopt_fast._rows.OUT_*
+
+// The row contract's constants, defined here only (plain constexpr ints: usable by the
+// CPU kernels, the bindings and CUDA device code alike). They must equal
+// prefopt_fast/_rows.py: kStatFoo == STAT_FOO, kOutFoo == OUT_FOO, kNumOut == N_OUT;
+// tests/test_cpu_extension.py parses this file and checks every one against _rows.py.
+// Bits of ForwardArgs::stats (prefopt_fast._rows.STAT_*).
+constexpr int kStatEntropy = 1;
+constexpr int kStatLssp = 2;
+constexpr int kStatMean = 4;
+constexpr int kStatArgmax = 8;
+constexpr int kStatKl = 16;
+constexpr int kStatAll = kStatEntropy | kStatLssp | kStatMean | kStatArgmax | kStatKl;
+// Rows of ForwardArgs::out (prefopt_fast._rows.OUT_*), and their count (N_OUT).
+constexpr int kOutLogp = 0;
+constexpr int kOutLse = 1;
+constexpr int kOutEntropy = 2;
+constexpr int kOutLssp = 3;
+constexpr int kOutMean = 4;
+constexpr int kOutArgmax = 5;
+constexpr int kOutKl = 6;
+constexpr int kOutRefLse = 7;
+constexpr int kOutLseLo = 8;
+constexpr int kNumOut = 9;
+
+static_assert(kStatEntropy == 1 && kStatLssp == 2 && kStatMean == 4 && kStatArgmax == 8 && kStatKl == 16 &&
+                  kStatAll == 31,
+              "kStat* must equal prefopt_fast._rows.STAT_*");
+static_assert(kOutLogp == 0 && kOutLse == 1 && kOutEntropy == 2 && kOutLssp == 3 && kOutMean == 4 &&
+                  kOutArgmax == 5 && kOutKl == 6 && kOutRefLse == 7 && kOutLseLo == 8,
+              "kOut* must equal prefopt_fast._rows.OUT_*");
+static_assert(kNumOut == 9 && kOutLseLo + 1 == kNumOut, "kNumOut must equal prefopt_fast._rows.N_OUT");
 
 // A logits tensor [..., V] with last stride 1: row n starts at
 // data + sum_i idx_i(n) * lead_strides[i] elements, idx(n) the row-major multi-index of

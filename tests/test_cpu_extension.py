@@ -7,6 +7,7 @@ ignored rows, -inf / NaN / inf / huge values, out-of-range labels, in-place back
 more than 2^31 elements (slow). The public-API matrix lives in test_token_logprobs.py.
 """
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -73,6 +74,63 @@ def rand_labels(N, V, n_ignored=1):
     y = torch.randint(0, V, (N,))
     y[torch.randperm(N)[:n_ignored]] = IGN
     return y
+
+
+# ----------------------------------------------------------------------------- contract constants
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CONTRACT_DEF = re.compile(r"\bconstexpr\s+int\s+(kStat\w+|kOut\w+|kNumOut)\s*=\s*([^;]+);")
+
+
+def _contract_constants():
+    """{name: value} of every kStat* / kOut* / kNumOut in csrc/row_args.h (values are ints
+    or |-combinations of earlier constants)."""
+    values = {}
+    for name, expr in _CONTRACT_DEF.findall((CSRC / "row_args.h").read_text()):
+        assert re.fullmatch(r"[\w\s|]+", expr), f"row_args.h: {name} = {expr!r}: unexpected expression"
+        assert name not in values, f"row_args.h defines {name} twice"
+        values[name] = eval(expr, {"__builtins__": {}}, dict(values))  # ints, earlier names and |
+    return values
+
+
+def _python_name(cpp_name):
+    # kStatArgmax -> STAT_ARGMAX, kOutRefLse -> OUT_REF_LSE, kNumOut -> N_OUT
+    if cpp_name == "kNumOut":
+        return "N_OUT"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cpp_name[1:]).upper()
+
+
+class TestContractConstants:
+    """csrc/row_args.h (the one C++ definition of the row contract's constants, used by the
+    CPU and CUDA kernels and both bindings) against prefopt_fast/_rows.py, both ways. Pure
+    parsing: runs without the native extension."""
+
+    @pytest.fixture(autouse=True)
+    def _native_extension(self):  # overrides the module's: nothing native needed here
+        pass
+
+    def test_every_cpp_constant_equals_rows_py(self):
+        import prefopt_fast._rows as rows
+        cpp = _contract_constants()
+        assert {"kStatKl", "kOutLogp", "kOutLseLo", "kNumOut"} <= set(cpp), sorted(cpp)
+        for name, value in cpp.items():
+            py = _python_name(name)
+            assert hasattr(rows, py), f"csrc/row_args.h {name} has no prefopt_fast._rows.{py}"
+            assert value == getattr(rows, py), f"csrc/row_args.h {name} = {value} != _rows.{py} = {getattr(rows, py)}"
+
+    def test_every_rows_py_constant_is_in_row_args_h(self):
+        import prefopt_fast._rows as rows
+        cpp = {_python_name(n) for n in _contract_constants()}
+        py = {n for n in vars(rows) if re.fullmatch(r"(STAT|OUT)_[A-Z_]+|N_OUT", n)}
+        assert py - cpp == set(), f"prefopt_fast._rows constants missing from csrc/row_args.h: {sorted(py - cpp)}"
+
+    def test_defined_only_in_row_args_h(self):
+        dup = re.compile(r"\b(k(?:Stat|Out)[A-Z]\w*|kNumOut)\s*=(?!=)")
+        found = []
+        for f in sorted(CSRC.rglob("*")):
+            if f.suffix in (".h", ".cuh", ".cpp", ".cu") and f.name != "row_args.h":
+                found += [f"{f.relative_to(CSRC)}: {m.group(0)}" for m in dup.finditer(f.read_text())]
+        assert not found, f"contract constants are defined in csrc/row_args.h only: {found}"
 
 
 # ----------------------------------------------------------------------------- ops

@@ -45,9 +45,7 @@ namespace {
 // 2048 fp32 = 8 KiB (16-bit rows: plus 4 KiB of input): the widened buffers stay in L1d.
 constexpr int64_t kChunk = 2048;
 
-enum : int { kStatEntropy = 1, kStatLssp = 2, kStatMean = 4, kStatArgmax = 8, kStatKl = 16 };
-enum : int { kOutLogp = 0, kOutLse, kOutEntropy, kOutLssp, kOutMean, kOutArgmax, kOutKl, kOutRefLse, kOutLseLo };
-static_assert(kOutLseLo + 1 == kNumOut, "rows of prefopt_fast._rows.OUT_*");
+// kStat* (STAT_* bits), kOut* (OUT_* rows), kNumOut: row_args.h
 enum : uint32_t { kFlagBad = 1 };
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();

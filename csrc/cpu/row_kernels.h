@@ -10,7 +10,7 @@
 
 namespace prefopt_cpu {
 
-// RowsView, ForwardArgs, BackwardArgs, DType, kNumOut, rows_disjoint ... (row_args.h)
+// RowsView, ForwardArgs, BackwardArgs, DType, kStat*, kOut*, kNumOut, rows_disjoint ... (row_args.h)
 using namespace prefopt;
 
 // Threading is supplied by the caller (torch's parallel_for through the stable ABI),

@@ -27,9 +27,7 @@
 namespace prefopt_cuda {
 namespace {
 
-enum : int { kStatEntropy = 1, kStatLssp = 2, kStatMean = 4, kStatArgmax = 8, kStatKl = 16 };
-enum : int { kOutLogp = 0, kOutLse, kOutEntropy, kOutLssp, kOutMean, kOutArgmax, kOutKl, kOutRefLse, kOutLseLo };
-static_assert(kOutLseLo + 1 == kNumOut, "rows of prefopt_fast._rows.OUT_*");
+// kStat* (STAT_* bits), kOut* (OUT_* rows), kNumOut: row_args.h
 
 // Forward variants (a request is rounded up to one of 6 per dtype; unrequested rows are
 // written as 0): ENT computes t (entropy); FULL adds q, the mean and the argmax; KL

@@ -10,7 +10,7 @@
 
 namespace prefopt_cuda {
 
-// RowsView, ForwardArgs, BackwardArgs, DType, kNumOut, rows_disjoint ... (row_args.h)
+// RowsView, ForwardArgs, BackwardArgs, DType, kStat*, kOut*, kNumOut, rows_disjoint ... (row_args.h)
 using namespace prefopt;
 using Rows = prefopt::RowsView;
 
