@@ -71,7 +71,7 @@ def main_bytes(shape, dtype):
 def bytes_moved(shape, dtype):
     """Read the 2B last hidden rows and the head (fwd); read them again and write their gradients (bwd)."""
     s = (shape["B"] + 1) * shape["H"] * _item(dtype)
-    return {"fwd": s, "bwd": 2 * s}
+    return {"fwd": {"read": s}, "bwd": {"rw": 2 * s}}
 
 
 _SHAPE = make_shape(16 * 128)

@@ -7,7 +7,8 @@ Two families of ops:
   ``cu_seqlens``) ~ N(0, 2^2) in the dtype, labels ``[B, T]`` uniform in ``[0, V)`` with the
   first ``prompt`` fraction of each sequence ignored (-100), optionally reference logits;
   the least traffic is one read of each logits tensor forward, and one read of each plus
-  one write of the gradient backward;
+  one write of the gradient backward (ignored rows: only the zero gradient written), and
+  the least arithmetic one exp per logit of each tensor forward and one per logit backward;
 * fused-linear ops (:func:`linear_op`): hidden ``[B, T, H]`` and the lm_head ``[V, H]``
   (both requiring grad), the same labels; the bound is the GEMM term (2 M H V forward,
   4 M H V backward, M = completion tokens).
@@ -83,11 +84,30 @@ class LogitsLayout:
         """One logits tensor (the gradient has the same size)."""
         return self.tokens(shape) * shape["V"] * itemsize(dtype)
 
+    def ignored_rows(self, shape) -> int:
+        """Rows whose label is ignored (the first ``prompt`` fraction of each sequence)."""
+        return shape["B"] * int(shape["T"] * self.prompt)
+
     def bytes_moved(self, shape, dtype) -> dict:
-        """fwd reads every logits tensor once; bwd reads them again and writes the gradient."""
+        """The least traffic, by access pattern (see calibration.traffic_parts). fwd reads every
+        logits tensor once, rows with an ignored label excepted (their outputs are zeros: a
+        kernel may skip them); bwd reads them again and writes the gradient (``rw``: each
+        gradient element against one read of its logit; ``read``: a reference tensor) and
+        writes zeros over the ignored rows (``write``). The per-token vectors count as read."""
         k = 2 if self.ref_logits else 1
-        s, small = self.main_bytes(shape, dtype), self.tokens(shape) * self.small_per_token
-        return {"fwd": k * s + small, "bwd": (k + 1) * s + small}
+        row = shape["V"] * itemsize(dtype)
+        ign = self.ignored_rows(shape) * row
+        act = self.main_bytes(shape, dtype) - ign
+        small = self.tokens(shape) * self.small_per_token
+        return {"fwd": {"read": k * act + small},
+                "bwd": {"read": (k - 1) * act + small, "rw": 2 * act, "write": ign}}
+
+    def exps(self, shape, dtype) -> dict:
+        """The exps the math needs at the least, on the rows with a label: forward, one per
+        logit of each logits tensor (its log-sum-exp); backward, one per logit (the softmax
+        probability p_v in the gradient; the reference's log q needs none)."""
+        act = (self.tokens(shape) - self.ignored_rows(shape)) * shape["V"]
+        return {"fwd": (2 if self.ref_logits else 1) * act, "bwd": act}
 
     def make_inputs(self, shape, dtype, device, seed=0) -> dict:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -124,7 +144,7 @@ def logits_op(name: str, module: str, layout: LogitsLayout, providers: list, *, 
     return H.OpSpec(
         name=name, module=module, description=description,
         make_inputs=layout.make_inputs, grad_inputs=("logits",),
-        main_bytes=layout.main_bytes, bytes_moved=layout.bytes_moved,
+        main_bytes=layout.main_bytes, bytes_moved=layout.bytes_moved, exps=layout.exps,
         alloc_bytes=layout.main_bytes,  # the gradient, unless written in place
         make_shape=ms, tokens=layout.tokens, vocab=layout.vocab,
         presets={"dry-run": [ms(layout.batch * 8, 1000)], "quick": [ms(*quick)], "default": [ms(*default)],
@@ -172,11 +192,11 @@ class LinearLayout:
         return self.tokens(shape) * shape["V"] * itemsize(dtype)
 
     def bytes_moved(self, shape, dtype) -> dict:
-        """Read W and the hidden rows (fwd); read them again and write both gradients (bwd).
-        Negligible next to the GEMMs: the bound is the FLOP term."""
+        """Read W and the hidden rows (fwd); read them again and write both gradients (bwd, the
+        ``rw`` pattern). Negligible next to the GEMMs: the bound is the FLOP term."""
         w = shape["V"] * shape["H"] * itemsize(dtype)
         h = self.completion_tokens(shape) * shape["H"] * itemsize(dtype)
-        return {"fwd": w + h, "bwd": 2 * (w + h)}
+        return {"fwd": {"read": w + h}, "bwd": {"rw": 2 * (w + h)}}
 
     def flops(self, shape, dtype) -> dict:
         f = 2.0 * self.completion_tokens(shape) * shape["H"] * shape["V"]
@@ -269,12 +289,15 @@ def linear_baselines(naive, make_trl, what: str) -> list:
 
 def liger_providers(make_liger, what: str) -> list:
     """Liger-Kernel's chunked loss ``what``: eager (``make_liger(False)``) and with its chunk
-    step under torch.compile (``make_liger(True)``, slow_setup). Plain PyTorch: runs on CPU."""
+    step under torch.compile (``make_liger(True)``, slow_setup). Plain PyTorch: runs on CPU.
+    Its forward computes the gradients too (the backward only scales them): grad_in_forward."""
     return [
         H.Provider("liger", make_liger(False), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
-                   mem_factor=1.0, description=f"liger_kernel.chunked_loss.{what}, compiled=False"),
+                   mem_factor=1.0, grad_in_forward=True,
+                   description=f"liger_kernel.chunked_loss.{what}, compiled=False"),
         H.Provider("liger-compile", make_liger(True), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
-                   slow_setup=True, mem_factor=1.0, description=f"liger_kernel.chunked_loss.{what}, compiled=True"),
+                   slow_setup=True, mem_factor=1.0, grad_in_forward=True,
+                   description=f"liger_kernel.chunked_loss.{what}, compiled=True"),
     ]
 
 

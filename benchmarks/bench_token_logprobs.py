@@ -73,7 +73,7 @@ PROVIDERS = [
                description="-F.cross_entropy(logits, labels, reduction='none')"),
     S.trl_provider(_make_trl, "trl.trainer.utils.selective_log_softmax (per-row loop on CPU, Triton kernel on CUDA)"),
     H.Provider("liger", _make_liger, kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
-               check=H.needs_cuda, mutates=("logits",), mem_factor=0.5,
+               check=H.needs_cuda, mutates=("logits",), mem_factor=0.5, grad_in_forward=True,
                description="-liger_cross_entropy(reduction='none') (Triton; gradient written into the logits)"),
 ] + _ours
 

@@ -2,17 +2,25 @@
 
     python benchmarks/cpu_kernel_check.py [--n 2048] [--v 128256] [--dtypes float32,bfloat16] [--reps 5]
 
-Prints, per dtype: copy bandwidth, the bandwidth bound of a fused forward+backward (one
-read of the logits forward, one read + one write backward), naive PyTorch
-(log_softmax + gather + autograd), and the cpu kernels with a fresh gradient and in
-place. Times are the minimum over --reps runs (the machine may be shared).
+Prints, per dtype: the bound of a fused forward+backward (one read of the logits forward,
+one read + one write backward; the same calibration as ``python -m benchmarks``, see
+benchmarks/calibration.py: the read-only rate forward, the in-place read-modify-write or the
+copy rate plus first touch backward, and the exp ceiling), naive PyTorch (log_softmax +
+gather + autograd), and the cpu kernels with a fresh gradient and in place. Times are the
+minimum over --reps runs (the machine may be shared).
 """
 import argparse
 import os
 import resource
+import sys
 import time
 
 import torch
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.calibration import exp_rate, first_touch_min_bytes, memory_rates, phase_bound  # noqa: E402
 
 from prefopt_fast._rows import OUT_LSE, OUT_LSE_LO
 from prefopt_fast.backends import cpu
@@ -48,11 +56,20 @@ def tmin(fn, reps):
     return best
 
 
-def copy_bandwidth(nbytes, reps):
-    a = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    b = torch.empty_like(a).fill_(0.0)
-    t = tmin(lambda: b.copy_(a), reps)
-    return 2 * a.numel() * 4 / t
+def bounds(nbytes, exps, reps):
+    """Lower bounds (s) of forward + backward with a fresh gradient and in place."""
+    rates = memory_rates(nbytes, repeats=reps)
+    rates["first_touch_min_bytes"] = first_touch_min_bytes("cpu")[0]
+    eps = exp_rate().get("exp_per_s")
+    fwd = phase_bound({"read": nbytes}, rates, inplace=False, exps=exps, exp_per_s=eps)
+    bwd = {"rw": 2 * nbytes}
+    fresh = phase_bound(bwd, rates, inplace=False, alloc=nbytes, exps=exps, exp_per_s=eps)
+    inplace = phase_bound(bwd, rates, inplace=True, exps=exps, exp_per_s=eps)
+    print(f"  calibration: read {rates['read_Bps'] / 1e9:.1f}, rmw {rates['rmw_Bps'] / 1e9:.1f}, copy"
+          f" {rates['copy_Bps'] / 1e9:.1f}, fresh copy {rates['fresh_copy_Bps'] / 1e9:.1f} GB/s;"
+          f" exp {eps / 1e9 if eps else float('nan'):.1f} Gexp/s; fwd bound {fwd['bound_s'] * 1e3:.1f} ms"
+          f" ({fwd['limit']})")
+    return fwd["bound_s"] + fresh["bound_s"], fwd["bound_s"] + inplace["bound_s"]
 
 
 def main():
@@ -67,8 +84,6 @@ def main():
     N, V = args.n, args.v
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else "?"
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, N={N} V={V}, load average {load}")
-    bw = copy_bandwidth(1 << 30, args.reps)
-    print(f"copy bandwidth (1 GiB, read+write bytes / time): {bw / 1e9:.1f} GB/s")
     for name in args.dtypes.split(","):
         dt = getattr(torch, name)
         torch.manual_seed(0)
@@ -77,8 +92,9 @@ def main():
         it = torch.ones(N)
         c = torch.full((N,), -1.0 / N)
         nbytes = logits.numel() * logits.element_size()
-        bound = 3 * nbytes / bw
-        print(f"\n{name}: logits {nbytes / 2**30:.2f} GiB; bound (3 x logits bytes / copy bw) {bound * 1e3:.1f} ms")
+        print(f"\n{name}: logits {nbytes / 2**30:.2f} GiB")
+        bound, bound_ip = bounds(nbytes, N * V, args.reps)
+        print(f"  bound: fwd + bwd {bound * 1e3:.1f} ms with a fresh gradient, {bound_ip * 1e3:.1f} ms in place")
 
         def fwd():
             return cpu.row_forward(logits, labels, it, -100, args.stats)
@@ -129,7 +145,7 @@ def main():
         print(f"  cpu backward fresh     {t_bf * 1e3:8.1f} ms")
         print(f"  cpu backward in place  {best_bip * 1e3:8.1f} ms")
         print(f"  cpu fwd+bwd fresh      {t_fbf * 1e3:8.1f} ms  = {t_fbf / bound:.2f} x bound")
-        print(f"  cpu fwd+bwd in place   {best_ip * 1e3:8.1f} ms  = {best_ip / bound:.2f} x bound")
+        print(f"  cpu fwd+bwd in place   {best_ip * 1e3:8.1f} ms  = {best_ip / bound_ip:.2f} x bound")
         if args.naive:
             x = logits.clone().requires_grad_(True)
 

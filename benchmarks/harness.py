@@ -37,7 +37,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-SCHEMA = "prefopt_fast.benchmarks/1"
+from benchmarks.calibration import (MEMORY_PATTERNS, TRAFFIC_PARTS, exp_rate, first_touch_min_bytes, gemm_throughput,
+                                    last_level_cache_bytes, memory_rates, merge_best, phase_bound, pool_dram_rates,
+                                    traffic_parts)
+
+SCHEMA = "prefopt_fast.benchmarks/2"
 PHASES = ("fwd", "bwd", "step", "fwd_nograd")
 RESULT_MARK = "@@BENCH-RESULT@@ "
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,14 +55,17 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 # Timing settings per preset: repeats of each timing loop, warm-up steps before anything
 # is measured, and a time budget per loop after which it stops (once min_repeats are in).
+# Every preset that times takes at least 5 repeats: the table shows their spread, and the
+# bound check compares the fastest of them with the bound.
 PRESET_SETTINGS = {
     "dry-run": dict(repeats=1, warmup=0, min_repeats=1, max_loop_s=0.0),
     # --quick: no separate warm-up (the memory step before the timing loops serves as one)
-    "quick": dict(repeats=2, warmup=0, min_repeats=2, max_loop_s=0.3),
-    "default": dict(repeats=5, warmup=1, min_repeats=3, max_loop_s=30.0),
+    "quick": dict(repeats=5, warmup=0, min_repeats=5, max_loop_s=0.0),
+    # default: fast providers get up to 10 repeats, slow ones stop at 5 once 5 s are used
+    "default": dict(repeats=10, warmup=1, min_repeats=5, max_loop_s=5.0),
     # --full: the memory step before the timing loops serves as the warm-up (compiling
-    # providers still get one), loops stop after 2 repeats once 3 s are used
-    "full": dict(repeats=5, warmup=0, min_repeats=2, max_loop_s=3.0),
+    # providers still get one)
+    "full": dict(repeats=5, warmup=0, min_repeats=5, max_loop_s=3.0),
 }
 # How the (provider, shape) cases are run by default: "shape" = one fresh worker process per
 # (provider, shape); "provider" = one worker per provider running all its shapes in turn;
@@ -71,8 +78,9 @@ PRESET_JOBS = {"dry-run": "inline", "quick": "inline", "default": "shape", "full
 # Peak memory a case may be expected to need before it is skipped (bytes; --max-mem-gb).
 DEFAULT_MEM_CAP = 16 << 30
 
-# Calibration buffers are the size of the logits up to this cap (two of them are needed).
-CALIBRATION_CAP_BYTES = 1 << 30
+# Calibration buffers are the size of the op's main tensor (the logits) up to this cap and a
+# quarter of the available memory (three of them are alive at once).
+CALIBRATION_CAP_BYTES = 4 << 30
 
 
 # --------------------------------------------------------------------------- specs
@@ -96,6 +104,9 @@ class Provider:
     mem_factor: rough peak extra memory of a step in units of the op's main tensor (the
         logits); only used to skip cases that would not fit in memory.
     slow_setup: the first call takes long (compilation); left out of --quick unless named.
+    grad_in_forward: the provider computes its gradient in the forward and its backward only
+        hands it out (Liger's chunked losses and cross-entropy): its backward has no bound of
+        its own, only its forward and step have one.
     """
 
     name: str
@@ -109,6 +120,7 @@ class Provider:
     mutates: tuple = ()
     mem_factor: float = 4.0
     slow_setup: bool = False
+    grad_in_forward: bool = False
 
 
 @dataclasses.dataclass
@@ -118,11 +130,16 @@ class OpSpec:
     make_inputs(shape, dtype, device, seed) -> dict of tensors (touched: filled with data).
     main_bytes(shape, dtype) -> bytes of the dominant tensor (the logits): sizes the
         calibration buffer and the memory guard.
-    bytes_moved(shape, dtype) -> {"fwd": int, "bwd": int}: the least traffic any
-        implementation must do; "step" is their sum.
+    bytes_moved(shape, dtype) -> {"fwd": t, "bwd": t}: the least traffic any implementation
+        must do, each ``t`` a dict of bytes moved per access pattern, ``{"read", "rw",
+        "write"}`` (see calibration.traffic_parts), or a plain number (all read); "step" is
+        their sum.
     alloc_bytes(shape, dtype) -> bytes the op's contract makes it allocate fresh per step
-        (the logits gradient, unless written in place); used for the first-touch note.
+        (the logits gradient, unless written in place): their first touch is in the bound
+        of providers that do not write in place.
     flops(shape, dtype) -> {"fwd": float, "bwd": float} or None (no GEMM in the op).
+    exps(shape, dtype) -> {"fwd": int, "bwd": int} or None: the exps the math needs at the
+        least (the exp ceiling of the bound).
     make_shape(tokens, vocab) -> a shape dict; tokens(shape), vocab(shape) -> the two axes.
     presets: preset name -> list of shape dicts ("dry-run", "quick", "default", "full").
     preset_dtypes: preset name -> list of dtype names.
@@ -147,6 +164,7 @@ class OpSpec:
     providers: list
     alloc_bytes: Callable | None = None
     flops: Callable | None = None
+    exps: Callable | None = None
     preset_providers: dict = dataclasses.field(default_factory=dict)
     reference: tuple = ("naive",)
     notes: list = dataclasses.field(default_factory=list)
@@ -666,144 +684,113 @@ def run_job_subprocess(job: dict, timeout: float) -> list:
 # --------------------------------------------------------------------------- calibration and bound
 
 
-def copy_bandwidth(nbytes: int, device: str = "cpu", repeats: int = 5, min_time: float = 0.5) -> dict:
-    """STREAM-like copy bandwidth (bytes/s) on buffers of ``nbytes``, counting read + write.
-
-    ``copy``: both buffers allocated and touched beforehand (pages already mapped): the
-    bound. ``fresh``: each repeat copies into a newly allocated buffer, so its first-touch
-    page faults (or allocator work) are included: what an op allocating a fresh output
-    of that size pays on top.
-    """
-    n = max(1, nbytes // 4)
-    clock = Clock(device)
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src).fill_(0.0)
-    dst.copy_(src)
-    warm = []
-    start = time.perf_counter()
-    # at least `repeats`, more while under min_time (short copies are noisy), at most 50
-    while len(warm) < repeats or (time.perf_counter() - start < min_time and len(warm) < 50):
-        clock.sync()
-        a = clock.mark()
-        dst.copy_(src)
-        b = clock.mark()
-        clock.sync()
-        warm.append(clock.seconds(a, b))
-    del dst
-    fresh = []
-    for _ in range(max(3, repeats // 2)):
-        gc.collect()
-        _malloc_trim()
-        clock.sync()
-        a = clock.mark()
-        d2 = torch.empty_like(src)
-        d2.copy_(src)
-        b = clock.mark()
-        clock.sync()
-        fresh.append(clock.seconds(a, b))
-        del d2
-    del src
-    moved = 2 * n * 4
-    return {"nbytes": n * 4, "bytes_per_copy": moved,
-            "copy_Bps": moved / min(warm), "copy_Bps_median": moved / statistics.median(warm),
-            "fresh_copy_Bps": moved / min(fresh),
-            "fresh_copy_Bps_median": moved / statistics.median(fresh)}
-
-
-def fresh_copy_thp(nbytes: int, timeout: float = 120.0) -> float | None:
-    """``fresh_copy_Bps`` measured in a subprocess with torch's allocator asking for
-    transparent huge pages (THP_MEM_ALLOC_ENABLE=1): first touch is cheaper there, so the
-    better of the two rates gives the lower bound on getting fresh memory. None on failure."""
-    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1")
-    env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    code = ("import json, sys; from benchmarks.harness import copy_bandwidth; "
-            "print(json.dumps(copy_bandwidth(int(sys.argv[1]), repeats=5, min_time=0.0)))")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(nbytes)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-        return float(json.loads(proc.stdout.strip().splitlines()[-1])["fresh_copy_Bps"])
-    except Exception:
-        return None
-
-
-def gemm_throughput(dtype: torch.dtype, device: str = "cpu", size: int = 2048,
-                    repeats: int = 3) -> dict:
-    """Matmul throughput (FLOP/s) on square ``size`` matrices: the compute bound."""
-    clock = Clock(device)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    c = a @ b
-    ts = []
-    for _ in range(repeats):
-        clock.sync()
-        t0 = clock.mark()
-        torch.mm(a, b, out=c)
-        t1 = clock.mark()
-        clock.sync()
-        ts.append(clock.seconds(t0, t1))
-    flops = 2.0 * size ** 3
-    return {"size": size, "flops_per_s": flops / min(ts), "flops_per_s_median": flops / statistics.median(ts)}
-
-
-def bound_seconds(nbytes: float, bandwidth: float, flops: float | None = None,
-                  flops_per_s: float | None = None) -> float:
-    """Lower bound on the time of a phase: the larger of its memory and compute times."""
-    t = nbytes / bandwidth
-    if flops and flops_per_s:
-        t = max(t, flops / flops_per_s)
-    return t
-
-
 def bytes_by_phase(op: OpSpec, shape: dict, dtype: torch.dtype) -> dict:
-    b = dict(op.bytes_moved(shape, dtype))
-    out = {"fwd": int(b["fwd"]), "bwd": int(b["bwd"])}
+    """Total bytes moved per phase (the sum of :func:`traffic_by_phase`'s parts)."""
+    return {p: sum(t.values()) for p, t in traffic_by_phase(op, shape, dtype).items()}
+
+
+def traffic_by_phase(op: OpSpec, shape: dict, dtype: torch.dtype) -> dict:
+    """The op's least traffic per phase, split by access pattern (calibration.traffic_parts):
+    ``{phase: {"read", "rw", "write"}}``; step = fwd + bwd, fwd_nograd = fwd."""
+    b = op.bytes_moved(shape, dtype)
+    out = {"fwd": traffic_parts(b["fwd"]), "bwd": traffic_parts(b["bwd"])}
+    out["step"] = {k: out["fwd"][k] + out["bwd"][k] for k in out["fwd"]}
+    out["fwd_nograd"] = dict(out["fwd"])
+    return out
+
+
+def _by_phase(f: dict, cast=float) -> dict:
+    out = {"fwd": cast(f["fwd"]), "bwd": cast(f["bwd"])}
     out["step"] = out["fwd"] + out["bwd"]
     out["fwd_nograd"] = out["fwd"]
     return out
 
 
 def flops_by_phase(op: OpSpec, shape: dict, dtype: torch.dtype) -> dict | None:
-    if op.flops is None:
-        return None
-    f = dict(op.flops(shape, dtype))
-    out = {"fwd": float(f["fwd"]), "bwd": float(f["bwd"])}
-    out["step"] = out["fwd"] + out["bwd"]
-    out["fwd_nograd"] = out["fwd"]
-    return out
+    return None if op.flops is None else _by_phase(op.flops(shape, dtype))
+
+
+def exps_by_phase(op: OpSpec, shape: dict, dtype: torch.dtype) -> dict | None:
+    return None if op.exps is None else _by_phase(op.exps(shape, dtype), int)
 
 
 def derive(result: dict, op: OpSpec, shape: dict, dtype: torch.dtype, calib: dict,
-           gemm: dict | None, allocates: bool = True) -> None:
-    """Add bytes_moved, gbps, bound_s, x_bound (and the first-touch variants) to a result.
+           gemm: dict | None = None, *, inplace: bool = False, exp: dict | None = None,
+           grad_in_forward: bool = False) -> None:
+    """Add bytes_moved, traffic, the bound and the ratios to one measured result.
 
-    allocates: the provider returns a freshly allocated gradient (not in place); then
-    bound_alloc_s adds the first touch of ``op.alloc_bytes`` at the calibrated fresh rate.
+    calib: the memory calibration of the op's size (calibration.memory_rates, plus
+    ``first_touch_min_bytes``); gemm / exp: the compute ceilings (None: not applicable or not
+    measured). inplace: the provider writes its gradient over its input (rmw pattern, no
+    fresh allocation); otherwise the gradient goes into freshly allocated memory (copy
+    pattern plus the first touch of ``op.alloc_bytes`` in the backward).
+
+    bound_s per phase: fwd and bwd from calibration.phase_bound; step = fwd + bwd (the
+    backward starts when the forward has returned); fwd_nograd = fwd. bound_warm_s: the
+    same without the first touch. grad_in_forward (Provider.grad_in_forward): the backward's
+    work happens in the forward, so bwd gets no bound (None) while step keeps fwd + bwd. A phase whose fastest run is below its bound is recorded
+    in ``calibration_error`` (phase -> fastest / bound): a lower bound cannot be beaten, so
+    the calibration is wrong there, not the provider fast.
     """
-    bytes_ = bytes_by_phase(op, shape, dtype)
+    traffic = traffic_by_phase(op, shape, dtype)
     flops = flops_by_phase(op, shape, dtype)
-    bw = calib["copy_Bps"]
+    exps = exps_by_phase(op, shape, dtype)
+    alloc = op.alloc_bytes(shape, dtype) if (op.alloc_bytes and not inplace) else 0
     fps = gemm["flops_per_s"] if gemm else None
-    result["bytes_moved"] = bytes_
+    eps = exp.get("exp_per_s") if exp else None
+    terms = {p: phase_bound(traffic[p], calib, inplace=inplace, alloc=alloc if p == "bwd" else 0,
+                            exps=exps[p] if exps else 0, exp_per_s=eps,
+                            flops=flops[p] if flops else 0, flops_per_s=fps)
+             for p in ("fwd", "bwd")}
+    bound = {p: terms[p]["bound_s"] for p in terms}
+    warm = {p: terms[p]["warm_s"] for p in terms}
+    for d in (bound, warm):
+        d["step"] = d["fwd"] + d["bwd"]
+        d["fwd_nograd"] = d["fwd"]
+        if grad_in_forward:
+            d["bwd"] = None
+    result["bytes_moved"] = {p: sum(t.values()) for p, t in traffic.items()}
+    result["traffic"] = traffic
     if flops:
         result["flops"] = flops
-    result["bound_s"] = {p: bound_seconds(bytes_[p], bw, flops[p] if flops else None, fps)
-                         for p in PHASES}
-    # first touch of the freshly allocated gradient, which the warm bound leaves out
-    alloc = op.alloc_bytes(shape, dtype) if (op.alloc_bytes and allocates) else 0
-    fresh = calib.get("fresh_bound_Bps") or calib["fresh_copy_Bps"]
-    extra_per_byte = max(0.0, 1.0 / fresh - 1.0 / calib["copy_Bps"]) * 2
-    result["bound_alloc_s"] = {p: result["bound_s"][p] + (alloc * extra_per_byte if p in ("bwd", "step") else 0.0)
-                               for p in PHASES}
+    if exps:
+        result["exps"] = exps
+    result["bound_pattern"] = "in place (rmw)" if inplace else "fresh gradient (copy + first touch)"
+    result["bound_s"], result["bound_warm_s"] = bound, warm
+    result["bound_terms"] = terms
     ts = result.get("time_s") or {}
-    result["gbps"], result["x_bound"], result["x_bound_alloc"] = {}, {}, {}
+    result["gbps"], result["x_bound"], result["x_bound_warm"] = {}, {}, {}
+    errors = {}
     for p in PHASES:
         t = ts.get(p)
-        if not t:
+        if not t or bound[p] is None:
             continue
         med = t["median"]
-        result["gbps"][p] = bytes_[p] / med / 1e9 if med > 0 else None
-        result["x_bound"][p] = med / result["bound_s"][p]
-        result["x_bound_alloc"][p] = med / result["bound_alloc_s"][p]
+        result["gbps"][p] = result["bytes_moved"][p] / med / 1e9 if med > 0 else None
+        result["x_bound"][p] = med / bound[p]
+        result["x_bound_warm"][p] = med / warm[p]
+        if t["min"] < bound[p]:
+            errors[p] = t["min"] / bound[p]
+    result["calibration_error"] = errors
+
+
+def bound_limit(result: dict, phase: str) -> str:
+    """Which term sets a phase's bound: "memory", "exp" or "gemm" (step: "fwd X + bwd Y")."""
+    terms = result.get("bound_terms") or {}
+    if phase == "step":
+        return f"fwd {terms['fwd']['limit']} + bwd {terms['bwd']['limit']}"
+    return terms["bwd" if phase == "bwd" else "fwd"]["limit"]
+
+
+def calibration_error_notes(results: list) -> list:
+    """One line per result with a phase measured below its bound (see derive)."""
+    out = []
+    for r in results:
+        for p, x in (r.get("calibration_error") or {}).items():
+            out.append(f"CALIBRATION ERROR: {r['provider']} {shape_label(r['shape'])} {r['dtype']} {p}: its fastest"
+                       f" run took {x:.2f}x its bound ({bound_limit(r, p)}): a time below a lower bound means"
+                       f" the calibration underestimates a rate here, not that the provider is that fast")
+    return out
 
 
 def add_speedups(results: list, reference: Sequence[str]) -> None:
@@ -911,15 +898,21 @@ def validate_doc(doc: dict) -> list:
     if doc.get("schema") != SCHEMA:
         errs.append(f"schema: expected {SCHEMA!r}, got {doc.get('schema')!r}")
     for k, t in (("op", str), ("preset", str), ("created", str), ("machine", dict), ("settings", dict),
-                 ("calibration", dict), ("providers", list), ("notes", list), ("results", list)):
+                 ("calibration", dict), ("calibration_errors", list), ("providers", list), ("notes", list),
+                 ("results", list)):
         need(doc, k, t, "doc")
     m = doc.get("machine") or {}
     for k, t in (("device", str), ("torch", str), ("cpu_count", int), ("torch_threads", int)):
         need(m, k, t, "machine")
     cal = doc.get("calibration") or {}
-    for i, c in enumerate(need(cal, "copy", list, "calibration") or []):
-        for k in ("nbytes", "copy_Bps", "copy_Bps_median", "fresh_copy_Bps", "for_main_bytes"):
-            need(c, k, num, f"calibration.copy[{i}]")
+    for i, c in enumerate(need(cal, "memory", list, "calibration") or []):
+        for k in ("nbytes", "for_main_bytes") + tuple(f"{p}_Bps" for p in MEMORY_PATTERNS):
+            need(c, k, num, f"calibration.memory[{i}]")
+    if "exp" not in cal:
+        errs.append("calibration: missing 'exp'")
+    elif cal["exp"] is not None and not isinstance(cal["exp"].get("exp_per_s", cal["exp"].get("error")),
+                                                    (int, float, str)):
+        errs.append("calibration.exp: expected exp_per_s or error")
     for i, g in enumerate(need(cal, "gemm", list, "calibration") or []):
         for k in ("flops_per_s", "size"):
             need(g, k, num, f"calibration.gemm[{i}]")
@@ -947,8 +940,8 @@ def validate_doc(doc: dict) -> list:
             elif ts[ph] is not None:
                 for k in _TIME_KEYS:
                     need(ts[ph], k, list if k == "samples" else num, f"{w}.time_s.{ph}")
-        for k in ("mem_bytes", "bytes_moved", "bound_s", "bound_alloc_s", "gbps", "x_bound",
-                  "x_bound_alloc", "x_naive"):
+        for k in ("mem_bytes", "bytes_moved", "bound_s", "bound_warm_s", "gbps", "x_bound",
+                  "x_bound_warm", "x_naive", "calibration_error"):
             d = need(r, k, dict, w) or {}
             for ph, v in d.items():
                 if ph not in PHASES:
@@ -956,20 +949,36 @@ def validate_doc(doc: dict) -> list:
                 elif v is not None and not isinstance(v, num):
                     errs.append(f"{w}.{k}.{ph}: not a number")
         need(r, "mem_method", str, w)
+        for ph, t in (need(r, "traffic", dict, w) or {}).items():
+            if not isinstance(t, dict) or set(t) != set(TRAFFIC_PARTS):
+                errs.append(f"{w}.traffic.{ph}: expected the parts {TRAFFIC_PARTS}")
+        for ph in ("fwd", "bwd"):
+            term = (need(r, "bound_terms", dict, w) or {}).get(ph)
+            if not isinstance(term, dict) or term.get("limit") not in ("memory", "exp", "gemm"):
+                errs.append(f"{w}.bound_terms.{ph}: expected the terms of calibration.phase_bound")
     return errs
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _ms(t: dict | None) -> str:
-    return "-" if not t else f"{t['median'] * 1e3:.1f}"
+def _t(seconds: float) -> str:
+    """Milliseconds with three significant digits or so (0.123, 12.3, 123)."""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 0.1 else f"{ms:.3f}"
+
+
+def _median(t: dict | None) -> str:
+    return "-" if not t else _t(t["median"])
 
 
 def _spread(t: dict | None) -> str:
+    """median [min-max] of a phase's repeats, in ms (the median alone for a single run)."""
     if not t:
         return "-"
-    return f"{t['median'] * 1e3:.1f} [{t['min'] * 1e3:.0f}-{t['max'] * 1e3:.0f}]"
+    if t.get("n", 2) < 2:
+        return _t(t["median"])
+    return f"{_t(t['median'])} [{_t(t['min'])}-{_t(t['max'])}]"
 
 
 def _mb(nbytes: float) -> str:
@@ -980,8 +989,14 @@ def _num(x, fmt) -> str:
     return "-" if x is None else format(x, fmt)
 
 
-TABLE_COLUMNS = ("provider", "fwd ms", "bwd ms", "step ms [min-max]", "no-grad fwd ms",
-                 "peak extra MB", "GB/s", "x bound", "x naive")
+def _gbs(bps: float | None) -> str:
+    return "-" if not bps else f"{bps / 1e9:.1f}"
+
+
+TABLE_COLUMNS = ("provider", "fwd ms", "bwd ms", "step ms [min-max]", "no-grad fwd ms [min-max]", "peak extra MB", "GB/s",
+                 "bound ms", "x bound", "x naive")
+# in the x bound column: a phase of this row ran faster than its bound (a calibration error)
+BELOW_BOUND_MARK = " !"
 
 
 def table_rows(results: list) -> list:
@@ -993,11 +1008,14 @@ def table_rows(results: list) -> list:
         t, mem = r.get("time_s") or {}, r.get("mem_bytes") or {}
         peak = mem.get("step", mem.get("fwd_nograd"))
         phase = "step" if t.get("step") else "fwd_nograd"
+        bound = (r.get("bound_s") or {}).get(phase)
+        xb = _num(r.get("x_bound", {}).get(phase), ".2f")
+        if r.get("calibration_error"):
+            xb += BELOW_BOUND_MARK
         rows.append([
-            r["provider"], _ms(t.get("fwd")), _ms(t.get("bwd")), _spread(t.get("step")),
-            _ms(t.get("fwd_nograd")), _num(None if peak is None else peak / 1e6, ".0f"),
-            _num(r.get("gbps", {}).get(phase), ".1f"),
-            _num(r.get("x_bound", {}).get(phase), ".2f"),
+            r["provider"], _median(t.get("fwd")), _median(t.get("bwd")), _spread(t.get("step")),
+            _spread(t.get("fwd_nograd")), _num(None if peak is None else peak / 1e6, ".0f"),
+            _num(r.get("gbps", {}).get(phase), ".1f"), "-" if bound is None else _t(bound), xb,
             _num(r.get("x_naive", {}).get(phase), ".2f"),
         ])
     return rows
@@ -1023,46 +1041,66 @@ def format_table(rows: list, columns=TABLE_COLUMNS, markdown=False) -> str:
     return "\n".join(lines)
 
 
-def group_header(op: OpSpec, shape: dict, dtype: str, res: list, calib: dict) -> str:
-    d = DTYPES[dtype]
-    main = op.main_bytes(shape, d)
-    any_r = next((r for r in res if r.get("bound_s")), None)
+def group_header(op: OpSpec, shape: dict, dtype: str, res: list) -> str:
+    """The (shape, dtype) line above a table, with the bound's phases and what sets them."""
+    main = op.main_bytes(shape, DTYPES[dtype])
     head = (f"{op.name}  {shape_label(shape)}  {dtype}  (tokens={op.tokens(shape)}, "
             f"vocab={op.vocab(shape)}, logits {_mb(main)}")
-    if any_r:
-        head += (f"; bound: step {any_r['bound_s']['step'] * 1e3:.3g} ms = "
-                 f"{_mb(any_r['bytes_moved']['step'])} at {calib['copy_Bps'] / 1e9:.1f} GB/s")
+    parts = []
+    for inplace, what in ((True, "in place"), (False, "fresh gradient")):
+        r = next((r for r in res if r.get("bound_s") and r["bound_s"]["bwd"] is not None
+                  and r["bound_pattern"].startswith("in place") == inplace), None)
+        if r is not None:
+            b, lim = r["bound_s"], {p: r["bound_terms"][p]["limit"] for p in ("fwd", "bwd")}
+            parts.append(f"{what} {_t(b['step'])} = fwd {_t(b['fwd'])} ({lim['fwd']}) + bwd {_t(b['bwd'])}"
+                         f" ({lim['bwd']})")
+    if parts:
+        head += "; step bound ms: " + ", ".join(parts)
     return head + ")"
+
+
+def calibration_lines(cal: dict) -> list:
+    """What the bound was calibrated with, one line per buffer size and compute ceiling."""
+    out = []
+    for c in cal.get("memory", []):
+        m = c.get("methods", {})
+        out.append(f"Bound calibration on {_mb(c['nbytes'])} buffers{' (capped)' if c.get('capped') else ''}, best of"
+                   f" the repeats: read-only {_gbs(c['read_Bps'])} GB/s ({m.get('read')}), in-place read-modify-write"
+                   f" {_gbs(c['rmw_Bps'])} ({m.get('rmw')}), copy into mapped memory {_gbs(c['copy_Bps'])}"
+                   f" ({m.get('copy')}), write-only {_gbs(c['write_Bps'])} ({m.get('write')}), copy into fresh"
+                   f" memory {_gbs(c['fresh_copy_Bps'])} ({m.get('fresh_copy')}) (read + write counted in rmw and the"
+                   f" copies);"
+                   f" {c.get('first_touch_note', 'no first-touch term')}.")
+    e = cal.get("exp")
+    if e is not None:
+        out.append(f"Exp ceiling: {e['exp_per_s'] / 1e9:.2f} Gexp/s ({e['method']}, {e['threads']} threads)"
+                   if "exp_per_s" in e else f"Exp ceiling: none, {e.get('error')}")
+    for g in cal.get("gemm", []):
+        out.append(f"GEMM: {g['dtype']} {g['flops_per_s'] / 1e12:.2f} TFLOP/s ({g['size']}^3)")
+    return out
 
 
 def report_text(doc: dict, op: OpSpec, markdown: bool = False) -> str:
     """The terminal (or markdown) table, one block per (shape, dtype), then the notes."""
-    calib_by_size = {c["for_main_bytes"]: c for c in doc["calibration"]["copy"]}
     groups: dict = {}
     for r in doc["results"]:
         groups.setdefault((json.dumps(r["shape"]), r["dtype"]), []).append(r)
     out = []
     for (shape_s, dtype), res in groups.items():
-        shape = json.loads(shape_s)
-        calib = calib_by_size.get(op.main_bytes(shape, DTYPES[dtype]))
-        head = group_header(op, shape, dtype, res, calib) if calib else f"{op.name} {shape_label(shape)} {dtype}"
+        head = group_header(op, json.loads(shape_s), dtype, res)
         out.append(("**" + head + "**") if markdown else head)
         out.append(format_table(table_rows(res), markdown=markdown))
         out.append("")
-    out.append("Columns: medians; step = fwd + bwd timed together; GB/s, x bound and x naive are for the step"
-               " (for forward-only providers: the no-grad forward). x bound = time / bound (1.0 = at the"
-               " machine's bound; lower is better). x naive = reference time / time (higher is better;"
-               f" reference: {', '.join(op.reference)}). peak extra = peak memory of a step above the inputs.")
-    for c in doc["calibration"]["copy"]:
-        thp = c.get("fresh_copy_Bps_thp")
-        thp_s = f" ({thp / 1e9:.1f} GB/s with THP_MEM_ALLOC_ENABLE=1)" if thp else ""
-        out.append(f"Bound: copy bandwidth {c['copy_Bps'] / 1e9:.1f} GB/s measured on {_mb(c['nbytes'])}"
-                   f" buffers already mapped (best of the repeats). First-touch page faults are NOT in the bound:"
-                   f" copying into a freshly allocated buffer ran at {c['fresh_copy_Bps'] / 1e9:.1f} GB/s{thp_s};"
-                   f" 'x_bound_alloc' in the JSON charges a fresh (not in-place) gradient's first touch at the"
-                   f" better of these rates.")
-    for g in doc["calibration"].get("gemm", []):
-        out.append(f"GEMM: {g['dtype']} {g['flops_per_s'] / 1e12:.2f} TFLOP/s ({g['size']}^3)")
+    out.append("Columns: medians ([min-max]: the fastest and slowest repeat); step = fwd + bwd timed together; GB/s, bound, x bound"
+               " and x naive are for the step (for forward-only providers: the no-grad forward). bound = the"
+               " least time this machine allows for what the provider does (in place: read-modify-write; a"
+               " fresh gradient: copy into other memory plus its first touch), per phase the larger of the"
+               " memory time and the exp ceiling. x bound = median / bound (1.0 = at the bound; lower is"
+               f" better; '{BELOW_BOUND_MARK.strip()}' = a phase ran below its bound: a calibration error, see"
+               " below). x naive = reference median / median (higher is better; reference:"
+               f" {', '.join(op.reference)}). peak extra = peak memory of a step above the inputs.")
+    out += calibration_lines(doc["calibration"])
+    out += doc.get("calibration_errors", [])
     for n in doc["notes"]:
         out.append(f"Note: {n}")
     return "\n".join(out)
@@ -1295,23 +1333,76 @@ def new_result(op: OpSpec, prov: Provider, case: Case, **kw) -> dict:
 
 _CALIBRATION_CACHE: dict = {}
 
+CALIBRATION_NOTE = (
+    "bound per phase = max(memory, exp, gemm): memory = read / read_Bps + rw / (rmw_Bps in place,"
+    " copy_Bps otherwise) + write / write_Bps, plus for a fresh gradient its first touch at"
+    " fresh_copy_Bps; exp = exps / exp_per_s; gemm = flops / flops_per_s. step = fwd + bwd,"
+    " fwd_nograd = fwd. Rates are the best of the repeats (and of the rounds before and after"
+    " the jobs). A phase whose fastest run is below its bound is listed in calibration_errors.")
 
-def calibrate_copy(main: int, device: str, *, dry_run: bool, quick: bool) -> dict:
-    """The copy-bandwidth calibration for a logits size ``main`` (cached per process, so the
-    ops of one ``--op all`` run share it; each op's document gets its own copy)."""
-    size = min(main, CALIBRATION_CAP_BYTES)
+
+def calibration_bytes(main: int, avail: int | None) -> int:
+    """Size of the calibration buffers: the op's main tensor, unless three of them (copy
+    source, destination, a fresh one) would not fit; far beyond the caches a smaller buffer
+    measures the same rates or higher ones, so the bound stays a lower bound."""
+    cap = CALIBRATION_CAP_BYTES if avail is None else min(CALIBRATION_CAP_BYTES, avail // 4)
+    return max(1, min(main, cap))
+
+
+def _memory_settings(dry_run: bool, quick: bool) -> dict:
+    """Calibration effort: at least 5 repeats of each candidate, more while under min_time."""
+    return dict(repeats=5 if not dry_run else 3, min_time=0.05 if dry_run else (0.1 if quick else 0.6))
+
+
+def pooled(calib: dict, device: str) -> dict:
+    """``calib`` (keyed by main-tensor size) with the rates of this process's other
+    calibrations far beyond the caches pooled in (calibration.pool_dram_rates)."""
+    others = [c for k, c in _CALIBRATION_CACHE.items() if isinstance(k[0], int) and k[1] == device
+              and c["nbytes"] not in {x["nbytes"] for x in calib.values()}]
+    mine = list(calib.values())
+    merged = pool_dram_rates(mine + others, last_level_cache_bytes())[:len(mine)]
+    return dict(zip(calib, merged))
+
+
+def calibrate_memory(main: int, device: str, *, dry_run: bool, quick: bool, avail: int | None = None) -> dict:
+    """The memory calibration for a main-tensor size ``main`` (cached per process, so the ops
+    of one ``--op all`` run share it; each op's document gets its own copy)."""
+    size = calibration_bytes(main, avail)
     key = (size, device, dry_run, quick)
     if key not in _CALIBRATION_CACHE:
-        c = copy_bandwidth(size, device, repeats=3 if (dry_run or quick) else 5,
-                           min_time=0.05 if dry_run else (0.15 if quick else 0.5))
+        c = memory_rates(size, device, **_memory_settings(dry_run, quick))
         c["capped"] = size < main
-        c["device"] = device
-        # the huge-page rate needs a subprocess: not worth its start-up in --quick
-        thp = None if (dry_run or quick or device != "cpu") else fresh_copy_thp(size)
-        c["fresh_copy_Bps_thp"] = thp
-        c["fresh_bound_Bps"] = max(c["fresh_copy_Bps"], thp or 0.0)
+        c["first_touch_min_bytes"], c["first_touch_note"] = first_touch_min_bytes(device)
         _CALIBRATION_CACHE[key] = c
     return dict(_CALIBRATION_CACHE[key], for_main_bytes=main)
+
+
+def recalibrate_memory(c: dict, *, dry_run: bool, quick: bool) -> dict:
+    """The calibration ``c`` measured once more and merged (best of both rounds): a shared
+    machine can make one window unlucky. Once per buffer size and process."""
+    key = (c["nbytes"], c["device"], dry_run, quick)
+    cached = _CALIBRATION_CACHE.get(key, c)
+    if len(cached.get("rounds", {}).get("read_Bps", [])) < 2:
+        again = memory_rates(c["nbytes"], c["device"], **_memory_settings(dry_run, quick))
+        cached = merge_best(cached, again)
+        _CALIBRATION_CACHE[key] = cached
+    return dict(cached, for_main_bytes=c["for_main_bytes"])
+
+
+def calibrate_exp(device: str, *, dry_run: bool, quick: bool, again: bool = False) -> dict:
+    """The exp ceiling (calibration.exp_rate), cached per process; ``again``: measure once
+    more and keep the better rate."""
+    key = ("exp", device, dry_run, quick)
+    kw = dict(repeats=3 if dry_run else 5, min_time=0.02 if dry_run else (0.1 if quick else 0.3))
+    if key not in _CALIBRATION_CACHE:
+        _CALIBRATION_CACHE[key] = exp_rate(device, **kw)
+    elif again and len(_CALIBRATION_CACHE[key].get("rounds", [])) < 2:
+        e, e2 = _CALIBRATION_CACHE[key], exp_rate(device, **kw)
+        if "exp_per_s" in e and "exp_per_s" in e2:
+            rounds = [e["exp_per_s"], e2["exp_per_s"]]
+            _CALIBRATION_CACHE[key] = dict(e2 if e2["exp_per_s"] > e["exp_per_s"] else e,
+                                           exp_per_s=max(rounds), rounds=rounds)
+    return dict(_CALIBRATION_CACHE[key])
 
 
 def calibrate_gemm(dtype: str, device: str, *, dry_run: bool, quick: bool) -> dict:
@@ -1371,17 +1462,17 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
                          per=jobs_per if jobs_per in ("provider", "op") else "shape")
 
     # calibration, before any job, once per distinct logits size
-    calib_list, calib = [], {}
+    calib = {}
     gemm_list, gemm = [], {}
     for shape in shapes:
         for dt in dtypes:
             main = op.main_bytes(shape, DTYPES[dt])
             if main not in calib:
-                calib[main] = calibrate_copy(main, device, dry_run=dry_run, quick=quick)
-                calib_list.append(calib[main])
+                calib[main] = calibrate_memory(main, device, dry_run=dry_run, quick=quick, avail=avail)
             if op.flops is not None and dt not in gemm:
                 gemm[dt] = calibrate_gemm(dt, device, dry_run=dry_run, quick=quick)
                 gemm_list.append(gemm[dt])
+    exp = calibrate_exp(device, dry_run=dry_run, quick=quick) if op.exps is not None else None
     gc.collect()
     _malloc_trim()
 
@@ -1408,27 +1499,23 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
         bar.finish(label, time.perf_counter() - t0)
     bar.close()
 
-    # the copy test again after the jobs: on a shared machine one window can be unlucky, and
-    # the bound takes the best rate seen (the first-touch rate too); not in --quick (seconds)
-    # (once per size and process: with --op all the later ops reuse the updated figures)
-    if not dry_run and not quick and jobs:
-        for c in calib_list:
-            key = (min(c["for_main_bytes"], CALIBRATION_CAP_BYTES), device, False, False)
-            cached = _CALIBRATION_CACHE[key]
-            if "copy_Bps_runs" not in cached:
-                c2 = copy_bandwidth(c["nbytes"], device, repeats=5, min_time=0.5)
-                cached["copy_Bps_runs"] = [cached["copy_Bps"], c2["copy_Bps"]]
-                cached["copy_Bps"] = max(cached["copy_Bps_runs"])
-                cached["fresh_copy_Bps"] = max(cached["fresh_copy_Bps"], c2["fresh_copy_Bps"])
-                cached["fresh_bound_Bps"] = max(cached["fresh_bound_Bps"], cached["fresh_copy_Bps"])
-            c.update({k: v for k, v in cached.items() if k != "for_main_bytes"})
+    # the calibration again after the jobs: on a shared machine one window can be unlucky,
+    # and the bound takes the best rate seen (once per size and process: with --op all the
+    # later ops reuse the merged figures); not in a dry run, which times nothing
+    if not dry_run and jobs:
+        calib = {m: recalibrate_memory(c, dry_run=dry_run, quick=quick) for m, c in calib.items()}
+        if exp is not None:
+            exp = calibrate_exp(device, dry_run=dry_run, quick=quick, again=True)
         gc.collect()
         _malloc_trim()
+    calib = pooled(calib, device)
+    exp_ok = exp if exp and "exp_per_s" in exp else None
     for r in results:
         if r.get("status") == "ok":
             prov, d = op.provider(r["provider"]), DTYPES[r["dtype"]]
             derive(r, op, r["shape"], d, calib[op.main_bytes(r["shape"], d)], gemm.get(r["dtype"]),
-                   allocates=not prov.mutates)
+                   inplace=bool(prov.mutates), exp=exp_ok, grad_in_forward=prov.grad_in_forward)
+    cal_errors = calibration_error_notes(results)
 
     # table order: shapes as given, dtypes as given, providers in table order
     order_p = {p.name: i for i, p in enumerate(op.providers)}
@@ -1446,10 +1533,9 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
         "settings": {**settings, "subprocess_per_job": jobs_per != "inline", "jobs_per": jobs_per,
                      "mem_cap_bytes": mem_cap, "dtypes": dtypes,
                      "shapes": [dict(s) for s in shapes]},
-        "calibration": {"copy": calib_list, "gemm": gemm_list,
-                        "note": "bound = max(bytes_moved / copy_Bps, flops / flops_per_s); copy_Bps is"
-                                " measured on buffers already mapped, so page faults on first touch are"
-                                " not in the bound (see bound_alloc_s / x_bound_alloc)"},
+        "calibration": {"memory": list(calib.values()), "exp": exp, "gemm": gemm_list,
+                        "note": CALIBRATION_NOTE},
+        "calibration_errors": cal_errors,
         "providers": prov_table,
         "notes": notes,
         "results": results,

@@ -40,7 +40,7 @@ def test_step(benchmark, op_name, provider, shape_name, dtype):
     runner = runner_for(op, provider, shape_name, dtype)
     try:
         benchmark.extra_info.update(H.bytes_by_phase(op, runner.case.shape_dict, runner.case.torch_dtype))
-        benchmark.pedantic(runner.step, setup=runner.prepare, rounds=3, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(runner.step, setup=runner.prepare, rounds=5, warmup_rounds=1, iterations=1)
     finally:
         runner.close()
 
@@ -52,6 +52,6 @@ def test_fwd_nograd(benchmark, op_name, provider, shape_name, dtype):
     runner = runner_for(op, provider, shape_name, dtype, grad=False)
     try:
         benchmark.extra_info.update(H.bytes_by_phase(op, runner.case.shape_dict, runner.case.torch_dtype))
-        benchmark.pedantic(runner.forward_nograd, setup=runner.prepare, rounds=3, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(runner.forward_nograd, setup=runner.prepare, rounds=5, warmup_rounds=1, iterations=1)
     finally:
         runner.close()

@@ -52,42 +52,179 @@ def test_token_logprobs_bytes_moved(dtype, itemsize):
     assert b["bwd"] == 2 * s + small  # one read + one write of the gradient
     assert b["step"] == b["fwd"] + b["bwd"]
     assert b["fwd_nograd"] == b["fwd"]
+    # split by access pattern: the forward only reads, the backward's gradient is read + written
+    t = H.traffic_by_phase(TL.OP, shape, dtype)
+    assert t["fwd"] == {"read": s + small, "rw": 0, "write": 0}
+    assert t["bwd"] == {"read": small, "rw": 2 * s, "write": 0}
+    assert H.exps_by_phase(TL.OP, shape, dtype) == {"fwd": n * 128256, "bwd": n * 128256,
+                                                    "step": 2 * n * 128256, "fwd_nograd": n * 128256}
 
 
-def test_bound_is_bytes_over_bandwidth_or_compute():
-    assert H.bound_seconds(3e9, 25e9) == pytest.approx(0.12)
-    # the larger of the memory and compute times
-    assert H.bound_seconds(1e9, 10e9, flops=1e12, flops_per_s=1e12) == pytest.approx(1.0)
-    assert H.bound_seconds(1e9, 1e9, flops=1e9, flops_per_s=1e12) == pytest.approx(1.0)
+# synthetic calibration: bytes moved per second of each pattern (rmw / copy count read + write)
+RATES = {"read_Bps": 40e9, "rmw_Bps": 30e9, "copy_Bps": 20e9, "write_Bps": 50e9, "fresh_copy_Bps": 5e9,
+         "first_touch_min_bytes": 32 << 20}
 
 
-def test_derive_metrics():
+def test_phase_bound_charges_each_pattern_at_its_rate():
+    t = {"read": 4e9, "rw": 6e9, "write": 1e9}
+    inplace = H.phase_bound(t, RATES, inplace=True)
+    assert inplace["memory_s"] == pytest.approx(4e9 / 40e9 + 6e9 / 30e9 + 1e9 / 50e9)
+    assert inplace["bound_s"] == inplace["warm_s"] == inplace["memory_s"] and inplace["limit"] == "memory"
+    # a fresh gradient: the rw part at the copy rate, plus the first touch of what it allocates
+    fresh = H.phase_bound(t, RATES, inplace=False, alloc=3e9)
+    warm = 4e9 / 40e9 + 6e9 / 20e9 + 1e9 / 50e9
+    touch = 3e9 * (2 / 5e9 - 2 / 20e9)  # the fresh copy's extra time over the warm one
+    assert fresh["warm_s"] == pytest.approx(warm)
+    assert fresh["first_touch_s"] == pytest.approx(touch)
+    assert fresh["bound_s"] == pytest.approx(warm + touch)
+    # in place never allocates; allocations below the mmap threshold can come back mapped
+    assert H.phase_bound(t, RATES, inplace=True, alloc=3e9)["first_touch_s"] == 0.0
+    assert H.phase_bound(t, RATES, inplace=False, alloc=(32 << 20) - 1)["first_touch_s"] == 0.0
+    assert H.phase_bound(t, dict(RATES, first_touch_min_bytes=None), inplace=False, alloc=3e9)["first_touch_s"] == 0.0
+    # a plain number is all read (the fastest pattern); unknown parts are an error
+    assert H.phase_bound(1e9, RATES, inplace=False)["bound_s"] == pytest.approx(1e9 / 40e9)
+    with pytest.raises(ValueError, match="unknown traffic parts"):
+        H.traffic_parts({"read": 1, "reads": 2})
+
+
+def test_phase_bound_is_the_largest_of_memory_exp_and_gemm():
+    t = {"read": 4e9}  # 0.1 s at 40 GB/s
+    assert H.phase_bound(t, RATES, inplace=True, exps=1e9, exp_per_s=20e9)["limit"] == "memory"
+    b = H.phase_bound(t, RATES, inplace=True, exps=4e9, exp_per_s=20e9)
+    assert b["limit"] == "exp" and b["bound_s"] == pytest.approx(0.2) and b["memory_s"] == pytest.approx(0.1)
+    b = H.phase_bound(t, RATES, inplace=True, exps=4e9, exp_per_s=20e9, flops=1e12, flops_per_s=2e12)
+    assert b["limit"] == "gemm" and b["bound_s"] == pytest.approx(0.5)
+    # no measured ceiling: memory only
+    assert H.phase_bound(t, RATES, inplace=True, exps=4e9, exp_per_s=None)["bound_s"] == pytest.approx(0.1)
+
+
+def _timed(fwd, bwd, step, nograd=None):
+    return {"time_s": {"fwd": H.summarize(fwd), "bwd": H.summarize(bwd), "step": H.summarize(step),
+                       "fwd_nograd": H.summarize(nograd or [])}}
+
+
+def test_derive_uses_the_providers_pattern():
+    shape = TL.make_shape(2048, 32000)  # fp32 logits: 262 MB, above the first-touch threshold
+    d = torch.float32
+    s, small = TL.main_bytes(shape, d), 2048 * 12
+    fwd = (s + small) / 40e9
+    bwd_inplace = small / 40e9 + 2 * s / 30e9
+    bwd_fresh = small / 40e9 + 2 * s / 20e9 + s * (2 / 5e9 - 2 / 20e9)
+    r = _timed([fwd * 4], [bwd_inplace * 2], [3 * (fwd + bwd_inplace), 2 * (fwd + bwd_inplace)])
+    H.derive(r, TL.OP, shape, d, RATES, inplace=True)
+    assert r["bound_s"]["fwd"] == pytest.approx(fwd) and r["bound_s"]["bwd"] == pytest.approx(bwd_inplace)
+    assert r["bound_s"]["step"] == pytest.approx(fwd + bwd_inplace) and r["bound_s"]["fwd_nograd"] == r["bound_s"]["fwd"]
+    assert r["x_bound"]["step"] == pytest.approx(2.5) and r["x_bound"]["fwd"] == pytest.approx(4.0)
+    assert r["gbps"]["step"] == pytest.approx(r["bytes_moved"]["step"] / (2.5 * (fwd + bwd_inplace)) / 1e9)
+    assert "fwd_nograd" not in r["x_bound"] and r["calibration_error"] == {}
+    assert r["bound_terms"]["bwd"]["limit"] == "memory" and "in place" in r["bound_pattern"]
+    # the same times against a fresh gradient's bound: copy rate plus first touch, backward only
+    H.derive(r, TL.OP, shape, d, RATES, inplace=False)
+    assert r["bound_s"]["fwd"] == pytest.approx(fwd) and r["bound_s"]["bwd"] == pytest.approx(bwd_fresh)
+    assert r["bound_warm_s"]["bwd"] == pytest.approx(bwd_fresh - s * (2 / 5e9 - 2 / 20e9))
+    assert r["x_bound_warm"]["step"] > r["x_bound"]["step"]
+    # the exp ceiling: one exp per logit forward and backward
+    exps = 2048 * 32000
+    H.derive(r, TL.OP, shape, d, RATES, inplace=True, exp={"exp_per_s": exps / (2 * fwd)})
+    assert r["bound_s"]["fwd"] == pytest.approx(2 * fwd) and r["bound_terms"]["fwd"]["limit"] == "exp"
+    assert r["exps"]["step"] == 2 * exps
+    # a provider computing its gradient in the forward: no backward bound, so no bwd ratio
+    # nor flag (its bwd is far below bwd_inplace here), the step keeps the whole work
+    r["time_s"]["bwd"] = H.summarize([bwd_inplace * 0.1])
+    H.derive(r, TL.OP, shape, d, RATES, inplace=True, grad_in_forward=True)
+    assert r["bound_s"]["bwd"] is None and "bwd" not in r["x_bound"] and r["calibration_error"] == {}
+    assert r["bound_s"]["step"] == pytest.approx(fwd + bwd_inplace)
+
+
+def test_a_time_below_the_bound_is_flagged_as_a_calibration_error(tmp_path):
+    """A run faster than a lower bound is reported as a calibration error in the JSON, the
+    table (marker) and the notes, never as a speed."""
     shape = TL.make_shape(2048, 32000)
     d = torch.float32
-    b = H.bytes_by_phase(TL.OP, shape, d)
-    calib = {"copy_Bps": 20e9, "fresh_copy_Bps": 5e9}
-    bound_step = b["step"] / 20e9
-    r = {"time_s": {"fwd": H.summarize([b["fwd"] / 20e9 * 4]), "bwd": None,
-                    "step": H.summarize([bound_step * 2, bound_step * 3, bound_step * 2.5]),
-                    "fwd_nograd": None}}
-    H.derive(r, TL.OP, shape, d, calib, None)
-    assert r["bytes_moved"] == b
-    assert r["bound_s"]["step"] == pytest.approx(bound_step)
-    assert r["x_bound"]["step"] == pytest.approx(2.5)
-    assert r["x_bound"]["fwd"] == pytest.approx(4.0)
-    assert r["gbps"]["step"] == pytest.approx(20 / 2.5)
-    assert "bwd" not in r["x_bound"]
-    # first touch of the fresh gradient: extra (1/fresh - 1/warm) * 2 seconds per byte
-    alloc = TL.main_bytes(shape, d)
-    extra = alloc * 2 * (1 / 5e9 - 1 / 20e9)
-    assert r["bound_alloc_s"]["step"] == pytest.approx(bound_step + extra)
-    assert r["bound_alloc_s"]["fwd"] == pytest.approx(r["bound_s"]["fwd"])
-    assert r["x_bound_alloc"]["step"] < r["x_bound"]["step"]
-    # the better fresh rate (huge pages) is used when calibrated; in-place: no first touch
-    H.derive(r, TL.OP, shape, d, dict(calib, fresh_bound_Bps=10e9), None)
-    assert r["bound_alloc_s"]["step"] == pytest.approx(bound_step + alloc * 2 * (1 / 10e9 - 1 / 20e9))
-    H.derive(r, TL.OP, shape, d, calib, None, allocates=False)
-    assert r["bound_alloc_s"] == r["bound_s"]
+    H.derive(probe := _timed([1.0], [1.0], [1.0]), TL.OP, shape, d, RATES, inplace=True)
+    b = probe["bound_s"]
+    # bwd's fastest repeat beats its bound; its median does not
+    fast = _timed([b["fwd"] * 1.5] * 5, [b["bwd"] * 0.9] + [b["bwd"] * 1.2] * 4,
+                  [b["step"] * 1.3] * 5, [b["fwd"] * 1.5] * 5)
+    slow = _timed([b["fwd"] * 1.5] * 5, [b["bwd"] * 1.1] * 5, [b["step"] * 1.3] * 5, [b["fwd"] * 1.5] * 5)
+    base = {"kind": "ours", "shape": shape, "tokens": 2048, "vocab": 32000, "dtype": "fp32", "device": "cpu",
+            "status": "ok", "mem_bytes": {"step": 0}, "mem_method": "x", "x_naive": {}}
+    results = [dict(base, provider="fast", **fast), dict(base, provider="slow", **slow)]
+    for r in results:
+        H.derive(r, TL.OP, shape, d, RATES, inplace=True)
+    assert results[0]["calibration_error"] == {"bwd": pytest.approx(0.9)}
+    assert results[1]["calibration_error"] == {}
+    notes = H.calibration_error_notes(results)
+    assert len(notes) == 1 and "CALIBRATION ERROR" in notes[0] and "fast" in notes[0] and "bwd" in notes[0]
+    rows = {r[0]: r for r in H.table_rows(results)}
+    col = H.TABLE_COLUMNS.index("x bound")
+    assert rows["fast"][col].endswith(H.BELOW_BOUND_MARK) and not rows["slow"][col].endswith(H.BELOW_BOUND_MARK)
+    doc = {"schema": H.SCHEMA, "op": "tiny", "preset": "quick", "created": "t",
+           "machine": {"device": "cpu", "torch": "2", "cpu_count": 2, "torch_threads": 2}, "settings": {},
+           "calibration": {"memory": [dict(RATES, nbytes=1, for_main_bytes=1)], "exp": None, "gemm": []},
+           "calibration_errors": notes, "providers": [], "notes": [], "results": results}
+    assert H.validate_doc(doc) == []
+    text = H.report_text(doc, TL.OP)
+    assert notes[0] in text and H.BELOW_BOUND_MARK.strip() in text
+
+
+def test_every_timed_preset_takes_at_least_five_repeats():
+    for name, st in H.PRESET_SETTINGS.items():
+        if name != "dry-run":
+            assert st["min_repeats"] >= 5 and st["repeats"] >= st["min_repeats"], name
+    # the loop honours min_repeats even with no time budget left
+    runner_settings = dict(H.PRESET_SETTINGS["quick"], dry_run=False)
+    res = H.measure_case(_tiny_op(), _tiny_op().providers[0], H.Case.make(TL.make_shape(8, 50), "fp32", "cpu"),
+                         runner_settings)
+    assert res["time_s"]["step"]["n"] == 5 and res["time_s"]["fwd_nograd"]["n"] == 5
+
+
+def test_merge_best_keeps_the_better_rate_of_each_pattern():
+    a = {"read_Bps": 10.0, "copy_Bps": 5.0, "methods": {"read": "sum", "copy": "copy_"}}
+    b = {"read_Bps": 8.0, "copy_Bps": 7.0, "methods": {"read": "amax", "copy": "memmove"}}
+    m = H.merge_best(a, b)
+    assert (m["read_Bps"], m["copy_Bps"]) == (10.0, 7.0)
+    assert m["methods"] == {"read": "sum", "copy": "memmove"}
+    assert m["rounds"]["copy_Bps"] == [5.0, 7.0] and a["copy_Bps"] == 5.0  # a is not modified
+
+
+def test_rates_of_buffers_beyond_the_caches_are_pooled():
+    llc = 32 << 20
+    small = {"nbytes": 8 << 20, "read_Bps": 100e9, "copy_Bps": 90e9}  # in cache: its own rates
+    a = {"nbytes": 512 << 20, "read_Bps": 40e9, "copy_Bps": 20e9, "methods": {"read": "sum", "copy": "copy_"}}
+    b = {"nbytes": 1 << 30, "read_Bps": 30e9, "copy_Bps": 25e9, "methods": {"read": "sum", "copy": "memmove"}}
+    ps, pa, pb = H.pool_dram_rates([small, a, b], llc)
+    assert ps is small
+    assert (pa["read_Bps"], pa["copy_Bps"]) == (40e9, 25e9) and (pb["read_Bps"], pb["copy_Bps"]) == (40e9, 25e9)
+    assert "memmove" in pa["methods"]["copy"] and pb["methods"]["copy"] == "memmove"
+    assert pa["pooled_with"] == [1 << 30] and b["read_Bps"] == 30e9  # inputs unchanged
+    assert H.pool_dram_rates([small, a], llc)[1] is a  # nothing to pool with
+
+
+def test_first_touch_is_charged_only_where_malloc_maps_fresh_memory(monkeypatch):
+    from benchmarks import calibration as C
+
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(k, raising=False)
+    import platform
+    floor, _ = C.first_touch_min_bytes("cpu")
+    assert floor == (C.GLIBC_MMAP_THRESHOLD_MAX if platform.libc_ver()[0] == "glibc" else None)
+    assert C.first_touch_min_bytes("cuda")[0] is None
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4294967296")
+    assert C.first_touch_min_bytes("cpu")[0] is None
+
+
+def test_logits_layout_counts_only_labelled_rows():
+    """Rows with an ignored label need no read and no exp: only their zero gradient is written."""
+    from benchmarks import bench_support as S
+
+    lay = S.LogitsLayout(batch=4, prompt=0.25, ref_logits=True, small_per_token=8)
+    shape = lay.make_shape(64, 100)  # T = 16: 4 rows per sequence ignored
+    row, ign, act = 100 * 2, 16, 48
+    b = lay.bytes_moved(shape, torch.bfloat16)
+    assert b["fwd"] == {"read": 2 * act * row + 64 * 8}
+    assert b["bwd"] == {"read": act * row + 64 * 8, "rw": 2 * act * row, "write": ign * row}
+    assert lay.exps(shape, torch.bfloat16) == {"fwd": 2 * act * 100, "bwd": act * 100}
 
 
 def test_summarize_and_speedups():
@@ -109,13 +246,19 @@ def test_summarize_and_speedups():
     assert "x_naive" not in rs[2]
 
 
-def test_copy_bandwidth_and_gemm_calibration():
-    c = H.copy_bandwidth(1 << 20, "cpu", repeats=2, min_time=0.0)
-    assert c["nbytes"] == 1 << 20 and c["bytes_per_copy"] == 2 << 20
-    assert c["copy_Bps"] >= c["copy_Bps_median"] > 0
-    assert c["fresh_copy_Bps"] > 0
+def test_calibration_measures_every_pattern():
+    c = H.memory_rates(1 << 20, "cpu", repeats=2, min_time=0.0)
+    assert c["nbytes"] == 1 << 20
+    for pat in H.MEMORY_PATTERNS:
+        assert c[f"{pat}_Bps"] >= c[f"{pat}_Bps_median"] > 0, pat
+    assert set(c["methods"]) == set(H.MEMORY_PATTERNS)
     g = H.gemm_throughput(torch.float32, "cpu", size=64, repeats=2)
     assert g["flops_per_s"] >= g["flops_per_s_median"] > 0
+    e = H.exp_rate("cpu", repeats=2, min_time=0.0)
+    if "error" in e:  # no C compiler here: the bound is memory only, and says so
+        assert "memory only" in e["error"]
+    else:
+        assert e["exp_per_s"] >= e["exp_per_s_median"] > 0 and e["threads"] == torch.get_num_threads()
 
 
 def test_memprobe_sees_a_touched_allocation():
@@ -223,7 +366,8 @@ def test_validate_doc_catches_problems():
     assert H.validate_doc({"schema": "x"})  # many missing keys
     doc = {"schema": H.SCHEMA, "op": "o", "preset": "p", "created": "t",
            "machine": {"device": "cpu", "torch": "2", "cpu_count": 2, "torch_threads": 2},
-           "settings": {}, "calibration": {"copy": [], "gemm": []}, "providers": [], "notes": [],
+           "settings": {}, "calibration": {"memory": [], "exp": None, "gemm": []}, "calibration_errors": [],
+           "providers": [], "notes": [],
            "results": [{"provider": "a", "kind": "baseline", "shape": {}, "tokens": 1, "vocab": 1,
                         "dtype": "fp32", "device": "cpu", "status": "weird"}]}
     errs = H.validate_doc(doc)
@@ -240,18 +384,24 @@ def _op(name):
     return H.load_op(OPS[name])
 
 
-@pytest.mark.parametrize("name,k,small", [("sequence_logprobs", 1, 8), ("sequence_logprobs_packed", 1, 8),
-                                          ("dpo", 1, 8), ("ppo_loss_k1", 1, 24), ("ppo_loss_full_kl", 2, 24)])
-def test_logits_ops_bytes_moved(name, k, small):
-    """k logits tensors read forward; read again plus one gradient written backward."""
+@pytest.mark.parametrize("name,k,small,prompt", [("sequence_logprobs", 1, 8, 0.25), ("sequence_logprobs_packed", 1, 8, 0.25),
+                                                 ("dpo", 1, 8, 0.25), ("ppo_loss_k1", 1, 24, 0.125),
+                                                 ("ppo_loss_full_kl", 2, 24, 0.125)])
+def test_logits_ops_bytes_moved(name, k, small, prompt):
+    """k logits tensors read forward; read again plus one gradient written backward; the
+    prompt rows (ignored labels) only get their zero gradient written."""
     op = _op(name)
     shape = op.make_shape(4096, 128256)
     n, s = 4096, 4096 * 128256 * 2
     assert op.main_bytes(shape, torch.bfloat16) == s
+    ign = int(s * prompt)  # the prompt fraction of every sequence
     b = H.bytes_by_phase(op, shape, torch.bfloat16)
-    assert b["fwd"] == k * s + n * small
-    assert b["bwd"] == (k + 1) * s + n * small
+    assert b["fwd"] == k * (s - ign) + n * small
+    assert b["bwd"] == (k + 1) * (s - ign) + ign + n * small
     assert b["step"] == b["fwd"] + b["bwd"] and b["fwd_nograd"] == b["fwd"]
+    t = H.traffic_by_phase(op, shape, torch.bfloat16)["bwd"]
+    assert t["rw"] == 2 * (s - ign) and t["write"] == ign
+    assert H.exps_by_phase(op, shape, torch.bfloat16)["fwd"] == k * (n - int(n * prompt)) * 128256
 
 
 @pytest.mark.parametrize("name", ["linear_token_logprobs", "linear_sequence_logprobs", "linear_dpo", "linear_ppo"])
@@ -266,11 +416,11 @@ def test_linear_ops_flops_and_bound(name):
     w, h = 128256 * 2048 * 2, m * 2048 * 2
     assert b["fwd"] == w + h and b["bwd"] == 2 * (w + h)
     # the bound is the GEMM term at these sizes, and derive() uses it
-    calib, gemm = {"copy_Bps": 40e9, "fresh_copy_Bps": 10e9}, {"flops_per_s": 1e11}
+    gemm = {"flops_per_s": 1e11}
     r = {"time_s": {"step": H.summarize([2 * f["step"] / 1e11]), "fwd": None, "bwd": None, "fwd_nograd": None}}
-    H.derive(r, op, shape, torch.bfloat16, calib, gemm)
+    H.derive(r, op, shape, torch.bfloat16, RATES, gemm)
     assert r["bound_s"]["step"] == pytest.approx(f["step"] / 1e11)
-    assert r["bound_s"]["step"] > b["step"] / 40e9
+    assert r["bound_terms"]["fwd"]["limit"] == r["bound_terms"]["bwd"]["limit"] == "gemm"
     assert r["x_bound"]["step"] == pytest.approx(2.0)
 
 
