@@ -1367,7 +1367,7 @@ def pooled(calib: dict, device: str) -> dict:
 def calibrate_memory(main: int, device: str, *, dry_run: bool, quick: bool, avail: int | None = None) -> dict:
     """The memory calibration for a main-tensor size ``main`` (cached per process, so the ops
     of one ``--op all`` run share it; each op's document gets its own copy)."""
-    size = calibration_bytes(main, avail)
+    size = max(64, calibration_bytes(main, avail) // 4 * 4)  # whole fp32 buffers, as measured
     key = (size, device, dry_run, quick)
     if key not in _CALIBRATION_CACHE:
         c = memory_rates(size, device, **_memory_settings(dry_run, quick))

@@ -61,7 +61,7 @@ def summarize_doc(doc: dict) -> list:
             peer=peer["provider"] if peer else None, peer_ms=_step(peer) * 1e3 if peer else None,
             ours=ours["provider"].removeprefix("prefopt_fast."), ours_ms=_step(ours) * 1e3,
             ours_mb=(_mem(ours) or 0) / 1e6, x_naive=_step(naive) / _step(ours),
-            x_bound=_phase(ours.get("x_bound"))))
+            x_bound=_phase(ours.get("x_bound")), below_bound=bool(ours.get("calibration_error"))))
     return rows
 
 
@@ -71,6 +71,8 @@ def markdown(rows: list) -> str:
     for r in rows:
         peer = f"{r['peer']} {r['peer_ms']:.0f} ms" if r["peer"] else "none ran"
         xb = f"{r['x_bound']:.1f}" if isinstance(r["x_bound"], (int, float)) else "-"
+        if r.get("below_bound"):  # a phase ran below its bound: the calibration is wrong there
+            xb += " !"
         out.append(f"| {r['op']} | {r['dtype']} | {r['tokens']} x {r['vocab']} | {r['naive_ms']:.0f} ms | {peer} "
                    f"| {r['ours']} {r['ours_ms']:.0f} ms | {r['x_naive']:.1f} | {xb} "
                    f"| {r['ours_mb']:.0f} / {r['naive_mb']:.0f} MB |")
