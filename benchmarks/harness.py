@@ -1451,7 +1451,7 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
     for p in chosen:
         why = availability(p)
         prov_table.append({"name": p.name, "kind": p.kind, "description": p.description,
-                           "status": "skipped" if why else "ok", "note": why})
+                           "requires": list(p.requires), "status": "skipped" if why else "ok", "note": why})
         if why:
             notes.append(f"{p.name}: {why}")
         else:
@@ -1670,18 +1670,56 @@ def main(argv: Sequence[str] | None = None, op: OpSpec | None = None, ops: dict 
         return 2
     device = args.device or default_device()
     t0 = time.perf_counter()
+    broken = []
     for name in names:
         spec = op if op is not None and op.name == name else load_op(ops[name])
         if args.list:
             print(list_providers(spec, device))
             continue
         shapes = shapes_from_args(spec, args.preset, _csv(args.tokens), _csv(args.vocab), args.dry_run)
-        run(spec, preset=args.preset, providers=_csv(args.providers), dtypes=_csv(args.dtypes),
+        doc = run(spec, preset=args.preset, providers=_csv(args.providers), dtypes=_csv(args.dtypes),
             device=device, outdir=args.out, dry_run=args.dry_run, shapes=shapes,
             subprocesses=False if args.in_process else None, repeats=args.repeats, warmup=args.warmup,
             plots=not args.no_plots, progress=not args.no_progress, timeout=args.timeout,
             jobs_per=args.jobs_per, mem_cap=int(args.max_mem_gb * 2**30) if args.max_mem_gb > 0 else None)
         print()
+        broken += [f"{doc['op']}: {b}" for b in broken_providers(doc)]
     if len(names) > 1 and not args.list:
         print(f"{len(names)} ops in {time.perf_counter() - t0:.0f} s: {', '.join(names)}")
+    if broken and strict_mode():
+        print("error: PREFOPT_STRICT=1 and providers that should run here did not (missing or broken install; "
+              "PREFOPT_ALLOW_MISSING=name[,...] names the ones to leave out):\n  " + "\n  ".join(broken),
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def strict_mode() -> bool:
+    """PREFOPT_STRICT=1 (scripts/bench.sh) or CI: an installed-but-broken or missing peer fails the run."""
+    return os.environ.get("PREFOPT_STRICT", "0") not in ("", "0") or os.environ.get("CI", "") not in ("", "0", "false")
+
+
+def broken_providers(doc: dict) -> list:
+    """The providers of ``doc`` that could not run for a reason of the install (not installed,
+    failing to import, a prefopt_fast backend that should be built here), minus those named
+    in PREFOPT_ALLOW_MISSING (by distribution name, e.g. ``trl,liger-kernel``). A provider
+    that cannot serve this device (CUDA-only kernels on a CPU) is not broken."""
+    allowed = {a.strip().replace("_", "-") for a in os.environ.get("PREFOPT_ALLOW_MISSING", "").split(",") if a.strip()}
+    if "all" in allowed:
+        return []
+    out = []
+    for p in doc.get("providers", []):
+        note = p.get("note") or ""
+        if p.get("status") == "skipped" and note.startswith("not installed"):
+            out.append(f"{p['name']}: {note}")
+    for r in doc.get("results", []):
+        note = r.get("note") or ""
+        if r.get("status") == "skipped" and note.startswith("import failed") and f"{r['provider']}: {note}" not in out:
+            out.append(f"{r['provider']}: {note}")
+    for n in doc.get("notes", []):
+        # prefopt_fast backends that are not there: the native cpu backend is expected on a CPU
+        if n.startswith("prefopt_fast.cpu: skipped") and doc["machine"].get("device", "cpu").startswith("cpu"):
+            out.append(n)
+    modules = {p["name"]: p.get("requires", []) for p in doc.get("providers", [])}
+    return [b for b in out if not any(m.replace("_", "-") in allowed for m in modules.get(b.split(":")[0], []))
+            and not ("cpu-extension" in allowed and b.startswith("prefopt_fast.cpu"))]

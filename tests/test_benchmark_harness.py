@@ -616,3 +616,27 @@ def test_summary_picks_the_largest_case_and_the_fastest_of_each_role(capsys, tmp
     # a result measured below its bound keeps its calibration-error mark in the summary
     doc["results"][7]["calibration_error"] = {"bwd": 0.9}
     assert "| 10.0 | 2.0 ! |" in summary.markdown(summary.summarize_doc(doc))
+
+
+def test_strict_run_names_providers_broken_by_the_install(monkeypatch):
+    """PREFOPT_STRICT (scripts/bench.sh): a peer not installed or failing to import, or a
+    missing native cpu backend, is named (the run then exits 1); a provider that cannot serve
+    this device is not; PREFOPT_ALLOW_MISSING leaves the named ones out."""
+    doc = {"machine": {"device": "cpu"},
+           "providers": [{"name": "trl", "requires": ["trl"], "status": "ok", "note": None},
+                         {"name": "liger", "requires": ["liger_kernel"], "status": "skipped",
+                          "note": "not installed: liger_kernel"},
+                         {"name": "cce", "requires": ["cut_cross_entropy"], "status": "ok", "note": None}],
+           "results": [{"provider": "trl", "status": "skipped", "note": "import failed: ImportError: CUDAProperties"},
+                       {"provider": "cce", "status": "skipped", "note": "needs a CUDA device"}],
+           "notes": ["prefopt_fast.cpu: skipped (the native extension prefopt_fast._C could not be imported)",
+                     "prefopt_fast.cuda: skipped (no CUDA device)"]}
+    monkeypatch.delenv("PREFOPT_ALLOW_MISSING", raising=False)
+    broken = H.broken_providers(doc)
+    assert [b.split(":")[0] for b in broken] == ["liger", "trl", "prefopt_fast.cpu"], broken
+    monkeypatch.setenv("PREFOPT_ALLOW_MISSING", "liger-kernel,trl")
+    assert [b.split(":")[0] for b in H.broken_providers(doc)] == ["prefopt_fast.cpu"]
+    monkeypatch.setenv("PREFOPT_ALLOW_MISSING", "all")
+    assert H.broken_providers(doc) == []
+    monkeypatch.setenv("PREFOPT_STRICT", "1")
+    assert H.strict_mode()
