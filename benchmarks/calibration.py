@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
-import math
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,7 +39,6 @@ import time
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO_ROOT = os.path.dirname(_HERE)
 MEMORY_PATTERNS = ("read", "rmw", "copy", "write", "fresh_copy")
 # bytes moved per byte of buffer: rmw / copy read and write each byte
 _MOVED = {"read": 1, "rmw": 2, "copy": 2, "write": 1, "fresh_copy": 2}
@@ -200,7 +196,7 @@ def memory_rates(nbytes: int, device: str = "cpu", repeats: int = 5, min_time: f
         r = _best(cands[pat], clock, nbytes, _MOVED[pat], repeats, min_time)
         out[f"{pat}_Bps"], out[f"{pat}_Bps_median"] = r["Bps"], r["Bps_median"]
         out["methods"][pat], out["candidates"][pat] = r["method"], r["candidates"]
-    del dst
+    dst = None  # freed before the fresh copies allocate theirs
     if "fresh_copy" in patterns:
         def huge():  # as prefopt_fast's cpu backend does for its gradient
             d = torch.empty_like(src)

@@ -1,14 +1,17 @@
 """The shared benchmark harness: providers, measurements, the machine's bound, output.
 
 An op script (``bench_<op>.py``) is a thin file building one :class:`OpSpec`: how to make
-inputs for a shape, the bytes (and FLOPs) the op must move at the least, the preset shapes,
-and a table of :class:`Provider` (named callables). Everything else lives here:
+inputs for a shape, the bytes (by access pattern), exps and FLOPs the op needs at the least,
+the preset shapes, and a table of :class:`Provider` (named callables). Everything else lives
+here:
 
 * each (provider, shape) runs in a fresh subprocess (``python -m benchmarks._worker``):
   warm-up, then the peak extra memory of one step, then the timing loops;
-* the parent calibrates the machine's bound itself (a STREAM-like copy on a buffer the size
-  of the logits, GEMM throughput when the op has FLOPs), derives GB/s, x bound and x naive,
-  and writes JSON, a markdown table and PNG plots, and prints a table.
+* the parent calibrates the machine's bound itself (benchmarks/calibration.py: each memory
+  access pattern on buffers the size of the logits, an exp ceiling, GEMM throughput when the
+  op has FLOPs), derives GB/s, x bound (flagging any phase measured below its bound as a
+  calibration error) and x naive, and writes JSON, a markdown table and PNG plots, and
+  prints a table.
 
 Vocabulary used throughout: ``phase`` is one of ``fwd`` (forward with autograd recording,
 as in a training step), ``bwd`` (backward of that forward), ``step`` (fwd + bwd, timed
@@ -25,7 +28,6 @@ import gc
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
