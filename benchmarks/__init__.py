@@ -1,6 +1,6 @@
 """prefopt_fast benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md).
 
-Each op has a thin script ``bench_<op>.py`` defining ``OP`` (an ``harness.OpSpec``), or
+Each op has a thin script ``bench_<op>.py`` defining ``OP`` (a ``spec.OpSpec``), or
 ``variant_op(name)`` for a parametrized script (registered as ``"module:variant"``);
 register it here to make it reachable through ``--op`` (the first one is the default of
 the default preset; --quick / --full / --dry-run run them all).

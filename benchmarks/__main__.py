@@ -1,6 +1,6 @@
 """``python -m benchmarks``: the benchmark suite's command line (``--help`` for options)."""
 import sys
 
-from .harness import main
+from .cli import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
 """One (provider, shape) job in a fresh process: ``python -m benchmarks._worker`` (JSON on stdin)."""
-from .harness import worker_main
+from .measure import worker_main
 
 if __name__ == "__main__":
     worker_main()

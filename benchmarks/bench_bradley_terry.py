@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import OpSpec, Provider
 
 B2 = 16  # 8 pairs
 
@@ -75,7 +75,7 @@ def bytes_moved(shape, dtype):
 
 
 _SHAPE = make_shape(16 * 128)
-OP = H.OpSpec(
+OP = OpSpec(
     name="bradley_terry", module="benchmarks.bench_bradley_terry",
     description="Bradley-Terry reward loss from the last hidden state [2B, T, H] through a scalar head",
     make_inputs=make_inputs, grad_inputs=("hidden", "head"), main_bytes=main_bytes, bytes_moved=bytes_moved,
@@ -83,10 +83,10 @@ OP = H.OpSpec(
     presets={"dry-run": [make_shape(64, hidden=32)], "quick": [_SHAPE], "default": [_SHAPE], "full": [_SHAPE]},
     preset_dtypes={"dry-run": ["fp32"], "quick": ["fp32"], "default": ["fp32", "bf16"], "full": ["fp32", "bf16"]},
     providers=[
-        H.Provider("naive", lambda: naive, mem_factor=1.0,
-                   description="gather the last hidden rows, scalar head, -logsigmoid(r_w - r_l - margin).mean()"),
-        H.Provider("prefopt_fast", _ours, kind="ours", mem_factor=1.0,
-                   description="the same rewards, prefopt_fast.bradley_terry_loss (one implementation: no backends)"),
+        Provider("naive", lambda: naive, mem_factor=1.0,
+                 description="gather the last hidden rows, scalar head, -logsigmoid(r_w - r_l - margin).mean()"),
+        Provider("prefopt_fast", _ours, kind="ours", mem_factor=1.0,
+                 description="the same rewards, prefopt_fast.bradley_terry_loss (one implementation: no backends)"),
     ],
     notes=["O(B) on scalars: the bound is microseconds; see the script's docstring"],
 )

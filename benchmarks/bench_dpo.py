@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import Provider, prefopt_fast_providers
 
 BETA = 0.1
 PROMPT = 0.25
@@ -48,12 +48,12 @@ def _call(inputs, backend, inplace_backward):
     return loss
 
 
-_ours, _notes = H.prefopt_fast_providers(_call)
+_ours, _notes = prefopt_fast_providers(_call)
 
 OP = S.logits_op(
     "dpo", "benchmarks.bench_dpo", LAYOUT,
-    [H.Provider("naive", lambda: naive, mem_factor=4.0,
-                description="log_softmax(logits, -1).gather(...) in the input dtype, masked sums, sigmoid DPO"),
+    [Provider("naive", lambda: naive, mem_factor=4.0,
+              description="log_softmax(logits, -1).gather(...) in the input dtype, masked sums, sigmoid DPO"),
      S.compiled_provider(naive),
      S.trl_provider(_make_trl, "trl selective_log_softmax, masked sums, TRL's sigmoid DPO formula")] + _ours,
     description="sigmoid DPO fwd + bwd from the logits [2B, T, V] of the stacked batch (precomputed reference)",

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import prefopt_fast_providers
 
 BETA = 0.1
 LAYOUT = S.LinearLayout(batch=4, hidden=2048, prompt=64,
@@ -73,7 +73,7 @@ def _linear_dpo_call(inputs, backend, inplace_backward):
     return loss
 
 
-_ours, _our_notes = H.prefopt_fast_providers(_linear_dpo_call, inplace=False, mem_factor=0.2)
+_ours, _our_notes = prefopt_fast_providers(_linear_dpo_call, inplace=False, mem_factor=0.2)
 
 PROVIDERS = S.linear_baselines(naive, lambda: S.on_completion_rows(S.trl_chunked_logps(), _finish), ", sums, DPO") + [
     S.torch_lce_provider(_from_ce, "on the completion rows, sums, DPO"),

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import OpSpec, prefopt_fast_providers
 
 VARIANTS = {"token": "linear_token_logprobs", "sequence": "linear_sequence_logprobs"}
 LAYOUT = S.LinearLayout(batch=4, hidden=2048, prompt=64)
@@ -48,8 +48,8 @@ def _call(kind):
     return call
 
 
-def variant_op(kind: str) -> H.OpSpec:
-    ours, notes = H.prefopt_fast_providers(_call(kind), inplace=False, mem_factor=0.2)
+def variant_op(kind: str) -> OpSpec:
+    ours, notes = prefopt_fast_providers(_call(kind), inplace=False, mem_factor=0.2)
     fin = _finish(kind)
     what = "on the completion rows" + ("" if kind == "token" else ", sums")
     providers = S.linear_baselines(_naive(kind), lambda: S.on_completion_rows(S.trl_chunked_logps(), fin),

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import prefopt_fast_providers
 
 EPS_LOW, EPS_HIGH, KL_COEF = 0.2, 0.28, 0.04
 
@@ -85,7 +85,7 @@ def _call(inputs, backend, inplace_backward):
     return loss
 
 
-_ours, _notes = H.prefopt_fast_providers(_call, inplace=False, mem_factor=0.2)
+_ours, _notes = prefopt_fast_providers(_call, inplace=False, mem_factor=0.2)
 
 PROVIDERS = S.linear_baselines(naive, _make_trl, ", then the loss") + S.liger_providers(
     _make_liger, "LigerFusedLinearGRPOLoss(loss_type='dapo')") + _ours

@@ -12,6 +12,7 @@ the loss head is [B, T] work); the exact KL's step within 1.6x of the bound.
 
 Run: ``python -m benchmarks --op 'ppo_loss_*'`` or ``python benchmarks/bench_ppo.py --op ppo_loss_k2``.
 """
+import dataclasses
 import math
 import os
 import sys
@@ -22,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import OpSpec, Provider, prefopt_fast_providers
 
 B = 8  # sequences per batch; tokens N = B * T
 ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
@@ -109,26 +110,26 @@ def _kl_check(backend, inner):
     return check
 
 
-def variant_op(kl: str) -> H.OpSpec:
+def variant_op(kl: str) -> OpSpec:
     if kl not in ESTIMATORS:
         raise KeyError(f"unknown KL estimator {kl!r}; known: {', '.join(ESTIMATORS)}")
     full = kl == "full"
-    ours, notes = H.prefopt_fast_providers(_ppo_call(kl), inplace=False)
+    ours, notes = prefopt_fast_providers(_ppo_call(kl), inplace=False)
     if full:
-        ours = [H.dataclasses.replace(p, check=_kl_check(p.name.split(".", 1)[1], p.check)) for p in ours]
+        ours = [dataclasses.replace(p, check=_kl_check(p.name.split(".", 1)[1], p.check)) for p in ours]
         floor = []
         notes.append("target: prefopt_fast.<backend> step within 1.6x of the bound (both logits read)")
     else:
-        floor = S.renamed(H.prefopt_fast_providers(_token_logprobs_call, inplace=False)[0], "token_logprobs+entropy",
+        floor = S.renamed(prefopt_fast_providers(_token_logprobs_call, inplace=False)[0], "token_logprobs+entropy",
                           "baseline", "the floor: prefopt_fast.token_logprobs(stats=('entropy',))")
         notes.append("target: prefopt_fast.<backend> within 5% of token_logprobs+entropy.<backend> (step)")
 
     def naive_kl(inputs):
         return naive(inputs, kl)
     providers = [
-        H.Provider("naive", lambda: naive_kl, mem_factor=12.0 if full else 8.0,
-                   description="fp32 log_softmax over the vocabulary + gather + entropy"
-                               + (" + exact KL vs the reference logits" if full else f" + {kl} KL") + ", then the loss"),
+        Provider("naive", lambda: naive_kl, mem_factor=12.0 if full else 8.0,
+                 description="fp32 log_softmax over the vocabulary + gather + entropy"
+                             + (" + exact KL vs the reference logits" if full else f" + {kl} KL") + ", then the loss"),
         S.compiled_provider(naive_kl),
     ] + floor + ours
     # the estimators differ only in [B, T] work: the k3 op sweeps every provider, the others

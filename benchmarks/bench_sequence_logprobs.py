@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch.nn.functional as F
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import OpSpec, Provider, prefopt_fast_providers
 
 VARIANTS = {"padded": "sequence_logprobs", "packed": "sequence_logprobs_packed"}
 
@@ -46,15 +46,15 @@ def _call(inputs, backend, inplace_backward):
                                           backend=backend, inplace_backward=inplace_backward)
 
 
-def variant_op(layout: str) -> H.OpSpec:
-    ours, notes = H.prefopt_fast_providers(_call)
+def variant_op(layout: str) -> OpSpec:
+    ours, notes = prefopt_fast_providers(_call)
     lay = S.LogitsLayout(batch=8, prompt=0.25, packed=layout == "packed", small_per_token=8)
     providers = [
-        H.Provider("naive", lambda: naive, mem_factor=4.0,
-                   description="log_softmax(logits, -1).gather(...) in the input dtype, masked sums per sequence"),
+        Provider("naive", lambda: naive, mem_factor=4.0,
+                 description="log_softmax(logits, -1).gather(...) in the input dtype, masked sums per sequence"),
         S.compiled_provider(naive),
-        H.Provider("torch-cross-entropy", lambda: torch_cross_entropy, mem_factor=4.0,
-                   description="-F.cross_entropy(reduction='none') then masked sums"),
+        Provider("torch-cross-entropy", lambda: torch_cross_entropy, mem_factor=4.0,
+                 description="-F.cross_entropy(reduction='none') then masked sums"),
         S.trl_provider(_make_trl, "trl selective_log_softmax, then masked sums"),
     ] + ours
     what = "packed [B * T, V] + cu_seqlens" if layout == "packed" else "padded [B, T, V]"

@@ -25,7 +25,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness as H
+from benchmarks.spec import Case, OpSpec, Provider, availability, load_op, needs_cuda
+from benchmarks.measure import CaseRunner, available_memory, default_device
+from benchmarks.cli import main, memory_guard
 
 IGN = -100
 FULL_VOCABS = (32000, 128256, 256000)
@@ -136,12 +138,12 @@ class LogitsLayout:
 def logits_op(name: str, module: str, layout: LogitsLayout, providers: list, *, description: str,
               notes=(), quick=(256, 8192), default=(2048, 128256), full_center: int = 256,
               full_tokens=(128, 2048), dtypes=("fp32", "bf16"), quick_dtypes=("fp32",), full_dtypes=("bf16",),
-              full_providers=None, quick_providers=None, reference=("naive",)) -> H.OpSpec:
+              full_providers=None, quick_providers=None, reference=("naive",)) -> OpSpec:
     """An OpSpec for an op on logits, with the family's presets; ``providers`` should list
-    the baselines and peers, followed by ``H.prefopt_fast_providers`` output.
+    the baselines and peers, followed by ``prefopt_fast_providers`` output.
     ``*_providers``: globs restricting the providers of --full / --quick (time budgets)."""
     ms = layout.make_shape
-    return H.OpSpec(
+    return OpSpec(
         name=name, module=module, description=description,
         make_inputs=layout.make_inputs, grad_inputs=("logits",),
         main_bytes=layout.main_bytes, bytes_moved=layout.bytes_moved, exps=layout.exps,
@@ -218,10 +220,10 @@ class LinearLayout:
 def linear_op(name: str, module: str, layout: LinearLayout, providers: list, *, description: str,
               notes=(), quick=(256, 8192, 256), default=(2048, 128256, 2048), full_center: int = 256,
               full_tokens=(128, 1024), full_hidden: int = 256, dtypes=("fp32", "bf16"), quick_dtypes=("bf16",),
-              full_dtypes=("bf16",), full_providers=None, quick_providers=None, reference=("naive",)) -> H.OpSpec:
+              full_dtypes=("bf16",), full_providers=None, quick_providers=None, reference=("naive",)) -> OpSpec:
     """An OpSpec for a fused-linear op (grads to hidden and weight), with the family's presets."""
     ms = layout.make_shape
-    return H.OpSpec(
+    return OpSpec(
         name=name, module=module, description=description,
         make_inputs=layout.make_inputs, grad_inputs=("hidden", "weight"),
         main_bytes=layout.main_bytes, bytes_moved=layout.bytes_moved, flops=layout.flops,
@@ -270,9 +272,9 @@ def matmul_floor(inputs):
     return h @ inputs["weight"].t()
 
 
-def matmul_floor_provider() -> H.Provider:
-    return H.Provider("matmul-floor", lambda: matmul_floor, mem_factor=3.0,
-                      description="the three GEMMs alone (h W^T, G W, G^T h) on the completion rows; materializes")
+def matmul_floor_provider() -> Provider:
+    return Provider("matmul-floor", lambda: matmul_floor, mem_factor=3.0,
+                    description="the three GEMMs alone (h W^T, G W, G^T h) on the completion rows; materializes")
 
 
 def linear_baselines(naive, make_trl, what: str) -> list:
@@ -280,8 +282,8 @@ def linear_baselines(naive, make_trl, what: str) -> list:
     fused head; ``what`` ends the descriptions (", sums, DPO", ...)."""
     return [
         matmul_floor_provider(),
-        H.Provider("naive", lambda: naive, mem_factor=4.0,
-                   description=f"hidden @ W.T in the dtype, fp32 log_softmax, gather{what}"),
+        Provider("naive", lambda: naive, mem_factor=4.0,
+                 description=f"hidden @ W.T in the dtype, fp32 log_softmax, gather{what}"),
         trl_provider(make_trl, f"trl.kernels.ChunkedLogProbFunction (TRL 1.16 fused head) on the completion rows{what}",
                      mem_factor=1.0),
     ]
@@ -292,12 +294,12 @@ def liger_providers(make_liger, what: str) -> list:
     step under torch.compile (``make_liger(True)``, slow_setup). Plain PyTorch: runs on CPU.
     Its forward computes the gradients too (the backward only scales them): grad_in_forward."""
     return [
-        H.Provider("liger", make_liger(False), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
-                   mem_factor=1.0, grad_in_forward=True,
-                   description=f"liger_kernel.chunked_loss.{what}, compiled=False"),
-        H.Provider("liger-compile", make_liger(True), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
-                   slow_setup=True, mem_factor=1.0, grad_in_forward=True,
-                   description=f"liger_kernel.chunked_loss.{what}, compiled=True"),
+        Provider("liger", make_liger(False), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
+                 mem_factor=1.0, grad_in_forward=True,
+                 description=f"liger_kernel.chunked_loss.{what}, compiled=False"),
+        Provider("liger-compile", make_liger(True), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
+                 slow_setup=True, mem_factor=1.0, grad_in_forward=True,
+                 description=f"liger_kernel.chunked_loss.{what}, compiled=True"),
     ]
 
 
@@ -339,10 +341,10 @@ def ref_seq_logps(shape, g, prompt_tokens: int):
 # --------------------------------------------------------------------------- shared providers
 
 
-def compiled_provider(fn, *, mem_factor: float = 3.0, what: str = "naive") -> H.Provider:
+def compiled_provider(fn, *, mem_factor: float = 3.0, what: str = "naive") -> Provider:
     """``torch.compile(fn)``: compile time excluded by a warm-up step (slow_setup)."""
-    return H.Provider(f"{what}-compile", lambda: torch.compile(fn), slow_setup=True, mem_factor=mem_factor,
-                      description=f"torch.compile({what}) (compile time excluded by the warm-up)")
+    return Provider(f"{what}-compile", lambda: torch.compile(fn), slow_setup=True, mem_factor=mem_factor,
+                    description=f"torch.compile({what}) (compile time excluded by the warm-up)")
 
 
 def trl_selective_log_softmax():
@@ -353,9 +355,9 @@ def trl_selective_log_softmax():
     return lambda logits, labels: selective_log_softmax(logits, labels.clamp(min=0))
 
 
-def trl_provider(make, description: str, mem_factor: float = 4.0) -> H.Provider:
-    return H.Provider("trl", make, kind="peer", requires=("trl",), install="pip install trl", mem_factor=mem_factor,
-                      description=description)
+def trl_provider(make, description: str, mem_factor: float = 4.0) -> Provider:
+    return Provider("trl", make, kind="peer", requires=("trl",), install="pip install trl", mem_factor=mem_factor,
+                    description=description)
 
 
 LIGER_INSTALL = "pip install --no-deps liger-kernel (or pip install -e '.[bench]')"
@@ -374,12 +376,12 @@ def cce_providers(make_fn, what: str) -> list:
     ``impl="torch_compile"`` path (materialized logits under torch.compile; runs on CPU).
     ``make_fn(ce) -> fn(inputs)`` turns the per-token CE into the op."""
     return [
-        H.Provider("cce", lambda: make_fn(cce_linear_ce("cce")), kind="peer", requires=("cut_cross_entropy",),
-                   install=CCE_INSTALL, check=H.needs_cuda, mem_factor=1.0,
-                   description=f"cut_cross_entropy.linear_cross_entropy(impl='cce', reduction='none') {what}"),
-        H.Provider("cce-compile", lambda: make_fn(cce_linear_ce("torch_compile")), kind="peer",
-                   requires=("cut_cross_entropy",), install=CCE_INSTALL, slow_setup=True, mem_factor=3.0,
-                   description=f"cut_cross_entropy.linear_cross_entropy(impl='torch_compile') {what}"),
+        Provider("cce", lambda: make_fn(cce_linear_ce("cce")), kind="peer", requires=("cut_cross_entropy",),
+                   install=CCE_INSTALL, check=needs_cuda, mem_factor=1.0,
+                 description=f"cut_cross_entropy.linear_cross_entropy(impl='cce', reduction='none') {what}"),
+        Provider("cce-compile", lambda: make_fn(cce_linear_ce("torch_compile")), kind="peer",
+                 requires=("cut_cross_entropy",), install=CCE_INSTALL, slow_setup=True, mem_factor=3.0,
+                 description=f"cut_cross_entropy.linear_cross_entropy(impl='torch_compile') {what}"),
     ]
 
 
@@ -394,10 +396,10 @@ def torch_lce():
     return lambda h, w, y: F.linear_cross_entropy(h, w, y, reduction="none", options=opts)
 
 
-def torch_lce_provider(make_fn, what: str) -> H.Provider:
-    return H.Provider("torch-linear-ce", lambda: make_fn(torch_lce()), kind="peer", check=torch_lce_check,
-                      mem_factor=1.0,
-                      description=f"-F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions()) {what}")
+def torch_lce_provider(make_fn, what: str) -> Provider:
+    return Provider("torch-linear-ce", lambda: make_fn(torch_lce()), kind="peer", check=torch_lce_check,
+                    mem_factor=1.0,
+                    description=f"-F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions()) {what}")
 
 
 def trl_chunked_logps():
@@ -420,19 +422,19 @@ def script_main(module_name: str, variants=None):
 
     mod = importlib.import_module(module_name)  # the importable module, for the workers
     if variants:
-        return H.main(ops={mod.variant_op(v).name: f"{module_name}:{v}" for v in variants})
-    return H.main(op=mod.OP)
+        return main(ops={mod.variant_op(v).name: f"{module_name}:{v}" for v in variants})
+    return main(op=mod.OP)
 
 
 # --------------------------------------------------------------------------- pytest-benchmark glue
 
 
-def shapes(op: H.OpSpec) -> dict:
+def shapes(op: OpSpec) -> dict:
     """The pytest shapes: ``small`` is the --quick shape, ``default`` the default preset's."""
     return {"small": op.presets["quick"][0], "default": op.presets["default"][0]}
 
 
-def case_params(op: H.OpSpec, dtypes=("fp32", "bf16")) -> list:
+def case_params(op: OpSpec, dtypes=("fp32", "bf16")) -> list:
     """pytest params (provider, shape name, dtype) over every provider of ``op``."""
     import pytest
 
@@ -448,23 +450,23 @@ def case_params(op: H.OpSpec, dtypes=("fp32", "bf16")) -> list:
 @functools.lru_cache(maxsize=None)
 def _fn(op_module: str, provider: str):
     """The provider's callable, made once per process (torch.compile compiles once)."""
-    return H.load_op(op_module).provider(provider).make()
+    return load_op(op_module).provider(provider).make()
 
 
-def runner_for(op: H.OpSpec, provider: str, shape_name: str, dtype: str, grad: bool = True) -> H.CaseRunner:
+def runner_for(op: OpSpec, provider: str, shape_name: str, dtype: str, grad: bool = True) -> CaseRunner:
     """A CaseRunner for the case, or pytest.skip with the harness's note."""
     import pytest
 
     prov = op.provider(provider)
-    why = H.availability(prov)
+    why = availability(prov)
     if why:
         pytest.skip(why)
     shape = shapes(op)[shape_name]
-    case = H.Case.make(shape, dtype, H.default_device())
+    case = Case.make(shape, dtype, default_device())
     why = prov.check(case) if prov.check else None
-    why = why or H.memory_guard(op, prov, case, H.available_memory(case.device))
+    why = why or memory_guard(op, prov, case, available_memory(case.device))
     if why:
         pytest.skip(why)
     if not grad:
         prov = dataclasses.replace(prov, backward=False)
-    return H.CaseRunner(op, prov, case, fn=_fn(op.module, provider))
+    return CaseRunner(op, prov, case, fn=_fn(op.module, provider))

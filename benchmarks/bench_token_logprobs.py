@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import bench_support as S
-from benchmarks import harness as H
+from benchmarks.spec import Provider, needs_cuda, prefopt_fast_providers
 
 LAYOUT = S.LogitsLayout(batch=4)
 make_shape, make_inputs, main_bytes, bytes_moved = (LAYOUT.make_shape, LAYOUT.make_inputs, LAYOUT.main_bytes,
@@ -61,20 +61,20 @@ def _not_fp32(case):
     return "same as naive for fp32" if case.dtype == "fp32" else None
 
 
-_ours, _our_notes = H.prefopt_fast_providers(_prefopt_fast_call)
+_ours, _our_notes = prefopt_fast_providers(_prefopt_fast_call)
 
 PROVIDERS = [
-    H.Provider("naive", lambda: naive, description="torch.log_softmax(logits, -1).gather(...) in the input dtype",
-               mem_factor=4.0),
-    H.Provider("naive-fp32", lambda: naive_fp32, check=_not_fp32,
-               description="torch.log_softmax(logits.float(), -1).gather(...)", mem_factor=9.0),
+    Provider("naive", lambda: naive, description="torch.log_softmax(logits, -1).gather(...) in the input dtype",
+             mem_factor=4.0),
+    Provider("naive-fp32", lambda: naive_fp32, check=_not_fp32,
+             description="torch.log_softmax(logits.float(), -1).gather(...)", mem_factor=9.0),
     S.compiled_provider(naive),
-    H.Provider("torch-cross-entropy", lambda: torch_cross_entropy, mem_factor=4.0,
-               description="-F.cross_entropy(logits, labels, reduction='none')"),
+    Provider("torch-cross-entropy", lambda: torch_cross_entropy, mem_factor=4.0,
+             description="-F.cross_entropy(logits, labels, reduction='none')"),
     S.trl_provider(_make_trl, "trl.trainer.utils.selective_log_softmax (per-row loop on CPU, Triton kernel on CUDA)"),
-    H.Provider("liger", _make_liger, kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
-               check=H.needs_cuda, mutates=("logits",), mem_factor=0.5, grad_in_forward=True,
-               description="-liger_cross_entropy(reduction='none') (Triton; gradient written into the logits)"),
+    Provider("liger", _make_liger, kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
+               check=needs_cuda, mutates=("logits",), mem_factor=0.5, grad_in_forward=True,
+             description="-liger_cross_entropy(reduction='none') (Triton; gradient written into the logits)"),
 ] + _ours
 
 OP = S.logits_op(

@@ -10,7 +10,8 @@ Compiling providers (``*-compile``) are marked slow too. Not collected by ``pyte
 import pytest
 
 from benchmarks import OPS
-from benchmarks import harness as H
+from benchmarks.spec import load_op
+from benchmarks.bound import bytes_by_phase
 from benchmarks.bench_support import runner_for, shapes
 
 pytest.importorskip("pytest_benchmark")
@@ -19,7 +20,7 @@ pytest.importorskip("pytest_benchmark")
 def _params():
     out = []
     for op_name, module in OPS.items():
-        op = H.load_op(module)
+        op = load_op(module)
         for p in op.providers:
             for shape_name in shapes(op):
                 for dt in op.preset_dtypes["quick" if shape_name == "small" else "default"]:
@@ -36,10 +37,10 @@ PARAMS = _params()
 @pytest.mark.parametrize("op_name,provider,shape_name,dtype", PARAMS)
 def test_step(benchmark, op_name, provider, shape_name, dtype):
     """Forward + backward (the gradients of the op's inputs), one step per round."""
-    op = H.load_op(OPS[op_name])
+    op = load_op(OPS[op_name])
     runner = runner_for(op, provider, shape_name, dtype)
     try:
-        benchmark.extra_info.update(H.bytes_by_phase(op, runner.case.shape_dict, runner.case.torch_dtype))
+        benchmark.extra_info.update(bytes_by_phase(op, runner.case.shape_dict, runner.case.torch_dtype))
         benchmark.pedantic(runner.step, setup=runner.prepare, rounds=5, warmup_rounds=1, iterations=1)
     finally:
         runner.close()
@@ -48,10 +49,10 @@ def test_step(benchmark, op_name, provider, shape_name, dtype):
 @pytest.mark.parametrize("op_name,provider,shape_name,dtype", PARAMS)
 def test_fwd_nograd(benchmark, op_name, provider, shape_name, dtype):
     """Forward under torch.no_grad (e.g. the reference model's pass)."""
-    op = H.load_op(OPS[op_name])
+    op = load_op(OPS[op_name])
     runner = runner_for(op, provider, shape_name, dtype, grad=False)
     try:
-        benchmark.extra_info.update(H.bytes_by_phase(op, runner.case.shape_dict, runner.case.torch_dtype))
+        benchmark.extra_info.update(bytes_by_phase(op, runner.case.shape_dict, runner.case.torch_dtype))
         benchmark.pedantic(runner.forward_nograd, setup=runner.prepare, rounds=5, warmup_rounds=1, iterations=1)
     finally:
         runner.close()
