@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _package_version() -> str:
-    text = open(os.path.join(ROOT, "prefopt_fast", "__init__.py")).read()
+    text = open(os.path.join(ROOT, "prefopt_fast", "_version.py")).read()
     return re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M).group(1)
 
 

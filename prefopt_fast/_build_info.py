@@ -10,9 +10,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ._version import __version__
+
 
 @functools.lru_cache(maxsize=None)
-def _library() -> "tuple[Optional[ctypes.CDLL], Optional[str]]":
+def extension_library() -> "tuple[Optional[ctypes.CDLL], Optional[str]]":
     """(the loaded prefopt_fast._C as a ctypes library, or None; the import error)."""
     try:
         from . import _C  # noqa: F401  (registers the ops)
@@ -27,7 +29,7 @@ def _library() -> "tuple[Optional[ctypes.CDLL], Optional[str]]":
 
 def cuda_symbol(name: str):
     """A C function of the extension's CUDA part, or None (no extension / CPU-only build)."""
-    lib, _ = _library()
+    lib, _ = extension_library()
     if lib is None:
         return None
     try:
@@ -63,15 +65,13 @@ def build_info() -> Dict[str, Any]:
     extension's CUDA major.minor (or a compatible minor of the same major) and the GPU's
     architecture has SASS here, or is newer than a PTX target.
     """
-    from . import __version__
-
     try:
         from importlib.metadata import PackageNotFoundError, version
 
         dist_version: Optional[str] = version("prefopt_fast")
     except PackageNotFoundError:  # a source checkout on sys.path
         dist_version = None
-    lib, err = _library()
+    lib, err = extension_library()
     cuda = _cuda_part() if lib is not None else None
     archs = cuda["archs"] if cuda else ""
     return {

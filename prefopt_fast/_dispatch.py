@@ -20,7 +20,9 @@ _loaded: Dict[str, Optional[ModuleType]] = {}
 _load_errors: Dict[str, str] = {}
 
 
-def _load(name: str) -> Optional[ModuleType]:
+def load_backend(name: str) -> Optional[ModuleType]:
+    """The backend module ``name`` (a key of ``BACKENDS``), imported once; None if it cannot be
+    imported (the reason: ``why_unavailable``). No availability or device check."""
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(BACKENDS[name])
@@ -30,8 +32,11 @@ def _load(name: str) -> Optional[ModuleType]:
     return _loaded[name]
 
 
+_load = load_backend  # the former private name (benchmarks/ and older tests call it)
+
+
 def _why_unavailable(name: str) -> Optional[str]:
-    mod = _load(name)
+    mod = load_backend(name)
     if mod is None:
         return f"it could not be imported ({_load_errors[name]})"
     if not mod.is_available():
@@ -49,7 +54,7 @@ def resolve_backend(backend: str, logits: torch.Tensor, need_kl: bool = False) -
 
     ``need_kl``: the call uses the exact-KL extension of the row kernels.
     """
-    return _load(_resolve_name(backend, str(logits.device), logits.dtype, need_kl))
+    return load_backend(_resolve_name(backend, str(logits.device), logits.dtype, need_kl))
 
 
 def _cannot_serve(mod: ModuleType, logits: torch.Tensor, need_kl: bool) -> Optional[str]:
@@ -73,7 +78,7 @@ def _resolve_name(backend: str, device: str, dtype: torch.dtype, need_kl: bool) 
     if backend == "auto":
         order = AUTO_ORDER.get(logits.device.type, ("torch",))
         for name in order:
-            if _why_unavailable(name) is None and _cannot_serve(_load(name), logits, need_kl) is None:
+            if _why_unavailable(name) is None and _cannot_serve(load_backend(name), logits, need_kl) is None:
                 return name
         raise RuntimeError(f"no backend can serve logits on {device} with dtype {dtype}")
     if backend not in BACKENDS:
@@ -83,7 +88,7 @@ def _resolve_name(backend: str, device: str, dtype: torch.dtype, need_kl: bool) 
     why = _why_unavailable(backend)
     if why is not None:
         raise RuntimeError(f"backend {backend!r} (from {source}) is not available: {why}")
-    mod = _load(backend)
+    mod = load_backend(backend)
     why = _cannot_serve(mod, logits, need_kl)
     if why is not None:
         raise ValueError(

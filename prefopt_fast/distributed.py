@@ -1,4 +1,12 @@
-"""Vocabulary-parallel (tensor-parallel) log-probs over ``torch.distributed``.
+"""Vocabulary-parallel (tensor-parallel) log-probs over ``torch.distributed``: the layouts.
+
+This module holds what is not an op: the layout of a vocabulary over a process group
+(:class:`ShardLayout`, :func:`shard_layout`, the checks), DTensor unpacking, and the
+collective merge of per-shard row statistics (:func:`merge_partials`). The ops that use them
+sit one layer up and import this module, never the reverse: ``VocabParallelLogProbsFunction``
+and ``vocab_parallel_token_logprobs`` in :mod:`prefopt_fast.ops.token_logprobs`,
+``VocabParallelLinearFunction`` and ``vocab_parallel_linear_token_logprobs`` in
+:mod:`prefopt_fast.ops.linear_logprobs` (docs/design.md, "Layers").
 
 Each rank of a process group holds a contiguous slice ``[vocab_start, vocab_start + V_r)`` of
 the vocabulary: of the logits ``[..., V_r]``, or of the lm_head weight ``[V_r, H]`` (fused-linear
@@ -37,24 +45,22 @@ identical on all ranks of the group; the group's ranks must all make the same ca
 """
 import math
 import sys
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from . import _validate
-from ._dispatch import _load, resolve_backend
-from ._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, OUT_REF_LSE,
-                    STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, compute_dtype,
-                    lse_pair)
+from ._rows import (OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, OUT_REF_LSE, STAT_ARGMAX,
+                    STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN)
 
-__all__ = ["ShardLayout", "shard_layout", "check_process_group", "check_vocab_parallel_options", "is_dtensor", "vocab_parallel_token_logprobs",
-           "vocab_parallel_linear_token_logprobs", "VocabParallelLogProbsFunction",
-           "VocabParallelLinearFunction"]
+__all__ = ["ShardLayout", "shard_layout", "check_process_group", "check_vocab_parallel_options", "is_dtensor",
+           "from_dtensor", "local_tensor", "SHARD_IGNORE", "kernel_labels", "merge_partials", "empty_part",
+           "part_from_rows"]
 
-# Kernel-side labels: a row's label is either its index in this shard, _IGNORE (the row is
+# Kernel-side labels: a row's label is either its index in this shard, SHARD_IGNORE (the row is
 # ignored everywhere), or V_r (lives on another shard: out of range, never ignore_index).
-_IGNORE = -1
+SHARD_IGNORE = -1
 
 
 # --------------------------------------------------------------------------- layout
@@ -162,7 +168,7 @@ def is_dtensor(x) -> bool:
     return mod is not None and isinstance(x, mod.DTensor)
 
 
-def _from_dtensor(x, dim: int, name: str):
+def from_dtensor(x, dim: int, name: str):
     """(local tensor, process group of the mesh dim sharding ``dim``, global size of ``dim``).
 
     Exactly one mesh dimension may shard ``dim`` (the vocabulary); other mesh dimensions may
@@ -180,7 +186,7 @@ def _from_dtensor(x, dim: int, name: str):
     return x.to_local(), x.device_mesh.get_group(mesh_dims[0]), x.shape[dim]
 
 
-def _local(x):
+def local_tensor(x):
     """A companion input (labels, hidden, LoRA A): a DTensor gives its local tensor."""
     return x.to_local() if is_dtensor(x) else x
 
@@ -188,17 +194,17 @@ def _local(x):
 # --------------------------------------------------------------------------- the merge
 
 
-def _kernel_labels(y: torch.Tensor, ignore_index: int, layout: ShardLayout):
+def kernel_labels(y: torch.Tensor, ignore_index: int, layout: ShardLayout):
     """(kernel labels, owned, shard-before-label) for global labels y [N] int64."""
     ign = y == ignore_index
     end = layout.start + layout.size
     own = ~ign & (y >= layout.start) & (y < end)
-    ky = torch.where(own, y - layout.start, torch.where(ign, _IGNORE, layout.size))
+    ky = torch.where(own, y - layout.start, torch.where(ign, SHARD_IGNORE, layout.size))
     before = ~ign & (y >= end)
     return ky, own, before
 
 
-def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
+def merge_partials(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
     """Global row statistics from this shard's ``part`` (dict of [N] tensors, acc dtype):
     L (the shard's lse, or its LSE row with Llo its LSE_LO), XY (x_y, meaningful where
     ``own``), own, before, and per ``stats``: H, S2 (LSSP), MEAN, MX (max_v x_v) and AM
@@ -268,7 +274,7 @@ def _merge(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
     return res
 
 
-def _empty_part(N: int, dt, device, stats: int):
+def empty_part(N: int, dt, device, stats: int):
     """The part of a shard without any vocabulary entry (an uneven DTensor split)."""
     full = lambda v: torch.full((N,), v, dtype=dt, device=device)  # noqa: E731
     part = {"L": full(-math.inf), "XY": full(0.0)}
@@ -285,7 +291,7 @@ def _empty_part(N: int, dt, device, stats: int):
     return part
 
 
-def _part_from_rows(out: torch.Tensor, stats: int) -> dict:
+def part_from_rows(out: torch.Tensor, stats: int) -> dict:
     """The row kernels' [N_OUT, N] output as a part (views, no copy)."""
     part = {"L": out[OUT_LSE], "Llo": out[OUT_LSE_LO]}
     if stats & STAT_ENTROPY:
@@ -299,268 +305,3 @@ def _part_from_rows(out: torch.Tensor, stats: int) -> dict:
     if stats & STAT_KL:
         part["KL"], part["RL"] = out[OUT_KL], out[OUT_REF_LSE]
     return part
-
-
-# --------------------------------------------------------------------------- from logits
-
-
-class VocabParallelLogProbsFunction(torch.autograd.Function):
-    """Row kernels on the local shard + the all-reduce merge; backward on the local shard.
-
-    Inputs: logits [..., V_r] (this rank's shard), ref_logits like it or None, kernel labels
-    int64 [N] (see ``_kernel_labels``), own / before / ignored bool [N], inv_temp [N].
-    Outputs like ``TokenLogProbsFunction``: logp, entropy, kl [N] (replicated, differentiable)
-    and the non-differentiable [3, N] rows (log_sum_sq_probs, mean_logit, is_argmax).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, ref_logits, ky, own, before, ignored, inv_temp, stats: int, inplace: bool,
-                backend: str, layout: ShardLayout):
-        N = ky.shape[0]
-        acc = compute_dtype(logits.dtype)
-        if layout.size == 0:
-            part = _empty_part(N, acc, logits.device, stats)
-        else:
-            out = _load(backend).row_forward(logits, ky, inv_temp, _IGNORE, stats,
-                                             **({"ref_logits": ref_logits} if ref_logits is not None else {}))
-            part = _part_from_rows(out, stats)
-            # x_y exactly as the kernels compute it (an O(N) gather; any leading strides)
-            idx = torch.where(own, ky, 0).view(*logits.shape[:-1], 1)
-            part["XY"] = logits.gather(-1, idx).reshape(-1).to(acc) * inv_temp
-            if stats & STAT_ARGMAX:
-                # the kernels do not return the row maximum: one more read of the shard, only
-                # for is_argmax (a logging statistic)
-                part["MX"] = logits.amax(-1).reshape(-1).to(acc) * inv_temp
-        part["own"], part["before"] = own, before
-        if N:
-            res = _merge(part, layout, ignored, stats)
-        else:
-            res = {k: torch.zeros(0, dtype=acc, device=logits.device)
-                   for k in ("lse_m", "lse_log_s", "logp", "entropy", "lssp", "mean", "argmax", "kl", "ref_lse")}
-        z = torch.zeros(N, dtype=acc, device=logits.device)
-        lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
-        logp = res["logp"]
-        entropy, kl, ref_lse = res.get("entropy", z), res.get("kl", z), res.get("ref_lse", z)
-        extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(logits, ky, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl)
-        ctx.meta = (inplace, backend, bool(stats & STAT_ENTROPY), bool(stats & STAT_KL), layout.size)
-        return logp, entropy.clone(), kl.clone(), extra
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
-        from .ops.token_logprobs import logits_grad
-
-        nones = (None,) * 11
-        if grad_logp is None and grad_entropy is None and grad_kl is None:
-            return nones
-        inplace, backend, has_entropy, has_kl, size = ctx.meta
-        if size == 0:
-            return (torch.zeros_like(ctx.saved_tensors[0]),) + nones[1:]
-        # the global lse / entropy / kl: the kernel then writes this shard's slice of the full gradient
-        grad = logits_grad(ctx.saved_tensors, grad_logp, grad_entropy, grad_kl, ignore_index=_IGNORE,
-                           inplace=inplace, backend=backend, has_entropy=has_entropy, has_kl=has_kl)
-        return (grad,) + nones[1:]
-
-
-def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, stats=(),
-                                  ref_logits=None, inplace_backward=False, backend="auto", process_group=None,
-                                  vocab_start=None, vocab_size=None):
-    """:func:`prefopt_fast.token_logprobs` on a vocabulary shard (what it calls when given
-    ``process_group`` or a DTensor).
-
-    ``logits``: this rank's ``[..., V_local]`` slice ``[vocab_start, vocab_start + V_local)``
-    of the logits, or a DTensor sharded on its last dimension (then ``process_group`` and
-    ``vocab_start`` come from its mesh and placements). ``labels`` are global vocabulary
-    indices, identical on every rank. Outputs are replicated on every rank.
-    """
-    from .ops.token_logprobs import STAT_NAMES, check_stat_request, stat_mask, token_outputs
-
-    if is_dtensor(logits):
-        if process_group is not None or vocab_start is not None:
-            raise ValueError("a DTensor carries its own process group and shard offsets: "
-                             "pass neither process_group nor vocab_start with DTensor logits")
-        logits, process_group, dt_vocab = _from_dtensor(logits, -1, "logits")
-        vocab_size = dt_vocab if vocab_size is None else vocab_size
-        if ref_logits is not None:
-            if not is_dtensor(ref_logits):
-                raise TypeError("with DTensor logits, ref_logits must be a DTensor sharded the same way")
-            ref_logits = _from_dtensor(ref_logits, -1, "ref_logits")[0]
-    elif is_dtensor(ref_logits):
-        raise TypeError("ref_logits is a DTensor but logits is not; pass both as DTensors or both as local shards")
-    labels = _local(labels)
-    check_process_group(process_group)
-    _validate.check_logits(logits, empty_vocab=True)
-    ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    # everything that needs no collective is checked first: a bad tensor must not reach the
-    # all-gather of shard_layout (where a device mismatch fails inside the collective)
-    _validate.check_index_tensor(labels, "labels", logits.shape[:-1], logits.device, "logits.shape[:-1]")
-    names = _validate.parse_names(stats, STAT_NAMES, "stats")
-    want_kl = check_stat_request(names, ref_logits, logits, inplace_backward, shard=True)
-    inv_temp = _validate.inverse_temperature(
-        temperature, labels, compute_dtype(logits.dtype))
-
-    # an empty shard never reaches a kernel; resolve the backend on a dtype/device probe
-    be = resolve_backend(backend, logits, need_kl=want_kl)
-
-    layout = shard_layout(process_group, logits.shape[-1], vocab_start, vocab_size, logits.device,
-                          what="logits.shape[-1]")
-    _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
-
-    y = labels.reshape(-1).to(torch.int64)
-    ky, own, before = _kernel_labels(y, ignore_index, layout)
-    logp, entropy, kl, extra = VocabParallelLogProbsFunction.apply(
-        logits, ref_logits.detach() if want_kl else None, ky, own, before, y == ignore_index, inv_temp,
-        stat_mask(names), inplace_backward, be.NAME, layout)
-    return token_outputs(logp, entropy, kl, extra, names, labels.shape)
-
-
-# --------------------------------------------------------------------------- fused linear
-
-
-def _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg):
-    """This shard's part, chunk by chunk of tokens: one [chunk, V_r] logits buffer."""
-    from .ops.linear_logprobs import _logits_into
-
-    M = hidden.shape[0]
-    Vr = weight.shape[0]
-    acc = compute_dtype(hidden.dtype)
-    stats = cfg.stats
-    if Vr == 0:
-        return _empty_part(M, acc, hidden.device, stats)
-    be = _load(cfg.backend)
-    res = torch.zeros(N_OUT, M, dtype=acc, device=hidden.device)
-    xy = torch.zeros(M, dtype=acc, device=hidden.device)
-    mx = torch.full((M,), -math.inf, dtype=acc, device=hidden.device) if stats & STAT_ARGMAX else None
-    n = max(1, min(cfg.chunk, M))
-    buf = hidden.new_empty(n * Vr) if M else None
-    for s in range(0, M, n):
-        e = min(M, s + n)
-        z = _logits_into(buf[: (e - s) * Vr].view(e - s, Vr), hidden[s:e], weight, bias,
-                         None if u is None else u[s:e], lora_b, cfg)
-        y, it = ky[s:e], inv_temp[s:e]
-        res[:, s:e] = be.row_forward(z, y, it, _IGNORE, stats)
-        xy[s:e] = z.gather(1, torch.where(own[s:e], y, 0).unsqueeze(1)).squeeze(1).to(acc) * it
-        if mx is not None:
-            mx[s:e] = z.amax(1).to(acc) * it
-    part = _part_from_rows(res, stats)
-    part["XY"] = xy
-    if mx is not None:
-        part["MX"] = mx
-    return part
-
-
-class VocabParallelLinearFunction(torch.autograd.Function):
-    """Fused-linear log-probs with the lm_head weight sharded on the vocabulary.
-
-    Inputs: hidden [M, H] (replicated; rows with real labels only), weight [V_r, H], bias [V_r]
-    or None, lora_a [r, H] (replicated) / lora_b [V_r, r] or None, kernel labels [M], own /
-    before [M] bool, inv_temp [M], cfg (``linear_logprobs._Cfg``), layout.
-    Outputs: logp, entropy [M] (replicated, differentiable), [3, M] extras.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, ky, own, before, inv_temp, cfg, layout):
-        u = torch.mm(hidden, lora_a.t()) if lora_a is not None else None
-        part = _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg)
-        part["own"], part["before"] = own, before
-        M = hidden.shape[0]
-        acc = part["XY"].dtype
-        z = torch.zeros(M, dtype=acc, device=hidden.device)
-        res = (_merge(part, layout, torch.zeros_like(own), cfg.stats) if M
-               else {"lse_m": z, "lse_log_s": z, "logp": z})
-        lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
-        logp, entropy = res["logp"], res.get("entropy", z)
-        extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u)
-        ctx.cfg, ctx.layout = cfg, layout
-        return logp, entropy.clone(), extra
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_extra):
-        from .ops.linear_logprobs import _linear_backward
-
-        nones = (None,) * 11
-        if grad_logp is None and grad_entropy is None:
-            return nones
-        hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u = ctx.saved_tensors
-        cfg, layout = ctx.cfg, ctx.layout
-        if not cfg.stats & STAT_ENTROPY:
-            grad_entropy = None
-        need = ctx.needs_input_grad[:5]
-        if not any(need):
-            return nones
-        if weight.shape[0] == 0:
-            grads = [None] * 5
-            if need[0]:
-                grads[0] = torch.zeros_like(hidden)
-            if need[1]:
-                grads[1] = torch.zeros_like(weight)
-            if need[2]:
-                grads[2] = torch.zeros_like(bias)
-            if need[3]:
-                grads[3] = torch.zeros_like(lora_a)
-            if need[4]:
-                grads[4] = torch.zeros_like(lora_b)
-        else:
-            grads = list(_linear_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, entropy, u,
-                                          grad_logp, grad_entropy, cfg, *need, lse_lo=lse_lo))
-        # hidden (and LoRA A) are replicated: their gradient is the sum of every shard's part
-        for i in (0, 3):
-            if grads[i] is not None:
-                dist.all_reduce(grads[i], op=dist.ReduceOp.SUM, group=layout.group)
-        return tuple(grads) + (None,) * 6
-
-
-def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
-                                         logit_scale=1.0, softcap=None, stats=(), lora=None, chunk_size=None,
-                                         backend="auto", process_group=None, vocab_start=None, vocab_size=None):
-    """:func:`prefopt_fast.linear_token_logprobs` with the lm_head sharded on the vocabulary
-    (what it calls when given ``process_group`` or a DTensor weight).
-
-    ``hidden`` ``[..., H]`` and ``labels`` (global indices) are replicated; ``weight`` is this
-    rank's ``[V_local, H]`` rows ``[vocab_start, vocab_start + V_local)`` of the head, or a
-    DTensor sharded on dim 0; ``bias`` ``[V_local]`` and LoRA ``B`` ``[V_local, r]`` are sharded
-    like it, LoRA ``A`` ``[r, H]`` is replicated. The gradients of ``hidden`` and ``A`` are
-    all-reduced (summed) over the group in the backward.
-    """
-    from .ops.linear_logprobs import _check_inputs, _kept_rows, _make_cfg, _outputs, _stat_names
-
-    if is_dtensor(weight):
-        if process_group is not None or vocab_start is not None:
-            raise ValueError("a DTensor weight carries its own process group and shard offsets: "
-                             "pass neither process_group nor vocab_start with it")
-        weight, process_group, dt_vocab = _from_dtensor(weight, 0, "weight")
-        vocab_size = dt_vocab if vocab_size is None else vocab_size
-        if bias is not None:
-            bias = _from_dtensor(bias, 0, "bias")[0] if is_dtensor(bias) else bias
-        if lora is not None and isinstance(lora, (tuple, list)) and len(lora) == 3:
-            a, b, sc = lora
-            lora = (_local(a), _from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
-    hidden, labels = _local(hidden), _local(labels)
-    check_process_group(process_group)
-    ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    # shapes, dtypes and LoRA of the local shard (which may have no rows); the labels' range
-    # needs the global vocabulary: checked after shard_layout, everything else before it
-    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=True)
-    logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
-    names = _stat_names(stats)
-    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
-    be = resolve_backend(backend, hidden)
-    layout = shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device,
-                          what="weight.shape[0]")
-    _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
-
-    flat_h, y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
-    if idx is not None:  # labels are replicated: every rank drops the same rows
-        flat_h = flat_h.index_select(0, idx)
-    cfg = _make_cfg(scaling, logit_scale, softcap, names, chunk_size, y.shape[0], max(1, weight.shape[0]),
-                    hidden.dtype, be.NAME)
-    ky, own, before = _kernel_labels(y, ignore_index, layout)
-    logp, entropy, extra = VocabParallelLinearFunction.apply(
-        flat_h if flat_h.is_contiguous() else flat_h.contiguous(), weight, bias, lora_a, lora_b, ky, own, before,
-        inv_temp.contiguous(), cfg, layout)
-    return _outputs(logp, entropy, extra, names, idx, labels.shape)

@@ -46,7 +46,7 @@ def _build_hint() -> str:
 @functools.lru_cache(maxsize=None)
 def _extension_reason() -> str:
     """Why the extension cannot serve CUDA tensors at all ("" if it has CUDA kernels)."""
-    lib, err = _build_info._library()
+    lib, err = _build_info.extension_library()
     if lib is None:
         return f"the native extension prefopt_fast._C could not be imported ({err}); {_build_hint()}"
     if _build_info.cuda_symbol("prefopt_fast_cuda_probe") is None:

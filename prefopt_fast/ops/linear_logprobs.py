@@ -48,13 +48,15 @@ import math
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .. import _validate
-from .._dispatch import _load, resolve_backend
+from .. import _validate, distributed
+from .._dispatch import load_backend, resolve_backend
 from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY
-from .._rows import STAT_LSSP, STAT_MEAN, STATS, compute_dtype, split_lse
-from ..distributed import check_vocab_parallel_options, is_dtensor, vocab_parallel_linear_token_logprobs
+from .._rows import N_OUT, STAT_LSSP, STAT_MEAN, STATS, compute_dtype, lse_pair, split_lse
+from ..distributed import (SHARD_IGNORE, check_vocab_parallel_options, empty_part, from_dtensor,
+                           is_dtensor, kernel_labels, local_tensor, merge_partials, part_from_rows)
 from .token_logprobs import stat_mask, token_outputs
 
 __all__ = ["linear_token_logprobs", "linear_sequence_logprobs", "LinearSequenceLogProbs",
@@ -190,7 +192,7 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
     # the O(M) merge state is fp64: each merge step would otherwise add an fp32 rounding to
     # lse and to the weights exp(L_b - lse), which the backward's exp(x - lse) inherits
     mdt = torch.float64
-    be = _load(cfg.backend)
+    be = load_backend(cfg.backend)
     want_ent = bool(cfg.stats & STAT_ENTROPY)
     want_sq = bool(cfg.stats & STAT_LSSP)
     want_mean = bool(cfg.stats & STAT_MEAN)
@@ -484,7 +486,7 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
     r = lora_a.shape[0] if lora else 0
     s_lora = cfg.scaling
     need_u = lora and (need_h or need_a)   # the gradient of u = hidden @ A.T
-    be = _load(cfg.backend)
+    be = load_backend(cfg.backend)
 
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
     if grad_entropy is not None:
@@ -849,3 +851,147 @@ class LinearSequenceLogProbs(nn.Module):
         if self.softcap is not None:
             s += f", softcap={self.softcap}"
         return s
+
+
+# --------------------------------------------------------------------------- vocabulary-parallel
+
+
+def _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg):
+    """This shard's part, chunk by chunk of tokens: one [chunk, V_r] logits buffer."""
+    M = hidden.shape[0]
+    Vr = weight.shape[0]
+    acc = compute_dtype(hidden.dtype)
+    stats = cfg.stats
+    if Vr == 0:
+        return empty_part(M, acc, hidden.device, stats)
+    be = load_backend(cfg.backend)
+    res = torch.zeros(N_OUT, M, dtype=acc, device=hidden.device)
+    xy = torch.zeros(M, dtype=acc, device=hidden.device)
+    mx = torch.full((M,), -math.inf, dtype=acc, device=hidden.device) if stats & STAT_ARGMAX else None
+    n = max(1, min(cfg.chunk, M))
+    buf = hidden.new_empty(n * Vr) if M else None
+    for s in range(0, M, n):
+        e = min(M, s + n)
+        z = _logits_into(buf[: (e - s) * Vr].view(e - s, Vr), hidden[s:e], weight, bias,
+                         None if u is None else u[s:e], lora_b, cfg)
+        y, it = ky[s:e], inv_temp[s:e]
+        res[:, s:e] = be.row_forward(z, y, it, SHARD_IGNORE, stats)
+        xy[s:e] = z.gather(1, torch.where(own[s:e], y, 0).unsqueeze(1)).squeeze(1).to(acc) * it
+        if mx is not None:
+            mx[s:e] = z.amax(1).to(acc) * it
+    part = part_from_rows(res, stats)
+    part["XY"] = xy
+    if mx is not None:
+        part["MX"] = mx
+    return part
+
+
+class VocabParallelLinearFunction(torch.autograd.Function):
+    """Fused-linear log-probs with the lm_head weight sharded on the vocabulary.
+
+    Inputs: hidden [M, H] (replicated; rows with real labels only), weight [V_r, H], bias [V_r]
+    or None, lora_a [r, H] (replicated) / lora_b [V_r, r] or None, kernel labels [M], own /
+    before [M] bool, inv_temp [M], cfg (``_Cfg``), layout.
+    Outputs: logp, entropy [M] (replicated, differentiable), [3, M] extras.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, ky, own, before, inv_temp, cfg, layout):
+        u = torch.mm(hidden, lora_a.t()) if lora_a is not None else None
+        part = _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg)
+        part["own"], part["before"] = own, before
+        M = hidden.shape[0]
+        acc = part["XY"].dtype
+        z = torch.zeros(M, dtype=acc, device=hidden.device)
+        res = (merge_partials(part, layout, torch.zeros_like(own), cfg.stats) if M
+               else {"lse_m": z, "lse_log_s": z, "logp": z})
+        lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
+        logp, entropy = res["logp"], res.get("entropy", z)
+        extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(extra)
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u)
+        ctx.cfg, ctx.layout = cfg, layout
+        return logp, entropy.clone(), extra
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_extra):
+        nones = (None,) * 11
+        if grad_logp is None and grad_entropy is None:
+            return nones
+        hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u = ctx.saved_tensors
+        cfg, layout = ctx.cfg, ctx.layout
+        if not cfg.stats & STAT_ENTROPY:
+            grad_entropy = None
+        need = ctx.needs_input_grad[:5]
+        if not any(need):
+            return nones
+        if weight.shape[0] == 0:
+            grads = [None] * 5
+            if need[0]:
+                grads[0] = torch.zeros_like(hidden)
+            if need[1]:
+                grads[1] = torch.zeros_like(weight)
+            if need[2]:
+                grads[2] = torch.zeros_like(bias)
+            if need[3]:
+                grads[3] = torch.zeros_like(lora_a)
+            if need[4]:
+                grads[4] = torch.zeros_like(lora_b)
+        else:
+            grads = list(_linear_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, entropy, u,
+                                          grad_logp, grad_entropy, cfg, *need, lse_lo=lse_lo))
+        # hidden (and LoRA A) are replicated: their gradient is the sum of every shard's part
+        for i in (0, 3):
+            if grads[i] is not None:
+                dist.all_reduce(grads[i], op=dist.ReduceOp.SUM, group=layout.group)
+        return tuple(grads) + (None,) * 6
+
+
+def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
+                                         logit_scale=1.0, softcap=None, stats=(), lora=None, chunk_size=None,
+                                         backend="auto", process_group=None, vocab_start=None, vocab_size=None):
+    """:func:`prefopt_fast.linear_token_logprobs` with the lm_head sharded on the vocabulary
+    (what it calls when given ``process_group`` or a DTensor weight).
+
+    ``hidden`` ``[..., H]`` and ``labels`` (global indices) are replicated; ``weight`` is this
+    rank's ``[V_local, H]`` rows ``[vocab_start, vocab_start + V_local)`` of the head, or a
+    DTensor sharded on dim 0; ``bias`` ``[V_local]`` and LoRA ``B`` ``[V_local, r]`` are sharded
+    like it, LoRA ``A`` ``[r, H]`` is replicated. The gradients of ``hidden`` and ``A`` are
+    all-reduced (summed) over the group in the backward.
+    """
+    if is_dtensor(weight):
+        if process_group is not None or vocab_start is not None:
+            raise ValueError("a DTensor weight carries its own process group and shard offsets: "
+                             "pass neither process_group nor vocab_start with it")
+        weight, process_group, dt_vocab = from_dtensor(weight, 0, "weight")
+        vocab_size = dt_vocab if vocab_size is None else vocab_size
+        if bias is not None:
+            bias = from_dtensor(bias, 0, "bias")[0] if is_dtensor(bias) else bias
+        if lora is not None and isinstance(lora, (tuple, list)) and len(lora) == 3:
+            a, b, sc = lora
+            lora = (local_tensor(a), from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
+    hidden, labels = local_tensor(hidden), local_tensor(labels)
+    distributed.check_process_group(process_group)
+    ignore_index = _validate.check_int(ignore_index, "ignore_index")
+    # shapes, dtypes and LoRA of the local shard (which may have no rows); the labels' range
+    # needs the global vocabulary: checked after shard_layout, everything else before it
+    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=True)
+    logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
+    names = _stat_names(stats)
+    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
+    be = resolve_backend(backend, hidden)
+    layout = distributed.shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device,
+                          what="weight.shape[0]")
+    _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
+
+    flat_h, y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
+    if idx is not None:  # labels are replicated: every rank drops the same rows
+        flat_h = flat_h.index_select(0, idx)
+    cfg = _make_cfg(scaling, logit_scale, softcap, names, chunk_size, y.shape[0], max(1, weight.shape[0]),
+                    hidden.dtype, be.NAME)
+    ky, own, before = kernel_labels(y, ignore_index, layout)
+    logp, entropy, extra = VocabParallelLinearFunction.apply(
+        flat_h if flat_h.is_contiguous() else flat_h.contiguous(), weight, bias, lora_a, lora_b, ky, own, before,
+        inv_temp.contiguous(), cfg, layout)
+    return _outputs(logp, entropy, extra, names, idx, labels.shape)
