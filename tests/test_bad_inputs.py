@@ -506,6 +506,42 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         dict(hidden="hidden_3d", weight="weight", labels="labels", old_logps="bt", advantages="advantages",
              ref_logps="bt", loss_mask="mask", bias="bias"),
     ),
+    # the per-token policy-gradient head (no vocabulary): logps [B, T] define B, T and the device
+    "policy_loss": (
+        _call(pf.policy_loss),
+        lambda: dict(logps=-torch.rand(B, T, generator=_g()), old_logps=-torch.rand(B, T, generator=_g()),
+                     advantages=torch.randn(B, generator=_g()), mask=torch.ones(B, T, dtype=torch.bool),
+                     entropy=torch.rand(B, T, generator=_g()), ref_logps=-torch.rand(B, T, generator=_g()),
+                     kl_coef=0.1, kl_estimator="k3", clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0,
+                     entropy_coef=0.01, loss_agg_mode="token-mean", is_weights=torch.ones(B, T),
+                     importance_sampling_level="token", kl_ratio_correction=False, global_num_tokens=5.0),
+        dict(logps="logps", old_logps="bt", advantages="advantages", mask="mask", entropy="bt", ref_logps="bt",
+             kl_coef="nonneg_float", kl_estimator="kl_estimator", clip_eps_low="nonneg_float",
+             clip_eps_high="nonneg_float", dual_clip="dual_clip", entropy_coef="real", loss_agg_mode="agg",
+             is_weights="advantages", importance_sampling_level="is_level", kl_ratio_correction="bool",
+             global_num_tokens="normalizer"),
+    ),
+    "policy_loss(full kl, dr_grpo)": (
+        _call(pf.policy_loss),
+        lambda: dict(logps=-torch.rand(B, T, generator=_g()), old_logps=None,
+                     advantages=torch.randn(B, T, generator=_g()), kl=torch.rand(B, T, generator=_g()), kl_coef=0.1,
+                     kl_estimator="full", loss_agg_mode="seq-mean-token-sum-norm", max_length=T),
+        dict(kl="bt", max_length="max_length"),
+    ),
+    "PolicyLoss()": (_ctor(pf.PolicyLoss), lambda: dict(kl_coef=0.1, kl_estimator="k3", loss_agg_mode="dr_grpo",
+                                                        max_length=4, importance_sampling_level="sequence",
+                                                        dual_clip=3.0, entropy_coef=0.01),
+                     dict(kl_coef="nonneg_float", kl_estimator="kl_estimator", max_length="max_length",
+                          importance_sampling_level="is_level", dual_clip="dual_clip", entropy_coef="real")),
+    "PolicyLoss.forward": (
+        _module_call(pf.PolicyLoss, dict(kl_coef=0.1, entropy_coef=0.01)),
+        lambda: dict(logps=-torch.rand(B, T, generator=_g()), old_logps=-torch.rand(B, T, generator=_g()),
+                     advantages=torch.randn(B, generator=_g()), mask=torch.ones(B, T, dtype=torch.bool),
+                     entropy=torch.rand(B, T, generator=_g()), ref_logps=-torch.rand(B, T, generator=_g()),
+                     is_weights=torch.ones(B, T), global_num_tokens=5.0),
+        dict(logps="logps", old_logps="bt", advantages="advantages", mask="mask", entropy="bt", ref_logps="bt",
+             is_weights="advantages", global_num_tokens="normalizer"),
+    ),
     "default_chunk_size": (
         _call(pfl.default_chunk_size),
         lambda: dict(num_tokens=6, vocab=V, dtype=torch.float32),
@@ -689,6 +725,12 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("B + 1 entries", lambda v, a: torch.zeros(B + 1), ValueError),
         ("[B, T + 1]", lambda v, a: torch.zeros(B, T + 1), ValueError),
     ]),
+    "logps": [
+        ("a list", lambda v, a: v.tolist(), TypeError),
+        ("an integer tensor", lambda v, a: v.round().to(torch.int64), TypeError),
+        ("[B * T] (1-D)", lambda v, a: v.reshape(-1), ValueError),
+        ("[B, 0]", lambda v, a: v[:, :0], ValueError),
+    ],
     "bt": _float_tensor_kinds([
         ("[B, T + 1]", lambda v, a: torch.zeros(B, T + 1), ValueError),
         ("[B]", lambda v, a: torch.zeros(B), ValueError),
@@ -923,6 +965,7 @@ MODULE_FUNCTIONS = {
     "LinearSequenceLogProbs": (pfl.linear_sequence_logprobs,),
     "LinearDPOLoss": (pfl.linear_dpo_loss, pf.dpo_loss),
     "LinearPPOLoss": (pfl.linear_ppo_loss,),
+    "PolicyLoss": (pf.policy_loss,),
 }
 # inputs of dpo_loss the fused DPO modules compute themselves (from the logits / hidden states)
 _PAIR_LOGPS = {"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",

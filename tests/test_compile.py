@@ -203,6 +203,27 @@ def _ppo_loss(be):
                                   entropy_coef=0.01, clip_eps_high=0.28, dual_clip=3.0, backend=be)), (_z(),)
 
 
+def _policy_inputs():
+    g = _g(12)
+    return torch.randn(B, T, generator=g) * 0.1 - 3, torch.rand(B, T, generator=g) + 0.5
+
+
+def _policy_loss(_):
+    old, adv, mask, ref_lp = _ppo_inputs()
+    return (lambda lp, h: pf.policy_loss(lp, old, adv, mask, entropy=h, ref_logps=ref_lp, kl_coef=0.1,
+                                         kl_estimator="low_var_kl", kl_ratio_correction=True, entropy_coef=0.01,
+                                         clip_eps_high=0.28, dual_clip=3.0, loss_agg_mode="seq-mean-token-mean")), \
+        _policy_inputs()
+
+
+def _mod_policy(_):
+    m = pf.PolicyLoss(kl_coef=0.1, kl_estimator="full", entropy_coef=0.01, loss_agg_mode="dr_grpo", max_length=T,
+                      importance_sampling_level="sequence")
+    old, adv, mask, _ = _ppo_inputs()
+    kl = torch.rand(B, T, generator=_g(13))
+    return (lambda lp, h: m(lp, old, adv, mask, entropy=h, kl=kl)), _policy_inputs()
+
+
 def _dpo_loss(_):
     lengths, rc, rr = torch.tensor([3, 4]), _vec(seed=8), _vec(seed=9)
     return (lambda c, r: pf.dpo_loss(c, r, rc, rr, beta=0.1, loss_type=["sigmoid", "ipo"],
@@ -349,6 +370,8 @@ CASES: Dict[str, Case] = {
     "fused_dpo_loss": Case(_fused_dpo_loss),
     "ppo_loss": Case(_ppo_loss),
     "dpo_loss": Case(_dpo_loss, takes_backend=False),
+    "policy_loss": Case(_policy_loss, takes_backend=False),
+    "PolicyLoss": Case(_mod_policy, takes_backend=False),
     "cpo_loss": Case(_cpo_loss, takes_backend=False),
     "simpo_loss": Case(_simpo_loss, takes_backend=False),
     "orpo_loss": Case(_orpo_loss, takes_backend=False),

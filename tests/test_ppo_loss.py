@@ -714,3 +714,105 @@ def test_module_validates_in_init():
         PPOLoss(loss_agg_mode="dr_grpo")
     with pytest.raises(ValueError, match="loss_agg_mode"):
         PPOLoss(loss_agg_mode="mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# policy_loss / PolicyLoss: the same head over per-token vectors, bit for bit
+
+
+def _policy_from_ppo_inputs(logits, labels, backend, *, loss_mask=None, ref_logits=None, temperature=1.0,
+                            kl_estimator="k3", kl_coef=0.0, ref_logps=None, **_):
+    """What a caller of policy_loss holds: the per-token log-probs, entropies (and exact KL)
+    that ppo_loss computes from its logits, and the mask ppo_loss derives from its labels."""
+    keep = labels != IGN
+    if loss_mask is not None:
+        keep = keep & (loss_mask != 0)
+    kernel_labels = torch.where(keep, labels, IGN) if loss_mask is not None else labels
+    with_kl = kl_estimator == "full" and ref_logits is not None
+    from prefopt_fast import token_logprobs
+
+    out = token_logprobs(logits, kernel_labels, ignore_index=IGN, temperature=temperature,
+                         stats=("entropy", "kl") if with_kl else ("entropy",),
+                         ref_logits=ref_logits if with_kl else None, backend=backend)
+    mask = keep if loss_mask is None else loss_mask * keep
+    return out.logprobs, out.entropy, (out.kl if with_kl else None), mask
+
+
+def _assert_policy_equals_ppo(backend, data, old, adv, kw, module=False):
+    from prefopt_fast.losses import PolicyLoss, policy_loss
+
+    head_kw = {k: v for k, v in kw.items() if k not in ("loss_mask", "ref_logits", "temperature")}
+    z1 = data["logits"].detach().clone().requires_grad_(True)
+    want, want_m = ppo_loss(z1, data["labels"], old, adv, backend=backend, **kw)
+    want.backward()
+
+    z2 = data["logits"].detach().clone().requires_grad_(True)
+    logps, entropy, kl, mask = _policy_from_ppo_inputs(z2, data["labels"], backend, **kw)
+    tensors = dict(entropy=entropy, kl=kl, ref_logps=head_kw.pop("ref_logps", None),
+                   is_weights=head_kw.pop("is_weights", None), global_num_tokens=head_kw.pop("global_num_tokens", None))
+    if module:
+        got, got_m = PolicyLoss(**head_kw)(logps, old, adv, mask, **tensors)
+    else:
+        got, got_m = policy_loss(logps, old, adv, mask, **tensors, **head_kw)
+    got.backward()
+
+    assert torch.equal(got.detach(), want.detach()), (float(got), float(want))
+    assert got.dtype == want.dtype
+    assert list(got_m) == list(want_m)
+    for k in want_m:
+        assert torch.equal(got_m[k], want_m[k]) or (got_m[k].isnan() and want_m[k].isnan()), k
+    assert torch.equal(z2.grad, z1.grad)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_policy_loss_equals_ppo_loss(backend, device, name):
+    data = make_batch(device=device)
+    kw = _resolve(data, VARIANTS[name], device)
+    old = None if kw.pop("old") is None else data["old"]
+    adv = data[kw.pop("adv")]
+    _assert_policy_equals_ppo(backend, data, old, adv, kw)
+
+
+def test_policy_loss_full_kl_equals_ppo_loss(backend, device):
+    if not _supports_kl(backend):
+        pytest.skip(f"backend {backend!r} has no exact-KL row kernel yet")
+    data = make_batch(device=device)
+    mask = torch.ones_like(data["labels"], dtype=torch.bool)
+    mask[1, 2] = False
+    for agg in LOSS_AGG_MODES:
+        kw = dict(ref_logits=data["ref_logits"], kl_coef=0.3, kl_estimator="full", loss_mask=mask, temperature=0.8,
+                  entropy_coef=0.05, loss_agg_mode=agg, kl_ratio_correction=True)
+        if agg == "seq-mean-token-sum-norm":
+            kw["max_length"] = 8
+        _assert_policy_equals_ppo(backend, data, data["old"], data["adv_tok"], kw)
+
+
+def test_policy_module_equals_ppo_loss(backend, device):
+    data = make_batch(device=device)
+    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator="k3",
+              kl_ratio_correction=True, entropy_coef=0.01, loss_agg_mode="dr_grpo", max_length=8,
+              importance_sampling_level="sequence", ref_logps=data["ref"], is_weights=data["adv_tok"].abs())
+    _assert_policy_equals_ppo(backend, data, data["old"], data["adv_seq"], kw, module=True)
+
+
+def test_policy_loss_without_entropy_and_weighted_mask():
+    """No entropy: no bonus allowed, no entropy metric; a float mask weights the tokens as
+    ppo_loss's loss_mask does."""
+    from prefopt_fast.losses import PolicyLoss, policy_loss
+
+    data = make_batch()
+    logps, _, _, keep = _policy_from_ppo_inputs(data["logits"], data["labels"], "torch")
+    w = torch.rand(keep.shape, generator=torch.Generator().manual_seed(3)) + 0.5
+    loss, m = policy_loss(logps, data["old"], data["adv_seq"], w * keep)
+    want, want_m = ppo_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], loss_mask=w,
+                            backend="torch")
+    assert torch.equal(loss, want) and "entropy" not in m and set(m) == set(want_m) - {"entropy"}
+    with pytest.raises(ValueError, match="entropy_coef=0.1 needs entropy"):
+        policy_loss(logps, data["old"], data["adv_seq"], entropy_coef=0.1)
+    with pytest.raises(ValueError, match="kl is only used by"):
+        policy_loss(logps, data["old"], data["adv_seq"], kl=torch.zeros_like(logps))
+    with pytest.raises(ValueError, match='"full" needs kl'):
+        PolicyLoss(kl_estimator="full", kl_coef=0.1)(logps, data["old"], data["adv_seq"])
+    with pytest.raises(ValueError, match=r"logps must have shape \[B, T\]"):
+        policy_loss(data["logits"], data["old"], data["adv_seq"])
+    assert "dr_grpo" in repr(PolicyLoss(loss_agg_mode="dr_grpo", max_length=4))

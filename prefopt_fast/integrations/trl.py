@@ -91,12 +91,11 @@ from accelerate.utils import is_peft_model  # noqa: E402
 from trl.kernels import ChunkedLogProbFunction as _TRL_CHUNKED  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
-from ..losses import ppo as _ppo
+from ..losses.ppo import TRL_LOSS_TYPES, PolicyLoss
 from ..losses._common import reward_metrics
 from ..losses.dpo import DPOLoss
 from ..losses.reward import BradleyTerryLoss
 from ..ops.linear_logprobs import linear_token_logprobs
-from ..ops.token_logprobs import TokenLogProbs
 
 __all__ = [
     "TESTED_TRL",
@@ -571,7 +570,7 @@ class RewardTrainer(trl.RewardTrainer):
 
 # --------------------------------------------------------------------------- GRPO
 
-SUPPORTED_GRPO_LOSS_TYPES = tuple(_ppo.TRL_LOSS_TYPES)  # grpo, bnpo, dr_grpo, dapo
+SUPPORTED_GRPO_LOSS_TYPES = tuple(TRL_LOSS_TYPES)  # grpo, bnpo, dr_grpo, dapo
 
 
 class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
@@ -624,7 +623,8 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
     def _prefopt_head_config(loss_type, eps_low, eps_high, delta, beta, bias_correction_kl, entropy_coef,
                              max_completion_length, importance_sampling_level, adaptive_entropy=False,
                              top_entropy_quantile=1.0):
-        """The PPO head's validated config for these GRPO settings, or ValueError naming the TRL option."""
+        """The PPO head (a :class:`prefopt_fast.PolicyLoss`) for these GRPO settings, or ValueError naming the
+        TRL option."""
         if loss_type not in SUPPORTED_GRPO_LOSS_TYPES:
             raise _unsupported("GRPOTrainer", "loss_type", loss_type,
                                f"prefopt_fast's PPO head implements the clipped surrogate of "
@@ -638,9 +638,11 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
                                "high-entropy tokens, which the head does not; use top_entropy_quantile=1.0 or "
                                "entropy_coef=0.0")
         try:
-            return _ppo._check_config(
-                -100, eps_low, eps_high, delta, beta, "k3", bool(bias_correction_kl), entropy_coef, loss_type,
-                max_completion_length if loss_type == "dr_grpo" else None, importance_sampling_level)
+            return PolicyLoss(
+                clip_eps_low=eps_low, clip_eps_high=eps_high, dual_clip=delta, kl_coef=beta, kl_estimator="k3",
+                kl_ratio_correction=bool(bias_correction_kl), entropy_coef=entropy_coef, loss_agg_mode=loss_type,
+                max_length=max_completion_length if loss_type == "dr_grpo" else None,
+                importance_sampling_level=importance_sampling_level)
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"prefopt_fast.integrations.trl.GRPOTrainer: GRPO settings (loss_type={loss_type!r}, epsilon="
@@ -699,15 +701,13 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
             if mode == "train":
                 global_tokens = global_tokens * G / self.args.steps_per_generation
             coef = coef / G
-        cfg = self._prefopt_head_config(
+        head = self._prefopt_head_config(
             self.loss_type, self.epsilon_low, self.epsilon_high, self.args.delta, self.beta,
             self.args.use_bias_correction_kl, coef, self.max_completion_length, self.importance_sampling_level,
             self.use_adaptive_entropy, self.top_entropy_quantile)
-        B, T = completion_ids.shape
-        labels = completion_ids.masked_fill(mask == 0, -100)
-        stats = TokenLogProbs(per_token_logps, entropies)
-        loss, metrics = _ppo._ppo_head(lambda _labels, _with_kl: stats, labels, B, T, per_token_logps.device, old,
-                                       advantages, cfg, None, ref, False, is_weights, global_tokens)
+        # TRL's per-token log-probs and entropies: the per-token head, masked where TRL masks
+        loss, metrics = head(per_token_logps, old, advantages, mask != 0, entropy=entropies, ref_logps=ref,
+                             is_weights=is_weights, global_num_tokens=global_tokens)
         if self.loss_type != "dapo":
             loss = loss / G
 

@@ -178,8 +178,8 @@ def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lor
                                      logit_scale=logit_scale, softcap=softcap, stats=("entropy",),
                                      chunk_size=chunk_size, backend=backend, **(vocab_parallel or {}))
 
-    return _ppo_mod._ppo_from(token_stats, hidden, "hidden", "H", labels, old_logps, advantages, cfg, loss_mask,
-                              ref_logps, False, is_weights, global_num_tokens)
+    return _ppo_mod.ppo_from_token_stats(token_stats, hidden, "hidden", "H", labels, old_logps, advantages, cfg,
+                                         loss_mask, ref_logps, False, is_weights, global_num_tokens)
 
 
 def linear_ppo_loss(
@@ -224,9 +224,9 @@ def linear_ppo_loss(
     ``loss_mask`` are dropped before any matmul. ``process_group``, ``vocab_start``,
     ``vocab_size``: a vocabulary-parallel head, as in :func:`prefopt_fast.linear_token_logprobs`.
     """
-    cfg = _ppo_mod._check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                                 kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
-                                 importance_sampling_level)
+    cfg = _ppo_mod.check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+                                       kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
+                                       importance_sampling_level)
     return _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, bias=bias, lora=lora, loss_mask=loss_mask,
                        ref_logps=ref_logps, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                        is_weights=is_weights, global_num_tokens=global_num_tokens, chunk_size=chunk_size,

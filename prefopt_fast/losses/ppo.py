@@ -2,7 +2,10 @@
 
 The vocabulary is touched only by :func:`prefopt_fast.token_logprobs` (one streaming pass
 per logits row: log-prob of the label, entropy and, for ``kl_estimator="full"``, the exact
-KL to the reference distribution). Everything here is plain PyTorch on ``[B, T]`` vectors.
+KL to the reference distribution). Everything here is plain PyTorch on ``[B, T]`` vectors;
+:func:`policy_loss` / :class:`PolicyLoss` is that head alone, over per-token log-probs (and
+entropies, KL) the caller already has, and ppo_loss, linear_ppo_loss and the TRL GRPO
+integration all run it.
 
 Per token, with m the mask (label != ignore_index, times ``loss_mask``), logp the policy
 log-prob, old the behaviour log-prob, ref the reference log-prob, A the advantage:
@@ -63,7 +66,8 @@ from .._validate import check_bool, check_choice, check_real
 from ..distributed import check_vocab_parallel_options
 from ..ops.token_logprobs import token_logprobs
 
-__all__ = ["ppo_loss", "PPOLoss", "KL_ESTIMATORS", "LOSS_AGG_MODES", "TRL_LOSS_TYPES",
+__all__ = ["ppo_loss", "PPOLoss", "policy_loss", "PolicyLoss", "PolicyConfig", "check_policy_config",
+           "ppo_from_token_stats", "KL_ESTIMATORS", "LOSS_AGG_MODES", "TRL_LOSS_TYPES",
            "IMPORTANCE_SAMPLING_LEVELS"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
@@ -80,7 +84,9 @@ _UNSUPPORTED_TRL = ("cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
-class _Config(NamedTuple):
+class PolicyConfig(NamedTuple):
+    """The validated hyper-parameters of the policy-gradient heads (:func:`check_policy_config`)."""
+
     ignore_index: int
     clip_eps_low: float
     clip_eps_high: float
@@ -95,10 +101,12 @@ class _Config(NamedTuple):
     importance_sampling_level: str
 
 
-def _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+def check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                   kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
-                  importance_sampling_level) -> _Config:
-    """Validate the hyper-parameters (Python values only, no tensors)."""
+                  importance_sampling_level) -> PolicyConfig:
+    """The hyper-parameters of :func:`ppo_loss` / :func:`policy_loss` (Python values only, no
+    tensors), validated: a :class:`PolicyConfig`. ``ignore_index`` only matters to the heads
+    that take labels."""
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     eps_low = check_real(clip_eps_low, "clip_eps_low", lo=0.0)
     eps_high = eps_low if clip_eps_high is None else check_real(clip_eps_high, "clip_eps_high", lo=0.0)
@@ -150,7 +158,7 @@ def _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef,
         )
 
     check_choice(importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level")
-    return _Config(ignore_index, eps_low, eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
+    return PolicyConfig(ignore_index, eps_low, eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
                    entropy_coef, agg, trl, max_length, importance_sampling_level)
 
 
@@ -218,7 +226,7 @@ def _masked_mean(x: Tensor, m: Tensor, per_sequence: bool = False) -> Tensor:
     return (x.expand(m.shape) * m).sum() / m.sum().clamp(min=1.0)
 
 
-def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_logps, ref_logits, temperature,
+def _ppo(logits, labels, old_logps, advantages, cfg: PolicyConfig, loss_mask, ref_logps, ref_logits, temperature,
          is_weights, global_num_tokens, backend, vocab_parallel=None) -> Tuple[Tensor, Dict[str, Tensor]]:
     def token_stats(kernel_labels: Tensor, with_kl: bool):
         return token_logprobs(
@@ -227,15 +235,19 @@ def _ppo(logits, labels, old_logps, advantages, cfg: _Config, loss_mask, ref_log
             ref_logits=ref_logits if with_kl else None, backend=backend, **(vocab_parallel or {}),
         )
 
-    return _ppo_from(token_stats, logits, "logits", "V", labels, old_logps, advantages, cfg, loss_mask, ref_logps,
-                     ref_logits is not None, is_weights, global_num_tokens)
+    return ppo_from_token_stats(token_stats, logits, "logits", "V", labels, old_logps, advantages, cfg, loss_mask,
+                                ref_logps, ref_logits is not None, is_weights, global_num_tokens)
 
 
-def _ppo_from(token_stats, src, src_name: str, last: str, labels, old_logps, advantages, cfg: _Config, loss_mask,
-              ref_logps, has_ref_logits: bool, is_weights, global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """:func:`_ppo_head` after checking ``src``, the ``[B, T, last]`` tensor named ``src_name`` the
-    statistics come from ("logits" [B, T, V] for ppo_loss, "hidden" [B, T, H] for linear_ppo_loss),
-    and the labels against it."""
+def ppo_from_token_stats(token_stats, src, src_name: str, last: str, labels, old_logps, advantages,
+                         cfg: PolicyConfig, loss_mask, ref_logps, has_ref_logits: bool, is_weights,
+                         global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The PPO loss of an op that computes per-token statistics from ``src``, the ``[B, T, last]``
+    tensor named ``src_name`` ("logits" [B, T, V] for ppo_loss, "hidden" [B, T, H] for
+    linear_ppo_loss): checks ``src`` and the labels against it, folds ``loss_mask`` into the
+    labels, calls ``token_stats(kernel_labels, with_kl)`` (a ``TokenLogProbs`` with the
+    log-probs, the entropy and, when ``with_kl``, the exact KL) and applies the head of
+    :func:`policy_loss` to them. ``cfg``: :func:`check_policy_config`."""
     _validate.check_tensor(src, src_name)
     if src.dim() != 3:
         raise ValueError(f"{src_name} must have shape [B, T, {last}]; got {list(src.shape)}")
@@ -249,14 +261,13 @@ def _ppo_from(token_stats, src, src_name: str, last: str, labels, old_logps, adv
                      has_ref_logits, is_weights, global_num_tokens, src=src_name)
 
 
-def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, cfg: _Config, loss_mask, ref_logps,
-              has_ref_logits: bool, is_weights, global_num_tokens, src: str = "logits"
-              ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
-    log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; ppo_loss,
-    the fused-linear PPO loss (both through :func:`_ppo_from`) and the TRL GRPO integration share
-    it. ``labels`` are checked already; ``src`` names the tensor whose device ``dev`` is
-    ("logits" or "hidden")."""
+def _check_head_inputs(B: int, T: int, dev, old_logps, advantages, cfg: PolicyConfig, loss_mask, ref_logps,
+                       has_full_ref: bool, is_weights, global_num_tokens, src: str, full_ref: str):
+    """The per-token inputs every head shares, checked against ``[B, T]`` on ``dev`` (``src``
+    names the tensor they come with). ``full_ref`` names the input of ``kl_estimator="full"``
+    ("ref_logits" for the losses from logits / hidden states, "kl" for :func:`policy_loss`);
+    ``has_full_ref``: it was given. Returns the checked (advantages, adv_per_seq, old_logps,
+    loss_mask, is_weights, ref_logps, global_num_tokens)."""
     # per sequence by origin: [B], or [B, 1] when that is not also [B, T]
     adv_per_seq = isinstance(advantages, Tensor) and (advantages.dim() == 1 or T > 1)
     advantages = _check_bt(advantages, "advantages", B, T, dev, allow_seq=True, src=src)
@@ -269,16 +280,21 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
         is_weights = _check_bt(is_weights, "is_weights", B, T, dev, allow_seq=True, src=src)
 
     full = cfg.kl_estimator == "full"
+    if full_ref == "ref_logits":
+        reads, needs = "it reads ref_logits", ("ref_logits: the reference model's logits [B, T, V] "
+                                                "(same shape and dtype as logits)")
+    else:
+        reads = "it reads kl"
+        needs = "kl: the exact per-token KL(pi || pi_ref) [B, T] (e.g. token_logprobs' \"kl\" stat)"
     if full:
         if ref_logps is not None:
-            raise ValueError('ref_logps is not used by kl_estimator="full" (it reads ref_logits); drop ref_logps '
+            raise ValueError(f'ref_logps is not used by kl_estimator="full" ({reads}); drop ref_logps '
                              'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl")')
-        if not has_ref_logits and cfg.kl_coef != 0.0:
-            raise ValueError('kl_estimator="full" needs ref_logits: the reference model\'s logits [B, T, V] '
-                             "(same shape and dtype as logits)")
+        if not has_full_ref and cfg.kl_coef != 0.0:
+            raise ValueError(f'kl_estimator="full" needs {needs}')
     else:
-        if has_ref_logits:
-            raise ValueError(f'ref_logits is only used by kl_estimator="full"; got kl_estimator='
+        if has_full_ref:
+            raise ValueError(f'{full_ref} is only used by kl_estimator="full"; got kl_estimator='
                              f'{cfg.kl_estimator!r} (pass ref_logps [B, T] instead)')
         if ref_logps is None and cfg.kl_coef != 0.0:
             raise ValueError(f"kl_estimator={cfg.kl_estimator!r} needs ref_logps: the reference model's per-token "
@@ -306,6 +322,19 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
                                  f"got {global_num_tokens.device}")
         else:
             global_num_tokens = check_real(global_num_tokens, "global_num_tokens", lo=0.0, lo_open=True)
+    return advantages, adv_per_seq, old_logps, loss_mask, is_weights, ref_logps, global_num_tokens
+
+
+def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, cfg: PolicyConfig, loss_mask,
+              ref_logps, has_ref_logits: bool, is_weights, global_num_tokens, src: str = "logits"
+              ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
+    log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; the
+    per-token head is :func:`policy_loss`'s. ``labels`` are checked already; ``src`` names the
+    tensor whose device ``dev`` is ("logits" or "hidden")."""
+    advantages, adv_per_seq, old_logps, loss_mask, is_weights, ref_logps, global_num_tokens = _check_head_inputs(
+        B, T, dev, old_logps, advantages, cfg, loss_mask, ref_logps, has_ref_logits, is_weights, global_num_tokens,
+        src, "ref_logits")
 
     keep = labels != cfg.ignore_index
     if loss_mask is not None:
@@ -317,14 +346,28 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
         kernel_labels = labels
 
     # -- the row kernels: the only pass over the vocabulary
+    full = cfg.kl_estimator == "full"
     use_kl = ref_logps is not None or (full and has_ref_logits)
     out = token_stats(kernel_labels, full and use_kl)
-    logp, entropy = out.logprobs, out.entropy
+    return _policy_terms(out.logprobs, out.entropy, out.kl if full and use_kl else None, keep, loss_mask, old_logps,
+                         advantages, adv_per_seq, ref_logps, use_kl, cfg, is_weights, global_num_tokens, B, T, dev)
 
+
+def _policy_terms(logp, entropy, exact_kl, keep, loss_mask, old_logps, advantages, adv_per_seq: bool, ref_logps,
+                  use_kl: bool, cfg: PolicyConfig, is_weights, global_num_tokens, B: int, T: int, dev
+                  ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The clipped surrogate, KL and entropy terms over checked per-token ``[B, T]`` vectors.
+
+    ``keep``: bool [B, T], the tokens the loss reads (``loss_mask`` further weights them);
+    ``entropy`` may be None (no bonus, no "entropy" metric); ``exact_kl``: the per-token exact
+    KL when ``kl_estimator="full"`` has a reference, else None."""
+    full = cfg.kl_estimator == "full"
     dt = torch.float64 if logp.dtype == torch.float64 or any(
         t is not None and t.dtype == torch.float64 for t in (old_logps, ref_logps, advantages, is_weights)
     ) else torch.float32
-    logp, entropy = logp.to(dt), entropy.to(dt)
+    logp = logp.to(dt)
+    if entropy is not None:
+        entropy = entropy.to(dt)
     m = keep.to(dt) if loss_mask is None else loss_mask.to(dt) * keep.to(dt)
     zero = torch.zeros((), dtype=dt, device=dev)
 
@@ -348,7 +391,7 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
     kl = None
     if use_kl:
         if full:
-            kl = torch.where(keep, out.kl.to(dt), zero)
+            kl = torch.where(keep, exact_kl.to(dt), zero)
         else:
             kl = _kl_estimate(torch.where(keep, ref_logps.to(dt) - logp, zero), cfg.kl_estimator)
         if cfg.kl_ratio_correction:
@@ -379,9 +422,10 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
             "clip_ratio/high_mean": _masked_mean(high, m, clip_per_seq),
             "clip_ratio/region_mean": _masked_mean(low | high, m, clip_per_seq),
             "ratio": _masked_mean(ratio, m, ratio_per_seq),
-            "entropy": _masked_mean(entropy, m),
-            "policy_loss": policy_loss,
         }
+        if entropy is not None:
+            metrics["entropy"] = _masked_mean(entropy, m)
+        metrics["policy_loss"] = policy_loss
         if kl is not None:
             metrics["kl"] = _masked_mean(kl, m)
     return loss, metrics
@@ -471,7 +515,7 @@ def ppo_loss(
         correction included) and ``policy_loss`` (the loss without the entropy bonus). Means
         run over the masked tokens, or over the sequences for per-sequence quantities.
     """
-    cfg = _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+    cfg = check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                         kl_ratio_correction, entropy_coef, loss_agg_mode, max_length, importance_sampling_level)
     return _ppo(logits, labels, old_logps, advantages, cfg, loss_mask, ref_logps, ref_logits, temperature,
                 is_weights, global_num_tokens, backend,
@@ -494,7 +538,7 @@ class PPOLoss(nn.Module):
                  importance_sampling_level: str = "token", backend: str = "auto", process_group=None,
                  vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
         super().__init__()
-        self._cfg = _check_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+        self._cfg = check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
                                   kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
                                   importance_sampling_level)
         if isinstance(temperature, Tensor):
@@ -511,20 +555,7 @@ class PPOLoss(nn.Module):
         return dict(process_group=self.process_group, vocab_start=self.vocab_start, vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
-        c = self._cfg
-        s = f"loss_agg_mode={self.loss_agg_mode!r}, clip_eps=({c.clip_eps_low}, {c.clip_eps_high})"
-        if c.dual_clip is not None:
-            s += f", dual_clip={c.dual_clip}"
-        if c.kl_coef:
-            s += f", kl_coef={c.kl_coef}, kl_estimator={c.kl_estimator!r}"
-            if c.kl_ratio_correction:
-                s += ", kl_ratio_correction=True"
-        if c.entropy_coef:
-            s += f", entropy_coef={c.entropy_coef}"
-        if c.max_length is not None:
-            s += f", max_length={c.max_length}"
-        if c.importance_sampling_level != "token":
-            s += f", importance_sampling_level={c.importance_sampling_level!r}"
+        s = _config_repr(self.loss_agg_mode, self._cfg)
         if self.temperature != 1.0:
             s += f", temperature={self.temperature}"
         return s
@@ -535,3 +566,139 @@ class PPOLoss(nn.Module):
                 global_num_tokens: Optional[Union[float, Tensor]] = None):
         return _ppo(logits, labels, old_logps, advantages, self._cfg, loss_mask, ref_logps, ref_logits,
                     self.temperature, is_weights, global_num_tokens, self.backend, self._vocab_parallel())
+
+
+def _config_repr(loss_agg_mode: str, c: PolicyConfig) -> str:
+    s = f"loss_agg_mode={loss_agg_mode!r}, clip_eps=({c.clip_eps_low}, {c.clip_eps_high})"
+    if c.dual_clip is not None:
+        s += f", dual_clip={c.dual_clip}"
+    if c.kl_coef:
+        s += f", kl_coef={c.kl_coef}, kl_estimator={c.kl_estimator!r}"
+        if c.kl_ratio_correction:
+            s += ", kl_ratio_correction=True"
+    if c.entropy_coef:
+        s += f", entropy_coef={c.entropy_coef}"
+    if c.max_length is not None:
+        s += f", max_length={c.max_length}"
+    if c.importance_sampling_level != "token":
+        s += f", importance_sampling_level={c.importance_sampling_level!r}"
+    return s
+
+
+# --------------------------------------------------------------------------- per-token head
+
+
+def _policy(cfg: PolicyConfig, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights,
+            global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
+    _validate.check_tensor(logps, "logps")
+    if not logps.dtype.is_floating_point:
+        raise TypeError(f"logps must be a floating-point tensor; got {logps.dtype}")
+    if logps.dim() != 2:
+        raise ValueError(f"logps must have shape [B, T] (per-token log-probs of the sampled tokens); "
+                         f"got {list(logps.shape)}")
+    B, T = logps.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"logps must have a non-empty batch and sequence; got shape {list(logps.shape)}")
+    dev = logps.device
+    if mask is not None:
+        mask = _check_bt(mask, "mask", B, T, dev, kinds="mask", src="logps")
+    if entropy is not None:
+        entropy = _check_bt(entropy, "entropy", B, T, dev, src="logps")
+    elif cfg.entropy_coef != 0.0:
+        raise ValueError(f"entropy_coef={cfg.entropy_coef:g} needs entropy: the per-token entropies [B, T] of the "
+                         "policy (e.g. token_logprobs(..., stats=(\"entropy\",)).entropy)")
+    if kl is not None:
+        kl = _check_bt(kl, "kl", B, T, dev, src="logps")
+    advantages, adv_per_seq, old_logps, _, is_weights, ref_logps, global_num_tokens = _check_head_inputs(
+        B, T, dev, old_logps, advantages, cfg, None, ref_logps, kl is not None, is_weights, global_num_tokens,
+        "logps", "kl")
+    keep = torch.ones((B, T), dtype=torch.bool, device=dev) if mask is None else mask != 0
+    full = cfg.kl_estimator == "full"
+    use_kl = ref_logps is not None or (full and kl is not None)
+    return _policy_terms(logps, entropy, kl if full and use_kl else None, keep, mask, old_logps, advantages,
+                         adv_per_seq, ref_logps, use_kl, cfg, is_weights, global_num_tokens, B, T, dev)
+
+
+def policy_loss(
+    logps: Tensor,
+    old_logps: Optional[Tensor],
+    advantages: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    entropy: Optional[Tensor] = None,
+    ref_logps: Optional[Tensor] = None,
+    kl: Optional[Tensor] = None,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    kl_ratio_correction: bool = False,
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    max_length: Optional[int] = None,
+    importance_sampling_level: str = "token",
+    is_weights: Optional[Tensor] = None,
+    global_num_tokens: Optional[Union[float, Tensor]] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The clipped policy-gradient loss of :func:`ppo_loss` over per-token ``[B, T]`` vectors.
+
+    The head of :func:`ppo_loss` (and of :func:`prefopt_fast.linear_ppo_loss` and the TRL
+    GRPO integration) without the pass over the vocabulary: for log-probs computed elsewhere
+    (verl, OpenRLHF, a vLLM rollout, or :func:`prefopt_fast.token_logprobs`). Fed the
+    log-probs, entropies and exact KL ``ppo_loss`` computes from its logits, it returns the
+    same loss and metrics. See the module docstring for the formulas.
+
+    Args:
+        logps: float ``[B, T]`` log-probs of the sampled tokens under the policy (the
+            gradient flows through them).
+        old_logps: float ``[B, T]`` behaviour log-probs, or ``None`` (on-policy: old =
+            logps.detach()).
+        advantages: float ``[B]`` (per sequence) or ``[B, T]`` (per token).
+        mask: optional ``[B, T]`` (bool or 0/1 numbers; other values weight the sums and
+            counts): the tokens the loss reads (``ppo_loss``'s ``labels != ignore_index``
+            times its ``loss_mask``). Masked positions may hold anything. Default: all tokens.
+        entropy: float ``[B, T]`` per-token entropies of the policy: the entropy bonus
+            (required when ``entropy_coef != 0``) and the ``entropy`` metric.
+        ref_logps: float ``[B, T]`` reference log-probs, for the sampled KL estimators.
+        kl: float ``[B, T]`` exact per-token KL(pi || pi_ref) (e.g. ``token_logprobs(...,
+            stats=("kl",), ref_logits=...)``), for ``kl_estimator="full"``.
+        clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
+        entropy_coef, loss_agg_mode, max_length, importance_sampling_level, is_weights,
+        global_num_tokens: as in :func:`ppo_loss`.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`ppo_loss`; ``entropy`` is among the metrics only when
+        ``entropy`` is given.
+    """
+    cfg = check_policy_config(-100, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+                              kl_ratio_correction, entropy_coef, loss_agg_mode, max_length, importance_sampling_level)
+    return _policy(cfg, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights, global_num_tokens)
+
+
+class PolicyLoss(nn.Module):
+    """Config-only module around :func:`policy_loss`; the hyper-parameters (its keywords) are
+    validated here, once.
+
+    ``forward(logps, old_logps, advantages, mask=None, *, entropy=None, ref_logps=None,
+    kl=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
+    """
+
+    def __init__(self, *, clip_eps_low: float = 0.2, clip_eps_high: Optional[float] = None,
+                 dual_clip: Optional[float] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 kl_ratio_correction: bool = False, entropy_coef: float = 0.0, loss_agg_mode: str = "token-mean",
+                 max_length: Optional[int] = None, importance_sampling_level: str = "token"):
+        super().__init__()
+        self.config = check_policy_config(-100, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
+                                          kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
+                                          importance_sampling_level)
+        self.loss_agg_mode = loss_agg_mode
+
+    def extra_repr(self) -> str:
+        return _config_repr(self.loss_agg_mode, self.config)
+
+    def forward(self, logps: Tensor, old_logps: Optional[Tensor], advantages: Tensor, mask: Optional[Tensor] = None,
+                *, entropy: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None, kl: Optional[Tensor] = None,
+                is_weights: Optional[Tensor] = None, global_num_tokens: Optional[Union[float, Tensor]] = None):
+        return _policy(self.config, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights,
+                       global_num_tokens)
