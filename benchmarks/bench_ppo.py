@@ -102,7 +102,7 @@ def _kl_check(backend, inner):
     def check(case):
         try:
             from prefopt_fast import _dispatch
-            if not getattr(_dispatch._load(backend), "SUPPORTS_KL", False):
+            if not getattr(_dispatch.load_backend(backend), "SUPPORTS_KL", False):
                 return f"backend {backend!r} has no exact-KL kernel yet"
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"

@@ -9,7 +9,6 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
 import torch.nn.functional as F
 
 from benchmarks import bench_support as S

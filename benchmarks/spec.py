@@ -207,7 +207,7 @@ def prefopt_fast_providers(call: Callable, *, inplace: bool = True,
             continue
         reason = "not available"
         try:
-            reason = _dispatch._why_unavailable(name) or reason
+            reason = _dispatch.why_unavailable(name) or reason
         except Exception:
             pass
         notes.append(f"prefopt_fast.{name}: skipped ({reason})")
@@ -219,7 +219,7 @@ def prefopt_fast_providers(call: Callable, *, inplace: bool = True,
             if _dispatch is None:
                 return None
             try:
-                mod = _dispatch._load(backend)
+                mod = _dispatch.load_backend(backend)
                 probe = torch.zeros(2, 4, dtype=case.torch_dtype, device=case.device)
                 return mod.supports(probe)
             except Exception as exc:

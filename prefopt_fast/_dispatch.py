@@ -32,10 +32,8 @@ def load_backend(name: str) -> Optional[ModuleType]:
     return _loaded[name]
 
 
-_load = load_backend  # the former private name (benchmarks/ and older tests call it)
-
-
-def _why_unavailable(name: str) -> Optional[str]:
+def why_unavailable(name: str) -> Optional[str]:
+    """None if backend ``name`` can run in this process, else the reason it cannot."""
     mod = load_backend(name)
     if mod is None:
         return f"it could not be imported ({_load_errors[name]})"
@@ -46,7 +44,7 @@ def _why_unavailable(name: str) -> Optional[str]:
 
 def available_backends() -> List[str]:
     """Names of the backends usable in this process, e.g. ``['torch', 'cpu']``."""
-    return [name for name in BACKENDS if _why_unavailable(name) is None]
+    return [name for name in BACKENDS if why_unavailable(name) is None]
 
 
 def resolve_backend(backend: str, logits: torch.Tensor, need_kl: bool = False) -> ModuleType:
@@ -78,14 +76,14 @@ def _resolve_name(backend: str, device: str, dtype: torch.dtype, need_kl: bool) 
     if backend == "auto":
         order = AUTO_ORDER.get(logits.device.type, ("torch",))
         for name in order:
-            if _why_unavailable(name) is None and _cannot_serve(load_backend(name), logits, need_kl) is None:
+            if why_unavailable(name) is None and _cannot_serve(load_backend(name), logits, need_kl) is None:
                 return name
         raise RuntimeError(f"no backend can serve logits on {device} with dtype {dtype}")
     if backend not in BACKENDS:
         raise ValueError(
             f"{source} must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
         )
-    why = _why_unavailable(backend)
+    why = why_unavailable(backend)
     if why is not None:
         raise RuntimeError(f"backend {backend!r} (from {source}) is not available: {why}")
     mod = load_backend(backend)

@@ -1,4 +1,5 @@
 """Shared fixtures: the backend matrix, the device each backend runs on, a fixed seed."""
+import contextlib
 import os
 
 # Before anything imports triton: run Triton kernels in the interpreter on CPU tensors.
@@ -70,3 +71,25 @@ def seed():
     """Every test starts from the same random state."""
     torch.manual_seed(0)
     return 0
+
+
+@contextlib.contextmanager
+def one_process_group_ctx():
+    """A world-size-1 gloo group in this process (no spawn), torn down on exit unless one was
+    already initialized: vocabulary-parallel code paths run with it as on a real group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def one_process_group():
+    with one_process_group_ctx() as group:
+        yield group

@@ -32,6 +32,7 @@ import torch
 
 import prefopt_fast as pf
 from prefopt_fast import linear as pfl
+from conftest import one_process_group_ctx  # noqa: E402
 
 B, T, V, H = 2, 3, 11, 8
 
@@ -76,26 +77,10 @@ def _module_call(cls, init):
     return lambda a: cls(**init)(**a)
 
 
-@contextlib.contextmanager
-def _one_process_group():
-    """A world-size-1 gloo group for the vocabulary-parallel rows (torn down after the call, so
-    other tests that initialize torch.distributed are unaffected)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
 def _vocab_parallel(fn):
     """Call fn with process_group = a one-process group; a "WORLD" placeholder value stands for it."""
     def call(a):
-        with _one_process_group() as group:
+        with one_process_group_ctx() as group:
             if a.get("process_group") == "WORLD":
                 a = {**a, "process_group": group}
             return fn(**a)
@@ -407,25 +392,6 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
                              chunk_size="chunk_size")),
     "DPOLoss(bco_delta)": (_ctor(pf.DPOLoss), lambda: dict(loss_type="bco_pair", bco_delta=0.1),
                            dict(bco_delta="bco_delta_ctor")),
-    # the vocabulary-parallel options of the modules that touch the vocabulary, on a one-process group
-    "SequenceLogProbs(vocab-parallel)": (
-        _vocab_parallel(pf.SequenceLogProbs), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
-        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
-    "FusedDPOLoss(vocab-parallel)": (
-        _vocab_parallel(pf.FusedDPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
-        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
-    "PPOLoss(vocab-parallel)": (
-        _vocab_parallel(pf.PPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
-        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
-    "LinearSequenceLogProbs(vocab-parallel)": (
-        _vocab_parallel(pfl.LinearSequenceLogProbs), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
-        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
-    "LinearDPOLoss(vocab-parallel)": (
-        _vocab_parallel(pfl.LinearDPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
-        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
-    "LinearPPOLoss(vocab-parallel)": (
-        _vocab_parallel(pfl.LinearPPOLoss), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
-        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor")),
     "PPOLoss(no process group)": (_ctor(pf.PPOLoss), lambda: dict(vocab_start=None, vocab_size=V),
                                   dict(vocab_start="vocab_start_no_group")),
     "PPOLoss(dr_grpo)": (_ctor(pf.PPOLoss), lambda: dict(loss_agg_mode="dr_grpo", max_length=4,
@@ -548,6 +514,14 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         dict(num_tokens="token_count", vocab="count", dtype="dtype"),
     ),
 }
+# the vocabulary-parallel options of the modules that touch the vocabulary, on a one-process group
+FUNCS.update({
+    f"{cls.__name__}(vocab-parallel)": (
+        _vocab_parallel(cls), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor"))
+    for cls in (pf.SequenceLogProbs, pf.FusedDPOLoss, pf.PPOLoss, pfl.LinearSequenceLogProbs, pfl.LinearDPOLoss,
+                pfl.LinearPPOLoss)
+})
 
 
 # ----------------------------------------------------------------------------- KINDS

@@ -43,9 +43,9 @@ def _interpreting() -> bool:
 def backend_module(name):
     from prefopt_fast import _dispatch
 
-    mod = _dispatch._load(name)
+    mod = _dispatch.load_backend(name)
     if mod is None or not mod.is_available():
-        why = _dispatch._why_unavailable(name)
+        why = _dispatch.why_unavailable(name)
         if name == "cuda" and os.environ.get("PREFOPT_ALLOW_NO_CUDA_EXT") != "1":
             pytest.fail(f"backend 'cuda' is not available on this GPU machine: {why}")
         pytest.skip(f"backend {name!r}: {why}")

@@ -577,18 +577,7 @@ def test_vocab_parallel(world, tmp_path):
 # path (its shard_layout runs).
 
 
-@pytest.fixture
-def one_process_group():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
+# the one_process_group fixture: tests/conftest.py
 
 
 _B, _T, _V, _H = 4, 6, 23, 8

@@ -30,9 +30,9 @@ IGN = -100
 
 
 def _supports_kl(backend):
-    from prefopt_fast._dispatch import _load
+    from prefopt_fast._dispatch import load_backend
 
-    return bool(getattr(_load(backend), "SUPPORTS_KL", False))
+    return bool(getattr(load_backend(backend), "SUPPORTS_KL", False))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_bool, check_choice, check_real
+from .._validate import check_bool, check_choice
 from ._common import (
     LN2,
     check_real,

@@ -55,7 +55,6 @@ Reproducing a TRL training step exactly (TRL's eval mode is the default above):
   those tokens; that part is not reproduced.)
 - not supported: TRL's cispo, sapo, luspo and vespo objectives, and adaptive entropy control.
 """
-import math
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
