@@ -21,7 +21,6 @@ The device cells use ``meta`` tensors to stand in for "another device" (labels o
 with logits on the CPU behave the same). Cells whose expectation the package does not meet
 yet are listed in ``KNOWN_GAPS`` and run as strict xfails (so a fix shows up as XPASS).
 """
-import contextlib
 import inspect
 import math
 import re

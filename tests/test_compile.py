@@ -124,7 +124,6 @@ def test_no_recompile_per_tensor_temperature(backend, device):
 # (fn, leaves): fn(*leaves) returns any pytree of tensors (loss, metrics, TokenLogProbs, dicts);
 # the backward runs through a fixed weighted sum of every float output that has a gradient.
 
-import math  # noqa: E402
 from typing import Callable, Dict, NamedTuple, Tuple  # noqa: E402
 
 import prefopt_fast as pf  # noqa: E402

@@ -1,7 +1,6 @@
 """sequence_logprobs and fused_dpo_loss against plain-PyTorch restatements (fp64)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import prefopt_fast as pf
 

@@ -217,7 +217,7 @@ def main(argv=None):
     if "triton" in backends:
         tri_ops = {k: v for k, v in _ops(SHAPES["tiny" if args.tiny else "small"]).items() if k in ops
                    and k in bl.BACKEND_OPS}
-        print(f"measuring the Triton interpreter on small shapes", file=sys.stderr)
+        print("measuring the Triton interpreter on small shapes", file=sys.stderr)
         tri_rows = measure(tri_ops, ["triton", *native], dtypes, log=lambda m: print(m, file=sys.stderr))
     elapsed = time.time() - t0
 
