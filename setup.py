@@ -15,6 +15,7 @@ CUDA version. Environment (see tools/cuda_build.py and docs/cuda.md):
                                CUDA build (0.1.0+cu130), none for a CPU-only one; "" = none
     PREFOPT_NO_EXTENSION=1     pure Python (no _C at all)
 """
+
 import glob
 import os
 import re
@@ -91,28 +92,41 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
                 # the release set
                 dev = getattr(self, "_prefopt_dev", False)
                 spec = os.environ.get("PREFOPT_CUDA_ARCHS", "").strip() or (
-                    cuda_build.DEV_ARCHS if dev else cuda_build.DEFAULT_ARCHS)
+                    cuda_build.DEV_ARCHS if dev else cuda_build.DEFAULT_ARCHS
+                )
                 cuda_archs = cuda_build.parse_archs(spec)
                 names = cuda_build.arch_names(cuda_archs)
                 print(f"prefopt_fast: CUDA {cuda_ver} kernels ({cuda_home}) for {', '.join(names)}", file=sys.stderr)
                 # read back at run time by prefopt_fast.build_info()
                 ext.extra_compile_args["cxx"] = ext.extra_compile_args["cxx"] + [
-                    "-DPREFOPT_CUDA_ARCHS=" + ",".join(names)]
+                    "-DPREFOPT_CUDA_ARCHS=" + ",".join(names)
+                ]
                 compiled = cuda_build.compile_sources(
-                    cuda_home, [Path(s) for s in sorted(glob.glob("csrc/cuda/*.cu"))],
+                    cuda_home,
+                    [Path(s) for s in sorted(glob.glob("csrc/cuda/*.cu"))],
                     # a fixed place (editable installs build in throw-away temp dirs): an
                     # unchanged source with the same nvcc command line is not recompiled
-                    cuda_build.object_dir(Path(ROOT), cuda_home, cuda_archs), cuda_archs,
-                    [os.path.abspath("csrc"), os.path.abspath("csrc/cuda")], depends=depends, force=self.force)
+                    cuda_build.object_dir(Path(ROOT), cuda_home, cuda_archs),
+                    cuda_archs,
+                    [os.path.abspath("csrc"), os.path.abspath("csrc/cuda")],
+                    depends=depends,
+                    force=self.force,
+                )
                 reports = [r for c in compiled for r in cuda_build.parse_ptxas(c.log)]
                 spills = [r for r in reports if r.spill_stores or r.spill_loads]
                 if any(c.rebuilt for c in compiled):
-                    print(f"prefopt_fast: {len(reports)} CUDA kernels compiled, max "
-                          f"{max((r.registers for r in reports), default=0)} registers, "
-                          f"{len(spills)} with register spills", file=sys.stderr)
+                    print(
+                        f"prefopt_fast: {len(reports)} CUDA kernels compiled, max "
+                        f"{max((r.registers for r in reports), default=0)} registers, "
+                        f"{len(spills)} with register spills",
+                        file=sys.stderr,
+                    )
                 for r in spills:
-                    print(f"prefopt_fast: WARNING register spill in {r.kernel} ({r.arch}): "
-                          f"{r.spill_stores} B stores, {r.spill_loads} B loads", file=sys.stderr)
+                    print(
+                        f"prefopt_fast: WARNING register spill in {r.kernel} ({r.arch}): "
+                        f"{r.spill_stores} B stores, {r.spill_loads} B loads",
+                        file=sys.stderr,
+                    )
                 ext.extra_objects = list(ext.extra_objects or []) + [str(c.obj) for c in compiled]
             super().build_extension(ext)
 
@@ -131,7 +145,14 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
 
 setup(
     version=version,
-    packages=["prefopt_fast", "prefopt_fast.backends", "prefopt_fast.ops", "prefopt_fast.losses", "prefopt_fast.integrations", "prefopt_fast.kernels"],
+    packages=[
+        "prefopt_fast",
+        "prefopt_fast.backends",
+        "prefopt_fast.ops",
+        "prefopt_fast.losses",
+        "prefopt_fast.integrations",
+        "prefopt_fast.kernels",
+    ],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}},

@@ -10,6 +10,7 @@ show that prefopt_fast's head adds no overhead over the two-line formula (TRL 1.
 the same formula inline in ``RewardTrainer.compute_loss``; there is no function to call).
 Shape keys: B (pairs x 2), T, H; ``tokens`` = 2B x T, ``vocab`` = 1 (the scalar head).
 """
+
 import os
 import sys
 
@@ -33,7 +34,7 @@ def make_inputs(shape, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     b, t, h = shape["B"], shape["T"], shape["H"]
     hidden = torch.randn(b, t, h, generator=g).to(device=device, dtype=dtype)
-    head = (torch.randn(1, h, generator=g) / h ** 0.5).to(device=device, dtype=dtype)
+    head = (torch.randn(1, h, generator=g) / h**0.5).to(device=device, dtype=dtype)
     last = torch.randint(t // 2, t, (b,), generator=g).to(device)  # index of the last real token
     return {"hidden": hidden, "head": head, "last": last, "margin": torch.rand(b // 2, generator=g).to(device)}
 
@@ -57,6 +58,7 @@ def _ours():
     def fn(inputs):
         rw, rl = _rewards(inputs)
         return prefopt_fast.bradley_terry_loss(rw, rl, margin=inputs["margin"])[0]
+
     return fn
 
 
@@ -76,17 +78,32 @@ def bytes_moved(shape, dtype):
 
 _SHAPE = make_shape(16 * 128)
 OP = OpSpec(
-    name="bradley_terry", module="benchmarks.bench_bradley_terry",
+    name="bradley_terry",
+    module="benchmarks.bench_bradley_terry",
     description="Bradley-Terry reward loss from the last hidden state [2B, T, H] through a scalar head",
-    make_inputs=make_inputs, grad_inputs=("hidden", "head"), main_bytes=main_bytes, bytes_moved=bytes_moved,
-    make_shape=make_shape, tokens=lambda s: s["B"] * s["T"], vocab=lambda s: 1,
+    make_inputs=make_inputs,
+    grad_inputs=("hidden", "head"),
+    main_bytes=main_bytes,
+    bytes_moved=bytes_moved,
+    make_shape=make_shape,
+    tokens=lambda s: s["B"] * s["T"],
+    vocab=lambda s: 1,
     presets={"dry-run": [make_shape(64, hidden=32)], "quick": [_SHAPE], "default": [_SHAPE], "full": [_SHAPE]},
     preset_dtypes={"dry-run": ["fp32"], "quick": ["fp32"], "default": ["fp32", "bf16"], "full": ["fp32", "bf16"]},
     providers=[
-        Provider("naive", lambda: naive, mem_factor=1.0,
-                 description="gather the last hidden rows, scalar head, -logsigmoid(r_w - r_l - margin).mean()"),
-        Provider("prefopt_fast", _ours, kind="ours", mem_factor=1.0,
-                 description="the same rewards, prefopt_fast.bradley_terry_loss (one implementation: no backends)"),
+        Provider(
+            "naive",
+            lambda: naive,
+            mem_factor=1.0,
+            description="gather the last hidden rows, scalar head, -logsigmoid(r_w - r_l - margin).mean()",
+        ),
+        Provider(
+            "prefopt_fast",
+            _ours,
+            kind="ours",
+            mem_factor=1.0,
+            description="the same rewards, prefopt_fast.bradley_terry_loss (one implementation: no backends)",
+        ),
     ],
     notes=["O(B) on scalars: the bound is microseconds; see the script's docstring"],
 )

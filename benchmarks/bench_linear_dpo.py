@@ -21,6 +21,7 @@ forward, 4 M H V backward, M = completion tokens): ``x bound`` reads as "times t
 The default preset is the issue's shape (T = 512, H = 2048, V = 128256): minutes per fp32
 step on a 2-core CPU; run it with ``--repeats 1 --warmup 0``.
 """
+
 import os
 import sys
 
@@ -31,10 +32,16 @@ from benchmarks import bench_support as S
 from benchmarks.spec import prefopt_fast_providers
 
 BETA = 0.1
-LAYOUT = S.LinearLayout(batch=4, hidden=2048, prompt=64,
-                        extra=lambda shape, g: S.ref_seq_logps(shape, g, min(64, shape["T"] // 4)))
-make_shape, make_inputs, main_bytes, bytes_moved, flops = (LAYOUT.make_shape, LAYOUT.make_inputs, LAYOUT.main_bytes,
-                                                           LAYOUT.bytes_moved, LAYOUT.flops)
+LAYOUT = S.LinearLayout(
+    batch=4, hidden=2048, prompt=64, extra=lambda shape, g: S.ref_seq_logps(shape, g, min(64, shape["T"] // 4))
+)
+make_shape, make_inputs, main_bytes, bytes_moved, flops = (
+    LAYOUT.make_shape,
+    LAYOUT.make_inputs,
+    LAYOUT.main_bytes,
+    LAYOUT.bytes_moved,
+    LAYOUT.flops,
+)
 
 
 def _head(seq, inputs):
@@ -61,32 +68,50 @@ def _make_liger(compiled):
 
         loss = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, compiled=compiled)
         return lambda inputs: loss(inputs["weight"], inputs["hidden"], inputs["labels"])[0]
+
     return make
 
 
 def _linear_dpo_call(inputs, backend, inplace_backward):
     from prefopt_fast.linear import linear_dpo_loss
 
-    loss, _ = linear_dpo_loss(inputs["hidden"], inputs["weight"], inputs["labels"],
-                              ref_chosen_logps=inputs["ref_chosen"], ref_rejected_logps=inputs["ref_rejected"],
-                              beta=BETA, backend=backend)
+    loss, _ = linear_dpo_loss(
+        inputs["hidden"],
+        inputs["weight"],
+        inputs["labels"],
+        ref_chosen_logps=inputs["ref_chosen"],
+        ref_rejected_logps=inputs["ref_rejected"],
+        beta=BETA,
+        backend=backend,
+    )
     return loss
 
 
 _ours, _our_notes = prefopt_fast_providers(_linear_dpo_call, inplace=False, mem_factor=0.2)
 
-PROVIDERS = S.linear_baselines(naive, lambda: S.on_completion_rows(S.trl_chunked_logps(), _finish), ", sums, DPO") + [
-    S.torch_lce_provider(_from_ce, "on the completion rows, sums, DPO"),
-    *S.cce_providers(_from_ce, "on the completion rows, sums, DPO"),
-    *S.liger_providers(_make_liger, "LigerFusedLinearDPOLoss (reference-free)"),
-] + _ours
+PROVIDERS = (
+    S.linear_baselines(naive, lambda: S.on_completion_rows(S.trl_chunked_logps(), _finish), ", sums, DPO")
+    + [
+        S.torch_lce_provider(_from_ce, "on the completion rows, sums, DPO"),
+        *S.cce_providers(_from_ce, "on the completion rows, sums, DPO"),
+        *S.liger_providers(_make_liger, "LigerFusedLinearDPOLoss (reference-free)"),
+    ]
+    + _ours
+)
 
 OP = S.linear_op(
-    "linear_dpo", "benchmarks.bench_linear_dpo", LAYOUT, PROVIDERS,
+    "linear_dpo",
+    "benchmarks.bench_linear_dpo",
+    LAYOUT,
+    PROVIDERS,
     description="sigmoid DPO fwd + bwd from hidden states [2B, T, H] and the lm_head [V, H] (grads to both)",
-    notes=_our_notes + ["matmul-floor materializes the logits: its memory column is not a contender's",
-                        "liger runs reference-free (reference sums 0): the same lm_head work as the others"],
-    full_providers=("matmul-floor", "naive", "trl", "cce", "liger", "prefopt_fast.*"))
+    notes=_our_notes
+    + [
+        "matmul-floor materializes the logits: its memory column is not a contender's",
+        "liger runs reference-free (reference sums 0): the same lm_head work as the others",
+    ],
+    full_providers=("matmul-floor", "naive", "trl", "cce", "liger", "prefopt_fast.*"),
+)
 
 if __name__ == "__main__":
     sys.exit(S.script_main("benchmarks.bench_linear_dpo"))

@@ -11,6 +11,7 @@ same numbers as ``-CE`` per token: torch's ``F.linear_cross_entropy(reduction="n
 those [M] rows; ours the [B, T] tensor with zeros at ignored positions). ``matmul-floor``:
 the three GEMMs alone. The bound is the GEMM term (see bench_linear_dpo.py).
 """
+
 import os
 import sys
 
@@ -36,6 +37,7 @@ def _naive(kind):
         logits = inputs["hidden"] @ inputs["weight"].t()
         tok = S.naive_token_logps(logits.float(), inputs["labels"])
         return tok if kind == "token" else S.masked_seq_sums(tok, inputs["labels"])
+
     return naive
 
 
@@ -45,6 +47,7 @@ def _call(kind):
 
         f = prefopt_fast.linear_token_logprobs if kind == "token" else prefopt_fast.linear_sequence_logprobs
         return f(inputs["hidden"], inputs["weight"], inputs["labels"], backend=backend)
+
     return call
 
 
@@ -52,23 +55,36 @@ def variant_op(kind: str) -> OpSpec:
     ours, notes = prefopt_fast_providers(_call(kind), inplace=False, mem_factor=0.2)
     fin = _finish(kind)
     what = "on the completion rows" + ("" if kind == "token" else ", sums")
-    providers = S.linear_baselines(_naive(kind), lambda: S.on_completion_rows(S.trl_chunked_logps(), fin),
-                                   "" if kind == "token" else ", sums") + [
-        S.torch_lce_provider(lambda ce: S.from_ce(ce, fin), what),
-        *S.cce_providers(lambda ce: S.from_ce(ce, fin), what),
-    ] + ours
+    providers = (
+        S.linear_baselines(
+            _naive(kind), lambda: S.on_completion_rows(S.trl_chunked_logps(), fin), "" if kind == "token" else ", sums"
+        )
+        + [
+            S.torch_lce_provider(lambda ce: S.from_ce(ce, fin), what),
+            *S.cce_providers(lambda ce: S.from_ce(ce, fin), what),
+        ]
+        + ours
+    )
     return S.linear_op(
-        VARIANTS[kind], f"benchmarks.bench_linear_logprobs:{kind}", LAYOUT, providers,
+        VARIANTS[kind],
+        f"benchmarks.bench_linear_logprobs:{kind}",
+        LAYOUT,
+        providers,
         description=("per-token" if kind == "token" else "per-sequence") + " log-probs from hidden states"
-                    " [B, T, H] and the lm_head [V, H], fwd + bwd (grads to both)",
-        notes=notes + ["Liger-Kernel's chunked losses have no plain log-prob / cross-entropy head that runs"
-                       " on CPU (its fused-linear cross-entropy is Triton): see linear_dpo / linear_ppo"],
+        " [B, T, H] and the lm_head [V, H], fwd + bwd (grads to both)",
+        notes=notes
+        + [
+            "Liger-Kernel's chunked losses have no plain log-prob / cross-entropy head that runs"
+            " on CPU (its fused-linear cross-entropy is Triton): see linear_dpo / linear_ppo"
+        ],
         # torch-linear-ce runs at ~100x the GEMM bound on this CPU and TRL's head at ~15x:
         # in --full only linear_dpo keeps TRL (each would take minutes per shape here)
-        full_providers=("matmul-floor", "naive", "cce", "prefopt_fast.*") if kind == "token" else
-        ("naive", "prefopt_fast.*"),
+        full_providers=("matmul-floor", "naive", "cce", "prefopt_fast.*")
+        if kind == "token"
+        else ("naive", "prefopt_fast.*"),
         # the sequence variant is the token one plus [B] sums: --quick skips its slowest peer
-        quick_providers=None if kind == "token" else ("matmul-floor", "naive", "trl", "cce", "prefopt_fast.*"))
+        quick_providers=None if kind == "token" else ("matmul-floor", "naive", "trl", "cce", "prefopt_fast.*"),
+    )
 
 
 OP = variant_op("token")

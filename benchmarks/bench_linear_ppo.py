@@ -11,6 +11,7 @@ Providers: ``naive`` (materialized logits, fp32 log_softmax, gather, the loss), 
 ``liger-compile`` (``LigerFusedLinearGRPOLoss``, eager / compiled chunk step),
 ``matmul-floor`` and ``prefopt_fast.<backend>``. The bound is the GEMM term.
 """
+
 import math
 import os
 import sys
@@ -29,8 +30,11 @@ EPS_LOW, EPS_HIGH, KL_COEF = 0.2, 0.28, 0.04
 def _extra(shape, g):
     b, t = shape["B"], shape["T"]
     base = -math.log(shape["V"]) - 2.0
-    return {"old_logps": base + 0.3 * torch.randn(b, t, generator=g),
-            "ref_logps": base + 0.3 * torch.randn(b, t, generator=g), "advantages": torch.randn(b, generator=g)}
+    return {
+        "old_logps": base + 0.3 * torch.randn(b, t, generator=g),
+        "ref_logps": base + 0.3 * torch.randn(b, t, generator=g),
+        "advantages": torch.randn(b, generator=g),
+    }
 
 
 LAYOUT = S.LinearLayout(batch=8, hidden=2048, prompt=64, extra=_extra)
@@ -62,38 +66,70 @@ def _make_liger(compiled):
     def make():
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        loss = LigerFusedLinearGRPOLoss(beta=KL_COEF, compiled=compiled, use_ref_model=True, epsilon_low=EPS_LOW,
-                                        epsilon_high=EPS_HIGH, loss_type="dapo")
+        loss = LigerFusedLinearGRPOLoss(
+            beta=KL_COEF,
+            compiled=compiled,
+            use_ref_model=True,
+            epsilon_low=EPS_LOW,
+            epsilon_high=EPS_HIGH,
+            loss_type="dapo",
+        )
 
         def fn(inputs):
             labels = inputs["labels"]
-            out = loss(inputs["hidden"], inputs["weight"], labels.clamp(min=0), (labels != S.IGN).long(),
-                       inputs["advantages"], ref_per_token_logps=inputs["ref_logps"],
-                       old_per_token_logps=inputs["old_logps"])
+            out = loss(
+                inputs["hidden"],
+                inputs["weight"],
+                labels.clamp(min=0),
+                (labels != S.IGN).long(),
+                inputs["advantages"],
+                ref_per_token_logps=inputs["ref_logps"],
+                old_per_token_logps=inputs["old_logps"],
+            )
             return out[0] if isinstance(out, tuple) else out
+
         return fn
+
     return make
 
 
 def _call(inputs, backend, inplace_backward):
     from prefopt_fast.linear import linear_ppo_loss
 
-    loss, _ = linear_ppo_loss(inputs["hidden"], inputs["weight"], inputs["labels"], inputs["old_logps"],
-                              inputs["advantages"], ref_logps=inputs["ref_logps"], clip_eps_low=EPS_LOW,
-                              clip_eps_high=EPS_HIGH, kl_coef=KL_COEF, kl_estimator="k3",
-                              loss_agg_mode="token-mean", backend=backend)
+    loss, _ = linear_ppo_loss(
+        inputs["hidden"],
+        inputs["weight"],
+        inputs["labels"],
+        inputs["old_logps"],
+        inputs["advantages"],
+        ref_logps=inputs["ref_logps"],
+        clip_eps_low=EPS_LOW,
+        clip_eps_high=EPS_HIGH,
+        kl_coef=KL_COEF,
+        kl_estimator="k3",
+        loss_agg_mode="token-mean",
+        backend=backend,
+    )
     return loss
 
 
 _ours, _notes = prefopt_fast_providers(_call, inplace=False, mem_factor=0.2)
 
-PROVIDERS = S.linear_baselines(naive, _make_trl, ", then the loss") + S.liger_providers(
-    _make_liger, "LigerFusedLinearGRPOLoss(loss_type='dapo')") + _ours
+PROVIDERS = (
+    S.linear_baselines(naive, _make_trl, ", then the loss")
+    + S.liger_providers(_make_liger, "LigerFusedLinearGRPOLoss(loss_type='dapo')")
+    + _ours
+)
 
 OP = S.linear_op(
-    "linear_ppo", "benchmarks.bench_linear_ppo", LAYOUT, PROVIDERS,
+    "linear_ppo",
+    "benchmarks.bench_linear_ppo",
+    LAYOUT,
+    PROVIDERS,
     description="clipped PG loss (k3 KL) fwd + bwd from hidden states [B, T, H] and the lm_head [V, H]",
-    notes=_notes, full_providers=("matmul-floor", "naive", "liger", "prefopt_fast.*"))
+    notes=_notes,
+    full_providers=("matmul-floor", "naive", "liger", "prefopt_fast.*"),
+)
 
 if __name__ == "__main__":
     sys.exit(S.script_main("benchmarks.bench_linear_ppo"))

@@ -12,6 +12,7 @@ the loss head is [B, T] work); the exact KL's step within 1.6x of the bound.
 
 Run: ``python -m benchmarks --op 'ppo_loss_*'`` or ``python benchmarks/bench_ppo.py --op ppo_loss_k2``.
 """
+
 import dataclasses
 import math
 import os
@@ -27,8 +28,9 @@ from benchmarks.spec import OpSpec, Provider, prefopt_fast_providers
 
 B = 8  # sequences per batch; tokens N = B * T
 ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
-LOSS_KW = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.04, entropy_coef=0.01,
-               loss_agg_mode="token-mean")
+LOSS_KW = dict(
+    clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.04, entropy_coef=0.01, loss_agg_mode="token-mean"
+)
 
 
 def op_name(kl: str) -> str:
@@ -39,8 +41,11 @@ def _extra(shape, g):
     """old / reference log-probs [B, T] fp32 near log(1 / V) - 2; advantages [B]."""
     b, t = shape["B"], shape["T"]
     base = -math.log(shape["V"]) - 2.0
-    return {"old_logps": base + 0.3 * torch.randn(b, t, generator=g),
-            "ref_logps": base + 0.3 * torch.randn(b, t, generator=g), "advantages": torch.randn(b, generator=g)}
+    return {
+        "old_logps": base + 0.3 * torch.randn(b, t, generator=g),
+        "ref_logps": base + 0.3 * torch.randn(b, t, generator=g),
+        "advantages": torch.randn(b, generator=g),
+    }
 
 
 def kl_estimate(d, kl):
@@ -84,17 +89,27 @@ def _ppo_call(kl):
         from prefopt_fast.losses import ppo_loss
 
         ref = {"ref_logits": inputs["ref_logits"]} if kl == "full" else {"ref_logps": inputs["ref_logps"]}
-        loss, _ = ppo_loss(inputs["logits"], inputs["labels"], inputs["old_logps"], inputs["advantages"],
-                           kl_estimator=kl, backend=backend, **ref, **LOSS_KW)
+        loss, _ = ppo_loss(
+            inputs["logits"],
+            inputs["labels"],
+            inputs["old_logps"],
+            inputs["advantages"],
+            kl_estimator=kl,
+            backend=backend,
+            **ref,
+            **LOSS_KW,
+        )
         return loss
+
     return call
 
 
 def _token_logprobs_call(inputs, backend, inplace_backward):
     import prefopt_fast
 
-    out = prefopt_fast.token_logprobs(inputs["logits"], inputs["labels"], stats=("entropy",), backend=backend,
-                                      inplace_backward=inplace_backward)
+    out = prefopt_fast.token_logprobs(
+        inputs["logits"], inputs["labels"], stats=("entropy",), backend=backend, inplace_backward=inplace_backward
+    )
     return out.logprobs, out.entropy
 
 
@@ -102,11 +117,13 @@ def _kl_check(backend, inner):
     def check(case):
         try:
             from prefopt_fast import _dispatch
+
             if not getattr(_dispatch.load_backend(backend), "SUPPORTS_KL", False):
                 return f"backend {backend!r} has no exact-KL kernel yet"
         except Exception as exc:
             return f"{type(exc).__name__}: {exc}"
         return inner(case) if inner is not None else None
+
     return check
 
 
@@ -120,34 +137,56 @@ def variant_op(kl: str) -> OpSpec:
         floor = []
         notes.append("target: prefopt_fast.<backend> step within 1.6x of the bound (both logits read)")
     else:
-        floor = S.renamed(prefopt_fast_providers(_token_logprobs_call, inplace=False)[0], "token_logprobs+entropy",
-                          "baseline", "the floor: prefopt_fast.token_logprobs(stats=('entropy',))")
+        floor = S.renamed(
+            prefopt_fast_providers(_token_logprobs_call, inplace=False)[0],
+            "token_logprobs+entropy",
+            "baseline",
+            "the floor: prefopt_fast.token_logprobs(stats=('entropy',))",
+        )
         notes.append("target: prefopt_fast.<backend> within 5% of token_logprobs+entropy.<backend> (step)")
 
     def naive_kl(inputs):
         return naive(inputs, kl)
-    providers = [
-        Provider("naive", lambda: naive_kl, mem_factor=12.0 if full else 8.0,
-                 description="fp32 log_softmax over the vocabulary + gather + entropy"
-                             + (" + exact KL vs the reference logits" if full else f" + {kl} KL") + ", then the loss"),
-        S.compiled_provider(naive_kl),
-    ] + floor + ours
+
+    providers = (
+        [
+            Provider(
+                "naive",
+                lambda: naive_kl,
+                mem_factor=12.0 if full else 8.0,
+                description="fp32 log_softmax over the vocabulary + gather + entropy"
+                + (" + exact KL vs the reference logits" if full else f" + {kl} KL")
+                + ", then the loss",
+            ),
+            S.compiled_provider(naive_kl),
+        ]
+        + floor
+        + ours
+    )
     # the estimators differ only in [B, T] work: the k3 op sweeps every provider, the others
     # (in --quick: naive and ours; in --full: naive and the compiled backends, the pure-PyTorch
     # fallback taking seconds per step at V = 256000 here) skip the floor, the same for all
     sweep = None if kl in ("k3", "full") else ("naive", "prefopt_fast.*")
     full_sweep = None if sweep is None else ("naive",) + S.COMPILED
     return S.logits_op(
-        op_name(kl), f"benchmarks.bench_ppo:{kl}",
-        S.LogitsLayout(batch=B, prompt=0.125, ref_logits=full, extra=_extra, small_per_token=24), providers,
-        description=(f"clipped PG loss ({kl} KL, entropy bonus) from logits [B, T, V]" if not full else
-                     "clipped PG loss with the exact full-vocabulary KL from policy + reference logits [B, T, V]")
+        op_name(kl),
+        f"benchmarks.bench_ppo:{kl}",
+        S.LogitsLayout(batch=B, prompt=0.125, ref_logits=full, extra=_extra, small_per_token=24),
+        providers,
+        description=(
+            f"clipped PG loss ({kl} KL, entropy bonus) from logits [B, T, V]"
+            if not full
+            else "clipped PG loss with the exact full-vocabulary KL from policy + reference logits [B, T, V]"
+        )
         + ", fwd + bwd into the logits",
-        notes=notes, default=(4096, 128256),  # the issue's B = 8, T = 512, V = 128256
-        dtypes=("bf16", "fp32"), full_providers=full_sweep or ("naive", "prefopt_fast.*") + tuple(
-            p.replace("prefopt_fast", "token_logprobs+entropy") for p in S.COMPILED),
+        notes=notes,
+        default=(4096, 128256),  # the issue's B = 8, T = 512, V = 128256
+        dtypes=("bf16", "fp32"),
+        full_providers=full_sweep
+        or ("naive", "prefopt_fast.*") + tuple(p.replace("prefopt_fast", "token_logprobs+entropy") for p in S.COMPILED),
         quick_providers=sweep,
-        full_tokens=(2048,) if sweep else (128, 2048))
+        full_tokens=(2048,) if sweep else (128, 2048),
+    )
 
 
 OP = variant_op("k3")

@@ -6,6 +6,7 @@ first quarter of each sequence a prompt (ignored). Packed (``variant_op("packed"
 around T. Output: fp32 [B]; the gradient flows into the logits.
 Run: ``python -m benchmarks --op 'sequence_logprobs*'`` or this file directly.
 """
+
 import os
 import sys
 
@@ -22,8 +23,9 @@ VARIANTS = {"padded": "sequence_logprobs", "packed": "sequence_logprobs_packed"}
 
 def naive(inputs):
     """log_softmax + gather in the input dtype, masked fp32 sums per sequence."""
-    return S.masked_seq_sums(S.naive_token_logps(inputs["logits"], inputs["labels"]), inputs["labels"],
-                             inputs.get("cu_seqlens"))
+    return S.masked_seq_sums(
+        S.naive_token_logps(inputs["logits"], inputs["labels"]), inputs["labels"], inputs.get("cu_seqlens")
+    )
 
 
 def torch_cross_entropy(inputs):
@@ -36,32 +38,52 @@ def torch_cross_entropy(inputs):
 
 def _make_trl():
     tl = S.trl_selective_log_softmax()
-    return lambda inputs: S.masked_seq_sums(tl(inputs["logits"], inputs["labels"]), inputs["labels"],
-                                            inputs.get("cu_seqlens"))
+    return lambda inputs: S.masked_seq_sums(
+        tl(inputs["logits"], inputs["labels"]), inputs["labels"], inputs.get("cu_seqlens")
+    )
 
 
 def _call(inputs, backend, inplace_backward):
     import prefopt_fast
-    return prefopt_fast.sequence_logprobs(inputs["logits"], inputs["labels"], cu_seqlens=inputs.get("cu_seqlens"),
-                                          backend=backend, inplace_backward=inplace_backward)
+
+    return prefopt_fast.sequence_logprobs(
+        inputs["logits"],
+        inputs["labels"],
+        cu_seqlens=inputs.get("cu_seqlens"),
+        backend=backend,
+        inplace_backward=inplace_backward,
+    )
 
 
 def variant_op(layout: str) -> OpSpec:
     ours, notes = prefopt_fast_providers(_call)
     lay = S.LogitsLayout(batch=8, prompt=0.25, packed=layout == "packed", small_per_token=8)
     providers = [
-        Provider("naive", lambda: naive, mem_factor=4.0,
-                 description="log_softmax(logits, -1).gather(...) in the input dtype, masked sums per sequence"),
+        Provider(
+            "naive",
+            lambda: naive,
+            mem_factor=4.0,
+            description="log_softmax(logits, -1).gather(...) in the input dtype, masked sums per sequence",
+        ),
         S.compiled_provider(naive),
-        Provider("torch-cross-entropy", lambda: torch_cross_entropy, mem_factor=4.0,
-                 description="-F.cross_entropy(reduction='none') then masked sums"),
+        Provider(
+            "torch-cross-entropy",
+            lambda: torch_cross_entropy,
+            mem_factor=4.0,
+            description="-F.cross_entropy(reduction='none') then masked sums",
+        ),
         S.trl_provider(_make_trl, "trl selective_log_softmax, then masked sums"),
     ] + ours
     what = "packed [B * T, V] + cu_seqlens" if layout == "packed" else "padded [B, T, V]"
     return S.logits_op(
-        VARIANTS[layout], f"benchmarks.bench_sequence_logprobs:{layout}", lay, providers,
+        VARIANTS[layout],
+        f"benchmarks.bench_sequence_logprobs:{layout}",
+        lay,
+        providers,
         description=f"per-sequence sums of completion log-probs from {what} logits (fwd, bwd into the logits)",
-        notes=notes, full_providers=("naive", "trl", "prefopt_fast.*"))
+        notes=notes,
+        full_providers=("naive", "trl", "prefopt_fast.*"),
+    )
 
 
 OP = variant_op("padded")

@@ -18,6 +18,7 @@ per phase), ``quick`` (tiny, so that every op fits in ``--quick``'s minute), ``d
 (the issues' target shapes) and ``full`` (a cross of a vocabulary sweep at a fixed token
 count and a token sweep at V = 32000, so both plots have one line per provider).
 """
+
 import dataclasses
 import functools
 import math
@@ -25,9 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from benchmarks.spec import Case, OpSpec, Provider, availability, load_op, needs_cuda
-from benchmarks.measure import CaseRunner, available_memory, default_device
 from benchmarks.cli import main, memory_guard
+from benchmarks.measure import CaseRunner, available_memory, default_device
+from benchmarks.spec import Case, OpSpec, Provider, availability, load_op, needs_cuda
 
 IGN = -100
 FULL_VOCABS = (32000, 128256, 256000)
@@ -101,8 +102,7 @@ class LogitsLayout:
         ign = self.ignored_rows(shape) * row
         act = self.main_bytes(shape, dtype) - ign
         small = self.tokens(shape) * self.small_per_token
-        return {"fwd": {"read": k * act + small},
-                "bwd": {"read": (k - 1) * act + small, "rw": 2 * act, "write": ign}}
+        return {"fwd": {"read": k * act + small}, "bwd": {"read": (k - 1) * act + small, "rw": 2 * act, "write": ign}}
 
     def exps(self, shape, dtype) -> dict:
         """The exps the math needs at the least, on the rows with a label: forward, one per
@@ -124,7 +124,7 @@ class LogitsLayout:
             if b > 1 and t > 1:
                 d = torch.randint(0, max(1, t // 2), (b // 2,), generator=g)
                 lens[: b // 2] -= d
-                lens[b // 2: 2 * (b // 2)] += d
+                lens[b // 2 : 2 * (b // 2)] += d
             out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)]).to(device)
             labels = labels.reshape(-1)
         out["labels"] = labels.to(device)
@@ -135,26 +135,59 @@ class LogitsLayout:
         return out
 
 
-def logits_op(name: str, module: str, layout: LogitsLayout, providers: list, *, description: str,
-              notes=(), quick=(256, 8192), default=(2048, 128256), full_center: int = 256,
-              full_tokens=(128, 2048), dtypes=("fp32", "bf16"), quick_dtypes=("fp32",), full_dtypes=("bf16",),
-              full_providers=None, quick_providers=None, reference=("naive",)) -> OpSpec:
+def logits_op(
+    name: str,
+    module: str,
+    layout: LogitsLayout,
+    providers: list,
+    *,
+    description: str,
+    notes=(),
+    quick=(256, 8192),
+    default=(2048, 128256),
+    full_center: int = 256,
+    full_tokens=(128, 2048),
+    dtypes=("fp32", "bf16"),
+    quick_dtypes=("fp32",),
+    full_dtypes=("bf16",),
+    full_providers=None,
+    quick_providers=None,
+    reference=("naive",),
+) -> OpSpec:
     """An OpSpec for an op on logits, with the family's presets; ``providers`` should list
     the baselines and peers, followed by ``prefopt_fast_providers`` output.
     ``*_providers``: globs restricting the providers of --full / --quick (time budgets)."""
     ms = layout.make_shape
     return OpSpec(
-        name=name, module=module, description=description,
-        make_inputs=layout.make_inputs, grad_inputs=("logits",),
-        main_bytes=layout.main_bytes, bytes_moved=layout.bytes_moved, exps=layout.exps,
+        name=name,
+        module=module,
+        description=description,
+        make_inputs=layout.make_inputs,
+        grad_inputs=("logits",),
+        main_bytes=layout.main_bytes,
+        bytes_moved=layout.bytes_moved,
+        exps=layout.exps,
         alloc_bytes=layout.main_bytes,  # the gradient, unless written in place
-        make_shape=ms, tokens=layout.tokens, vocab=layout.vocab,
-        presets={"dry-run": [ms(layout.batch * 8, 1000)], "quick": [ms(*quick)], "default": [ms(*default)],
-                 "full": cross_shapes(ms, full_center, full_tokens)},
-        preset_dtypes={"dry-run": list(dtypes), "quick": list(quick_dtypes), "default": list(dtypes),
-                       "full": list(full_dtypes)},
+        make_shape=ms,
+        tokens=layout.tokens,
+        vocab=layout.vocab,
+        presets={
+            "dry-run": [ms(layout.batch * 8, 1000)],
+            "quick": [ms(*quick)],
+            "default": [ms(*default)],
+            "full": cross_shapes(ms, full_center, full_tokens),
+        },
+        preset_dtypes={
+            "dry-run": list(dtypes),
+            "quick": list(quick_dtypes),
+            "default": list(dtypes),
+            "full": list(full_dtypes),
+        },
         preset_providers=_preset_providers(full_providers, quick_providers),
-        providers=providers, reference=tuple(reference), notes=list(notes))
+        providers=providers,
+        reference=tuple(reference),
+        notes=list(notes),
+    )
 
 
 def _preset_providers(full, quick) -> dict:
@@ -217,24 +250,57 @@ class LinearLayout:
         return out
 
 
-def linear_op(name: str, module: str, layout: LinearLayout, providers: list, *, description: str,
-              notes=(), quick=(256, 8192, 256), default=(2048, 128256, 2048), full_center: int = 256,
-              full_tokens=(128, 1024), full_hidden: int = 256, dtypes=("fp32", "bf16"), quick_dtypes=("bf16",),
-              full_dtypes=("bf16",), full_providers=None, quick_providers=None, reference=("naive",)) -> OpSpec:
+def linear_op(
+    name: str,
+    module: str,
+    layout: LinearLayout,
+    providers: list,
+    *,
+    description: str,
+    notes=(),
+    quick=(256, 8192, 256),
+    default=(2048, 128256, 2048),
+    full_center: int = 256,
+    full_tokens=(128, 1024),
+    full_hidden: int = 256,
+    dtypes=("fp32", "bf16"),
+    quick_dtypes=("bf16",),
+    full_dtypes=("bf16",),
+    full_providers=None,
+    quick_providers=None,
+    reference=("naive",),
+) -> OpSpec:
     """An OpSpec for a fused-linear op (grads to hidden and weight), with the family's presets."""
     ms = layout.make_shape
     return OpSpec(
-        name=name, module=module, description=description,
-        make_inputs=layout.make_inputs, grad_inputs=("hidden", "weight"),
-        main_bytes=layout.main_bytes, bytes_moved=layout.bytes_moved, flops=layout.flops,
-        make_shape=ms, tokens=layout.tokens, vocab=layout.vocab,
-        presets={"dry-run": [ms(layout.batch * 16, 1000, 32)], "quick": [ms(*quick)],
-                 "default": [ms(*default)],
-                 "full": cross_shapes(lambda n, v: ms(n, v, full_hidden), full_center, full_tokens)},
-        preset_dtypes={"dry-run": list(dtypes), "quick": list(quick_dtypes), "default": list(dtypes),
-                       "full": list(full_dtypes)},
+        name=name,
+        module=module,
+        description=description,
+        make_inputs=layout.make_inputs,
+        grad_inputs=("hidden", "weight"),
+        main_bytes=layout.main_bytes,
+        bytes_moved=layout.bytes_moved,
+        flops=layout.flops,
+        make_shape=ms,
+        tokens=layout.tokens,
+        vocab=layout.vocab,
+        presets={
+            "dry-run": [ms(layout.batch * 16, 1000, 32)],
+            "quick": [ms(*quick)],
+            "default": [ms(*default)],
+            "full": cross_shapes(lambda n, v: ms(n, v, full_hidden), full_center, full_tokens),
+        },
+        preset_dtypes={
+            "dry-run": list(dtypes),
+            "quick": list(quick_dtypes),
+            "default": list(dtypes),
+            "full": list(full_dtypes),
+        },
         preset_providers=_preset_providers(full_providers, quick_providers),
-        providers=providers, reference=tuple(reference), notes=list(notes))
+        providers=providers,
+        reference=tuple(reference),
+        notes=list(notes),
+    )
 
 
 def completion_rows(inputs):
@@ -254,10 +320,12 @@ def on_completion_rows(row_logps, finish=None):
     """An op from a per-row log-prob function ``(h [M, H], W, y [M]) -> [M]`` applied to the
     completion rows; ``finish(row_values, seq, inputs)`` turns them into the op's output
     (default: per-sequence sums [B])."""
+
     def fn(inputs):
         h, y, seq = completion_rows(inputs)
         v = row_logps(h, inputs["weight"], y)
         return finish(v, seq, inputs) if finish else seq_sums(v, seq, inputs["labels"].shape[0])
+
     return fn
 
 
@@ -273,8 +341,12 @@ def matmul_floor(inputs):
 
 
 def matmul_floor_provider() -> Provider:
-    return Provider("matmul-floor", lambda: matmul_floor, mem_factor=3.0,
-                    description="the three GEMMs alone (h W^T, G W, G^T h) on the completion rows; materializes")
+    return Provider(
+        "matmul-floor",
+        lambda: matmul_floor,
+        mem_factor=3.0,
+        description="the three GEMMs alone (h W^T, G W, G^T h) on the completion rows; materializes",
+    )
 
 
 def linear_baselines(naive, make_trl, what: str) -> list:
@@ -282,10 +354,17 @@ def linear_baselines(naive, make_trl, what: str) -> list:
     fused head; ``what`` ends the descriptions (", sums, DPO", ...)."""
     return [
         matmul_floor_provider(),
-        Provider("naive", lambda: naive, mem_factor=4.0,
-                 description=f"hidden @ W.T in the dtype, fp32 log_softmax, gather{what}"),
-        trl_provider(make_trl, f"trl.kernels.ChunkedLogProbFunction (TRL 1.16 fused head) on the completion rows{what}",
-                     mem_factor=1.0),
+        Provider(
+            "naive",
+            lambda: naive,
+            mem_factor=4.0,
+            description=f"hidden @ W.T in the dtype, fp32 log_softmax, gather{what}",
+        ),
+        trl_provider(
+            make_trl,
+            f"trl.kernels.ChunkedLogProbFunction (TRL 1.16 fused head) on the completion rows{what}",
+            mem_factor=1.0,
+        ),
     ]
 
 
@@ -294,12 +373,27 @@ def liger_providers(make_liger, what: str) -> list:
     step under torch.compile (``make_liger(True)``, slow_setup). Plain PyTorch: runs on CPU.
     Its forward computes the gradients too (the backward only scales them): grad_in_forward."""
     return [
-        Provider("liger", make_liger(False), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
-                 mem_factor=1.0, grad_in_forward=True,
-                 description=f"liger_kernel.chunked_loss.{what}, compiled=False"),
-        Provider("liger-compile", make_liger(True), kind="peer", requires=("liger_kernel",), install=LIGER_INSTALL,
-                 slow_setup=True, mem_factor=1.0, grad_in_forward=True,
-                 description=f"liger_kernel.chunked_loss.{what}, compiled=True"),
+        Provider(
+            "liger",
+            make_liger(False),
+            kind="peer",
+            requires=("liger_kernel",),
+            install=LIGER_INSTALL,
+            mem_factor=1.0,
+            grad_in_forward=True,
+            description=f"liger_kernel.chunked_loss.{what}, compiled=False",
+        ),
+        Provider(
+            "liger-compile",
+            make_liger(True),
+            kind="peer",
+            requires=("liger_kernel",),
+            install=LIGER_INSTALL,
+            slow_setup=True,
+            mem_factor=1.0,
+            grad_in_forward=True,
+            description=f"liger_kernel.chunked_loss.{what}, compiled=True",
+        ),
     ]
 
 
@@ -335,7 +429,7 @@ def ref_seq_logps(shape, g, prompt_tokens: int):
     tokens) x log(1 / V), plus noise."""
     b, t, v = shape["B"], shape["T"], shape["V"]
     ref = -(t - prompt_tokens) * math.log(v) + torch.randn(b, generator=g)
-    return {"ref_chosen": ref[: b // 2], "ref_rejected": ref[b // 2:]}
+    return {"ref_chosen": ref[: b // 2], "ref_rejected": ref[b // 2 :]}
 
 
 # --------------------------------------------------------------------------- shared providers
@@ -343,8 +437,13 @@ def ref_seq_logps(shape, g, prompt_tokens: int):
 
 def compiled_provider(fn, *, mem_factor: float = 3.0, what: str = "naive") -> Provider:
     """``torch.compile(fn)``: compile time excluded by a warm-up step (slow_setup)."""
-    return Provider(f"{what}-compile", lambda: torch.compile(fn), slow_setup=True, mem_factor=mem_factor,
-                    description=f"torch.compile({what}) (compile time excluded by the warm-up)")
+    return Provider(
+        f"{what}-compile",
+        lambda: torch.compile(fn),
+        slow_setup=True,
+        mem_factor=mem_factor,
+        description=f"torch.compile({what}) (compile time excluded by the warm-up)",
+    )
 
 
 def trl_selective_log_softmax():
@@ -356,8 +455,15 @@ def trl_selective_log_softmax():
 
 
 def trl_provider(make, description: str, mem_factor: float = 4.0) -> Provider:
-    return Provider("trl", make, kind="peer", requires=("trl",), install="pip install trl", mem_factor=mem_factor,
-                    description=description)
+    return Provider(
+        "trl",
+        make,
+        kind="peer",
+        requires=("trl",),
+        install="pip install trl",
+        mem_factor=mem_factor,
+        description=description,
+    )
 
 
 LIGER_INSTALL = "pip install --no-deps liger-kernel (or pip install -e '.[bench]')"
@@ -376,18 +482,35 @@ def cce_providers(make_fn, what: str) -> list:
     ``impl="torch_compile"`` path (materialized logits under torch.compile; runs on CPU).
     ``make_fn(ce) -> fn(inputs)`` turns the per-token CE into the op."""
     return [
-        Provider("cce", lambda: make_fn(cce_linear_ce("cce")), kind="peer", requires=("cut_cross_entropy",),
-                   install=CCE_INSTALL, check=needs_cuda, mem_factor=1.0,
-                 description=f"cut_cross_entropy.linear_cross_entropy(impl='cce', reduction='none') {what}"),
-        Provider("cce-compile", lambda: make_fn(cce_linear_ce("torch_compile")), kind="peer",
-                 requires=("cut_cross_entropy",), install=CCE_INSTALL, slow_setup=True, mem_factor=3.0,
-                 description=f"cut_cross_entropy.linear_cross_entropy(impl='torch_compile') {what}"),
+        Provider(
+            "cce",
+            lambda: make_fn(cce_linear_ce("cce")),
+            kind="peer",
+            requires=("cut_cross_entropy",),
+            install=CCE_INSTALL,
+            check=needs_cuda,
+            mem_factor=1.0,
+            description=f"cut_cross_entropy.linear_cross_entropy(impl='cce', reduction='none') {what}",
+        ),
+        Provider(
+            "cce-compile",
+            lambda: make_fn(cce_linear_ce("torch_compile")),
+            kind="peer",
+            requires=("cut_cross_entropy",),
+            install=CCE_INSTALL,
+            slow_setup=True,
+            mem_factor=3.0,
+            description=f"cut_cross_entropy.linear_cross_entropy(impl='torch_compile') {what}",
+        ),
     ]
 
 
 def torch_lce_check(case):
-    return None if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions") else \
-        "this torch has no F.linear_cross_entropy with chunking options (torch >= 2.13)"
+    return (
+        None
+        if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+        else "this torch has no F.linear_cross_entropy with chunking options (torch >= 2.13)"
+    )
 
 
 def torch_lce():
@@ -397,9 +520,14 @@ def torch_lce():
 
 
 def torch_lce_provider(make_fn, what: str) -> Provider:
-    return Provider("torch-linear-ce", lambda: make_fn(torch_lce()), kind="peer", check=torch_lce_check,
-                    mem_factor=1.0,
-                    description=f"-F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions()) {what}")
+    return Provider(
+        "torch-linear-ce",
+        lambda: make_fn(torch_lce()),
+        kind="peer",
+        check=torch_lce_check,
+        mem_factor=1.0,
+        description=f"-F.linear_cross_entropy(reduction='none', options=LinearCrossEntropyOptions()) {what}",
+    )
 
 
 def trl_chunked_logps():
@@ -412,8 +540,15 @@ def trl_chunked_logps():
 
 def renamed(providers: list, prefix: str, kind: str, what: str) -> list:
     """prefopt_fast providers renamed (e.g. the token_logprobs floor of a loss)."""
-    return [dataclasses.replace(p, name=p.name.replace("prefopt_fast", prefix, 1), kind=kind,
-                                description=p.description.replace("prefopt_fast", what, 1)) for p in providers]
+    return [
+        dataclasses.replace(
+            p,
+            name=p.name.replace("prefopt_fast", prefix, 1),
+            kind=kind,
+            description=p.description.replace("prefopt_fast", what, 1),
+        )
+        for p in providers
+    ]
 
 
 def script_main(module_name: str, variants=None):

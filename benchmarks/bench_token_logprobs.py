@@ -3,6 +3,7 @@
 Shapes are [B, T, V] logits with B = 4 sequences, [B, T] labels (no ignored labels).
 Run: ``python -m benchmarks --op token_logprobs [--quick|--full]`` or this file directly.
 """
+
 import os
 import sys
 
@@ -15,8 +16,12 @@ from benchmarks import bench_support as S
 from benchmarks.spec import Provider, needs_cuda, prefopt_fast_providers
 
 LAYOUT = S.LogitsLayout(batch=4)
-make_shape, make_inputs, main_bytes, bytes_moved = (LAYOUT.make_shape, LAYOUT.make_inputs, LAYOUT.main_bytes,
-                                                    LAYOUT.bytes_moved)
+make_shape, make_inputs, main_bytes, bytes_moved = (
+    LAYOUT.make_shape,
+    LAYOUT.make_inputs,
+    LAYOUT.main_bytes,
+    LAYOUT.bytes_moved,
+)
 
 
 def naive(inputs):
@@ -47,13 +52,16 @@ def _make_liger():
         logits, labels = inputs["logits"], inputs["labels"]
         v = logits.shape[-1]
         return -liger_cross_entropy(logits.view(-1, v), labels.view(-1), reduction="none").view(labels.shape)
+
     return fn
 
 
 def _prefopt_fast_call(inputs, backend, inplace_backward):
     import prefopt_fast
-    return prefopt_fast.token_logprobs(inputs["logits"], inputs["labels"], backend=backend,
-                                       inplace_backward=inplace_backward)
+
+    return prefopt_fast.token_logprobs(
+        inputs["logits"], inputs["labels"], backend=backend, inplace_backward=inplace_backward
+    )
 
 
 def _not_fp32(case):
@@ -63,25 +71,54 @@ def _not_fp32(case):
 _ours, _our_notes = prefopt_fast_providers(_prefopt_fast_call)
 
 PROVIDERS = [
-    Provider("naive", lambda: naive, description="torch.log_softmax(logits, -1).gather(...) in the input dtype",
-             mem_factor=4.0),
-    Provider("naive-fp32", lambda: naive_fp32, check=_not_fp32,
-             description="torch.log_softmax(logits.float(), -1).gather(...)", mem_factor=9.0),
+    Provider(
+        "naive",
+        lambda: naive,
+        description="torch.log_softmax(logits, -1).gather(...) in the input dtype",
+        mem_factor=4.0,
+    ),
+    Provider(
+        "naive-fp32",
+        lambda: naive_fp32,
+        check=_not_fp32,
+        description="torch.log_softmax(logits.float(), -1).gather(...)",
+        mem_factor=9.0,
+    ),
     S.compiled_provider(naive),
-    Provider("torch-cross-entropy", lambda: torch_cross_entropy, mem_factor=4.0,
-             description="-F.cross_entropy(logits, labels, reduction='none')"),
+    Provider(
+        "torch-cross-entropy",
+        lambda: torch_cross_entropy,
+        mem_factor=4.0,
+        description="-F.cross_entropy(logits, labels, reduction='none')",
+    ),
     S.trl_provider(_make_trl, "trl.trainer.utils.selective_log_softmax (per-row loop on CPU, Triton kernel on CUDA)"),
-    Provider("liger", _make_liger, kind="peer", requires=("liger_kernel",), install=S.LIGER_INSTALL,
-               check=needs_cuda, mutates=("logits",), mem_factor=0.5, grad_in_forward=True,
-             description="-liger_cross_entropy(reduction='none') (Triton; gradient written into the logits)"),
+    Provider(
+        "liger",
+        _make_liger,
+        kind="peer",
+        requires=("liger_kernel",),
+        install=S.LIGER_INSTALL,
+        check=needs_cuda,
+        mutates=("logits",),
+        mem_factor=0.5,
+        grad_in_forward=True,
+        description="-liger_cross_entropy(reduction='none') (Triton; gradient written into the logits)",
+    ),
 ] + _ours
 
 OP = S.logits_op(
-    "token_logprobs", "benchmarks.bench_token_logprobs", LAYOUT, PROVIDERS,
+    "token_logprobs",
+    "benchmarks.bench_token_logprobs",
+    LAYOUT,
+    PROVIDERS,
     description="per-token log-probs of the labels from logits [B, T, V] (fwd, and bwd into the logits)",
-    quick_dtypes=("fp32", "bf16"), full_dtypes=("fp32", "bf16"), full_center=512, full_tokens=(128, 4096),
+    quick_dtypes=("fp32", "bf16"),
+    full_dtypes=("fp32", "bf16"),
+    full_center=512,
+    full_tokens=(128, 4096),
     full_providers=("naive", "naive-fp32", "torch-cross-entropy", "trl", "liger", "prefopt_fast.*"),
-    notes=_our_notes + [
+    notes=_our_notes
+    + [
         "cut-cross-entropy and torch's F.linear_cross_entropy take hidden states and the classifier, not"
         " logits: they are benchmarked with the fused-linear ops (linear_token_logprobs), not here",
     ],

@@ -26,6 +26,7 @@ time spent inside the collectives.
     python benchmarks/bench_vocab_parallel.py --op linear --hidden 512 --dtype bf16
     python benchmarks/bench_vocab_parallel.py --json out.json
 """
+
 import argparse
 import json
 import os
@@ -104,9 +105,17 @@ class _CommCounter:
                 # payload: what this rank contributes (the input tensor of the collective)
                 t = tensors[0] if tensors else (lists[0][0] if lists and lists[0] else None)
                 nbytes = 0 if t is None else t.numel() * t.element_size()
-                self.calls.append((name, tuple(t.shape) if t is not None else (), str(t.dtype) if t is not None
-                                   else "", nbytes, time.perf_counter() - t0))
+                self.calls.append(
+                    (
+                        name,
+                        tuple(t.shape) if t is not None else (),
+                        str(t.dtype) if t is not None else "",
+                        nbytes,
+                        time.perf_counter() - t0,
+                    )
+                )
             return res
+
         return wrapped
 
 
@@ -121,7 +130,7 @@ def _make(args, rank: int, world: int):
     sizes = [V // world + (1 if r < V % world else 0) for r in range(world)]
     start, size = sum(sizes[:rank]), sizes[rank]
     labels = torch.randint(0, V, (N,), generator=g)
-    labels[N - N // 8:] = -100  # some padding
+    labels[N - N // 8 :] = -100  # some padding
     if args.op == "token_logprobs":
         # generate the shard only: the sharded ranks must not pay for the full logits
         g2 = torch.Generator().manual_seed(1 + start)
@@ -130,7 +139,7 @@ def _make(args, rank: int, world: int):
     H = args.hidden
     hidden = torch.randn(N, H, generator=g).to(dt)
     g2 = torch.Generator().manual_seed(1 + start)
-    weight = (torch.randn(size, H, generator=g2) / H ** 0.5).to(dt)
+    weight = (torch.randn(size, H, generator=g2) / H**0.5).to(dt)
     return dict(hidden=hidden, weight=weight, labels=labels)
 
 
@@ -154,6 +163,7 @@ def _step_fns(args, inputs, group):
         def fwd():
             out = linear_token_logprobs(h, w, inputs["labels"], stats=("entropy",), **kw)
             return out.logprobs.sum() + 0.01 * out.entropy.sum(), (h, w)
+
     return fwd
 
 
@@ -190,7 +200,8 @@ def _measure(args, rank, world, group, counter, barrier):
         f.append(tf)
         b.append(tb)
     return {
-        "fwd_ms": 1e3 * statistics.median(f), "bwd_ms": 1e3 * statistics.median(b),
+        "fwd_ms": 1e3 * statistics.median(f),
+        "bwd_ms": 1e3 * statistics.median(b),
         "step_ms": 1e3 * statistics.median([x + y for x, y in zip(f, b)]),
         "peak_extra_mib": None if peak is None else peak / 1024,
         "collectives": [dict(op=c[0], shape=c[1], dtype=c[2], bytes=c[3], ms=1e3 * c[4]) for c in comm],
@@ -267,8 +278,11 @@ def main(argv=None):
 
     single = _run(1, args)[0]
     ranks = _run(args.world, args)
-    shape = (f"N={args.tokens}, V={args.vocab}" + (f", H={args.hidden}" if args.op == "linear" else "") +
-             f", {args.dtype}, backend={args.backend}, {args.threads} thread(s) per process")
+    shape = (
+        f"N={args.tokens}, V={args.vocab}"
+        + (f", H={args.hidden}" if args.op == "linear" else "")
+        + f", {args.dtype}, backend={args.backend}, {args.threads} thread(s) per process"
+    )
     print(f"{args.op}: {shape}")
     print(f"{'run':<16}{'fwd ms':>10}{'bwd ms':>10}{'step ms':>10}{'peak extra MiB':>16}")
 
@@ -281,9 +295,11 @@ def main(argv=None):
         row(f"rank {r}/{args.world}", res)
     coll = ranks[0]["collectives"]
     total = sum(c["bytes"] for c in coll)
-    print(f"collectives per step on rank 0 ({len(coll)} calls, {total} payload bytes = "
-          f"{total / max(1, args.tokens):.1f} B/token; the logits shard is "
-          f"{args.tokens * args.vocab // args.world * torch.empty((), dtype=DTYPES[args.dtype]).element_size()} B):")
+    print(
+        f"collectives per step on rank 0 ({len(coll)} calls, {total} payload bytes = "
+        f"{total / max(1, args.tokens):.1f} B/token; the logits shard is "
+        f"{args.tokens * args.vocab // args.world * torch.empty((), dtype=DTYPES[args.dtype]).element_size()} B):"
+    )
     for c in coll:
         print(f"  {c['op']:<12} {str(list(c['shape'])):<14} {c['dtype']:<15} {c['bytes']:>10} B  {c['ms']:8.2f} ms")
     if args.json:

@@ -3,6 +3,7 @@ the op's least traffic / exps / FLOPs per phase, the calibrations this process r
 per size, measured again after the jobs and pooled), :func:`derive` (GB/s, x bound and the
 calibration errors) and x naive (:func:`add_speedups`).
 """
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,18 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.calibration import (exp_rate, first_touch_min_bytes, gemm_throughput, last_level_cache_bytes,
-                                    memory_rates, merge_best, phase_bound, pool_dram_rates, traffic_parts)
+from benchmarks.calibration import (
+    exp_rate,
+    first_touch_min_bytes,
+    gemm_throughput,
+    last_level_cache_bytes,
+    memory_rates,
+    merge_best,
+    phase_bound,
+    pool_dram_rates,
+    traffic_parts,
+)
 from benchmarks.spec import DTYPES, PHASES, OpSpec, shape_label
-
 
 # Calibration buffers are the size of the op's main tensor (the logits) up to this cap and a
 # quarter of the available memory (three of them are alive at once).
@@ -53,9 +62,18 @@ def exps_by_phase(op: OpSpec, shape: dict, dtype: torch.dtype) -> dict | None:
     return None if op.exps is None else _by_phase(op.exps(shape, dtype), int)
 
 
-def derive(result: dict, op: OpSpec, shape: dict, dtype: torch.dtype, calib: dict,
-           gemm: dict | None = None, *, inplace: bool = False, exp: dict | None = None,
-           grad_in_forward: bool = False) -> None:
+def derive(
+    result: dict,
+    op: OpSpec,
+    shape: dict,
+    dtype: torch.dtype,
+    calib: dict,
+    gemm: dict | None = None,
+    *,
+    inplace: bool = False,
+    exp: dict | None = None,
+    grad_in_forward: bool = False,
+) -> None:
     """Add bytes_moved, traffic, the bound and the ratios to one measured result.
 
     calib: the memory calibration of the op's size (calibration.memory_rates, plus
@@ -77,10 +95,19 @@ def derive(result: dict, op: OpSpec, shape: dict, dtype: torch.dtype, calib: dic
     alloc = op.alloc_bytes(shape, dtype) if (op.alloc_bytes and not inplace) else 0
     fps = gemm["flops_per_s"] if gemm else None
     eps = exp.get("exp_per_s") if exp else None
-    terms = {p: phase_bound(traffic[p], calib, inplace=inplace, alloc=alloc if p == "bwd" else 0,
-                            exps=exps[p] if exps else 0, exp_per_s=eps,
-                            flops=flops[p] if flops else 0, flops_per_s=fps)
-             for p in ("fwd", "bwd")}
+    terms = {
+        p: phase_bound(
+            traffic[p],
+            calib,
+            inplace=inplace,
+            alloc=alloc if p == "bwd" else 0,
+            exps=exps[p] if exps else 0,
+            exp_per_s=eps,
+            flops=flops[p] if flops else 0,
+            flops_per_s=fps,
+        )
+        for p in ("fwd", "bwd")
+    }
     bound = {p: terms[p]["bound_s"] for p in terms}
     warm = {p: terms[p]["warm_s"] for p in terms}
     for d in (bound, warm):
@@ -126,9 +153,11 @@ def calibration_error_notes(results: list) -> list:
     out = []
     for r in results:
         for p, x in (r.get("calibration_error") or {}).items():
-            out.append(f"CALIBRATION ERROR: {r['provider']} {shape_label(r['shape'])} {r['dtype']} {p}: its fastest"
-                       f" run took {x:.2f}x its bound ({bound_limit(r, p)}): a time below a lower bound means"
-                       f" the calibration underestimates a rate here, not that the provider is that fast")
+            out.append(
+                f"CALIBRATION ERROR: {r['provider']} {shape_label(r['shape'])} {r['dtype']} {p}: its fastest"
+                f" run took {x:.2f}x its bound ({bound_limit(r, p)}): a time below a lower bound means"
+                f" the calibration underestimates a rate here, not that the provider is that fast"
+            )
     return out
 
 
@@ -160,7 +189,8 @@ CALIBRATION_NOTE = (
     " copy_Bps otherwise) + write / write_Bps, plus for a fresh gradient its first touch at"
     " fresh_copy_Bps; exp = exps / exp_per_s; gemm = flops / flops_per_s. step = fwd + bwd,"
     " fwd_nograd = fwd. Rates are the best of the repeats (and of the rounds before and after"
-    " the jobs). A phase whose fastest run is below its bound is listed in calibration_errors.")
+    " the jobs). A phase whose fastest run is below its bound is listed in calibration_errors."
+)
 
 
 def calibration_bytes(main: int, avail: int | None) -> int:
@@ -179,10 +209,13 @@ def _memory_settings(dry_run: bool, quick: bool) -> dict:
 def pooled(calib: dict, device: str) -> dict:
     """``calib`` (keyed by main-tensor size) with the rates of this process's other
     calibrations far beyond the caches pooled in (calibration.pool_dram_rates)."""
-    others = [c for k, c in _CALIBRATION_CACHE.items() if isinstance(k[0], int) and k[1] == device
-              and c["nbytes"] not in {x["nbytes"] for x in calib.values()}]
+    others = [
+        c
+        for k, c in _CALIBRATION_CACHE.items()
+        if isinstance(k[0], int) and k[1] == device and c["nbytes"] not in {x["nbytes"] for x in calib.values()}
+    ]
     mine = list(calib.values())
-    merged = pool_dram_rates(mine + others, last_level_cache_bytes())[:len(mine)]
+    merged = pool_dram_rates(mine + others, last_level_cache_bytes())[: len(mine)]
     return dict(zip(calib, merged))
 
 
@@ -222,8 +255,9 @@ def calibrate_exp(device: str, *, dry_run: bool, quick: bool, again: bool = Fals
         e, e2 = _CALIBRATION_CACHE[key], exp_rate(device, **kw)
         if "exp_per_s" in e and "exp_per_s" in e2:
             rounds = [e["exp_per_s"], e2["exp_per_s"]]
-            _CALIBRATION_CACHE[key] = dict(e2 if e2["exp_per_s"] > e["exp_per_s"] else e,
-                                           exp_per_s=max(rounds), rounds=rounds)
+            _CALIBRATION_CACHE[key] = dict(
+                e2 if e2["exp_per_s"] > e["exp_per_s"] else e, exp_per_s=max(rounds), rounds=rounds
+            )
     return dict(_CALIBRATION_CACHE[key])
 
 

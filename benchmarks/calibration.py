@@ -24,6 +24,7 @@ compiled here (``exp_ceiling.c``; memory only when no C compiler is found), and 
 at ``torch.mm``'s rate. :func:`phase_bound` combines them (pure arithmetic: the tests feed it
 synthetic calibrations).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -106,8 +107,10 @@ def native_loops():
         tag = hashlib.sha1(open(src, "rb").read()).hexdigest()[:12]
         out_dir = tempfile.mkdtemp(prefix="prefopt_bench_")
         base = ["-O3", "-ffp-contract=fast", "-fopenmp-simd", "-shared", "-fPIC"]
-        native = [("512-bit vectors", ["-march=native", "-mprefer-vector-width=512"]),
-                  ("256-bit vectors", ["-march=native", "-mprefer-vector-width=256"])]
+        native = [
+            ("512-bit vectors", ["-march=native", "-mprefer-vector-width=512"]),
+            ("256-bit vectors", ["-march=native", "-mprefer-vector-width=256"]),
+        ]
         # both widths (whichever runs faster counts), else plain -march=native; never a
         # portable build: a ceiling from an exp slower than the ISA allows is no bound
         for group in (native, [("-march=native", ["-march=native"])]):
@@ -142,12 +145,17 @@ def _best(cands: dict, clock, nbytes: int, moved: int, repeats: int, min_time: f
         runs[name] = moved * nbytes / min(ts)
         if best is None or min(ts) < best[1]:
             best = (name, min(ts), statistics.median(ts))
-    return {"Bps": moved * nbytes / best[1], "Bps_median": moved * nbytes / best[2], "method": best[0],
-            "candidates": runs}
+    return {
+        "Bps": moved * nbytes / best[1],
+        "Bps_median": moved * nbytes / best[2],
+        "method": best[0],
+        "candidates": runs,
+    }
 
 
-def memory_rates(nbytes: int, device: str = "cpu", repeats: int = 5, min_time: float = 0.5,
-                 patterns=MEMORY_PATTERNS) -> dict:
+def memory_rates(
+    nbytes: int, device: str = "cpu", repeats: int = 5, min_time: float = 0.5, patterns=MEMORY_PATTERNS
+) -> dict:
     """Rates of each access pattern on buffers of ``nbytes`` (see the module docstring).
 
     Returns ``{"nbytes", "<pattern>_Bps", "<pattern>_Bps_median", "methods": {pattern:
@@ -179,16 +187,22 @@ def memory_rates(nbytes: int, device: str = "cpu", repeats: int = 5, min_time: f
         def run(i, parts):
             lo, ln = _chunk(nbytes, i, parts)
             lib.read_sum(sp + lo, ln // 4)
+
         return lambda: _threaded(run, threads)
 
     cands = {
-        "read": {"sum": lambda: src.sum(), "amax": lambda: src.amax(),
-                 **{f"C sum loop ({name})": reader(lib) for name, lib in (libs or [])[:1]}},
+        "read": {
+            "sum": lambda: src.sum(),
+            "amax": lambda: src.amax(),
+            **{f"C sum loop ({name})": reader(lib) for name, lib in (libs or [])[:1]},
+        },
         "rmw": {"neg_": lambda: dst.neg_(), "add_": lambda: dst.add_(1.0)},
-        "copy": {"copy_": lambda: dst.copy_(src),
-                 **({"memmove": lambda: _threaded(memmove, threads)} if cpu else {})},
-        "write": {"fill_": lambda: dst.fill_(1.0), "zero_": lambda: dst.zero_(),
-                  **({"memset": lambda: _threaded(memset, threads)} if cpu else {})},
+        "copy": {"copy_": lambda: dst.copy_(src), **({"memmove": lambda: _threaded(memmove, threads)} if cpu else {})},
+        "write": {
+            "fill_": lambda: dst.fill_(1.0),
+            "zero_": lambda: dst.zero_(),
+            **({"memset": lambda: _threaded(memset, threads)} if cpu else {}),
+        },
     }
     for pat in patterns:
         if pat == "fresh_copy":
@@ -198,10 +212,12 @@ def memory_rates(nbytes: int, device: str = "cpu", repeats: int = 5, min_time: f
         out["methods"][pat], out["candidates"][pat] = r["method"], r["candidates"]
     dst = None  # freed before the fresh copies allocate theirs
     if "fresh_copy" in patterns:
+
         def huge():  # as prefopt_fast's cpu backend does for its gradient
             d = torch.empty_like(src)
             advise_huge_pages(d.data_ptr(), nbytes)
             return d.copy_(src)
+
         fresh = {"empty_like + copy_": lambda: torch.empty_like(src).copy_(src)}
         if cpu and _libc() is not None:
             fresh["empty_like + MADV_HUGEPAGE + copy_"] = huge
@@ -255,8 +271,10 @@ def first_touch_min_bytes(device: str) -> tuple:
         tuned.append("GLIBC_TUNABLES / LD_PRELOAD")
     if tuned:
         return None, f"no first-touch term: malloc is tuned or replaced here ({', '.join(tuned)})"
-    return GLIBC_MMAP_THRESHOLD_MAX, (f"first touch charged for fresh allocations of at least"
-                                      f" {GLIBC_MMAP_THRESHOLD_MAX >> 20} MiB (always a fresh mmap in glibc)")
+    return GLIBC_MMAP_THRESHOLD_MAX, (
+        f"first touch charged for fresh allocations of at least"
+        f" {GLIBC_MMAP_THRESHOLD_MAX >> 20} MiB (always a fresh mmap in glibc)"
+    )
 
 
 def merge_best(a: dict, b: dict) -> dict:
@@ -303,8 +321,11 @@ def pool_dram_rates(calibs: list, llc_bytes: int) -> list:
         if c["nbytes"] < 8 * llc_bytes or len(big) < 2:
             out.append(c)
             continue
-        c = dict(c, methods=dict(c.get("methods", {})),
-                 pooled_with=sorted({o["nbytes"] for o in big if o["nbytes"] != c["nbytes"]}))
+        c = dict(
+            c,
+            methods=dict(c.get("methods", {})),
+            pooled_with=sorted({o["nbytes"] for o in big if o["nbytes"] != c["nbytes"]}),
+        )
         for pat in MEMORY_PATTERNS:
             k = f"{pat}_Bps"
             best = max(big, key=lambda o: o.get(k, 0.0))
@@ -347,11 +368,15 @@ def exp_rate(device: str = "cpu", repeats: int = 5, min_time: float = 0.2, n: in
 
         def run(i, parts, lib=lib, reps=reps):
             lib.exp_loop(bufs[i][0].data_ptr(), bufs[i][1].data_ptr(), n, reps)
+
         ts = _samples(lambda: _threaded(run, threads), _Clock("cpu"), repeats, min_time)
         elems = float(n) * reps * threads
         if best is None or elems / min(ts) > best["exp_per_s"]:
-            best = {"exp_per_s": elems / min(ts), "exp_per_s_median": elems / statistics.median(ts),
-                    "method": f"exp_ceiling.c ({name})"}
+            best = {
+                "exp_per_s": elems / min(ts),
+                "exp_per_s_median": elems / statistics.median(ts),
+                "method": f"exp_ceiling.c ({name})",
+            }
     best["threads"] = threads
     return best
 
@@ -363,7 +388,7 @@ def gemm_throughput(dtype: torch.dtype, device: str = "cpu", size: int = 2048, r
     b = torch.randn(size, size, device=device).to(dtype)
     c = a @ b
     ts = _samples(lambda: torch.mm(a, b, out=c), clock, repeats, 0.0)
-    flops = 2.0 * size ** 3
+    flops = 2.0 * size**3
     return {"size": size, "flops_per_s": flops / min(ts), "flops_per_s_median": flops / statistics.median(ts)}
 
 
@@ -386,8 +411,17 @@ def traffic_parts(t) -> dict:
     return {"read": int(t), "rw": 0, "write": 0}
 
 
-def phase_bound(traffic: dict, rates: dict, *, inplace: bool, alloc: float = 0.0, exps: float = 0.0,
-                exp_per_s: float | None = None, flops: float = 0.0, flops_per_s: float | None = None) -> dict:
+def phase_bound(
+    traffic: dict,
+    rates: dict,
+    *,
+    inplace: bool,
+    alloc: float = 0.0,
+    exps: float = 0.0,
+    exp_per_s: float | None = None,
+    flops: float = 0.0,
+    flops_per_s: float | None = None,
+) -> dict:
     """Lower bound on one phase (fwd or bwd) of one provider, and its terms (seconds).
 
     memory_s: read / read rate + rw / (rmw rate in place, else copy rate) + write / write rate;
@@ -408,5 +442,12 @@ def phase_bound(traffic: dict, rates: dict, *, inplace: bool, alloc: float = 0.0
     gemm_s = flops / flops_per_s if flops and flops_per_s else 0.0
     terms = {"memory": memory + touch, "exp": exp_s, "gemm": gemm_s}
     limit = max(terms, key=terms.get)
-    return {"bound_s": terms[limit], "warm_s": max(memory, exp_s, gemm_s), "memory_s": memory,
-            "first_touch_s": touch, "exp_s": exp_s, "gemm_s": gemm_s, "limit": limit}
+    return {
+        "bound_s": terms[limit],
+        "warm_s": max(memory, exp_s, gemm_s),
+        "memory_s": memory,
+        "first_touch_s": touch,
+        "exp_s": exp_s,
+        "gemm_s": gemm_s,
+        "limit": limit,
+    }

@@ -3,6 +3,7 @@ the plan of jobs (memory guard, skips), :func:`run` (calibrate, run the jobs, de
 bound, write the outputs), :func:`main`, and the strict-mode check of a finished run
 (:func:`broken_providers`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,28 @@ import sys
 import time
 from typing import Iterable, Sequence
 
-from benchmarks.bound import (CALIBRATION_NOTE, add_speedups, calibrate_exp, calibrate_gemm, calibrate_memory,
-                              calibration_error_notes, derive, pooled, recalibrate_memory)
-from benchmarks.measure import (PRESET_SETTINGS, available_memory, default_device, machine_info, malloc_trim,
-                                run_job, run_job_subprocess)
+from benchmarks.bound import (
+    CALIBRATION_NOTE,
+    add_speedups,
+    calibrate_exp,
+    calibrate_gemm,
+    calibrate_memory,
+    calibration_error_notes,
+    derive,
+    pooled,
+    recalibrate_memory,
+)
+from benchmarks.measure import (
+    PRESET_SETTINGS,
+    available_memory,
+    default_device,
+    machine_info,
+    malloc_trim,
+    run_job,
+    run_job_subprocess,
+)
 from benchmarks.report import SCHEMA, write_outputs
 from benchmarks.spec import DTYPES, Case, OpSpec, Provider, availability, canonical_dtype, load_op, shape_label
-
 
 # How the (provider, shape) cases are run by default: "shape" = one fresh worker process per
 # (provider, shape); "provider" = one worker per provider running all its shapes in turn;
@@ -46,6 +62,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, file=sys.stderr, unit="job", dynamic_ncols=True)
             except Exception:
                 self.bar = None
@@ -88,8 +105,10 @@ def select_providers(op: OpSpec, patterns: Sequence[str] | None, preset: str) ->
         chosen = [p for p in op.providers if any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns)]
         unknown = [pat for pat in patterns if not any(fnmatch.fnmatchcase(p.name, pat) for p in op.providers)]
         for pat in unknown:
-            notes.append(f"--providers {pat!r} matches no provider of {op.name} "
-                         f"(known: {', '.join(p.name for p in op.providers)})")
+            notes.append(
+                f"--providers {pat!r} matches no provider of {op.name} "
+                f"(known: {', '.join(p.name for p in op.providers)})"
+            )
         return chosen, notes
     chosen = []
     keep = op.preset_providers.get(preset)
@@ -98,15 +117,18 @@ def select_providers(op: OpSpec, patterns: Sequence[str] | None, preset: str) ->
             notes.append(f"{p.name}: not in the {preset} preset of {op.name} (name it in --providers to include it)")
             continue
         if preset in ("quick",) and p.slow_setup:
-            notes.append(f"{p.name}: left out of --quick (its first call compiles, ~10-30 s here);"
-                         f" name it in --providers to include it")
+            notes.append(
+                f"{p.name}: left out of --quick (its first call compiles, ~10-30 s here);"
+                f" name it in --providers to include it"
+            )
             continue
         chosen.append(p)
     return chosen, notes
 
 
-def memory_guard(op: OpSpec, provider: Provider, case: Case, avail: int | None,
-                 cap: int | None = DEFAULT_MEM_CAP) -> str | None:
+def memory_guard(
+    op: OpSpec, provider: Provider, case: Case, avail: int | None, cap: int | None = DEFAULT_MEM_CAP
+) -> str | None:
     """A skip note if the case's estimated peak (inputs + the provider's extra, from
     ``mem_factor``) exceeds 85% of the available memory or ``cap``; None if it fits."""
     limits = [x for x in (None if avail is None else 0.85 * avail, cap) if x is not None]
@@ -121,8 +143,16 @@ def memory_guard(op: OpSpec, provider: Provider, case: Case, avail: int | None,
     return None
 
 
-def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
-         avail: int | None, cap: int | None = DEFAULT_MEM_CAP, per: str = "shape") -> tuple[list, list]:
+def plan(
+    op: OpSpec,
+    providers: list,
+    shapes: list,
+    dtypes: list,
+    device: str,
+    avail: int | None,
+    cap: int | None = DEFAULT_MEM_CAP,
+    per: str = "shape",
+) -> tuple[list, list]:
     """Jobs and per-case skip results. ``per="shape"``: one job per (provider, shape) with the
     dtypes that apply; ``per="provider"``: one job per provider holding all its shapes;
     ``per="op"``: one job holding all of them (``subjobs``)."""
@@ -140,15 +170,23 @@ def plan(op: OpSpec, providers: list, shapes: list, dtypes: list, device: str,
                 else:
                     run_dtypes.append(case.dtype)
             if run_dtypes:
-                jobs.append({"module": op.module, "provider": prov.name, "shape": dict(shape),
-                             "dtypes": run_dtypes, "device": device})
+                jobs.append(
+                    {
+                        "module": op.module,
+                        "provider": prov.name,
+                        "shape": dict(shape),
+                        "dtypes": run_dtypes,
+                        "device": device,
+                    }
+                )
     if per == "op" and jobs:
         jobs = [{"module": op.module, "provider": f"{len(providers)} providers", "device": device, "subjobs": jobs}]
     if per == "provider":
         merged: dict = {}
         for j in jobs:
-            m = merged.setdefault(j["provider"], {"module": op.module, "provider": j["provider"],
-                                                  "device": device, "cases": []})
+            m = merged.setdefault(
+                j["provider"], {"module": op.module, "provider": j["provider"], "device": device, "cases": []}
+            )
             m["cases"].append({"shape": j["shape"], "dtypes": j["dtypes"]})
         jobs = list(merged.values())
     return jobs, skipped
@@ -164,19 +202,39 @@ def job_label(job: dict) -> str:
 
 def new_result(op: OpSpec, prov: Provider, case: Case, **kw) -> dict:
     shape = case.shape_dict
-    r = {"provider": prov.name, "kind": prov.kind, "shape": shape,
-         "tokens": op.tokens(shape), "vocab": op.vocab(shape), "dtype": case.dtype,
-         "device": case.device}
+    r = {
+        "provider": prov.name,
+        "kind": prov.kind,
+        "shape": shape,
+        "tokens": op.tokens(shape),
+        "vocab": op.vocab(shape),
+        "dtype": case.dtype,
+        "device": case.device,
+    }
     r.update(kw)
     return r
 
 
-def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None = None,
-        dtypes: Sequence[str] | None = None, device: str | None = None, outdir: str = "results",
-        dry_run: bool = False, shapes: list | None = None, subprocesses: bool | None = None,
-        repeats: int | None = None, warmup: int | None = None, plots: bool = True,
-        progress: bool = True, timeout: float = 1800.0, quiet: bool = False, jobs_per: str | None = None,
-        mem_cap: int | None = DEFAULT_MEM_CAP) -> dict:
+def run(
+    op: OpSpec,
+    *,
+    preset: str = "default",
+    providers: Sequence[str] | None = None,
+    dtypes: Sequence[str] | None = None,
+    device: str | None = None,
+    outdir: str = "results",
+    dry_run: bool = False,
+    shapes: list | None = None,
+    subprocesses: bool | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    plots: bool = True,
+    progress: bool = True,
+    timeout: float = 1800.0,
+    quiet: bool = False,
+    jobs_per: str | None = None,
+    mem_cap: int | None = DEFAULT_MEM_CAP,
+) -> dict:
     """Run the benchmark of one op and write its outputs; returns the JSON document.
 
     jobs_per: "inline", "shape" or "provider" (see PRESET_JOBS; default per preset);
@@ -207,16 +265,32 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
     runnable = []
     for p in chosen:
         why = availability(p)
-        prov_table.append({"name": p.name, "kind": p.kind, "description": p.description,
-                           "requires": list(p.requires), "status": "skipped" if why else "ok", "note": why})
+        prov_table.append(
+            {
+                "name": p.name,
+                "kind": p.kind,
+                "description": p.description,
+                "requires": list(p.requires),
+                "status": "skipped" if why else "ok",
+                "note": why,
+            }
+        )
         if why:
             notes.append(f"{p.name}: {why}")
         else:
             runnable.append(p)
 
     avail = available_memory(device)
-    jobs, results = plan(op, runnable, shapes, dtypes, device, avail, mem_cap,
-                         per=jobs_per if jobs_per in ("provider", "op") else "shape")
+    jobs, results = plan(
+        op,
+        runnable,
+        shapes,
+        dtypes,
+        device,
+        avail,
+        mem_cap,
+        per=jobs_per if jobs_per in ("provider", "op") else "shape",
+    )
 
     # calibration, before any job, once per distinct logits size
     calib = {}
@@ -270,28 +344,44 @@ def run(op: OpSpec, *, preset: str = "default", providers: Sequence[str] | None 
     for r in results:
         if r.get("status") == "ok":
             prov, d = op.provider(r["provider"]), DTYPES[r["dtype"]]
-            derive(r, op, r["shape"], d, calib[op.main_bytes(r["shape"], d)], gemm.get(r["dtype"]),
-                   inplace=bool(prov.mutates), exp=exp_ok, grad_in_forward=prov.grad_in_forward)
+            derive(
+                r,
+                op,
+                r["shape"],
+                d,
+                calib[op.main_bytes(r["shape"], d)],
+                gemm.get(r["dtype"]),
+                inplace=bool(prov.mutates),
+                exp=exp_ok,
+                grad_in_forward=prov.grad_in_forward,
+            )
     cal_errors = calibration_error_notes(results)
 
     # table order: shapes as given, dtypes as given, providers in table order
     order_p = {p.name: i for i, p in enumerate(op.providers)}
     order_s = {json.dumps(dict(s)): i for i, s in enumerate(shapes)}
-    results.sort(key=lambda r: (order_s.get(json.dumps(r["shape"]), 0), dtypes.index(r["dtype"]),
-                                order_p.get(r["provider"], 0)))
+    results.sort(
+        key=lambda r: (order_s.get(json.dumps(r["shape"]), 0), dtypes.index(r["dtype"]), order_p.get(r["provider"], 0))
+    )
     add_speedups(results, op.reference)
 
     doc = {
-        "schema": SCHEMA, "op": op.name, "description": op.description,
+        "schema": SCHEMA,
+        "op": op.name,
+        "description": op.description,
         "preset": "dry-run" if dry_run else preset,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - t_all,
         "machine": machine_info(device),
-        "settings": {**settings, "subprocess_per_job": jobs_per != "inline", "jobs_per": jobs_per,
-                     "mem_cap_bytes": mem_cap, "dtypes": dtypes,
-                     "shapes": [dict(s) for s in shapes]},
-        "calibration": {"memory": list(calib.values()), "exp": exp, "gemm": gemm_list,
-                        "note": CALIBRATION_NOTE},
+        "settings": {
+            **settings,
+            "subprocess_per_job": jobs_per != "inline",
+            "jobs_per": jobs_per,
+            "mem_cap_bytes": mem_cap,
+            "dtypes": dtypes,
+            "shapes": [dict(s) for s in shapes],
+        },
+        "calibration": {"memory": list(calib.values()), "exp": exp, "gemm": gemm_list, "note": CALIBRATION_NOTE},
         "calibration_errors": cal_errors,
         "providers": prov_table,
         "notes": notes,
@@ -312,17 +402,31 @@ def build_parser(op_names: Iterable[str] = ()) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="prefopt_fast benchmarks: time, peak extra memory, GB/s and the machine's bound, "
-                    "against naive PyTorch and the peers installed here.")
+        "against naive PyTorch and the peers installed here.",
+    )
     names = list(op_names)
-    p.add_argument("--op", default=None,
-                   help=f"ops to benchmark, comma-separated names or globs ({', '.join(names)}; 'all' for"
-                        f" every op). Default: every op with --quick / --full / --dry-run,"
-                        f" {names[0] if names else '-'} otherwise")
+    p.add_argument(
+        "--op",
+        default=None,
+        help=f"ops to benchmark, comma-separated names or globs ({', '.join(names)}; 'all' for"
+        f" every op). Default: every op with --quick / --full / --dry-run,"
+        f" {names[0] if names else '-'} otherwise",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_const", dest="preset", const="quick",
-                   help="one small shape, few repeats (under a minute on a 2-core machine)")
-    g.add_argument("--full", action="store_const", dest="preset", const="full",
-                   help="sweep V in {32000, 128256, 256000} x token counts")
+    g.add_argument(
+        "--quick",
+        action="store_const",
+        dest="preset",
+        const="quick",
+        help="one small shape, few repeats (under a minute on a 2-core machine)",
+    )
+    g.add_argument(
+        "--full",
+        action="store_const",
+        dest="preset",
+        const="full",
+        help="sweep V in {32000, 128256, 256000} x token counts",
+    )
     p.set_defaults(preset="default")
     p.add_argument("--providers", help="comma-separated provider names or globs (e.g. 'naive*,prefopt_fast.*')")
     p.add_argument("--dtypes", help="comma-separated: fp32,bf16,fp16")
@@ -330,18 +434,29 @@ def build_parser(op_names: Iterable[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--tokens", help="comma-separated token counts (overrides the preset's shapes)")
     p.add_argument("--vocab", help="comma-separated vocabulary sizes (overrides the preset's shapes)")
     p.add_argument("--out", default="results", help="output folder (default: results/)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="run every provider once on tiny shapes, no timing loops (smoke test)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="run every provider once on tiny shapes, no timing loops (smoke test)"
+    )
     p.add_argument("--repeats", type=int, help="timing repeats per phase (default: per preset)")
     p.add_argument("--warmup", type=int, help="warm-up steps (default: per preset)")
-    p.add_argument("--in-process", action="store_true",
-                   help="measure in this process instead of a fresh subprocess per (provider, shape)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure in this process instead of a fresh subprocess per (provider, shape)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker job")
-    p.add_argument("--max-mem-gb", type=float, default=DEFAULT_MEM_CAP / 2**30,
-                   help="skip cases estimated to need more peak memory than this (GiB; default 16)")
-    p.add_argument("--jobs-per", choices=("shape", "provider", "op", "inline"),
-                   help="one worker process per (provider, shape), per provider, per op, or none"
-                        " (default: inline for --quick / --dry-run, op for --full, shape otherwise)")
+    p.add_argument(
+        "--max-mem-gb",
+        type=float,
+        default=DEFAULT_MEM_CAP / 2**30,
+        help="skip cases estimated to need more peak memory than this (GiB; default 16)",
+    )
+    p.add_argument(
+        "--jobs-per",
+        choices=("shape", "provider", "op", "inline"),
+        help="one worker process per (provider, shape), per provider, per op, or none"
+        " (default: inline for --quick / --dry-run, op for --full, shape otherwise)",
+    )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list", action="store_true", help="list the providers and whether they run here")
@@ -398,6 +513,7 @@ def main(argv: Sequence[str] | None = None, op: OpSpec | None = None, ops: dict 
         ops = {op.name: op.module}
     elif ops is None:
         from . import OPS  # op name -> module
+
         ops = dict(OPS)
     args = build_parser(ops).parse_args(argv)
     try:
@@ -414,19 +530,34 @@ def main(argv: Sequence[str] | None = None, op: OpSpec | None = None, ops: dict 
             print(list_providers(spec, device))
             continue
         shapes = shapes_from_args(spec, args.preset, _csv(args.tokens), _csv(args.vocab), args.dry_run)
-        doc = run(spec, preset=args.preset, providers=_csv(args.providers), dtypes=_csv(args.dtypes),
-            device=device, outdir=args.out, dry_run=args.dry_run, shapes=shapes,
-            subprocesses=False if args.in_process else None, repeats=args.repeats, warmup=args.warmup,
-            plots=not args.no_plots, progress=not args.no_progress, timeout=args.timeout,
-            jobs_per=args.jobs_per, mem_cap=int(args.max_mem_gb * 2**30) if args.max_mem_gb > 0 else None)
+        doc = run(
+            spec,
+            preset=args.preset,
+            providers=_csv(args.providers),
+            dtypes=_csv(args.dtypes),
+            device=device,
+            outdir=args.out,
+            dry_run=args.dry_run,
+            shapes=shapes,
+            subprocesses=False if args.in_process else None,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            plots=not args.no_plots,
+            progress=not args.no_progress,
+            timeout=args.timeout,
+            jobs_per=args.jobs_per,
+            mem_cap=int(args.max_mem_gb * 2**30) if args.max_mem_gb > 0 else None,
+        )
         print()
         broken += [f"{doc['op']}: {b}" for b in broken_providers(doc)]
     if len(names) > 1 and not args.list:
         print(f"{len(names)} ops in {time.perf_counter() - t0:.0f} s: {', '.join(names)}")
     if broken and strict_mode():
-        print("error: PREFOPT_STRICT=1 and providers that should run here did not (missing or broken install; "
-              "PREFOPT_ALLOW_MISSING=name[,...] names the ones to leave out):\n  " + "\n  ".join(broken),
-              file=sys.stderr)
+        print(
+            "error: PREFOPT_STRICT=1 and providers that should run here did not (missing or broken install; "
+            "PREFOPT_ALLOW_MISSING=name[,...] names the ones to leave out):\n  " + "\n  ".join(broken),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -458,5 +589,9 @@ def broken_providers(doc: dict) -> list:
         if n.startswith("prefopt_fast.cpu: skipped") and doc["machine"].get("device", "cpu").startswith("cpu"):
             out.append(n)
     modules = {p["name"]: p.get("requires", []) for p in doc.get("providers", [])}
-    return [b for b in out if not any(m.replace("_", "-") in allowed for m in modules.get(b.split(":")[0], []))
-            and not ("cpu-extension" in allowed and b.startswith("prefopt_fast.cpu"))]
+    return [
+        b
+        for b in out
+        if not any(m.replace("_", "-") in allowed for m in modules.get(b.split(":")[0], []))
+        and not ("cpu-extension" in allowed and b.startswith("prefopt_fast.cpu"))
+    ]

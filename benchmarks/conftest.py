@@ -4,6 +4,7 @@ The cases marked ``slow`` (each op's default-preset shape, compiling providers) 
 in all on a small CPU: they are skipped unless the ``-m`` expression names them
 (``-m slow``, or ``-m "slow and token_logprobs"``).
 """
+
 import pytest
 
 

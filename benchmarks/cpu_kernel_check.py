@@ -9,6 +9,7 @@ copy rate plus first touch backward, and the exp ceiling), naive PyTorch (log_so
 gather + autograd), and the cpu kernels with a fresh gradient and in place. Times are the
 minimum over --reps runs (the machine may be shared).
 """
+
 import argparse
 import os
 import resource
@@ -21,7 +22,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.calibration import exp_rate, first_touch_min_bytes, memory_rates, phase_bound  # noqa: E402
-
 from prefopt_fast._rows import OUT_LSE, OUT_LSE_LO
 from prefopt_fast.backends import cpu
 
@@ -65,10 +65,12 @@ def bounds(nbytes, exps, reps):
     bwd = {"rw": 2 * nbytes}
     fresh = phase_bound(bwd, rates, inplace=False, alloc=nbytes, exps=exps, exp_per_s=eps)
     inplace = phase_bound(bwd, rates, inplace=True, exps=exps, exp_per_s=eps)
-    print(f"  calibration: read {rates['read_Bps'] / 1e9:.1f}, rmw {rates['rmw_Bps'] / 1e9:.1f}, copy"
-          f" {rates['copy_Bps'] / 1e9:.1f}, fresh copy {rates['fresh_copy_Bps'] / 1e9:.1f} GB/s;"
-          f" exp {eps / 1e9 if eps else float('nan'):.1f} Gexp/s; fwd bound {fwd['bound_s'] * 1e3:.1f} ms"
-          f" ({fwd['limit']})")
+    print(
+        f"  calibration: read {rates['read_Bps'] / 1e9:.1f}, rmw {rates['rmw_Bps'] / 1e9:.1f}, copy"
+        f" {rates['copy_Bps'] / 1e9:.1f}, fresh copy {rates['fresh_copy_Bps'] / 1e9:.1f} GB/s;"
+        f" exp {eps / 1e9 if eps else float('nan'):.1f} Gexp/s; fwd bound {fwd['bound_s'] * 1e3:.1f} ms"
+        f" ({fwd['limit']})"
+    )
     return fwd["bound_s"] + fresh["bound_s"], fwd["bound_s"] + inplace["bound_s"]
 
 
@@ -138,9 +140,11 @@ def main():
         m_b = peak_extra_bytes(lambda: cpu.row_backward(logits, labels, it, lse, lse_lo, lse, c, None, -100, False))
         work.copy_(logits)
         m_ip = peak_extra_bytes(lambda: cpu.row_backward(work, labels, it, lse, lse_lo, lse, c, None, -100, True))
-        del work
-        print(f"  peak extra memory: forward {m_f / 2**20:.1f} MiB, backward fresh {m_b / nbytes:.3f} x gradient, "
-              f"in place {m_ip / 2**20:.1f} MiB ({m_ip / nbytes * 100:.2f}% of logits)")
+        work = None  # free the copy before the next size
+        print(
+            f"  peak extra memory: forward {m_f / 2**20:.1f} MiB, backward fresh {m_b / nbytes:.3f} x gradient, "
+            f"in place {m_ip / 2**20:.1f} MiB ({m_ip / nbytes * 100:.2f}% of logits)"
+        )
         print(f"  cpu forward            {t_f * 1e3:8.1f} ms  ({nbytes / t_f / 1e9:.1f} GB/s read)")
         print(f"  cpu backward fresh     {t_bf * 1e3:8.1f} ms")
         print(f"  cpu backward in place  {best_bip * 1e3:8.1f} ms")
@@ -156,8 +160,10 @@ def main():
 
             t_n = tmin(naive, max(2, args.reps // 2))
             del x
-            print(f"  naive fwd+bwd          {t_n * 1e3:8.1f} ms  -> cpu fresh {t_n / t_fbf:.1f}x faster, "
-                  f"in place {t_n / best_ip:.1f}x faster")
+            print(
+                f"  naive fwd+bwd          {t_n * 1e3:8.1f} ms  -> cpu fresh {t_n / t_fbf:.1f}x faster, "
+                f"in place {t_n / best_ip:.1f}x faster"
+            )
     print(f"\npeak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 

@@ -3,6 +3,7 @@
 jobs of cases run in this process (:func:`run_job`) or in a fresh worker process
 (:func:`run_job_subprocess`, ``python -m benchmarks._worker``); the machine's description.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,7 +21,6 @@ from typing import Sequence
 import torch
 
 from benchmarks.spec import PHASES, Case, OpSpec, Provider, load_op
-
 
 RESULT_MARK = "@@BENCH-RESULT@@ "
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,8 +54,15 @@ def summarize(samples: Sequence[float]) -> dict | None:
         q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     else:
         q1 = q3 = xs[0]
-    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1],
-            "q1": q1, "q3": q3, "n": len(xs), "samples": xs}
+    return {
+        "median": statistics.median(xs),
+        "min": xs[0],
+        "max": xs[-1],
+        "q1": q1,
+        "q3": q3,
+        "n": len(xs),
+        "samples": xs,
+    }
 
 
 class Clock:
@@ -154,8 +161,11 @@ class MemProbe:
             self.base = _proc_status_kb("VmRSS") * 1024
             _reset_hwm()
         else:
-            self.base = _proc_status_kb("VmRSS") * 1024 if _proc_status_kb("VmRSS") else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.base = (
+                _proc_status_kb("VmRSS") * 1024
+                if _proc_status_kb("VmRSS")
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
 
     def peak_extra(self) -> int:
         if self.cuda:
@@ -243,8 +253,14 @@ class CaseRunner:
         self.fn = None
 
 
-def _one_run(runner: CaseRunner, clock: Clock, times: dict | None, backward: bool,
-             probe: MemProbe | None = None, mem: dict | None = None) -> None:
+def _one_run(
+    runner: CaseRunner,
+    clock: Clock,
+    times: dict | None,
+    backward: bool,
+    probe: MemProbe | None = None,
+    mem: dict | None = None,
+) -> None:
     """One timed call: a step (forward, then backward) or a no-grad forward, on freshly
     prepared inputs; its times go to ``times`` (None: not recorded). With ``probe`` the peak
     extra memory is read after the forward (and the backward) into ``mem`` instead of
@@ -374,8 +390,7 @@ def run_job(job: dict, op: OpSpec | None = None) -> list:
             res = measure_case(op, provider, case, job["settings"], fn=fn)
         except Exception as exc:
             msg = str(exc).strip().splitlines()
-            res = {"status": "error",
-                   "note": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:400]}
+            res = {"status": "error", "note": f"{type(exc).__name__}: {msg[0] if msg else ''}"[:400]}
         res["shape"] = dict(shape)
         res["dtype"] = case.dtype
         res["wall_s"] = time.perf_counter() - t0
@@ -398,13 +413,19 @@ def run_job_subprocess(job: dict, timeout: float) -> list:
     env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     fail = lambda note: _fail(job, "error", note)
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks._worker"], input=json.dumps(job),
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks._worker"],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return fail(f"timed out after {timeout:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
+            return json.loads(line[len(RESULT_MARK) :])
     if proc.returncode < 0:
         sig = -proc.returncode
         hint = " (out of memory?)" if sig == 9 else ""
@@ -453,13 +474,20 @@ def machine_info(device: str) -> dict:
     except OSError:
         pass
     info = {
-        "hostname": platform.node(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "mem_total_bytes": _meminfo("MemTotal"), "transparent_hugepage": thp,
-        "env": {k: os.environ[k] for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS",
-                                            "PREFOPT_BACKEND", "TRITON_INTERPRET")
-                if k in os.environ},
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mem_total_bytes": _meminfo("MemTotal"),
+        "transparent_hugepage": thp,
+        "env": {
+            k: os.environ[k]
+            for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "PREFOPT_BACKEND", "TRITON_INTERPRET")
+            if k in os.environ
+        },
         "device": device,
     }
     if device.startswith("cuda"):
@@ -469,9 +497,12 @@ def machine_info(device: str) -> dict:
             pass
     try:
         import prefopt_fast
-        info["prefopt_fast"] = {"version": getattr(prefopt_fast, "__version__", None),
-                                "path": os.path.dirname(prefopt_fast.__file__),
-                                "backends": list(prefopt_fast.available_backends())}
+
+        info["prefopt_fast"] = {
+            "version": getattr(prefopt_fast, "__version__", None),
+            "path": os.path.dirname(prefopt_fast.__file__),
+            "backends": list(prefopt_fast.available_backends()),
+        }
     except Exception as exc:
         info["prefopt_fast"] = {"error": f"{type(exc).__name__}: {exc}"}
     return info

@@ -1,6 +1,7 @@
 """Reporting a results document: the JSON schema check (:func:`validate_doc`), the terminal /
 markdown tables, the PNG plots, and the files of a run (:func:`write_outputs`).
 """
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import os
 
 from benchmarks.calibration import MEMORY_PATTERNS, TRAFFIC_PARTS
 from benchmarks.spec import DTYPES, PHASES, OpSpec, shape_label
-
 
 SCHEMA = "prefopt_fast.benchmarks/2"
 
@@ -34,9 +34,18 @@ def validate_doc(doc: dict) -> list:
     num = (int, float)
     if doc.get("schema") != SCHEMA:
         errs.append(f"schema: expected {SCHEMA!r}, got {doc.get('schema')!r}")
-    for k, t in (("op", str), ("preset", str), ("created", str), ("machine", dict), ("settings", dict),
-                 ("calibration", dict), ("calibration_errors", list), ("providers", list), ("notes", list),
-                 ("results", list)):
+    for k, t in (
+        ("op", str),
+        ("preset", str),
+        ("created", str),
+        ("machine", dict),
+        ("settings", dict),
+        ("calibration", dict),
+        ("calibration_errors", list),
+        ("providers", list),
+        ("notes", list),
+        ("results", list),
+    ):
         need(doc, k, t, "doc")
     m = doc.get("machine") or {}
     for k, t in (("device", str), ("torch", str), ("cpu_count", int), ("torch_threads", int)):
@@ -47,8 +56,9 @@ def validate_doc(doc: dict) -> list:
             need(c, k, num, f"calibration.memory[{i}]")
     if "exp" not in cal:
         errs.append("calibration: missing 'exp'")
-    elif cal["exp"] is not None and not isinstance(cal["exp"].get("exp_per_s", cal["exp"].get("error")),
-                                                    (int, float, str)):
+    elif cal["exp"] is not None and not isinstance(
+        cal["exp"].get("exp_per_s", cal["exp"].get("error")), (int, float, str)
+    ):
         errs.append("calibration.exp: expected exp_per_s or error")
     for i, g in enumerate(need(cal, "gemm", list, "calibration") or []):
         for k in ("flops_per_s", "size"):
@@ -61,8 +71,16 @@ def validate_doc(doc: dict) -> list:
             errs.append(f"providers[{i}].status: {p.get('status')!r}")
     for i, r in enumerate(doc.get("results") or []):
         w = f"results[{i}]"
-        for k, t in (("provider", str), ("kind", str), ("shape", dict), ("tokens", int), ("vocab", int),
-                     ("dtype", str), ("device", str), ("status", str)):
+        for k, t in (
+            ("provider", str),
+            ("kind", str),
+            ("shape", dict),
+            ("tokens", int),
+            ("vocab", int),
+            ("dtype", str),
+            ("device", str),
+            ("status", str),
+        ):
             need(r, k, t, w)
         st = r.get("status")
         if st not in ("ok", "skipped", "error"):
@@ -77,8 +95,17 @@ def validate_doc(doc: dict) -> list:
             elif ts[ph] is not None:
                 for k in _TIME_KEYS:
                     need(ts[ph], k, list if k == "samples" else num, f"{w}.time_s.{ph}")
-        for k in ("mem_bytes", "bytes_moved", "bound_s", "bound_warm_s", "gbps", "x_bound",
-                  "x_bound_warm", "x_naive", "calibration_error"):
+        for k in (
+            "mem_bytes",
+            "bytes_moved",
+            "bound_s",
+            "bound_warm_s",
+            "gbps",
+            "x_bound",
+            "x_bound_warm",
+            "x_naive",
+            "calibration_error",
+        ):
             d = need(r, k, dict, w) or {}
             for ph, v in d.items():
                 if ph not in PHASES:
@@ -130,8 +157,18 @@ def _gbs(bps: float | None) -> str:
     return "-" if not bps else f"{bps / 1e9:.1f}"
 
 
-TABLE_COLUMNS = ("provider", "fwd ms", "bwd ms", "step ms [min-max]", "no-grad fwd ms [min-max]", "peak extra MB", "GB/s",
-                 "bound ms", "x bound", "x naive")
+TABLE_COLUMNS = (
+    "provider",
+    "fwd ms",
+    "bwd ms",
+    "step ms [min-max]",
+    "no-grad fwd ms [min-max]",
+    "peak extra MB",
+    "GB/s",
+    "bound ms",
+    "x bound",
+    "x naive",
+)
 # in the x bound column: a phase of this row ran faster than its bound (a calibration error)
 BELOW_BOUND_MARK = " !"
 
@@ -149,12 +186,20 @@ def table_rows(results: list) -> list:
         xb = _num(r.get("x_bound", {}).get(phase), ".2f")
         if r.get("calibration_error"):
             xb += BELOW_BOUND_MARK
-        rows.append([
-            r["provider"], _median(t.get("fwd")), _median(t.get("bwd")), _spread(t.get("step")),
-            _spread(t.get("fwd_nograd")), _num(None if peak is None else peak / 1e6, ".0f"),
-            _num(r.get("gbps", {}).get(phase), ".1f"), "-" if bound is None else _t(bound), xb,
-            _num(r.get("x_naive", {}).get(phase), ".2f"),
-        ])
+        rows.append(
+            [
+                r["provider"],
+                _median(t.get("fwd")),
+                _median(t.get("bwd")),
+                _spread(t.get("step")),
+                _spread(t.get("fwd_nograd")),
+                _num(None if peak is None else peak / 1e6, ".0f"),
+                _num(r.get("gbps", {}).get(phase), ".1f"),
+                "-" if bound is None else _t(bound),
+                xb,
+                _num(r.get("x_naive", {}).get(phase), ".2f"),
+            ]
+        )
     return rows
 
 
@@ -169,8 +214,7 @@ def format_table(rows: list, columns=TABLE_COLUMNS, markdown=False) -> str:
             cells = r if len(r) == len(columns) else [r[0], r[1]] + [""] * (len(columns) - 2)
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                              for i, (c, w) in enumerate(zip(r, widths)))
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
     lines.append(fmt(columns))
     lines.append("  ".join("-" * w for w in widths))
     for r in rows:
@@ -181,16 +225,27 @@ def format_table(rows: list, columns=TABLE_COLUMNS, markdown=False) -> str:
 def group_header(op: OpSpec, shape: dict, dtype: str, res: list) -> str:
     """The (shape, dtype) line above a table, with the bound's phases and what sets them."""
     main = op.main_bytes(shape, DTYPES[dtype])
-    head = (f"{op.name}  {shape_label(shape)}  {dtype}  (tokens={op.tokens(shape)}, "
-            f"vocab={op.vocab(shape)}, logits {_mb(main)}")
+    head = (
+        f"{op.name}  {shape_label(shape)}  {dtype}  (tokens={op.tokens(shape)}, "
+        f"vocab={op.vocab(shape)}, logits {_mb(main)}"
+    )
     parts = []
     for inplace, what in ((True, "in place"), (False, "fresh gradient")):
-        r = next((r for r in res if r.get("bound_s") and r["bound_s"]["bwd"] is not None
-                  and r["bound_pattern"].startswith("in place") == inplace), None)
+        r = next(
+            (
+                r
+                for r in res
+                if r.get("bound_s")
+                and r["bound_s"]["bwd"] is not None
+                and r["bound_pattern"].startswith("in place") == inplace
+            ),
+            None,
+        )
         if r is not None:
             b, lim = r["bound_s"], {p: r["bound_terms"][p]["limit"] for p in ("fwd", "bwd")}
-            parts.append(f"{what} {_t(b['step'])} = fwd {_t(b['fwd'])} ({lim['fwd']}) + bwd {_t(b['bwd'])}"
-                         f" ({lim['bwd']})")
+            parts.append(
+                f"{what} {_t(b['step'])} = fwd {_t(b['fwd'])} ({lim['fwd']}) + bwd {_t(b['bwd'])} ({lim['bwd']})"
+            )
     if parts:
         head += "; step bound ms: " + ", ".join(parts)
     return head + ")"
@@ -201,17 +256,22 @@ def calibration_lines(cal: dict) -> list:
     out = []
     for c in cal.get("memory", []):
         m = c.get("methods", {})
-        out.append(f"Bound calibration on {_mb(c['nbytes'])} buffers{' (capped)' if c.get('capped') else ''}, best of"
-                   f" the repeats: read-only {_gbs(c['read_Bps'])} GB/s ({m.get('read')}), in-place read-modify-write"
-                   f" {_gbs(c['rmw_Bps'])} ({m.get('rmw')}), copy into mapped memory {_gbs(c['copy_Bps'])}"
-                   f" ({m.get('copy')}), write-only {_gbs(c['write_Bps'])} ({m.get('write')}), copy into fresh"
-                   f" memory {_gbs(c['fresh_copy_Bps'])} ({m.get('fresh_copy')}) (read + write counted in rmw and the"
-                   f" copies);"
-                   f" {c.get('first_touch_note', 'no first-touch term')}.")
+        out.append(
+            f"Bound calibration on {_mb(c['nbytes'])} buffers{' (capped)' if c.get('capped') else ''}, best of"
+            f" the repeats: read-only {_gbs(c['read_Bps'])} GB/s ({m.get('read')}), in-place read-modify-write"
+            f" {_gbs(c['rmw_Bps'])} ({m.get('rmw')}), copy into mapped memory {_gbs(c['copy_Bps'])}"
+            f" ({m.get('copy')}), write-only {_gbs(c['write_Bps'])} ({m.get('write')}), copy into fresh"
+            f" memory {_gbs(c['fresh_copy_Bps'])} ({m.get('fresh_copy')}) (read + write counted in rmw and the"
+            f" copies);"
+            f" {c.get('first_touch_note', 'no first-touch term')}."
+        )
     e = cal.get("exp")
     if e is not None:
-        out.append(f"Exp ceiling: {e['exp_per_s'] / 1e9:.2f} Gexp/s ({e['method']}, {e['threads']} threads)"
-                   if "exp_per_s" in e else f"Exp ceiling: none, {e.get('error')}")
+        out.append(
+            f"Exp ceiling: {e['exp_per_s'] / 1e9:.2f} Gexp/s ({e['method']}, {e['threads']} threads)"
+            if "exp_per_s" in e
+            else f"Exp ceiling: none, {e.get('error')}"
+        )
     for g in cal.get("gemm", []):
         out.append(f"GEMM: {g['dtype']} {g['flops_per_s'] / 1e12:.2f} TFLOP/s ({g['size']}^3)")
     return out
@@ -228,14 +288,16 @@ def report_text(doc: dict, op: OpSpec, markdown: bool = False) -> str:
         out.append(("**" + head + "**") if markdown else head)
         out.append(format_table(table_rows(res), markdown=markdown))
         out.append("")
-    out.append("Columns: medians ([min-max]: the fastest and slowest repeat); step = fwd + bwd timed together; GB/s, bound, x bound"
-               " and x naive are for the step (for forward-only providers: the no-grad forward). bound = the"
-               " least time this machine allows for what the provider does (in place: read-modify-write; a"
-               " fresh gradient: copy into other memory plus its first touch), per phase the larger of the"
-               " memory time and the exp ceiling. x bound = median / bound (1.0 = at the bound; lower is"
-               f" better; '{BELOW_BOUND_MARK.strip()}' = a phase ran below its bound: a calibration error, see"
-               " below). x naive = reference median / median (higher is better; reference:"
-               f" {', '.join(op.reference)}). peak extra = peak memory of a step above the inputs.")
+    out.append(
+        "Columns: medians ([min-max]: the fastest and slowest repeat); step = fwd + bwd timed together; GB/s, bound, x bound"
+        " and x naive are for the step (for forward-only providers: the no-grad forward). bound = the"
+        " least time this machine allows for what the provider does (in place: read-modify-write; a"
+        " fresh gradient: copy into other memory plus its first touch), per phase the larger of the"
+        " memory time and the exp ceiling. x bound = median / bound (1.0 = at the bound; lower is"
+        f" better; '{BELOW_BOUND_MARK.strip()}' = a phase ran below its bound: a calibration error, see"
+        " below). x naive = reference median / median (higher is better; reference:"
+        f" {', '.join(op.reference)}). peak extra = peak memory of a step above the inputs."
+    )
     out += calibration_lines(doc["calibration"])
     out += doc.get("calibration_errors", [])
     for n in doc["notes"]:
@@ -247,6 +309,7 @@ def write_plots(doc: dict, op: OpSpec, outdir: str, stem: str) -> tuple[list, st
     """PNG plots of step time and peak memory vs vocabulary size and vs token count."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
@@ -284,12 +347,16 @@ def write_plots(doc: dict, op: OpSpec, outdir: str, stem: str) -> tuple[list, st
             for i, (what, ylab) in enumerate((("time", "step time (ms)"), ("mem", "peak extra memory (MB)"))):
                 ax = axes[i][j]
                 for prov in providers:
-                    pts = sorted((r[axis], metric(r, what)) for r in ok
-                                 if r["provider"] == prov and r["dtype"] == dt and r[other] == fixed
-                                 and metric(r, what) is not None)
+                    pts = sorted(
+                        (r[axis], metric(r, what))
+                        for r in ok
+                        if r["provider"] == prov
+                        and r["dtype"] == dt
+                        and r[other] == fixed
+                        and metric(r, what) is not None
+                    )
                     if pts:
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov,
-                                color=colors[prov])
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov, color=colors[prov])
                 ax.set_xlabel(label)
                 ax.set_ylabel(ylab)
                 ax.set_xscale("log")
@@ -328,8 +395,7 @@ def write_plots(doc: dict, op: OpSpec, outdir: str, stem: str) -> tuple[list, st
     return files, None
 
 
-def write_outputs(doc: dict, op: OpSpec, outdir: str, device: str, *, plots: bool = True,
-                  quiet: bool = False) -> None:
+def write_outputs(doc: dict, op: OpSpec, outdir: str, device: str, *, plots: bool = True, quiet: bool = False) -> None:
     """Write the JSON document, the markdown table and the plots of a run into ``outdir``
     (named ``<op>_<preset>_<device>``); print the table unless ``quiet``. A note on skipped
     plots joins ``doc["notes"]``."""
@@ -348,8 +414,10 @@ def write_outputs(doc: dict, op: OpSpec, outdir: str, device: str, *, plots: boo
     md_path = os.path.join(outdir, stem + ".md")
     with open(md_path, "w") as f:
         m = doc["machine"]
-        f.write(f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads),"
-                f" device {device}; {doc['created']}\n\n")
+        f.write(
+            f"Machine: {m['cpu']}, {m['cpu_count']} cores, torch {m['torch']} ({m['torch_threads']} threads),"
+            f" device {device}; {doc['created']}\n\n"
+        )
         f.write(report_text(doc, op, markdown=True) + "\n")
     if not quiet:
         print(text)

@@ -7,6 +7,7 @@ Vocabulary used throughout: ``phase`` is one of ``fwd`` (forward with autograd r
 as in a training step), ``bwd`` (backward of that forward), ``step`` (fwd + bwd, timed
 as one) and ``fwd_nograd`` (forward under ``torch.no_grad``, e.g. a reference model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,14 +17,16 @@ from typing import Any, Callable
 
 import torch
 
-
 PHASES = ("fwd", "bwd", "step", "fwd_nograd")
 
 
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -119,8 +122,7 @@ class OpSpec:
         for p in self.providers:
             if p.name == name:
                 return p
-        raise KeyError(f"op {self.name!r} has no provider {name!r}; "
-                       f"known: {', '.join(p.name for p in self.providers)}")
+        raise KeyError(f"op {self.name!r} has no provider {name!r}; known: {', '.join(p.name for p in self.providers)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +185,9 @@ def needs_cuda(case: Case) -> str | None:
     return None if case.device.startswith("cuda") else "needs a CUDA device"
 
 
-def prefopt_fast_providers(call: Callable, *, inplace: bool = True,
-                           known=("torch", "cpu", "triton", "cuda"),
-                           mem_factor: float = 1.1) -> tuple[list, list]:
+def prefopt_fast_providers(
+    call: Callable, *, inplace: bool = True, known=("torch", "cpu", "triton", "cuda"), mem_factor: float = 1.1
+) -> tuple[list, list]:
     """Providers for every prefopt_fast backend available here, and notes for the others.
 
     call(inputs, backend=name, inplace_backward=bool) runs the op. With ``inplace`` each
@@ -194,11 +196,13 @@ def prefopt_fast_providers(call: Callable, *, inplace: bool = True,
     notes = []
     try:
         import prefopt_fast
+
         available = list(prefopt_fast.available_backends())
     except Exception as exc:  # the package or the op may not be there yet
         return [], [f"prefopt_fast: not usable here ({type(exc).__name__}: {exc})"]
     try:  # the dispatcher knows every backend name and why one is unavailable
         from prefopt_fast import _dispatch
+
         known = tuple(_dispatch.BACKENDS)
     except Exception:
         _dispatch = None
@@ -224,20 +228,27 @@ def prefopt_fast_providers(call: Callable, *, inplace: bool = True,
                 return mod.supports(probe)
             except Exception as exc:
                 return f"cannot serve these inputs ({type(exc).__name__}: {exc})"
+
         return check
 
     providers = []
     for backend in available:
-        for inp in ((False, True) if inplace else (False,)):
+        for inp in (False, True) if inplace else (False,):
+
             def make(backend=backend, inp=inp):
                 return lambda inputs: call(inputs, backend=backend, inplace_backward=inp)
-            providers.append(Provider(
-                name=f"prefopt_fast.{backend}" + ("+inplace" if inp else ""),
-                make=make, kind="ours",
-                description=f"prefopt_fast, backend={backend!r}"
-                            + (", inplace_backward=True" if inp else ""),
-                check=checker(backend), mutates=("logits",) if inp else (),
-                mem_factor=0.1 if inp else mem_factor))
+
+            providers.append(
+                Provider(
+                    name=f"prefopt_fast.{backend}" + ("+inplace" if inp else ""),
+                    make=make,
+                    kind="ours",
+                    description=f"prefopt_fast, backend={backend!r}" + (", inplace_backward=True" if inp else ""),
+                    check=checker(backend),
+                    mutates=("logits",) if inp else (),
+                    mem_factor=0.1 if inp else mem_factor,
+                )
+            )
     return providers, notes
 
 

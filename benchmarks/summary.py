@@ -8,6 +8,7 @@ For each op JSON (``<op>_<preset>_<device>.json``) and dtype, the case with the 
 the fastest prefopt_fast provider, its speed-up over naive, its ratio to the bound and the
 peak extra memory of both.
 """
+
 import argparse
 import glob
 import json
@@ -55,27 +56,42 @@ def summarize_doc(doc: dict) -> list:
         if "ours" not in best or "naive" not in best:
             continue
         ours, naive, peer = best["ours"], best["naive"], best.get("peer")
-        rows.append(dict(
-            op=doc["op"], dtype=dt, tokens=tokens, vocab=vocab,
-            naive_ms=_step(naive) * 1e3, naive_mb=(_mem(naive) or 0) / 1e6,
-            peer=peer["provider"] if peer else None, peer_ms=_step(peer) * 1e3 if peer else None,
-            ours=ours["provider"].removeprefix("prefopt_fast."), ours_ms=_step(ours) * 1e3,
-            ours_mb=(_mem(ours) or 0) / 1e6, x_naive=_step(naive) / _step(ours),
-            x_bound=_phase(ours.get("x_bound")), below_bound=bool(ours.get("calibration_error"))))
+        rows.append(
+            dict(
+                op=doc["op"],
+                dtype=dt,
+                tokens=tokens,
+                vocab=vocab,
+                naive_ms=_step(naive) * 1e3,
+                naive_mb=(_mem(naive) or 0) / 1e6,
+                peer=peer["provider"] if peer else None,
+                peer_ms=_step(peer) * 1e3 if peer else None,
+                ours=ours["provider"].removeprefix("prefopt_fast."),
+                ours_ms=_step(ours) * 1e3,
+                ours_mb=(_mem(ours) or 0) / 1e6,
+                x_naive=_step(naive) / _step(ours),
+                x_bound=_phase(ours.get("x_bound")),
+                below_bound=bool(ours.get("calibration_error")),
+            )
+        )
     return rows
 
 
 def markdown(rows: list) -> str:
-    out = ["| op | dtype | tokens x V | naive | best peer | prefopt_fast | x naive | x bound | peak extra (ours / naive) |",
-           "|---|---|---|---:|---|---|---:|---:|---:|"]
+    out = [
+        "| op | dtype | tokens x V | naive | best peer | prefopt_fast | x naive | x bound | peak extra (ours / naive) |",
+        "|---|---|---|---:|---|---|---:|---:|---:|",
+    ]
     for r in rows:
         peer = f"{r['peer']} {r['peer_ms']:.0f} ms" if r["peer"] else "none ran"
         xb = f"{r['x_bound']:.1f}" if isinstance(r["x_bound"], (int, float)) else "-"
         if r.get("below_bound"):  # a phase ran below its bound: the calibration is wrong there
             xb += " !"
-        out.append(f"| {r['op']} | {r['dtype']} | {r['tokens']} x {r['vocab']} | {r['naive_ms']:.0f} ms | {peer} "
-                   f"| {r['ours']} {r['ours_ms']:.0f} ms | {r['x_naive']:.1f} | {xb} "
-                   f"| {r['ours_mb']:.0f} / {r['naive_mb']:.0f} MB |")
+        out.append(
+            f"| {r['op']} | {r['dtype']} | {r['tokens']} x {r['vocab']} | {r['naive_ms']:.0f} ms | {peer} "
+            f"| {r['ours']} {r['ours_ms']:.0f} ms | {r['x_naive']:.1f} | {xb} "
+            f"| {r['ours_mb']:.0f} / {r['naive_mb']:.0f} MB |"
+        )
     return "\n".join(out)
 
 

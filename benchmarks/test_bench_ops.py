@@ -10,9 +10,9 @@ Compiling providers (``*-compile``) are marked slow too. Not collected by ``pyte
 import pytest
 
 from benchmarks import OPS
-from benchmarks.spec import load_op
-from benchmarks.bound import bytes_by_phase
 from benchmarks.bench_support import runner_for, shapes
+from benchmarks.bound import bytes_by_phase
+from benchmarks.spec import load_op
 
 pytest.importorskip("pytest_benchmark")
 
@@ -25,9 +25,16 @@ def _params():
             for shape_name in shapes(op):
                 for dt in op.preset_dtypes["quick" if shape_name == "small" else "default"]:
                     slow = shape_name != "small" or p.slow_setup
-                    out.append(pytest.param(op_name, p.name, shape_name, dt,
-                                            marks=[pytest.mark.slow] if slow else [],
-                                            id=f"{op_name}-{p.name}-{shape_name}-{dt}"))
+                    out.append(
+                        pytest.param(
+                            op_name,
+                            p.name,
+                            shape_name,
+                            dt,
+                            marks=[pytest.mark.slow] if slow else [],
+                            id=f"{op_name}-{p.name}-{shape_name}-{dt}",
+                        )
+                    )
     return out
 
 

@@ -17,6 +17,7 @@ ids, rejected ones odd ids.
 
 Needs: transformers; peft for the LoRA policy (without it: full fine-tuning against a frozen copy).
 """
+
 import argparse
 import copy
 import os
@@ -42,9 +43,9 @@ def make_batch(g: torch.Generator, pairs: int, prompt_len: int = 4, max_completi
             k = int(torch.randint(2, max_completion + 1, (1,), generator=g))
             answer = 2 * torch.randint(2, VOCAB // 2, (k,), generator=g) + parity
             ids[row, :prompt_len] = prompt
-            ids[row, prompt_len:prompt_len + k] = answer
-            attention[row, :prompt_len + k] = 1
-            completion[row, prompt_len:prompt_len + k] = 1
+            ids[row, prompt_len : prompt_len + k] = answer
+            attention[row, : prompt_len + k] = 1
+            completion[row, prompt_len : prompt_len + k] = 1
     return ids, attention, completion
 
 
@@ -52,15 +53,24 @@ def build_policy(use_peft: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(cfg)
     if not use_peft:
         return model, copy.deepcopy(model).eval().requires_grad_(False)
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"])
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
+    )
     return get_peft_model(model, lora), None  # reference: the adapter disabled
 
 
@@ -98,16 +108,26 @@ def main(argv=None):
         ref = hf.reference_sequence_logprobs(model, ids, completion, ref_model=ref_model, attention_mask=attention)
         ref_chosen, ref_rejected = ref.chunk(2)
 
-        hidden, head = hf.hidden_and_head(model, ids, attention)   # no logits
-        labels = hf.shift_labels(ids, completion)                   # position t scores token t + 1
-        loss, metrics = linear_dpo_loss(hidden, head.weight, labels, **head.kwargs(),
-                                        ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-                                        beta=args.beta, loss_type=args.loss_type)
+        hidden, head = hf.hidden_and_head(model, ids, attention)  # no logits
+        labels = hf.shift_labels(ids, completion)  # position t scores token t + 1
+        loss, metrics = linear_dpo_loss(
+            hidden,
+            head.weight,
+            labels,
+            **head.kwargs(),
+            ref_chosen_logps=ref_chosen,
+            ref_rejected_logps=ref_rejected,
+            beta=args.beta,
+            loss_type=args.loss_type,
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        print(f"step {step:3d}  loss {loss.item():.4f}  reward acc {metrics['rewards/accuracies'].item():.2f}  "
-              f"margin {metrics['rewards/margins'].item():+.4f}", flush=True)
+        print(
+            f"step {step:3d}  loss {loss.item():.4f}  reward acc {metrics['rewards/accuracies'].item():.2f}  "
+            f"margin {metrics['rewards/margins'].item():+.4f}",
+            flush=True,
+        )
     print(f"done: {args.steps} steps in {time.time() - t0:.1f} s ({'LoRA' if use_peft else 'full fine-tuning'})")
 
 

@@ -10,6 +10,7 @@ well under two minutes and prints the loss and the reward accuracy at every step
 
 Needs: trl, peft (pip install "prefopt_fast[trl]" peft).
 """
+
 import argparse
 import os
 import random
@@ -55,9 +56,18 @@ def build_model(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -82,23 +92,42 @@ def main(argv=None):
     class PrintMetrics(TrainerCallback):
         def on_log(self, _args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                print(f"step {state.global_step:3d}  loss {logs['loss']:.4f}  "
-                      f"reward acc {logs['rewards/accuracies']:.2f}  margin {logs['rewards/margins']:+.4f}",
-                      flush=True)
+                print(
+                    f"step {state.global_step:3d}  loss {logs['loss']:.4f}  "
+                    f"reward acc {logs['rewards/accuracies']:.2f}  margin {logs['rewards/margins']:+.4f}",
+                    flush=True,
+                )
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr, beta=args.beta, loss_type=[args.loss_type], max_length=16,
-            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
-            gradient_checkpointing=False, disable_tqdm=True, seed=0)
+            output_dir=out,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            beta=args.beta,
+            loss_type=[args.loss_type],
+            max_length=16,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            disable_tqdm=True,
+            seed=0,
+        )
         trainer = DPOTrainer(
-            model=build_model(), args=config, train_dataset=build_dataset(64),
-            processing_class=build_tokenizer(), callbacks=[PrintMetrics()],
+            model=build_model(),
+            args=config,
+            train_dataset=build_dataset(64),
+            processing_class=build_tokenizer(),
+            callbacks=[PrintMetrics()],
             # LoRA: the reference model is the base model with the adapter disabled
-            peft_config=LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                   lora_dropout=0.0))
+            peft_config=LoraConfig(
+                r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0
+            ),
+        )
         trainer.remove_callback(PrinterCallback)  # our callback prints the per-step line instead
         result = trainer.train()
     print(f"done: {args.steps} steps in {time.time() - t0:.1f} s, final train loss {result.training_loss:.4f}")

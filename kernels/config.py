@@ -10,6 +10,7 @@ measured up to 126 registers and a spill on sm_80 (ENTROPY+KL); at 4 per thread 
 registers (26-48 without KL) and no spill. Backward: no accumulators, 2048-element tiles
 at 8 warps, 8 elements per thread (one or two 16-byte loads), 28-64 registers, no spill.
 """
+
 from typing import NamedTuple
 
 import torch

@@ -8,6 +8,7 @@ p_v = exp((x_v - lse) - lse_lo) (x_v - lse exact where p_v matters):
 reference logits), written in the logits dtype into a fresh contiguous buffer or over
 the logits themselves (INPLACE). Semantics: ``prefopt_fast._rows``.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -16,8 +17,27 @@ from .row_forward import FP_FUSION, scale
 
 
 @triton.jit
-def _tile(row_ptr, ref_row_ptr, g_ptr, start, V, y, it, lse, lse_lo, h, c, e, ref_lse, kl, k,
-          BLOCK_V: tl.constexpr, MASKED: tl.constexpr, HAS_ENT: tl.constexpr, HAS_KL: tl.constexpr):
+def _tile(
+    row_ptr,
+    ref_row_ptr,
+    g_ptr,
+    start,
+    V,
+    y,
+    it,
+    lse,
+    lse_lo,
+    h,
+    c,
+    e,
+    ref_lse,
+    kl,
+    k,
+    BLOCK_V: tl.constexpr,
+    MASKED: tl.constexpr,
+    HAS_ENT: tl.constexpr,
+    HAS_KL: tl.constexpr,
+):
     offs = start + tl.arange(0, BLOCK_V)
     if MASKED:
         z = tl.load(row_ptr + offs, mask=offs < V, other=0.0)
@@ -56,28 +76,28 @@ def _zero_tile(g_ptr, start, V, BLOCK_V: tl.constexpr, MASKED: tl.constexpr):
 
 @triton.jit(do_not_specialize=["V", "ignore_index"])
 def row_backward_kernel(
-    logits_ptr,     # *T    base of the logits (T = fp32 / fp16 / bf16)
-    row_off_ptr,    # *i64  [N] element offset of each row from logits_ptr
-    grad_ptr,       # *T    contiguous [N, V] gradient; == logits_ptr when INPLACE
-    labels_ptr,     # *i64  [N]
-    inv_temp_ptr,   # *fp32 [N]
-    lse_ptr,        # *fp32 [N]
-    lse_lo_ptr,     # *fp32 [N] low part of the lse
-    ent_ptr,        # *fp32 [N] (read only when HAS_ENT)
+    logits_ptr,  # *T    base of the logits (T = fp32 / fp16 / bf16)
+    row_off_ptr,  # *i64  [N] element offset of each row from logits_ptr
+    grad_ptr,  # *T    contiguous [N, V] gradient; == logits_ptr when INPLACE
+    labels_ptr,  # *i64  [N]
+    inv_temp_ptr,  # *fp32 [N]
+    lse_ptr,  # *fp32 [N]
+    lse_lo_ptr,  # *fp32 [N] low part of the lse
+    ent_ptr,  # *fp32 [N] (read only when HAS_ENT)
     grad_logp_ptr,  # *fp32 [N]
-    grad_ent_ptr,   # *fp32 [N] (read only when HAS_ENT)
-    ref_ptr,        # *T    base of the reference logits (read only when HAS_KL)
-    ref_off_ptr,    # *i64  [N] element offset of each reference row (HAS_KL)
-    ref_lse_ptr,    # *fp32 [N] (HAS_KL)
-    kl_ptr,         # *fp32 [N] (HAS_KL)
-    grad_kl_ptr,    # *fp32 [N] (HAS_KL)
-    V,              # vocabulary (row length, stride 1)
+    grad_ent_ptr,  # *fp32 [N] (read only when HAS_ENT)
+    ref_ptr,  # *T    base of the reference logits (read only when HAS_KL)
+    ref_off_ptr,  # *i64  [N] element offset of each reference row (HAS_KL)
+    ref_lse_ptr,  # *fp32 [N] (HAS_KL)
+    kl_ptr,  # *fp32 [N] (HAS_KL)
+    grad_kl_ptr,  # *fp32 [N] (HAS_KL)
+    V,  # vocabulary (row length, stride 1)
     ignore_index,
-    BLOCK_V: tl.constexpr,   # tile length, power of two
-    ALIGN: tl.constexpr,     # every row offset (logits, grad, reference) is a multiple of ALIGN
-    HAS_ENT: tl.constexpr,   # entropy term present
-    HAS_KL: tl.constexpr,    # KL term present
-    INPLACE: tl.constexpr,   # gradient rows at the logits rows' offsets
+    BLOCK_V: tl.constexpr,  # tile length, power of two
+    ALIGN: tl.constexpr,  # every row offset (logits, grad, reference) is a multiple of ALIGN
+    HAS_ENT: tl.constexpr,  # entropy term present
+    HAS_KL: tl.constexpr,  # KL term present
+    INPLACE: tl.constexpr,  # gradient rows at the logits rows' offsets
 ):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row)
@@ -126,18 +146,73 @@ def row_backward_kernel(
             kl = 0.0
             k = 0.0
         for i in range(0, n_full):
-            _tile(row_ptr, ref_row_ptr, g_ptr, i * BLOCK_V, V, y, it, lse, lse_lo, h, c, e, ref_lse, kl, k,
-                  BLOCK_V, False, HAS_ENT, HAS_KL)
+            _tile(
+                row_ptr,
+                ref_row_ptr,
+                g_ptr,
+                i * BLOCK_V,
+                V,
+                y,
+                it,
+                lse,
+                lse_lo,
+                h,
+                c,
+                e,
+                ref_lse,
+                kl,
+                k,
+                BLOCK_V,
+                False,
+                HAS_ENT,
+                HAS_KL,
+            )
         if has_tail:
-            _tile(row_ptr, ref_row_ptr, g_ptr, n_full * BLOCK_V, V, y, it, lse, lse_lo, h, c, e, ref_lse, kl, k,
-                  BLOCK_V, True, HAS_ENT, HAS_KL)
+            _tile(
+                row_ptr,
+                ref_row_ptr,
+                g_ptr,
+                n_full * BLOCK_V,
+                V,
+                y,
+                it,
+                lse,
+                lse_lo,
+                h,
+                c,
+                e,
+                ref_lse,
+                kl,
+                k,
+                BLOCK_V,
+                True,
+                HAS_ENT,
+                HAS_KL,
+            )
 
 
-def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tensor,
-           inv_temp: torch.Tensor, lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor,
-           grad_logp: torch.Tensor,
-           grad_entropy, ignore_index: int, *, block_v: int, num_warps: int, align: int = 1,
-           ref_logits=None, ref_row_off=None, ref_lse=None, kl=None, grad_kl=None) -> None:
+def launch(
+    logits: torch.Tensor,
+    row_off: torch.Tensor,
+    grad,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    lse: torch.Tensor,
+    lse_lo: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy,
+    ignore_index: int,
+    *,
+    block_v: int,
+    num_warps: int,
+    align: int = 1,
+    ref_logits=None,
+    ref_row_off=None,
+    ref_lse=None,
+    kl=None,
+    grad_kl=None,
+) -> None:
     """Launch over N = labels.numel() rows (enable_fp_fusion=FP_FUSION, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N]; grad: a contiguous
@@ -160,8 +235,28 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, grad, labels: torch.Tens
     if not has_kl:  # never read
         ref_logits, ref_row_off, ref_lse, kl, grad_kl = logits, row_off, lse, lse, lse
     row_backward_kernel[(n,)](
-        logits, row_off, grad, labels, inv_temp, lse, lse_lo, entropy if has_ent else lse, grad_logp,
-        grad_entropy if has_ent else grad_logp, ref_logits, ref_row_off, ref_lse, kl, grad_kl,
-        logits.shape[-1], ignore_index,
-        BLOCK_V=block_v, ALIGN=align, HAS_ENT=has_ent, HAS_KL=has_kl, INPLACE=inplace,
-        num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+        logits,
+        row_off,
+        grad,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy if has_ent else lse,
+        grad_logp,
+        grad_entropy if has_ent else grad_logp,
+        ref_logits,
+        ref_row_off,
+        ref_lse,
+        kl,
+        grad_kl,
+        logits.shape[-1],
+        ignore_index,
+        BLOCK_V=block_v,
+        ALIGN=align,
+        HAS_ENT=has_ent,
+        HAS_KL=has_kl,
+        INPLACE=inplace,
+        num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
+    )

@@ -12,6 +12,7 @@ row xr is read alongside, with its own shift cr and sums
 so REF_LSE = cr + log SR and KL(p || q) = W / S - log S + log SR.
 Semantics: ``prefopt_fast._rows``.
 """
+
 import os
 from typing import Optional
 
@@ -54,10 +55,12 @@ FP_FUSION = torch.version.hip is None  # enable_fp_fusion of every launch (and o
 def scale(z, it):
     """fl32(z * it) for fp32 z (any shape) and scalar it, never fused into a later add."""
     if _MUL_RN_PTX:
-        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [z, it],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=r,r,r", [z, it], dtype=tl.float32, is_pure=True, pack=1
+        )
     else:
         return z * it
+
 
 # Compiled flag sets. A request is rounded up to the first set containing it (unrequested
 # output rows are unspecified), so the GPU compiles at most 3 variants per dtype (x2 for
@@ -106,9 +109,29 @@ def _shift(m):
 
 
 @triton.jit
-def _tile(row_ptr, ref_ptr, start, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
-          BLOCK_V: tl.constexpr, MASKED: tl.constexpr, ENTROPY: tl.constexpr,
-          LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr, KL: tl.constexpr):
+def _tile(
+    row_ptr,
+    ref_ptr,
+    start,
+    V,
+    it,
+    m,
+    s,
+    t,
+    q,
+    xsum,
+    best_i,
+    mr,
+    sr,
+    w,
+    BLOCK_V: tl.constexpr,
+    MASKED: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    LSSP: tl.constexpr,
+    MEAN: tl.constexpr,
+    ARGMAX: tl.constexpr,
+    KL: tl.constexpr,
+):
     offs = start + tl.arange(0, BLOCK_V)
     x = _load_tile(row_ptr, offs, V, it, MASKED)
     if ARGMAX:
@@ -136,8 +159,7 @@ def _tile(row_ptr, ref_ptr, start, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
         cr = _shift(mr)
         cr_new = _shift(mr_new)
         # e > 0 with xr == -inf (q == 0) gives +inf: KL = +inf, as it should
-        w = alpha * (w + ((c - c_new) - (cr - cr_new)) * s) \
-            + tl.where(e > 0, e * ((x - c_new) - (xr - cr_new)), 0.0)
+        w = alpha * (w + ((c - c_new) - (cr - cr_new)) * s) + tl.where(e > 0, e * ((x - c_new) - (xr - cr_new)), 0.0)
         sr = sr * tl.where(mr == float("-inf"), 1.0, tl.exp(cr - cr_new)) + tl.exp(xr - cr_new)
         mr = mr_new
     s = s * alpha + e
@@ -157,19 +179,22 @@ def _tile(row_ptr, ref_ptr, start, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
 
 @triton.jit(do_not_specialize=["N", "V", "ignore_index"])
 def row_forward_kernel(
-    logits_ptr,    # *T    base of the logits (T = fp32 / fp16 / bf16)
-    row_off_ptr,   # *i64  [N] element offset of each row from logits_ptr
-    ref_ptr,       # *T    base of the reference logits (read only when KL)
-    ref_off_ptr,   # *i64  [N] element offset of each reference row (read only when KL)
-    labels_ptr,    # *i64  [N]
+    logits_ptr,  # *T    base of the logits (T = fp32 / fp16 / bf16)
+    row_off_ptr,  # *i64  [N] element offset of each row from logits_ptr
+    ref_ptr,  # *T    base of the reference logits (read only when KL)
+    ref_off_ptr,  # *i64  [N] element offset of each reference row (read only when KL)
+    labels_ptr,  # *i64  [N]
     inv_temp_ptr,  # *fp32 [N]
-    out_ptr,       # *fp32 [N_OUT, N] contiguous
-    N,             # rows
-    V,             # vocabulary (row length, stride 1)
+    out_ptr,  # *fp32 [N_OUT, N] contiguous
+    N,  # rows
+    V,  # vocabulary (row length, stride 1)
     ignore_index,
-    BLOCK_V: tl.constexpr,   # tile length, power of two
-    ALIGN: tl.constexpr,     # every row offset (of both tensors) is a multiple of ALIGN elements
-    ENTROPY: tl.constexpr, LSSP: tl.constexpr, MEAN: tl.constexpr, ARGMAX: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # tile length, power of two
+    ALIGN: tl.constexpr,  # every row offset (of both tensors) is a multiple of ALIGN elements
+    ENTROPY: tl.constexpr,
+    LSSP: tl.constexpr,
+    MEAN: tl.constexpr,
+    ARGMAX: tl.constexpr,
     KL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -202,12 +227,52 @@ def row_forward_kernel(
     n_full = v_lim // BLOCK_V
     for i in range(0, n_full):
         m, s, t, q, xsum, best_i, mr, sr, w = _tile(
-            row_ptr, ref_row_ptr, i * BLOCK_V, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
-            BLOCK_V, False, ENTROPY, LSSP, MEAN, ARGMAX, KL)
+            row_ptr,
+            ref_row_ptr,
+            i * BLOCK_V,
+            V,
+            it,
+            m,
+            s,
+            t,
+            q,
+            xsum,
+            best_i,
+            mr,
+            sr,
+            w,
+            BLOCK_V,
+            False,
+            ENTROPY,
+            LSSP,
+            MEAN,
+            ARGMAX,
+            KL,
+        )
     if n_full * BLOCK_V < v_lim:
         m, s, t, q, xsum, best_i, mr, sr, w = _tile(
-            row_ptr, ref_row_ptr, n_full * BLOCK_V, V, it, m, s, t, q, xsum, best_i, mr, sr, w,
-            BLOCK_V, True, ENTROPY, LSSP, MEAN, ARGMAX, KL)
+            row_ptr,
+            ref_row_ptr,
+            n_full * BLOCK_V,
+            V,
+            it,
+            m,
+            s,
+            t,
+            q,
+            xsum,
+            best_i,
+            mr,
+            sr,
+            w,
+            BLOCK_V,
+            True,
+            ENTROPY,
+            LSSP,
+            MEAN,
+            ARGMAX,
+            KL,
+        )
 
     s_row = tl.sum(s, axis=0)
     log_s = tl.log(s_row)
@@ -248,10 +313,21 @@ def row_forward_kernel(
         tl.store(col + _OUT_REF_LSE * stride, tl.where(ignored, 0.0, _shift(mr) + log_sr))
 
 
-def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
-           inv_temp: torch.Tensor, out: torch.Tensor, ignore_index: int, flags: int,
-           *, block_v: int, num_warps: int, align: int = 1,
-           ref_logits: Optional[torch.Tensor] = None, ref_row_off: Optional[torch.Tensor] = None) -> None:
+def launch(
+    logits: torch.Tensor,
+    row_off: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    out: torch.Tensor,
+    ignore_index: int,
+    flags: int,
+    *,
+    block_v: int,
+    num_warps: int,
+    align: int = 1,
+    ref_logits: Optional[torch.Tensor] = None,
+    ref_row_off: Optional[torch.Tensor] = None,
+) -> None:
     """Launch over N = labels.numel() rows (enable_fp_fusion=FP_FUSION, as in the AOT check).
 
     logits [..., V] fp32/fp16/bf16, last stride 1; row_off int64 [N] (see
@@ -268,6 +344,19 @@ def launch(logits: torch.Tensor, row_off: torch.Tensor, labels: torch.Tensor,
     if not flags["KL"]:
         ref_logits, ref_row_off = logits, row_off  # never read
     row_forward_kernel[(n,)](
-        logits, row_off, ref_logits, ref_row_off, labels, inv_temp, out, n, logits.shape[-1],
-        ignore_index, BLOCK_V=block_v, ALIGN=align, **flags, num_warps=num_warps,
-        enable_fp_fusion=FP_FUSION)
+        logits,
+        row_off,
+        ref_logits,
+        ref_row_off,
+        labels,
+        inv_temp,
+        out,
+        n,
+        logits.shape[-1],
+        ignore_index,
+        BLOCK_V=block_v,
+        ALIGN=align,
+        **flags,
+        num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
+    )

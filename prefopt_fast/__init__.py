@@ -3,13 +3,14 @@
 Per-token log-probs, the DPO / Bradley-Terry losses and the PPO loss straight from the
 logits, without materializing the softmax, with exact gradients.
 """
+
 from ._build_info import build_info
-from ._version import __version__  # noqa: F401
 from ._dispatch import available_backends
-from .losses import *  # noqa: F401,F403  (the loss heads; their __all__ lists them)
-from .losses import __all__ as _losses_all
+from ._version import __version__  # noqa: F401
 from .linear import *  # noqa: F401,F403  (the fused-linear variants: hidden states + lm_head weight)
 from .linear import __all__ as _linear_all
+from .losses import *  # noqa: F401,F403  (the loss heads; their __all__ lists them)
+from .losses import __all__ as _losses_all
 from .ops.sequence_logprobs import SequenceLogProbs, sequence_logprobs
 from .ops.token_logprobs import TokenLogProbs, token_logprobs
 

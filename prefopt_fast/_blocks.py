@@ -1,4 +1,5 @@
 """Walking the rows of strided ``[..., V]`` tensors in 2-D blocks, without copies."""
+
 from typing import Iterator, List, Sequence, Tuple
 
 import torch

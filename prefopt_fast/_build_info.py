@@ -3,6 +3,7 @@
 Read from the extension itself (C symbols of ``prefopt_fast._C`` through ctypes), so it
 describes the binary that is actually loaded, not what a build script meant to produce.
 """
+
 import ctypes
 import functools
 import json

@@ -1,4 +1,5 @@
 """Backend selection: one backend module per call, by name, env var or device."""
+
 import importlib
 import os
 from types import ModuleType
@@ -80,9 +81,7 @@ def _resolve_name(backend: str, device: str, dtype: torch.dtype, need_kl: bool) 
                 return name
         raise RuntimeError(f"no backend can serve logits on {device} with dtype {dtype}")
     if backend not in BACKENDS:
-        raise ValueError(
-            f"{source} must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}"
-        )
+        raise ValueError(f"{source} must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     why = why_unavailable(backend)
     if why is not None:
         raise RuntimeError(f"backend {backend!r} (from {source}) is not available: {why}")
@@ -90,7 +89,6 @@ def _resolve_name(backend: str, device: str, dtype: torch.dtype, need_kl: bool) 
     why = _cannot_serve(mod, logits, need_kl)
     if why is not None:
         raise ValueError(
-            f"backend {backend!r} (from {source}) cannot serve logits on {device} "
-            f"with dtype {logits.dtype}: {why}"
+            f"backend {backend!r} (from {source}) cannot serve logits on {device} with dtype {logits.dtype}: {why}"
         )
     return backend

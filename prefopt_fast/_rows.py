@@ -58,6 +58,7 @@ the same shape and dtype as ``logits``, its own strides, last stride 1; bit STAT
     to grad[n, v] (0 where p_v == 0), log q_v = xr_v - ref_lse. No gradient flows to
     ref_logits.
 """
+
 import torch
 
 STAT_ENTROPY = 1
@@ -149,7 +150,8 @@ def check_inplace_rows(logits: torch.Tensor, name: str = "logits") -> None:
         raise ValueError(
             f"inplace_backward=True writes the gradient over {name}, whose rows overlap in memory "
             f"(shape {tuple(logits.shape)}, strides {tuple(logits.stride())}, e.g. an expand()ed tensor); "
-            f"pass inplace_backward=False, or {name}.contiguous()")
+            f"pass inplace_backward=False, or {name}.contiguous()"
+        )
 
 
 def num_rows(x: torch.Tensor) -> int:

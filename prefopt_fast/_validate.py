@@ -1,4 +1,5 @@
 """Argument checks shared by the public functions: clear errors before any kernel runs."""
+
 import math
 from numbers import Integral, Real
 from typing import Optional, Sequence, Tuple
@@ -21,9 +22,7 @@ def check_logits(logits, name: str = "logits", *, empty_vocab: bool = False) -> 
     """``empty_vocab``: ``logits`` is a vocabulary shard, which may be empty."""
     check_tensor(logits, name)
     if logits.dtype not in LOGIT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, bfloat16 or float16 (float64 on backend='torch'); got {logits.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 on backend='torch'); got {logits.dtype}")
     if logits.dim() < 1:
         raise ValueError(f"{name} must have shape [..., V] with at least one dimension; got a 0-d tensor")
     if logits.shape[-1] < 1 and not empty_vocab:
@@ -77,8 +76,16 @@ def check_choice(value, choices: Sequence[str], name: str, what: str = "") -> st
     return value
 
 
-def check_real(value, name: str, *, lo: Optional[float] = None, hi: Optional[float] = None,
-               lo_open: bool = False, hi_open: bool = False, why: str = "") -> float:
+def check_real(
+    value,
+    name: str,
+    *,
+    lo: Optional[float] = None,
+    hi: Optional[float] = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    why: str = "",
+) -> float:
     """``value`` as a finite Python float inside the given interval, else a TypeError/ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")
@@ -139,8 +146,9 @@ def check_labels(labels, logits: torch.Tensor, ignore_index: int, name: str = "l
     check_label_range(labels, logits.shape[-1], ignore_index, name)
 
 
-def check_label_range(labels: torch.Tensor, V: int, ignore_index: int, name: str = "labels",
-                      vocab: str = "the vocabulary size") -> None:
+def check_label_range(
+    labels: torch.Tensor, V: int, ignore_index: int, name: str = "labels", vocab: str = "the vocabulary size"
+) -> None:
     """Every entry of ``labels`` in [0, V) or == ignore_index; ``vocab`` says what V is."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     msg = f"{name} must lie in [0, {V}) ({vocab}) or equal ignore_index={ignore_index}"

@@ -43,6 +43,7 @@ path all-reduces (SUM) the gradient of the replicated hidden states (and of a re
 Everything that is not sharded (labels, temperature, the per-token loss inputs) must be
 identical on all ranks of the group; the group's ranks must all make the same calls.
 """
+
 import math
 import sys
 from typing import NamedTuple, Optional
@@ -51,12 +52,36 @@ import torch
 import torch.distributed as dist
 
 from . import _validate
-from ._rows import (OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, OUT_REF_LSE, STAT_ARGMAX,
-                    STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN)
+from ._rows import (
+    OUT_ARGMAX,
+    OUT_ENTROPY,
+    OUT_KL,
+    OUT_LSE,
+    OUT_LSE_LO,
+    OUT_LSSP,
+    OUT_MEAN,
+    OUT_REF_LSE,
+    STAT_ARGMAX,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_LSSP,
+    STAT_MEAN,
+)
 
-__all__ = ["ShardLayout", "shard_layout", "check_process_group", "check_vocab_parallel_options", "is_dtensor",
-           "from_dtensor", "local_tensor", "SHARD_IGNORE", "kernel_labels", "merge_partials", "empty_part",
-           "part_from_rows"]
+__all__ = [
+    "ShardLayout",
+    "shard_layout",
+    "check_process_group",
+    "check_vocab_parallel_options",
+    "is_dtensor",
+    "from_dtensor",
+    "local_tensor",
+    "SHARD_IGNORE",
+    "kernel_labels",
+    "merge_partials",
+    "empty_part",
+    "part_from_rows",
+]
 
 # Kernel-side labels: a row's label is either its index in this shard, SHARD_IGNORE (the row is
 # ignored everywhere), or V_r (lives on another shard: out of range, never ignore_index).
@@ -69,12 +94,12 @@ SHARD_IGNORE = -1
 class ShardLayout(NamedTuple):
     """Where this rank's vocabulary slice sits: ``[start, start + size)`` of ``vocab``."""
 
-    group: object       # the torch.distributed process group
-    rank: int           # rank in ``group``
+    group: object  # the torch.distributed process group
+    rank: int  # rank in ``group``
     world: int
     start: int
     size: int
-    vocab: int          # the global vocabulary size
+    vocab: int  # the global vocabulary size
 
 
 def check_process_group(process_group) -> None:
@@ -82,11 +107,14 @@ def check_process_group(process_group) -> None:
     if process_group is None:
         raise ValueError("process_group is required for vocabulary-parallel log-probs")
     if dist.is_available() and not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError("process_group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD "
-                        f"or one from torch.distributed.new_group); got {type(process_group).__name__}")
+        raise TypeError(
+            "process_group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD "
+            f"or one from torch.distributed.new_group); got {type(process_group).__name__}"
+        )
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("process_group needs torch.distributed to be initialized "
-                           "(torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "process_group needs torch.distributed to be initialized (torch.distributed.init_process_group)"
+        )
 
 
 def check_vocab_parallel_options(process_group, vocab_start, vocab_size):
@@ -103,14 +131,22 @@ def check_vocab_parallel_options(process_group, vocab_start, vocab_size):
     vocab_start = _validate.check_int(vocab_start, "vocab_start", lo=0, optional=True)
     vocab_size = _validate.check_int(vocab_size, "vocab_size", lo=1, optional=True)
     if vocab_start is not None and process_group is None:
-        raise ValueError("vocab_start needs process_group: the rank's shard [vocab_start, vocab_start + V_local) "
-                         "of the vocabulary is laid out over a process group (DTensor inputs carry their own "
-                         "offsets and take no vocab_start)")
+        raise ValueError(
+            "vocab_start needs process_group: the rank's shard [vocab_start, vocab_start + V_local) "
+            "of the vocabulary is laid out over a process group (DTensor inputs carry their own "
+            "offsets and take no vocab_start)"
+        )
     return process_group, vocab_start, vocab_size
 
 
-def shard_layout(process_group, local_size: int, vocab_start: Optional[int] = None,
-                 vocab_size: Optional[int] = None, device=None, what: str = "local_size") -> ShardLayout:
+def shard_layout(
+    process_group,
+    local_size: int,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    device=None,
+    what: str = "local_size",
+) -> ShardLayout:
     """Gather every rank's ``(local_size, vocab_start, vocab_size)`` (one all-gather of 3
     int64 per rank) and check that the shards tile ``[0, V)``.
 
@@ -125,23 +161,30 @@ def shard_layout(process_group, local_size: int, vocab_start: Optional[int] = No
     rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     if rank < 0:
         raise ValueError("this process is not a member of process_group")
-    info = torch.tensor([local_size, vocab_start is not None, vocab_start or 0, vocab_size is not None,
-                         vocab_size or 0], dtype=torch.int64, device=device)
+    info = torch.tensor(
+        [local_size, vocab_start is not None, vocab_start or 0, vocab_size is not None, vocab_size or 0],
+        dtype=torch.int64,
+        device=device,
+    )
     gathered = [torch.empty_like(info) for _ in range(world)]
     dist.all_gather(gathered, info, group=process_group)
     rows = torch.stack(gathered).tolist()  # host sync: the layout decides every shape below
     sizes = [r[0] for r in rows]
     V = sum(sizes)
     if V < 1:
-        raise ValueError(f"the vocabulary shards are all empty: {what} must be >= 1 on at least one rank of "
-                         f"process_group; got {sizes}")
+        raise ValueError(
+            f"the vocabulary shards are all empty: {what} must be >= 1 on at least one rank of "
+            f"process_group; got {sizes}"
+        )
     if len({r[1] for r in rows}) != 1 or len({r[3] for r in rows}) != 1:
         raise ValueError("vocab_start and vocab_size must be given on all ranks of process_group or on none")
     if rows[0][3]:
         given = {r[4] for r in rows}
         if given != {V}:
-            raise ValueError(f"vocab_size must equal the sum of the local vocabulary sizes {sizes} = {V} "
-                             f"on every rank; got {sorted(given)}")
+            raise ValueError(
+                f"vocab_size must equal the sum of the local vocabulary sizes {sizes} = {V} "
+                f"on every rank; got {sorted(given)}"
+            )
     if rows[0][1]:
         starts = [r[2] for r in rows]
         spans = sorted((s, n) for s, n in zip(starts, sizes) if n > 0)
@@ -150,8 +193,10 @@ def shard_layout(process_group, local_size: int, vocab_start: Optional[int] = No
             ok = ok and s == pos
             pos = s + n
         if not ok or pos != V:
-            raise ValueError("the vocabulary shards [vocab_start, vocab_start + V_local) of the ranks must tile "
-                             f"[0, {V}) without gaps or overlaps; got starts {starts} with sizes {sizes}")
+            raise ValueError(
+                "the vocabulary shards [vocab_start, vocab_start + V_local) of the ranks must tile "
+                f"[0, {V}) without gaps or overlaps; got starts {starts} with sizes {sizes}"
+            )
     else:
         starts = [sum(sizes[:r]) for r in range(world)]
     return ShardLayout(process_group, rank, world, starts[rank], sizes[rank], V)
@@ -179,8 +224,10 @@ def from_dtensor(x, dim: int, name: str):
     dim = dim % x.dim()
     mesh_dims = [i for i, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim % x.dim() == dim]
     if len(mesh_dims) != 1:
-        raise ValueError(f"{name} as a DTensor must be sharded (Shard({dim})) on its vocabulary dimension over "
-                         f"exactly one mesh dimension; got placements {tuple(x.placements)}")
+        raise ValueError(
+            f"{name} as a DTensor must be sharded (Shard({dim})) on its vocabulary dimension over "
+            f"exactly one mesh dimension; got placements {tuple(x.placements)}"
+        )
     if any(isinstance(p, Partial) for p in x.placements):
         raise ValueError(f"{name} as a DTensor must not have Partial placements; got {tuple(x.placements)}")
     return x.to_local(), x.device_mesh.get_group(mesh_dims[0]), x.shape[dim]

@@ -3,6 +3,7 @@
 Nothing of size ``[tokens, V]`` is ever allocated: see
 :mod:`prefopt_fast.ops.linear_logprobs` for the chunking and the memory rule.
 """
+
 from .losses.linear import LinearDPOLoss, LinearPPOLoss, linear_dpo_loss, linear_pair_logps, linear_ppo_loss
 from .ops.linear_logprobs import (
     LinearSequenceLogProbs,

@@ -4,6 +4,7 @@ Deliberately simple and memory-hungry (full ``log_softmax`` over ``[..., V]`` in
 it exists to check the fused backends, never to be fast. Written from the math of
 DESIGN.md, independently of the row kernels.
 """
+
 import torch
 
 STAT_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")

@@ -46,6 +46,7 @@ The output must also be non-finite exactly where R is (NaN where NaN, the same i
 Boolean outputs (``is_argmax``) count mismatches instead of an error: mismatches(backend)
 <= 2 * mismatches(plain).
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -83,8 +84,12 @@ def error_stats(x: torch.Tensor, ref: torch.Tensor, rel_min: float = 1e-6) -> Di
     d = (x - ref).abs()
     big = ref.abs() >= rel_min
     rel = d[big] / ref.abs()[big]
-    return dict(max_abs=float(d.max()), mean_abs=float(d.mean()),
-                max_rel=float(rel.max()) if rel.numel() else 0.0, mean_rel=float(rel.mean()) if rel.numel() else 0.0)
+    return dict(
+        max_abs=float(d.max()),
+        mean_abs=float(d.mean()),
+        max_rel=float(rel.max()) if rel.numel() else 0.0,
+        mean_rel=float(rel.mean()) if rel.numel() else 0.0,
+    )
 
 
 def floor_for(ref: torch.Tensor) -> float:
@@ -101,8 +106,13 @@ def same_nonfinite(x: torch.Tensor, ref: torch.Tensor) -> bool:
     return torch.equal(torch.isinf(x), inf) and torch.equal(x[inf], ref[inf])
 
 
-def check_rule(got: Dict[str, torch.Tensor], plain: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor],
-               context: str = "", grad_scale: float = 1.0) -> None:
+def check_rule(
+    got: Dict[str, torch.Tensor],
+    plain: Dict[str, torch.Tensor],
+    ref: Dict[str, torch.Tensor],
+    context: str = "",
+    grad_scale: float = 1.0,
+) -> None:
     """Assert the error-bound rule for every output name of ``ref``; ``grad_scale`` is S,
     the factor of the gradients' floor (module docstring)."""
     problems = []
@@ -118,16 +128,20 @@ def check_rule(got: Dict[str, torch.Tensor], plain: Dict[str, torch.Tensor], ref
                 problems.append(f"{name}: {bad_g} mismatches vs fp64 (plain PyTorch: {bad_p})")
             continue
         if not same_nonfinite(g, r):
-            problems.append(f"{name}: non-finite pattern differs from the fp64 reference "
-                            f"(got {int((~torch.isfinite(g.detach())).sum())} non-finite, "
-                            f"reference {int((~torch.isfinite(r.detach())).sum())})")
+            problems.append(
+                f"{name}: non-finite pattern differs from the fp64 reference "
+                f"(got {int((~torch.isfinite(g.detach())).sum())} non-finite, "
+                f"reference {int((~torch.isfinite(r.detach())).sum())})"
+            )
             continue
         eg, ep, fl = max_abs_err(g, r), max_abs_err(p, r), floor_for(r)
         if name.startswith("grad:"):
             fl *= max(1.0, grad_scale)
         if not eg <= 2 * ep + fl:
-            problems.append(f"{name}: max abs err {eg:.3g} > 2 x plain PyTorch's {ep:.3g} + floor {fl:.2g} "
-                            f"(ratio {eg / max(ep, 1e-300):.3g})")
+            problems.append(
+                f"{name}: max abs err {eg:.3g} > 2 x plain PyTorch's {ep:.3g} + floor {fl:.2g} "
+                f"(ratio {eg / max(ep, 1e-300):.3g})"
+            )
     if problems:
         raise AssertionError(f"{context}\n  " + "\n  ".join(problems))
 
@@ -155,7 +169,7 @@ def strided_view(values: torch.Tensor, layout: str, gen: torch.Generator) -> Tup
         view_fn = lambda b: b.transpose(0, 1)  # noqa: E731
     elif layout == "padded_rows":  # rows V + 5 apart, storage offset 2: unaligned rows
         base = torch.randn(*lead, V + 5, generator=gen).to(values.dtype)
-        view_fn = lambda b: b[..., 2:2 + V]  # noqa: E731
+        view_fn = lambda b: b[..., 2 : 2 + V]  # noqa: E731
     else:
         base = values.clone()
         view_fn = lambda b: b  # noqa: E731
@@ -164,8 +178,15 @@ def strided_view(values: torch.Tensor, layout: str, gen: torch.Generator) -> Tup
     return base, view_fn
 
 
-def random_logits(gen: torch.Generator, shape, dtype, *, scale: float = 2.0, neg_inf_frac: float = 0.0,
-                  labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def random_logits(
+    gen: torch.Generator,
+    shape,
+    dtype,
+    *,
+    scale: float = 2.0,
+    neg_inf_frac: float = 0.0,
+    labels: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """fp32 randn * scale rounded to dtype; ``neg_inf_frac`` of the entries set to -inf,
     never a row's label (so every row keeps a finite label)."""
     z = torch.randn(*shape, generator=gen) * scale
@@ -180,8 +201,9 @@ def random_logits(gen: torch.Generator, shape, dtype, *, scale: float = 2.0, neg
     return z.to(dtype)
 
 
-def random_labels(gen: torch.Generator, shape, V: int, *, ignore_frac: float = 0.2,
-                  ignore_index: int = IGNORE) -> torch.Tensor:
+def random_labels(
+    gen: torch.Generator, shape, V: int, *, ignore_frac: float = 0.2, ignore_index: int = IGNORE
+) -> torch.Tensor:
     y = torch.randint(0, V, shape, generator=gen)
     if ignore_frac > 0:
         y = torch.where(torch.rand(shape, generator=gen) < ignore_frac, torch.full_like(y, ignore_index), y)
@@ -273,8 +295,12 @@ def dpo_formula(cw, cl, rw, rl, lw, ll, *, beta, loss_type, label_smoothing=0.0)
     else:
         raise KeyError(loss_type)
     loss = per.mean()
-    return loss, {"rewards/chosen": (beta * r_w).mean(), "rewards/margins": (beta * (r_w - r_l)).mean(),
-                  "logps/chosen": cw.mean(), "logps/rejected": cl.mean()}
+    return loss, {
+        "rewards/chosen": (beta * r_w).mean(),
+        "rewards/margins": (beta * (r_w - r_l)).mean(),
+        "logps/chosen": cw.mean(),
+        "logps/rejected": cl.mean(),
+    }
 
 
 def bt_formula(rw, rl, *, margin=None, coef=None):
@@ -287,8 +313,23 @@ def bt_formula(rw, rl, *, margin=None, coef=None):
     return loss
 
 
-def ppo_formula(logp, ent, kl_full, keep, old, adv, ref_logp, *, clip_low, clip_high, kl_coef, kl_estimator,
-                entropy_coef, agg, max_length):
+def ppo_formula(
+    logp,
+    ent,
+    kl_full,
+    keep,
+    old,
+    adv,
+    ref_logp,
+    *,
+    clip_low,
+    clip_high,
+    kl_coef,
+    kl_estimator,
+    entropy_coef,
+    agg,
+    max_length,
+):
     """The clipped surrogate + KL + entropy bonus of prefopt_fast.ppo_loss (verl mode names)."""
     dt = logp.dtype
     m = keep.to(dt)
@@ -331,9 +372,10 @@ def ppo_formula(logp, ent, kl_full, keep, old, adv, ref_logp, *, clip_low, clip_
 @dataclass(repr=False)
 class Problem:
     """One op invocation: inputs as the user passes them, the memory owners gradients go to."""
+
     op: str
-    inputs: Dict[str, object]                     # tensors (dtype d, maybe strided views) and options
-    grad_wrt: Tuple[str, ...] = ()                # float inputs to differentiate
+    inputs: Dict[str, object]  # tensors (dtype d, maybe strided views) and options
+    grad_wrt: Tuple[str, ...] = ()  # float inputs to differentiate
     bases: Dict[str, Tuple[torch.Tensor, Callable]] = field(default_factory=dict)  # name -> (base, view_fn)
     cotangents: Dict[str, torch.Tensor] = field(default_factory=dict)  # output -> weight (fp32)
 
@@ -403,8 +445,10 @@ def evaluate(pb: Problem, mode: str, backend: Optional[str] = None, device=None)
         outs = spec.formula(ins, cdt if cdt is not None else spec.input_dtype(ins), mode)
     grads = _vjp(outs, pb, wrt)
     if mode == "plain_chop":
-        grads = {k: chop_to_bf16(g) if pb.inputs[k[5:]].dtype == torch.bfloat16 else g.to(pb.inputs[k[5:]].dtype)
-                 for k, g in grads.items()}
+        grads = {
+            k: chop_to_bf16(g) if pb.inputs[k[5:]].dtype == torch.bfloat16 else g.to(pb.inputs[k[5:]].dtype)
+            for k, g in grads.items()
+        }
     res = {k: v.detach().cpu() for k, v in outs.items()}
     res.update({k: v.detach().cpu() for k, v in grads.items()})
     return res
@@ -420,16 +464,19 @@ def baseline_mode(pb: Problem, backend: Optional[str]) -> str:
     """'plain', or 'plain_chop' where the backend is the Triton interpreter on bf16 inputs
     (its fp32 -> bf16 cast truncates; on a GPU the cast rounds and 'plain' applies). The
     fused-linear op keeps 'plain': its gradients leave the row kernels through fp32 GEMMs."""
-    if interpreted_triton(backend) and pb.op != "linear_token_logprobs" and any(
-            pb.inputs[n].dtype == torch.bfloat16 for n in pb.grad_wrt):
+    if (
+        interpreted_triton(backend)
+        and pb.op != "linear_token_logprobs"
+        and any(pb.inputs[n].dtype == torch.bfloat16 for n in pb.grad_wrt)
+    ):
         return "plain_chop"
     return "plain"
 
 
 @dataclass
 class OpSpec:
-    lib: Callable          # (inputs, backend) -> dict of outputs
-    formula: Callable      # (inputs, cdt, mode) -> dict of outputs
+    lib: Callable  # (inputs, backend) -> dict of outputs
+    formula: Callable  # (inputs, cdt, mode) -> dict of outputs
     input_dtype: Callable  # inputs -> the user's storage dtype
 
 
@@ -445,9 +492,15 @@ TOKEN_STATS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
 
 
 def _token_lib(ins, backend):
-    o = _pf().token_logprobs(ins["logits"], ins["labels"], temperature=ins["temperature"],
-                             ignore_index=ins["ignore_index"], stats=ins["stats"], backend=backend,
-                             inplace_backward=ins.get("inplace", False))
+    o = _pf().token_logprobs(
+        ins["logits"],
+        ins["labels"],
+        temperature=ins["temperature"],
+        ignore_index=ins["ignore_index"],
+        stats=ins["stats"],
+        backend=backend,
+        inplace_backward=ins.get("inplace", False),
+    )
     if not ins["stats"]:
         return {"logprobs": o}
     return {"logprobs": o.logprobs, **{s: getattr(o, s) for s in ins["stats"]}}
@@ -459,16 +512,28 @@ def _upcast_first(z, cdt, mode):
 
 def _token_formula(ins, cdt, mode):
     z = _upcast_first(ins["logits"], cdt, mode)
-    return token_formula(z, ins["labels"], z.dtype, temperature=ins["temperature"],
-                         ignore_index=ins["ignore_index"], want=("logprobs",) + tuple(ins["stats"]))
+    return token_formula(
+        z,
+        ins["labels"],
+        z.dtype,
+        temperature=ins["temperature"],
+        ignore_index=ins["ignore_index"],
+        want=("logprobs",) + tuple(ins["stats"]),
+    )
 
 
 # sequence_logprobs -----------------------------------------------------------------
 
 
 def _seq_lib(ins, backend):
-    s = _pf().sequence_logprobs(ins["logits"], ins["labels"], temperature=ins["temperature"],
-                                average=ins["average"], cu_seqlens=ins.get("cu_seqlens"), backend=backend)
+    s = _pf().sequence_logprobs(
+        ins["logits"],
+        ins["labels"],
+        temperature=ins["temperature"],
+        average=ins["average"],
+        cu_seqlens=ins.get("cu_seqlens"),
+        backend=backend,
+    )
     return {"seq": s}
 
 
@@ -508,8 +573,17 @@ def _fdpo_formula(ins, cdt, mode):
             zr = _upcast_first(ins["ref_logits"], cdt, mode)
             rs, _ = seq_sums(token_formula(zr, y, zr.dtype, temperature=ins["temperature"])["logprobs"], keep)
         rw, rl = rs[:B], rs[B:]
-    loss, metrics = dpo_formula(s[:B], s[B:], rw, rl, n[:B], n[B:], beta=ins["beta"], loss_type=ins["loss_type"],
-                                label_smoothing=ins.get("label_smoothing", 0.0))
+    loss, metrics = dpo_formula(
+        s[:B],
+        s[B:],
+        rw,
+        rl,
+        n[:B],
+        n[B:],
+        beta=ins["beta"],
+        loss_type=ins["loss_type"],
+        label_smoothing=ins.get("label_smoothing", 0.0),
+    )
     return {"loss": loss, **metrics}
 
 
@@ -517,9 +591,16 @@ def _fdpo_formula(ins, cdt, mode):
 
 
 def _ppo_lib(ins, backend):
-    kw = dict(temperature=ins["temperature"], clip_eps_low=ins["clip_low"], clip_eps_high=ins["clip_high"],
-              kl_coef=ins["kl_coef"], kl_estimator=ins["kl_estimator"], entropy_coef=ins["entropy_coef"],
-              loss_agg_mode=ins["agg"], backend=backend)
+    kw = dict(
+        temperature=ins["temperature"],
+        clip_eps_low=ins["clip_low"],
+        clip_eps_high=ins["clip_high"],
+        kl_coef=ins["kl_coef"],
+        kl_estimator=ins["kl_estimator"],
+        entropy_coef=ins["entropy_coef"],
+        loss_agg_mode=ins["agg"],
+        backend=backend,
+    )
     if ins["agg"] == "seq-mean-token-sum-norm":
         kw["max_length"] = ins["max_length"]
     if ins["kl_coef"]:
@@ -547,10 +628,22 @@ def _ppo_formula(ins, cdt, mode):
         zr = _upcast_first(ins["ref_logits"], cdt, mode).detach()
         _, lq = _log_softmax(zr, dt, ins["temperature"], y.shape)
         kl_full = (p * (ls - lq).masked_fill(p == 0, 0.0)).sum(-1)
-    loss = ppo_formula(logp, ent, kl_full, keep, ins["old_logps"], ins["advantages"], ins.get("ref_logps"),
-                       clip_low=ins["clip_low"], clip_high=ins["clip_high"], kl_coef=ins["kl_coef"],
-                       kl_estimator=ins["kl_estimator"], entropy_coef=ins["entropy_coef"], agg=ins["agg"],
-                       max_length=ins.get("max_length"))
+    loss = ppo_formula(
+        logp,
+        ent,
+        kl_full,
+        keep,
+        ins["old_logps"],
+        ins["advantages"],
+        ins.get("ref_logps"),
+        clip_low=ins["clip_low"],
+        clip_high=ins["clip_high"],
+        kl_coef=ins["kl_coef"],
+        kl_estimator=ins["kl_estimator"],
+        entropy_coef=ins["entropy_coef"],
+        agg=ins["agg"],
+        max_length=ins.get("max_length"),
+    )
     m = keep.to(dt)
     return {"loss": loss, "entropy": (ent.detach() * m).sum() / m.sum().clamp(min=1)}
 
@@ -561,9 +654,16 @@ def _ppo_formula(ins, cdt, mode):
 def _linear_lib(ins, backend):
     from prefopt_fast.linear import linear_token_logprobs
 
-    o = linear_token_logprobs(ins["hidden"], ins["weight"], ins["labels"], bias=ins.get("bias"),
-                              temperature=ins["temperature"], stats=("entropy",), chunk_size=ins["chunk_size"],
-                              backend=backend)
+    o = linear_token_logprobs(
+        ins["hidden"],
+        ins["weight"],
+        ins["labels"],
+        bias=ins.get("bias"),
+        temperature=ins["temperature"],
+        stats=("entropy",),
+        chunk_size=ins["chunk_size"],
+        backend=backend,
+    )
     return {"logprobs": o.logprobs, "entropy": o.entropy}
 
 
@@ -589,23 +689,32 @@ def _dpo_lib(ins, backend):
         kw["label_smoothing"] = ins["label_smoothing"]
     if ins["loss_type"] == "ipo":
         kw.update(chosen_lengths=ins["chosen_lengths"], rejected_lengths=ins["rejected_lengths"])
-    loss, metrics = _pf().dpo_loss(ins["chosen_logps"], ins["rejected_logps"], ins["ref_chosen_logps"],
-                                   ins["ref_rejected_logps"], **kw)
+    loss, metrics = _pf().dpo_loss(
+        ins["chosen_logps"], ins["rejected_logps"], ins["ref_chosen_logps"], ins["ref_rejected_logps"], **kw
+    )
     return {"loss": loss, **{k: metrics[k] for k in _DPO_METRICS}}
 
 
 def _dpo_formula(ins, cdt, mode):
     up = lambda t: None if t is None else _upcast_first(t, cdt, mode)  # noqa: E731
-    loss, metrics = dpo_formula(up(ins["chosen_logps"]), up(ins["rejected_logps"]), up(ins["ref_chosen_logps"]),
-                                up(ins["ref_rejected_logps"]), ins["chosen_lengths"], ins["rejected_lengths"],
-                                beta=ins["beta"], loss_type=ins["loss_type"],
-                                label_smoothing=ins.get("label_smoothing", 0.0))
+    loss, metrics = dpo_formula(
+        up(ins["chosen_logps"]),
+        up(ins["rejected_logps"]),
+        up(ins["ref_chosen_logps"]),
+        up(ins["ref_rejected_logps"]),
+        ins["chosen_lengths"],
+        ins["rejected_lengths"],
+        beta=ins["beta"],
+        loss_type=ins["loss_type"],
+        label_smoothing=ins.get("label_smoothing", 0.0),
+    )
     return {"loss": loss, **metrics}
 
 
 def _bt_lib(ins, backend):
-    loss, metrics = _pf().bradley_terry_loss(ins["chosen_rewards"], ins["rejected_rewards"], margin=ins["margin"],
-                                             center_rewards_coefficient=ins["coef"])
+    loss, metrics = _pf().bradley_terry_loss(
+        ins["chosen_rewards"], ins["rejected_rewards"], margin=ins["margin"], center_rewards_coefficient=ins["coef"]
+    )
     return {"loss": loss, "margin": metrics["margin"]}
 
 
@@ -643,9 +752,20 @@ def _logits_problem(gen, shape, dtype, layout, scale, neg_inf_frac, labels):
     return base, view_fn, view_fn(base)
 
 
-def make_token_problem(seed: int, *, shape, dtype, layout="contiguous", scale=2.0, ignore_frac=0.2,
-                       neg_inf_frac=0.0, temperature="one", stats=TOKEN_STATS, ignore_index=IGNORE,
-                       inplace=False) -> Problem:
+def make_token_problem(
+    seed: int,
+    *,
+    shape,
+    dtype,
+    layout="contiguous",
+    scale=2.0,
+    ignore_frac=0.2,
+    neg_inf_frac=0.0,
+    temperature="one",
+    stats=TOKEN_STATS,
+    ignore_index=IGNORE,
+    inplace=False,
+) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     V = shape[-1]
     y = random_labels(gen, shape[:-1], V, ignore_frac=ignore_frac, ignore_index=ignore_index)
@@ -654,13 +774,18 @@ def make_token_problem(seed: int, *, shape, dtype, layout="contiguous", scale=2.
     cot = {"logprobs": torch.randn(shape[:-1], generator=gen)}
     if "entropy" in stats:
         cot["entropy"] = torch.randn(shape[:-1], generator=gen)
-    return Problem("token_logprobs", dict(logits=z, labels=y, temperature=t, ignore_index=ignore_index,
-                                          stats=tuple(stats), inplace=inplace),
-                   grad_wrt=("logits",), bases={"logits": (base, view_fn)}, cotangents=cot)
+    return Problem(
+        "token_logprobs",
+        dict(logits=z, labels=y, temperature=t, ignore_index=ignore_index, stats=tuple(stats), inplace=inplace),
+        grad_wrt=("logits",),
+        bases={"logits": (base, view_fn)},
+        cotangents=cot,
+    )
 
 
-def make_sequence_problem(seed: int, *, B, T, V, dtype, layout="contiguous", packed=False, average=False,
-                          scale=2.0, temperature="one") -> Problem:
+def make_sequence_problem(
+    seed: int, *, B, T, V, dtype, layout="contiguous", packed=False, average=False, scale=2.0, temperature="one"
+) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     cu = None
     if packed:
@@ -681,8 +806,13 @@ def make_sequence_problem(seed: int, *, B, T, V, dtype, layout="contiguous", pac
     if packed:
         ins["cu_seqlens"] = cu
     nseq = B
-    return Problem("sequence_logprobs", ins, grad_wrt=("logits",), bases={"logits": (base, view_fn)},
-                   cotangents={"seq": torch.randn(nseq, generator=gen)})
+    return Problem(
+        "sequence_logprobs",
+        ins,
+        grad_wrt=("logits",),
+        bases={"logits": (base, view_fn)},
+        cotangents={"seq": torch.randn(nseq, generator=gen)},
+    )
 
 
 def _completion_labels(gen, B2, T, V):
@@ -694,8 +824,21 @@ def _completion_labels(gen, B2, T, V):
     return torch.where((pos >= prompt) & (pos < end), y, torch.full_like(y, IGNORE))
 
 
-def make_fused_dpo_problem(seed: int, *, B, T, V, dtype, layout="contiguous", loss_type="sigmoid", beta=0.1,
-                           label_smoothing=0.1, with_ref=True, scale=2.0, temperature="one") -> Problem:
+def make_fused_dpo_problem(
+    seed: int,
+    *,
+    B,
+    T,
+    V,
+    dtype,
+    layout="contiguous",
+    loss_type="sigmoid",
+    beta=0.1,
+    label_smoothing=0.1,
+    with_ref=True,
+    scale=2.0,
+    temperature="one",
+) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     y = _completion_labels(gen, 2 * B, T, V)
     base, view_fn, z = _logits_problem(gen, (2 * B, T, V), dtype, layout, scale, 0.0, y)
@@ -703,15 +846,42 @@ def make_fused_dpo_problem(seed: int, *, B, T, V, dtype, layout="contiguous", lo
     if with_ref:
         ref = (z.float() + 0.3 * torch.randn(z.shape, generator=gen)).to(dtype)
     t = random_temperature(gen, temperature, (2 * B, T))
-    ins = dict(logits=z, labels=y, ref_logits=ref, beta=beta, loss_type=loss_type, temperature=t,
-               label_smoothing=label_smoothing)
-    return Problem("fused_dpo_loss", ins, grad_wrt=("logits",), bases={"logits": (base, view_fn)},
-                   cotangents={"loss": torch.tensor(1.0)})
+    ins = dict(
+        logits=z,
+        labels=y,
+        ref_logits=ref,
+        beta=beta,
+        loss_type=loss_type,
+        temperature=t,
+        label_smoothing=label_smoothing,
+    )
+    return Problem(
+        "fused_dpo_loss",
+        ins,
+        grad_wrt=("logits",),
+        bases={"logits": (base, view_fn)},
+        cotangents={"loss": torch.tensor(1.0)},
+    )
 
 
-def make_ppo_problem(seed: int, *, B, T, V, dtype, layout="contiguous", kl_estimator="k3", kl_coef=0.05,
-                     agg="token-mean", entropy_coef=0.01, clip=(0.2, 0.28), on_policy=False, per_token_adv=False,
-                     scale=2.0, temperature="one") -> Problem:
+def make_ppo_problem(
+    seed: int,
+    *,
+    B,
+    T,
+    V,
+    dtype,
+    layout="contiguous",
+    kl_estimator="k3",
+    kl_coef=0.05,
+    agg="token-mean",
+    entropy_coef=0.01,
+    clip=(0.2, 0.28),
+    on_policy=False,
+    per_token_adv=False,
+    scale=2.0,
+    temperature="one",
+) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     y = random_labels(gen, (B, T), V, ignore_frac=0.25)
     base, view_fn, z = _logits_problem(gen, (B, T, V), dtype, layout, scale, 0.0, y)
@@ -722,15 +892,30 @@ def make_ppo_problem(seed: int, *, B, T, V, dtype, layout="contiguous", kl_estim
     ref_logps = lp + 0.3 * torch.randn(B, T, generator=gen)
     ref_logits = (z.float() + 0.3 * torch.randn(z.shape, generator=gen)).to(dtype)
     adv = torch.randn((B, T) if per_token_adv else (B,), generator=gen)
-    ins = dict(logits=z, labels=y, old_logps=old, advantages=adv, ref_logps=ref_logps, ref_logits=ref_logits,
-               temperature=t, clip_low=clip[0], clip_high=clip[1], kl_coef=kl_coef, kl_estimator=kl_estimator,
-               entropy_coef=entropy_coef, agg=agg, max_length=T)
-    return Problem("ppo_loss", ins, grad_wrt=("logits",), bases={"logits": (base, view_fn)},
-                   cotangents={"loss": torch.tensor(1.0)})
+    ins = dict(
+        logits=z,
+        labels=y,
+        old_logps=old,
+        advantages=adv,
+        ref_logps=ref_logps,
+        ref_logits=ref_logits,
+        temperature=t,
+        clip_low=clip[0],
+        clip_high=clip[1],
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        agg=agg,
+        max_length=T,
+    )
+    return Problem(
+        "ppo_loss", ins, grad_wrt=("logits",), bases={"logits": (base, view_fn)}, cotangents={"loss": torch.tensor(1.0)}
+    )
 
 
-def make_linear_problem(seed: int, *, N, H, V, dtype, bias=False, chunk_size=None, ignore_frac=0.2,
-                        temperature="one") -> Problem:
+def make_linear_problem(
+    seed: int, *, N, H, V, dtype, bias=False, chunk_size=None, ignore_frac=0.2, temperature="one"
+) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     h = torch.randn(N, H, generator=gen).to(dtype)
     w = (torch.randn(V, H, generator=gen) * (2.0 / math.sqrt(H))).to(dtype)
@@ -739,23 +924,35 @@ def make_linear_problem(seed: int, *, N, H, V, dtype, bias=False, chunk_size=Non
     t = random_temperature(gen, temperature, (N,))
     ins = dict(hidden=h, weight=w, bias=b, labels=y, temperature=t, chunk_size=chunk_size)
     wrt = ("hidden", "weight") + (("bias",) if bias else ())
-    return Problem("linear_token_logprobs", ins, grad_wrt=wrt,
-                   cotangents={"logprobs": torch.randn(N, generator=gen), "entropy": torch.randn(N, generator=gen)})
+    return Problem(
+        "linear_token_logprobs",
+        ins,
+        grad_wrt=wrt,
+        cotangents={"logprobs": torch.randn(N, generator=gen), "entropy": torch.randn(N, generator=gen)},
+    )
 
 
-def make_dpo_problem(seed: int, *, B, dtype, loss_type="sigmoid", beta=0.1, label_smoothing=0.1,
-                     with_ref=True, magnitude=50.0) -> Problem:
+def make_dpo_problem(
+    seed: int, *, B, dtype, loss_type="sigmoid", beta=0.1, label_smoothing=0.1, with_ref=True, magnitude=50.0
+) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     mk = lambda: (-magnitude * torch.rand(B, generator=gen)).to(dtype)  # noqa: E731
     cw, cl = mk(), mk()
     rw, rl = (mk(), mk()) if with_ref else (None, None)
     lw = torch.randint(0, 40, (B,), generator=gen)
     ll = torch.randint(0, 40, (B,), generator=gen)
-    ins = dict(chosen_logps=cw, rejected_logps=cl, ref_chosen_logps=rw, ref_rejected_logps=rl,
-               chosen_lengths=lw, rejected_lengths=ll, beta=beta, loss_type=loss_type,
-               label_smoothing=label_smoothing)
-    return Problem("dpo_loss", ins, grad_wrt=("chosen_logps", "rejected_logps"),
-                   cotangents={"loss": torch.tensor(1.0)})
+    ins = dict(
+        chosen_logps=cw,
+        rejected_logps=cl,
+        ref_chosen_logps=rw,
+        ref_rejected_logps=rl,
+        chosen_lengths=lw,
+        rejected_lengths=ll,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+    )
+    return Problem("dpo_loss", ins, grad_wrt=("chosen_logps", "rejected_logps"), cotangents={"loss": torch.tensor(1.0)})
 
 
 def make_bt_problem(seed: int, *, B, dtype, margin="none", coef=None, magnitude=3.0) -> Problem:
@@ -768,8 +965,12 @@ def make_bt_problem(seed: int, *, B, dtype, margin="none", coef=None, magnitude=
     elif margin == "tensor":
         m = torch.rand(B, generator=gen).to(dtype)
     ins = dict(chosen_rewards=rw, rejected_rewards=rl, margin=m, coef=coef)
-    return Problem("bradley_terry_loss", ins, grad_wrt=("chosen_rewards", "rejected_rewards"),
-                   cotangents={"loss": torch.tensor(1.0)})
+    return Problem(
+        "bradley_terry_loss",
+        ins,
+        grad_wrt=("chosen_rewards", "rejected_rewards"),
+        cotangents={"loss": torch.tensor(1.0)},
+    )
 
 
 def logit_scale(pb: Problem) -> float:
@@ -790,16 +991,27 @@ def logit_scale(pb: Problem) -> float:
     return max(1.0, float(fin.abs().max())) if fin.numel() else 1.0
 
 
-def run_rule(pb: Problem, backend: Optional[str], device=None, context: str = "",
-             skip: Sequence[str] = (), grad_scale: Optional[float] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+def run_rule(
+    pb: Problem,
+    backend: Optional[str],
+    device=None,
+    context: str = "",
+    skip: Sequence[str] = (),
+    grad_scale: Optional[float] = None,
+) -> Dict[str, Dict[str, torch.Tensor]]:
     """Evaluate ``pb`` three ways and assert the rule (outputs in ``skip`` excepted);
     returns the three result dicts."""
     ref = evaluate(pb, "ref")
     plain = evaluate(pb, baseline_mode(pb, backend))
     got = evaluate(pb, "lib", backend, device)
     ref_checked = {k: v for k, v in ref.items() if k not in skip}
-    check_rule(got, plain, ref_checked, context or f"{pb.op} on backend {backend}: {describe(pb)}",
-               grad_scale=logit_scale(pb) if grad_scale is None else grad_scale)
+    check_rule(
+        got,
+        plain,
+        ref_checked,
+        context or f"{pb.op} on backend {backend}: {describe(pb)}",
+        grad_scale=logit_scale(pb) if grad_scale is None else grad_scale,
+    )
     return dict(ref=ref, plain=plain, lib=got)
 
 

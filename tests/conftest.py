@@ -1,4 +1,5 @@
 """Shared fixtures: the backend matrix, the device each backend runs on, a fixed seed."""
+
 import contextlib
 import os
 
@@ -6,10 +7,9 @@ import os
 # A GPU run sets TRITON_INTERPRET=0 explicitly.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import expected  # noqa: E402  (tests/expected.py: what must be here, and how its absence fails)
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import expected  # noqa: E402  (tests/expected.py: what must be here, and how its absence fails)
 
 # Every backend name the package may offer. Parametrizing over this static list (and
 # skipping the ones not available here) keeps collection independent of the package.

@@ -11,6 +11,7 @@ reason. Hardware is not a component: GPU-only tests skip on machines without a G
     trl = require_module("trl")              # the module, or fail / skip with the reason
     require("cpu-extension")                 # the native CPU backend built and importable
 """
+
 import importlib
 import os
 import shutil
@@ -91,9 +92,17 @@ COMPONENTS: dict[str, Callable[[], Optional[str]]] = {
     "cuobjdump": _cuobjdump,
 }
 # the module a component is imported as, for require_module
-MODULES = {"trl": "trl", "peft": "peft", "transformers": "transformers", "datasets": "datasets",
-           "kernels": "kernels", "liger-kernel": "liger_kernel", "cut-cross-entropy": "cut_cross_entropy",
-           "pytest-benchmark": "pytest_benchmark", "triton": "triton"}
+MODULES = {
+    "trl": "trl",
+    "peft": "peft",
+    "transformers": "transformers",
+    "datasets": "datasets",
+    "kernels": "kernels",
+    "liger-kernel": "liger_kernel",
+    "cut-cross-entropy": "cut_cross_entropy",
+    "pytest-benchmark": "pytest_benchmark",
+    "triton": "triton",
+}
 
 
 def strict() -> bool:
@@ -121,9 +130,11 @@ def missing(component: str, reason: str):
     """Fail (strict) or skip (otherwise) the current test: ``component`` is absent."""
     allowed = allowed_missing()
     if strict() and component not in allowed and "all" not in allowed:
-        pytest.fail(f"{component} is expected in this environment but {reason}. Install it (bash "
-                    f"scripts/test.sh does), or set PREFOPT_ALLOW_MISSING={component} to skip deliberately.",
-                    pytrace=False)
+        pytest.fail(
+            f"{component} is expected in this environment but {reason}. Install it (bash "
+            f"scripts/test.sh does), or set PREFOPT_ALLOW_MISSING={component} to skip deliberately.",
+            pytrace=False,
+        )
     pytest.skip(f"{component}: {reason}")
 
 

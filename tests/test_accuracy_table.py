@@ -1,5 +1,6 @@
 """tools/accuracy_table.py runs end to end on tiny shapes and writes a table covering every
 op, backend and dtype (the committed docs/accuracy.md comes from the full run)."""
+
 import importlib.util
 from pathlib import Path
 

@@ -21,6 +21,7 @@ The device cells use ``meta`` tensors to stand in for "another device" (labels o
 with logits on the CPU behave the same). Cells whose expectation the package does not meet
 yet are listed in ``KNOWN_GAPS`` and run as strict xfails (so a fix shows up as XPASS).
 """
+
 import inspect
 import math
 import re
@@ -28,10 +29,10 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
+from conftest import one_process_group_ctx  # noqa: E402
 
 import prefopt_fast as pf
 from prefopt_fast import linear as pfl
-from conftest import one_process_group_ctx  # noqa: E402
 
 B, T, V, H = 2, 3, 11, 8
 
@@ -78,26 +79,46 @@ def _module_call(cls, init):
 
 def _vocab_parallel(fn):
     """Call fn with process_group = a one-process group; a "WORLD" placeholder value stands for it."""
+
     def call(a):
         with one_process_group_ctx() as group:
             if a.get("process_group") == "WORLD":
                 a = {**a, "process_group": group}
             return fn(**a)
+
     return call
 
 
 FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     "token_logprobs": (
         _call(pf.token_logprobs),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), temperature=0.7, ignore_index=-100,
-                     stats=("entropy",), inplace_backward=False, backend="auto"),
-        dict(logits="logits", labels="labels", temperature="temperature", ignore_index="int", stats="stats",
-             inplace_backward="bool", backend="backend"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            temperature=0.7,
+            ignore_index=-100,
+            stats=("entropy",),
+            inplace_backward=False,
+            backend="auto",
+        ),
+        dict(
+            logits="logits",
+            labels="labels",
+            temperature="temperature",
+            ignore_index="int",
+            stats="stats",
+            inplace_backward="bool",
+            backend="backend",
+        ),
     ),
     "token_logprobs(inplace_backward=True)": (
         _call(pf.token_logprobs),
-        lambda: dict(logits=_nonleaf_logits(B, T), labels=_labels(B, T), temperature=torch.full((B, T), 0.5),
-                     inplace_backward=True),
+        lambda: dict(
+            logits=_nonleaf_logits(B, T),
+            labels=_labels(B, T),
+            temperature=torch.full((B, T), 0.5),
+            inplace_backward=True,
+        ),
         dict(logits="logits", labels="labels", temperature="temperature"),
     ),
     "token_logprobs(kl)": (
@@ -107,10 +128,24 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
     "sequence_logprobs": (
         _call(pf.sequence_logprobs),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), temperature=1.0, average=False, backend="auto",
-                     inplace_backward=False, ignore_index=-100),
-        dict(logits="logits", labels="labels", temperature="temperature", average="bool", backend="backend",
-             inplace_backward="bool", ignore_index="int"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            temperature=1.0,
+            average=False,
+            backend="auto",
+            inplace_backward=False,
+            ignore_index=-100,
+        ),
+        dict(
+            logits="logits",
+            labels="labels",
+            temperature="temperature",
+            average="bool",
+            backend="backend",
+            inplace_backward="bool",
+            ignore_index="int",
+        ),
     ),
     "sequence_logprobs(packed)": (
         _call(pf.sequence_logprobs),
@@ -119,122 +154,294 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
     "fused_dpo_loss": (
         _call(pf.fused_dpo_loss),
-        lambda: dict(logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_logits=_logits(2 * B, T) + 0.1,
-                     beta=0.1, loss_type="sigmoid", temperature=1.0, inplace_backward=False),
-        dict(logits="logits", labels="labels", ref_logits="ref_logits_seq", beta="pos_float",
-             loss_type="dpo_loss_type", temperature="temperature", inplace_backward="bool"),
+        lambda: dict(
+            logits=_logits(2 * B, T),
+            labels=_labels(2 * B, T),
+            ref_logits=_logits(2 * B, T) + 0.1,
+            beta=0.1,
+            loss_type="sigmoid",
+            temperature=1.0,
+            inplace_backward=False,
+        ),
+        dict(
+            logits="logits",
+            labels="labels",
+            ref_logits="ref_logits_seq",
+            beta="pos_float",
+            loss_type="dpo_loss_type",
+            temperature="temperature",
+            inplace_backward="bool",
+        ),
     ),
     "fused_dpo_loss(precomputed ref)": (
         _call(pf.fused_dpo_loss),
-        lambda: dict(logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_chosen_logps=_vec(),
-                     ref_rejected_logps=_vec()),
+        lambda: dict(
+            logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_chosen_logps=_vec(), ref_rejected_logps=_vec()
+        ),
         dict(ref_chosen_logps="vector", ref_rejected_logps="vector"),
     ),
     "ppo_loss": (
         _call(pf.ppo_loss),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=-torch.rand(B, T, generator=_g()),
-                     advantages=torch.randn(B, generator=_g()), ref_logps=-torch.rand(B, T, generator=_g()),
-                     loss_mask=torch.ones(B, T, dtype=torch.bool), kl_coef=0.1, kl_estimator="k3",
-                     clip_eps_low=0.2, entropy_coef=0.01, loss_agg_mode="token-mean", temperature=1.0,
-                     is_weights=torch.ones(B, T), importance_sampling_level="token", kl_ratio_correction=False,
-                     dual_clip=3.0, clip_eps_high=0.28),
-        dict(logits="logits_3d", labels="labels", old_logps="bt", advantages="advantages", ref_logps="bt",
-             loss_mask="mask", kl_coef="nonneg_float", kl_estimator="kl_estimator", clip_eps_low="nonneg_float",
-             entropy_coef="real", loss_agg_mode="agg", temperature="temperature", is_weights="advantages",
-             importance_sampling_level="is_level", kl_ratio_correction="bool", dual_clip="dual_clip",
-             clip_eps_high="nonneg_float"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            old_logps=-torch.rand(B, T, generator=_g()),
+            advantages=torch.randn(B, generator=_g()),
+            ref_logps=-torch.rand(B, T, generator=_g()),
+            loss_mask=torch.ones(B, T, dtype=torch.bool),
+            kl_coef=0.1,
+            kl_estimator="k3",
+            clip_eps_low=0.2,
+            entropy_coef=0.01,
+            loss_agg_mode="token-mean",
+            temperature=1.0,
+            is_weights=torch.ones(B, T),
+            importance_sampling_level="token",
+            kl_ratio_correction=False,
+            dual_clip=3.0,
+            clip_eps_high=0.28,
+        ),
+        dict(
+            logits="logits_3d",
+            labels="labels",
+            old_logps="bt",
+            advantages="advantages",
+            ref_logps="bt",
+            loss_mask="mask",
+            kl_coef="nonneg_float",
+            kl_estimator="kl_estimator",
+            clip_eps_low="nonneg_float",
+            entropy_coef="real",
+            loss_agg_mode="agg",
+            temperature="temperature",
+            is_weights="advantages",
+            importance_sampling_level="is_level",
+            kl_ratio_correction="bool",
+            dual_clip="dual_clip",
+            clip_eps_high="nonneg_float",
+        ),
     ),
     "ppo_loss(full kl, dr_grpo)": (
         _call(pf.ppo_loss),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
-                     advantages=torch.randn(B, T, generator=_g()), ref_logits=_logits(B, T) + 0.1, kl_coef=0.1,
-                     kl_estimator="full", loss_agg_mode="seq-mean-token-sum-norm", max_length=T,
-                     global_num_tokens=None),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            old_logps=None,
+            advantages=torch.randn(B, T, generator=_g()),
+            ref_logits=_logits(B, T) + 0.1,
+            kl_coef=0.1,
+            kl_estimator="full",
+            loss_agg_mode="seq-mean-token-sum-norm",
+            max_length=T,
+            global_num_tokens=None,
+        ),
         dict(ref_logits="ref_logits", max_length="max_length"),
     ),
     "ppo_loss(token-mean normalizer)": (
         _call(pf.ppo_loss),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
-                     advantages=torch.randn(B, T, generator=_g()), global_num_tokens=12.0),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            old_logps=None,
+            advantages=torch.randn(B, T, generator=_g()),
+            global_num_tokens=12.0,
+        ),
         dict(global_num_tokens="normalizer"),
     ),
     "dpo_loss": (
         _call(pf.dpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), ref_chosen_logps=_vec(), ref_rejected_logps=_vec(),
-                     beta=0.1, loss_type="sigmoid", pair_weights=torch.ones(B), f_divergence="reverse_kl",
-                     discopop_tau=0.05),
-        dict(chosen_logps="vector", rejected_logps="vector", ref_chosen_logps="vector",
-             ref_rejected_logps="vector", beta="pos_float", loss_type="dpo_loss_type", pair_weights="vector",
-             f_divergence="f_divergence", discopop_tau="pos_float"),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            ref_chosen_logps=_vec(),
+            ref_rejected_logps=_vec(),
+            beta=0.1,
+            loss_type="sigmoid",
+            pair_weights=torch.ones(B),
+            f_divergence="reverse_kl",
+            discopop_tau=0.05,
+        ),
+        dict(
+            chosen_logps="vector",
+            rejected_logps="vector",
+            ref_chosen_logps="vector",
+            ref_rejected_logps="vector",
+            beta="pos_float",
+            loss_type="dpo_loss_type",
+            pair_weights="vector",
+            f_divergence="f_divergence",
+            discopop_tau="pos_float",
+        ),
     ),
     "dpo_loss(ipo, robust)": (
         _call(pf.dpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), loss_type=["ipo", "robust"], label_smoothing=0.1,
-                     chosen_lengths=torch.tensor([3, 4]), rejected_lengths=torch.tensor([2, 5])),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            loss_type=["ipo", "robust"],
+            label_smoothing=0.1,
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+        ),
         dict(chosen_lengths="lengths", rejected_lengths="lengths", label_smoothing="smoothing"),
     ),
     "cpo_loss": (
         _call(pf.cpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
-                     rejected_lengths=torch.tensor([2, 5]), beta=0.1, loss_type="simpo"),
-        dict(chosen_logps="vector", rejected_logps="vector", chosen_lengths="lengths", rejected_lengths="lengths",
-             beta="pos_float", loss_type="cpo_loss_type"),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+            beta=0.1,
+            loss_type="simpo",
+        ),
+        dict(
+            chosen_logps="vector",
+            rejected_logps="vector",
+            chosen_lengths="lengths",
+            rejected_lengths="lengths",
+            beta="pos_float",
+            loss_type="cpo_loss_type",
+        ),
     ),
     "simpo_loss": (
         _call(pf.simpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
-                     rejected_lengths=torch.tensor([2, 5]), beta=2.0, gamma=1.0),
-        dict(chosen_logps="vector", rejected_logps="vector", chosen_lengths="lengths", rejected_lengths="lengths",
-             beta="pos_float", gamma="real"),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+            beta=2.0,
+            gamma=1.0,
+        ),
+        dict(
+            chosen_logps="vector",
+            rejected_logps="vector",
+            chosen_lengths="lengths",
+            rejected_lengths="lengths",
+            beta="pos_float",
+            gamma="real",
+        ),
     ),
     "orpo_loss": (
         _call(pf.orpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
-                     rejected_lengths=torch.tensor([2, 5]), beta=0.1),
-        dict(chosen_logps="vector", rejected_logps="vector", chosen_lengths="lengths", rejected_lengths="lengths",
-             beta="pos_float"),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+            beta=0.1,
+        ),
+        dict(
+            chosen_logps="vector",
+            rejected_logps="vector",
+            chosen_lengths="lengths",
+            rejected_lengths="lengths",
+            beta="pos_float",
+        ),
     ),
     "bradley_terry_loss": (
         _call(pf.bradley_terry_loss),
-        lambda: dict(chosen_rewards=torch.randn(B, 1, generator=_g()), rejected_rewards=torch.randn(B, generator=_g()),
-                     margin=torch.rand(B, generator=_g()), center_rewards_coefficient=0.01),
-        dict(chosen_rewards="vector", rejected_rewards="vector", margin="margin",
-             center_rewards_coefficient="nonneg_float"),
+        lambda: dict(
+            chosen_rewards=torch.randn(B, 1, generator=_g()),
+            rejected_rewards=torch.randn(B, generator=_g()),
+            margin=torch.rand(B, generator=_g()),
+            center_rewards_coefficient=0.01,
+        ),
+        dict(
+            chosen_rewards="vector",
+            rejected_rewards="vector",
+            margin="margin",
+            center_rewards_coefficient="nonneg_float",
+        ),
     ),
     "linear_token_logprobs": (
         _call(pfl.linear_token_logprobs),
-        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(B, T), bias=torch.randn(V, generator=_g()), temperature=0.9, chunk_size=2,
-                     logit_scale=1.0, softcap=None, stats=("entropy",), backend="auto", ignore_index=-100),
-        dict(hidden="hidden", weight="weight", labels="labels", bias="bias", temperature="temperature",
-             chunk_size="chunk_size", logit_scale="pos_float", softcap="opt_pos_float", stats="stats",
-             backend="backend", ignore_index="int"),
+        lambda: dict(
+            hidden=torch.randn(B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(B, T),
+            bias=torch.randn(V, generator=_g()),
+            temperature=0.9,
+            chunk_size=2,
+            logit_scale=1.0,
+            softcap=None,
+            stats=("entropy",),
+            backend="auto",
+            ignore_index=-100,
+        ),
+        dict(
+            hidden="hidden",
+            weight="weight",
+            labels="labels",
+            bias="bias",
+            temperature="temperature",
+            chunk_size="chunk_size",
+            logit_scale="pos_float",
+            softcap="opt_pos_float",
+            stats="stats",
+            backend="backend",
+            ignore_index="int",
+        ),
     ),
     "linear_sequence_logprobs": (
         _call(pfl.linear_sequence_logprobs),
-        lambda: dict(hidden=torch.randn(5, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(5), cu_seqlens=torch.tensor([0, 2, 5]), average=True),
+        lambda: dict(
+            hidden=torch.randn(5, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(5),
+            cu_seqlens=torch.tensor([0, 2, 5]),
+            average=True,
+        ),
         dict(hidden="hidden", weight="weight", cu_seqlens="cu_seqlens", average="bool"),
     ),
     "linear_dpo_loss": (
         _call(pfl.linear_dpo_loss),
-        lambda: dict(hidden=torch.randn(2 * B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(2 * B, T), ref_chosen_logps=_vec(), ref_rejected_logps=_vec(), beta=0.1),
-        dict(hidden="hidden", weight="weight", labels="labels", ref_chosen_logps="vector",
-             ref_rejected_logps="vector", beta="pos_float"),
+        lambda: dict(
+            hidden=torch.randn(2 * B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(2 * B, T),
+            ref_chosen_logps=_vec(),
+            ref_rejected_logps=_vec(),
+            beta=0.1,
+        ),
+        dict(
+            hidden="hidden",
+            weight="weight",
+            labels="labels",
+            ref_chosen_logps="vector",
+            ref_rejected_logps="vector",
+            beta="pos_float",
+        ),
     ),
     "linear_ppo_loss": (
         _call(pfl.linear_ppo_loss),
-        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(B, T), old_logps=-torch.rand(B, T, generator=_g()),
-                     advantages=torch.randn(B, generator=_g()), loss_agg_mode="seq-mean-token-mean"),
-        dict(hidden="hidden_3d", weight="weight", labels="labels", old_logps="bt", advantages="advantages",
-             loss_agg_mode="agg"),
+        lambda: dict(
+            hidden=torch.randn(B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(B, T),
+            old_logps=-torch.rand(B, T, generator=_g()),
+            advantages=torch.randn(B, generator=_g()),
+            loss_agg_mode="seq-mean-token-mean",
+        ),
+        dict(
+            hidden="hidden_3d",
+            weight="weight",
+            labels="labels",
+            old_logps="bt",
+            advantages="advantages",
+            loss_agg_mode="agg",
+        ),
     ),
     "dpo_loss(bco_pair, loss_weights)": (
         _call(pf.dpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), loss_type=["sigmoid", "bco_pair"],
-                     loss_weights=[1.0, 0.5], bco_delta=0.1),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            loss_type=["sigmoid", "bco_pair"],
+            loss_weights=[1.0, 0.5],
+            bco_delta=0.1,
+        ),
         dict(loss_weights="loss_weights", bco_delta="bco_delta"),
     ),
     "dpo_loss(alpha_divergence)": (
@@ -244,37 +451,82 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
     "cpo_loss(every option)": (
         _call(pf.cpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
-                     rejected_lengths=torch.tensor([2, 5]), loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=1.0,
-                     simpo_gamma=0.5, alpha=0.1, nll_loss=torch.tensor(1.5)),
-        dict(label_smoothing="smoothing_lt1", cpo_alpha="nonneg_float", simpo_gamma="real", alpha="real",
-             nll_loss="nll_loss"),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+            loss_type="sigmoid",
+            label_smoothing=0.1,
+            cpo_alpha=1.0,
+            simpo_gamma=0.5,
+            alpha=0.1,
+            nll_loss=torch.tensor(1.5),
+        ),
+        dict(
+            label_smoothing="smoothing_lt1",
+            cpo_alpha="nonneg_float",
+            simpo_gamma="real",
+            alpha="real",
+            nll_loss="nll_loss",
+        ),
     ),
     "simpo_loss(nll)": (
         _call(pf.simpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
-                     rejected_lengths=torch.tensor([2, 5]), label_smoothing=0.1, nll_weight=1.0,
-                     nll_loss=torch.tensor(1.5)),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+            label_smoothing=0.1,
+            nll_weight=1.0,
+            nll_loss=torch.tensor(1.5),
+        ),
         dict(label_smoothing="smoothing_lt1", nll_weight="nonneg_float", nll_loss="nll_loss"),
     ),
     "orpo_loss(nll_loss)": (
         _call(pf.orpo_loss),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), chosen_lengths=torch.tensor([3, 4]),
-                     rejected_lengths=torch.tensor([2, 5]), nll_loss=torch.tensor(1.5)),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+            nll_loss=torch.tensor(1.5),
+        ),
         dict(nll_loss="nll_loss"),
     ),
     "ppo_loss(ignore_index, backend)": (
         _call(pf.ppo_loss),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
-                     advantages=torch.randn(B, generator=_g()), ignore_index=-100, backend="auto"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            old_logps=None,
+            advantages=torch.randn(B, generator=_g()),
+            ignore_index=-100,
+            backend="auto",
+        ),
         dict(ignore_index="int", backend="backend"),
     ),
     "pair_logps": (
         _call(pf.pair_logps),
-        lambda: dict(logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_logits=_logits(2 * B, T) + 0.1,
-                     temperature=1.0, inplace_backward=False, ignore_index=-100, backend="auto"),
-        dict(logits="logits", labels="labels", ref_logits="ref_logits", temperature="temperature",
-             inplace_backward="bool", ignore_index="int", backend="backend"),
+        lambda: dict(
+            logits=_logits(2 * B, T),
+            labels=_labels(2 * B, T),
+            ref_logits=_logits(2 * B, T) + 0.1,
+            temperature=1.0,
+            inplace_backward=False,
+            ignore_index=-100,
+            backend="auto",
+        ),
+        dict(
+            logits="logits",
+            labels="labels",
+            ref_logits="ref_logits",
+            temperature="temperature",
+            inplace_backward="bool",
+            ignore_index="int",
+            backend="backend",
+        ),
     ),
     "pair_logps(packed)": (
         _call(pf.pair_logps),
@@ -283,127 +535,279 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
     "linear_token_logprobs(lora)": (
         _call(pfl.linear_token_logprobs),
-        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(B, T), lora=(torch.randn(2, H, generator=_g()), torch.randn(V, 2, generator=_g()),
-                                                 0.5)),
+        lambda: dict(
+            hidden=torch.randn(B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(B, T),
+            lora=(torch.randn(2, H, generator=_g()), torch.randn(V, 2, generator=_g()), 0.5),
+        ),
         dict(lora="lora"),
     ),
     "linear_sequence_logprobs(every option)": (
         _call(pfl.linear_sequence_logprobs),
-        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(B, T), bias=torch.randn(V, generator=_g()), temperature=0.9, ignore_index=-100,
-                     logit_scale=1.0, softcap=30.0, chunk_size=2, backend="auto", average=False),
-        dict(labels="labels", bias="bias", temperature="temperature", ignore_index="int", softcap="opt_pos_float",
-             backend="backend"),
+        lambda: dict(
+            hidden=torch.randn(B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(B, T),
+            bias=torch.randn(V, generator=_g()),
+            temperature=0.9,
+            ignore_index=-100,
+            logit_scale=1.0,
+            softcap=30.0,
+            chunk_size=2,
+            backend="auto",
+            average=False,
+        ),
+        dict(
+            labels="labels",
+            bias="bias",
+            temperature="temperature",
+            ignore_index="int",
+            softcap="opt_pos_float",
+            backend="backend",
+        ),
     ),
     "linear_pair_logps(ref model)": (
         _call(pfl.linear_pair_logps),
-        lambda: dict(hidden=torch.randn(2 * B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(2 * B, T), ref_hidden=torch.randn(2 * B, T, H + 1, generator=_g()),
-                     ref_weight=torch.randn(V, H + 1, generator=_g()), ref_bias=torch.randn(V, generator=_g())),
+        lambda: dict(
+            hidden=torch.randn(2 * B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(2 * B, T),
+            ref_hidden=torch.randn(2 * B, T, H + 1, generator=_g()),
+            ref_weight=torch.randn(V, H + 1, generator=_g()),
+            ref_bias=torch.randn(V, generator=_g()),
+        ),
         dict(ref_hidden="ref_hidden", ref_weight="ref_weight", ref_bias="ref_bias"),
     ),
     "linear_dpo_loss(packed, ref model)": (
         _call(pfl.linear_dpo_loss),
-        lambda: dict(hidden=torch.randn(8, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(8), cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
-                     ref_hidden=torch.randn(8, H, generator=_g()), ref_weight=torch.randn(V, H, generator=_g()),
-                     chunk_size=3, loss_type="ipo"),
+        lambda: dict(
+            hidden=torch.randn(8, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(8),
+            cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
+            ref_hidden=torch.randn(8, H, generator=_g()),
+            ref_weight=torch.randn(V, H, generator=_g()),
+            chunk_size=3,
+            loss_type="ipo",
+        ),
         dict(cu_seqlens="cu_seqlens", ref_hidden="ref_hidden", ref_weight="ref_weight", loss_type="dpo_loss_type"),
     ),
     "linear_ppo_loss(every option)": (
         _call(pfl.linear_ppo_loss),
-        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(B, T), old_logps=None, advantages=torch.randn(B, T, generator=_g()),
-                     bias=torch.randn(V, generator=_g()), loss_mask=torch.ones(B, T), ref_logps=-torch.rand(B, T),
-                     kl_coef=0.1, kl_estimator="k3", temperature=0.9, softcap=30.0, is_weights=torch.ones(B),
-                     global_num_tokens=torch.tensor(6.0), ignore_index=-100),
-        dict(labels="labels", bias="bias", loss_mask="mask", ref_logps="bt", kl_estimator="linear_kl_estimator",
-             temperature="temperature", softcap="opt_pos_float", is_weights="advantages",
-             global_num_tokens="normalizer", ignore_index="int"),
+        lambda: dict(
+            hidden=torch.randn(B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(B, T),
+            old_logps=None,
+            advantages=torch.randn(B, T, generator=_g()),
+            bias=torch.randn(V, generator=_g()),
+            loss_mask=torch.ones(B, T),
+            ref_logps=-torch.rand(B, T),
+            kl_coef=0.1,
+            kl_estimator="k3",
+            temperature=0.9,
+            softcap=30.0,
+            is_weights=torch.ones(B),
+            global_num_tokens=torch.tensor(6.0),
+            ignore_index=-100,
+        ),
+        dict(
+            labels="labels",
+            bias="bias",
+            loss_mask="mask",
+            ref_logps="bt",
+            kl_estimator="linear_kl_estimator",
+            temperature="temperature",
+            softcap="opt_pos_float",
+            is_weights="advantages",
+            global_num_tokens="normalizer",
+            ignore_index="int",
+        ),
     ),
     # vocabulary-parallel entry points (prefopt_fast.distributed) on a one-process gloo group
     "token_logprobs(vocab-parallel)": (
         _vocab_parallel(pf.token_logprobs),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), temperature=0.7, stats=("entropy",),
-                     process_group="WORLD", vocab_start=0, vocab_size=V, inplace_backward=False, ignore_index=-100),
-        dict(logits="logits", labels="labels", temperature="temperature", stats="stats", process_group="group",
-             vocab_start="vocab_start", vocab_size="vocab_size", inplace_backward="bool", ignore_index="int"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            temperature=0.7,
+            stats=("entropy",),
+            process_group="WORLD",
+            vocab_start=0,
+            vocab_size=V,
+            inplace_backward=False,
+            ignore_index=-100,
+        ),
+        dict(
+            logits="logits",
+            labels="labels",
+            temperature="temperature",
+            stats="stats",
+            process_group="group",
+            vocab_start="vocab_start",
+            vocab_size="vocab_size",
+            inplace_backward="bool",
+            ignore_index="int",
+        ),
     ),
     "token_logprobs(vocab-parallel kl)": (
         _vocab_parallel(pf.token_logprobs),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), stats=("kl",), ref_logits=_logits(B, T) + 0.1,
-                     process_group="WORLD"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            stats=("kl",),
+            ref_logits=_logits(B, T) + 0.1,
+            process_group="WORLD",
+        ),
         dict(ref_logits="ref_logits"),
     ),
     "linear_token_logprobs(vocab-parallel)": (
         _vocab_parallel(pfl.linear_token_logprobs),
-        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(B, T), bias=torch.randn(V, generator=_g()), process_group="WORLD",
-                     vocab_start=0, vocab_size=V),
-        dict(hidden="hidden", weight="weight", labels="labels", bias="bias", process_group="group",
-             vocab_start="vocab_start", vocab_size="vocab_size"),
+        lambda: dict(
+            hidden=torch.randn(B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(B, T),
+            bias=torch.randn(V, generator=_g()),
+            process_group="WORLD",
+            vocab_start=0,
+            vocab_size=V,
+        ),
+        dict(
+            hidden="hidden",
+            weight="weight",
+            labels="labels",
+            bias="bias",
+            process_group="group",
+            vocab_start="vocab_start",
+            vocab_size="vocab_size",
+        ),
     ),
     "ppo_loss(vocab-parallel)": (
         _vocab_parallel(pf.ppo_loss),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
-                     advantages=torch.randn(B, generator=_g()), loss_mask=torch.ones(B, T), process_group="WORLD"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            old_logps=None,
+            advantages=torch.randn(B, generator=_g()),
+            loss_mask=torch.ones(B, T),
+            process_group="WORLD",
+        ),
         dict(labels="labels", loss_mask="mask", advantages="advantages"),
     ),
     "fused_dpo_loss(vocab-parallel)": (
         _vocab_parallel(pf.fused_dpo_loss),
-        lambda: dict(logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_logits=_logits(2 * B, T) + 0.1,
-                     process_group="WORLD"),
+        lambda: dict(
+            logits=_logits(2 * B, T),
+            labels=_labels(2 * B, T),
+            ref_logits=_logits(2 * B, T) + 0.1,
+            process_group="WORLD",
+        ),
         dict(labels="labels", ref_logits="ref_logits_seq"),
     ),
     # configuration-only modules: validated once, in __init__
-    "DPOLoss()": (_ctor(pf.DPOLoss), lambda: dict(beta=0.1, loss_type="sigmoid"),
-                  dict(beta="pos_float", loss_type="dpo_loss_type")),
-    "FusedDPOLoss()": (_ctor(pf.FusedDPOLoss), lambda: dict(beta=0.1, temperature=1.0, ignore_index=-100,
-                                                            inplace_backward=False),
-                       dict(beta="pos_float", temperature="float_temperature", ignore_index="int",
-                            inplace_backward="bool")),
-    "PPOLoss()": (_ctor(pf.PPOLoss), lambda: dict(kl_coef=0.1, kl_estimator="k3", temperature=1.0,
-                                                  loss_agg_mode="token-mean", backend="auto"),
-                  dict(kl_coef="nonneg_float", kl_estimator="kl_estimator", temperature="float_temperature",
-                       loss_agg_mode="agg", backend="backend_ctor")),
-    "SequenceLogProbs()": (_ctor(pf.SequenceLogProbs), lambda: dict(temperature=1.0, average=False,
-                                                                    ignore_index=-100, inplace_backward=False),
-                           dict(temperature="float_temperature", average="bool", ignore_index="int",
-                                inplace_backward="bool")),
-    "BradleyTerryLoss()": (_ctor(pf.BradleyTerryLoss), lambda: dict(center_rewards_coefficient=0.01),
-                           dict(center_rewards_coefficient="nonneg_float")),
-    "LinearSequenceLogProbs()": (_ctor(pfl.LinearSequenceLogProbs), lambda: dict(chunk_size=4, logit_scale=1.0),
-                                 dict(chunk_size="chunk_size", logit_scale="pos_float")),
-    "DPOLoss(bco_running_mean)": (_ctor(pf.DPOLoss), lambda: dict(loss_type="bco_pair", bco_running_mean=True,
-                                                                   label_smoothing=0.0, f_divergence="reverse_kl"),
-                                   dict(bco_running_mean="bool", label_smoothing="nonneg_float",
-                                        f_divergence="f_divergence")),
-    "LinearDPOLoss()": (_ctor(pfl.LinearDPOLoss), lambda: dict(beta=0.1, temperature=1.0, logit_scale=1.0,
-                                                               softcap=None, chunk_size=4, ignore_index=-100,
-                                                               backend="auto"),
-                        dict(beta="pos_float", temperature="float_temperature", logit_scale="pos_float",
-                             softcap="opt_pos_float", chunk_size="chunk_size", ignore_index="int",
-                             backend="backend_ctor")),
-    "LinearPPOLoss()": (_ctor(pfl.LinearPPOLoss), lambda: dict(kl_estimator="k3", logit_scale=1.0, softcap=None,
-                                                               chunk_size=4, max_length=None),
-                        dict(kl_estimator="linear_kl_estimator", logit_scale="pos_float", softcap="opt_pos_float",
-                             chunk_size="chunk_size")),
-    "DPOLoss(bco_delta)": (_ctor(pf.DPOLoss), lambda: dict(loss_type="bco_pair", bco_delta=0.1),
-                           dict(bco_delta="bco_delta_ctor")),
-    "PPOLoss(no process group)": (_ctor(pf.PPOLoss), lambda: dict(vocab_start=None, vocab_size=V),
-                                  dict(vocab_start="vocab_start_no_group")),
-    "PPOLoss(dr_grpo)": (_ctor(pf.PPOLoss), lambda: dict(loss_agg_mode="dr_grpo", max_length=4,
-                                                         importance_sampling_level="sequence", dual_clip=3.0),
-                         dict(max_length="max_length", importance_sampling_level="is_level", dual_clip="dual_clip")),
+    "DPOLoss()": (
+        _ctor(pf.DPOLoss),
+        lambda: dict(beta=0.1, loss_type="sigmoid"),
+        dict(beta="pos_float", loss_type="dpo_loss_type"),
+    ),
+    "FusedDPOLoss()": (
+        _ctor(pf.FusedDPOLoss),
+        lambda: dict(beta=0.1, temperature=1.0, ignore_index=-100, inplace_backward=False),
+        dict(beta="pos_float", temperature="float_temperature", ignore_index="int", inplace_backward="bool"),
+    ),
+    "PPOLoss()": (
+        _ctor(pf.PPOLoss),
+        lambda: dict(kl_coef=0.1, kl_estimator="k3", temperature=1.0, loss_agg_mode="token-mean", backend="auto"),
+        dict(
+            kl_coef="nonneg_float",
+            kl_estimator="kl_estimator",
+            temperature="float_temperature",
+            loss_agg_mode="agg",
+            backend="backend_ctor",
+        ),
+    ),
+    "SequenceLogProbs()": (
+        _ctor(pf.SequenceLogProbs),
+        lambda: dict(temperature=1.0, average=False, ignore_index=-100, inplace_backward=False),
+        dict(temperature="float_temperature", average="bool", ignore_index="int", inplace_backward="bool"),
+    ),
+    "BradleyTerryLoss()": (
+        _ctor(pf.BradleyTerryLoss),
+        lambda: dict(center_rewards_coefficient=0.01),
+        dict(center_rewards_coefficient="nonneg_float"),
+    ),
+    "LinearSequenceLogProbs()": (
+        _ctor(pfl.LinearSequenceLogProbs),
+        lambda: dict(chunk_size=4, logit_scale=1.0),
+        dict(chunk_size="chunk_size", logit_scale="pos_float"),
+    ),
+    "DPOLoss(bco_running_mean)": (
+        _ctor(pf.DPOLoss),
+        lambda: dict(loss_type="bco_pair", bco_running_mean=True, label_smoothing=0.0, f_divergence="reverse_kl"),
+        dict(bco_running_mean="bool", label_smoothing="nonneg_float", f_divergence="f_divergence"),
+    ),
+    "LinearDPOLoss()": (
+        _ctor(pfl.LinearDPOLoss),
+        lambda: dict(
+            beta=0.1, temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=4, ignore_index=-100, backend="auto"
+        ),
+        dict(
+            beta="pos_float",
+            temperature="float_temperature",
+            logit_scale="pos_float",
+            softcap="opt_pos_float",
+            chunk_size="chunk_size",
+            ignore_index="int",
+            backend="backend_ctor",
+        ),
+    ),
+    "LinearPPOLoss()": (
+        _ctor(pfl.LinearPPOLoss),
+        lambda: dict(kl_estimator="k3", logit_scale=1.0, softcap=None, chunk_size=4, max_length=None),
+        dict(
+            kl_estimator="linear_kl_estimator",
+            logit_scale="pos_float",
+            softcap="opt_pos_float",
+            chunk_size="chunk_size",
+        ),
+    ),
+    "DPOLoss(bco_delta)": (
+        _ctor(pf.DPOLoss),
+        lambda: dict(loss_type="bco_pair", bco_delta=0.1),
+        dict(bco_delta="bco_delta_ctor"),
+    ),
+    "PPOLoss(no process group)": (
+        _ctor(pf.PPOLoss),
+        lambda: dict(vocab_start=None, vocab_size=V),
+        dict(vocab_start="vocab_start_no_group"),
+    ),
+    "PPOLoss(dr_grpo)": (
+        _ctor(pf.PPOLoss),
+        lambda: dict(loss_agg_mode="dr_grpo", max_length=4, importance_sampling_level="sequence", dual_clip=3.0),
+        dict(max_length="max_length", importance_sampling_level="is_level", dual_clip="dual_clip"),
+    ),
     # the modules' forward arguments
     "DPOLoss.forward": (
         _module_call(pf.DPOLoss, dict(loss_type="ipo")),
-        lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), ref_chosen_logps=_vec(), ref_rejected_logps=_vec(),
-                     chosen_lengths=torch.tensor([3, 4]), rejected_lengths=torch.tensor([2, 5]),
-                     pair_weights=torch.ones(B)),
-        dict(chosen_logps="vector", rejected_logps="vector", ref_chosen_logps="vector", ref_rejected_logps="vector",
-             chosen_lengths="lengths", rejected_lengths="lengths", pair_weights="vector"),
+        lambda: dict(
+            chosen_logps=_vec(),
+            rejected_logps=_vec(),
+            ref_chosen_logps=_vec(),
+            ref_rejected_logps=_vec(),
+            chosen_lengths=torch.tensor([3, 4]),
+            rejected_lengths=torch.tensor([2, 5]),
+            pair_weights=torch.ones(B),
+        ),
+        dict(
+            chosen_logps="vector",
+            rejected_logps="vector",
+            ref_chosen_logps="vector",
+            ref_rejected_logps="vector",
+            chosen_lengths="lengths",
+            rejected_lengths="lengths",
+            pair_weights="vector",
+        ),
     ),
     "DPOLoss(bco_running_mean).forward": (
         _module_call(pf.DPOLoss, dict(loss_type="bco_pair", bco_running_mean=True)),
@@ -412,29 +816,57 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
     "FusedDPOLoss.forward": (
         _module_call(pf.FusedDPOLoss, dict(inplace_backward=True)),
-        lambda: dict(logits=_nonleaf_logits(2 * B, T), labels=_labels(2 * B, T), ref_logits=_logits(2 * B, T) + 0.1,
-                     pair_weights=torch.ones(B)),
+        lambda: dict(
+            logits=_nonleaf_logits(2 * B, T),
+            labels=_labels(2 * B, T),
+            ref_logits=_logits(2 * B, T) + 0.1,
+            pair_weights=torch.ones(B),
+        ),
         dict(logits="logits", labels="labels", ref_logits="ref_logits", pair_weights="vector"),
     ),
     "FusedDPOLoss(packed).forward": (
         _module_call(pf.FusedDPOLoss, {}),
-        lambda: dict(logits=_logits(8), labels=_labels(8), cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
-                     ref_chosen_logps=_vec(), ref_rejected_logps=_vec()),
+        lambda: dict(
+            logits=_logits(8),
+            labels=_labels(8),
+            cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
+            ref_chosen_logps=_vec(),
+            ref_rejected_logps=_vec(),
+        ),
         dict(cu_seqlens="cu_seqlens", ref_chosen_logps="vector", ref_rejected_logps="vector"),
     ),
     "PPOLoss.forward": (
         _module_call(pf.PPOLoss, dict(kl_coef=0.1)),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=-torch.rand(B, T, generator=_g()),
-                     advantages=torch.randn(B, generator=_g()), loss_mask=torch.ones(B, T, dtype=torch.bool),
-                     ref_logps=-torch.rand(B, T, generator=_g()), is_weights=torch.ones(B, T),
-                     global_num_tokens=5.0),
-        dict(logits="logits_3d", labels="labels", old_logps="bt", advantages="advantages", loss_mask="mask",
-             ref_logps="bt", is_weights="advantages", global_num_tokens="normalizer"),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            old_logps=-torch.rand(B, T, generator=_g()),
+            advantages=torch.randn(B, generator=_g()),
+            loss_mask=torch.ones(B, T, dtype=torch.bool),
+            ref_logps=-torch.rand(B, T, generator=_g()),
+            is_weights=torch.ones(B, T),
+            global_num_tokens=5.0,
+        ),
+        dict(
+            logits="logits_3d",
+            labels="labels",
+            old_logps="bt",
+            advantages="advantages",
+            loss_mask="mask",
+            ref_logps="bt",
+            is_weights="advantages",
+            global_num_tokens="normalizer",
+        ),
     ),
     "PPOLoss(full kl).forward": (
         _module_call(pf.PPOLoss, dict(kl_coef=0.1, kl_estimator="full")),
-        lambda: dict(logits=_logits(B, T), labels=_labels(B, T), old_logps=None,
-                     advantages=torch.randn(B, generator=_g()), ref_logits=_logits(B, T) + 0.1),
+        lambda: dict(
+            logits=_logits(B, T),
+            labels=_labels(B, T),
+            old_logps=None,
+            advantages=torch.randn(B, generator=_g()),
+            ref_logits=_logits(B, T) + 0.1,
+        ),
         dict(ref_logits="ref_logits"),
     ),
     "SequenceLogProbs.forward": (
@@ -444,68 +876,164 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
     "BradleyTerryLoss.forward": (
         _module_call(pf.BradleyTerryLoss, dict(center_rewards_coefficient=0.01)),
-        lambda: dict(chosen_rewards=torch.randn(B, generator=_g()), rejected_rewards=torch.randn(B, generator=_g()),
-                     margin=torch.rand(B, generator=_g())),
+        lambda: dict(
+            chosen_rewards=torch.randn(B, generator=_g()),
+            rejected_rewards=torch.randn(B, generator=_g()),
+            margin=torch.rand(B, generator=_g()),
+        ),
         dict(chosen_rewards="vector", rejected_rewards="vector", margin="margin"),
     ),
     "LinearSequenceLogProbs.forward": (
         _module_call(pfl.LinearSequenceLogProbs, dict(chunk_size=2)),
-        lambda: dict(hidden=torch.randn(5, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(5), bias=torch.randn(V, generator=_g()), cu_seqlens=torch.tensor([0, 2, 5])),
+        lambda: dict(
+            hidden=torch.randn(5, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(5),
+            bias=torch.randn(V, generator=_g()),
+            cu_seqlens=torch.tensor([0, 2, 5]),
+        ),
         dict(hidden="hidden", weight="weight", labels="labels", bias="bias", cu_seqlens="cu_seqlens"),
     ),
     "LinearDPOLoss.forward": (
         _module_call(pfl.LinearDPOLoss, dict(chunk_size=2)),
-        lambda: dict(hidden=torch.randn(2 * B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(2 * B, T), ref_hidden=torch.randn(2 * B, T, H, generator=_g()),
-                     ref_weight=torch.randn(V, H, generator=_g()), pair_weights=torch.ones(B)),
-        dict(hidden="hidden", weight="weight", labels="labels", ref_hidden="ref_hidden", ref_weight="ref_weight",
-             pair_weights="vector"),
+        lambda: dict(
+            hidden=torch.randn(2 * B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(2 * B, T),
+            ref_hidden=torch.randn(2 * B, T, H, generator=_g()),
+            ref_weight=torch.randn(V, H, generator=_g()),
+            pair_weights=torch.ones(B),
+        ),
+        dict(
+            hidden="hidden",
+            weight="weight",
+            labels="labels",
+            ref_hidden="ref_hidden",
+            ref_weight="ref_weight",
+            pair_weights="vector",
+        ),
     ),
     "LinearPPOLoss.forward": (
         _module_call(pfl.LinearPPOLoss, dict(kl_coef=0.1, chunk_size=2)),
-        lambda: dict(hidden=torch.randn(B, T, H, generator=_g()), weight=torch.randn(V, H, generator=_g()),
-                     labels=_labels(B, T), old_logps=-torch.rand(B, T, generator=_g()),
-                     advantages=torch.randn(B, generator=_g()), ref_logps=-torch.rand(B, T, generator=_g()),
-                     loss_mask=torch.ones(B, T, dtype=torch.bool), bias=torch.randn(V, generator=_g())),
-        dict(hidden="hidden_3d", weight="weight", labels="labels", old_logps="bt", advantages="advantages",
-             ref_logps="bt", loss_mask="mask", bias="bias"),
+        lambda: dict(
+            hidden=torch.randn(B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(B, T),
+            old_logps=-torch.rand(B, T, generator=_g()),
+            advantages=torch.randn(B, generator=_g()),
+            ref_logps=-torch.rand(B, T, generator=_g()),
+            loss_mask=torch.ones(B, T, dtype=torch.bool),
+            bias=torch.randn(V, generator=_g()),
+        ),
+        dict(
+            hidden="hidden_3d",
+            weight="weight",
+            labels="labels",
+            old_logps="bt",
+            advantages="advantages",
+            ref_logps="bt",
+            loss_mask="mask",
+            bias="bias",
+        ),
     ),
     # the per-token policy-gradient head (no vocabulary): logps [B, T] define B, T and the device
     "policy_loss": (
         _call(pf.policy_loss),
-        lambda: dict(logps=-torch.rand(B, T, generator=_g()), old_logps=-torch.rand(B, T, generator=_g()),
-                     advantages=torch.randn(B, generator=_g()), mask=torch.ones(B, T, dtype=torch.bool),
-                     entropy=torch.rand(B, T, generator=_g()), ref_logps=-torch.rand(B, T, generator=_g()),
-                     kl_coef=0.1, kl_estimator="k3", clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0,
-                     entropy_coef=0.01, loss_agg_mode="token-mean", is_weights=torch.ones(B, T),
-                     importance_sampling_level="token", kl_ratio_correction=False, global_num_tokens=5.0),
-        dict(logps="logps", old_logps="bt", advantages="advantages", mask="mask", entropy="bt", ref_logps="bt",
-             kl_coef="nonneg_float", kl_estimator="kl_estimator", clip_eps_low="nonneg_float",
-             clip_eps_high="nonneg_float", dual_clip="dual_clip", entropy_coef="real", loss_agg_mode="agg",
-             is_weights="advantages", importance_sampling_level="is_level", kl_ratio_correction="bool",
-             global_num_tokens="normalizer"),
+        lambda: dict(
+            logps=-torch.rand(B, T, generator=_g()),
+            old_logps=-torch.rand(B, T, generator=_g()),
+            advantages=torch.randn(B, generator=_g()),
+            mask=torch.ones(B, T, dtype=torch.bool),
+            entropy=torch.rand(B, T, generator=_g()),
+            ref_logps=-torch.rand(B, T, generator=_g()),
+            kl_coef=0.1,
+            kl_estimator="k3",
+            clip_eps_low=0.2,
+            clip_eps_high=0.28,
+            dual_clip=3.0,
+            entropy_coef=0.01,
+            loss_agg_mode="token-mean",
+            is_weights=torch.ones(B, T),
+            importance_sampling_level="token",
+            kl_ratio_correction=False,
+            global_num_tokens=5.0,
+        ),
+        dict(
+            logps="logps",
+            old_logps="bt",
+            advantages="advantages",
+            mask="mask",
+            entropy="bt",
+            ref_logps="bt",
+            kl_coef="nonneg_float",
+            kl_estimator="kl_estimator",
+            clip_eps_low="nonneg_float",
+            clip_eps_high="nonneg_float",
+            dual_clip="dual_clip",
+            entropy_coef="real",
+            loss_agg_mode="agg",
+            is_weights="advantages",
+            importance_sampling_level="is_level",
+            kl_ratio_correction="bool",
+            global_num_tokens="normalizer",
+        ),
     ),
     "policy_loss(full kl, dr_grpo)": (
         _call(pf.policy_loss),
-        lambda: dict(logps=-torch.rand(B, T, generator=_g()), old_logps=None,
-                     advantages=torch.randn(B, T, generator=_g()), kl=torch.rand(B, T, generator=_g()), kl_coef=0.1,
-                     kl_estimator="full", loss_agg_mode="seq-mean-token-sum-norm", max_length=T),
+        lambda: dict(
+            logps=-torch.rand(B, T, generator=_g()),
+            old_logps=None,
+            advantages=torch.randn(B, T, generator=_g()),
+            kl=torch.rand(B, T, generator=_g()),
+            kl_coef=0.1,
+            kl_estimator="full",
+            loss_agg_mode="seq-mean-token-sum-norm",
+            max_length=T,
+        ),
         dict(kl="bt", max_length="max_length"),
     ),
-    "PolicyLoss()": (_ctor(pf.PolicyLoss), lambda: dict(kl_coef=0.1, kl_estimator="k3", loss_agg_mode="dr_grpo",
-                                                        max_length=4, importance_sampling_level="sequence",
-                                                        dual_clip=3.0, entropy_coef=0.01),
-                     dict(kl_coef="nonneg_float", kl_estimator="kl_estimator", max_length="max_length",
-                          importance_sampling_level="is_level", dual_clip="dual_clip", entropy_coef="real")),
+    "PolicyLoss()": (
+        _ctor(pf.PolicyLoss),
+        lambda: dict(
+            kl_coef=0.1,
+            kl_estimator="k3",
+            loss_agg_mode="dr_grpo",
+            max_length=4,
+            importance_sampling_level="sequence",
+            dual_clip=3.0,
+            entropy_coef=0.01,
+        ),
+        dict(
+            kl_coef="nonneg_float",
+            kl_estimator="kl_estimator",
+            max_length="max_length",
+            importance_sampling_level="is_level",
+            dual_clip="dual_clip",
+            entropy_coef="real",
+        ),
+    ),
     "PolicyLoss.forward": (
         _module_call(pf.PolicyLoss, dict(kl_coef=0.1, entropy_coef=0.01)),
-        lambda: dict(logps=-torch.rand(B, T, generator=_g()), old_logps=-torch.rand(B, T, generator=_g()),
-                     advantages=torch.randn(B, generator=_g()), mask=torch.ones(B, T, dtype=torch.bool),
-                     entropy=torch.rand(B, T, generator=_g()), ref_logps=-torch.rand(B, T, generator=_g()),
-                     is_weights=torch.ones(B, T), global_num_tokens=5.0),
-        dict(logps="logps", old_logps="bt", advantages="advantages", mask="mask", entropy="bt", ref_logps="bt",
-             is_weights="advantages", global_num_tokens="normalizer"),
+        lambda: dict(
+            logps=-torch.rand(B, T, generator=_g()),
+            old_logps=-torch.rand(B, T, generator=_g()),
+            advantages=torch.randn(B, generator=_g()),
+            mask=torch.ones(B, T, dtype=torch.bool),
+            entropy=torch.rand(B, T, generator=_g()),
+            ref_logps=-torch.rand(B, T, generator=_g()),
+            is_weights=torch.ones(B, T),
+            global_num_tokens=5.0,
+        ),
+        dict(
+            logps="logps",
+            old_logps="bt",
+            advantages="advantages",
+            mask="mask",
+            entropy="bt",
+            ref_logps="bt",
+            is_weights="advantages",
+            global_num_tokens="normalizer",
+        ),
     ),
     "default_chunk_size": (
         _call(pfl.default_chunk_size),
@@ -514,13 +1042,23 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
 }
 # the vocabulary-parallel options of the modules that touch the vocabulary, on a one-process group
-FUNCS.update({
-    f"{cls.__name__}(vocab-parallel)": (
-        _vocab_parallel(cls), lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
-        dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor"))
-    for cls in (pf.SequenceLogProbs, pf.FusedDPOLoss, pf.PPOLoss, pfl.LinearSequenceLogProbs, pfl.LinearDPOLoss,
-                pfl.LinearPPOLoss)
-})
+FUNCS.update(
+    {
+        f"{cls.__name__}(vocab-parallel)": (
+            _vocab_parallel(cls),
+            lambda: dict(process_group="WORLD", vocab_start=0, vocab_size=V),
+            dict(process_group="group", vocab_start="vocab_start_ctor", vocab_size="vocab_size_ctor"),
+        )
+        for cls in (
+            pf.SequenceLogProbs,
+            pf.FusedDPOLoss,
+            pf.PPOLoss,
+            pfl.LinearSequenceLogProbs,
+            pfl.LinearDPOLoss,
+            pfl.LinearPPOLoss,
+        )
+    }
+)
 
 
 # ----------------------------------------------------------------------------- KINDS
@@ -547,40 +1085,52 @@ def _float_tensor_kinds(extra: List = ()) -> List:
     ]
 
 
-_LOGITS = _float_tensor_kinds([
-    ("0-d", lambda v, a: torch.tensor(1.0), ValueError),
-    ("an empty vocabulary", lambda v, a: v[..., :0], ValueError),
-    ("a vocabulary stride of 2", lambda v, a: _strided_vocab(v), ValueError),
-    ("fewer rows than labels", lambda v, a: v[:1], ValueError),
-    ("a bool tensor", lambda v, a: v > 0, TypeError),
-])
+_LOGITS = _float_tensor_kinds(
+    [
+        ("0-d", lambda v, a: torch.tensor(1.0), ValueError),
+        ("an empty vocabulary", lambda v, a: v[..., :0], ValueError),
+        ("a vocabulary stride of 2", lambda v, a: _strided_vocab(v), ValueError),
+        ("fewer rows than labels", lambda v, a: v[:1], ValueError),
+        ("a bool tensor", lambda v, a: v > 0, TypeError),
+    ]
+)
 
 KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
     "logits": _LOGITS,
     "logits_3d": _LOGITS + [("2-D", lambda v, a: v[0], ValueError)],
-    "hidden": _float_tensor_kinds([
-        ("0-d", lambda v, a: torch.tensor(1.0), ValueError),
-        ("a hidden size unlike weight's", lambda v, a: v[..., :-1], ValueError),
-        ("another dtype than weight", lambda v, a: v.double(), TypeError),
-    ]),
+    "hidden": _float_tensor_kinds(
+        [
+            ("0-d", lambda v, a: torch.tensor(1.0), ValueError),
+            ("a hidden size unlike weight's", lambda v, a: v[..., :-1], ValueError),
+            ("another dtype than weight", lambda v, a: v.double(), TypeError),
+        ]
+    ),
     "hidden_3d": _float_tensor_kinds([("2-D", lambda v, a: v[0], ValueError)]),
-    "weight": _float_tensor_kinds([
-        ("1-D", lambda v, a: v[0], ValueError),
-        ("a hidden size unlike hidden's", lambda v, a: v[:, :-1], ValueError),
-        ("another dtype than hidden", lambda v, a: v.double(), TypeError),
-    ]),
-    "bias": _float_tensor_kinds([
-        ("V - 1 entries", lambda v, a: v[:-1], ValueError),
-        ("another dtype than hidden", lambda v, a: v.double(), TypeError),
-    ]),
-    "ref_logits": _float_tensor_kinds([
-        ("another shape", lambda v, a: v[:1], ValueError),
-        ("another dtype", lambda v, a: v.double(), TypeError),
-        ("a vocabulary stride of 2", lambda v, a: _strided_vocab(v), ValueError),
-    ]),
-    "ref_logits_seq": _float_tensor_kinds([
-        ("another shape", lambda v, a: v[:, :1], ValueError),
-    ]),
+    "weight": _float_tensor_kinds(
+        [
+            ("1-D", lambda v, a: v[0], ValueError),
+            ("a hidden size unlike hidden's", lambda v, a: v[:, :-1], ValueError),
+            ("another dtype than hidden", lambda v, a: v.double(), TypeError),
+        ]
+    ),
+    "bias": _float_tensor_kinds(
+        [
+            ("V - 1 entries", lambda v, a: v[:-1], ValueError),
+            ("another dtype than hidden", lambda v, a: v.double(), TypeError),
+        ]
+    ),
+    "ref_logits": _float_tensor_kinds(
+        [
+            ("another shape", lambda v, a: v[:1], ValueError),
+            ("another dtype", lambda v, a: v.double(), TypeError),
+            ("a vocabulary stride of 2", lambda v, a: _strided_vocab(v), ValueError),
+        ]
+    ),
+    "ref_logits_seq": _float_tensor_kinds(
+        [
+            ("another shape", lambda v, a: v[:, :1], ValueError),
+        ]
+    ),
     "labels": [
         ("a list", lambda v, a: v.tolist(), TypeError),
         ("a float tensor", lambda v, a: v.float(), TypeError),
@@ -629,11 +1179,13 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("an int", lambda v, a: 5, TypeError),
     ],
     "backend_ctor": [("an int", lambda v, a: 5, TypeError)],
-    "vector": _float_tensor_kinds([
-        ("[B, 2]", lambda v, a: torch.stack([v.reshape(-1), v.reshape(-1)], 1), ValueError),
-        ("B + 1 entries", lambda v, a: torch.cat([v.reshape(-1), v.reshape(-1)[:1]]), ValueError),
-        ("0-d", lambda v, a: v.reshape(-1)[0], ValueError),
-    ]),
+    "vector": _float_tensor_kinds(
+        [
+            ("[B, 2]", lambda v, a: torch.stack([v.reshape(-1), v.reshape(-1)], 1), ValueError),
+            ("B + 1 entries", lambda v, a: torch.cat([v.reshape(-1), v.reshape(-1)[:1]]), ValueError),
+            ("0-d", lambda v, a: v.reshape(-1)[0], ValueError),
+        ]
+    ),
     "lengths": [
         ("a list", lambda v, a: v.tolist(), TypeError),
         ("a bool tensor", lambda v, a: v > 0, TypeError),
@@ -694,20 +1246,24 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("an unknown name", lambda v, a: "sentence", ValueError),
         ("an int", lambda v, a: 3, TypeError),
     ],
-    "advantages": _float_tensor_kinds([
-        ("B + 1 entries", lambda v, a: torch.zeros(B + 1), ValueError),
-        ("[B, T + 1]", lambda v, a: torch.zeros(B, T + 1), ValueError),
-    ]),
+    "advantages": _float_tensor_kinds(
+        [
+            ("B + 1 entries", lambda v, a: torch.zeros(B + 1), ValueError),
+            ("[B, T + 1]", lambda v, a: torch.zeros(B, T + 1), ValueError),
+        ]
+    ),
     "logps": [
         ("a list", lambda v, a: v.tolist(), TypeError),
         ("an integer tensor", lambda v, a: v.round().to(torch.int64), TypeError),
         ("[B * T] (1-D)", lambda v, a: v.reshape(-1), ValueError),
         ("[B, 0]", lambda v, a: v[:, :0], ValueError),
     ],
-    "bt": _float_tensor_kinds([
-        ("[B, T + 1]", lambda v, a: torch.zeros(B, T + 1), ValueError),
-        ("[B]", lambda v, a: torch.zeros(B), ValueError),
-    ]),
+    "bt": _float_tensor_kinds(
+        [
+            ("[B, T + 1]", lambda v, a: torch.zeros(B, T + 1), ValueError),
+            ("[B]", lambda v, a: torch.zeros(B), ValueError),
+        ]
+    ),
     "mask": [
         ("a list", lambda v, a: v.tolist(), TypeError),
         ("a complex tensor", lambda v, a: v.to(torch.complex64), TypeError),
@@ -775,20 +1331,26 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("a nan scaling", lambda v, a: (v[0], v[1], math.nan), ValueError),
         ("A not a tensor", lambda v, a: (v[0].tolist(), v[1], v[2]), TypeError),
     ],
-    "ref_hidden": _float_tensor_kinds([
-        ("another number of tokens", lambda v, a: v[:1], ValueError),
-        ("a hidden size unlike ref_weight's", lambda v, a: v[..., :-1], ValueError),
-        ("another dtype than ref_weight", lambda v, a: v.double(), TypeError),
-    ]),
-    "ref_weight": _float_tensor_kinds([
-        ("1-D", lambda v, a: v[0], ValueError),
-        ("another vocabulary than weight", lambda v, a: v[:-1], ValueError),
-        ("another dtype than ref_hidden", lambda v, a: v.double(), TypeError),
-    ]),
-    "ref_bias": _float_tensor_kinds([
-        ("V - 1 entries", lambda v, a: v[:-1], ValueError),
-        ("another dtype than ref_hidden", lambda v, a: v.double(), TypeError),
-    ]),
+    "ref_hidden": _float_tensor_kinds(
+        [
+            ("another number of tokens", lambda v, a: v[:1], ValueError),
+            ("a hidden size unlike ref_weight's", lambda v, a: v[..., :-1], ValueError),
+            ("another dtype than ref_weight", lambda v, a: v.double(), TypeError),
+        ]
+    ),
+    "ref_weight": _float_tensor_kinds(
+        [
+            ("1-D", lambda v, a: v[0], ValueError),
+            ("another vocabulary than weight", lambda v, a: v[:-1], ValueError),
+            ("another dtype than ref_hidden", lambda v, a: v.double(), TypeError),
+        ]
+    ),
+    "ref_bias": _float_tensor_kinds(
+        [
+            ("V - 1 entries", lambda v, a: v[:-1], ValueError),
+            ("another dtype than ref_hidden", lambda v, a: v.double(), TypeError),
+        ]
+    ),
     "linear_kl_estimator": [
         ('"full" (needs logits)', lambda v, a: "full", ValueError),
         ("an unknown name", lambda v, a: "k4", ValueError),
@@ -884,11 +1446,17 @@ def _named(msg: str, arg: str) -> bool:
 EXPECTS = re.compile(r"\b(must|expected|needs?|required|only|valid)\b")
 
 
-@pytest.mark.parametrize("fname, arg, label, exc", [
-    pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2]}",
-                 marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[c[:3]])] if c[:3] in KNOWN_GAPS else [])
-    for c in CELLS
-])
+@pytest.mark.parametrize(
+    "fname, arg, label, exc",
+    [
+        pytest.param(
+            *c,
+            id=f"{c[0]}-{c[1]}-{c[2]}",
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[c[:3]])] if c[:3] in KNOWN_GAPS else [],
+        )
+        for c in CELLS
+    ],
+)
 def test_bad_argument(fname, arg, label, exc):
     call, valid, kinds = FUNCS[fname]
     args = valid()
@@ -941,8 +1509,14 @@ MODULE_FUNCTIONS = {
     "PolicyLoss": (pf.policy_loss,),
 }
 # inputs of dpo_loss the fused DPO modules compute themselves (from the logits / hidden states)
-_PAIR_LOGPS = {"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths",
-               "rejected_lengths"}
+_PAIR_LOGPS = {
+    "chosen_logps",
+    "rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "chosen_lengths",
+    "rejected_lengths",
+}
 # options only a module has, and why
 MODULE_ONLY = {"bco_running_mean": "state across calls (the BCO running mean), which a function cannot keep"}
 
@@ -989,8 +1563,12 @@ def test_module_takes_every_option_of_its_function(module):
 
 
 def test_every_public_module_has_its_function():
-    modules = {n for n in pf.__all__ if isinstance(getattr(pf, n), type) and issubclass(getattr(pf, n), torch.nn.Module)}
-    assert modules == set(MODULE_FUNCTIONS), f"MODULE_FUNCTIONS is out of date: {sorted(modules ^ set(MODULE_FUNCTIONS))}"
+    modules = {
+        n for n in pf.__all__ if isinstance(getattr(pf, n), type) and issubclass(getattr(pf, n), torch.nn.Module)
+    }
+    assert modules == set(MODULE_FUNCTIONS), (
+        f"MODULE_FUNCTIONS is out of date: {sorted(modules ^ set(MODULE_FUNCTIONS))}"
+    )
 
 
 def test_matrix_size():

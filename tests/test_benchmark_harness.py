@@ -3,22 +3,21 @@ cli.py): byte counting, the bound, skipping absent peers, the JSON schema, and a
 
 These assert the harness's arithmetic and plumbing, never timings.
 """
+
 import json
 import os
 import sys
 
+import expected  # tests/expected.py
 import pytest
 import torch
-
-import expected  # tests/expected.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import bound, calibration, cli, measure, report, spec  # noqa: E402
 from benchmarks import bench_token_logprobs as TL  # noqa: E402
-
+from benchmarks import bound, calibration, cli, measure, report, spec  # noqa: E402
 
 # --------------------------------------------------------------------------- a tiny op for plumbing tests
 
@@ -30,11 +29,22 @@ def _naive(inputs):
 
 def _tiny_op(extra_providers=()):
     return spec.OpSpec(
-        name="tiny", module=TL.__name__, make_inputs=TL.make_inputs, grad_inputs=("logits",),
-        main_bytes=TL.main_bytes, bytes_moved=TL.bytes_moved, alloc_bytes=TL.main_bytes,
-        make_shape=TL.make_shape, tokens=lambda s: s["B"] * s["T"], vocab=lambda s: s["V"],
-        presets={"dry-run": [TL.make_shape(8, 50)], "quick": [TL.make_shape(8, 50)],
-                 "default": [TL.make_shape(8, 50)], "full": [TL.make_shape(8, 50), TL.make_shape(8, 100)]},
+        name="tiny",
+        module=TL.__name__,
+        make_inputs=TL.make_inputs,
+        grad_inputs=("logits",),
+        main_bytes=TL.main_bytes,
+        bytes_moved=TL.bytes_moved,
+        alloc_bytes=TL.main_bytes,
+        make_shape=TL.make_shape,
+        tokens=lambda s: s["B"] * s["T"],
+        vocab=lambda s: s["V"],
+        presets={
+            "dry-run": [TL.make_shape(8, 50)],
+            "quick": [TL.make_shape(8, 50)],
+            "default": [TL.make_shape(8, 50)],
+            "full": [TL.make_shape(8, 50), TL.make_shape(8, 100)],
+        },
         preset_dtypes={"default": ["fp32"]},
         providers=[spec.Provider("naive", lambda: _naive)] + list(extra_providers),
     )
@@ -58,13 +68,23 @@ def test_token_logprobs_bytes_moved(dtype, itemsize):
     t = bound.traffic_by_phase(TL.OP, shape, dtype)
     assert t["fwd"] == {"read": s + small, "rw": 0, "write": 0}
     assert t["bwd"] == {"read": small, "rw": 2 * s, "write": 0}
-    assert bound.exps_by_phase(TL.OP, shape, dtype) == {"fwd": n * 128256, "bwd": n * 128256,
-                                                    "step": 2 * n * 128256, "fwd_nograd": n * 128256}
+    assert bound.exps_by_phase(TL.OP, shape, dtype) == {
+        "fwd": n * 128256,
+        "bwd": n * 128256,
+        "step": 2 * n * 128256,
+        "fwd_nograd": n * 128256,
+    }
 
 
 # synthetic calibration: bytes moved per second of each pattern (rmw / copy count read + write)
-RATES = {"read_Bps": 40e9, "rmw_Bps": 30e9, "copy_Bps": 20e9, "write_Bps": 50e9, "fresh_copy_Bps": 5e9,
-         "first_touch_min_bytes": 32 << 20}
+RATES = {
+    "read_Bps": 40e9,
+    "rmw_Bps": 30e9,
+    "copy_Bps": 20e9,
+    "write_Bps": 50e9,
+    "fresh_copy_Bps": 5e9,
+    "first_touch_min_bytes": 32 << 20,
+}
 
 
 def test_phase_bound_charges_each_pattern_at_its_rate():
@@ -102,8 +122,14 @@ def test_phase_bound_is_the_largest_of_memory_exp_and_gemm():
 
 
 def _timed(fwd, bwd, step, nograd=None):
-    return {"time_s": {"fwd": measure.summarize(fwd), "bwd": measure.summarize(bwd), "step": measure.summarize(step),
-                       "fwd_nograd": measure.summarize(nograd or [])}}
+    return {
+        "time_s": {
+            "fwd": measure.summarize(fwd),
+            "bwd": measure.summarize(bwd),
+            "step": measure.summarize(step),
+            "fwd_nograd": measure.summarize(nograd or []),
+        }
+    }
 
 
 def test_derive_uses_the_providers_pattern():
@@ -116,7 +142,9 @@ def test_derive_uses_the_providers_pattern():
     r = _timed([fwd * 4], [bwd_inplace * 2], [3 * (fwd + bwd_inplace), 2 * (fwd + bwd_inplace)])
     bound.derive(r, TL.OP, shape, d, RATES, inplace=True)
     assert r["bound_s"]["fwd"] == pytest.approx(fwd) and r["bound_s"]["bwd"] == pytest.approx(bwd_inplace)
-    assert r["bound_s"]["step"] == pytest.approx(fwd + bwd_inplace) and r["bound_s"]["fwd_nograd"] == r["bound_s"]["fwd"]
+    assert (
+        r["bound_s"]["step"] == pytest.approx(fwd + bwd_inplace) and r["bound_s"]["fwd_nograd"] == r["bound_s"]["fwd"]
+    )
     assert r["x_bound"]["step"] == pytest.approx(2.5) and r["x_bound"]["fwd"] == pytest.approx(4.0)
     assert r["gbps"]["step"] == pytest.approx(r["bytes_moved"]["step"] / (2.5 * (fwd + bwd_inplace)) / 1e9)
     assert "fwd_nograd" not in r["x_bound"] and r["calibration_error"] == {}
@@ -147,11 +175,22 @@ def test_a_time_below_the_bound_is_flagged_as_a_calibration_error(tmp_path):
     bound.derive(probe := _timed([1.0], [1.0], [1.0]), TL.OP, shape, d, RATES, inplace=True)
     b = probe["bound_s"]
     # bwd's fastest repeat beats its bound; its median does not
-    fast = _timed([b["fwd"] * 1.5] * 5, [b["bwd"] * 0.9] + [b["bwd"] * 1.2] * 4,
-                  [b["step"] * 1.3] * 5, [b["fwd"] * 1.5] * 5)
+    fast = _timed(
+        [b["fwd"] * 1.5] * 5, [b["bwd"] * 0.9] + [b["bwd"] * 1.2] * 4, [b["step"] * 1.3] * 5, [b["fwd"] * 1.5] * 5
+    )
     slow = _timed([b["fwd"] * 1.5] * 5, [b["bwd"] * 1.1] * 5, [b["step"] * 1.3] * 5, [b["fwd"] * 1.5] * 5)
-    base = {"kind": "ours", "shape": shape, "tokens": 2048, "vocab": 32000, "dtype": "fp32", "device": "cpu",
-            "status": "ok", "mem_bytes": {"step": 0}, "mem_method": "x", "x_naive": {}}
+    base = {
+        "kind": "ours",
+        "shape": shape,
+        "tokens": 2048,
+        "vocab": 32000,
+        "dtype": "fp32",
+        "device": "cpu",
+        "status": "ok",
+        "mem_bytes": {"step": 0},
+        "mem_method": "x",
+        "x_naive": {},
+    }
     results = [dict(base, provider="fast", **fast), dict(base, provider="slow", **slow)]
     for r in results:
         bound.derive(r, TL.OP, shape, d, RATES, inplace=True)
@@ -163,10 +202,19 @@ def test_a_time_below_the_bound_is_flagged_as_a_calibration_error(tmp_path):
     col = report.TABLE_COLUMNS.index("x bound")
     mark = report.BELOW_BOUND_MARK
     assert rows["fast"][col].endswith(mark) and not rows["slow"][col].endswith(mark)
-    doc = {"schema": report.SCHEMA, "op": "tiny", "preset": "quick", "created": "t",
-           "machine": {"device": "cpu", "torch": "2", "cpu_count": 2, "torch_threads": 2}, "settings": {},
-           "calibration": {"memory": [dict(RATES, nbytes=1, for_main_bytes=1)], "exp": None, "gemm": []},
-           "calibration_errors": notes, "providers": [], "notes": [], "results": results}
+    doc = {
+        "schema": report.SCHEMA,
+        "op": "tiny",
+        "preset": "quick",
+        "created": "t",
+        "machine": {"device": "cpu", "torch": "2", "cpu_count": 2, "torch_threads": 2},
+        "settings": {},
+        "calibration": {"memory": [dict(RATES, nbytes=1, for_main_bytes=1)], "exp": None, "gemm": []},
+        "calibration_errors": notes,
+        "providers": [],
+        "notes": [],
+        "results": results,
+    }
     assert report.validate_doc(doc) == []
     text = report.report_text(doc, TL.OP)
     assert notes[0] in text and report.BELOW_BOUND_MARK.strip() in text
@@ -178,8 +226,9 @@ def test_every_timed_preset_takes_at_least_five_repeats():
             assert st["min_repeats"] >= 5 and st["repeats"] >= st["min_repeats"], name
     # the loop honours min_repeats even with no time budget left
     runner_settings = dict(measure.PRESET_SETTINGS["quick"], dry_run=False)
-    res = measure.measure_case(_tiny_op(), _tiny_op().providers[0], spec.Case.make(TL.make_shape(8, 50), "fp32", "cpu"),
-                               runner_settings)
+    res = measure.measure_case(
+        _tiny_op(), _tiny_op().providers[0], spec.Case.make(TL.make_shape(8, 50), "fp32", "cpu"), runner_settings
+    )
     assert res["time_s"]["step"]["n"] == 5 and res["time_s"]["fwd_nograd"]["n"] == 5
 
 
@@ -211,6 +260,7 @@ def test_first_touch_is_charged_only_where_malloc_maps_fresh_memory(monkeypatch)
     for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES", "LD_PRELOAD"):
         monkeypatch.delenv(k, raising=False)
     import platform
+
     floor, _ = C.first_touch_min_bytes("cpu")
     assert floor == (C.GLIBC_MMAP_THRESHOLD_MAX if platform.libc_ver()[0] == "glibc" else None)
     assert C.first_touch_min_bytes("cuda")[0] is None
@@ -240,10 +290,19 @@ def test_summarize_and_speedups():
     assert one["q1"] == one["q3"] == one["median"] == 0.5
 
     def res(p, t):
-        return {"provider": p, "shape": {"V": 1}, "dtype": "fp32", "status": "ok",
-                "time_s": {"step": measure.summarize([t])}}
-    rs = [res("naive", 4.0), res("fast", 1.0), {"provider": "x", "shape": {"V": 1}, "dtype": "fp32",
-                                                "status": "skipped", "note": "n"}]
+        return {
+            "provider": p,
+            "shape": {"V": 1},
+            "dtype": "fp32",
+            "status": "ok",
+            "time_s": {"step": measure.summarize([t])},
+        }
+
+    rs = [
+        res("naive", 4.0),
+        res("fast", 1.0),
+        {"provider": "x", "shape": {"V": 1}, "dtype": "fp32", "status": "skipped", "note": "n"},
+    ]
     bound.add_speedups(rs, ("naive",))
     assert rs[1]["x_naive"]["step"] == pytest.approx(4.0)
     assert rs[0]["x_naive"]["step"] == pytest.approx(1.0)
@@ -281,12 +340,12 @@ def test_memprobe_sees_a_touched_allocation():
 
 
 def test_absent_peer_is_a_note_not_an_error(tmp_path):
-    ghost = spec.Provider("ghost", lambda: _naive, kind="peer", requires=("no_such_module_prefopt_xyz",),
-                          install="pip install ghost")
+    ghost = spec.Provider(
+        "ghost", lambda: _naive, kind="peer", requires=("no_such_module_prefopt_xyz",), install="pip install ghost"
+    )
     assert "not installed" in spec.availability(ghost) and "pip install ghost" in spec.availability(ghost)
     op = _tiny_op([ghost])
-    doc = cli.run(op, preset="default", dry_run=True, outdir=str(tmp_path), plots=False, progress=False,
-                  quiet=True)
+    doc = cli.run(op, preset="default", dry_run=True, outdir=str(tmp_path), plots=False, progress=False, quiet=True)
     prov = {p["name"]: p for p in doc["providers"]}
     assert prov["ghost"]["status"] == "skipped" and "no_such_module_prefopt_xyz" in prov["ghost"]["note"]
     assert any("ghost" in n for n in doc["notes"])
@@ -339,11 +398,13 @@ def test_prefopt_fast_providers_follow_the_available_backends():
 
 def test_inplace_provider_inputs_are_restored():
     """A provider that overwrites its logits gets them back before every call."""
+
     def clobber(inputs):
         out = _naive(inputs)
         with torch.no_grad():
             inputs["logits"].zero_()
         return out
+
     prov = spec.Provider("clobber", lambda: clobber, mutates=("logits",))
     op = _tiny_op([prov])
     runner = measure.CaseRunner(op, prov, spec.Case.make(TL.make_shape(8, 50), "fp32", "cpu"))
@@ -356,8 +417,14 @@ def test_inplace_provider_inputs_are_restored():
 
 
 def test_worker_subprocess_roundtrip():
-    job = {"module": TL.__name__, "provider": "naive", "shape": TL.make_shape(8, 50),
-           "dtypes": ["fp32"], "device": "cpu", "settings": dict(measure.PRESET_SETTINGS["quick"], dry_run=False)}
+    job = {
+        "module": TL.__name__,
+        "provider": "naive",
+        "shape": TL.make_shape(8, 50),
+        "dtypes": ["fp32"],
+        "device": "cpu",
+        "settings": dict(measure.PRESET_SETTINGS["quick"], dry_run=False),
+    }
     (res,) = measure.run_job_subprocess(job, timeout=120)
     assert res["status"] == "ok", res
     assert res["time_s"]["step"]["n"] >= 2 and res["mem_bytes"]["step"] >= 0
@@ -368,12 +435,30 @@ def test_worker_subprocess_roundtrip():
 
 def test_validate_doc_catches_problems():
     assert report.validate_doc({"schema": "x"})  # many missing keys
-    doc = {"schema": report.SCHEMA, "op": "o", "preset": "p", "created": "t",
-           "machine": {"device": "cpu", "torch": "2", "cpu_count": 2, "torch_threads": 2},
-           "settings": {}, "calibration": {"memory": [], "exp": None, "gemm": []}, "calibration_errors": [],
-           "providers": [], "notes": [],
-           "results": [{"provider": "a", "kind": "baseline", "shape": {}, "tokens": 1, "vocab": 1,
-                        "dtype": "fp32", "device": "cpu", "status": "weird"}]}
+    doc = {
+        "schema": report.SCHEMA,
+        "op": "o",
+        "preset": "p",
+        "created": "t",
+        "machine": {"device": "cpu", "torch": "2", "cpu_count": 2, "torch_threads": 2},
+        "settings": {},
+        "calibration": {"memory": [], "exp": None, "gemm": []},
+        "calibration_errors": [],
+        "providers": [],
+        "notes": [],
+        "results": [
+            {
+                "provider": "a",
+                "kind": "baseline",
+                "shape": {},
+                "tokens": 1,
+                "vocab": 1,
+                "dtype": "fp32",
+                "device": "cpu",
+                "status": "weird",
+            }
+        ],
+    }
     errs = report.validate_doc(doc)
     assert any("status" in e for e in errs)
 
@@ -388,9 +473,16 @@ def _op(name):
     return spec.load_op(OPS[name])
 
 
-@pytest.mark.parametrize("name,k,small,prompt", [("sequence_logprobs", 1, 8, 0.25), ("sequence_logprobs_packed", 1, 8, 0.25),
-                                                 ("dpo", 1, 8, 0.25), ("ppo_loss_k1", 1, 24, 0.125),
-                                                 ("ppo_loss_full_kl", 2, 24, 0.125)])
+@pytest.mark.parametrize(
+    "name,k,small,prompt",
+    [
+        ("sequence_logprobs", 1, 8, 0.25),
+        ("sequence_logprobs_packed", 1, 8, 0.25),
+        ("dpo", 1, 8, 0.25),
+        ("ppo_loss_k1", 1, 24, 0.125),
+        ("ppo_loss_full_kl", 2, 24, 0.125),
+    ],
+)
 def test_logits_ops_bytes_moved(name, k, small, prompt):
     """k logits tensors read forward; read again plus one gradient written backward; the
     prompt rows (ignored labels) only get their zero gradient written."""
@@ -451,8 +543,12 @@ def test_registry_and_variants():
             assert len({op.tokens(s) for s in full}) >= 2
     with pytest.raises(KeyError, match="estimator"):
         spec.load_op("benchmarks.bench_ppo:k9")
-    assert cli.select_ops("ppo_loss_k*,dpo", list(OPS), "default", False) == \
-        ["ppo_loss_k1", "ppo_loss_k2", "ppo_loss_k3", "dpo"]
+    assert cli.select_ops("ppo_loss_k*,dpo", list(OPS), "default", False) == [
+        "ppo_loss_k1",
+        "ppo_loss_k2",
+        "ppo_loss_k3",
+        "dpo",
+    ]
     assert cli.select_ops(None, list(OPS), "quick", False) == list(OPS)
     assert cli.select_ops(None, list(OPS), "default", False) == ["token_logprobs"]
     with pytest.raises(KeyError):
@@ -474,8 +570,15 @@ def test_packed_inputs_are_consistent():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,peer", [("dpo", "trl"), ("ppo_loss_low_var_kl", "prefopt_fast.cpu"),
-                                       ("linear_dpo", "torch-linear-ce"), ("linear_token_logprobs", "trl")])
+@pytest.mark.parametrize(
+    "name,peer",
+    [
+        ("dpo", "trl"),
+        ("ppo_loss_low_var_kl", "prefopt_fast.cpu"),
+        ("linear_dpo", "torch-linear-ce"),
+        ("linear_token_logprobs", "trl"),
+    ],
+)
 def test_providers_compute_the_same_loss(name, peer):
     """The naive provider and a peer / ours agree on the op's value (not just its cost)."""
     op = _op(name)
@@ -505,14 +608,29 @@ def test_absent_peers_of_real_ops_are_skipped(tmp_path, monkeypatch):
     """Hide TRL, Liger and cut-cross-entropy: their providers become notes, the run still succeeds."""
     hidden = {"trl", "liger_kernel", "cut_cross_entropy"}
     real = spec.importlib.util.find_spec
-    monkeypatch.setattr(spec.importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name.split(".")[0] in hidden else real(name, *a, **k))
+    monkeypatch.setattr(
+        spec.importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name.split(".")[0] in hidden else real(name, *a, **k),
+    )
     op = _op("linear_dpo")
-    doc = cli.run(op, preset="quick", dry_run=True, outdir=str(tmp_path), plots=False, progress=False, quiet=True,
-                  providers=["naive", "trl", "liger", "cce*", "prefopt_fast.cpu"])
+    doc = cli.run(
+        op,
+        preset="quick",
+        dry_run=True,
+        outdir=str(tmp_path),
+        plots=False,
+        progress=False,
+        quiet=True,
+        providers=["naive", "trl", "liger", "cce*", "prefopt_fast.cpu"],
+    )
     prov = {p["name"]: p for p in doc["providers"]}
-    for name, mod in (("trl", "trl"), ("liger", "liger_kernel"), ("cce", "cut_cross_entropy"),
-                      ("cce-compile", "cut_cross_entropy")):
+    for name, mod in (
+        ("trl", "trl"),
+        ("liger", "liger_kernel"),
+        ("cce", "cut_cross_entropy"),
+        ("cce-compile", "cut_cross_entropy"),
+    ):
         assert prov[name]["status"] == "skipped" and mod in prov[name]["note"], prov[name]
         assert "pip install" in prov[name]["note"]
     assert {r["provider"] for r in doc["results"]} == {"naive", "prefopt_fast.cpu"}
@@ -541,13 +659,22 @@ def test_preset_providers_memory_cap_and_grouping():
 
 def test_full_preset_runs_per_provider_in_a_worker():
     """A job with several shapes in one worker process gives one result per (shape, dtype)."""
-    job = {"module": OPS["dpo"], "provider": "naive", "device": "cpu",
-           "cases": [{"shape": S.LogitsLayout(batch=4).make_shape(32, 50), "dtypes": ["fp32"]},
-                     {"shape": S.LogitsLayout(batch=4).make_shape(32, 80), "dtypes": ["fp32", "bf16"]}],
-           "settings": dict(measure.PRESET_SETTINGS["dry-run"], dry_run=True)}
+    job = {
+        "module": OPS["dpo"],
+        "provider": "naive",
+        "device": "cpu",
+        "cases": [
+            {"shape": S.LogitsLayout(batch=4).make_shape(32, 50), "dtypes": ["fp32"]},
+            {"shape": S.LogitsLayout(batch=4).make_shape(32, 80), "dtypes": ["fp32", "bf16"]},
+        ],
+        "settings": dict(measure.PRESET_SETTINGS["dry-run"], dry_run=True),
+    }
     res = measure.run_job_subprocess(job, timeout=120)
-    assert [(r["shape"]["V"], r["dtype"], r["status"]) for r in res] == \
-        [(50, "fp32", "ok"), (80, "fp32", "ok"), (80, "bf16", "ok")], res
+    assert [(r["shape"]["V"], r["dtype"], r["status"]) for r in res] == [
+        (50, "fp32", "ok"),
+        (80, "fp32", "ok"),
+        (80, "bf16", "ok"),
+    ], res
     # --full's default: one worker per op running every provider; results name their provider
     op = _op("dpo")
     provs = [op.provider("naive"), op.provider("prefopt_fast.cpu"), op.provider("trl")]
@@ -555,8 +682,11 @@ def test_full_preset_runs_per_provider_in_a_worker():
     assert [j["provider"] for j in ojob["subjobs"]] == ["naive", "prefopt_fast.cpu", "trl"]
     ojob["settings"] = job["settings"]
     res = measure.run_job(dict(ojob, subjobs=ojob["subjobs"][:2] + [dict(ojob["subjobs"][0], provider="nope")]))
-    assert [(r["provider"], r["status"]) for r in res] == [("naive", "ok"), ("prefopt_fast.cpu", "ok"),
-                                                         ("nope", "error")], res
+    assert [(r["provider"], r["status"]) for r in res] == [
+        ("naive", "ok"),
+        ("prefopt_fast.cpu", "ok"),
+        ("nope", "error"),
+    ], res
 
 
 # --------------------------------------------------------------------------- the smoke run
@@ -570,6 +700,7 @@ def test_quick_dry_run_smoke(tmp_path, capsys):
     assert "x bound" in out and f"{len(OPS)} ops in" in out
     try:
         import matplotlib  # noqa: F401
+
         has_mpl = True
     except ImportError:
         has_mpl = False
@@ -595,19 +726,33 @@ def test_summary_picks_the_largest_case_and_the_fastest_of_each_role(capsys, tmp
     from benchmarks import summary
 
     def res(provider, vocab, ms, mb, dtype="bf16", tokens=256, phase="step"):
-        return {"provider": provider, "vocab": vocab, "tokens": tokens, "dtype": dtype, "status": "ok",
-                "time_s": {phase: {"median": ms / 1e3}}, "mem_bytes": {phase: mb * 1e6},
-                "x_bound": {phase: ms / 10}}
+        return {
+            "provider": provider,
+            "vocab": vocab,
+            "tokens": tokens,
+            "dtype": dtype,
+            "status": "ok",
+            "time_s": {phase: {"median": ms / 1e3}},
+            "mem_bytes": {phase: mb * 1e6},
+            "x_bound": {phase: ms / 10},
+        }
 
-    doc = {"op": "dpo", "results": [
-        res("naive", 32000, 5, 50), res("prefopt_fast.cpu", 32000, 1, 5),  # smaller V: ignored
-        res("naive", 256000, 200, 500), res("trl", 256000, 150, 400), res("liger", 256000, 100, 300),
-        res("matmul-floor", 256000, 10, 1),                                # not a peer
-        res("prefopt_fast.torch", 256000, 40, 30), res("prefopt_fast.cpu+inplace", 256000, 20, 0),
-        dict(res("prefopt_fast.cpu", 256000, 1, 0), status="error"),      # failed: ignored
-        res("naive", 256000, 300, 700, dtype="fp32"), res("prefopt_fast.cpu", 256000, 30, 10, dtype="fp32",
-                                                         phase="fwd_nograd"),
-    ]}
+    doc = {
+        "op": "dpo",
+        "results": [
+            res("naive", 32000, 5, 50),
+            res("prefopt_fast.cpu", 32000, 1, 5),  # smaller V: ignored
+            res("naive", 256000, 200, 500),
+            res("trl", 256000, 150, 400),
+            res("liger", 256000, 100, 300),
+            res("matmul-floor", 256000, 10, 1),  # not a peer
+            res("prefopt_fast.torch", 256000, 40, 30),
+            res("prefopt_fast.cpu+inplace", 256000, 20, 0),
+            dict(res("prefopt_fast.cpu", 256000, 1, 0), status="error"),  # failed: ignored
+            res("naive", 256000, 300, 700, dtype="fp32"),
+            res("prefopt_fast.cpu", 256000, 30, 10, dtype="fp32", phase="fwd_nograd"),
+        ],
+    }
     rows = summary.summarize_doc(doc)
     assert [(r["dtype"], r["vocab"]) for r in rows] == [("bf16", 256000), ("fp32", 256000)]
     bf = rows[0]
@@ -628,15 +773,22 @@ def test_strict_run_names_providers_broken_by_the_install(monkeypatch):
     """PREFOPT_STRICT (scripts/bench.sh): a peer not installed or failing to import, or a
     missing native cpu backend, is named (the run then exits 1); a provider that cannot serve
     this device is not; PREFOPT_ALLOW_MISSING leaves the named ones out."""
-    doc = {"machine": {"device": "cpu"},
-           "providers": [{"name": "trl", "requires": ["trl"], "status": "ok", "note": None},
-                         {"name": "liger", "requires": ["liger_kernel"], "status": "skipped",
-                          "note": "not installed: liger_kernel"},
-                         {"name": "cce", "requires": ["cut_cross_entropy"], "status": "ok", "note": None}],
-           "results": [{"provider": "trl", "status": "skipped", "note": "import failed: ImportError: CUDAProperties"},
-                       {"provider": "cce", "status": "skipped", "note": "needs a CUDA device"}],
-           "notes": ["prefopt_fast.cpu: skipped (the native extension prefopt_fast._C could not be imported)",
-                     "prefopt_fast.cuda: skipped (no CUDA device)"]}
+    doc = {
+        "machine": {"device": "cpu"},
+        "providers": [
+            {"name": "trl", "requires": ["trl"], "status": "ok", "note": None},
+            {"name": "liger", "requires": ["liger_kernel"], "status": "skipped", "note": "not installed: liger_kernel"},
+            {"name": "cce", "requires": ["cut_cross_entropy"], "status": "ok", "note": None},
+        ],
+        "results": [
+            {"provider": "trl", "status": "skipped", "note": "import failed: ImportError: CUDAProperties"},
+            {"provider": "cce", "status": "skipped", "note": "needs a CUDA device"},
+        ],
+        "notes": [
+            "prefopt_fast.cpu: skipped (the native extension prefopt_fast._C could not be imported)",
+            "prefopt_fast.cuda: skipped (no CUDA device)",
+        ],
+    }
     monkeypatch.delenv("PREFOPT_ALLOW_MISSING", raising=False)
     broken = cli.broken_providers(doc)
     assert [b.split(":")[0] for b in broken] == ["liger", "trl", "prefopt_fast.cpu"], broken

@@ -4,6 +4,7 @@ token_logprobs (forward and backward) on every backend, and a new temperature va
 recompile; then EVERY public function and module of ``prefopt_fast.__all__`` (CASES below),
 forward and backward, on the torch and cpu backends; a public name without a case fails
 ``test_every_public_name_has_a_compile_case``."""
+
 import pytest
 import torch
 
@@ -126,8 +127,9 @@ def test_no_recompile_per_tensor_temperature(backend, device):
 
 from typing import Callable, Dict, NamedTuple, Tuple  # noqa: E402
 
-import prefopt_fast as pf  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
+
+import prefopt_fast as pf  # noqa: E402
 
 B, T, V, H = 2, 5, 37, 8
 IGN = -100
@@ -171,8 +173,9 @@ def _token_logprobs(be):
 
 def _sequence_logprobs(be):
     y, cu = _y().reshape(-1), torch.tensor([0, 3, 3, B * T])
-    return (lambda x: pf.sequence_logprobs(x, y, cu_seqlens=cu, average=True, temperature=0.9, backend=be)), \
-        (_z().reshape(B * T, V),)
+    return (lambda x: pf.sequence_logprobs(x, y, cu_seqlens=cu, average=True, temperature=0.9, backend=be)), (
+        _z().reshape(B * T, V),
+    )
 
 
 def _pair_logps(be):
@@ -182,8 +185,11 @@ def _pair_logps(be):
 
 def _fused_dpo_loss(be):
     y, ref = _y(2 * B), _z(2 * B, seed=5)
-    return (lambda x: pf.fused_dpo_loss(x, y, ref_logits=ref, beta=0.2, loss_type=["sigmoid", "ipo"],
-                                        loss_weights=[1.0, 0.5], backend=be)), (_z(2 * B),)
+    return (
+        lambda x: pf.fused_dpo_loss(
+            x, y, ref_logits=ref, beta=0.2, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], backend=be
+        )
+    ), (_z(2 * B),)
 
 
 def _ppo_inputs():
@@ -198,8 +204,22 @@ def _ppo_inputs():
 def _ppo_loss(be):
     old, adv, mask, _ = _ppo_inputs()
     y, ref = _y(), _z(seed=5)
-    return (lambda x: pf.ppo_loss(x, y, old, adv, loss_mask=mask, ref_logits=ref, kl_coef=0.05, kl_estimator="full",
-                                  entropy_coef=0.01, clip_eps_high=0.28, dual_clip=3.0, backend=be)), (_z(),)
+    return (
+        lambda x: pf.ppo_loss(
+            x,
+            y,
+            old,
+            adv,
+            loss_mask=mask,
+            ref_logits=ref,
+            kl_coef=0.05,
+            kl_estimator="full",
+            entropy_coef=0.01,
+            clip_eps_high=0.28,
+            dual_clip=3.0,
+            backend=be,
+        )
+    ), (_z(),)
 
 
 def _policy_inputs():
@@ -209,15 +229,34 @@ def _policy_inputs():
 
 def _policy_loss(_):
     old, adv, mask, ref_lp = _ppo_inputs()
-    return (lambda lp, h: pf.policy_loss(lp, old, adv, mask, entropy=h, ref_logps=ref_lp, kl_coef=0.1,
-                                         kl_estimator="low_var_kl", kl_ratio_correction=True, entropy_coef=0.01,
-                                         clip_eps_high=0.28, dual_clip=3.0, loss_agg_mode="seq-mean-token-mean")), \
-        _policy_inputs()
+    return (
+        lambda lp, h: pf.policy_loss(
+            lp,
+            old,
+            adv,
+            mask,
+            entropy=h,
+            ref_logps=ref_lp,
+            kl_coef=0.1,
+            kl_estimator="low_var_kl",
+            kl_ratio_correction=True,
+            entropy_coef=0.01,
+            clip_eps_high=0.28,
+            dual_clip=3.0,
+            loss_agg_mode="seq-mean-token-mean",
+        )
+    ), _policy_inputs()
 
 
 def _mod_policy(_):
-    m = pf.PolicyLoss(kl_coef=0.1, kl_estimator="full", entropy_coef=0.01, loss_agg_mode="dr_grpo", max_length=T,
-                      importance_sampling_level="sequence")
+    m = pf.PolicyLoss(
+        kl_coef=0.1,
+        kl_estimator="full",
+        entropy_coef=0.01,
+        loss_agg_mode="dr_grpo",
+        max_length=T,
+        importance_sampling_level="sequence",
+    )
     old, adv, mask, _ = _ppo_inputs()
     kl = torch.rand(B, T, generator=_g(13))
     return (lambda lp, h: m(lp, old, adv, mask, entropy=h, kl=kl)), _policy_inputs()
@@ -225,30 +264,42 @@ def _mod_policy(_):
 
 def _dpo_loss(_):
     lengths, rc, rr = torch.tensor([3, 4]), _vec(seed=8), _vec(seed=9)
-    return (lambda c, r: pf.dpo_loss(c, r, rc, rr, beta=0.1, loss_type=["sigmoid", "ipo"],
-                                     chosen_lengths=lengths, rejected_lengths=lengths + 1)), \
-        (_vec(seed=10), _vec(seed=11))
+    return (
+        lambda c, r: pf.dpo_loss(
+            c, r, rc, rr, beta=0.1, loss_type=["sigmoid", "ipo"], chosen_lengths=lengths, rejected_lengths=lengths + 1
+        )
+    ), (_vec(seed=10), _vec(seed=11))
 
 
 def _cpo_loss(_):
-    return (lambda c, r: pf.cpo_loss(c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), loss_type="simpo",
-                                     alpha=0.1, nll_loss=c.mean().neg())), (_vec(seed=10), _vec(seed=11))
+    return (
+        lambda c, r: pf.cpo_loss(
+            c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), loss_type="simpo", alpha=0.1, nll_loss=c.mean().neg()
+        )
+    ), (_vec(seed=10), _vec(seed=11))
 
 
 def _simpo_loss(_):
-    return (lambda c, r: pf.simpo_loss(c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), nll_weight=0.5,
-                                       nll_loss=c.mean().neg())), (_vec(seed=10), _vec(seed=11))
+    return (
+        lambda c, r: pf.simpo_loss(
+            c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), nll_weight=0.5, nll_loss=c.mean().neg()
+        )
+    ), (_vec(seed=10), _vec(seed=11))
 
 
 def _orpo_loss(_):
-    return (lambda c, r: pf.orpo_loss(c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), nll_loss=c.mean().neg())), \
-        (_vec(seed=10) / 10, _vec(seed=11) / 10)
+    return (lambda c, r: pf.orpo_loss(c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), nll_loss=c.mean().neg())), (
+        _vec(seed=10) / 10,
+        _vec(seed=11) / 10,
+    )
 
 
 def _bradley_terry_loss(_):
     margin = torch.rand(B, generator=_g(12))
-    return (lambda c, r: pf.bradley_terry_loss(c, r, margin=margin, center_rewards_coefficient=0.01)), \
-        (torch.randn(B, generator=_g(10)), torch.randn(B, generator=_g(11)))
+    return (lambda c, r: pf.bradley_terry_loss(c, r, margin=margin, center_rewards_coefficient=0.01)), (
+        torch.randn(B, generator=_g(10)),
+        torch.randn(B, generator=_g(11)),
+    )
 
 
 def _linear_token_logprobs(be):
@@ -257,16 +308,31 @@ def _linear_token_logprobs(be):
     g = _g(13)
     bias, la, lb = torch.randn(V, generator=g), torch.randn(3, H, generator=g) / 4, torch.randn(V, 3, generator=g) / 4
     stats = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
-    return (lambda h, w, b, a, lb: pf.linear_token_logprobs(h, w, y, bias=b, lora=(a, lb, 0.5), softcap=5.0,
-                                                            logit_scale=1.3, temperature=0.9, stats=stats,
-                                                            chunk_size=3, backend=be)), (h, w, bias, la, lb)
+    return (
+        lambda h, w, b, a, lb: pf.linear_token_logprobs(
+            h,
+            w,
+            y,
+            bias=b,
+            lora=(a, lb, 0.5),
+            softcap=5.0,
+            logit_scale=1.3,
+            temperature=0.9,
+            stats=stats,
+            chunk_size=3,
+            backend=be,
+        )
+    ), (h, w, bias, la, lb)
 
 
 def _linear_sequence_logprobs(be):
     h, w = _hw()
     y, cu = _y().reshape(-1), torch.tensor([0, 4, 4, B * T])
-    return (lambda h, w: pf.linear_sequence_logprobs(h, w, y, cu_seqlens=cu, average=True, logit_scale=1.2,
-                                                     chunk_size=4, backend=be)), (h.reshape(B * T, H), w)
+    return (
+        lambda h, w: pf.linear_sequence_logprobs(
+            h, w, y, cu_seqlens=cu, average=True, logit_scale=1.2, chunk_size=4, backend=be
+        )
+    ), (h.reshape(B * T, H), w)
 
 
 def _linear_pair_logps(be):
@@ -280,16 +346,33 @@ def _linear_dpo_loss(be):
     h, w = _hw(2 * B)
     ref_h = h + 0.1 * torch.randn(h.shape, generator=_g(15))
     y = _y(2 * B)
-    return (lambda h, w: pf.linear_dpo_loss(h, w, y, ref_hidden=ref_h, ref_weight=w.detach(), beta=0.2,
-                                            softcap=10.0, backend=be)), (h, w)
+    return (
+        lambda h, w: pf.linear_dpo_loss(
+            h, w, y, ref_hidden=ref_h, ref_weight=w.detach(), beta=0.2, softcap=10.0, backend=be
+        )
+    ), (h, w)
 
 
 def _linear_ppo_loss(be):
     h, w = _hw()
     y = _y()
     old, adv, mask, ref_lp = _ppo_inputs()
-    return (lambda h, w: pf.linear_ppo_loss(h, w, y, old, adv, loss_mask=mask, ref_logps=ref_lp, kl_coef=0.1,
-                                            entropy_coef=0.01, loss_agg_mode="grpo", chunk_size=3, backend=be)), (h, w)
+    return (
+        lambda h, w: pf.linear_ppo_loss(
+            h,
+            w,
+            y,
+            old,
+            adv,
+            loss_mask=mask,
+            ref_logps=ref_lp,
+            kl_coef=0.1,
+            entropy_coef=0.01,
+            loss_agg_mode="grpo",
+            chunk_size=3,
+            backend=be,
+        )
+    ), (h, w)
 
 
 # modules: constructed outside the compiled region, called inside it
@@ -329,8 +412,15 @@ def _mod_bradley_terry(_):
 
 
 def _mod_ppo(be):
-    m = pf.PPOLoss(kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, loss_agg_mode="dr_grpo", max_length=T,
-                   importance_sampling_level="sequence", backend=be)
+    m = pf.PPOLoss(
+        kl_coef=0.1,
+        kl_estimator="k3",
+        entropy_coef=0.01,
+        loss_agg_mode="dr_grpo",
+        max_length=T,
+        importance_sampling_level="sequence",
+        backend=be,
+    )
     old, adv, mask, ref_lp = _ppo_inputs()
     y = _y()
     return (lambda x: m(x, y, old, adv, loss_mask=mask, ref_logps=ref_lp)), (_z(),)
@@ -472,17 +562,38 @@ def test_fused_linear_ops_opcheck():
         y = _y().reshape(-1) if ignored else _y().reshape(-1).clamp(min=0)
         it = torch.full((B * T,), 1.1)
         g = _g(13)
-        bias, la, lb = (torch.randn(V, generator=g).to(dt), (torch.randn(3, H, generator=g) / 4).to(dt),
-                        (torch.randn(V, 3, generator=g) / 4).to(dt))
+        bias, la, lb = (
+            torch.randn(V, generator=g).to(dt),
+            (torch.randn(3, H, generator=g) / 4).to(dt),
+            (torch.randn(V, 3, generator=g) / 4).to(dt),
+        )
         opts = (IGN, 0.5, 1.0, 3.0, STAT_ENTROPY | STAT_MEAN, 4, "cpu")
         fwd = (h, w, bias, la, lb, y, it, *opts)
-        torch.library.opcheck(torch.ops.prefopt_fast.linear_forward.default, fwd,
-                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(
+            torch.ops.prefopt_fast.linear_forward.default, fwd, test_utils=("test_schema", "test_faketensor")
+        )
         rows = LL._linear_forward_impl(*fwd)
-        bwd = (h, w, bias, la, lb, y, it, rows, torch.randn(B * T), torch.randn(B * T), *opts,
-               True, True, False, True, True)
-        torch.library.opcheck(torch.ops.prefopt_fast.linear_backward.default, bwd,
-                              test_utils=("test_schema", "test_faketensor"))
+        bwd = (
+            h,
+            w,
+            bias,
+            la,
+            lb,
+            y,
+            it,
+            rows,
+            torch.randn(B * T),
+            torch.randn(B * T),
+            *opts,
+            True,
+            True,
+            False,
+            True,
+            True,
+        )
+        torch.library.opcheck(
+            torch.ops.prefopt_fast.linear_backward.default, bwd, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 @pytest.mark.slow
@@ -490,5 +601,4 @@ def test_inductor_linear_dpo_loss():
     """The default backend (inductor) once, on the fused-linear DPO loss."""
     if not pf.available_backends() or "cpu" not in pf.available_backends():
         pytest.skip("the cpu backend is not built")
-    _compare("linear_dpo_loss (inductor)", CASES["linear_dpo_loss"].build, "cpu", dynamo_backend="inductor",
-             tol=1e-4)
+    _compare("linear_dpo_loss (inductor)", CASES["linear_dpo_loss"].build, "cpu", dynamo_backend="inductor", tol=1e-4)

@@ -6,6 +6,7 @@ strided views without copies, awkward vocabulary sizes, rows split across thread
 ignored rows, -inf / NaN / inf / huge values, out-of-range labels, in-place backward and
 more than 2^31 elements (slow). The public-API matrix lives in test_token_logprobs.py.
 """
+
 import math
 import re
 import sys
@@ -14,20 +15,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP,
-                                OUT_MEAN, OUT_REF_LSE, STAT_ALL, STAT_ARGMAX, STAT_ENTROPY, STAT_KL,
-                                STAT_LSSP, STAT_MEAN)
+from prefopt_fast._rows import (
+    N_OUT,
+    OUT_ARGMAX,
+    OUT_ENTROPY,
+    OUT_KL,
+    OUT_LOGP,
+    OUT_LSE,
+    OUT_LSE_LO,
+    OUT_LSSP,
+    OUT_MEAN,
+    OUT_REF_LSE,
+    STAT_ALL,
+    STAT_ARGMAX,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_LSSP,
+    STAT_MEAN,
+)
 from prefopt_fast.backends import cpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
-from reference import ref_backward, ref_forward  # noqa: E402  (the fp64 row-contract reference)
 import expected  # noqa: E402  (tests/expected.py)
-
+from reference import ref_backward, ref_forward  # noqa: E402  (the fp64 row-contract reference)
 
 
 @pytest.fixture(autouse=True)
 def _native_extension():
     expected.require("cpu-extension")  # a broken build fails in strict mode (scripts/test.sh, CI)
+
 
 IGN = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -37,28 +53,40 @@ NOKL = STAT_ALL & ~STAT_KL  # every statistic that needs no ref_logits
 
 # ----------------------------------------------------------------------------- reference
 
+
 def _rows(z):
     return z.reshape(-1, z.shape[-1])  # may copy: the reference only
 
 
 def assert_fwd(out, ref, stats, kl=False, rtol=2e-5, atol=2e-5):
     rows = [OUT_LOGP, OUT_LSE]
-    for bit, r in ((STAT_ENTROPY, OUT_ENTROPY), (STAT_LSSP, OUT_LSSP), (STAT_MEAN, OUT_MEAN),
-                   (STAT_ARGMAX, OUT_ARGMAX)):
+    for bit, r in (
+        (STAT_ENTROPY, OUT_ENTROPY),
+        (STAT_LSSP, OUT_LSSP),
+        (STAT_MEAN, OUT_MEAN),
+        (STAT_ARGMAX, OUT_ARGMAX),
+    ):
         if stats & bit:
             rows.append(r)
     if kl:
         rows += [OUT_KL, OUT_REF_LSE]
     for r in rows:
-        torch.testing.assert_close(out[r].double(), ref[r], rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m, r=r: f"output row {r}: {m}")
+        torch.testing.assert_close(
+            out[r].double(), ref[r], rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, r=r: f"output row {r}: {m}"
+        )
     # LSE + LSE_LO: the lse to the accuracy of the exp-sums (~1e-7), at any magnitude
-    torch.testing.assert_close(out[OUT_LSE].double() + out[OUT_LSE_LO].double(), ref[OUT_LSE] + ref[OUT_LSE_LO],
-                               rtol=0, atol=1e-6, equal_nan=True, msg=lambda m: f"LSE + LSE_LO: {m}")
+    torch.testing.assert_close(
+        out[OUT_LSE].double() + out[OUT_LSE_LO].double(),
+        ref[OUT_LSE] + ref[OUT_LSE_LO],
+        rtol=0,
+        atol=1e-6,
+        equal_nan=True,
+        msg=lambda m: f"LSE + LSE_LO: {m}",
+    )
 
 
 def grad_tol(dtype):
-    return {torch.float32: 2e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+    return {torch.float32: 2e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
 
 
 def assert_grad(g, ref, dtype):
@@ -111,6 +139,7 @@ class TestContractConstants:
 
     def test_every_cpp_constant_equals_rows_py(self):
         import prefopt_fast._rows as rows
+
         cpp = _contract_constants()
         assert {"kStatKl", "kOutLogp", "kOutLseLo", "kNumOut"} <= set(cpp), sorted(cpp)
         for name, value in cpp.items():
@@ -120,6 +149,7 @@ class TestContractConstants:
 
     def test_every_rows_py_constant_is_in_row_args_h(self):
         import prefopt_fast._rows as rows
+
         cpp = {_python_name(n) for n in _contract_constants()}
         py = {n for n in vars(rows) if re.fullmatch(r"(STAT|OUT)_[A-Z_]+|N_OUT", n)}
         assert py - cpp == set(), f"prefopt_fast._rows constants missing from csrc/row_args.h: {sorted(py - cpp)}"
@@ -134,6 +164,7 @@ class TestContractConstants:
 
 
 # ----------------------------------------------------------------------------- ops
+
 
 def _op_args(dtype=torch.float32, V=37):
     z = make((2, 5, V), dtype)[:, :-1]  # strided view
@@ -153,9 +184,11 @@ def test_opcheck(dtype):
     out = ops.row_forward(z, y, it, IGN, STAT_ALL, zr)
     lse, lo, H, rlse, kl = out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], out[OUT_REF_LSE], out[OUT_KL]
     c, e, k = torch.randn(8), torch.randn(8), torch.randn(8)
-    for args in [(z, y, it, lse, lo, lse, c, None, IGN, None, None, None, None),
-                 (z, y, it, lse, lo, H, c, e, IGN, None, None, None, None),
-                 (z, y, it, lse, lo, H, c, e, IGN, k, zr, rlse, kl)]:
+    for args in [
+        (z, y, it, lse, lo, lse, c, None, IGN, None, None, None, None),
+        (z, y, it, lse, lo, H, c, e, IGN, None, None, None, None),
+        (z, y, it, lse, lo, H, c, e, IGN, k, zr, rlse, kl),
+    ]:
         torch.library.opcheck(ops.row_backward.default, args)
         torch.library.opcheck(ops.row_backward_.default, (z.clone(),) + args[1:])
 
@@ -287,14 +320,14 @@ def test_ignored_rows_are_zero_everywhere(dtype):
 def test_neg_inf_entries(dtype):
     V = 3 * CHUNK + 11
     z = make((5, V), dtype)
-    z[0, ::3] = -math.inf                 # masked entries
-    z[1, : 2 * CHUNK] = -math.inf         # whole leading chunks
-    z[2, 1:] = -math.inf                  # a single finite entry
-    z[3, :] = -math.inf                   # nothing finite: NaN log-probs
-    y = torch.tensor([0, 5, 0, 1, 7])     # rows 0, 1: the label itself is -inf
+    z[0, ::3] = -math.inf  # masked entries
+    z[1, : 2 * CHUNK] = -math.inf  # whole leading chunks
+    z[2, 1:] = -math.inf  # a single finite entry
+    z[3, :] = -math.inf  # nothing finite: NaN log-probs
+    y = torch.tensor([0, 5, 0, 1, 7])  # rows 0, 1: the label itself is -inf
     it = torch.ones(5)
     zr = make((5, V), dtype)
-    zr[4, 100] = -math.inf                # q = 0 where p > 0: KL = inf
+    zr[4, 100] = -math.inf  # q = 0 where p > 0: KL = inf
     out = cpu.row_forward(z, y, it, IGN, STAT_ALL, zr)
     ref = ref_forward(z, y, it, zr=zr)
     assert_fwd(out, ref, STAT_ALL, kl=True)
@@ -330,8 +363,9 @@ def test_nan_and_inf_rows_stay_local(dtype):
         assert math.isnan(out[OUT_LOGP, r]) and math.isnan(out[OUT_LSE, r])
         assert math.isnan(out[OUT_ENTROPY, r])
     assert_fwd(out[:, [0, 4]], ref[:, [0, 4]], STAT_ALL & ~STAT_MEAN)
-    g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], torch.ones(5), torch.ones(5),
-                         IGN, False)
+    g = cpu.row_backward(
+        z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], torch.ones(5), torch.ones(5), IGN, False
+    )
     assert torch.isnan(g[1:4]).all() and torch.isfinite(g[[0, 4]]).all()
 
 
@@ -368,7 +402,7 @@ def test_large_magnitudes():
 def test_out_of_range_labels_are_safe(dtype):
     V = 1000
     z = make((4, V), dtype)
-    y = torch.tensor([V, -5, 2 ** 40, 3])
+    y = torch.tensor([V, -5, 2**40, 3])
     it = torch.ones(4)
     out = cpu.row_forward(z, y, it, IGN, NOKL)
     ref = ref_forward(z, y, it)
@@ -393,8 +427,20 @@ def test_confident_rows_keep_gradient_precision(which):
     c, e, k = torch.randn(N), (torch.randn(N) if which != "logp" else None), (torch.randn(N) if which == "kl" else None)
     kl_kw = dict(grad_kl=k, ref_logits=zr, ref_lse=out[OUT_REF_LSE], kl=out[OUT_KL]) if k is not None else {}
     g = cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, e, IGN, False, **kl_kw)
-    ref = ref_backward(z, y, it, out[OUT_LSE], out[OUT_ENTROPY], c, e, zr=zr, k=k, rlse=out[OUT_REF_LSE],
-                       kl=out[OUT_KL], lse_lo=out[OUT_LSE_LO])
+    ref = ref_backward(
+        z,
+        y,
+        it,
+        out[OUT_LSE],
+        out[OUT_ENTROPY],
+        c,
+        e,
+        zr=zr,
+        k=k,
+        rlse=out[OUT_REF_LSE],
+        kl=out[OUT_KL],
+        lse_lo=out[OUT_LSE_LO],
+    )
     for r in range(N):  # each row against its own scale
         scale = ref[r].abs().max().item()
         torch.testing.assert_close(g[r].double(), ref[r], rtol=2e-5, atol=1e-6 * scale)
@@ -410,11 +456,15 @@ def test_argmax_is_the_first_index_of_the_max():
     second = torch.tensor([b for _, b in pairs])
     one = torch.ones(1)
     for r in range(len(pairs)):
-        for rows in (z, z[r:r + 1]):  # all rows, or one row alone (split into segments)
+        for rows in (z, z[r : r + 1]):  # all rows, or one row alone (split into segments)
             sel = slice(None) if rows is z else slice(r, r + 1)
             n = rows.shape[0]
-            assert (cpu.row_forward(rows, first[sel], one.expand(n).contiguous(), IGN, STAT_ARGMAX)[OUT_ARGMAX] == 1).all()
-            assert (cpu.row_forward(rows, second[sel], one.expand(n).contiguous(), IGN, STAT_ARGMAX)[OUT_ARGMAX] == 0).all()
+            assert (
+                cpu.row_forward(rows, first[sel], one.expand(n).contiguous(), IGN, STAT_ARGMAX)[OUT_ARGMAX] == 1
+            ).all()
+            assert (
+                cpu.row_forward(rows, second[sel], one.expand(n).contiguous(), IGN, STAT_ARGMAX)[OUT_ARGMAX] == 0
+            ).all()
 
 
 def test_max_jumps_late_in_the_row():
@@ -431,9 +481,10 @@ def test_max_jumps_late_in_the_row():
 
 # ----------------------------------------------------------------------------- > 2^31 elements
 
+
 @pytest.mark.slow
 def test_more_than_2_31_elements_bf16():
-    N, V = 17, 2 ** 27  # 2.28e9 elements (4.6 GB of bf16): row 16 starts at element 2^31
+    N, V = 17, 2**27  # 2.28e9 elements (4.6 GB of bf16): row 16 starts at element 2^31
     B = 1 << 20
     gen = torch.Generator().manual_seed(1)
     blocks = (torch.randn(4, B, generator=gen) * 2).to(torch.bfloat16)
@@ -448,8 +499,10 @@ def test_more_than_2_31_elements_bf16():
         z[r, spike[r]] = SPIKE
     it = torch.ones(N)
     check = [0, N // 2, N - 1]
-    cols = {r: torch.cat([torch.arange(0, 4096), torch.arange(V - 4096, V), y[r:r + 1], torch.tensor([spike[r]])])
-            for r in check}
+    cols = {
+        r: torch.cat([torch.arange(0, 4096), torch.arange(V - 4096, V), y[r : r + 1], torch.tensor([spike[r]])])
+        for r in check
+    }
     saved = {r: z[r, cols[r]].clone() for r in check}
 
     out = cpu.row_forward(z, y, it, IGN, STAT_ENTROPY | STAT_ARGMAX)
@@ -462,8 +515,9 @@ def test_more_than_2_31_elements_bf16():
         lse = s.log()
         ent = lse - sx / s
         logp = z[r, y[r]].double() - lse
-        torch.testing.assert_close(out[[OUT_LSE, OUT_LOGP, OUT_ENTROPY], r].double(), torch.stack([lse, logp, ent]),
-                                   rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(
+            out[[OUT_LSE, OUT_LOGP, OUT_ENTROPY], r].double(), torch.stack([lse, logp, ent]), rtol=2e-5, atol=2e-5
+        )
         assert out[OUT_ARGMAX, r] == float(y[r] == spike[r])
     assert out[OUT_ARGMAX, 0] == 1
 
@@ -471,7 +525,14 @@ def test_more_than_2_31_elements_bf16():
     cpu.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, None, IGN, True)
     for r in check:  # a slice of each row, including the label and the spike
         # (the reference sees only these columns, so give it no label and add the one-hot term)
-        ref_g = ref_backward(saved[r][None], torch.tensor([IGN + 1]), it[:1], out[OUT_LSE, r:r + 1],
-                             out[OUT_ENTROPY, r:r + 1], c[:1], lse_lo=out[OUT_LSE_LO, r:r + 1])
+        ref_g = ref_backward(
+            saved[r][None],
+            torch.tensor([IGN + 1]),
+            it[:1],
+            out[OUT_LSE, r : r + 1],
+            out[OUT_ENTROPY, r : r + 1],
+            c[:1],
+            lse_lo=out[OUT_LSE_LO, r : r + 1],
+        )
         ref_g[0, cols[r] == y[r]] += c[r].double()
         assert_grad(z[r, cols[r]][None], ref_g, torch.bfloat16)

@@ -9,6 +9,7 @@ without a GPU.) Skipped where no CUDA device is visible. On a GPU machine the cu
 backend must be available (an extension built with CUDA kernels that load on this GPU);
 ``PREFOPT_ALLOW_NO_CUDA_EXT=1`` turns that requirement into skips (e.g. a CPU-only wheel).
 """
+
 import math
 import os
 import sys
@@ -19,13 +20,11 @@ import torch
 
 import prefopt_fast
 from prefopt_fast import _rows
-from prefopt_fast._rows import (OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_REF_LSE, STAT_ALL, STAT_ENTROPY,
-                                STAT_KL)
+from prefopt_fast._rows import OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_REF_LSE, STAT_ALL, STAT_ENTROPY, STAT_KL
 from prefopt_fast.backends import torch_backend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
-from reference import (DTYPES, IGN, assert_forward, assert_grad, ref_backward, ref_forward,  # noqa: E402
-                       special_labels, special_rows)
+from reference import DTYPES, IGN, assert_forward, assert_grad, ref_backward, ref_forward, special_labels, special_rows  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -78,7 +77,7 @@ def _tol(dtype):
 
 
 def _grad_close(a, b, dtype):
-    t = {torch.float32: 2e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -9}[dtype]
+    t = {torch.float32: 2e-5, torch.bfloat16: 2**-7, torch.float16: 2**-9}[dtype]
     scale = max(b.abs().max().item(), 1e-30)
     torch.testing.assert_close(a.float(), b.float(), rtol=t, atol=t * scale, equal_nan=True)
 
@@ -118,8 +117,9 @@ def test_token_logprobs_vs_torch(backend, shape, dtype, inplace):
         results[b] = (out, leaf.grad)
     (o0, g0), (o1, g1) = results["torch"], results[backend]
     for name in ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit"):
-        torch.testing.assert_close(getattr(o1, name), getattr(o0, name), **_tol(dtype), equal_nan=True,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            getattr(o1, name), getattr(o0, name), **_tol(dtype), equal_nan=True, msg=lambda m, n=name: f"{n}: {m}"
+        )
     assert torch.equal(o1.is_argmax, o0.is_argmax)
     _grad_close(g1, g0, dtype)
 
@@ -135,8 +135,7 @@ def test_token_logprobs_exact_kl_vs_torch(backend, dtype):
     res = {}
     for b in ("torch", backend):
         leaf = z.detach().clone().requires_grad_(True)
-        out = prefopt_fast.token_logprobs(leaf, y, stats=("kl", "entropy"), ref_logits=zr, temperature=0.7,
-                                          backend=b)
+        out = prefopt_fast.token_logprobs(leaf, y, stats=("kl", "entropy"), ref_logits=zr, temperature=0.7, backend=b)
         (out.logprobs.sum() + out.kl.sum() - 0.1 * out.entropy.sum()).backward()
         res[b] = (out, leaf.grad)
     torch.testing.assert_close(res[backend][0].kl, res["torch"][0].kl, **_tol(dtype))
@@ -144,6 +143,7 @@ def test_token_logprobs_exact_kl_vs_torch(backend, dtype):
 
 
 # ----------------------------------------------------------------------------- row kernels, edge rows
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V", [40, 50257])
@@ -163,11 +163,34 @@ def test_row_kernels_special_rows_vs_fp64(backend, dtype, V):
     c, e = torch.randn(y.numel(), device=DEV), torch.randn(y.numel(), device=DEV)
     k = torch.randn(y.numel(), device=DEV) if kl else None
     kw = dict(grad_kl=k, ref_logits=zr, ref_lse=ref32[OUT_REF_LSE], kl=ref32[OUT_KL]) if kl else {}
-    g_ref = ref_backward(z, y, it, ref32[OUT_LSE], ref32[OUT_ENTROPY], c, e, zr=zr if kl else None, k=k,
-                         rlse=kw.get("ref_lse"), kl=kw.get("kl"), lse_lo=ref32[OUT_LSE_LO])
+    g_ref = ref_backward(
+        z,
+        y,
+        it,
+        ref32[OUT_LSE],
+        ref32[OUT_ENTROPY],
+        c,
+        e,
+        zr=zr if kl else None,
+        k=k,
+        rlse=kw.get("ref_lse"),
+        kl=kw.get("kl"),
+        lse_lo=ref32[OUT_LSE_LO],
+    )
     for inplace in (False, True):
-        g = mod.row_backward(z.clone() if inplace else z, y, it, ref32[OUT_LSE], ref32[OUT_LSE_LO],
-                             ref32[OUT_ENTROPY], c, e, IGN, inplace, **kw)
+        g = mod.row_backward(
+            z.clone() if inplace else z,
+            y,
+            it,
+            ref32[OUT_LSE],
+            ref32[OUT_LSE_LO],
+            ref32[OUT_ENTROPY],
+            c,
+            e,
+            IGN,
+            inplace,
+            **kw,
+        )
         assert_grad(g, g_ref, dtype, what=f"{backend} inplace={inplace}")
 
 
@@ -183,6 +206,7 @@ def test_row_kernels_many_rows_and_short_rows(backend, dtype):
 
 
 # ----------------------------------------------------------------------------- the ops built on them
+
 
 def _pair_batch(dtype, B=2, T=24, V=2053):
     z = torch.randn(2 * B, T + 1, V, device=DEV).mul(2).to(dtype)[:, :-1]
@@ -260,10 +284,18 @@ def test_linear_ops_vs_torch(backend, dtype):
     losses = {}
     for b in ("torch", backend):
         hh = hp.clone().requires_grad_(True)
-        l1, _ = linear_dpo_loss(hh, w, yp, ref_chosen_logps=torch.zeros(2, device=DEV),
-                                ref_rejected_logps=torch.zeros(2, device=DEV), beta=0.1, backend=b)
-        l2, _ = linear_ppo_loss(hh, w, yp, -torch.rand(4, 12, device=DEV), torch.randn(4, device=DEV).sort().values,
-                                backend=b)
+        l1, _ = linear_dpo_loss(
+            hh,
+            w,
+            yp,
+            ref_chosen_logps=torch.zeros(2, device=DEV),
+            ref_rejected_logps=torch.zeros(2, device=DEV),
+            beta=0.1,
+            backend=b,
+        )
+        l2, _ = linear_ppo_loss(
+            hh, w, yp, -torch.rand(4, 12, device=DEV), torch.randn(4, device=DEV).sort().values, backend=b
+        )
         (l1 + l2).backward()
         losses[b] = (l1, l2, hh.grad)
     for a, r in zip(losses[backend], losses["torch"]):
@@ -271,6 +303,7 @@ def test_linear_ops_vs_torch(backend, dtype):
 
 
 # ----------------------------------------------------------------------------- compile, streams, devices
+
 
 def test_opcheck_cuda_ops():
     backend_module("cuda")
@@ -282,8 +315,7 @@ def test_opcheck_cuda_ops():
     torch.library.opcheck(ops.row_forward.default, (z, y, it, IGN, STAT_ALL, zr))
     out = ops.row_forward(z, y, it, IGN, STAT_ALL, zr)
     c, e, k = (torch.randn(8, device=DEV) for _ in range(3))
-    args = (z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, e, IGN, k, zr, out[OUT_REF_LSE],
-            out[OUT_KL])
+    args = (z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_ENTROPY], c, e, IGN, k, zr, out[OUT_REF_LSE], out[OUT_KL])
     torch.library.opcheck(ops.row_backward.default, args)
     torch.library.opcheck(ops.row_backward_.default, (z.clone(),) + args[1:])
 
@@ -298,8 +330,8 @@ def test_torch_compile_fullgraph(backend):
 
     compiled = torch.compile(f, fullgraph=True)
     for t in (1.0, 0.7):
-        g_c, = torch.autograd.grad(compiled(z, y, t), z)
-        g_e, = torch.autograd.grad(f(z, y, t), z)
+        (g_c,) = torch.autograd.grad(compiled(z, y, t), z)
+        (g_e,) = torch.autograd.grad(f(z, y, t), z)
         torch.testing.assert_close(g_c, g_e)
 
 
@@ -327,7 +359,7 @@ def test_more_than_2_pow_31_elements(backend):
     mod = backend_module(backend)
     N, V = 16400, 131072  # 2.15e9 bf16 elements, 4.3 GB (+ the same again for the gradient)
     free, _ = torch.cuda.mem_get_info()
-    if free < 10 * 2 ** 30:
+    if free < 10 * 2**30:
         pytest.skip("needs ~10 GiB of free GPU memory")
     z = torch.empty(N, V, device=DEV, dtype=torch.bfloat16).normal_()
     y = torch.randint(0, V, (N,), device=DEV)
@@ -336,8 +368,9 @@ def test_more_than_2_pow_31_elements(backend):
     out = mod.row_forward(z, y, it, IGN, 0)
     ref = torch.logsumexp(z[rows].float(), -1)
     torch.testing.assert_close(out[OUT_LSE][rows], ref, rtol=1e-4, atol=1e-4)
-    g = mod.row_backward(z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(N, device=DEV), None,
-                         IGN, True)
+    g = mod.row_backward(
+        z, y, it, out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(N, device=DEV), None, IGN, True
+    )
     assert g is z
     # every row of c (onehot - p) sums to 0; the last rows are past element 2^31
     sums = g[rows].float().sum(-1)

@@ -7,6 +7,7 @@ Needs a CUDA toolkit (skipped otherwise). tools/cuda_build_check.py builds into
 build/cuda_check (kept: a rerun with unchanged sources only relinks); cold, about a
 minute on two busy cores.
 """
+
 import json
 import os
 import re
@@ -28,7 +29,14 @@ pytestmark = pytest.mark.skipif(HOME is None, reason="no CUDA toolkit (CUDA_HOME
 def test_arch_spec():
     p = cuda_build.parse_archs
     assert cuda_build.arch_names(p("80;86;89;90;100;120+PTX")) == [
-        "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "compute_120"]
+        "sm_80",
+        "sm_86",
+        "sm_89",
+        "sm_90",
+        "sm_100",
+        "sm_120",
+        "compute_120",
+    ]
     assert cuda_build.arch_names(p("sm_90, 8.0 compute_90")) == ["sm_80", "sm_90", "compute_90"]
     assert cuda_build.gencode_flags(p("90+PTX")) == ["-gencode=arch=compute_90,code=[sm_90,compute_90]"]
     for bad in ("70", "sm_90a", "banana", ""):
@@ -40,8 +48,14 @@ def test_build_check(tmp_path):
     """Build (sm_80, sm_90 + PTX), no spills, fatbinary contents, import without a driver."""
     out = tmp_path / "check.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PREFOPT_BACKEND")}
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "cuda_build_check.py"), "--arch", "80;90+PTX",
-                          "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "cuda_build_check.py"), "--arch", "80;90+PTX", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["failures"] == []
@@ -64,8 +78,9 @@ def test_build_check(tmp_path):
 def test_wheel_version_names_the_cuda_version():
     def version(**env):
         e = dict(os.environ, **env)
-        res = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=e, capture_output=True,
-                             text=True, timeout=300)
+        res = subprocess.run(
+            [sys.executable, "setup.py", "--version"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         return res.stdout.strip().splitlines()[-1]
 
@@ -76,6 +91,7 @@ def test_wheel_version_names_the_cuda_version():
 
 
 # ----------------------------------------------------------------------------- shared math
+
 
 def _run(cmd, **kw):
     res = subprocess.run(cmd, capture_output=True, text=True, **kw)
@@ -93,6 +109,7 @@ def test_cpu_and_cuda_paths_share_the_math_header(tmp_path):
     for cu in ("forward.cu", "backward.cu"):
         deps = _run([nvcc, "-std=c++17", "-M", f"-I{ROOT / 'csrc'}", str(ROOT / "csrc" / "cuda" / cu)])
         assert str(header) in deps.replace("\\\n", " "), cu
+
     # 2. and call the same functions of it (the merge, the rescale, the KL rebase, the
     #    finishers and the gradient) -- names, not copies
     def called(paths):
@@ -101,9 +118,23 @@ def test_cpu_and_cuda_paths_share_the_math_header(tmp_path):
 
     cpu = called([ROOT / "csrc" / "cpu" / "row_kernels.cpp"])
     cuda = called(sorted((ROOT / "csrc" / "cuda").glob("*.cuh")))
-    shared = {"pf_lse_merge", "pf_lse_rescale", "pf_kl_rebase", "pf_kl_value", "pf_lse_value", "pf_lse_entropy",
-              "pf_lse_log_sum_sq", "pf_grad_coef", "pf_grad_fast", "pf_grad_fast_kl", "pf_grad_elem",
-              "pf_grad_elem_kl", "pf_grad_elem_noent", "pf_exp_poly_arg", "pf_bf16_to_f32"}
+    shared = {
+        "pf_lse_merge",
+        "pf_lse_rescale",
+        "pf_kl_rebase",
+        "pf_kl_value",
+        "pf_lse_value",
+        "pf_lse_entropy",
+        "pf_lse_log_sum_sq",
+        "pf_grad_coef",
+        "pf_grad_fast",
+        "pf_grad_fast_kl",
+        "pf_grad_elem",
+        "pf_grad_elem_kl",
+        "pf_grad_elem_noent",
+        "pf_exp_poly_arg",
+        "pf_bf16_to_f32",
+    }
     assert shared <= cpu, shared - cpu
     assert shared <= cuda, shared - cuda
     # 3. the header compiled by g++ (CPU build) and by nvcc as CUDA (host side of the
@@ -111,8 +142,20 @@ def test_cpu_and_cuda_paths_share_the_math_header(tmp_path):
     #    same bits on a grid of inputs
     src = ROOT / "tools" / "pf_math_probe.cpp"
     _run([cxx, "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", str(src), "-o", str(tmp_path / "probe_cxx")])
-    _run([nvcc, "-std=c++17", "-O2", "-x", "cu", f"-I{ROOT / 'csrc'}", "-gencode=arch=compute_80,code=[sm_80]",
-          str(src), "-o", str(tmp_path / "probe_nvcc")])
+    _run(
+        [
+            nvcc,
+            "-std=c++17",
+            "-O2",
+            "-x",
+            "cu",
+            f"-I{ROOT / 'csrc'}",
+            "-gencode=arch=compute_80,code=[sm_80]",
+            str(src),
+            "-o",
+            str(tmp_path / "probe_nvcc"),
+        ]
+    )
     a = _run([str(tmp_path / "probe_cxx")])
     b = _run([str(tmp_path / "probe_nvcc")])
     assert len(a.splitlines()) > 300

@@ -7,6 +7,7 @@ rows, in-place writes, the grid-stride loop) is checked on machines without one.
 device-only parts (the fast exp, the real hardware) are covered by tests/test_cuda_backend.py
 on a GPU. Shapes stay small: every emulated thread is a host thread.
 """
+
 import sys
 from pathlib import Path
 
@@ -15,11 +16,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
 import emulated  # noqa: E402
-from reference import (DTYPES, IGN, assert_forward, assert_grad, make, ref_backward,  # noqa: E402
-                       ref_forward, special_labels, special_rows)
+from reference import (  # noqa: E402
+    DTYPES,
+    IGN,
+    assert_forward,
+    assert_grad,
+    make,
+    ref_backward,
+    ref_forward,
+    special_labels,
+    special_rows,
+)
 
-from prefopt_fast._rows import (OUT_ENTROPY, OUT_KL, OUT_LSE, OUT_LSE_LO, OUT_MEAN, OUT_REF_LSE, STAT_ALL,  # noqa: E402
-                                STAT_ENTROPY, STAT_KL, STAT_MEAN)
+from prefopt_fast._rows import (  # noqa: E402
+    OUT_ENTROPY,
+    OUT_KL,
+    OUT_LSE,
+    OUT_LSE_LO,
+    OUT_MEAN,
+    OUT_REF_LSE,
+    STAT_ALL,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_MEAN,
+)
 
 pytestmark = pytest.mark.skipif(emulated.compiler() is None, reason="no host C++ compiler")
 
@@ -138,8 +158,10 @@ def test_backward(mode, inplace, dtype):
     if inplace:
         assert g is zin
     else:
-        assert g.is_contiguous() and torch.equal(z.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                                                  z_before.view(torch.int16 if dtype != torch.float32 else torch.int32))
+        assert g.is_contiguous() and torch.equal(
+            z.view(torch.int16 if dtype != torch.float32 else torch.int32),
+            z_before.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -166,8 +188,7 @@ def test_backward_special_rows(dtype):
     (lse, lo, H, c, e), kw, ref = _backward_case(dtype, z, y, it, "kl", zr)
     c[6] = float("nan")  # NaN upstream gradient: a NaN row
     e[7] = float("inf")
-    ref = ref_backward(z, y, it, lse, H, c, e, zr=zr, k=kw["grad_kl"], rlse=kw["ref_lse"], kl=kw["kl"],
-                       lse_lo=lo)
+    ref = ref_backward(z, y, it, lse, H, c, e, zr=zr, k=kw["grad_kl"], rlse=kw["ref_lse"], kl=kw["kl"], lse_lo=lo)
     for inplace in (False, True):
         g = emulated.row_backward(z.clone() if inplace else z, y, it, lse, lo, H, c, e, IGN, inplace, **kw)
         assert_grad(g, ref, dtype, what=f"inplace={inplace}")
@@ -190,8 +211,9 @@ def test_backward_tied_maxima_at_huge_magnitudes(magnitude):
     z = torch.full((2, V), magnitude)
     y = torch.tensor([4, 0])
     out = emulated.row_forward(z, y, torch.ones(2), IGN, 0)
-    g = emulated.row_backward(z, y, torch.ones(2), out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(2),
-                              None, IGN, False)
+    g = emulated.row_backward(
+        z, y, torch.ones(2), out[OUT_LSE], out[OUT_LSE_LO], out[OUT_LSE], torch.ones(2), None, IGN, False
+    )
     expected = torch.full((2, V), -1.0 / V)
     expected[0, 4] += 1.0
     expected[1, 0] += 1.0

@@ -9,14 +9,16 @@ on every backend; and what the result may depend on (see docs/numerics.md, Deter
 - torch.use_deterministic_algorithms(True): every op runs under it (nothing in the package
   is refused as nondeterministic) and gives the same bits as without it.
 """
+
 import contextlib
 
+import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 
 import prefopt_fast as pf
 from prefopt_fast import linear as pfl
-import expected  # noqa: E402  (tests/expected.py)
+
 
 @contextlib.contextmanager
 def num_threads(n):
@@ -52,7 +54,7 @@ def _g(seed=0):
 def _token_inputs(device, small, V=None, N=None, dtype=torch.bfloat16):
     V = V or (97 if small else 3001)
     N = N or (6 if small else 64)
-    z = (torch.randn(N, V + 3, generator=_g()) * 3).to(dtype)[:, 1:V + 1]  # strided rows
+    z = (torch.randn(N, V + 3, generator=_g()) * 3).to(dtype)[:, 1 : V + 1]  # strided rows
     y = torch.randint(0, V, (N,), generator=_g(1))
     y[::5] = -100
     t = torch.rand(N, generator=_g(2)) + 0.5
@@ -63,9 +65,15 @@ def _token_inputs(device, small, V=None, N=None, dtype=torch.bfloat16):
 def _run_token(ins, backend, inplace=False):
     base = ins["z"].detach().clone().requires_grad_()
     z = base * 1.0 if inplace else base
-    o = pf.token_logprobs(z, ins["y"], temperature=ins["t"], backend=backend, inplace_backward=inplace,
-                          stats=("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax", "kl"),
-                          ref_logits=ins["ref"])
+    o = pf.token_logprobs(
+        z,
+        ins["y"],
+        temperature=ins["t"],
+        backend=backend,
+        inplace_backward=inplace,
+        stats=("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax", "kl"),
+        ref_logits=ins["ref"],
+    )
     w = torch.linspace(-1, 1, o.logprobs.numel(), device=o.logprobs.device)
     (o.logprobs * w + o.entropy * w.flip(0) + 0.3 * o.kl).sum().backward()
     names = ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_argmax", "kl", "grad")
@@ -76,8 +84,9 @@ def _run_packed_dpo(ins, backend):
     z = ins["z"].detach().clone().requires_grad_()
     n = z.shape[0]
     cu = torch.tensor([0, 1, n // 2, n // 2 + 2, n], device=z.device)
-    loss, m = pf.fused_dpo_loss(z, ins["y"], cu_seqlens=cu, ref_logits=ins["ref"], beta=0.1,
-                                loss_type=["sigmoid", "ipo"], backend=backend)
+    loss, m = pf.fused_dpo_loss(
+        z, ins["y"], cu_seqlens=cu, ref_logits=ins["ref"], beta=0.1, loss_type=["sigmoid", "ipo"], backend=backend
+    )
     loss.backward()
     return ("loss", "rewards/margins", "grad"), [loss, m["rewards/margins"], z.grad]
 
@@ -87,8 +96,18 @@ def _run_ppo(ins, backend):
     y = ins["y"].reshape(2, -1)
     ref = ins["ref"].reshape(2, -1, ins["ref"].shape[-1])
     adv = torch.tensor([0.5, -1.0], device=z.device)
-    loss, m = pf.ppo_loss(z, y, None, adv, kl_coef=0.05, kl_estimator="full", ref_logits=ref, entropy_coef=0.01,
-                          loss_agg_mode="seq-mean-token-mean", backend=backend)
+    loss, m = pf.ppo_loss(
+        z,
+        y,
+        None,
+        adv,
+        kl_coef=0.05,
+        kl_estimator="full",
+        ref_logits=ref,
+        entropy_coef=0.01,
+        loss_agg_mode="seq-mean-token-mean",
+        backend=backend,
+    )
     loss.backward()
     return ("loss", "kl", "grad"), [loss, m["kl"], z.grad]
 
@@ -137,14 +156,17 @@ def test_run_to_run_bitwise(backend, device, op):
 
 CPU_SHAPES = {
     "many rows": dict(N=64, V=3001),
-    "few long rows": dict(N=3, V=131083),   # segmented rows (4 segments, whatever the thread count)
+    "few long rows": dict(N=3, V=131083),  # segmented rows (4 segments, whatever the thread count)
 }
 
 
-@pytest.mark.parametrize("shape", [
-    "many rows",
-    "few long rows",
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        "many rows",
+        "few long rows",
+    ],
+)
 def test_cpu_backend_thread_count(backends, shape):
     if "cpu" not in backends:
         expected.require("cpu-extension")
@@ -154,8 +176,9 @@ def test_cpu_backend_thread_count(backends, shape):
         with num_threads(n):
             names, results[n] = _run_token(ins, "cpu")
     for n in (2, 3):
-        assert _same(results[1], results[n]), \
+        assert _same(results[1], results[n]), (
             f"{shape}: 1 vs {n} threads differ in {_diff(results[1], results[n], names)}"
+        )
 
 
 def test_cpu_backend_logp_and_its_gradient_do_not_depend_on_threads_even_when_segmented(backends):

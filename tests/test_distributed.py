@@ -6,6 +6,7 @@ runs the distributed op and compares outputs and gradients with the unsharded op
 the same process. Spawning is slow (seconds per process on a loaded machine), so each spawn
 runs the whole list of checks and reports every mismatch at once.
 """
+
 import json
 import math
 import os
@@ -33,8 +34,10 @@ def _free_port() -> int:
 def _spawn(world: int, suite: str, tmp_path) -> dict:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, suite, str(tmp_path)), daemon=True)
-             for rank in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world, port, suite, str(tmp_path)), daemon=True)
+        for rank in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + SPAWN_TIMEOUT
@@ -51,8 +54,10 @@ def _spawn(world: int, suite: str, tmp_path) -> dict:
         if f.exists():
             results[r] = json.loads(f.read_text())
     if hung:
-        pytest.fail(f"ranks {hung} of {world} still running after {SPAWN_TIMEOUT} s (hang?); "
-                    f"finished checks: {[results.get(r, {}).get('ran') for r in range(world)]}")
+        pytest.fail(
+            f"ranks {hung} of {world} still running after {SPAWN_TIMEOUT} s (hang?); "
+            f"finished checks: {[results.get(r, {}).get('ran') for r in range(world)]}"
+        )
     missing = [r for r in range(world) if r not in results]
     if missing:
         pytest.fail(f"ranks {missing} died without a report (exit codes {[p.exitcode for p in procs]})")
@@ -71,8 +76,9 @@ def _worker(rank: int, world: int, port: int, suite: str, outdir: str) -> None:
 
     report = {"failures": [], "ran": [], "seconds": {}}
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=90))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
+        )
         env = _Env(rank, world, report)
         for name, fn in SUITES[suite]:
             t0 = time.perf_counter()
@@ -102,8 +108,9 @@ class _Env:
     def close(self, what, got, want, rtol=1e-5, atol=1e-5):
         """Record (never raise: the other ranks must not be left waiting in a collective)."""
         try:
-            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True,
-                                       check_dtype=False, msg=lambda m: m)
+            torch.testing.assert_close(
+                got, want, rtol=rtol, atol=atol, equal_nan=True, check_dtype=False, msg=lambda m: m
+            )
         except AssertionError as exc:
             self.report["failures"].append(f"{self.where} / {what}: {exc}")
 
@@ -115,11 +122,12 @@ class _Env:
 def _layouts(world: int):
     """(name, V, sizes, starts or None) per rank; the shards tile [0, V)."""
     if world == 2:
-        return [("even", 40, [20, 20], None),
-                ("uneven", 37, [23, 14], None),
-                ("reversed", 37, [23, 14], [14, 0])]          # rank 0 holds the end of the vocabulary
-    return [("even", 40, [10, 10, 10, 10], None),
-            ("uneven+empty", 37, [11, 0, 16, 10], [16, 37, 0, 27])]
+        return [
+            ("even", 40, [20, 20], None),
+            ("uneven", 37, [23, 14], None),
+            ("reversed", 37, [23, 14], [14, 0]),
+        ]  # rank 0 holds the end of the vocabulary
+    return [("even", 40, [10, 10, 10, 10], None), ("uneven+empty", 37, [11, 0, 16, 10], [16, 37, 0, 27])]
 
 
 def _labels(B, T, V, sizes, starts, g):
@@ -131,7 +139,7 @@ def _labels(B, T, V, sizes, starts, g):
     edges = [e for e in sorted(set(edges)) if 0 <= e < V]
     flat = y.view(-1)
     flat[: len(edges)] = torch.tensor(edges)
-    y[1] = -100               # a sequence without any real label
+    y[1] = -100  # a sequence without any real label
     y[0, -1] = -100
     return y
 
@@ -184,15 +192,25 @@ def _check_token_logprobs(env, backends=("torch", "cpu"), dtypes=(torch.float32,
                 (ref.logprobs * gl + ref.entropy * ge).sum().backward()
 
                 loc = _shard(full, -1, s0, n0).clone().requires_grad_()
-                out = token_logprobs(loc, y, stats=stats, temperature=temp, backend=be, process_group=env.group,
-                                     vocab_start=None if starts is None else s0,
-                                     vocab_size=V if lname != "even" else None)
+                out = token_logprobs(
+                    loc,
+                    y,
+                    stats=stats,
+                    temperature=temp,
+                    backend=be,
+                    process_group=env.group,
+                    vocab_start=None if starts is None else s0,
+                    vocab_size=V if lname != "even" else None,
+                )
                 (out.logprobs * gl + out.entropy * ge).sum().backward()
                 tol = dict(rtol=2e-5, atol=2e-5)
                 for f in ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit"):
                     env.close(f"{tag} {f}", getattr(out, f), getattr(ref, f), **tol)
-                env.check(f"{tag} is_argmax", torch.equal(out.is_argmax, ref.is_argmax),
-                          f"{out.is_argmax.int().tolist()} != {ref.is_argmax.int().tolist()}")
+                env.check(
+                    f"{tag} is_argmax",
+                    torch.equal(out.is_argmax, ref.is_argmax),
+                    f"{out.is_argmax.int().tolist()} != {ref.is_argmax.int().tolist()}",
+                )
                 gtol = dict(rtol=1e-5, atol=1e-6) if dt == torch.float32 else dict(rtol=2e-2, atol=1e-4)
                 env.close(f"{tag} grad", loc.grad, _shard(ref_in.grad, -1, s0, n0), **gtol)
 
@@ -216,19 +234,20 @@ def _check_kl_inplace(env):
         B, T = 2, 10
         full = (torch.randn(B, T, V, generator=g) * 2).to(dt)
         ref_full = (full.float() + torch.randn(B, T, V, generator=g)).to(dt)
-        ref_full[0, 2, :5] = float("-inf")       # q_v = 0 where p_v > 0: KL = +inf
-        ref_full[1, 4] = full[1, 4]              # identical rows: KL = 0
+        ref_full[0, 2, :5] = float("-inf")  # q_v = 0 where p_v > 0: KL = +inf
+        ref_full[1, 4] = full[1, 4]  # identical rows: KL = 0
         y = _labels(B, T, V, sizes, st, g)
         y[0, 2] = 7
         gl, ge, gk = (torch.randn(B, T, generator=g) for _ in range(3))
-        gk[0, 2] = 0                             # a zero upstream gradient on the infinite-KL row
+        gk[0, 2] = 0  # a zero upstream gradient on the infinite-KL row
         tag = str(dt)
         ref_in = full.clone().requires_grad_()
         ref = token_logprobs(ref_in, y, stats=("entropy", "kl"), ref_logits=ref_full, temperature=0.8)
         (ref.logprobs * gl + ref.entropy * ge + ref.kl * gk).sum().backward()
         loc = _shard(full, -1, s0, n0).clone().requires_grad_()
-        out = token_logprobs(loc, y, stats=("entropy", "kl"), ref_logits=_shard(ref_full, -1, s0, n0).clone(),
-                             temperature=0.8, **kw)
+        out = token_logprobs(
+            loc, y, stats=("entropy", "kl"), ref_logits=_shard(ref_full, -1, s0, n0).clone(), temperature=0.8, **kw
+        )
         (out.logprobs * gl + out.entropy * ge + out.kl * gk).sum().backward()
         for f in ("logprobs", "entropy", "kl"):
             env.close(f"{tag} {f}", getattr(out, f), getattr(ref, f), rtol=2e-5, atol=2e-5)
@@ -260,7 +279,7 @@ def _check_nonfinite(env):
     full[0, V - 1] = float("nan")
     full[1, 0] = float("inf")
     first = max(range(len(sizes)), key=lambda r: sizes[r])
-    full[2, st[first]: st[first] + sizes[first]] = float("-inf")   # a whole shard masked
+    full[2, st[first] : st[first] + sizes[first]] = float("-inf")  # a whole shard masked
     y[2] = (st[first] + sizes[first]) % V
     ref = token_logprobs(full, y, stats=("entropy", "mean_logit"), backend="cpu")
     out = token_logprobs(_shard(full, -1, s0, n0).clone(), y, stats=("entropy", "mean_logit"), backend="cpu", **kw)
@@ -352,15 +371,41 @@ def _check_linear(env):
             tag = f"{dt} softcap={softcap}"
             leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias, la, lb)]
             h, w, b_, a_, B_ = leaves
-            ref = linear_token_logprobs(h, w, y, bias=b_, lora=(a_, B_, 0.5), softcap=softcap, logit_scale=1.3,
-                                        temperature=0.9, stats=stats, chunk_size=5)
+            ref = linear_token_logprobs(
+                h,
+                w,
+                y,
+                bias=b_,
+                lora=(a_, B_, 0.5),
+                softcap=softcap,
+                logit_scale=1.3,
+                temperature=0.9,
+                stats=stats,
+                chunk_size=5,
+            )
             (ref.logprobs * gl + ref.entropy * ge).sum().backward()
-            mine = [hidden.clone(), _shard(weight, 0, s0, n0).clone(), _shard(bias, 0, s0, n0).clone(), la.clone(),
-                    _shard(lb, 0, s0, n0).clone()]
+            mine = [
+                hidden.clone(),
+                _shard(weight, 0, s0, n0).clone(),
+                _shard(bias, 0, s0, n0).clone(),
+                la.clone(),
+                _shard(lb, 0, s0, n0).clone(),
+            ]
             mine = [x.requires_grad_() for x in mine]
             h2, w2, b2, a2, B2 = mine
-            out = linear_token_logprobs(h2, w2, y, bias=b2, lora=(a2, B2, 0.5), softcap=softcap, logit_scale=1.3,
-                                        temperature=0.9, stats=stats, chunk_size=5, **kw)
+            out = linear_token_logprobs(
+                h2,
+                w2,
+                y,
+                bias=b2,
+                lora=(a2, B2, 0.5),
+                softcap=softcap,
+                logit_scale=1.3,
+                temperature=0.9,
+                stats=stats,
+                chunk_size=5,
+                **kw,
+            )
             (out.logprobs * gl + out.entropy * ge).sum().backward()
             for f in ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit"):
                 env.close(f"{tag} {f}", getattr(out, f), getattr(ref, f), **tol)
@@ -414,7 +459,7 @@ def _check_dtensor(env):
     from prefopt_fast.linear import linear_token_logprobs
 
     mesh = init_device_mesh("cpu", (env.world,))
-    V = 4 * env.world + 3                       # uneven: torch.chunk sizes
+    V = 4 * env.world + 3  # uneven: torch.chunk sizes
     c = -(-V // env.world)
     s0 = min(env.rank * c, V)
     n0 = min(V, s0 + c) - s0
@@ -555,9 +600,17 @@ def _check_triton(env):
 
 
 SUITES = {
-    "all": [("token_logprobs", _check_token_logprobs), ("kl+inplace", _check_kl_inplace),
-            ("nonfinite", _check_nonfinite), ("huge", _check_huge), ("losses", _check_losses), ("linear", _check_linear),
-            ("dtensor", _check_dtensor), ("errors", _check_errors), ("triton", _check_triton)],
+    "all": [
+        ("token_logprobs", _check_token_logprobs),
+        ("kl+inplace", _check_kl_inplace),
+        ("nonfinite", _check_nonfinite),
+        ("huge", _check_huge),
+        ("losses", _check_losses),
+        ("linear", _check_linear),
+        ("dtensor", _check_dtensor),
+        ("errors", _check_errors),
+        ("triton", _check_triton),
+    ],
 }
 
 
@@ -606,24 +659,48 @@ def _module_cases():
     import prefopt_fast as pf
 
     return {
-        "SequenceLogProbs": (pf.SequenceLogProbs, pf.sequence_logprobs, dict(average=True, temperature=0.9),
-                             lambda f, L, x: f(L[0], x["labels"]), ("logits",)),
-        "FusedDPOLoss": (pf.FusedDPOLoss, pf.fused_dpo_loss, dict(beta=0.2, loss_type="ipo"),
-                         lambda f, L, x: f(L[0], x["labels"], ref_logits=x["ref_logits"]), ("logits",)),
-        "PPOLoss": (pf.PPOLoss, pf.ppo_loss, dict(kl_coef=0.05, kl_estimator="full", entropy_coef=0.01),
-                    lambda f, L, x: f(L[0], x["labels"], x["old"], x["adv"], ref_logits=x["ref_logits"]),
-                    ("logits",)),
-        "LinearSequenceLogProbs": (pf.LinearSequenceLogProbs, pf.linear_sequence_logprobs,
-                                   dict(softcap=5.0, chunk_size=3),
-                                   lambda f, L, x: f(L[0], L[1], x["labels"]), ("hidden", "weight")),
-        "LinearDPOLoss": (pf.LinearDPOLoss, pf.linear_dpo_loss, dict(beta=0.2, loss_type="sigmoid", chunk_size=5),
-                          lambda f, L, x: f(L[0], L[1], x["labels"], ref_hidden=x["hidden"] + 0.1,
-                                            ref_weight=x["weight"]),
-                          ("hidden", "weight")),
-        "LinearPPOLoss": (pf.LinearPPOLoss, pf.linear_ppo_loss, dict(kl_coef=0.1, entropy_coef=0.01,
-                                                                     loss_agg_mode="grpo"),
-                          lambda f, L, x: f(L[0], L[1], x["labels"], x["old"], x["adv"], ref_logps=x["ref_lp"]),
-                          ("hidden", "weight")),
+        "SequenceLogProbs": (
+            pf.SequenceLogProbs,
+            pf.sequence_logprobs,
+            dict(average=True, temperature=0.9),
+            lambda f, L, x: f(L[0], x["labels"]),
+            ("logits",),
+        ),
+        "FusedDPOLoss": (
+            pf.FusedDPOLoss,
+            pf.fused_dpo_loss,
+            dict(beta=0.2, loss_type="ipo"),
+            lambda f, L, x: f(L[0], x["labels"], ref_logits=x["ref_logits"]),
+            ("logits",),
+        ),
+        "PPOLoss": (
+            pf.PPOLoss,
+            pf.ppo_loss,
+            dict(kl_coef=0.05, kl_estimator="full", entropy_coef=0.01),
+            lambda f, L, x: f(L[0], x["labels"], x["old"], x["adv"], ref_logits=x["ref_logits"]),
+            ("logits",),
+        ),
+        "LinearSequenceLogProbs": (
+            pf.LinearSequenceLogProbs,
+            pf.linear_sequence_logprobs,
+            dict(softcap=5.0, chunk_size=3),
+            lambda f, L, x: f(L[0], L[1], x["labels"]),
+            ("hidden", "weight"),
+        ),
+        "LinearDPOLoss": (
+            pf.LinearDPOLoss,
+            pf.linear_dpo_loss,
+            dict(beta=0.2, loss_type="sigmoid", chunk_size=5),
+            lambda f, L, x: f(L[0], L[1], x["labels"], ref_hidden=x["hidden"] + 0.1, ref_weight=x["weight"]),
+            ("hidden", "weight"),
+        ),
+        "LinearPPOLoss": (
+            pf.LinearPPOLoss,
+            pf.linear_ppo_loss,
+            dict(kl_coef=0.1, entropy_coef=0.01, loss_agg_mode="grpo"),
+            lambda f, L, x: f(L[0], L[1], x["labels"], x["old"], x["adv"], ref_logps=x["ref_lp"]),
+            ("hidden", "weight"),
+        ),
     }
 
 
@@ -636,8 +713,9 @@ def _run_case(call, obj, names, x):
     return loss.detach(), {k: v for k, v in metrics.items()}, [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("name", ["SequenceLogProbs", "FusedDPOLoss", "PPOLoss", "LinearSequenceLogProbs",
-                                  "LinearDPOLoss", "LinearPPOLoss"])
+@pytest.mark.parametrize(
+    "name", ["SequenceLogProbs", "FusedDPOLoss", "PPOLoss", "LinearSequenceLogProbs", "LinearDPOLoss", "LinearPPOLoss"]
+)
 @pytest.mark.parametrize("layout", ["group", "group+offsets"])
 def test_module_process_group_matches_function(name, layout, one_process_group, monkeypatch):
     import prefopt_fast.distributed as D

@@ -11,16 +11,17 @@ fake model returning given per-token log-probs; ``precompute_ref_log_probs=True`
 read the reference log-probs from the inputs. Gradients are compared with respect to those
 per-token log-probs.
 """
+
 import types
 import warnings
 from collections import defaultdict
 
+import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 
 from prefopt_fast.losses import DPO_LOSS_TYPES, F_DIVERGENCES, DPOLoss, dpo_loss
 from prefopt_fast.losses.dpo import F_DIVERGENCE_LOSS_TYPES
-import expected  # noqa: E402  (tests/expected.py)
 
 BETA = 0.3
 # label_smoothing per type where it matters (0 elsewhere)
@@ -140,18 +141,27 @@ def _tol(dtype):
     return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
 
 
-def _check_against_restated(types_, weights, batch, *, with_ref=True, pair_weights=None, delta=None,
-                            **kw):
+def _check_against_restated(types_, weights, batch, *, with_ref=True, pair_weights=None, delta=None, **kw):
     """Forward, gradients and metrics of dpo_loss vs the fp64 restatement."""
     cw, cl, rw, rl, Lw, Ll = batch
     dtype = cw.dtype
     cw, cl, rw, rl = _leaves(cw, cl, rw, rl)
     loss, metrics = dpo_loss(
-        cw, cl, rw if with_ref else None, rl if with_ref else None,
-        beta=kw.get("beta", BETA), loss_type=list(types_), loss_weights=list(weights),
-        label_smoothing=kw.get("ls", 0.0), chosen_lengths=Lw, rejected_lengths=Ll,
-        f_divergence=kw.get("f", "reverse_kl"), f_alpha=kw.get("a", 0.5), discopop_tau=kw.get("tau", 0.05),
-        bco_delta=delta, pair_weights=pair_weights,
+        cw,
+        cl,
+        rw if with_ref else None,
+        rl if with_ref else None,
+        beta=kw.get("beta", BETA),
+        loss_type=list(types_),
+        loss_weights=list(weights),
+        label_smoothing=kw.get("ls", 0.0),
+        chosen_lengths=Lw,
+        rejected_lengths=Ll,
+        f_divergence=kw.get("f", "reverse_kl"),
+        f_alpha=kw.get("a", 0.5),
+        discopop_tau=kw.get("tau", 0.05),
+        bco_delta=delta,
+        pair_weights=pair_weights,
     )
     assert loss.dim() == 0 and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     grads = torch.autograd.grad(loss, [cw, cl, rw, rl] if with_ref else [cw, cl], allow_unused=True)
@@ -159,9 +169,23 @@ def _check_against_restated(types_, weights, batch, *, with_ref=True, pair_weigh
     c64 = [x.detach().double().requires_grad_(True) for x in (cw, cl, rw, rl)]
     r_w, r_l = (c64[2], c64[3]) if with_ref else (torch.zeros_like(c64[0]), torch.zeros_like(c64[1]))
     pw = None if pair_weights is None else pair_weights.double()
-    ref = restated_loss(types_, weights, c64[0], c64[1], r_w, r_l, Lw, Ll, pair_weights=pw,
-                        beta=kw.get("beta", BETA), ls=kw.get("ls", 0.0), tau=kw.get("tau", 0.05),
-                        f=kw.get("f", "reverse_kl"), a=kw.get("a", 0.5), delta=0.0 if delta is None else delta)
+    ref = restated_loss(
+        types_,
+        weights,
+        c64[0],
+        c64[1],
+        r_w,
+        r_l,
+        Lw,
+        Ll,
+        pair_weights=pw,
+        beta=kw.get("beta", BETA),
+        ls=kw.get("ls", 0.0),
+        tau=kw.get("tau", 0.05),
+        f=kw.get("f", "reverse_kl"),
+        a=kw.get("a", 0.5),
+        delta=0.0 if delta is None else delta,
+    )
     ref_grads = torch.autograd.grad(ref, c64 if with_ref else c64[:2], allow_unused=True)
 
     tol = _tol(dtype)
@@ -357,8 +381,9 @@ def test_nan_in_nan_out():
     cw = cw.clone()
     cw[1] = float("nan")
     for lt in DPO_LOSS_TYPES:
-        loss, _ = dpo_loss(cw, cl, rw, rl, loss_type=lt, label_smoothing=LS.get(lt, 0.0),
-                           chosen_lengths=Lw, rejected_lengths=Ll)
+        loss, _ = dpo_loss(
+            cw, cl, rw, rl, loss_type=lt, label_smoothing=LS.get(lt, 0.0), chosen_lengths=Lw, rejected_lengths=Ll
+        )
         assert torch.isnan(loss), lt
 
 
@@ -430,8 +455,18 @@ def test_beta_type():
 
 @pytest.mark.parametrize(
     "loss_type, ls",
-    [("robust", 0.5), ("robust", 0.7), ("robust", -0.1), ("exo_pair", 0.0), ("exo_pair", 1.0),
-     ("aot", 1.5), ("aot_unpaired", -0.2), ("sigmoid", 1.5), ("sigmoid", -0.1), (["sigmoid", "robust"], 0.6)],
+    [
+        ("robust", 0.5),
+        ("robust", 0.7),
+        ("robust", -0.1),
+        ("exo_pair", 0.0),
+        ("exo_pair", 1.0),
+        ("aot", 1.5),
+        ("aot_unpaired", -0.2),
+        ("sigmoid", 1.5),
+        ("sigmoid", -0.1),
+        (["sigmoid", "robust"], 0.6),
+    ],
 )
 def test_bad_label_smoothing(loss_type, ls):
     cw, cl, rw, rl, _, _ = _good()
@@ -473,9 +508,16 @@ def test_bad_shapes():
         dpo_loss(torch.tensor(1.0), torch.tensor(1.0))
 
 
-@pytest.mark.parametrize("loss_type, missing", [("ipo", "chosen_lengths"), ("ipo", "rejected_lengths"),
-                                                ("sigmoid_norm", "rejected_lengths"), ("sft", "chosen_lengths"),
-                                                (["sigmoid", "sft"], "chosen_lengths")])
+@pytest.mark.parametrize(
+    "loss_type, missing",
+    [
+        ("ipo", "chosen_lengths"),
+        ("ipo", "rejected_lengths"),
+        ("sigmoid_norm", "rejected_lengths"),
+        ("sft", "chosen_lengths"),
+        (["sigmoid", "sft"], "chosen_lengths"),
+    ],
+)
 def test_missing_lengths(loss_type, missing):
     cw, cl, rw, rl, Lw, Ll = _good()
     kw = dict(chosen_lengths=Lw, rejected_lengths=Ll)
@@ -576,8 +618,21 @@ class _FakeLM(torch.nn.Module):
         )
 
 
-def _trl_dpo(per_token, completion_mask, ref_chosen, ref_rejected, *, loss_type, loss_weights=None, beta=BETA,
-             label_smoothing=0.0, f_divergence="reverse_kl", f_alpha=0.5, discopop_tau=0.05, lssp=None):
+def _trl_dpo(
+    per_token,
+    completion_mask,
+    ref_chosen,
+    ref_rejected,
+    *,
+    loss_type,
+    loss_weights=None,
+    beta=BETA,
+    label_smoothing=0.0,
+    f_divergence="reverse_kl",
+    f_alpha=0.5,
+    discopop_tau=0.05,
+    lssp=None,
+):
     """TRL 1.16 DPOTrainer._compute_loss on given per-token log-probs -> (loss, logged metrics)."""
     dpo_trainer = expected.require_module("trl", "trl.trainer.dpo_trainer")
     trainer = object.__new__(dpo_trainer.DPOTrainer)
@@ -587,8 +642,9 @@ def _trl_dpo(per_token, completion_mask, ref_chosen, ref_rejected, *, loss_type,
     model = _FakeLM(per_token * shift_mask, lssp if lssp is not None else torch.zeros(n, t - 1))
     # __init__ state that _compute_loss reads, as DPOTrainer.__init__ would set it from a DPOConfig
     trainer.model = model
-    trainer.accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x,
-                                                gather_for_metrics=lambda x: x)
+    trainer.accelerator = types.SimpleNamespace(
+        device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
+    )
     trainer.args = types.SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None)
     trainer.beta = beta
     trainer.loss_types = list(loss_type)
@@ -621,7 +677,7 @@ def _token_batch(B, T=9, seed=0, empty=True):
     for i in range(2 * B):
         prompt = int(torch.randint(1, 3, (), generator=g))
         length = int(torch.randint(0 if empty else 1, T - prompt + 1, (), generator=g))
-        mask[i, prompt:prompt + length] = 1
+        mask[i, prompt : prompt + length] = 1
     mask[0, 1:4] = 1  # at least one chosen token
     per_token = -(torch.rand(2 * B, T - 1, generator=g) * 4.0)
     sums = (per_token * mask[:, 1:]).sum(1)
@@ -630,8 +686,11 @@ def _token_batch(B, T=9, seed=0, empty=True):
 
 
 TRL_CASES = [dict(loss_type=[t], label_smoothing=LS.get(t, 0.0)) for t in DPO_LOSS_TYPES]
-TRL_CASES += [dict(loss_type=[t], f_divergence=f, label_smoothing=LS.get(t, 0.0), f_alpha=0.3)
-              for f in ("forward_kl", "js_divergence", "alpha_divergence") for t in sorted(F_DIVERGENCE_LOSS_TYPES)]
+TRL_CASES += [
+    dict(loss_type=[t], f_divergence=f, label_smoothing=LS.get(t, 0.0), f_alpha=0.3)
+    for f in ("forward_kl", "js_divergence", "alpha_divergence")
+    for t in sorted(F_DIVERGENCE_LOSS_TYPES)
+]
 TRL_CASES += [
     dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),  # MPO
     dict(loss_type=["robust", "ipo", "apo_zero"], loss_weights=[1.0, 0.05, 2.0], label_smoothing=0.3),
@@ -671,8 +730,13 @@ def _compare_with_trl(case, B, with_ref):
     sums = (per_token * mask[:, 1:]).sum(1)
     lengths = mask.sum(1)
     loss, metrics = dpo_loss(
-        sums[:B], sums[B:], ref[:B] if with_ref else None, ref[B:] if with_ref else None,
-        chosen_lengths=lengths[:B], rejected_lengths=lengths[B:], **kw,
+        sums[:B],
+        sums[B:],
+        ref[:B] if with_ref else None,
+        ref[B:] if with_ref else None,
+        chosen_lengths=lengths[:B],
+        rejected_lengths=lengths[B:],
+        **kw,
     )
     (grad,) = torch.autograd.grad(loss, per_token)
     torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
@@ -698,8 +762,17 @@ def test_matches_trl_weighting(loss_type):
     pair_weights = w[:B] * w[B:]
     sums = (per_token * shift).sum(1)
     lengths = mask.sum(1)
-    loss, _ = dpo_loss(sums[:B], sums[B:], ref[:B], ref[B:], beta=BETA, loss_type=loss_type,
-                       chosen_lengths=lengths[:B], rejected_lengths=lengths[B:], pair_weights=pair_weights)
+    loss, _ = dpo_loss(
+        sums[:B],
+        sums[B:],
+        ref[:B],
+        ref[B:],
+        beta=BETA,
+        loss_type=loss_type,
+        chosen_lengths=lengths[:B],
+        rejected_lengths=lengths[B:],
+        pair_weights=pair_weights,
+    )
     (grad,) = torch.autograd.grad(loss, per_token)
     torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, trl_grad, rtol=1e-5, atol=1e-6)
@@ -709,8 +782,12 @@ def test_matches_trl_weighting(loss_type):
 def test_traces_with_torch_compile_fullgraph():
     cw, cl, rw, rl, Lw, Ll = make_batch(4, seed=21)
     cw.requires_grad_(True)
-    kw = dict(loss_type=["sigmoid", "ipo", "sft", "discopop", "aot"], loss_weights=[1.0, 0.1, 1.0, 1.0, 1.0],
-              chosen_lengths=Lw, rejected_lengths=Ll)
+    kw = dict(
+        loss_type=["sigmoid", "ipo", "sft", "discopop", "aot"],
+        loss_weights=[1.0, 0.1, 1.0, 1.0, 1.0],
+        chosen_lengths=Lw,
+        rejected_lengths=Ll,
+    )
     compiled = torch.compile(lambda *a: dpo_loss(*a, **kw), fullgraph=True)
     loss, metrics = compiled(cw, cl, rw, rl)
     ref, ref_metrics = dpo_loss(cw, cl, rw, rl, **kw)

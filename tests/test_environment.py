@@ -5,14 +5,14 @@ missing component is a failure naming it and the reason. Then the mechanism itse
 made unimportable, or the native extension broken, a strict run fails with a clear reason,
 and ``PREFOPT_ALLOW_MISSING`` turns exactly that into a skip.
 """
+
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import expected
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,20 @@ def test_component_present(component):
 
 def _run_strict(block: str, *args: str, allow: str = "") -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFOPT_ALLOW_MISSING", "PYTHONPATH")}
-    env.update(PREFOPT_STRICT="1", PREFOPT_TEST_BLOCK=block, PREFOPT_ALLOW_MISSING=allow,
-               PYTHONPATH=str(ROOT / "tests" / "simulate_missing"))
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env.update(
+        PREFOPT_STRICT="1",
+        PREFOPT_TEST_BLOCK=block,
+        PREFOPT_ALLOW_MISSING=allow,
+        PYTHONPATH=str(ROOT / "tests" / "simulate_missing"),
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_missing_trl_fails_a_strict_run():
@@ -41,8 +51,13 @@ def test_missing_trl_fails_a_strict_run():
 
 def test_broken_native_extension_fails_a_strict_run():
     # a backend-parametrized test: the cpu case must fail, not skip, when _C does not import
-    res = _run_strict("prefopt_fast._C", "tests/test_environment.py::test_component_present[cpu-extension]",
-                      "tests/test_token_logprobs.py::test_stats_only_argmax_does_not_need_grad", "-k", "cpu")
+    res = _run_strict(
+        "prefopt_fast._C",
+        "tests/test_environment.py::test_component_present[cpu-extension]",
+        "tests/test_token_logprobs.py::test_stats_only_argmax_does_not_need_grad",
+        "-k",
+        "cpu",
+    )
     assert res.returncode == 1, res.stdout + res.stderr
     assert "cpu-extension is expected in this environment" in res.stdout
     assert "prefopt_fast._C could not be imported" in res.stdout

@@ -1,4 +1,5 @@
 """The runnable examples in examples/ exit 0 with a few steps (PREFOPT_EXAMPLE_STEPS)."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def _run(script: str, steps: int = 3, timeout: int = 240):
     env = dict(os.environ, PREFOPT_EXAMPLE_STEPS=str(steps), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)], env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert len(lines) == steps and "reward acc" in lines[-1], proc.stdout[-3000:]

@@ -1,14 +1,14 @@
 """prefopt_fast.integrations.hf: hidden states + lm_head of HF causal LMs (plain / PEFT) against the logits path."""
+
 import contextlib
 import socket
 import sys
 import types
 
+import expected  # noqa: I001  (tests/expected.py: fails in strict mode where a peer is missing)
 import pytest
 import torch
 from torch import nn
-
-import expected  # noqa: I001  (tests/expected.py: fails in strict mode where a peer is missing)
 
 transformers = expected.require_module("transformers")
 
@@ -19,8 +19,16 @@ V = 80
 
 def llama(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **kw,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -93,12 +101,20 @@ def test_hidden_states_are_the_backbone_output_and_no_logits_are_built(monkeypat
 
 @pytest.mark.parametrize("arch", ["gemma2_softcap", "granite_scaling", "cohere_scale"])
 def test_config_logit_transforms(arch):
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=64)
+    common = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     if arch == "gemma2_softcap":
-        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(head_dim=16, final_logit_softcapping=2.0,
-                                                                         **common))
+        model = transformers.Gemma2ForCausalLM(
+            transformers.Gemma2Config(head_dim=16, final_logit_softcapping=2.0, **common)
+        )
         want = (1.0, 2.0)
     elif arch == "granite_scaling":
         model = transformers.GraniteForCausalLM(transformers.GraniteConfig(logits_scaling=4.0, **common))
@@ -117,8 +133,12 @@ def _peft():
 
 def test_peft_lora_in_backbone_and_on_head():
     peft = _peft()
-    model = peft.get_peft_model(llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
-                                                         lora_dropout=0.0, init_lora_weights=False))
+    model = peft.get_peft_model(
+        llama(),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    )
     head = hf.get_lm_head(model)
     a, b, s = head.lora
     layer = model.base_model.model.lm_head
@@ -131,9 +151,12 @@ def test_peft_lora_in_backbone_and_on_head():
 def test_peft_reference_is_the_base_model():
     peft = _peft()
     base = llama()
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
-                                                                                         "lm_head"],
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    )
     ids, am, completion = batch()
     with torch.no_grad(), model.disable_adapter():
         want = naive_sequence_logprobs(model, ids, am, completion)
@@ -167,8 +190,9 @@ def test_peft_modules_to_save_head():
 
 def test_bf16_model_with_fp32_adapters_is_cast_to_one_dtype():
     peft = _peft()
-    model = peft.get_peft_model(llama().to(torch.bfloat16),
-                                peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    model = peft.get_peft_model(
+        llama().to(torch.bfloat16), peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+    )
     assert model.base_model.model.lm_head.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast
     ids, am, completion = batch()
     hidden, head = hf.hidden_and_head(model, ids, am)
@@ -213,8 +237,9 @@ def test_linear_dpo_loss_from_the_helper_matches_logits_dpo():
     hidden, head = hf.hidden_and_head(model, ids, am)
     labels = hf.shift_labels(ids, completion)
     ref = torch.randn(4)
-    loss, m = linear_dpo_loss(hidden, head.weight, labels, **head.kwargs(), ref_chosen_logps=ref[:2],
-                                 ref_rejected_logps=ref[2:], beta=0.1)
+    loss, m = linear_dpo_loss(
+        hidden, head.weight, labels, **head.kwargs(), ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:], beta=0.1
+    )
     logits = model(input_ids=ids, attention_mask=am).logits
     loss2, m2 = pf.fused_dpo_loss(logits, labels, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:], beta=0.1)
     torch.testing.assert_close(loss, loss2, rtol=1e-5, atol=1e-6)
@@ -300,9 +325,12 @@ def test_zero3_head_is_gathered_with_deepspeed(monkeypatch):
     ds.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
     pp = types.ModuleType("deepspeed.runtime.zero.partition_parameters")
     pp.ZeroParamStatus = Status
-    for name, mod in {"deepspeed": ds, "deepspeed.runtime": types.ModuleType("deepspeed.runtime"),
-                      "deepspeed.runtime.zero": types.ModuleType("deepspeed.runtime.zero"),
-                      "deepspeed.runtime.zero.partition_parameters": pp}.items():
+    for name, mod in {
+        "deepspeed": ds,
+        "deepspeed.runtime": types.ModuleType("deepspeed.runtime"),
+        "deepspeed.runtime.zero": types.ModuleType("deepspeed.runtime.zero"),
+        "deepspeed.runtime.zero.partition_parameters": pp,
+    }.items():
         monkeypatch.setitem(sys.modules, name, mod)
     w = nn.Parameter(torch.randn(V, 8))
     b = nn.Parameter(torch.randn(V))

@@ -10,6 +10,7 @@ Walks every ``prefopt_fast/**/*.py`` with ``ast`` (module-level and function-lev
     package-internal module whose file name starts with an underscore (``from .. import
     _validate``) and using its public names is fine; dunders (``__all__``) are not private.
 """
+
 import ast
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def _defined_names(mod: str):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
@@ -188,15 +189,23 @@ def test_every_module_has_a_layer():
 def test_no_import_cycle():
     edges, _ = analyse()
     comps = _cycles(edges)
-    detail = [" <-> ".join(c) + ": " + "; ".join(f"{a} imports {b} (line {edges[a][b]})"
-                                                  for a in c for b in c if b in edges[a]) for c in comps]
+    detail = [
+        " <-> ".join(c)
+        + ": "
+        + "; ".join(f"{a} imports {b} (line {edges[a][b]})" for a in c for b in c if b in edges[a])
+        for c in comps
+    ]
     assert not comps, "import cycles between package modules:\n" + "\n".join(detail)
 
 
 def test_imports_point_down():
     edges, _ = analyse()
-    bad = [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)}) at line {line}"
-           for a, targets in sorted(edges.items()) for b, line in sorted(targets.items()) if layer(b) > layer(a)]
+    bad = [
+        f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)}) at line {line}"
+        for a, targets in sorted(edges.items())
+        for b, line in sorted(targets.items())
+        if layer(b) > layer(a)
+    ]
     assert not bad, "imports pointing up the layers (docs/design.md):\n" + "\n".join(bad)
 
 
@@ -206,11 +215,14 @@ def test_no_private_name_used_across_modules():
     assert not bad, "private names used from another module (give them a public name):\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("src, want", [
-    ("from .x import _y\n", [("p.m", 1, "from p.x import _y")]),
-    ("from . import x\nx._y\n", [("p.m", 2, "x._y (p.x._y)")]),
-    ("from . import x\nx.y\nx.__all__\n", []),
-])
+@pytest.mark.parametrize(
+    "src, want",
+    [
+        ("from .x import _y\n", [("p.m", 1, "from p.x import _y")]),
+        ("from . import x\nx._y\n", [("p.m", 2, "x._y (p.x._y)")]),
+        ("from . import x\nx.y\nx.__all__\n", []),
+    ],
+)
 def test_private_name_detection(src, want, tmp_path, monkeypatch):
     """The checker itself: a throwaway package p with modules m (the source) and x (defines _y)."""
     (tmp_path / "p").mkdir()

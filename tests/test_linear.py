@@ -9,6 +9,7 @@ scale with that. Gradients are compared by relative Frobenius error, per tensor.
 
 Sizes stay tiny for the triton backend, which runs under the interpreter on CPU.
 """
+
 import math
 import weakref
 
@@ -82,7 +83,7 @@ def make(B=2, T=7, H=16, V=50, dtype=torch.float32, *, bias=False, lora_r=0, ign
     w = (torch.randn(V, H, generator=g) * wscale).to(dtype)
     y = torch.randint(0, V, (B, T), generator=g)
     if ignore:
-        y[0, :3] = IGN   # a prompt
+        y[0, :3] = IGN  # a prompt
         y[-1, -1] = IGN  # padding
     out = dict(h=h, w=w, y=y)
     if bias:
@@ -125,11 +126,27 @@ def _run_case(backend, dtype, cfg, *, temperature=1.0, chunk_size=3, stats=("ent
     names = ("h", "w", "b", "A", "Bm")
     ours, ref = _leaves(d, names), _leaves(d, names)
     lora = (ours["A"], ours["Bm"], 0.5) if "A" in ours else None
-    out = linear_token_logprobs(ours["h"], ours["w"], d["y"], bias=ours.get("b"), lora=lora,
-                                temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                                stats=stats, chunk_size=chunk_size, backend=backend)
-    z = ref_logits(ref["h"], ref["w"], bias=ref.get("b"), lora=(ref["A"], ref["Bm"], 0.5) if "A" in ref else None,
-                   logit_scale=logit_scale, softcap=softcap)
+    out = linear_token_logprobs(
+        ours["h"],
+        ours["w"],
+        d["y"],
+        bias=ours.get("b"),
+        lora=lora,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        stats=stats,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    z = ref_logits(
+        ref["h"],
+        ref["w"],
+        bias=ref.get("b"),
+        lora=(ref["A"], ref["Bm"], 0.5) if "A" in ref else None,
+        logit_scale=logit_scale,
+        softcap=softcap,
+    )
     r = ref_stats(z, d["y"], temperature)
     g = torch.Generator().manual_seed(1)
     c, e = torch.randn(d["y"].shape, generator=g), torch.randn(d["y"].shape, generator=g)
@@ -172,8 +189,18 @@ def test_all_stats_match_naive(backend):
     # put some labels on the row argmax so is_argmax is exercised both ways
     z = ref_logits(d["h"], d["w"], bias=d["b"], logit_scale=1.1, softcap=4.0)
     d["y"][1, :4] = z[1, :4].argmax(-1)
-    out = linear_token_logprobs(d["h"], d["w"], d["y"], bias=d["b"], logit_scale=1.1, softcap=4.0,
-                                temperature=0.9, stats=stats, chunk_size=4, backend=backend)
+    out = linear_token_logprobs(
+        d["h"],
+        d["w"],
+        d["y"],
+        bias=d["b"],
+        logit_scale=1.1,
+        softcap=4.0,
+        temperature=0.9,
+        stats=stats,
+        chunk_size=4,
+        backend=backend,
+    )
     r = ref_stats(z, d["y"], 0.9)
     for got, want in zip(out[:4], r[:4]):
         torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=0)
@@ -209,9 +236,16 @@ def test_chunk_boundaries_and_token_tiles(backend, dtype, monkeypatch):
     for chunk, tile in configs:
         monkeypatch.setattr(LL, "TOKEN_TILE", tile)
         leaves = _leaves(d, ("h", "w", "b", "A", "Bm"))
-        out = linear_token_logprobs(leaves["h"], leaves["w"], y, bias=leaves["b"],
-                                    lora=(leaves["A"], leaves["Bm"], 2.0), stats=("entropy",), chunk_size=chunk,
-                                    backend=backend)
+        out = linear_token_logprobs(
+            leaves["h"],
+            leaves["w"],
+            y,
+            bias=leaves["b"],
+            lora=(leaves["A"], leaves["Bm"], 2.0),
+            stats=("entropy",),
+            chunk_size=chunk,
+            backend=backend,
+        )
         (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
         results.append((out, {k: v.grad for k, v in leaves.items()}))
     base_out, base_g = results[0]
@@ -245,7 +279,7 @@ def test_default_chunk_size_rule():
     # 1/16 of the logits, clamped to [16 MiB, 256 MiB]
     V = 128256
     assert LL.default_chunk_size(2048, V, torch.float32) == (2048 * V * 4 // 16) // (V * 4)
-    assert LL.default_chunk_size(10 ** 6, V, torch.bfloat16) == (256 << 20) // (V * 2)
+    assert LL.default_chunk_size(10**6, V, torch.bfloat16) == (256 << 20) // (V * 2)
     assert LL.default_chunk_size(100, 1000, torch.float32) == 100  # under 16 MiB: one chunk
     assert LL.default_chunk_size(100, V, torch.float32) == (16 << 20) // (V * 4)
     assert LL.default_chunk_size(0, V, torch.float32) == 1
@@ -260,8 +294,9 @@ def test_all_ignored_sequence_and_batch(backend):
     y[1] = IGN  # a whole sequence
     for labels in (y, torch.full_like(y, IGN)):
         leaves = _leaves(d, ("h", "w", "b"))
-        out = linear_token_logprobs(leaves["h"], leaves["w"], labels, bias=leaves["b"], stats=("entropy",),
-                                    chunk_size=2, backend=backend)
+        out = linear_token_logprobs(
+            leaves["h"], leaves["w"], labels, bias=leaves["b"], stats=("entropy",), chunk_size=2, backend=backend
+        )
         assert torch.isfinite(out.logprobs).all()
         assert (out.logprobs[labels == IGN] == 0).all() and (out.entropy[labels == IGN] == 0).all()
         (out.logprobs.sum() + out.entropy.sum()).backward()
@@ -326,8 +361,15 @@ def test_frozen_hidden_and_lora_on_frozen_head(backend):
     leaves = _leaves(d, ("h", "A", "Bm"))
     ref = _leaves(d, ("h", "A", "Bm"))
     with GemmLog() as log:
-        out = linear_token_logprobs(leaves["h"], d["w"], d["y"], lora=(leaves["A"], leaves["Bm"], 0.7),
-                                    stats=("entropy",), chunk_size=3, backend=backend)
+        out = linear_token_logprobs(
+            leaves["h"],
+            d["w"],
+            d["y"],
+            lora=(leaves["A"], leaves["Bm"], 0.7),
+            stats=("entropy",),
+            chunk_size=3,
+            backend=backend,
+        )
         (out.logprobs.sum() - out.entropy.sum()).backward()
     assert not [c for c in log.calls if c[1] == (50, 24) or (c[1][-1] == 24 and c[1][0] not in (M, 3))]
     r = ref_stats(ref_logits(ref["h"], d["w"], lora=(ref["A"], ref["Bm"], 0.7)), d["y"])
@@ -348,8 +390,16 @@ def test_bf16_gradients_never_sum_rounded_products(backend, monkeypatch, trainab
     leaves = _leaves(d, names)
     args = {k: leaves.get(k, d[k]) for k in ("h", "w", "b", "A", "Bm")}
     with GemmLog() as log:
-        out = linear_token_logprobs(args["h"], args["w"], d["y"], bias=args["b"], lora=(args["A"], args["Bm"], 0.5),
-                                    stats=("entropy",), chunk_size=1, backend=backend)
+        out = linear_token_logprobs(
+            args["h"],
+            args["w"],
+            d["y"],
+            bias=args["b"],
+            lora=(args["A"], args["Bm"], 0.5),
+            stats=("entropy",),
+            chunk_size=1,
+            backend=backend,
+        )
         (out.logprobs.sum() + out.entropy.sum()).backward()
     # gradient GEMMs have H = 24 or r = 2 columns (the logits' LoRA term has a vocabulary block's)
     grad_acc = [c for c in log.calls if c[0].startswith("addmm") and c[1][-1] in (24, 2)]
@@ -460,10 +510,29 @@ def test_matches_trl_chunked_logprob_function(backend):
     d["y"][0, :3] = z[0, :3].argmax(-1)
     a, b = _leaves(d, ("h", "w", "b")), _leaves(d, ("h", "w", "b"))
     H = d["h"].shape[-1]
-    trl_out = fn.apply(a["h"].reshape(-1, H), a["w"], a["b"], d["y"].reshape(-1), 0.9, 16, 3.0, 1.2,
-                       ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
-    ours = linear_token_logprobs(b["h"], b["w"], d["y"], bias=b["b"], temperature=0.9, logit_scale=1.2,
-                                 softcap=3.0, stats=stats, chunk_size=5, backend=backend)
+    trl_out = fn.apply(
+        a["h"].reshape(-1, H),
+        a["w"],
+        a["b"],
+        d["y"].reshape(-1),
+        0.9,
+        16,
+        3.0,
+        1.2,
+        ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"),
+    )
+    ours = linear_token_logprobs(
+        b["h"],
+        b["w"],
+        d["y"],
+        bias=b["b"],
+        temperature=0.9,
+        logit_scale=1.2,
+        softcap=3.0,
+        stats=stats,
+        chunk_size=5,
+        backend=backend,
+    )
     for got, want in zip(ours[:4], trl_out[:4]):
         torch.testing.assert_close(got.reshape(-1), want, atol=3e-5, rtol=1e-5)
     assert torch.equal(ours.is_argmax.reshape(-1), trl_out[4]) and trl_out[4].any()
@@ -490,21 +559,25 @@ def test_sequence_logprobs_padded_and_packed(backend):
     d = make(bias=True)
     h, w, y = d["h"], d["w"], d["y"]
     for average in (False, True):
-        got = linear_sequence_logprobs(h, w, y, bias=d["b"], average=average, softcap=5.0, chunk_size=4,
-                                       backend=backend)
+        got = linear_sequence_logprobs(
+            h, w, y, bias=d["b"], average=average, softcap=5.0, chunk_size=4, backend=backend
+        )
         r = ref_stats(ref_logits(h, w, bias=d["b"], softcap=5.0), y)[0]
         n = (y != IGN).sum(-1).clamp(min=1)
         want = r.sum(-1) / (n if average else 1)
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
     cu = torch.tensor([0, 7, 14])
-    packed = linear_sequence_logprobs(h.reshape(14, -1), w, y.reshape(14), bias=d["b"], cu_seqlens=cu,
-                                      softcap=5.0, chunk_size=4, backend=backend)
-    torch.testing.assert_close(packed, linear_sequence_logprobs(h, w, y, bias=d["b"], softcap=5.0, backend=backend),
-                               atol=2e-5, rtol=0)
+    packed = linear_sequence_logprobs(
+        h.reshape(14, -1), w, y.reshape(14), bias=d["b"], cu_seqlens=cu, softcap=5.0, chunk_size=4, backend=backend
+    )
+    torch.testing.assert_close(
+        packed, linear_sequence_logprobs(h, w, y, bias=d["b"], softcap=5.0, backend=backend), atol=2e-5, rtol=0
+    )
     mod = LinearSequenceLogProbs(average=True, softcap=5.0, chunk_size=4, backend=backend)
-    torch.testing.assert_close(mod(h, w, y, bias=d["b"]),
-                               linear_sequence_logprobs(h, w, y, bias=d["b"], softcap=5.0, average=True,
-                                                        backend=backend))
+    torch.testing.assert_close(
+        mod(h, w, y, bias=d["b"]),
+        linear_sequence_logprobs(h, w, y, bias=d["b"], softcap=5.0, average=True, backend=backend),
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", ["sigmoid", "sft"]])
@@ -515,13 +588,27 @@ def test_dpo_equals_fused_dpo_on_materialized_logits(backend, loss_type):
     ref_h = d["h"] + 0.1 * torch.randn_like(d["h"])
     kw = dict(logit_scale=0.9, softcap=4.0)
     a, b = _leaves(d, ("h", "w", "b", "A", "Bm")), _leaves(d, ("h", "w", "b", "A", "Bm"))
-    loss, met = linear_dpo_loss(a["h"], a["w"], d["y"], bias=a["b"], lora=(a["A"], a["Bm"], 0.5), ref_hidden=ref_h,
-                                ref_weight=d["w"], ref_bias=d["b"], beta=0.2, loss_type=loss_type, temperature=1.1,
-                                chunk_size=5, backend=backend, **kw)
+    loss, met = linear_dpo_loss(
+        a["h"],
+        a["w"],
+        d["y"],
+        bias=a["b"],
+        lora=(a["A"], a["Bm"], 0.5),
+        ref_hidden=ref_h,
+        ref_weight=d["w"],
+        ref_bias=d["b"],
+        beta=0.2,
+        loss_type=loss_type,
+        temperature=1.1,
+        chunk_size=5,
+        backend=backend,
+        **kw,
+    )
     logits = _materialized(dict(h=b["h"], w=b["w"]), bias=b["b"], lora=(b["A"], b["Bm"], 0.5), **kw)
     ref_logits_ = _materialized(dict(h=ref_h, w=d["w"]), bias=d["b"], **kw)
-    loss2, met2 = fused_dpo_loss(logits, d["y"], ref_logits=ref_logits_, beta=0.2, loss_type=loss_type,
-                                 temperature=1.1, backend=backend)
+    loss2, met2 = fused_dpo_loss(
+        logits, d["y"], ref_logits=ref_logits_, beta=0.2, loss_type=loss_type, temperature=1.1, backend=backend
+    )
     torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
     assert met.keys() == met2.keys()
     for k in met:
@@ -534,8 +621,16 @@ def test_dpo_equals_fused_dpo_on_materialized_logits(backend, loss_type):
     mod = LinearDPOLoss(beta=0.2, loss_type=loss_type, temperature=1.1, chunk_size=5, backend=backend, **kw)
     ref_logps = linear_sequence_logprobs(ref_h, d["w"], d["y"], bias=d["b"], temperature=1.1, backend=backend, **kw)
     rc, rr = ref_logps[:2], ref_logps[2:]
-    loss3, _ = mod(d["h"].reshape(-1, d["h"].shape[-1]), d["w"], d["y"].reshape(-1), rc, rr, bias=d["b"],
-                   lora=(d["A"], d["Bm"], 0.5), cu_seqlens=torch.arange(0, 25, 6))
+    loss3, _ = mod(
+        d["h"].reshape(-1, d["h"].shape[-1]),
+        d["w"],
+        d["y"].reshape(-1),
+        rc,
+        rr,
+        bias=d["b"],
+        lora=(d["A"], d["Bm"], 0.5),
+        cu_seqlens=torch.arange(0, 25, 6),
+    )
     torch.testing.assert_close(loss3, loss.detach(), atol=1e-4, rtol=1e-4)
 
 
@@ -560,8 +655,9 @@ def test_ppo_equals_ppo_loss_on_materialized_logits(backend, variant):
         kw["ref_logps"] = -torch.rand(3, 6, generator=g) * 3
     tkw = dict(temperature=0.9)
     a, b = _leaves(d, ("h", "w", "b")), _leaves(d, ("h", "w", "b"))
-    loss, met = linear_ppo_loss(a["h"], a["w"], d["y"], old, adv, bias=a["b"], softcap=6.0, chunk_size=4,
-                                backend=backend, **tkw, **kw)
+    loss, met = linear_ppo_loss(
+        a["h"], a["w"], d["y"], old, adv, bias=a["b"], softcap=6.0, chunk_size=4, backend=backend, **tkw, **kw
+    )
     logits = _materialized(dict(h=b["h"], w=b["w"]), bias=b["b"], softcap=6.0)
     loss2, met2 = ppo_loss(logits, d["y"], old, adv, backend=backend, **tkw, **kw)
     torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
@@ -578,8 +674,9 @@ def test_ppo_module_and_full_kl_is_refused(backend):
     old, adv = -torch.rand(3, 6), torch.randn(3, 6)
     mod = LinearPPOLoss(clip_eps_low=0.1, entropy_coef=0.01, softcap=6.0, chunk_size=3, backend=backend)
     loss, _ = mod(d["h"], d["w"], d["y"], old, adv)
-    loss2, _ = linear_ppo_loss(d["h"], d["w"], d["y"], old, adv, clip_eps_low=0.1, entropy_coef=0.01, softcap=6.0,
-                               backend=backend)
+    loss2, _ = linear_ppo_loss(
+        d["h"], d["w"], d["y"], old, adv, clip_eps_low=0.1, entropy_coef=0.01, softcap=6.0, backend=backend
+    )
     torch.testing.assert_close(loss, loss2)
     assert "softcap=6.0" in repr(mod)
     with pytest.raises(ValueError, match="full"):
@@ -636,7 +733,7 @@ def test_masked_vocabulary_with_neg_inf_bias(backend):
     the merged per-block statistics match the fp64 reference, the gradient stays finite."""
     d = make(V=60, bias=True)
     b = d["b"].clone()
-    b[20:45] = -math.inf      # covers whole backward / forward blocks at chunk_size=2
+    b[20:45] = -math.inf  # covers whole backward / forward blocks at chunk_size=2
     b[3] = b[50] = -math.inf
     y = d["y"].clone()
     y = torch.where((y >= 20) & (y < 45) | (y == 3) | (y == 50), 7, y)
@@ -652,8 +749,9 @@ def test_masked_vocabulary_with_neg_inf_bias(backend):
     want_ent = -torch.where(p > 0, p * lp, 0.0).sum(-1) * keep
     torch.testing.assert_close(out.logprobs.double(), want_lp, atol=3e-5, rtol=0)
     torch.testing.assert_close(out.entropy.double(), want_ent.detach(), atol=3e-5, rtol=0)
-    torch.testing.assert_close(out.log_sum_sq_probs.double(), (torch.log((p * p).sum(-1)) * keep).detach(),
-                               atol=3e-5, rtol=0)
+    torch.testing.assert_close(
+        out.log_sum_sq_probs.double(), (torch.log((p * p).sum(-1)) * keep).detach(), atol=3e-5, rtol=0
+    )
     assert (out.mean_logit[keep] == -math.inf).all()
     assert torch.equal(out.is_argmax, (z.argmax(-1) == y) & keep)
     (out.logprobs * 1.5).sum().backward()
@@ -670,14 +768,15 @@ def test_fp32_precision_at_large_logits_matches_plain_pytorch(backend, offset):
     d = make(B=2, T=6, H=16, V=300 if backend == "triton" else 600, bias=True, ignore=False, wscale=0.5)
     b = d["b"] + offset
     leaves = _leaves(d, ("h", "w"))
-    out = linear_token_logprobs(leaves["h"], leaves["w"], d["y"], bias=b, stats=("entropy",), chunk_size=1,
-                                backend=backend)
+    out = linear_token_logprobs(
+        leaves["h"], leaves["w"], d["y"], bias=b, stats=("entropy",), chunk_size=1, backend=backend
+    )
     g = torch.Generator().manual_seed(3)
     c, e = torch.randn(d["y"].shape, generator=g), torch.randn(d["y"].shape, generator=g)
     (out.logprobs * c + out.entropy * e).sum().backward()
 
     def stats_of(h, w, dt):
-        z = (h.to(dt) @ w.to(dt).t() + b.to(dt))
+        z = h.to(dt) @ w.to(dt).t() + b.to(dt)
         lp = torch.log_softmax(z, -1)
         return lp.gather(-1, d["y"].unsqueeze(-1)).squeeze(-1), -(lp.exp() * lp).sum(-1)
 
@@ -686,7 +785,7 @@ def test_fp32_precision_at_large_logits_matches_plain_pytorch(backend, offset):
     (r_lp * c + r_ent * e).sum().backward()
     p_lp, p_ent = stats_of(plain["h"], plain["w"], torch.float32)
     (p_lp * c + p_ent * e).sum().backward()
-    floor = 8 * 2.0 ** -23 * (1 + offset)
+    floor = 8 * 2.0**-23 * (1 + offset)
     for got, pl, want in ((out.logprobs, p_lp, r_lp), (out.entropy, p_ent, r_ent)):
         err, perr = (got.double() - want).abs().max().item(), (pl.double() - want).abs().max().item()
         assert err <= 2 * perr + floor, (err, perr)

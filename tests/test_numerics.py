@@ -5,18 +5,20 @@ Sections follow the document: per-row independence and NaN in -> NaN out (1), in
 huge magnitudes (5), signs: log-probs never positive (6). Accuracy against fp64 uses the
 rule of tests/baselines.py.
 """
+
 import math
 
+import baselines as bl
 import pytest
 import torch
 
-import baselines as bl
 import prefopt_fast as pf
 from prefopt_fast import linear as pfl
 from prefopt_fast.naive import STAT_NAMES, naive_token_logprobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAN, INF = math.nan, math.inf
+
 
 def _tl(z, y, backend, **kw):
     return pf.token_logprobs(z, y, backend=backend, **kw)
@@ -32,7 +34,7 @@ def _bits_equal(a, b):
 def _grad(z, y, backend, w1, w2, **kw):
     zz = z.detach().clone().requires_grad_()
     o = _tl(zz, y, backend, stats=STAT_NAMES, **kw)
-    g, = torch.autograd.grad((o.logprobs, o.entropy), zz, (w1, w2))
+    (g,) = torch.autograd.grad((o.logprobs, o.entropy), zz, (w1, w2))
     return o, g
 
 
@@ -49,9 +51,9 @@ def test_nan_stays_in_its_row(backend, device, dtype):
     y[6] = -100
     z = clean.clone()
     z[1, (int(y[1]) + 5) % V] = NAN  # away from the label
-    z[2, int(y[2])] = NAN            # at the label
-    z[3, :] = NAN                    # everywhere
-    z[6, 4] = NAN                    # ignored row
+    z[2, int(y[2])] = NAN  # at the label
+    z[3, :] = NAN  # everywhere
+    z[6, 4] = NAN  # ignored row
     nan_rows, good = [1, 2, 3], [0, 4, 5]
     w1, w2 = torch.randn(7, device=device), torch.randn(7, device=device)
     y = y.to(device)
@@ -84,7 +86,7 @@ def test_nan_row_gradient_is_nan(backend, device, with_entropy):
     o = _tl(zz, y.to(device), backend, stats=("entropy",))
     outs = (o.logprobs, o.entropy) if with_entropy else (o.logprobs,)
     ws = tuple(torch.randn(4, device=device) for _ in outs)
-    g, = torch.autograd.grad(outs, zz, ws)
+    (g,) = torch.autograd.grad(outs, zz, ws)
     g = g.cpu()
     assert torch.isnan(g[:3]).all(), f"NaN hidden in the gradient: {int((~torch.isnan(g[:3])).sum())} numbers"
     assert torch.isfinite(g[3]).all()
@@ -171,7 +173,7 @@ def test_infinities_follow_float64_log_softmax(backend, device, dtype):
     o, g = _grad(z.to(device), y.to(device), backend, w1.to(device), w2.to(device))
     zr = z.double().requires_grad_()
     ref = naive_token_logprobs(zr, y, stats=STAT_NAMES)
-    g_ref, = torch.autograd.grad((ref[0], ref[1]), zr, (w1.double(), w2.double()))
+    (g_ref,) = torch.autograd.grad((ref[0], ref[1]), zr, (w1.double(), w2.double()))
     for name, r in zip(("logprobs",) + STAT_NAMES, ref):
         got = getattr(o, name).cpu()
         if name == "is_argmax":
@@ -187,8 +189,7 @@ def test_infinities_follow_float64_log_softmax(backend, device, dtype):
     assert o.logprobs.cpu()[4] == -INF
 
 
-@pytest.mark.parametrize("backend", [
-    "torch", "cpu", "triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"], indirect=True)
 def test_rows_far_below_zero(backend, device):
     """Logits all around -100 (or x = z / T that low): an ordinary softmax, not a NaN."""
     g = torch.Generator().manual_seed(7)
@@ -213,9 +214,11 @@ def test_scaled_logits_that_overflow_fp32_are_infinite(backend, device):
 # ----------------------------------------------- 3. only the label is finite
 
 
-@pytest.mark.parametrize("backend, dtype", [
-    pytest.param(b, d, id=f"{b}-{n}")
-    for b in ("torch", "cpu", "triton", "cuda") for n, d in DTYPES.items()], indirect=["backend"])
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [pytest.param(b, d, id=f"{b}-{n}") for b in ("torch", "cpu", "triton", "cuda") for n, d in DTYPES.items()],
+    indirect=["backend"],
+)
 def test_rows_where_only_the_label_is_finite(backend, device, dtype):
     """A fully determined token: log-prob, entropy and log_sum_sq_probs exactly 0,
     is_argmax True, and a gradient of exactly 0 everywhere."""
@@ -243,7 +246,7 @@ def test_fully_masked_sequences(backend, device):
     for average in (False, True):
         s = pf.sequence_logprobs(z, y, average=average, backend=backend)
         assert s[1] == 0 and torch.isfinite(s).all()
-        g, = torch.autograd.grad(s.sum(), z)
+        (g,) = torch.autograd.grad(s.sum(), z)
         assert torch.isfinite(g).all() and (g[1] == 0).all()
     # packed, with a zero-length sequence and an all-ignored one
     zp = torch.randn(7, V, device=device, requires_grad=True)
@@ -265,12 +268,12 @@ def test_fully_masked_pairs_give_a_finite_dpo_loss(backend, device, loss_type):
     if loss_type == "robust":
         kw["label_smoothing"] = 0.1
     loss, metrics = pf.fused_dpo_loss(z, y, **kw)
-    g, = torch.autograd.grad(loss, z)
+    (g,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     assert torch.isfinite(g).all() and (g[0] == 0).all()
     # the whole batch masked: still finite, zero gradient
     loss, metrics = pf.fused_dpo_loss(z, torch.full_like(y, -100), **kw)
-    g, = torch.autograd.grad(loss, z)
+    (g,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and (g == 0).all()
     if loss_type == "sigmoid":
         assert torch.isclose(loss, torch.tensor(math.log(2.0), device=device))
@@ -282,14 +285,20 @@ def test_fully_masked_ppo(backend, device, agg):
     z = torch.randn(B, T, V, device=device, requires_grad=True)
     y = torch.randint(0, V, (B, T), device=device)
     y[1] = -100
-    kw = dict(loss_agg_mode=agg, max_length=T if agg.endswith("norm") else None, entropy_coef=0.01,
-              kl_coef=0.1, ref_logps=-torch.rand(B, T, device=device), backend=backend)
+    kw = dict(
+        loss_agg_mode=agg,
+        max_length=T if agg.endswith("norm") else None,
+        entropy_coef=0.01,
+        kl_coef=0.1,
+        ref_logps=-torch.rand(B, T, device=device),
+        backend=backend,
+    )
     adv = torch.randn(B, device=device)
     loss, metrics = pf.ppo_loss(z, y, None, adv, **kw)
-    g, = torch.autograd.grad(loss, z)
+    (g,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and torch.isfinite(g).all() and (g[1] == 0).all()
     loss, metrics = pf.ppo_loss(z, torch.full_like(y, -100), None, adv, **kw)
-    g, = torch.autograd.grad(loss, z)
+    (g,) = torch.autograd.grad(loss, z)
     assert loss == 0 and (g == 0).all() and all(torch.isfinite(v) for v in metrics.values())
 
 
@@ -297,24 +306,25 @@ def test_fully_masked_ppo(backend, device, agg):
 
 
 def _problem(z, y, temperature=1.0):
-    return bl.Problem("token_logprobs", dict(logits=z, labels=y, temperature=temperature, ignore_index=-100,
-                                             stats=bl.TOKEN_STATS, inplace=False),
-                      grad_wrt=("logits",), cotangents={"logprobs": torch.randn(y.shape),
-                                                        "entropy": torch.randn(y.shape)})
+    return bl.Problem(
+        "token_logprobs",
+        dict(logits=z, labels=y, temperature=temperature, ignore_index=-100, stats=bl.TOKEN_STATS, inplace=False),
+        grad_wrt=("logits",),
+        cotangents={"logprobs": torch.randn(y.shape), "entropy": torch.randn(y.shape)},
+    )
 
 
-HUGE = [(1e4, torch.float32), (1e4, torch.bfloat16), (1e4, torch.float16), (1e30, torch.float32),
-        (3e38, torch.float32)]
+HUGE = [(1e4, torch.float32), (1e4, torch.bfloat16), (1e4, torch.float16), (1e30, torch.float32), (3e38, torch.float32)]
 
 
 def _huge_problem(magnitude, dtype):
     g = torch.Generator().manual_seed(1)
     V = 33
     z = (torch.rand(6, V, generator=g) * 2 - 1) * magnitude
-    z[0] = magnitude                       # a constant row: log-prob -log V
-    z[1, :10] = -magnitude                 # mixed signs
-    z[2] = torch.randn(V, generator=g)     # small values next to huge rows
-    z[3, 5] = magnitude                    # one huge entry, the rest ~0
+    z[0] = magnitude  # a constant row: log-prob -log V
+    z[1, :10] = -magnitude  # mixed signs
+    z[2] = torch.randn(V, generator=g)  # small values next to huge rows
+    z[3, 5] = magnitude  # one huge entry, the rest ~0
     z[3, 6:] = torch.randn(V - 6, generator=g)
     y = torch.randint(0, V, (6,), generator=g)
     y[3] = 5
@@ -323,9 +333,11 @@ def _huge_problem(magnitude, dtype):
     return _problem(z.to(dtype), y, temperature)
 
 
-@pytest.mark.parametrize("backend, magnitude, dtype", [
-    pytest.param(b, m, d, id=f"{b}-{m:g}-{str(d)[6:]}")
-    for b in ("torch", "cpu", "triton", "cuda") for m, d in HUGE], indirect=["backend"])
+@pytest.mark.parametrize(
+    "backend, magnitude, dtype",
+    [pytest.param(b, m, d, id=f"{b}-{m:g}-{str(d)[6:]}") for b in ("torch", "cpu", "triton", "cuda") for m, d in HUGE],
+    indirect=["backend"],
+)
 def test_huge_magnitudes_forward(backend, device, magnitude, dtype):
     """Logits of magnitude 1e4 (every dtype) and up to 3e38 (fp32): every forward output
     within the error rule of plain fp32 PyTorch, log-probs finite and <= 0. (mean_logit of
@@ -339,7 +351,7 @@ def test_huge_magnitudes_forward(backend, device, magnitude, dtype):
     # row by row: the rows differ in magnitude by up to 30 orders, and a floor at the
     # largest one would hide any error in the others
     for r in range(pb.inputs["labels"].shape[0]):
-        row = lambda d: {k: v[r:r + 1] for k, v in d.items() if k not in skip}  # noqa: E731
+        row = lambda d: {k: v[r : r + 1] for k, v in d.items() if k not in skip}  # noqa: E731
         bl.check_rule(row(got), row(plain), row(ref), f"row {r}: {pb}")
     lp = got["logprobs"]
     assert (lp <= 0).all() and torch.isfinite(lp).all()
@@ -358,7 +370,7 @@ def test_gradient_of_tied_maxima_at_huge_magnitudes(backend, device, magnitude):
     V = 33
     z = torch.full((1, V), magnitude, device=device, requires_grad=True)
     y = torch.tensor([4], device=device)
-    g, = torch.autograd.grad(_tl(z, y, backend), z)
+    (g,) = torch.autograd.grad(_tl(z, y, backend), z)
     expected = torch.full((1, V), -1.0 / V)
     expected[0, 4] += 1.0
     torch.testing.assert_close(g.cpu(), expected, atol=1e-6, rtol=1e-5)
@@ -389,8 +401,13 @@ def _sign_violations(backend, device, dtype):
     z, y = _adversarial_rows(dtype)
     z, y = z.to(device), y.to(device)
     worst = {"logprobs": 0.0, "entropy": 0.0, "log_sum_sq_probs": 0.0}
-    for temperature in (1.0, 0.05, 0.7, 7.0, torch.rand(y.shape, generator=torch.Generator().manual_seed(3))
-                        .mul(3).add(0.05).to(device)):
+    for temperature in (
+        1.0,
+        0.05,
+        0.7,
+        7.0,
+        torch.rand(y.shape, generator=torch.Generator().manual_seed(3)).mul(3).add(0.05).to(device),
+    ):
         o = _tl(z, y, backend, temperature=temperature, stats=("entropy", "log_sum_sq_probs"))
         worst["logprobs"] = max(worst["logprobs"], float(o.logprobs.max()))
         worst["entropy"] = max(worst["entropy"], float(-o.entropy.min()))
@@ -402,10 +419,11 @@ def _sign_violations(backend, device, dtype):
     return {k: v for k, v in worst.items() if v > 0}
 
 
-@pytest.mark.parametrize("backend, dtype", [
-    pytest.param(b, d, id=f"{b}-{n}")
-    for b in ("torch", "cpu", "triton", "cuda") for n, d in DTYPES.items()
-], indirect=["backend"])
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [pytest.param(b, d, id=f"{b}-{n}") for b in ("torch", "cpu", "triton", "cuda") for n, d in DTYPES.items()],
+    indirect=["backend"],
+)
 def test_logprobs_never_positive(backend, device, dtype):
     """log p <= 0, H >= 0 and log sum p^2 <= 0 exactly, on adversarial and random rows,
     every dtype and temperature."""
@@ -420,7 +438,7 @@ def test_vocabulary_of_one(backend, device):
     y = torch.zeros(4, 3, dtype=torch.long, device=device)
     o = _tl(z.requires_grad_(), y, backend, stats=("entropy", "log_sum_sq_probs"), temperature=0.3)
     assert (o.logprobs == 0).all() and (o.entropy == 0).all() and (o.log_sum_sq_probs == 0).all()
-    g, = torch.autograd.grad(o.logprobs.sum() + o.entropy.sum(), z)
+    (g,) = torch.autograd.grad(o.logprobs.sum() + o.entropy.sum(), z)
     assert (g == 0).all()
 
 
@@ -428,6 +446,13 @@ def test_policy_document_lists_every_section():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "numerics.md").read_text()
-    for heading in ("NaN in, NaN out", "Infinities", "Only the label is finite", "Fully masked",
-                    "Huge magnitudes", "Signs", "Determinism"):
+    for heading in (
+        "NaN in, NaN out",
+        "Infinities",
+        "Only the label is finite",
+        "Fully masked",
+        "Huge magnitudes",
+        "Signs",
+        "Determinism",
+    ):
         assert heading in text, f"docs/numerics.md lacks the section {heading!r}"

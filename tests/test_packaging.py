@@ -6,6 +6,7 @@ The repository's top-level ``kernels/`` folder once was a regular package: with 
 shadowed Hugging Face's ``kernels`` distribution, and transformers >= 5.25 failed to import
 (``cannot import name 'CUDAProperties' from 'kernels'``).
 """
+
 import os
 import subprocess
 import sys
@@ -20,8 +21,9 @@ TOP_LEVEL = ["kernels", "csrc", "prefopt_fast", "benchmarks", "tests", "tools", 
 
 def _python(code: str, cwd: Path, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, *args, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, *args, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout.strip()
 
@@ -30,8 +32,11 @@ def test_transformers_hub_kernels_import_from_the_repository_root():
     # cwd first on sys.path, as with `python -m pytest` / `python -m benchmarks` from the root
     expected.require("kernels")
     expected.require("transformers")
-    out = _python("import sys, kernels, transformers.integrations.hub_kernels; "
-                  "from kernels import CUDAProperties; print(kernels.__file__)", ROOT)
+    out = _python(
+        "import sys, kernels, transformers.integrations.hub_kernels; "
+        "from kernels import CUDAProperties; print(kernels.__file__)",
+        ROOT,
+    )
     assert Path(out).resolve().parents[1] != ROOT, f"`import kernels` found this repository: {out}"
 
 
@@ -47,8 +52,10 @@ def test_no_top_level_folder_is_a_regular_package_that_shadows_a_distribution():
 
 
 def test_prefopt_fast_kernels_from_the_source_tree_and_elsewhere():
-    code = ("import prefopt_fast.kernels.row_forward as f, prefopt_fast.kernels.row_backward as b, "
-            "prefopt_fast.kernels.config as c; import os; print(os.path.realpath(f.__file__))")
+    code = (
+        "import prefopt_fast.kernels.row_forward as f, prefopt_fast.kernels.row_backward as b, "
+        "prefopt_fast.kernels.config as c; import os; print(os.path.realpath(f.__file__))"
+    )
     here = Path(_python(code, ROOT))
     away = Path(_python(code, Path("/")))  # the installed (here: editable) package
     for p in (here, away):
@@ -59,9 +66,24 @@ def test_prefopt_fast_kernels_from_the_source_tree_and_elsewhere():
 def test_wheel_carries_the_kernels_as_prefopt_fast_kernels(tmp_path):
     # pure-Python wheel (no extension: seconds); setuptools copies kernels/ through the link
     env = dict(os.environ, PREFOPT_NO_EXTENSION="1")
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                          "--wheel-dir", str(tmp_path), str(ROOT)], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (wheel,) = tmp_path.glob("prefopt_fast-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -14,17 +14,18 @@ and entropies (with its temperature) from the very same logits, and the gradient
 those logits is compared. The trainer runs in eval mode (no division by the accumulation
 steps; dapo divides by ``num_items_in_batch / num_processes``).
 """
+
 import math
 import types
 from collections import defaultdict
 from contextlib import nullcontext
 
+import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 from torch import nn
 
 from prefopt_fast.losses import KL_ESTIMATORS, LOSS_AGG_MODES, TRL_LOSS_TYPES, PPOLoss, ppo_loss
-import expected  # noqa: E402  (tests/expected.py)
 
 IGN = -100
 
@@ -61,10 +62,29 @@ def naive_full_kl(logits, ref_logits, temperature=1.0):
     return (p * diff).sum(-1)
 
 
-def restated(logits, labels, old, adv, *, loss_mask=None, ref_logps=None, ref_logits=None, temperature=1.0,
-             clip_eps_low=0.2, clip_eps_high=None, dual_clip=None, kl_coef=0.0, kl_estimator="k3",
-             kl_ratio_correction=False, entropy_coef=0.0, loss_agg_mode="token-mean", max_length=None,
-             importance_sampling_level="token", is_weights=None, global_num_tokens=None):
+def restated(
+    logits,
+    labels,
+    old,
+    adv,
+    *,
+    loss_mask=None,
+    ref_logps=None,
+    ref_logits=None,
+    temperature=1.0,
+    clip_eps_low=0.2,
+    clip_eps_high=None,
+    dual_clip=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    kl_ratio_correction=False,
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+    max_length=None,
+    importance_sampling_level="token",
+    is_weights=None,
+    global_num_tokens=None,
+):
     """(loss, metrics) in fp64, token by token."""
     B, T = labels.shape
     logp, ent, _ = naive_rows(logits, labels, temperature)
@@ -72,8 +92,12 @@ def restated(logits, labels, old, adv, *, loss_mask=None, ref_logps=None, ref_lo
     el = clip_eps_low
     eh = el if clip_eps_high is None else clip_eps_high
     trl = loss_agg_mode if loss_agg_mode in ("grpo", "bnpo", "dr_grpo", "dapo") else None
-    agg = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
-           "dapo": "token-mean"}.get(loss_agg_mode, loss_agg_mode)
+    agg = {
+        "grpo": "seq-mean-token-mean",
+        "bnpo": "token-mean",
+        "dr_grpo": "seq-mean-token-sum-norm",
+        "dapo": "token-mean",
+    }.get(loss_agg_mode, loss_agg_mode)
 
     def mval(b, t):
         v = 1.0 if labels[b, t] != IGN else 0.0
@@ -94,8 +118,10 @@ def restated(logits, labels, old, adv, *, loss_mask=None, ref_logps=None, ref_lo
 
     seq_lr = []
     for b in range(B):
-        num = sum(((logp[b, t] - old_of(b, t)) * mval(b, t) for t in range(T) if mval(b, t) != 0),
-                  torch.zeros((), dtype=torch.float64))
+        num = sum(
+            ((logp[b, t] - old_of(b, t)) * mval(b, t) for t in range(T) if mval(b, t) != 0),
+            torch.zeros((), dtype=torch.float64),
+        )
         seq_lr.append(num / max(sum(mval(b, t) for t in range(T)), 1.0))
 
     tok_loss, tok_kl, tok_ratio, low, high = {}, {}, {}, {}, {}
@@ -122,7 +148,7 @@ def restated(logits, labels, old, adv, *, loss_mask=None, ref_logps=None, ref_lo
                     if kl_estimator == "k1":
                         k = -d
                     elif kl_estimator == "k2":
-                        k = d ** 2 / 2
+                        k = d**2 / 2
                     elif kl_estimator == "k3":
                         k = torch.exp(d) - d - 1
                     elif kl_estimator == "abs":
@@ -140,8 +166,10 @@ def restated(logits, labels, old, adv, *, loss_mask=None, ref_logps=None, ref_lo
             high[b, t] = float(r > 1 + eh and a > 0)
 
     def aggregate(vals, mode, gnt):
-        seq_sums = [sum((vals[b, t] * mval(b, t) for t in range(T) if (b, t) in vals),
-                        torch.zeros((), dtype=torch.float64)) for b in range(B)]
+        seq_sums = [
+            sum((vals[b, t] * mval(b, t) for t in range(T) if (b, t) in vals), torch.zeros((), dtype=torch.float64))
+            for b in range(B)
+        ]
         lens = [sum(mval(b, t) for t in range(T)) for b in range(B)]
         if mode == "token-mean":
             n = gnt if gnt is not None else max(sum(lens), 1.0)
@@ -218,8 +246,15 @@ def make_batch(B=3, T=6, V=40, device="cpu", dtype=torch.float32, seed=0, spread
     ref[labels == IGN] = float("-inf")
     ref_logits = (logits.double() + torch.randn(B, T, V, generator=g, dtype=torch.float64)).to(dtype)
     mv = lambda x: x.to(device)  # noqa: E731
-    return dict(logits=mv(logits), labels=mv(labels), old=mv(old), adv_seq=mv(adv_seq), adv_tok=mv(adv_tok),
-                ref=mv(ref), ref_logits=mv(ref_logits))
+    return dict(
+        logits=mv(logits),
+        labels=mv(labels),
+        old=mv(old),
+        adv_seq=mv(adv_seq),
+        adv_tok=mv(adv_tok),
+        ref=mv(ref),
+        ref_logits=mv(ref_logits),
+    )
 
 
 def _compare(backend, device, data, *, old="old", adv="adv_seq", dtype_tol=1e-4, grad_tol=None, **kw):
@@ -233,21 +268,30 @@ def _compare(backend, device, data, *, old="old", adv="adv_seq", dtype_tol=1e-4,
 
     x64 = data["logits"].detach().cpu().double().requires_grad_(True)
     cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
-    ref_loss, ref_metrics = restated(x64, data["labels"].cpu(), None if old_t is None else old_t.cpu(),
-                                     adv_t.cpu(), **cpu)
+    ref_loss, ref_metrics = restated(
+        x64, data["labels"].cpu(), None if old_t is None else old_t.cpu(), adv_t.cpu(), **cpu
+    )
     ref_loss.backward()
 
     assert loss.dtype == torch.float32 and loss.dim() == 0
     tol = dict(rtol=dtype_tol, atol=dtype_tol * 0.1)
     torch.testing.assert_close(loss.detach().cpu().double(), ref_loss.detach(), **tol)
     gt = dtype_tol if grad_tol is None else grad_tol
-    torch.testing.assert_close(logits.grad.cpu().double(), x64.grad, rtol=gt,
-                               atol=gt * 0.01 if grad_tol is None else gt * float(x64.grad.abs().max()))
+    torch.testing.assert_close(
+        logits.grad.cpu().double(),
+        x64.grad,
+        rtol=gt,
+        atol=gt * 0.01 if grad_tol is None else gt * float(x64.grad.abs().max()),
+    )
     assert set(metrics) == set(ref_metrics), (set(metrics), set(ref_metrics))
     for k, v in ref_metrics.items():
         assert not metrics[k].requires_grad
-        torch.testing.assert_close(metrics[k].cpu().double(), torch.tensor(float(v), dtype=torch.float64),
-                                   **tol, msg=lambda m, k=k: f"metric {k}: {m}")
+        torch.testing.assert_close(
+            metrics[k].cpu().double(),
+            torch.tensor(float(v), dtype=torch.float64),
+            **tol,
+            msg=lambda m, k=k: f"metric {k}: {m}",
+        )
     return loss, metrics
 
 
@@ -278,15 +322,18 @@ VARIANTS = {
     "bnpo": dict(loss_agg_mode="bnpo", entropy_coef=0.1),
     "dr_grpo": dict(loss_agg_mode="dr_grpo", max_length=7, entropy_coef=0.1),
     "dapo": dict(loss_agg_mode="dapo", global_num_tokens=17.0, entropy_coef=0.1, clip_eps_high=0.28),
-    "gspo_seq_adv": dict(importance_sampling_level="sequence", loss_agg_mode="grpo", clip_eps_low=3e-4,
-                         clip_eps_high=4e-4),
-    "gspo_token_adv": dict(importance_sampling_level="sequence", adv="adv_tok", kl_coef=0.1, ref_logps="ref",
-                           kl_ratio_correction=True),
+    "gspo_seq_adv": dict(
+        importance_sampling_level="sequence", loss_agg_mode="grpo", clip_eps_low=3e-4, clip_eps_high=4e-4
+    ),
+    "gspo_token_adv": dict(
+        importance_sampling_level="sequence", adv="adv_tok", kl_coef=0.1, ref_logps="ref", kl_ratio_correction=True
+    ),
     "gspo_on_policy": dict(importance_sampling_level="sequence", old=None, entropy_coef=0.02),
     "is_weights_token": dict(is_weights="w_tok", kl_coef=0.1, ref_logps="ref"),
     "is_weights_seq": dict(is_weights="w_seq", dual_clip=2.5),
-    "loss_mask": dict(loss_mask="mask", entropy_coef=0.1, kl_coef=0.1, ref_logps="ref",
-                      loss_agg_mode="seq-mean-token-mean"),
+    "loss_mask": dict(
+        loss_mask="mask", entropy_coef=0.1, kl_coef=0.1, ref_logps="ref", loss_agg_mode="seq-mean-token-mean"
+    ),
     "temperature": dict(temperature=0.7, entropy_coef=0.1, kl_coef=0.1, ref_logps="ref"),
     "temperature_tensor": dict(temperature="temp", entropy_coef=0.1),
 }
@@ -344,13 +391,24 @@ def test_half_logits(backend, device, dtype):
 
 def test_module_matches_function(backend, device):
     data = make_batch(device=device)
-    cfg = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator="k3",
-               kl_ratio_correction=True, entropy_coef=0.01, loss_agg_mode="dr_grpo", max_length=8,
-               importance_sampling_level="token", temperature=0.9)
+    cfg = dict(
+        clip_eps_low=0.2,
+        clip_eps_high=0.28,
+        dual_clip=3.0,
+        kl_coef=0.1,
+        kl_estimator="k3",
+        kl_ratio_correction=True,
+        entropy_coef=0.01,
+        loss_agg_mode="dr_grpo",
+        max_length=8,
+        importance_sampling_level="token",
+        temperature=0.9,
+    )
     mod = PPOLoss(backend=backend, **cfg)
     a, ma = mod(data["logits"], data["labels"], data["old"], data["adv_seq"], ref_logps=data["ref"])
-    b, mb = ppo_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], ref_logps=data["ref"],
-                     backend=backend, **cfg)
+    b, mb = ppo_loss(
+        data["logits"], data["labels"], data["old"], data["adv_seq"], ref_logps=data["ref"], backend=backend, **cfg
+    )
     torch.testing.assert_close(a, b)
     assert ma.keys() == mb.keys()
     assert "dr_grpo" in repr(mod)
@@ -364,10 +422,15 @@ def test_fp64_logits_stay_fp64():
 
 def test_global_num_tokens_tensor():
     data = make_batch()
-    a, _ = ppo_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], global_num_tokens=11,
-                    backend="torch")
-    b, _ = ppo_loss(data["logits"], data["labels"], data["old"], data["adv_seq"],
-                    global_num_tokens=torch.tensor(11), backend="torch")
+    a, _ = ppo_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], global_num_tokens=11, backend="torch")
+    b, _ = ppo_loss(
+        data["logits"],
+        data["labels"],
+        data["old"],
+        data["adv_seq"],
+        global_num_tokens=torch.tensor(11),
+        backend="torch",
+    )
     torch.testing.assert_close(a, b)
 
 
@@ -391,16 +454,16 @@ def _masked_logits(B=3, T=5, V=24, seed=3):
     z = torch.randn(B, T, V, generator=g) * 2
     r = torch.randn(B, T, V, generator=g) * 2
     ninf = float("-inf")
-    z[0, 0, :5] = ninf                       # policy masked, reference full
-    r[0, 1, 3:9] = ninf                      # nested: reference mask inside the policy's
+    z[0, 0, :5] = ninf  # policy masked, reference full
+    r[0, 1, 3:9] = ninf  # nested: reference mask inside the policy's
     z[0, 1, 2:12] = ninf
-    z[1, 0, :6] = ninf                       # disjoint masks: KL = +inf
+    z[1, 0, :6] = ninf  # disjoint masks: KL = +inf
     r[1, 0, 6:10] = ninf
-    r[1, 2, :V - 1] = ninf                   # reference is one-hot, policy masked elsewhere: finite
-    z[1, 2, :V - 1] = ninf
-    z[2, 3, 7:] = ninf                       # policy near one-hot region, reference full
+    r[1, 2, : V - 1] = ninf  # reference is one-hot, policy masked elsewhere: finite
+    z[1, 2, : V - 1] = ninf
+    z[2, 3, 7:] = ninf  # policy near one-hot region, reference full
     labels = torch.randint(0, V, (B, T), generator=g)
-    labels[0, 0] = 7                         # labels on tokens the policy can emit
+    labels[0, 0] = 7  # labels on tokens the policy can emit
     labels[0, 1] = 15
     labels[1, 0] = 8
     labels[1, 2] = V - 1
@@ -419,26 +482,42 @@ def test_full_kl_matches_naive(backend, device):
     old = (naive_rows(z, labels)[0] - 0.3).float()
     adv = torch.tensor([0.5, -1.0, 1.5])
     for temperature in (1.0, 0.8):
-        kw = dict(ref_logits=r.to(device), kl_coef=0.3, kl_estimator="full", loss_mask=mask.to(device),
-                  temperature=temperature, entropy_coef=0.05)
+        kw = dict(
+            ref_logits=r.to(device),
+            kl_coef=0.3,
+            kl_estimator="full",
+            loss_mask=mask.to(device),
+            temperature=temperature,
+            entropy_coef=0.05,
+        )
         zl = z.clone().to(device).requires_grad_(True)
         loss, m = ppo_loss(zl, labels.to(device), old.to(device), adv.to(device), backend=backend, **kw)
         loss.backward()
         z64 = z.double().requires_grad_(True)
-        ref_loss, ref_m = restated(z64, labels, old, adv, ref_logits=r, kl_coef=0.3, loss_mask=mask,
-                                   temperature=temperature, entropy_coef=0.05)
+        ref_loss, ref_m = restated(
+            z64, labels, old, adv, ref_logits=r, kl_coef=0.3, loss_mask=mask, temperature=temperature, entropy_coef=0.05
+        )
         ref_loss.backward()
         assert torch.isfinite(loss)
         torch.testing.assert_close(loss.detach().cpu().double(), ref_loss.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(zl.grad.cpu().double(), z64.grad, rtol=1e-5, atol=1e-7)
         assert torch.all(zl.grad[1, 0] == 0)
-        torch.testing.assert_close(m["kl"].cpu().double(), torch.tensor(ref_m["kl"], dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            m["kl"].cpu().double(), torch.tensor(ref_m["kl"], dtype=torch.float64), rtol=1e-5, atol=1e-6
+        )
     # the same row kept: the exact KL is +inf, as the naive one
     kl_naive = naive_full_kl(z, r)
     assert math.isinf(float(kl_naive[1, 0])) and torch.isfinite(kl_naive[0]).all()
-    loss, m = ppo_loss(z.to(device), labels.to(device), old.to(device), adv.to(device), ref_logits=r.to(device),
-                       kl_coef=0.3, kl_estimator="full", backend=backend)
+    loss, m = ppo_loss(
+        z.to(device),
+        labels.to(device),
+        old.to(device),
+        adv.to(device),
+        ref_logits=r.to(device),
+        kl_coef=0.3,
+        kl_estimator="full",
+        backend=backend,
+    )
     assert float(loss) == float("inf") and float(m["kl"]) == float("inf")
 
 
@@ -448,8 +527,15 @@ def test_full_kl_equals_sampled_kl_in_expectation_shape(backend, device):
         pytest.skip(f"backend {backend!r} has no exact-KL row kernel yet")
     data = make_batch(device=device)
     z = data["logits"].detach().clone().requires_grad_(True)
-    a, ma = ppo_loss(z, data["labels"], data["old"], data["adv_seq"], ref_logits=data["ref_logits"],
-                     kl_estimator="full", backend=backend)
+    a, ma = ppo_loss(
+        z,
+        data["labels"],
+        data["old"],
+        data["adv_seq"],
+        ref_logits=data["ref_logits"],
+        kl_estimator="full",
+        backend=backend,
+    )
     a.backward()
     g = z.grad.clone()
     z.grad = None
@@ -515,10 +601,27 @@ class _Accelerator:
         return nullcontext()
 
 
-def _trl_loss(logits, labels, old, adv, *, loss_type, beta=0.0, epsilon=0.2, epsilon_high=None, delta=None,
-              use_bias_correction_kl=False, entropy_coef=0.0, importance_sampling_level="token", ref=None,
-              tool_mask=None, is_ratio=None, num_items_in_batch=None, max_completion_length=None,
-              temperature=1.0):
+def _trl_loss(
+    logits,
+    labels,
+    old,
+    adv,
+    *,
+    loss_type,
+    beta=0.0,
+    epsilon=0.2,
+    epsilon_high=None,
+    delta=None,
+    use_bias_correction_kl=False,
+    entropy_coef=0.0,
+    importance_sampling_level="token",
+    ref=None,
+    tool_mask=None,
+    is_ratio=None,
+    num_items_in_batch=None,
+    max_completion_length=None,
+    temperature=1.0,
+):
     """TRL 1.16's own GRPOTrainer._compute_loss on these logits; returns (loss, metrics, logits_grad)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
@@ -532,15 +635,27 @@ def _trl_loss(logits, labels, old, adv, *, loss_type, beta=0.0, epsilon=0.2, eps
 
     tr = object.__new__(GRPOTrainer)
     tr.__dict__.update(
-        model=model, accelerator=_Accelerator(), aux_loss_enabled=False, top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None, importance_sampling_level=importance_sampling_level, beta=beta,
-        loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
-        use_vllm=is_ratio is not None, vllm_importance_sampling_correction=True,
-        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef, use_adaptive_entropy=False,
-        current_gradient_accumulation_steps=1, max_completion_length=max_completion_length,
+        model=model,
+        accelerator=_Accelerator(),
+        aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=importance_sampling_level,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon_low=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+        use_vllm=is_ratio is not None,
+        vllm_importance_sampling_correction=True,
+        _entropy_bonus_enabled=entropy_coef != 0.0,
+        entropy_coef=entropy_coef,
+        use_adaptive_entropy=False,
+        current_gradient_accumulation_steps=1,
+        max_completion_length=max_completion_length,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        args=types.SimpleNamespace(delta=delta, use_bias_correction_kl=use_bias_correction_kl,
-                                   steps_per_generation=1, entropy_target=0.2),
+        args=types.SimpleNamespace(
+            delta=delta, use_bias_correction_kl=use_bias_correction_kl, steps_per_generation=1, entropy_target=0.2
+        ),
     )
     completion_mask = (labels != IGN).long()
     inputs = {
@@ -568,22 +683,42 @@ def _trl_loss(logits, labels, old, adv, *, loss_type, beta=0.0, epsilon=0.2, eps
 
 TRL_CASES = {
     "grpo_kl_bias_corr_delta_entropy_toolmask": dict(
-        loss_type="grpo", beta=0.04, use_bias_correction_kl=True, delta=3.0, entropy_coef=0.01, tool_mask=True),
-    "grpo_on_policy_token_adv": dict(loss_type="grpo", old=False, adv="adv_tok", beta=0.1,
-                                     use_bias_correction_kl=True),
+        loss_type="grpo", beta=0.04, use_bias_correction_kl=True, delta=3.0, entropy_coef=0.01, tool_mask=True
+    ),
+    "grpo_on_policy_token_adv": dict(loss_type="grpo", old=False, adv="adv_tok", beta=0.1, use_bias_correction_kl=True),
     "bnpo_asym_kl": dict(loss_type="bnpo", beta=0.04, epsilon_high=0.28),
-    "dr_grpo_on_policy_entropy": dict(loss_type="dr_grpo", old=False, beta=0.1, entropy_coef=0.05,
-                                      max_completion_length=8),
-    "dapo_global_delta_is_temp": dict(loss_type="dapo", num_items_in_batch=17, delta=2.0, epsilon_high=0.28,
-                                      entropy_coef=0.02, is_ratio="tok", temperature=0.7, beta=0.02),
+    "dr_grpo_on_policy_entropy": dict(
+        loss_type="dr_grpo", old=False, beta=0.1, entropy_coef=0.05, max_completion_length=8
+    ),
+    "dapo_global_delta_is_temp": dict(
+        loss_type="dapo",
+        num_items_in_batch=17,
+        delta=2.0,
+        epsilon_high=0.28,
+        entropy_coef=0.02,
+        is_ratio="tok",
+        temperature=0.7,
+        beta=0.02,
+    ),
     "dapo_local": dict(loss_type="dapo", num_items_in_batch="local"),
-    "gspo_grpo_bias_corr_is_seq": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04,
-                                       use_bias_correction_kl=True, is_ratio="seq", epsilon=3e-4,
-                                       epsilon_high=4e-4),
-    "gspo_dapo_on_policy_entropy": dict(loss_type="dapo", importance_sampling_level="sequence", old=False,
-                                        num_items_in_batch="local", entropy_coef=0.03, beta=0.05),
-    "gspo_bnpo_token_adv_delta": dict(loss_type="bnpo", importance_sampling_level="sequence", adv="adv_tok",
-                                      delta=1.5),
+    "gspo_grpo_bias_corr_is_seq": dict(
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        beta=0.04,
+        use_bias_correction_kl=True,
+        is_ratio="seq",
+        epsilon=3e-4,
+        epsilon_high=4e-4,
+    ),
+    "gspo_dapo_on_policy_entropy": dict(
+        loss_type="dapo",
+        importance_sampling_level="sequence",
+        old=False,
+        num_items_in_batch="local",
+        entropy_coef=0.03,
+        beta=0.05,
+    ),
+    "gspo_bnpo_token_adv_delta": dict(loss_type="bnpo", importance_sampling_level="sequence", adv="adv_tok", delta=1.5),
 }
 
 
@@ -609,21 +744,41 @@ def test_matches_trl_grpo_trainer(backend, device, name):
         nib = float((labels != IGN).sum())
     ref = data["ref"] if case.get("beta", 0.0) != 0.0 else None
 
-    t_loss, t_metrics, t_grad = _trl_loss(data["logits"], labels, old, adv, ref=ref, tool_mask=tool_mask,
-                                          is_ratio=is_ratio, num_items_in_batch=nib, **case)
+    t_loss, t_metrics, t_grad = _trl_loss(
+        data["logits"],
+        labels,
+        old,
+        adv,
+        ref=ref,
+        tool_mask=tool_mask,
+        is_ratio=is_ratio,
+        num_items_in_batch=nib,
+        **case,
+    )
 
     z = data["logits"].detach().clone().to(device).requires_grad_(True)
     mv = lambda x: None if x is None else x.to(device)  # noqa: E731
     loss, m = ppo_loss(
-        z, mv(labels), mv(old), mv(adv), ref_logps=mv(ref), loss_mask=mv(tool_mask), is_weights=mv(is_ratio),
-        loss_agg_mode=case["loss_type"], kl_coef=case.get("beta", 0.0), kl_estimator="k3",
-        kl_ratio_correction=case.get("use_bias_correction_kl", False), clip_eps_low=case.get("epsilon", 0.2),
-        clip_eps_high=case.get("epsilon_high"), dual_clip=case.get("delta"),
-        entropy_coef=case.get("entropy_coef", 0.0), importance_sampling_level=case.get(
-            "importance_sampling_level", "token"),
+        z,
+        mv(labels),
+        mv(old),
+        mv(adv),
+        ref_logps=mv(ref),
+        loss_mask=mv(tool_mask),
+        is_weights=mv(is_ratio),
+        loss_agg_mode=case["loss_type"],
+        kl_coef=case.get("beta", 0.0),
+        kl_estimator="k3",
+        kl_ratio_correction=case.get("use_bias_correction_kl", False),
+        clip_eps_low=case.get("epsilon", 0.2),
+        clip_eps_high=case.get("epsilon_high"),
+        dual_clip=case.get("delta"),
+        entropy_coef=case.get("entropy_coef", 0.0),
+        importance_sampling_level=case.get("importance_sampling_level", "token"),
         max_length=case.get("max_completion_length"),
         global_num_tokens=nib if case["loss_type"] == "dapo" else None,
-        temperature=case.get("temperature", 1.0), backend=backend,
+        temperature=case.get("temperature", 1.0),
+        backend=backend,
     )
     loss.backward()
     torch.testing.assert_close(loss.detach().cpu(), t_loss, rtol=2e-5, atol=1e-6)
@@ -642,8 +797,9 @@ def test_trl_delta_is_the_dual_clip_and_clip_metrics_agree():
     """Sanity of the parity set-up: the batch has ratios beyond TRL's delta with A < 0."""
     expected.require("trl")
     data = make_batch()
-    t_loss, t_m, _ = _trl_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], loss_type="bnpo",
-                               delta=3.0)
+    t_loss, t_m, _ = _trl_loss(
+        data["logits"], data["labels"], data["old"], data["adv_seq"], loss_type="bnpo", delta=3.0
+    )
     t_loss0, _, _ = _trl_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], loss_type="bnpo")
     assert float(t_loss) < float(t_loss0)
     assert t_m["clip_ratio/region_mean"] > 0
@@ -720,8 +876,19 @@ def test_module_validates_in_init():
 # policy_loss / PolicyLoss: the same head over per-token vectors, bit for bit
 
 
-def _policy_from_ppo_inputs(logits, labels, backend, *, loss_mask=None, ref_logits=None, temperature=1.0,
-                            kl_estimator="k3", kl_coef=0.0, ref_logps=None, **_):
+def _policy_from_ppo_inputs(
+    logits,
+    labels,
+    backend,
+    *,
+    loss_mask=None,
+    ref_logits=None,
+    temperature=1.0,
+    kl_estimator="k3",
+    kl_coef=0.0,
+    ref_logps=None,
+    **_,
+):
     """What a caller of policy_loss holds: the per-token log-probs, entropies (and exact KL)
     that ppo_loss computes from its logits, and the mask ppo_loss derives from its labels."""
     keep = labels != IGN
@@ -731,9 +898,15 @@ def _policy_from_ppo_inputs(logits, labels, backend, *, loss_mask=None, ref_logi
     with_kl = kl_estimator == "full" and ref_logits is not None
     from prefopt_fast import token_logprobs
 
-    out = token_logprobs(logits, kernel_labels, ignore_index=IGN, temperature=temperature,
-                         stats=("entropy", "kl") if with_kl else ("entropy",),
-                         ref_logits=ref_logits if with_kl else None, backend=backend)
+    out = token_logprobs(
+        logits,
+        kernel_labels,
+        ignore_index=IGN,
+        temperature=temperature,
+        stats=("entropy", "kl") if with_kl else ("entropy",),
+        ref_logits=ref_logits if with_kl else None,
+        backend=backend,
+    )
     mask = keep if loss_mask is None else loss_mask * keep
     return out.logprobs, out.entropy, (out.kl if with_kl else None), mask
 
@@ -748,8 +921,13 @@ def _assert_policy_equals_ppo(backend, data, old, adv, kw, module=False):
 
     z2 = data["logits"].detach().clone().requires_grad_(True)
     logps, entropy, kl, mask = _policy_from_ppo_inputs(z2, data["labels"], backend, **kw)
-    tensors = dict(entropy=entropy, kl=kl, ref_logps=head_kw.pop("ref_logps", None),
-                   is_weights=head_kw.pop("is_weights", None), global_num_tokens=head_kw.pop("global_num_tokens", None))
+    tensors = dict(
+        entropy=entropy,
+        kl=kl,
+        ref_logps=head_kw.pop("ref_logps", None),
+        is_weights=head_kw.pop("is_weights", None),
+        global_num_tokens=head_kw.pop("global_num_tokens", None),
+    )
     if module:
         got, got_m = PolicyLoss(**head_kw)(logps, old, adv, mask, **tensors)
     else:
@@ -780,8 +958,16 @@ def test_policy_loss_full_kl_equals_ppo_loss(backend, device):
     mask = torch.ones_like(data["labels"], dtype=torch.bool)
     mask[1, 2] = False
     for agg in LOSS_AGG_MODES:
-        kw = dict(ref_logits=data["ref_logits"], kl_coef=0.3, kl_estimator="full", loss_mask=mask, temperature=0.8,
-                  entropy_coef=0.05, loss_agg_mode=agg, kl_ratio_correction=True)
+        kw = dict(
+            ref_logits=data["ref_logits"],
+            kl_coef=0.3,
+            kl_estimator="full",
+            loss_mask=mask,
+            temperature=0.8,
+            entropy_coef=0.05,
+            loss_agg_mode=agg,
+            kl_ratio_correction=True,
+        )
         if agg == "seq-mean-token-sum-norm":
             kw["max_length"] = 8
         _assert_policy_equals_ppo(backend, data, data["old"], data["adv_tok"], kw)
@@ -789,9 +975,20 @@ def test_policy_loss_full_kl_equals_ppo_loss(backend, device):
 
 def test_policy_module_equals_ppo_loss(backend, device):
     data = make_batch(device=device)
-    kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_estimator="k3",
-              kl_ratio_correction=True, entropy_coef=0.01, loss_agg_mode="dr_grpo", max_length=8,
-              importance_sampling_level="sequence", ref_logps=data["ref"], is_weights=data["adv_tok"].abs())
+    kw = dict(
+        clip_eps_low=0.2,
+        clip_eps_high=0.28,
+        dual_clip=3.0,
+        kl_coef=0.1,
+        kl_estimator="k3",
+        kl_ratio_correction=True,
+        entropy_coef=0.01,
+        loss_agg_mode="dr_grpo",
+        max_length=8,
+        importance_sampling_level="sequence",
+        ref_logps=data["ref"],
+        is_weights=data["adv_tok"].abs(),
+    )
     _assert_policy_equals_ppo(backend, data, data["old"], data["adv_seq"], kw, module=True)
 
 
@@ -804,8 +1001,7 @@ def test_policy_loss_without_entropy_and_weighted_mask():
     logps, _, _, keep = _policy_from_ppo_inputs(data["logits"], data["labels"], "torch")
     w = torch.rand(keep.shape, generator=torch.Generator().manual_seed(3)) + 0.5
     loss, m = policy_loss(logps, data["old"], data["adv_seq"], w * keep)
-    want, want_m = ppo_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], loss_mask=w,
-                            backend="torch")
+    want, want_m = ppo_loss(data["logits"], data["labels"], data["old"], data["adv_seq"], loss_mask=w, backend="torch")
     assert torch.equal(loss, want) and "entropy" not in m and set(m) == set(want_m) - {"entropy"}
     with pytest.raises(ValueError, match="entropy_coef=0.1 needs entropy"):
         policy_loss(logps, data["old"], data["adv_seq"], entropy_coef=0.1)

@@ -15,22 +15,27 @@ Examples are bounded and derandomized (CI is deterministic); the Triton interpre
 tiny shapes and a handful of examples. Known open issues are listed in KNOWN_ISSUES and
 checked as strict xfails at the bottom, so the property tests stay meaningful for the rest.
 """
+
+import baselines as bl
 import pytest
 import torch
+from conftest import backend_device
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import baselines as bl
-from conftest import backend_device
-
 NATIVE = ("torch", "cpu", "cuda")  # fast backends: the full example budget
-TRITON = ("triton",)               # interpreted here: tiny shapes, few examples
+TRITON = ("triton",)  # interpreted here: tiny shapes, few examples
 
 
 def _settings(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 dtypes = st.sampled_from(list(bl.DTYPES.values()))
@@ -56,51 +61,90 @@ def token_cases(draw, small=False):
     shape = (*lead, draw(vocab(small)))
     stats = tuple(s for s in bl.TOKEN_STATS if draw(st.booleans()))
     return bl.make_token_problem(
-        draw(seeds), shape=shape, dtype=draw(dtypes), layout=draw(layouts),
-        scale=draw(st.sampled_from([0.01, 1.0, 4.0, 30.0])), ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
-        neg_inf_frac=draw(st.sampled_from([0.0, 0.0, 0.3])), temperature=draw(temperatures), stats=stats,
-        ignore_index=draw(st.sampled_from([-100, -1, 0])), inplace=draw(st.booleans()))
+        draw(seeds),
+        shape=shape,
+        dtype=draw(dtypes),
+        layout=draw(layouts),
+        scale=draw(st.sampled_from([0.01, 1.0, 4.0, 30.0])),
+        ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        neg_inf_frac=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        temperature=draw(temperatures),
+        stats=stats,
+        ignore_index=draw(st.sampled_from([-100, -1, 0])),
+        inplace=draw(st.booleans()),
+    )
 
 
 @st.composite
 def sequence_cases(draw, small=False):
     return bl.make_sequence_problem(
-        draw(seeds), B=draw(st.integers(1, 3 if small else 4)), T=draw(st.integers(1, 4 if small else 8)),
-        V=draw(vocab(small)), dtype=draw(dtypes), layout=draw(layouts), packed=draw(st.booleans()),
-        average=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 4.0])), temperature=draw(temperatures))
+        draw(seeds),
+        B=draw(st.integers(1, 3 if small else 4)),
+        T=draw(st.integers(1, 4 if small else 8)),
+        V=draw(vocab(small)),
+        dtype=draw(dtypes),
+        layout=draw(layouts),
+        packed=draw(st.booleans()),
+        average=draw(st.booleans()),
+        scale=draw(st.sampled_from([1.0, 4.0])),
+        temperature=draw(temperatures),
+    )
 
 
 @st.composite
 def fused_dpo_cases(draw, small=False):
     loss_type = draw(st.sampled_from(["sigmoid", "ipo", "hinge", "robust"]))
     return bl.make_fused_dpo_problem(
-        draw(seeds), B=draw(st.integers(1, 2 if small else 3)), T=draw(st.integers(1, 4 if small else 7)),
-        V=draw(st.integers(2, 60) if small else st.integers(2, 400)), dtype=draw(dtypes), layout=draw(layouts),
-        loss_type=loss_type, beta=draw(st.sampled_from([0.05, 0.5, 2.0])),
-        label_smoothing=draw(st.sampled_from([0.0, 0.1, 0.3])), with_ref=draw(st.booleans()),
-        scale=draw(st.sampled_from([1.0, 4.0])), temperature=draw(temperatures))
+        draw(seeds),
+        B=draw(st.integers(1, 2 if small else 3)),
+        T=draw(st.integers(1, 4 if small else 7)),
+        V=draw(st.integers(2, 60) if small else st.integers(2, 400)),
+        dtype=draw(dtypes),
+        layout=draw(layouts),
+        loss_type=loss_type,
+        beta=draw(st.sampled_from([0.05, 0.5, 2.0])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1, 0.3])),
+        with_ref=draw(st.booleans()),
+        scale=draw(st.sampled_from([1.0, 4.0])),
+        temperature=draw(temperatures),
+    )
 
 
 @st.composite
 def ppo_cases(draw, small=False):
-    agg = draw(st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                "seq-mean-token-sum-norm"]))
+    agg = draw(st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]))
     return bl.make_ppo_problem(
-        draw(seeds), B=draw(st.integers(1, 2 if small else 3)), T=draw(st.integers(1, 4 if small else 7)),
-        V=draw(st.integers(2, 60) if small else st.integers(2, 400)), dtype=draw(dtypes), layout=draw(layouts),
-        kl_estimator=draw(st.sampled_from(["k1", "k3", "full"])), kl_coef=draw(st.sampled_from([0.0, 0.05])),
-        agg=agg, entropy_coef=draw(st.sampled_from([0.0, 0.01])),
-        clip=draw(st.sampled_from([(0.2, 0.2), (0.2, 0.28), (0.0, 0.0)])), on_policy=draw(st.booleans()),
-        per_token_adv=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 4.0])), temperature=draw(temperatures))
+        draw(seeds),
+        B=draw(st.integers(1, 2 if small else 3)),
+        T=draw(st.integers(1, 4 if small else 7)),
+        V=draw(st.integers(2, 60) if small else st.integers(2, 400)),
+        dtype=draw(dtypes),
+        layout=draw(layouts),
+        kl_estimator=draw(st.sampled_from(["k1", "k3", "full"])),
+        kl_coef=draw(st.sampled_from([0.0, 0.05])),
+        agg=agg,
+        entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        clip=draw(st.sampled_from([(0.2, 0.2), (0.2, 0.28), (0.0, 0.0)])),
+        on_policy=draw(st.booleans()),
+        per_token_adv=draw(st.booleans()),
+        scale=draw(st.sampled_from([1.0, 4.0])),
+        temperature=draw(temperatures),
+    )
 
 
 @st.composite
 def linear_cases(draw, small=False):
     return bl.make_linear_problem(
-        draw(seeds), N=draw(st.integers(1, 6 if small else 24)), H=draw(st.integers(1, 8 if small else 40)),
-        V=draw(st.integers(1, 300 if small else 700)), dtype=draw(dtypes), bias=draw(st.booleans()),
-        chunk_size=draw(st.sampled_from([None, 1, 2, 5])), ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
-        temperature=draw(st.sampled_from(["one", "float", "token"])))
+        draw(seeds),
+        N=draw(st.integers(1, 6 if small else 24)),
+        H=draw(st.integers(1, 8 if small else 40)),
+        V=draw(st.integers(1, 300 if small else 700)),
+        dtype=draw(dtypes),
+        bias=draw(st.booleans()),
+        chunk_size=draw(st.sampled_from([None, 1, 2, 5])),
+        ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        temperature=draw(st.sampled_from(["one", "float", "token"])),
+    )
 
 
 def _run(pb, backend, skip=()):
@@ -182,19 +226,39 @@ def test_linear_token_logprobs_triton(backend, pb):
 
 
 @_settings(60)
-@given(seed=seeds, B=st.integers(1, 16), dtype=dtypes,
-       loss_type=st.sampled_from(["sigmoid", "ipo", "hinge", "robust", "apo_zero"]),
-       beta=st.sampled_from([0.01, 0.1, 1.0, 5.0]), label_smoothing=st.sampled_from([0.0, 0.2, 0.4]),
-       with_ref=st.booleans(), magnitude=st.sampled_from([1.0, 50.0, 500.0]))
+@given(
+    seed=seeds,
+    B=st.integers(1, 16),
+    dtype=dtypes,
+    loss_type=st.sampled_from(["sigmoid", "ipo", "hinge", "robust", "apo_zero"]),
+    beta=st.sampled_from([0.01, 0.1, 1.0, 5.0]),
+    label_smoothing=st.sampled_from([0.0, 0.2, 0.4]),
+    with_ref=st.booleans(),
+    magnitude=st.sampled_from([1.0, 50.0, 500.0]),
+)
 def test_dpo_loss(seed, B, dtype, loss_type, beta, label_smoothing, with_ref, magnitude):
-    pb = bl.make_dpo_problem(seed, B=B, dtype=dtype, loss_type=loss_type, beta=beta,
-                             label_smoothing=label_smoothing, with_ref=with_ref, magnitude=magnitude)
+    pb = bl.make_dpo_problem(
+        seed,
+        B=B,
+        dtype=dtype,
+        loss_type=loss_type,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        with_ref=with_ref,
+        magnitude=magnitude,
+    )
     bl.run_rule(pb, None)
 
 
 @_settings(60)
-@given(seed=seeds, B=st.integers(1, 16), dtype=dtypes, margin=st.sampled_from(["none", "float", "tensor"]),
-       coef=st.sampled_from([None, 0.0, 0.01]), magnitude=st.sampled_from([0.1, 3.0, 30.0]))
+@given(
+    seed=seeds,
+    B=st.integers(1, 16),
+    dtype=dtypes,
+    margin=st.sampled_from(["none", "float", "tensor"]),
+    coef=st.sampled_from([None, 0.0, 0.01]),
+    magnitude=st.sampled_from([0.1, 3.0, 30.0]),
+)
 def test_bradley_terry_loss(seed, B, dtype, margin, coef, magnitude):
     pb = bl.make_bt_problem(seed, B=B, dtype=dtype, margin=margin, coef=coef, magnitude=magnitude)
     bl.run_rule(pb, None)
@@ -208,14 +272,18 @@ def test_fp64_formula_matches_the_package_reference():
     independently), so the rule measures against the right thing."""
     from prefopt_fast.naive import STAT_NAMES, naive_token_logprobs
 
-    pb = bl.make_token_problem(1, shape=(3, 4, 97), dtype=torch.bfloat16, layout="shift", temperature="token",
-                               neg_inf_frac=0.2)
+    pb = bl.make_token_problem(
+        1, shape=(3, 4, 97), dtype=torch.bfloat16, layout="shift", temperature="token", neg_inf_frac=0.2
+    )
     ref = bl.evaluate(pb, "ref")
     ins = pb.inputs
     naive = naive_token_logprobs(ins["logits"], ins["labels"], temperature=ins["temperature"], stats=STAT_NAMES)
     for name, val in zip(("logprobs",) + STAT_NAMES, naive):
-        assert torch.allclose(ref[name].double(), val.double(), atol=1e-12, rtol=1e-12, equal_nan=True) \
-            if val.dtype != torch.bool else torch.equal(ref[name], val), name
+        assert (
+            torch.allclose(ref[name].double(), val.double(), atol=1e-12, rtol=1e-12, equal_nan=True)
+            if val.dtype != torch.bool
+            else torch.equal(ref[name], val)
+        ), name
 
 
 def test_rule_catches_a_bf16_softmax():
@@ -229,8 +297,7 @@ def test_rule_catches_a_bf16_softmax():
 
 # --------------------------------------------------------------- known open issues
 
-KNOWN_ISSUES = {
-}
+KNOWN_ISSUES = {}
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
@@ -249,9 +316,11 @@ def test_dpo_margins_metric_without_cancellation():
 
     cw, cl = torch.tensor([-1000.3]), torch.tensor([-1000.1])
     exact = 5.0 * (cw.double() - cl.double())
-    for fn in (lambda: pf.dpo_loss(cw, cl, beta=5.0),
-               lambda: pf.dpo_loss(cw, cl, torch.zeros(1), torch.zeros(1), beta=5.0),
-               lambda: pf.cpo_loss(cw, cl, beta=5.0, cpo_alpha=0.0)):
+    for fn in (
+        lambda: pf.dpo_loss(cw, cl, beta=5.0),
+        lambda: pf.dpo_loss(cw, cl, torch.zeros(1), torch.zeros(1), beta=5.0),
+        lambda: pf.cpo_loss(cw, cl, beta=5.0, cpo_alpha=0.0),
+    ):
         _, metrics = fn()
         assert abs(float(metrics["rewards/margins"]) - float(exact)) <= 4 * 2.0**-23 * abs(float(exact))
 

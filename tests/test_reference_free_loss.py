@@ -7,14 +7,15 @@ our side turns the same logits into per-sequence sums and lengths with a plain
 log_softmax + gather, so loss, metrics and the gradient w.r.t. the logits are compared
 end to end.
 """
+
 import types
 
+import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 import torch.nn.functional as F
 
 from prefopt_fast.losses import CPO_LOSS_TYPES, cpo_loss, orpo_loss, simpo_loss
-import expected  # noqa: E402  (tests/expected.py)
 
 
 def _s(x):
@@ -85,12 +86,30 @@ def test_cpo_matches_formula(case):
         for B in (1, 5):
             cw, cl, Lw, Ll = make_batch(B, dtype, seed=B)
             cw, cl = cw.requires_grad_(), cl.requires_grad_()
-            loss, metrics = cpo_loss(cw, cl, Lw, Ll, beta=0.4, loss_type=case["loss_type"],
-                                     label_smoothing=case["ls"], cpo_alpha=case["cpo_alpha"],
-                                     simpo_gamma=case["gamma"], alpha=case["alpha"])
+            loss, metrics = cpo_loss(
+                cw,
+                cl,
+                Lw,
+                Ll,
+                beta=0.4,
+                loss_type=case["loss_type"],
+                label_smoothing=case["ls"],
+                cpo_alpha=case["cpo_alpha"],
+                simpo_gamma=case["gamma"],
+                alpha=case["alpha"],
+            )
             c64 = [x.detach().double().requires_grad_() for x in (cw, cl)]
-            ref = restated_cpo(*c64, Lw, Ll, beta=0.4, loss_type=case["loss_type"], ls=case["ls"],
-                               cpo_alpha=case["cpo_alpha"], gamma=case["gamma"], alpha=case["alpha"])
+            ref = restated_cpo(
+                *c64,
+                Lw,
+                Ll,
+                beta=0.4,
+                loss_type=case["loss_type"],
+                ls=case["ls"],
+                cpo_alpha=case["cpo_alpha"],
+                gamma=case["gamma"],
+                alpha=case["alpha"],
+            )
             torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
             tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
             for g, rg in zip(_grads(loss, [cw, cl]), _grads(ref, c64)):
@@ -217,8 +236,8 @@ def _preference_batch(B, T=8, V=11, seed=0):
         for b in range(B):
             prompt = int(torch.randint(1, 3, (), generator=g))
             length = int(torch.randint(1, T - prompt + 1, (), generator=g))  # TRL divides by it unclamped
-            attn[b, :prompt + length] = 1
-            labels[b, prompt:prompt + length] = ids[b, prompt:prompt + length]
+            attn[b, : prompt + length] = 1
+            labels[b, prompt : prompt + length] = ids[b, prompt : prompt + length]
         batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": attn, f"{side}_labels": labels})
     logits = (2.0 * torch.randn(2 * B, T, V, generator=g)).requires_grad_(True)
     return batch, logits
@@ -247,17 +266,33 @@ def test_cpo_matches_trl(case):
     cpo = expected.require_module("trl", "trl.experimental.cpo")
     for B in (1, 3):
         batch, logits = _preference_batch(B, seed=B)
-        trainer = _trainer(cpo.CPOTrainer, beta=0.4, loss_type=case["loss_type"], label_smoothing=case["ls"],
-                           cpo_alpha=case["cpo_alpha"], simpo_gamma=case["gamma"], alpha=case["alpha"],
-                           pad_token_id=0)
+        trainer = _trainer(
+            cpo.CPOTrainer,
+            beta=0.4,
+            loss_type=case["loss_type"],
+            label_smoothing=case["ls"],
+            cpo_alpha=case["cpo_alpha"],
+            simpo_gamma=case["gamma"],
+            alpha=case["alpha"],
+            pad_token_id=0,
+        )
         trl_loss, trl_metrics = trainer.get_batch_loss_metrics(_FakeLM(logits), batch)
         (trl_grad,) = torch.autograd.grad(trl_loss, logits)
 
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
         sums, lengths = _sums_and_lengths(logits, labels)
-        loss, metrics = cpo_loss(sums[:B], sums[B:], lengths[:B], lengths[B:], beta=0.4,
-                                 loss_type=case["loss_type"], label_smoothing=case["ls"],
-                                 cpo_alpha=case["cpo_alpha"], simpo_gamma=case["gamma"], alpha=case["alpha"])
+        loss, metrics = cpo_loss(
+            sums[:B],
+            sums[B:],
+            lengths[:B],
+            lengths[B:],
+            beta=0.4,
+            loss_type=case["loss_type"],
+            label_smoothing=case["ls"],
+            cpo_alpha=case["cpo_alpha"],
+            simpo_gamma=case["gamma"],
+            alpha=case["alpha"],
+        )
         (grad,) = torch.autograd.grad(loss, logits)
         torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, trl_grad, rtol=1e-4, atol=1e-6)

@@ -4,14 +4,15 @@ TRL parity: ``RewardTrainer.compute_loss(model, inputs)`` is called on a trainer
 ``object.__new__`` (attributes set by hand) and a fake reward model whose output ``logits``
 ``[2B, 1]`` are given rewards; gradients are compared w.r.t. those rewards.
 """
+
 import types
 from collections import defaultdict
 
+import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 
 from prefopt_fast.losses import BradleyTerryLoss, bradley_terry_loss
-import expected  # noqa: E402  (tests/expected.py)
 
 
 def make_rewards(B, dtype=torch.float32, seed=0):
@@ -28,8 +29,13 @@ def restated(rw, rl, margin, c):
     if c is not None:
         loss = loss + c * ((rw + rl) ** 2).mean()
     both = torch.cat([rw, rl])
-    metrics = {"accuracy": (rw > rl).double().mean(), "margin": (rw - rl).mean(), "mean_reward": both.mean(),
-               "min_reward": both.min(), "max_reward": both.max()}
+    metrics = {
+        "accuracy": (rw > rl).double().mean(),
+        "margin": (rw - rl).mean(),
+        "mean_reward": both.mean(),
+        "min_reward": both.min(),
+        "max_reward": both.max(),
+    }
     return loss, metrics
 
 

@@ -12,6 +12,7 @@ About 30 s to build with -O3 on this (loaded, 2-core) machine and 3 s to run; th
 cached under build/sanitizer/ keyed by the sources and flags. Marked slow, meant to run in
 every CI run (``bash scripts/test.sh`` runs the slow tests).
 """
+
 import hashlib
 import os
 import shutil
@@ -23,19 +24,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "sanitizer" / "row_kernels_asan.cpp"
 # every shared header (prefopt_math.h, row_args.h, ...): an edit to any of them rebuilds the binary
-SOURCES = ([DRIVER, ROOT / "csrc" / "cpu" / "row_kernels.cpp", ROOT / "csrc" / "cpu" / "row_kernels.h"]
-           + sorted((ROOT / "csrc").glob("*.h")))
+SOURCES = [DRIVER, ROOT / "csrc" / "cpu" / "row_kernels.cpp", ROOT / "csrc" / "cpu" / "row_kernels.h"] + sorted(
+    (ROOT / "csrc").glob("*.h")
+)
 # the production flags of setup.py (the same vectorized code), plus the sanitizers
-FLAGS = ["-std=c++17", "-O3", "-g", "-fno-omit-frame-pointer", "-fopenmp-simd", "-ffp-contract=fast",
-         "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
+FLAGS = [
+    "-std=c++17",
+    "-O3",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-fopenmp-simd",
+    "-ffp-contract=fast",
+    "-fsanitize=address,undefined,float-cast-overflow",
+    "-fno-sanitize-recover=all",
+]
 CXX = os.environ.get("CXX", "g++")
 
 
 def _compiler_with_asan() -> str:
     if shutil.which(CXX) is None:
         return f"no C++ compiler ({CXX})"
-    probe = subprocess.run([CXX, "-fsanitize=address,undefined", "-x", "c++", "-", "-o", os.devnull],
-                           input="int main() { return 0; }", capture_output=True, text=True)
+    probe = subprocess.run(
+        [CXX, "-fsanitize=address,undefined", "-x", "c++", "-", "-o", os.devnull],
+        input="int main() { return 0; }",
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
         return f"{CXX} cannot build with -fsanitize=address,undefined: {probe.stderr.strip()[:200]}"
     return ""
@@ -51,8 +65,18 @@ def _build() -> Path:
     exe = out_dir / f"row_kernels_asan-{key.hexdigest()[:16]}"
     if not exe.exists():
         tmp = exe.with_suffix(".tmp")
-        cmd = [CXX, *FLAGS, "-I", str(ROOT / "csrc"), "-I", str(ROOT / "csrc" / "cpu"), str(DRIVER), "-o", str(tmp),
-               "-pthread"]
+        cmd = [
+            CXX,
+            *FLAGS,
+            "-I",
+            str(ROOT / "csrc"),
+            "-I",
+            str(ROOT / "csrc" / "cpu"),
+            str(DRIVER),
+            "-o",
+            str(tmp),
+            "-pthread",
+        ]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"build failed:\n{' '.join(cmd)}\n{res.stderr[-4000:]}"
         tmp.replace(exe)

@@ -1,4 +1,5 @@
 """sequence_logprobs and fused_dpo_loss against plain-PyTorch restatements (fp64)."""
+
 import pytest
 import torch
 
@@ -73,12 +74,15 @@ def test_packed_accepts_int32_offsets():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cu, match", [
-    ([0, 5, 4, 6], "non-decreasing"),
-    ([0, 2, 5], "end at the number of tokens"),
-    ([1, 2, 6], "start at 0"),
-    ([0], "B \\+ 1 >= 2"),
-])
+@pytest.mark.parametrize(
+    "cu, match",
+    [
+        ([0, 5, 4, 6], "non-decreasing"),
+        ([0, 2, 5], "end at the number of tokens"),
+        ([1, 2, 6], "start at 0"),
+        ([0], "B \\+ 1 >= 2"),
+    ],
+)
 def test_bad_cu_seqlens(cu, match):
     z, y = torch.randn(6, 11), torch.randint(0, 11, (6,))
     with pytest.raises(ValueError, match=match):
@@ -105,6 +109,7 @@ def test_sequence_module_matches_function():
 
 # --------------------------------------------------------------------------- fused DPO
 
+
 def _dpo_inputs(B=2, T=6, V=41, dtype=torch.float32):
     z, y = _batch(2 * B, T, V, dtype, prompt=2)
     ref = (z.float() + 0.3 * torch.randn(z.shape)).to(dtype)
@@ -124,8 +129,9 @@ def test_fused_dpo_equals_head_on_reference_logps(backend, dtype, loss_type):
     s = ref_seq(zr, y)
     rs = ref_seq(ref.double(), y)
     n = (y != -100).sum(-1)
-    ref_loss, ref_metrics = pf.dpo_loss(s[:B], s[B:], rs[:B], rs[B:], chosen_lengths=n[:B],
-                                       rejected_lengths=n[B:], **kw)
+    ref_loss, ref_metrics = pf.dpo_loss(
+        s[:B], s[B:], rs[:B], rs[B:], chosen_lengths=n[:B], rejected_lengths=n[B:], **kw
+    )
     torch.testing.assert_close(loss.double(), ref_loss, atol=2e-5, rtol=2e-5)
     for k, v in ref_metrics.items():
         torch.testing.assert_close(metrics[k].double(), v, atol=2e-4, rtol=2e-5, msg=k)
@@ -140,8 +146,7 @@ def test_fused_dpo_precomputed_reference_and_module(backend):
     z, y, ref = _dpo_inputs(B)
     rs = pf.sequence_logprobs(ref, y)
     a, ma = pf.fused_dpo_loss(z, y, ref_logits=ref, beta=0.1, backend=backend)
-    b, mb = pf.fused_dpo_loss(z, y, ref_chosen_logps=rs[:B], ref_rejected_logps=rs[B:], beta=0.1,
-                              backend=backend)
+    b, mb = pf.fused_dpo_loss(z, y, ref_chosen_logps=rs[:B], ref_rejected_logps=rs[B:], beta=0.1, backend=backend)
     c, mc = pf.FusedDPOLoss(beta=0.1, backend=backend)(z, y, ref_logits=ref)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
@@ -157,8 +162,9 @@ def test_fused_dpo_packed_equals_padded():
     idx = torch.cat([torch.arange(b * T, b * T + n) for b, n in enumerate(lengths)])
     cu = torch.tensor([0] + lengths).cumsum(0)
     padded, _ = pf.fused_dpo_loss(z, y, ref_logits=ref, loss_type="ipo")
-    packed, _ = pf.fused_dpo_loss(z.reshape(-1, V)[idx], y.reshape(-1)[idx], ref_logits=ref.reshape(-1, V)[idx],
-                                  cu_seqlens=cu, loss_type="ipo")
+    packed, _ = pf.fused_dpo_loss(
+        z.reshape(-1, V)[idx], y.reshape(-1)[idx], ref_logits=ref.reshape(-1, V)[idx], cu_seqlens=cu, loss_type="ipo"
+    )
     torch.testing.assert_close(packed, padded)
 
 

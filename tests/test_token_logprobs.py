@@ -12,13 +12,14 @@ back in the logits dtype, so on top of that it carries one rounding of that dtyp
 rtol = the unit roundoff (2^-8 bf16, 2^-11 fp16). A wrong formula, a wrong row or a lost
 term gives errors orders of magnitude above these bounds.
 """
+
 import os
 
+import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 
 from prefopt_fast.naive import STAT_NAMES, naive_token_logprobs
-import expected  # noqa: E402  (tests/expected.py)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = 2.0**-23
@@ -179,18 +180,43 @@ def build(case, dtype):
 
 
 CASES = [
-    "V1000", "V4097", "V1", "V2", "1d", "1d_ignored", "causal_shift", "row_stride", "transposed_lead",
-    "all_ignored", "ignore_index_neg1", "ignore_index_in_vocab", "neg_inf", "magnitude_1e4",
-    "temperature_0.7", "temperature_2.5", "temperature_per_token", "temperature_per_sequence",
-    "temperature_per_token_shift", "argmax_ties", "int32_labels",
+    "V1000",
+    "V4097",
+    "V1",
+    "V2",
+    "1d",
+    "1d_ignored",
+    "causal_shift",
+    "row_stride",
+    "transposed_lead",
+    "all_ignored",
+    "ignore_index_neg1",
+    "ignore_index_in_vocab",
+    "neg_inf",
+    "magnitude_1e4",
+    "temperature_0.7",
+    "temperature_2.5",
+    "temperature_per_token",
+    "temperature_per_sequence",
+    "temperature_per_token_shift",
+    "argmax_ties",
+    "int32_labels",
 ]
 
 
 # Under the Triton interpreter (~1 ms per program per loop step) the bf16/fp16 rows of the
 # matrix are cut to the cases where the storage dtype matters; fp32 runs every case.
 INTERPRETED_DTYPE_CASES = {
-    "V1000", "V4097", "V1", "causal_shift", "transposed_lead", "neg_inf", "magnitude_1e4",
-    "temperature_per_token_shift", "argmax_ties", "all_ignored",
+    "V1000",
+    "V4097",
+    "V1",
+    "causal_shift",
+    "transposed_lead",
+    "neg_inf",
+    "magnitude_1e4",
+    "temperature_per_token_shift",
+    "argmax_ties",
+    "all_ignored",
 }
 
 
@@ -381,12 +407,12 @@ def test_grad(backend, device, dtype, case, which):
     assert g.dtype == dtype and g.shape == logits.shape and g.device == logits.device
     wmax = max(1.0, float(w1.abs().max()) if y.numel() else 1.0, float(w2.abs().max()) if y.numel() else 1.0)
     check_close(g, ref, f"grad ({which})", **grad_tol(_scale(logits, kw.get("temperature", 1.0)), dtype, wmax, backend))
-    ign = (y == kw.get("ignore_index", -100))
+    ign = y == kw.get("ignore_index", -100)
     assert (g[ign] == 0).all(), "ignored rows must get an all-zero gradient"
     finite = torch.isfinite(logits.detach())
     assert torch.isfinite(g).all() or not finite.all(), "non-finite gradient from finite logits"
     # -inf logits have p = 0: exactly zero gradient there unless it is the label
-    neginf = (logits.detach() == NEG_INF)
+    neginf = logits.detach() == NEG_INF
     if neginf.any():
         lab = torch.zeros_like(neginf)
         keep = ~ign
@@ -507,9 +533,7 @@ def _allocations(fn):
             yield e
             yield from walk(e.children)
 
-    allocs = [
-        e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation
-    ]
+    allocs = [e for e in walk(prof.profiler.kineto_results.experimental_event_tree()) if e.tag == _EventType.Allocation]
     allocs.sort(key=lambda e: e.start_time_ns)
     sizes = [e.extra_fields.alloc_size for e in allocs if e.extra_fields.alloc_size > 0]
     peak = max([e.extra_fields.total_allocated for e in allocs] + [0])
@@ -563,9 +587,7 @@ def test_strided_logits_are_not_copied(backend, device, dtype):
 # ------------------------------------------------------------------------- gradcheck
 
 
-@pytest.mark.parametrize(
-    "case", ["plain", "causal_shift", "temperature_per_token", "neg_inf", "V1", "V2"]
-)
+@pytest.mark.parametrize("case", ["plain", "causal_shift", "temperature_per_token", "neg_inf", "V1", "V2"])
 def test_gradcheck_fp64_torch_backend(case):
     import prefopt_fast
 

@@ -1,5 +1,6 @@
 """Bad input to token_logprobs: a clear ValueError/TypeError naming the argument, raised
 before any kernel runs; backend selection by argument and PREFOPT_BACKEND."""
+
 import pytest
 import torch
 
@@ -301,11 +302,19 @@ def test_rows_disjoint_matches_a_brute_force_check():
     from prefopt_fast._rows import rows_disjoint
 
     base = torch.arange(2 * 3 * 40, dtype=torch.float32)
-    views = [base.view(6, 40), base.view(2, 3, 40)[:, :-1], base.view(2, 3, 40)[:, 1:, 5:30],
-             base.view(2, 3, 40).transpose(0, 1), base.view(6, 40)[:, :20], base[:40].expand(3, 40),
-             base.as_strided((5, 10), (8, 1)), base.as_strided((3, 2, 10), (10, 30, 1)),
-             base.as_strided((4, 1, 10), (0, 7, 1)),
-             base.as_strided((0, 10), (0, 1)), base.view(6, 40).flip(0)]
+    views = [
+        base.view(6, 40),
+        base.view(2, 3, 40)[:, :-1],
+        base.view(2, 3, 40)[:, 1:, 5:30],
+        base.view(2, 3, 40).transpose(0, 1),
+        base.view(6, 40)[:, :20],
+        base[:40].expand(3, 40),
+        base.as_strided((5, 10), (8, 1)),
+        base.as_strided((3, 2, 10), (10, 30, 1)),
+        base.as_strided((4, 1, 10), (0, 7, 1)),
+        base.as_strided((0, 10), (0, 1)),
+        base.view(6, 40).flip(0),
+    ]
     for v in views:
         idx = torch.as_strided(torch.arange(base.numel()), v.shape, v.stride(), v.storage_offset()).reshape(-1)
         assert rows_disjoint(v) == (idx.unique().numel() == idx.numel()), (tuple(v.shape), v.stride())

@@ -3,6 +3,7 @@ needed): tools/triton_aot_check.py must find no compile error, no register spill
 unrounded temperature product (an FMA taking inv_temp) and no
 JIT-specialized int argument. About 1-2 min cold on 2 busy cores, seconds with a warm Triton
 cache (~/.triton/cache)."""
+
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ TOOL = ROOT / "tools" / "triton_aot_check.py"
 try:
     import triton  # noqa: F401
     from triton.backends.compiler import GPUTarget  # noqa: F401
+
     _MISSING = None
 except Exception as exc:  # pragma: no cover - depends on the environment
     _MISSING = f"triton with the NVIDIA backend is needed ({type(exc).__name__}: {exc})"
@@ -26,8 +28,14 @@ def test_every_kernel_variant_compiles_for_sm80_sm90_without_spills():
     # the interpreter must be off in the child: interpreted kernels cannot be compiled
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, str(TOOL), "--arch", "80", "90"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, str(TOOL), "--arch", "80", "90"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith(("forward", "backward"))]
     # 3 dtypes x (6 forward flag sets + 2 x 2 x 2 backward variants) x 2 ALIGN
@@ -57,10 +65,17 @@ def test_temperature_product_is_rounded_before_the_subtraction():
     # fuses a plain mul.f32 + sub.f32 too) it made fp32 log-probs slightly positive at
     # temperature != 1 on the cpu/cuda backends. The interpreter cannot show this: the PTX can.
     import json
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, "-c", _TEMPERATURE_CHECK, str(ROOT / "tools")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", _TEMPERATURE_CHECK, str(ROOT / "tools")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout.splitlines()[-1])
     # forward + backward + in-place backward, fp32 + bf16, sm_80 + sm_90

@@ -5,6 +5,7 @@ globally by tests/conftest.py), or on a CUDA device when TRITON_INTERPRET=0. Til
 shrunk to 64 elements so that rows of a few hundred cover several full tiles and a
 partial one; grids stay at tens of rows (the interpreter costs ~1 ms per program per tile).
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -12,13 +13,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import math  # noqa: E402
 import warnings  # noqa: E402
 
+import expected  # noqa: E402  (tests/expected.py)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from prefopt_fast import _rows  # noqa: E402
 from prefopt_fast.backends import triton as tb  # noqa: E402
-
-import expected  # noqa: E402  (tests/expected.py)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
@@ -28,7 +28,6 @@ STATS4 = _rows.STAT_ENTROPY | _rows.STAT_LSSP | _rows.STAT_MEAN | _rows.STAT_ARG
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # storage rounding of the gradient (the forward statistics are fp32 whatever the input)
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +54,7 @@ def small_tiles(monkeypatch):
 
 # ---------------------------------------------------------------- reference (fp64)
 
+
 def ref_forward(logits, labels, inv_temp, ignore_index=IGN, ref_logits=None):
     """fp64 [N_OUT, N] per _rows.py, differentiable in ``logits`` (fp64 leaf)."""
     V = logits.shape[-1]
@@ -67,8 +67,14 @@ def ref_forward(logits, labels, inv_temp, ignore_index=IGN, ref_logits=None):
     p = ls.exp()
     # terms with p == 0 count 0 (and a 0 gradient, not 0 * -inf)
     ent = -(p * torch.where(p > 0, ls, torch.zeros_like(ls))).sum(-1)
-    rows = [logp, torch.logsumexp(x, -1), ent, torch.logsumexp(2 * ls, -1), x.mean(-1),
-            (x.argmax(-1) == labels).double()]
+    rows = [
+        logp,
+        torch.logsumexp(x, -1),
+        ent,
+        torch.logsumexp(2 * ls, -1),
+        x.mean(-1),
+        (x.argmax(-1) == labels).double(),
+    ]
     if ref_logits is None:
         rows += [torch.zeros_like(logp)] * 2
     else:
@@ -86,12 +92,24 @@ def check_forward(out, ref, stats=STATS4, atol=1e-5, rtol=1e-5):
     if stats & _rows.STAT_KL:
         rows.append(_rows.OUT_REF_LSE)
     for r in rows:
-        torch.testing.assert_close(out[r].double().cpu(), ref[r].detach().cpu(), atol=atol, rtol=rtol,
-                                   equal_nan=True, msg=lambda m: f"output row {r}: {m}")
+        torch.testing.assert_close(
+            out[r].double().cpu(),
+            ref[r].detach().cpu(),
+            atol=atol,
+            rtol=rtol,
+            equal_nan=True,
+            msg=lambda m: f"output row {r}: {m}",
+        )
     # LSE + LSE_LO: the lse to the accuracy of the fp32 log of the exp-sum, at any magnitude
     lse = out[_rows.OUT_LSE].double().cpu() + out[_rows.OUT_LSE_LO].double().cpu()
-    torch.testing.assert_close(lse, ref[_rows.OUT_LSE].detach().cpu(), atol=max(atol, 2e-6), rtol=0,
-                               equal_nan=True, msg=lambda m: f"LSE + LSE_LO: {m}")
+    torch.testing.assert_close(
+        lse,
+        ref[_rows.OUT_LSE].detach().cpu(),
+        atol=max(atol, 2e-6),
+        rtol=0,
+        equal_nan=True,
+        msg=lambda m: f"LSE + LSE_LO: {m}",
+    )
 
 
 def make_case(shape, V, dtype, scale=3.0, n_ignored=2, seed=0):
@@ -112,8 +130,12 @@ def run_backward(logits, labels, inv_temp, out, c, e, inplace, k=None, ref_logit
     ent = out[_rows.OUT_ENTROPY].contiguous() if e is not None else lse
     kl_args = {}
     if k is not None:
-        kl_args = dict(grad_kl=k, ref_logits=ref_logits, ref_lse=out[_rows.OUT_REF_LSE].contiguous(),
-                       kl=out[_rows.OUT_KL].contiguous())
+        kl_args = dict(
+            grad_kl=k,
+            ref_logits=ref_logits,
+            ref_lse=out[_rows.OUT_REF_LSE].contiguous(),
+            kl=out[_rows.OUT_KL].contiguous(),
+        )
     return tb.row_backward(logits, labels, inv_temp, lse, lo, ent, c, e, IGN, inplace, **kl_args)
 
 
@@ -130,6 +152,7 @@ def ref_grad(logits, labels, inv_temp, c, e, k=None, ref_logits=None):
 
 
 # ---------------------------------------------------------------- forward
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [1, 40, 64, 203])
@@ -157,9 +180,19 @@ def test_forward_flag_combinations_direct():
     ref = ref_forward(logits.double(), labels, inv_temp, ref_logits=ref_logits)
     for stats in range(32):
         out = torch.full((_rows.N_OUT, 4), math.inf, device=DEVICE)
-        fwd.launch(logits, _rows.row_offsets(logits), labels, inv_temp, out, IGN, stats,
-                   block_v=BLOCK, num_warps=4, ref_logits=ref_logits,
-                   ref_row_off=_rows.row_offsets(ref_logits))
+        fwd.launch(
+            logits,
+            _rows.row_offsets(logits),
+            labels,
+            inv_temp,
+            out,
+            IGN,
+            stats,
+            block_v=BLOCK,
+            num_warps=4,
+            ref_logits=ref_logits,
+            ref_row_off=_rows.row_offsets(ref_logits),
+        )
         check_forward(out, ref, stats)
 
 
@@ -191,10 +224,10 @@ def test_forward_neg_inf_entries(dtype):
     labels[2], labels[7] = 5, IGN
     logits[0, :100] = -math.inf  # whole first tiles -inf, finite later
     logits[1, 100:] = -math.inf  # finite first, -inf later (incl. the tail)
-    logits[2, 5] = -math.inf     # at the label: logp = -inf
-    logits[3] = -math.inf        # only -inf: NaN
+    logits[2, 5] = -math.inf  # at the label: logp = -inf
+    logits[3] = -math.inf  # only -inf: NaN
     logits[4, ::3] = -math.inf
-    logits[7] = -math.inf        # ignored: zeros
+    logits[7] = -math.inf  # ignored: zeros
     out = tb.row_forward(logits, labels, inv_temp, IGN, STATS4)
     ref = ref_forward(logits.double(), labels, inv_temp)
     rest = [0, 1, 2, 4, 5, 6, 7]
@@ -220,7 +253,7 @@ def test_forward_nan_and_inf_rows():
     logits[2, 20] = math.inf
     logits[2, 5] = math.inf  # first +inf is the label -> is_argmax
     logits[3, 140] = math.nan
-    logits[3, 70] = math.inf   # NaN counts as +inf: the first of them wins
+    logits[3, 70] = math.inf  # NaN counts as +inf: the first of them wins
     out = tb.row_forward(logits, labels, inv_temp, IGN, STATS4)
     bad = [0, 1, 2, 3]
     for r in (_rows.OUT_LOGP, _rows.OUT_LSE, _rows.OUT_ENTROPY, _rows.OUT_LSSP):
@@ -266,6 +299,7 @@ def test_empty_rows():
 
 
 # ---------------------------------------------------------------- backward
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inplace", [False, True])
@@ -343,6 +377,7 @@ def test_backward_nan_and_inf_rows_stay_nan():
 
 # ---------------------------------------------------------------- exact-KL extension
 
+
 def make_ref(logits, seed=1):
     """Reference logits near the policy's, in a differently strided buffer."""
     g = torch.Generator().manual_seed(seed)
@@ -357,8 +392,8 @@ def make_ref(logits, seed=1):
 def test_forward_kl(dtype):
     logits, labels, inv_temp = make_case((3, 4), 203, dtype)
     ref_logits = make_ref(logits)
-    ref_logits[0, 1, 7] = -math.inf   # q == 0 where p > 0: KL = +inf
-    logits[0, 2, :50] = -math.inf     # p == 0: those terms count 0, even where q == 0
+    ref_logits[0, 1, 7] = -math.inf  # q == 0 where p > 0: KL = +inf
+    logits[0, 2, :50] = -math.inf  # p == 0: those terms count 0, even where q == 0
     ref_logits[0, 2, :30] = -math.inf
     out = tb.row_forward(logits, labels, inv_temp, IGN, _rows.STAT_KL | _rows.STAT_ENTROPY, ref_logits)
     ref = ref_forward(logits.double(), labels, inv_temp, ref_logits=ref_logits)
@@ -403,12 +438,14 @@ def test_backward_grad_kl_without_ref_logits_is_ignored():
     lse, ent = out[_rows.OUT_LSE].contiguous(), out[_rows.OUT_ENTROPY].contiguous()
     lo = out[_rows.OUT_LSE_LO].contiguous()
     plain = tb.row_backward(logits, labels, inv_temp, lse, lo, ent, c, e, IGN, False)
-    with_k = tb.row_backward(logits, labels, inv_temp, lse, lo, ent, c, e, IGN, False,
-                             grad_kl=k, ref_logits=None, ref_lse=lse, kl=ent)
+    with_k = tb.row_backward(
+        logits, labels, inv_temp, lse, lo, ent, c, e, IGN, False, grad_kl=k, ref_logits=None, ref_lse=lse, kl=ent
+    )
     assert torch.equal(plain, with_k)
 
 
 # ---------------------------------------------------------------- the wrapper
+
 
 def test_row_alignment_hint():
     config, _, _ = tb.kernel_modules()
@@ -459,12 +496,16 @@ def test_custom_ops_opcheck():
         warnings.simplefilter("ignore")
         torch.library.opcheck(ops.triton_row_forward, (logits, labels, inv_temp, IGN, _rows.STAT_ENTROPY, None))
         torch.library.opcheck(ops.triton_row_forward, (logits, labels, inv_temp, IGN, _rows.STAT_KL, ref_logits))
-        torch.library.opcheck(ops.triton_row_backward,
-                              (logits, labels, inv_temp, lse, lo, ent, c, e, IGN, None, None, None, None))
-        torch.library.opcheck(ops.triton_row_backward,
-                              (logits, labels, inv_temp, lse, lo, ent, c, e, IGN, c, ref_logits, lse, ent))
-        torch.library.opcheck(ops.triton_row_backward_inplace,
-                              (logits.clone(), labels, inv_temp, lse, lo, ent, c, None, IGN, None, None, None, None))
+        torch.library.opcheck(
+            ops.triton_row_backward, (logits, labels, inv_temp, lse, lo, ent, c, e, IGN, None, None, None, None)
+        )
+        torch.library.opcheck(
+            ops.triton_row_backward, (logits, labels, inv_temp, lse, lo, ent, c, e, IGN, c, ref_logits, lse, ent)
+        )
+        torch.library.opcheck(
+            ops.triton_row_backward_inplace,
+            (logits.clone(), labels, inv_temp, lse, lo, ent, c, None, IGN, None, None, None, None),
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -473,9 +514,18 @@ def test_torch_compile_fullgraph():
 
     def step(z):
         out = tb.row_forward(z, labels, inv_temp, IGN, _rows.STAT_ENTROPY)
-        g = tb.row_backward(z, labels, inv_temp, out[_rows.OUT_LSE].contiguous(),
-                            out[_rows.OUT_LSE_LO].contiguous(), out[_rows.OUT_ENTROPY].contiguous(), c, e,
-                            IGN, True)
+        g = tb.row_backward(
+            z,
+            labels,
+            inv_temp,
+            out[_rows.OUT_LSE].contiguous(),
+            out[_rows.OUT_LSE_LO].contiguous(),
+            out[_rows.OUT_ENTROPY].contiguous(),
+            c,
+            e,
+            IGN,
+            True,
+        )
         return out[_rows.OUT_LOGP] * 2, g
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

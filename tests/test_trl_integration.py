@@ -6,6 +6,7 @@ and compares every logged value (losses, gradient norms, metrics) and the traina
 parameters after every optimizer step. fp32, plain SGD (Adam's first step, lr * sign(g),
 would turn rounding-level gradient differences of near-zero entries into lr-sized ones).
 """
+
 import copy
 import os
 import random
@@ -16,10 +17,9 @@ import types
 import warnings
 from collections import defaultdict
 
+import expected  # noqa: I001  (tests/expected.py: fails in strict mode where a peer is missing)
 import pytest
 import torch
-
-import expected  # noqa: I001  (tests/expected.py: fails in strict mode where a peer is missing)
 
 trl = expected.require_module("trl")
 transformers = expected.require_module("transformers")
@@ -58,15 +58,26 @@ def _words(r, lo, hi):
 def preference_dataset(n=4, seed=0):
     """A fresh in-memory dataset each call (a new fingerprint: no reuse of precomputed reference caches)."""
     r = random.Random(seed)
-    rows = [dict(prompt=_words(r, 1, 4), chosen=" " + _words(r, 1, 4), rejected=" " + _words(r, 1, 4))
-            for _ in range(n)]
+    rows = [
+        dict(prompt=_words(r, 1, 4), chosen=" " + _words(r, 1, 4), rejected=" " + _words(r, 1, 4)) for _ in range(n)
+    ]
     return datasets.Dataset.from_list(rows)
 
 
 def llama_config(**kw):
-    return transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    pad_token_id=0, eos_token_id=1, bos_token_id=1, **kw)
+    return transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        **kw,
+    )
 
 
 def tiny_lm(seed=0):
@@ -75,10 +86,23 @@ def tiny_lm(seed=0):
 
 
 def common_args(**kw):
-    base = dict(output_dir="/tmp/prefopt_fast_trl_tests", per_device_train_batch_size=2, max_steps=2,
-                logging_steps=1, report_to=[], bf16=False, gradient_checkpointing=False, learning_rate=0.05,
-                optim="sgd", lr_scheduler_type="constant", save_strategy="no", use_cpu=True, disable_tqdm=True,
-                seed=0, dataloader_num_workers=0)
+    base = dict(
+        output_dir="/tmp/prefopt_fast_trl_tests",
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        gradient_checkpointing=False,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return base
 
@@ -123,9 +147,11 @@ def _moved(run):
 
 
 def test_importing_prefopt_fast_does_not_import_trl():
-    code = ("import sys, prefopt_fast, prefopt_fast.linear, prefopt_fast.integrations, prefopt_fast.integrations.hf; "
-            "bad = [m for m in ('trl', 'transformers', 'peft') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, prefopt_fast, prefopt_fast.linear, prefopt_fast.integrations, prefopt_fast.integrations.hf; "
+        "bad = [m for m in ('trl', 'transformers', 'peft') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -224,8 +250,9 @@ def test_patched_kernel_matches_trl(name):
         b = (torch.randn(V * 3, generator=g) * 0.1).requires_grad_(True) if case.get("bias") else None
         y = torch.randint(0, V * 3, (N,), generator=g)
         y[:3] = 0
-        out = fn.apply(h, w, b, y, case.get("temperature", 1.0), 64, case.get("softcap"), case.get("scale", 1.0),
-                       outputs)
+        out = fn.apply(
+            h, w, b, y, case.get("temperature", 1.0), 64, case.get("softcap"), case.get("scale", 1.0), outputs
+        )
         loss = case.get("w_logp", 0.3) * out[0].sum()
         if out[1] is not None:
             loss = loss + 0.2 * out[1].sum()
@@ -324,8 +351,14 @@ def _dpo_run(cls, tok, *, lora=None, ref_seed=None, patch_only=False, **cfg):
     if cfg.get("precompute_ref_log_probs"):
         cfg.setdefault("precompute_ref_batch_size", 4)
     args = trl.DPOConfig(**common_args(max_length=16, **cfg))
-    kw = dict(model=model, ref_model=ref, args=args, train_dataset=preference_dataset(), processing_class=tok,
-              peft_config=peft_config)
+    kw = dict(
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=preference_dataset(),
+        processing_class=tok,
+        peft_config=peft_config,
+    )
     if patch_only:
         with ptrl.patched_trl():
             return _train(cls, **kw)
@@ -337,8 +370,9 @@ DPO_CASES = {
     "ipo_precomputed_ref": dict(loss_type=["ipo"], beta=0.5, precompute_ref_log_probs=True, ref_seed=1),
     "robust_lora_ref_adapter": dict(loss_type=["robust"], label_smoothing=0.1, lora="model"),
     "sigmoid_lora_adapters_disabled_precomputed_ref": dict(lora="config", precompute_ref_log_probs=True),
-    "mixed_sft_ld_alpha_wpo_js": dict(loss_type=["sigmoid_norm", "sft"], loss_weights=[1.0, 0.3], ld_alpha=0.5,
-                                      f_divergence_type="js_divergence"),
+    "mixed_sft_ld_alpha_wpo_js": dict(
+        loss_type=["sigmoid_norm", "sft"], loss_weights=[1.0, 0.3], ld_alpha=0.5, f_divergence_type="js_divergence"
+    ),
 }
 
 
@@ -383,21 +417,35 @@ def test_dpo_trainer_patches_only_while_it_runs(tok, monkeypatch):
     tr.compute_loss(tr.model, tr._prepare_inputs(batch))  # a direct call patches too
     assert len(seen) > n and not ptrl.is_trl_patched()
     seen.clear()
-    off = ptrl.DPOTrainer(model=tiny_lm(), ref_model=tiny_lm(), args=trl.DPOConfig(**common_args(max_length=16)),
-                          train_dataset=preference_dataset(), processing_class=tok, prefopt_lm_head=False)
+    off = ptrl.DPOTrainer(
+        model=tiny_lm(),
+        ref_model=tiny_lm(),
+        args=trl.DPOConfig(**common_args(max_length=16)),
+        train_dataset=preference_dataset(),
+        processing_class=tok,
+        prefopt_lm_head=False,
+    )
     off.compute_loss(off.model, off._prepare_inputs(next(iter(off.get_train_dataloader()))))
     assert not seen
 
 
-@pytest.mark.parametrize("cfg, match", [
-    (dict(loss_type=["robust"], label_smoothing=0.6), "label_smoothing"),
-    (dict(loss_type=["exo_pair"], label_smoothing=1.0), "label_smoothing"),
-    (dict(beta=0.0), "beta"),
-])
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (dict(loss_type=["robust"], label_smoothing=0.6), "label_smoothing"),
+        (dict(loss_type=["exo_pair"], label_smoothing=1.0), "label_smoothing"),
+        (dict(beta=0.0), "beta"),
+    ],
+)
 def test_dpo_unsupported_options_fail_at_construction(tok, cfg, match):
     with pytest.raises(ValueError, match=match):
-        ptrl.DPOTrainer(model=tiny_lm(), ref_model=tiny_lm(), args=trl.DPOConfig(**common_args(**cfg)),
-                        train_dataset=preference_dataset(), processing_class=tok)
+        ptrl.DPOTrainer(
+            model=tiny_lm(),
+            ref_model=tiny_lm(),
+            args=trl.DPOConfig(**common_args(**cfg)),
+            train_dataset=preference_dataset(),
+            processing_class=tok,
+        )
     assert not ptrl.is_trl_patched()
 
 
@@ -427,9 +475,12 @@ def test_reward_trainer_matches_trl(tok, margin, center):
 def test_reward_negative_centering_fails_at_construction(tok):
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="center_rewards_coefficient"):
-        ptrl.RewardTrainer(model=transformers.LlamaForSequenceClassification(llama_config(num_labels=1)),
-                           args=trl.RewardConfig(**common_args(center_rewards_coefficient=-0.1)),
-                           train_dataset=preference_dataset(), processing_class=tok)
+        ptrl.RewardTrainer(
+            model=transformers.LlamaForSequenceClassification(llama_config(num_labels=1)),
+            args=trl.RewardConfig(**common_args(center_rewards_coefficient=-0.1)),
+            train_dataset=preference_dataset(),
+            processing_class=tok,
+        )
 
 
 # --------------------------------------------------------------------------- GRPO
@@ -453,16 +504,30 @@ def prompt_dataset(n=8, seed=0):
 
 
 def _grpo_run(cls, tok, path, **cfg):
-    args = trl.GRPOConfig(**common_args(per_device_train_batch_size=4, num_generations=2, max_completion_length=5,
-                                        model_init_kwargs={"dtype": torch.float32}, **cfg))
-    return _train(cls, model=path, reward_funcs=_reward_len_mod3, args=args, train_dataset=prompt_dataset(),
-                  processing_class=tok)
+    args = trl.GRPOConfig(
+        **common_args(
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=5,
+            model_init_kwargs={"dtype": torch.float32},
+            **cfg,
+        )
+    )
+    return _train(
+        cls, model=path, reward_funcs=_reward_len_mod3, args=args, train_dataset=prompt_dataset(), processing_class=tok
+    )
 
 
 GRPO_CASES = {
     "grpo_kl_entropy_two_iterations": dict(beta=0.04, num_iterations=2, entropy_coef=0.01, learning_rate=0.5),
-    "dapo_gspo_delta_accumulation": dict(loss_type="dapo", importance_sampling_level="sequence", delta=2.0,
-                                         epsilon_high=0.28, gradient_accumulation_steps=2, entropy_coef=0.02),
+    "dapo_gspo_delta_accumulation": dict(
+        loss_type="dapo",
+        importance_sampling_level="sequence",
+        delta=2.0,
+        epsilon_high=0.28,
+        gradient_accumulation_steps=2,
+        entropy_coef=0.02,
+    ),
 }
 
 
@@ -481,10 +546,23 @@ def grpo_pair(tok, tiny_lm_dir):
     """One TRL and one prefopt_fast GRPOTrainer on identical models, for direct _compute_loss calls."""
     out = []
     for cls in (trl.GRPOTrainer, ptrl.GRPOTrainer):
-        args = trl.GRPOConfig(**common_args(per_device_train_batch_size=4, num_generations=2,
-                                            max_completion_length=6, model_init_kwargs={"dtype": torch.float32}))
-        out.append(cls(model=tiny_lm_dir, reward_funcs=_reward_len_mod3, args=args, train_dataset=prompt_dataset(),
-                       processing_class=tok))
+        args = trl.GRPOConfig(
+            **common_args(
+                per_device_train_batch_size=4,
+                num_generations=2,
+                max_completion_length=6,
+                model_init_kwargs={"dtype": torch.float32},
+            )
+        )
+        out.append(
+            cls(
+                model=tiny_lm_dir,
+                reward_funcs=_reward_len_mod3,
+                args=args,
+                train_dataset=prompt_dataset(),
+                processing_class=tok,
+            )
+        )
     return out
 
 
@@ -510,24 +588,35 @@ def _perturbed_logps(trainer, inputs, g, scale):
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
         with ptrl.patched_trl():
-            lp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am,
-                                                                  inputs["completion_ids"].shape[1])
+            lp, _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, am, inputs["completion_ids"].shape[1]
+            )
     return lp + scale * torch.randn(lp.shape, generator=g)
 
 
 LOSS_CASES = {
-    "grpo_old_ref_toolmask_delta": dict(attrs=dict(beta=0.05), args=dict(delta=1.5, use_bias_correction_kl=True),
-                                        old=0.3, ref=0.2, tool_mask=True),
-    "bnpo_off_policy_mask": dict(attrs=dict(loss_type="bnpo", off_policy_mask_threshold=0.01), old=0.4,
-                                 sampling=0.5),
+    "grpo_old_ref_toolmask_delta": dict(
+        attrs=dict(beta=0.05), args=dict(delta=1.5, use_bias_correction_kl=True), old=0.3, ref=0.2, tool_mask=True
+    ),
+    "bnpo_off_policy_mask": dict(attrs=dict(loss_type="bnpo", off_policy_mask_threshold=0.01), old=0.4, sampling=0.5),
     "dr_grpo_top_entropy": dict(attrs=dict(loss_type="dr_grpo", top_entropy_quantile=0.5), old=0.3),
-    "dapo_vllm_is_ratio_train_accum": dict(attrs=dict(loss_type="dapo", use_vllm=True,
-                                                      vllm_importance_sampling_correction=True,
-                                                      current_gradient_accumulation_steps=2, entropy_coef=0.03,
-                                                      _entropy_bonus_enabled=True),
-                                           args=dict(steps_per_generation=2), train=True, old=0.3, is_ratio=True),
-    "gspo_grpo_token_advantages": dict(attrs=dict(importance_sampling_level="sequence", beta=0.02), old=0.05,
-                                       ref=0.1, token_adv=True),
+    "dapo_vllm_is_ratio_train_accum": dict(
+        attrs=dict(
+            loss_type="dapo",
+            use_vllm=True,
+            vllm_importance_sampling_correction=True,
+            current_gradient_accumulation_steps=2,
+            entropy_coef=0.03,
+            _entropy_bonus_enabled=True,
+        ),
+        args=dict(steps_per_generation=2),
+        train=True,
+        old=0.3,
+        is_ratio=True,
+    ),
+    "gspo_grpo_token_advantages": dict(
+        attrs=dict(importance_sampling_level="sequence", beta=0.02), old=0.05, ref=0.1, token_adv=True
+    ),
 }
 
 
@@ -580,26 +669,36 @@ def test_grpo_compute_loss_matches_trl(grpo_pair, name):
     torch.testing.assert_close(lb, la, rtol=RTOL, atol=ATOL)
     assert set(ma) == set(mb), set(ma) ^ set(mb)
     for k in ma:
-        torch.testing.assert_close(torch.tensor(mb[k]), torch.tensor(ma[k]), rtol=RTOL, atol=ATOL, msg=k,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            torch.tensor(mb[k]), torch.tensor(ma[k]), rtol=RTOL, atol=ATOL, msg=k, equal_nan=True
+        )
     assert ga.keys() == gb.keys() and ga
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
-@pytest.mark.parametrize("cfg, match", [
-    (dict(loss_type="cispo"), "loss_type='cispo'"),
-    (dict(loss_type="sapo"), "loss_type='sapo'"),
-    (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
-    (dict(top_entropy_quantile=0.2, entropy_coef=0.01), "top_entropy_quantile"),
-    (dict(delta=1.1), "delta"),
-])
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (dict(loss_type="cispo"), "loss_type='cispo'"),
+        (dict(loss_type="sapo"), "loss_type='sapo'"),
+        (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
+        (dict(top_entropy_quantile=0.2, entropy_coef=0.01), "top_entropy_quantile"),
+        (dict(delta=1.1), "delta"),
+    ],
+)
 def test_grpo_unsupported_options_fail_at_construction(tok, tiny_lm_dir, cfg, match):
-    args = trl.GRPOConfig(**common_args(per_device_train_batch_size=4, num_generations=2, max_completion_length=5,
-                                        **cfg))
+    args = trl.GRPOConfig(
+        **common_args(per_device_train_batch_size=4, num_generations=2, max_completion_length=5, **cfg)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match=match):
-            ptrl.GRPOTrainer(model=tiny_lm_dir, reward_funcs=_reward_len_mod3, args=args,
-                             train_dataset=prompt_dataset(), processing_class=tok)
+            ptrl.GRPOTrainer(
+                model=tiny_lm_dir,
+                reward_funcs=_reward_len_mod3,
+                args=args,
+                train_dataset=prompt_dataset(),
+                processing_class=tok,
+            )
     assert not ptrl.is_trl_patched()

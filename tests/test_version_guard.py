@@ -1,13 +1,13 @@
 """The TRL integration's version guard: a warning naming the tested range outside it, an
 error naming a missing internal at patch / construction / import time (never deep inside a
 training step)."""
+
 import subprocess
 import sys
 import warnings
 
-import pytest
-
 import expected
+import pytest
 
 trl = expected.require_module("trl")
 
@@ -51,8 +51,11 @@ def test_untested_version_warns_once_naming_the_range(monkeypatch):
 
 def test_missing_internal_is_an_error_at_patch_time(monkeypatch):
     monkeypatch.delattr(trl.GRPOTrainer, "_get_per_token_logps_and_entropies")
-    with pytest.raises(RuntimeError, match=r"needs trl\.GRPOTrainer\._get_per_token_logps_and_entropies, which trl "
-                                           r".* does not have"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"needs trl\.GRPOTrainer\._get_per_token_logps_and_entropies, which trl "
+        r".* does not have",
+    ):
         ptrl.patch_trl()
     assert not ptrl.is_trl_patched()
     with pytest.raises(RuntimeError, match=r"_get_per_token_logps_and_entropies"):
@@ -61,12 +64,14 @@ def test_missing_internal_is_an_error_at_patch_time(monkeypatch):
 
 
 def test_missing_internal_is_an_import_error_naming_it():
-    code = ("import trl.trainer.utils\n"
-            "del trl.trainer.utils._ChunkedLogProbFunction\n"
-            "try:\n"
-            "    import prefopt_fast.integrations.trl\n"
-            "except ImportError as e:\n"
-            "    print('ImportError:', e)\n")
+    code = (
+        "import trl.trainer.utils\n"
+        "del trl.trainer.utils._ChunkedLogProbFunction\n"
+        "try:\n"
+        "    import prefopt_fast.integrations.trl\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
     assert "ImportError: prefopt_fast.integrations.trl needs trl.trainer.utils._ChunkedLogProbFunction" in out, out
 
@@ -81,8 +86,10 @@ def test_missing_trainer_attribute_names_it():
 
 def test_every_listed_internal_resolves_in_the_tested_range():
     if not version_guard.in_range(trl.__version__, ptrl.TESTED_TRL):
-        pytest.skip(f"trl {trl.__version__} is outside the tested range {ptrl.TESTED_TRL}: "
-                    "test_installed_trl_is_judged_by_the_range covers it")
+        pytest.skip(
+            f"trl {trl.__version__} is outside the tested range {ptrl.TESTED_TRL}: "
+            "test_installed_trl_is_judged_by_the_range covers it"
+        )
     assert version_guard.missing_internals(ptrl.TRL_INTERNALS) == []
     assert version_guard.resolve("trl.trainer.utils.no_such_name") is None
     assert version_guard.resolve("no_such_package.x") is None

@@ -19,6 +19,7 @@ The formulas, baselines and error definitions are those of tests/baselines.py (t
 tests' rule). Errors: absolute |x - ref| over the finite reference entries, max and mean;
 relative |x - ref| / |ref| over the entries with |ref| >= 1e-6, max and mean.
 """
+
 import argparse
 import datetime
 import math
@@ -32,9 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
 import baselines as bl  # noqa: E402
+import torch  # noqa: E402
 
 SEED = 1234
 
@@ -51,36 +51,61 @@ def _ops(s):
     B, T, V, N, H, HB = s["B"], s["T"], s["V"], s["N"], s["H"], s["heads_B"]
     return {
         "token_logprobs": (
-            lambda dt: bl.make_token_problem(SEED, shape=(B, T, V), dtype=dt, scale=4.0, ignore_frac=0.1,
-                                             stats=("entropy", "log_sum_sq_probs", "mean_logit"), temperature="float"),
+            lambda dt: bl.make_token_problem(
+                SEED,
+                shape=(B, T, V),
+                dtype=dt,
+                scale=4.0,
+                ignore_frac=0.1,
+                stats=("entropy", "log_sum_sq_probs", "mean_logit"),
+                temperature="float",
+            ),
             ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "grad:logits"),
-            f"logits [{B}, {T}, {V}], N(0, 4^2), 10% ignored, T ~ U(0.25, 4); gradient of w1 . logp + w2 . H"),
+            f"logits [{B}, {T}, {V}], N(0, 4^2), 10% ignored, T ~ U(0.25, 4); gradient of w1 . logp + w2 . H",
+        ),
         "sequence_logprobs": (
             lambda dt: bl.make_sequence_problem(SEED, B=B, T=T, V=V, dtype=dt, scale=4.0),
             ("seq", "grad:logits"),
-            f"padded logits [{B}, {T}, {V}], 30% ignored, one sequence fully masked; sums"),
+            f"padded logits [{B}, {T}, {V}], 30% ignored, one sequence fully masked; sums",
+        ),
         "fused_dpo_loss": (
-            lambda dt: bl.make_fused_dpo_problem(SEED, B=B // 2, T=T, V=V, dtype=dt, loss_type="sigmoid", beta=0.1,
-                                                 scale=4.0),
+            lambda dt: bl.make_fused_dpo_problem(
+                SEED, B=B // 2, T=T, V=V, dtype=dt, loss_type="sigmoid", beta=0.1, scale=4.0
+            ),
             ("loss", "rewards/margins", "grad:logits"),
-            f"[{B}, {T}, {V}] = [chosen; rejected] with ref_logits, sigmoid, beta 0.1"),
+            f"[{B}, {T}, {V}] = [chosen; rejected] with ref_logits, sigmoid, beta 0.1",
+        ),
         "ppo_loss": (
-            lambda dt: bl.make_ppo_problem(SEED, B=B, T=T, V=V, dtype=dt, kl_estimator="full", kl_coef=0.05,
-                                           agg="token-mean", entropy_coef=0.01, scale=4.0),
+            lambda dt: bl.make_ppo_problem(
+                SEED,
+                B=B,
+                T=T,
+                V=V,
+                dtype=dt,
+                kl_estimator="full",
+                kl_coef=0.05,
+                agg="token-mean",
+                entropy_coef=0.01,
+                scale=4.0,
+            ),
             ("loss", "entropy", "grad:logits"),
-            f"[{B}, {T}, {V}], exact KL to ref_logits (kl_coef 0.05), entropy bonus 0.01, token-mean"),
+            f"[{B}, {T}, {V}], exact KL to ref_logits (kl_coef 0.05), entropy bonus 0.01, token-mean",
+        ),
         "linear_token_logprobs": (
             lambda dt: bl.make_linear_problem(SEED, N=N, H=H, V=V, dtype=dt, bias=True, chunk_size=max(1, N // 8)),
             ("logprobs", "entropy", "grad:hidden", "grad:weight"),
-            f"hidden [{N}, {H}], weight [{V}, {H}] + bias, chunk_size {max(1, N // 8)}"),
+            f"hidden [{N}, {H}], weight [{V}, {H}] + bias, chunk_size {max(1, N // 8)}",
+        ),
         "dpo_loss": (
             lambda dt: bl.make_dpo_problem(SEED, B=HB, dtype=dt, loss_type="sigmoid", beta=0.1, magnitude=200.0),
             ("loss", "grad:chosen_logps"),
-            f"[{HB}] sequence log-probs in (-200, 0), sigmoid, beta 0.1"),
+            f"[{HB}] sequence log-probs in (-200, 0), sigmoid, beta 0.1",
+        ),
         "bradley_terry_loss": (
             lambda dt: bl.make_bt_problem(SEED, B=HB, dtype=dt, margin="tensor", coef=0.01, magnitude=3.0),
             ("loss", "grad:chosen_rewards"),
-            f"[{HB}] rewards N(0, 3^2), margin, centering 0.01"),
+            f"[{HB}] rewards N(0, 3^2), margin, centering 0.01",
+        ),
     }
 
 
@@ -100,19 +125,27 @@ def machine() -> str:
     except Exception:  # noqa: BLE001 - optional
         tv = "not installed"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return (f"{cpu}, {os.cpu_count()} logical CPUs ({torch.get_num_threads()} torch threads), load {load}; "
-            f"Linux {platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"triton {tv}")
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs ({torch.get_num_threads()} torch threads), load {load}; "
+        f"Linux {platform.release()}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"triton {tv}"
+    )
 
 
 def commit() -> str:
     import subprocess
 
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "prefopt_fast", "csrc",
-                                "kernels"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "prefopt_fast", "csrc", "kernels"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (rev or "?") + (" + uncommitted changes to the package" if dirty else "")
     except Exception:  # noqa: BLE001 - not a git checkout
         return "?"
@@ -136,7 +169,7 @@ def measure(ops, backends, dtypes, log=print):
             pb = build(dt)
             ref = bl.evaluate(pb, "ref")
             cols = {"plain fp32": bl.evaluate(pb, "plain"), "plain in dtype": bl.evaluate(pb, "plain_dtype")}
-            for be in (backends if op in bl.BACKEND_OPS else ["(loss head)"]):
+            for be in backends if op in bl.BACKEND_OPS else ["(loss head)"]:
                 cols[be] = bl.evaluate(pb, "lib", None if be == "(loss head)" else be)
             S = bl.logit_scale(pb)
             for out in outputs:
@@ -186,8 +219,10 @@ def ratios(rows, only=None, label=None):
                 w[0], w[1] = r, f"{dname} {out}"
             if s["of_bound"] > w[2]:
                 w[2], w[3] = s["of_bound"], f"{dname} {out}"
-    lines = ["| op | implementation | worst error / plain fp32's | at | worst error / rule bound | at |",  # noqa
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| op | implementation | worst error / plain fp32's | at | worst error / rule bound | at |",  # noqa
+        "|---|---|---|---|---|---|",
+    ]
     for (op, c), (r, where, b, bwhere) in worst.items():
         lines.append(f"| {op} | {label or c} | {r:.2g} | {where} | {b:.2g} | {bwhere} |")
     return "\n".join(lines)
@@ -215,8 +250,9 @@ def main(argv=None):
     rows = measure(ops, native, dtypes, log=lambda m: print(m, file=sys.stderr))
     tri_rows, tri_ops = [], {}
     if "triton" in backends:
-        tri_ops = {k: v for k, v in _ops(SHAPES["tiny" if args.tiny else "small"]).items() if k in ops
-                   and k in bl.BACKEND_OPS}
+        tri_ops = {
+            k: v for k, v in _ops(SHAPES["tiny" if args.tiny else "small"]).items() if k in ops and k in bl.BACKEND_OPS
+        }
         print("measuring the Triton interpreter on small shapes", file=sys.stderr)
         tri_rows = measure(tri_ops, ["triton", *native], dtypes, log=lambda m: print(m, file=sys.stderr))
     elapsed = time.time() - t0
@@ -239,8 +275,8 @@ def main(argv=None):
         "",
         f"- machine: {machine()}",
         f"- generated: {datetime.date.today().isoformat()} from commit {commit()}, seed {SEED}, {elapsed:.0f} s",
-        f"- backends: {', '.join(backends)}" + ("" if "triton" in backends else
-                                                 " (run with TRITON_INTERPRET=1 to add the Triton interpreter)"),
+        f"- backends: {', '.join(backends)}"
+        + ("" if "triton" in backends else " (run with TRITON_INTERPRET=1 to add the Triton interpreter)"),
         "",
         "## Shapes",
         "",
@@ -253,21 +289,35 @@ def main(argv=None):
         doc.append("")
         for op, (_, _, label) in tri_ops.items():
             doc.append(f"- `{op}`: {label}")
-    doc += ["", "## Summary", "",
-            "The worst case over dtypes and outputs of each implementation's max abs error, divided by plain",
-            "fp32 PyTorch's and by the accuracy rule's bound (`2 x plain fp32 + floor`; at most 1 meets the",
-            "rule; the floor is a few fp32 ulps at the output's scale, times max|logits / T| for gradients,",
-            "see tests/baselines.py). \"plain in dtype\" is listed for comparison.", "",
-            ratios(rows)]
+    doc += [
+        "",
+        "## Summary",
+        "",
+        "The worst case over dtypes and outputs of each implementation's max abs error, divided by plain",
+        "fp32 PyTorch's and by the accuracy rule's bound (`2 x plain fp32 + floor`; at most 1 meets the",
+        "rule; the floor is a few fp32 ulps at the output's scale, times max|logits / T| for gradients,",
+        'see tests/baselines.py). "plain in dtype" is listed for comparison.',
+        "",
+        ratios(rows),
+    ]
     if tri_rows:
-        doc += ["", "The Triton interpreter on the small shapes (its fp32 -> bf16 cast truncates where a GPU rounds,",
-                "so its bf16 gradients may reach twice the bound computed from rounded plain PyTorch):", "",
-                ratios(tri_rows, only="triton", label="triton (interpreted)")]
+        doc += [
+            "",
+            "The Triton interpreter on the small shapes (its fp32 -> bf16 cast truncates where a GPU rounds,",
+            "so its bf16 gradients may reach twice the bound computed from rounded plain PyTorch):",
+            "",
+            ratios(tri_rows, only="triton", label="triton (interpreted)"),
+        ]
     doc += ["", "## Errors", "", table(rows, "")]
     if tri_rows:
-        doc += ["## Triton interpreter (small shapes)", "",
-                "The interpreter casts fp32 -> bf16 by truncation, a GPU rounds: bf16 gradients here carry up to",
-                "one bf16 ulp where the GPU carries half.", "", table(tri_rows, " (small shapes)")]
+        doc += [
+            "## Triton interpreter (small shapes)",
+            "",
+            "The interpreter casts fp32 -> bf16 by truncation, a GPU rounds: bf16 gradients here carry up to",
+            "one bf16 ulp where the GPU carries half.",
+            "",
+            table(tri_rows, " (small shapes)"),
+        ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(doc).rstrip() + "\n")
     print(f"wrote {args.out} in {elapsed:.0f} s", file=sys.stderr)

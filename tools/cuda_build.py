@@ -12,6 +12,7 @@ Environment:
                             wheels), "80;90+PTX" (the default of in-place / editable
                             builds), "sm_80 sm_90+PTX", "8.0,9.0", "compute_90" (PTX only)
 """
+
 import hashlib
 import os
 import re
@@ -29,9 +30,9 @@ DEV_ARCHS = "80;90+PTX"
 
 
 class Arch(NamedTuple):
-    num: int     # 80, 90, 100, 120, ...
-    sass: bool   # sm_XX code
-    ptx: bool    # compute_XX PTX
+    num: int  # 80, 90, 100, 120, ...
+    sass: bool  # sm_XX code
+    ptx: bool  # compute_XX PTX
 
 
 def parse_archs(spec: Optional[str] = None) -> List[Arch]:
@@ -44,8 +45,10 @@ def parse_archs(spec: Optional[str] = None) -> List[Arch]:
             continue
         m = re.fullmatch(r"(?i)(sm_|compute_)?(\d+)(?:\.(\d))?([a-z]?)(\+ptx)?", item)
         if not m or m.group(4):
-            raise ValueError(f"PREFOPT_CUDA_ARCHS: cannot parse {item!r} (expected e.g. 80, 8.0, sm_80, "
-                             f"compute_90 or 90+PTX; arch-specific 'a'/'f' variants are not used)")
+            raise ValueError(
+                f"PREFOPT_CUDA_ARCHS: cannot parse {item!r} (expected e.g. 80, 8.0, sm_80, "
+                f"compute_90 or 90+PTX; arch-specific 'a'/'f' variants are not used)"
+            )
         prefix, major, minor, _, plus_ptx = m.groups()
         num = int(major) * 10 + int(minor) if minor is not None else int(major)
         if num < 75:
@@ -92,8 +95,12 @@ def find_cuda_home() -> Optional[Path]:
             return home
         # a wrapper script (e.g. /usr/local/bin/nvcc exec-ing the real one): ask nvcc
         try:
-            res = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                                 capture_output=True, text=True, timeout=60)
+            res = subprocess.run(
+                [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             m = re.search(r"^#\$ TOP=(.+)$", res.stderr + res.stdout, re.M)
             if m and _has_toolkit(Path(m.group(1).strip())):
                 return Path(m.group(1).strip()).resolve()
@@ -132,15 +139,30 @@ def link_args(home: Path) -> List[str]:
     return [str(cudart_static(home)), "-ldl", "-lrt", "-lpthread", "-Wl,--exclude-libs,libcudart_static.a"]
 
 
-def nvcc_command(home: Path, src: Path, obj: Path, archs: Sequence[Arch], include_dirs: Sequence[Path],
-                 threads: int = 1, extra: Sequence[str] = ()) -> List[str]:
+def nvcc_command(
+    home: Path,
+    src: Path,
+    obj: Path,
+    archs: Sequence[Arch],
+    include_dirs: Sequence[Path],
+    threads: int = 1,
+    extra: Sequence[str] = (),
+) -> List[str]:
     return [
-        str(nvcc_path(home)), "-c", str(src), "-o", str(obj),
-        "-std=c++17", "-O3", "-DNDEBUG",
+        str(nvcc_path(home)),
+        "-c",
+        str(src),
+        "-o",
+        str(obj),
+        "-std=c++17",
+        "-O3",
+        "-DNDEBUG",
         *[f"-I{d}" for d in include_dirs],
         *gencode_flags(archs),
-        "-Xptxas", "-v,-warn-spills",
-        "-Xcompiler", "-fPIC,-fvisibility=hidden",
+        "-Xptxas",
+        "-v,-warn-spills",
+        "-Xcompiler",
+        "-fPIC,-fvisibility=hidden",
         f"--threads={max(1, threads)}",
         *extra,
     ]
@@ -155,13 +177,21 @@ def object_dir(root: Path, home: Path, archs: Sequence[Arch]) -> Path:
 
 class Compiled(NamedTuple):
     obj: Path
-    log: str      # nvcc's stderr (the ptxas -v report)
+    log: str  # nvcc's stderr (the ptxas -v report)
     rebuilt: bool
 
 
-def compile_sources(home: Path, sources: Sequence[Path], out_dir: Path, archs: Sequence[Arch],
-                    include_dirs: Sequence[Path], depends: Sequence[Path] = (), force: bool = False,
-                    jobs: Optional[int] = None, extra: Sequence[str] = ()) -> List[Compiled]:
+def compile_sources(
+    home: Path,
+    sources: Sequence[Path],
+    out_dir: Path,
+    archs: Sequence[Arch],
+    include_dirs: Sequence[Path],
+    depends: Sequence[Path] = (),
+    force: bool = False,
+    jobs: Optional[int] = None,
+    extra: Sequence[str] = (),
+) -> List[Compiled]:
     """nvcc each source into out_dir/<stem>.o (in parallel). A source is recompiled when the
     object is older than it or than any of ``depends``, or when the command line changed;
     the ptxas report is kept next to the object (<stem>.ptxas.log)."""
@@ -176,14 +206,21 @@ def compile_sources(home: Path, sources: Sequence[Path], out_dir: Path, archs: S
         cmd = nvcc_command(home, src, obj, archs, include_dirs, threads, extra)
         cmd_text = " ".join(cmd)
         newest = max([src.stat().st_mtime] + [Path(d).stat().st_mtime for d in depends])
-        fresh = (not force and obj.exists() and log_path.exists() and cmd_path.exists()
-                 and obj.stat().st_mtime >= newest and cmd_path.read_text() == cmd_text)
+        fresh = (
+            not force
+            and obj.exists()
+            and log_path.exists()
+            and cmd_path.exists()
+            and obj.stat().st_mtime >= newest
+            and cmd_path.read_text() == cmd_text
+        )
         if fresh:
             return Compiled(obj, log_path.read_text(), False)
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"nvcc failed on {src} (exit {res.returncode}):\n{' '.join(cmd)}\n"
-                               f"{res.stdout}{res.stderr}")
+            raise RuntimeError(
+                f"nvcc failed on {src} (exit {res.returncode}):\n{' '.join(cmd)}\n{res.stdout}{res.stderr}"
+            )
         log_path.write_text(res.stderr)
         cmd_path.write_text(cmd_text)
         return Compiled(obj, res.stderr, True)
@@ -193,10 +230,10 @@ def compile_sources(home: Path, sources: Sequence[Path], out_dir: Path, archs: S
 
 
 class KernelReport(NamedTuple):
-    kernel: str   # demangled, namespaces trimmed
-    arch: str     # sm_80
+    kernel: str  # demangled, namespaces trimmed
+    arch: str  # sm_80
     registers: int
-    stack: int    # bytes stack frame
+    stack: int  # bytes stack frame
     spill_stores: int
     spill_loads: int
 
@@ -255,8 +292,9 @@ def format_table(reports: Sequence[KernelReport]) -> str:
         cells = []
         for a in archs:
             r = by_kernel[k].get(a)
-            cells.append(f"{'-':>24}" if r is None else
-                         f"{r.registers:>10} / {r.spill_stores + r.spill_loads:>4} / {r.stack:>4}")
+            cells.append(
+                f"{'-':>24}" if r is None else f"{r.registers:>10} / {r.spill_stores + r.spill_loads:>4} / {r.stack:>4}"
+            )
         lines.append(f"{k:<{width}} | " + " | ".join(cells))
     return "\n".join(lines)
 

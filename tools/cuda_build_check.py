@@ -17,6 +17,7 @@
    picks another backend and backend="cuda" raises a clear error.
 Exit status 0 when everything holds.
 """
+
 import argparse
 import json
 import os
@@ -143,8 +144,9 @@ def main(argv=None) -> int:
     # 1. build through setup.py, as a user's build does
     env = dict(os.environ, PREFOPT_CUDA="1", PREFOPT_CUDA_ARCHS=args.arch, CUDA_HOME=str(home))
     env.pop("PREFOPT_NO_EXTENSION", None)
-    res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=work, env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=work, env=env, capture_output=True, text=True
+    )
     if res.returncode != 0:
         print(res.stdout[-4000:], res.stderr[-8000:])
         print("FAIL: the build failed")
@@ -209,21 +211,31 @@ def main(argv=None) -> int:
             if not cond:
                 failures.append(what)
 
-        expect(Path(imp["file"]).resolve().parent == (work / "prefopt_fast").resolve(),
-               f"imported {imp['file']} instead of the built copy")
+        expect(
+            Path(imp["file"]).resolve().parent == (work / "prefopt_fast").resolve(),
+            f"imported {imp['file']} instead of the built copy",
+        )
         expect(bi["cuda"] == results["cuda"], f"build_info cuda {bi['cuda']} != {results['cuda']}")
         expect(bi["cuda_archs"] == names, f"build_info archs {bi['cuda_archs']} != {names}")
         expect(imp["cuda_kernels_registered"], "the ops have no CUDA implementation registered")
         expect(imp["probe"][0] != 0 and imp["probe"][1], f"the probe did not report the missing driver: {imp['probe']}")
-        expect(not imp["cuda_available"] and "cuda" not in imp["available_backends"],
-               "the cuda backend claims to be available without a GPU")
+        expect(
+            not imp["cuda_available"] and "cuda" not in imp["available_backends"],
+            "the cuda backend claims to be available without a GPU",
+        )
         expect(imp["auto_cpu_tensors"] != "cuda", "auto selection picked cuda")
-        expect(imp["backend_cuda_error"] is not None and "not available" in imp["backend_cuda_error"],
-               f"backend='cuda' did not raise a clear error: {imp['backend_cuda_error']}")
-        expect(imp["gpu_sim_available"] == [False, False] and imp["probe"][1] in imp["gpu_sim_reason"],
-               f"with a (simulated) GPU the probe failure was not reported: {imp['gpu_sim_reason']}")
-        expect(len(imp["gpu_sim_warnings"]) == 1 and "triton" in imp["gpu_sim_warnings"][0],
-               f"expected one fallback warning naming triton, got {imp['gpu_sim_warnings']}")
+        expect(
+            imp["backend_cuda_error"] is not None and "not available" in imp["backend_cuda_error"],
+            f"backend='cuda' did not raise a clear error: {imp['backend_cuda_error']}",
+        )
+        expect(
+            imp["gpu_sim_available"] == [False, False] and imp["probe"][1] in imp["gpu_sim_reason"],
+            f"with a (simulated) GPU the probe failure was not reported: {imp['gpu_sim_reason']}",
+        )
+        expect(
+            len(imp["gpu_sim_warnings"]) == 1 and "triton" in imp["gpu_sim_warnings"][0],
+            f"expected one fallback warning naming triton, got {imp['gpu_sim_warnings']}",
+        )
 
     results["failures"] = failures
     if args.json:

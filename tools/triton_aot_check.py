@@ -18,6 +18,7 @@ any spill, any such contraction or any specialized int argument.
 
 Must run without TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
 """
+
 import argparse
 import concurrent.futures as cf
 import os
@@ -38,26 +39,51 @@ def _modules():
     except ModuleNotFoundError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from prefopt_fast.backends.triton import kernel_modules
+
     return kernel_modules()
 
 
 def _forward_signature(t):
-    return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "ref_ptr": f"*{t}", "ref_off_ptr": "*i64",
-            "labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32",
-            "V": "i32", "ignore_index": "i32"}
+    return {
+        "logits_ptr": f"*{t}",
+        "row_off_ptr": "*i64",
+        "ref_ptr": f"*{t}",
+        "ref_off_ptr": "*i64",
+        "labels_ptr": "*i64",
+        "inv_temp_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "N": "i32",
+        "V": "i32",
+        "ignore_index": "i32",
+    }
 
 
 def _backward_signature(t):
-    return {"logits_ptr": f"*{t}", "row_off_ptr": "*i64", "grad_ptr": f"*{t}",
-            "labels_ptr": "*i64", "inv_temp_ptr": "*fp32", "lse_ptr": "*fp32", "lse_lo_ptr": "*fp32",
-            "ent_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_ent_ptr": "*fp32",
-            "ref_ptr": f"*{t}", "ref_off_ptr": "*i64", "ref_lse_ptr": "*fp32", "kl_ptr": "*fp32",
-            "grad_kl_ptr": "*fp32", "V": "i32", "ignore_index": "i32"}
+    return {
+        "logits_ptr": f"*{t}",
+        "row_off_ptr": "*i64",
+        "grad_ptr": f"*{t}",
+        "labels_ptr": "*i64",
+        "inv_temp_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        "lse_lo_ptr": "*fp32",
+        "ent_ptr": "*fp32",
+        "grad_logp_ptr": "*fp32",
+        "grad_ent_ptr": "*fp32",
+        "ref_ptr": f"*{t}",
+        "ref_off_ptr": "*i64",
+        "ref_lse_ptr": "*fp32",
+        "kl_ptr": "*fp32",
+        "grad_kl_ptr": "*fp32",
+        "V": "i32",
+        "ignore_index": "i32",
+    }
 
 
 def variants(all_stat_combos=False):
     """[(kind, dtype name, constexprs)] for every kernel binary the backend can launch."""
     import torch
+
     config, fwd, _ = _modules()
     out = []
     for dname in ("float32", "float16", "bfloat16"):
@@ -67,15 +93,21 @@ def variants(all_stat_combos=False):
         stat_sets = range(fwd.SUPPORTED_STATS + 1) if all_stat_combos else fwd.STAT_VARIANTS
         for stats in stat_sets:
             for align in aligns:
-                out.append(("forward", dname, fc.num_warps,
-                            dict(BLOCK_V=fc.block_v, ALIGN=align, **fwd.stat_flags(stats))))
+                out.append(
+                    ("forward", dname, fc.num_warps, dict(BLOCK_V=fc.block_v, ALIGN=align, **fwd.stat_flags(stats)))
+                )
         for inplace in (False, True):
             for has_ent in (False, True):
                 for has_kl in (False, True):
                     for align in aligns:
-                        out.append(("backward_inplace" if inplace else "backward", dname, bc.num_warps,
-                                    dict(BLOCK_V=bc.block_v, ALIGN=align, HAS_ENT=has_ent,
-                                         HAS_KL=has_kl, INPLACE=inplace)))
+                        out.append(
+                            (
+                                "backward_inplace" if inplace else "backward",
+                                dname,
+                                bc.num_warps,
+                                dict(BLOCK_V=bc.block_v, ALIGN=align, HAS_ENT=has_ent, HAS_KL=has_kl, INPLACE=inplace),
+                            )
+                        )
     return out
 
 
@@ -84,8 +116,10 @@ def specialization_problems():
     class of value would compile a new binary, and a value of 1 would become a constant."""
     _, fwd, bwd = _modules()
     problems = []
-    for fn, sig in ((fwd.row_forward_kernel, _forward_signature("fp32")),
-                    (bwd.row_backward_kernel, _backward_signature("fp32"))):
+    for fn, sig in (
+        (fwd.row_forward_kernel, _forward_signature("fp32")),
+        (bwd.row_backward_kernel, _backward_signature("fp32")),
+    ):
         for p in fn.params:
             if sig.get(p.name, "").startswith("i") and not p.do_not_specialize:
                 problems.append(f"{fn.__name__}: int argument {p.name} is not in do_not_specialize")
@@ -94,6 +128,7 @@ def specialization_problems():
 
 def _cuobjdump():
     import triton
+
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -168,6 +203,7 @@ def _compile(kind, dname, num_warps, constexprs, arch):
     """-> (compiled kernel, jit function) or (None, error message)."""
     import triton
     from triton.backends.compiler import GPUTarget
+
     _, fwd, bwd = _modules()
     t = _PTR_TYPE[dname]
     if kind == "forward":
@@ -180,9 +216,11 @@ def _compile(kind, dname, num_warps, constexprs, arch):
     sig = dict(sig, **{k: "constexpr" for k in constexprs})
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
     try:
-        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": num_warps, "enable_fp_fusion": fwd.FP_FUSION})
+        k = triton.compile(
+            triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": num_warps, "enable_fp_fusion": fwd.FP_FUSION},
+        )
     except Exception as exc:  # report every failure, not just the first
         return None, f"{type(exc).__name__}: {exc}"
     return k, fn
@@ -206,8 +244,7 @@ def compile_one(kind, dname, num_warps, constexprs, arch):
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(k.asm["cubin"])
-        res = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", str(cubin)],
-                             capture_output=True, text=True)
+        res = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", str(cubin)], capture_output=True, text=True)
     usage = res.stdout
     reg = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
@@ -219,10 +256,15 @@ def compile_one(kind, dname, num_warps, constexprs, arch):
     products, problems = temperature_product_problems(ptx, fn.__name__, list(fn.arg_names).index("inv_temp_ptr"))
     if not products:  # the checker lost track of inv_temp: fail rather than pass vacuously
         problems = ["no product of inv_temp found in the PTX (checker out of date?)"]
-    return dict(regs=int(reg.group(1)), spill=int(stack.group(1)) + int(local.group(1)) + sum(spills),
-                vec_ld=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
-                vec_st=len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx)),
-                tfma=len(problems), tfma_detail=problems[:3], seconds=seconds)
+    return dict(
+        regs=int(reg.group(1)),
+        spill=int(stack.group(1)) + int(local.group(1)) + sum(spills),
+        vec_ld=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+        vec_st=len(re.findall(r"st\.global(?:\.\w+)*\.v[24]\.", ptx)),
+        tfma=len(problems),
+        tfma_detail=problems[:3],
+        seconds=seconds,
+    )
 
 
 def _label(kind, dname, constexprs):
@@ -234,8 +276,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--all-stat-combos", action="store_true",
-                    help="all 32 forward flag combinations, not only the compiled flag sets")
+    ap.add_argument(
+        "--all-stat-combos",
+        action="store_true",
+        help="all 32 forward flag combinations, not only the compiled flag sets",
+    )
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
@@ -263,16 +308,23 @@ def main(argv=None) -> int:
                 bad += 1
             else:
                 bad += r["spill"] > 0 or r["tfma"] > 0
-                cells.append(f" | sm_{a}: {r['regs']:>4} {r['spill']:>5} {r['vec_ld']:>3} {r['vec_st']:>3} {r['tfma']:>4}")
+                cells.append(
+                    f" | sm_{a}: {r['regs']:>4} {r['spill']:>5} {r['vec_ld']:>3} {r['vec_st']:>3} {r['tfma']:>4}"
+                )
         print(f"{label:<62}{''.join(cells)}")
     for ((kind, dname, _, cx), arch), r in zip(jobs, results):
         if "error" in r:
             print(f"\nsm_{arch} {_label(kind, dname, cx)}:\n{r['error']}", file=sys.stderr)
         elif r["tfma"]:
-            print(f"\nsm_{arch} {_label(kind, dname, cx)}: temperature product not rounded:\n  "
-                  + "\n  ".join(r["tfma_detail"]), file=sys.stderr)
-    print(f"\n{len(jobs)} compilations, {bad} failing (compile error, spill or unrounded temperature product), "
-          f"{time.perf_counter() - t0:.1f} s")
+            print(
+                f"\nsm_{arch} {_label(kind, dname, cx)}: temperature product not rounded:\n  "
+                + "\n  ".join(r["tfma_detail"]),
+                file=sys.stderr,
+            )
+    print(
+        f"\n{len(jobs)} compilations, {bad} failing (compile error, spill or unrounded temperature product), "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     return 1 if bad or problems else 0
 
 

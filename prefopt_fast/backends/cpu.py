@@ -18,6 +18,7 @@ the kernel itself; the extension asks the kernel for transparent huge pages on i
 (madvise; 2.5-4x cheaper first touch measured here). ``PREFOPT_CPU_THP=0`` disables
 the hint. ``inplace=True`` avoids the allocation altogether.
 """
+
 from typing import Optional
 
 import torch
@@ -44,8 +45,10 @@ def is_available() -> bool:
 
 def unavailable_reason() -> str:
     if _C is None:
-        return (f"the native extension prefopt_fast._C could not be imported ({_IMPORT_ERROR}); "
-                "build it with `pip install -e . --no-build-isolation`")
+        return (
+            f"the native extension prefopt_fast._C could not be imported ({_IMPORT_ERROR}); "
+            "build it with `pip install -e . --no-build-isolation`"
+        )
     return ""
 
 
@@ -59,36 +62,93 @@ def supports(logits: torch.Tensor) -> Optional[str]:
 
 
 if _C is not None:
+
     @torch.library.register_fake("prefopt_fast::row_forward")
     def _row_forward_fake(logits, labels, inv_temp, ignore_index, stats, ref_logits=None):
         return logits.new_empty((N_OUT, labels.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("prefopt_fast::row_backward")
-    def _row_backward_fake(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
-                           grad_kl=None, ref_logits=None, ref_lse=None, kl=None):
+    def _row_backward_fake(
+        logits,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad_kl=None,
+        ref_logits=None,
+        ref_lse=None,
+        kl=None,
+    ):
         return logits.new_empty(logits.shape)  # contiguous, logits.dtype
 
     @torch.library.register_fake("prefopt_fast::row_backward_")
-    def _row_backward_inplace_fake(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
-                                   ignore_index, grad_kl=None, ref_logits=None, ref_lse=None, kl=None):
+    def _row_backward_inplace_fake(
+        logits,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad_kl=None,
+        ref_logits=None,
+        ref_lse=None,
+        kl=None,
+    ):
         return None
 
 
-def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor, ignore_index: int,
-                stats: int, ref_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+def row_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    ignore_index: int,
+    stats: int,
+    ref_logits: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """fp32 [N_OUT, N] row statistics of ``logits [..., V]`` (see ``prefopt_fast._rows``)."""
     return torch.ops.prefopt_fast.row_forward(logits, labels, inv_temp, ignore_index, stats, ref_logits)
 
 
-def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor, lse: torch.Tensor,
-                 lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                 grad_entropy: Optional[torch.Tensor], ignore_index: int, inplace: bool,
-                 grad_kl: Optional[torch.Tensor] = None, ref_logits: Optional[torch.Tensor] = None,
-                 ref_lse: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
+def row_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    lse: torch.Tensor,
+    lse_lo: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    ignore_index: int,
+    inplace: bool,
+    grad_kl: Optional[torch.Tensor] = None,
+    ref_logits: Optional[torch.Tensor] = None,
+    ref_lse: Optional[torch.Tensor] = None,
+    kl: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Gradient w.r.t. ``logits`` in logits.dtype: a fresh contiguous tensor, or ``logits``
     itself overwritten when ``inplace`` (see ``prefopt_fast._rows``)."""
-    args = (logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
-            grad_kl, ref_logits, ref_lse, kl)
+    args = (
+        logits,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad_kl,
+        ref_logits,
+        ref_lse,
+        kl,
+    )
     if inplace:
         torch.ops.prefopt_fast.row_backward_(*args)
         # ops bound through the stable ABI get no ADInplaceOrView kernel: bump the version

@@ -19,6 +19,7 @@ auto selection falls back to Triton and says why, once, with a warning. The firs
 availability check on a GPU machine initializes CUDA (it loads the kernels and makes one
 tiny launch); its result is cached per device.
 """
+
 import ctypes
 import functools
 import math
@@ -39,8 +40,10 @@ _warned = False
 
 
 def _build_hint() -> str:
-    return ("build it with a CUDA toolkit: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation .` "
-            "(see docs/cuda.md)")
+    return (
+        "build it with a CUDA toolkit: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation .` "
+        "(see docs/cuda.md)"
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,16 +53,19 @@ def _extension_reason() -> str:
     if lib is None:
         return f"the native extension prefopt_fast._C could not be imported ({err}); {_build_hint()}"
     if _build_info.cuda_symbol("prefopt_fast_cuda_probe") is None:
-        return ("the native extension was built without CUDA kernels (no CUDA toolkit at build time, "
-                f"or PREFOPT_CUDA=0); {_build_hint()}")
+        return (
+            "the native extension was built without CUDA kernels (no CUDA toolkit at build time, "
+            f"or PREFOPT_CUDA=0); {_build_hint()}"
+        )
     return ""
 
 
 def _driver_note() -> str:
     info = _build_info.build_info()
     drv = info["cuda_driver"]
-    return (f" (extension built with CUDA {info['cuda']} for {', '.join(info['cuda_archs'])}; "
-            + (f"the driver supports CUDA {drv})" if drv else "no NVIDIA driver installed)"))
+    return f" (extension built with CUDA {info['cuda']} for {', '.join(info['cuda_archs'])}; " + (
+        f"the driver supports CUDA {drv})" if drv else "no NVIDIA driver installed)"
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +83,8 @@ def _device_reason(index: int) -> str:
         with torch.cuda.device(dev):
             x = torch.zeros(1, 8, device=dev)
             out = torch.ops.prefopt_fast.row_forward(
-                x, torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, device=dev), -100, 0, None)
+                x, torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, device=dev), -100, 0, None
+            )
             logp = float(out[0, 0])  # synchronizes
     except Exception as exc:  # launch failure of any kind: report it, do not raise
         return f"a test launch on cuda:{index} failed: {type(exc).__name__}: {exc}{_driver_note()}"
@@ -101,8 +108,11 @@ def _status(index: Optional[int] = None) -> Tuple[str, bool]:
         return reason, gpu
     if not gpu:
         built = torch.version.cuda
-        return ("no CUDA device (torch " + torch.__version__ +
-                (" is a CPU-only build)" if built is None else f", built with CUDA {built}, sees none)")), False
+        return (
+            "no CUDA device (torch "
+            + torch.__version__
+            + (" is a CPU-only build)" if built is None else f", built with CUDA {built}, sees none)")
+        ), False
     return _device_reason(_current_device() if index is None else index), True
 
 
@@ -111,9 +121,12 @@ def _warn_fallback(reason: str) -> None:
     if _warned:
         return
     _warned = True
-    warnings.warn(f"prefopt_fast: the cuda backend cannot run here: {reason}. Auto selection uses the "
-                  "triton backend (or torch) for CUDA tensors instead; PREFOPT_BACKEND=triton silences this.",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"prefopt_fast: the cuda backend cannot run here: {reason}. Auto selection uses the "
+        "triton backend (or torch) for CUDA tensors instead; PREFOPT_BACKEND=triton silences this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def unavailable_reason() -> str:

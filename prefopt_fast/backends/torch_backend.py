@@ -5,14 +5,32 @@ The reference implementation and the fallback. Rows are processed in blocks of a
 nothing of size N x V is ever allocated (besides the gradient itself). Computes in fp32,
 or fp64 for fp64 logits (so ``torch.autograd.gradcheck`` can run through it).
 """
+
 from typing import Optional
 
 import torch
 
 from .._blocks import row_blocks
-from .._rows import N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN
-from .._rows import OUT_KL, OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP, STAT_MEAN, num_rows
-from .._rows import compute_dtype, lse_pair
+from .._rows import (
+    N_OUT,
+    OUT_ARGMAX,
+    OUT_ENTROPY,
+    OUT_KL,
+    OUT_LOGP,
+    OUT_LSE,
+    OUT_LSE_LO,
+    OUT_LSSP,
+    OUT_MEAN,
+    OUT_REF_LSE,
+    STAT_ARGMAX,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_LSSP,
+    STAT_MEAN,
+    compute_dtype,
+    lse_pair,
+    num_rows,
+)
 
 NAME = "torch"
 SUPPORTS_KL = True
@@ -125,9 +143,22 @@ def _row_forward_impl(logits, labels, inv_temp, ignore_index: int, stats: int, r
     return out
 
 
-def _row_backward_impl(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
-                       ignore_index: int, grad: torch.Tensor, grad_kl=None, ref_logits=None,
-                       ref_lse=None, kl=None) -> None:
+def _row_backward_impl(
+    logits,
+    labels,
+    inv_temp,
+    lse,
+    lse_lo,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    ignore_index: int,
+    grad: torch.Tensor,
+    grad_kl=None,
+    ref_logits=None,
+    ref_lse=None,
+    kl=None,
+) -> None:
     """Write the gradient into ``grad``: a contiguous ``[N, V]`` tensor, or ``logits`` itself."""
     V = logits.shape[-1]
     cdt = compute_dtype(logits.dtype)
@@ -175,8 +206,14 @@ def _row_backward_impl(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp
 
 
 @torch.library.custom_op("prefopt_fast::torch_row_forward", mutates_args=())
-def row_forward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                   ignore_index: int, stats: int, ref_logits: Optional[torch.Tensor]) -> torch.Tensor:
+def row_forward_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    ignore_index: int,
+    stats: int,
+    ref_logits: Optional[torch.Tensor],
+) -> torch.Tensor:
     return _row_forward_impl(logits, labels, inv_temp, ignore_index, stats, ref_logits)
 
 
@@ -186,14 +223,38 @@ def _(logits, labels, inv_temp, ignore_index, stats, ref_logits):
 
 
 @torch.library.custom_op("prefopt_fast::torch_row_backward", mutates_args=())
-def row_backward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                    lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                    grad_entropy: Optional[torch.Tensor], ignore_index: int,
-                    grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
-                    ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> torch.Tensor:
+def row_backward_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    lse: torch.Tensor,
+    lse_lo: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    ignore_index: int,
+    grad_kl: Optional[torch.Tensor],
+    ref_logits: Optional[torch.Tensor],
+    ref_lse: Optional[torch.Tensor],
+    kl: Optional[torch.Tensor],
+) -> torch.Tensor:
     grad = torch.empty((num_rows(logits), logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-    _row_backward_impl(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, grad,
-                       grad_kl, ref_logits, ref_lse, kl)
+    _row_backward_impl(
+        logits,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad,
+        grad_kl,
+        ref_logits,
+        ref_lse,
+        kl,
+    )
     return grad.view(logits.shape)
 
 
@@ -203,23 +264,74 @@ def _(logits, *args):
 
 
 @torch.library.custom_op("prefopt_fast::torch_row_backward_", mutates_args=("logits",))
-def row_backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                            lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor,
-                            grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor], ignore_index: int,
-                            grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
-                            ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> None:
-    _row_backward_impl(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, logits,
-                       grad_kl, ref_logits, ref_lse, kl)
+def row_backward_inplace_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    lse: torch.Tensor,
+    lse_lo: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    ignore_index: int,
+    grad_kl: Optional[torch.Tensor],
+    ref_logits: Optional[torch.Tensor],
+    ref_lse: Optional[torch.Tensor],
+    kl: Optional[torch.Tensor],
+) -> None:
+    _row_backward_impl(
+        logits,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        logits,
+        grad_kl,
+        ref_logits,
+        ref_lse,
+        kl,
+    )
 
 
 def row_forward(logits, labels, inv_temp, ignore_index: int, stats: int, ref_logits=None) -> torch.Tensor:
     return row_forward_op(logits, labels, inv_temp, ignore_index, stats, ref_logits)
 
 
-def row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index: int,
-                 inplace: bool, grad_kl=None, ref_logits=None, ref_lse=None, kl=None) -> torch.Tensor:
-    args = (logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
-            grad_kl, ref_logits, ref_lse, kl)
+def row_backward(
+    logits,
+    labels,
+    inv_temp,
+    lse,
+    lse_lo,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    ignore_index: int,
+    inplace: bool,
+    grad_kl=None,
+    ref_logits=None,
+    ref_lse=None,
+    kl=None,
+) -> torch.Tensor:
+    args = (
+        logits,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad_kl,
+        ref_logits,
+        ref_lse,
+        kl,
+    )
     if inplace:
         row_backward_inplace_op(*args)
         return logits

@@ -15,6 +15,7 @@ Triton and the kernels are imported on first use, so importing this module is ch
 ``TRITON_INTERPRET`` may be set any time before the first launch.
 Semantics: ``prefopt_fast._rows``.
 """
+
 import contextlib
 import functools
 import os
@@ -97,8 +98,9 @@ def _device_guard(t: torch.Tensor):
 def _check_rows(logits, labels, inv_temp, *vectors):
     # O(1) checks that keep the kernels in bounds (values are the caller's business)
     if logits.dim() == 0 or logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        raise ValueError(f"logits: expected [..., V] with last stride 1, got shape "
-                         f"{tuple(logits.shape)} strides {logits.stride()}")
+        raise ValueError(
+            f"logits: expected [..., V] with last stride 1, got shape {tuple(logits.shape)} strides {logits.stride()}"
+        )
     if logits.dtype not in _DTYPES:
         raise ValueError(f"logits: expected float32/float16/bfloat16, got {logits.dtype}")
     n = _rows.num_rows(logits)
@@ -106,24 +108,38 @@ def _check_rows(logits, labels, inv_temp, *vectors):
         if t is None:
             raise ValueError(f"{name}: required here, got None")
         if t.dtype != dtype or t.numel() != n or not t.is_contiguous() or t.device != logits.device:
-            raise ValueError(f"{name}: expected a contiguous {dtype} tensor of {n} elements on "
-                             f"{logits.device}, got {t.dtype} shape {tuple(t.shape)} on {t.device}")
+            raise ValueError(
+                f"{name}: expected a contiguous {dtype} tensor of {n} elements on "
+                f"{logits.device}, got {t.dtype} shape {tuple(t.shape)} on {t.device}"
+            )
 
 
 def _check_ref(logits, ref_logits):
     if ref_logits is None:
         raise ValueError("ref_logits: required for the KL statistic and its gradient, got None")
-    if (ref_logits.shape != logits.shape or ref_logits.dtype != logits.dtype
-            or ref_logits.device != logits.device
-            or ref_logits.stride(-1) != 1 and ref_logits.shape[-1] > 1):
-        raise ValueError(f"ref_logits: expected shape {tuple(logits.shape)}, dtype {logits.dtype}, "
-                         f"device {logits.device} and last stride 1, got {tuple(ref_logits.shape)}, "
-                         f"{ref_logits.dtype}, {ref_logits.device}, strides {ref_logits.stride()}")
+    if (
+        ref_logits.shape != logits.shape
+        or ref_logits.dtype != logits.dtype
+        or ref_logits.device != logits.device
+        or ref_logits.stride(-1) != 1
+        and ref_logits.shape[-1] > 1
+    ):
+        raise ValueError(
+            f"ref_logits: expected shape {tuple(logits.shape)}, dtype {logits.dtype}, "
+            f"device {logits.device} and last stride 1, got {tuple(ref_logits.shape)}, "
+            f"{ref_logits.dtype}, {ref_logits.device}, strides {ref_logits.stride()}"
+        )
 
 
 @torch.library.custom_op("prefopt_fast::triton_row_forward", mutates_args=())
-def _forward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                ignore_index: int, stats: int, ref_logits: Optional[torch.Tensor]) -> torch.Tensor:
+def _forward_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    ignore_index: int,
+    stats: int,
+    ref_logits: Optional[torch.Tensor],
+) -> torch.Tensor:
     _check_rows(logits, labels, inv_temp)
     config, fwd, _ = kernel_modules()
     flags = fwd.stats_variant(stats)
@@ -137,10 +153,20 @@ def _forward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tens
     if kl:
         align = min(align, config.row_alignment(ref_logits))
     with _device_guard(logits):
-        fwd.launch(logits, _rows.row_offsets(logits), labels, inv_temp, out, ignore_index, flags,
-                   block_v=cfg.block_v, num_warps=cfg.num_warps, align=align,
-                   ref_logits=ref_logits if kl else None,
-                   ref_row_off=_rows.row_offsets(ref_logits) if kl else None)
+        fwd.launch(
+            logits,
+            _rows.row_offsets(logits),
+            labels,
+            inv_temp,
+            out,
+            ignore_index,
+            flags,
+            block_v=cfg.block_v,
+            num_warps=cfg.num_warps,
+            align=align,
+            ref_logits=ref_logits if kl else None,
+            ref_row_off=_rows.row_offsets(ref_logits) if kl else None,
+        )
     return out
 
 
@@ -149,11 +175,24 @@ def _(logits, labels, inv_temp, ignore_index, stats, ref_logits):
     return logits.new_empty((_rows.N_OUT, labels.numel()), dtype=torch.float32)
 
 
-def _launch_backward(logits, grad, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
-                     ignore_index, grad_kl, ref_logits, ref_lse, kl):
+def _launch_backward(
+    logits,
+    grad,
+    labels,
+    inv_temp,
+    lse,
+    lse_lo,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    ignore_index,
+    grad_kl,
+    ref_logits,
+    ref_lse,
+    kl,
+):
     f32 = torch.float32
-    vectors = (("lse", lse, f32), ("lse_lo", lse_lo, f32), ("entropy", entropy, f32),
-               ("grad_logp", grad_logp, f32))
+    vectors = (("lse", lse, f32), ("lse_lo", lse_lo, f32), ("entropy", entropy, f32), ("grad_logp", grad_logp, f32))
     if grad_entropy is not None:
         vectors += (("grad_entropy", grad_entropy, f32),)
     # no reference logits, no KL term (whatever grad_kl says)
@@ -168,23 +207,62 @@ def _launch_backward(logits, grad, labels, inv_temp, lse, lse_lo, entropy, grad_
     kl_args = {}
     if has_kl:
         align = min(align, config.row_alignment(ref_logits))
-        kl_args = dict(ref_logits=ref_logits, ref_row_off=_rows.row_offsets(ref_logits),
-                       ref_lse=ref_lse, kl=kl, grad_kl=grad_kl)
+        kl_args = dict(
+            ref_logits=ref_logits, ref_row_off=_rows.row_offsets(ref_logits), ref_lse=ref_lse, kl=kl, grad_kl=grad_kl
+        )
     with _device_guard(logits):
-        bwd.launch(logits, _rows.row_offsets(logits), grad, labels, inv_temp, lse, lse_lo, entropy,
-                   grad_logp, grad_entropy, ignore_index, block_v=cfg.block_v,
-                   num_warps=cfg.num_warps, align=align, **kl_args)
+        bwd.launch(
+            logits,
+            _rows.row_offsets(logits),
+            grad,
+            labels,
+            inv_temp,
+            lse,
+            lse_lo,
+            entropy,
+            grad_logp,
+            grad_entropy,
+            ignore_index,
+            block_v=cfg.block_v,
+            num_warps=cfg.num_warps,
+            align=align,
+            **kl_args,
+        )
 
 
 @torch.library.custom_op("prefopt_fast::triton_row_backward", mutates_args=())
-def _backward_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                 lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                 grad_entropy: Optional[torch.Tensor], ignore_index: int,
-                 grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
-                 ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> torch.Tensor:
+def _backward_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    lse: torch.Tensor,
+    lse_lo: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    ignore_index: int,
+    grad_kl: Optional[torch.Tensor],
+    ref_logits: Optional[torch.Tensor],
+    ref_lse: Optional[torch.Tensor],
+    kl: Optional[torch.Tensor],
+) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _launch_backward(logits, grad, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
-                     ignore_index, grad_kl, ref_logits, ref_lse, kl)
+    _launch_backward(
+        logits,
+        grad,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad_kl,
+        ref_logits,
+        ref_lse,
+        kl,
+    )
     return grad
 
 
@@ -194,13 +272,37 @@ def _(logits, *args):
 
 
 @torch.library.custom_op("prefopt_fast::triton_row_backward_inplace", mutates_args=("logits",))
-def _backward_inplace_op(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                         lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                         grad_entropy: Optional[torch.Tensor], ignore_index: int,
-                         grad_kl: Optional[torch.Tensor], ref_logits: Optional[torch.Tensor],
-                         ref_lse: Optional[torch.Tensor], kl: Optional[torch.Tensor]) -> None:
-    _launch_backward(logits, None, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy,
-                     ignore_index, grad_kl, ref_logits, ref_lse, kl)
+def _backward_inplace_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    lse: torch.Tensor,
+    lse_lo: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    ignore_index: int,
+    grad_kl: Optional[torch.Tensor],
+    ref_logits: Optional[torch.Tensor],
+    ref_lse: Optional[torch.Tensor],
+    kl: Optional[torch.Tensor],
+) -> None:
+    _launch_backward(
+        logits,
+        None,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad_kl,
+        ref_logits,
+        ref_lse,
+        kl,
+    )
 
 
 @_backward_inplace_op.register_fake
@@ -213,21 +315,50 @@ def _(logits, *args):
 SUPPORTS_KL = True
 
 
-def row_forward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                ignore_index: int, stats: int, ref_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+def row_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    ignore_index: int,
+    stats: int,
+    ref_logits: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """fp32 [N_OUT, N]; see ``prefopt_fast._rows``."""
-    return torch.ops.prefopt_fast.triton_row_forward(logits, labels, inv_temp, ignore_index, stats,
-                                                     ref_logits)
+    return torch.ops.prefopt_fast.triton_row_forward(logits, labels, inv_temp, ignore_index, stats, ref_logits)
 
 
-def row_backward(logits: torch.Tensor, labels: torch.Tensor, inv_temp: torch.Tensor,
-                 lse: torch.Tensor, lse_lo: torch.Tensor, entropy: torch.Tensor, grad_logp: torch.Tensor,
-                 grad_entropy: Optional[torch.Tensor], ignore_index: int, inplace: bool,
-                 grad_kl: Optional[torch.Tensor] = None, ref_logits: Optional[torch.Tensor] = None,
-                 ref_lse: Optional[torch.Tensor] = None, kl: Optional[torch.Tensor] = None) -> torch.Tensor:
+def row_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    lse: torch.Tensor,
+    lse_lo: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: Optional[torch.Tensor],
+    ignore_index: int,
+    inplace: bool,
+    grad_kl: Optional[torch.Tensor] = None,
+    ref_logits: Optional[torch.Tensor] = None,
+    ref_lse: Optional[torch.Tensor] = None,
+    kl: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Gradient shaped like logits in logits.dtype (``logits`` itself when inplace)."""
-    args = (logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index,
-            grad_kl, ref_logits, ref_lse, kl)
+    args = (
+        logits,
+        labels,
+        inv_temp,
+        lse,
+        lse_lo,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        grad_kl,
+        ref_logits,
+        ref_lse,
+        kl,
+    )
     if inplace:
         torch.ops.prefopt_fast.triton_row_backward_inplace(*args)
         return logits

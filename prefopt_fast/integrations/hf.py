@@ -40,6 +40,7 @@ synchronisation is armed by their own ``forward``, which calling the backbone by
 the loss computation inside the forward of a module and wrap that module), and heads that are
 not a linear layer.
 """
+
 import contextlib
 from typing import NamedTuple, Optional, Tuple
 
@@ -83,8 +84,9 @@ class LMHead(NamedTuple):
     def to(self, dtype: torch.dtype) -> "LMHead":
         """The head with every tensor cast to ``dtype`` (a differentiable cast; no copy when already there)."""
         lora = None if self.lora is None else (self.lora[0].to(dtype), self.lora[1].to(dtype), self.lora[2])
-        return self._replace(weight=self.weight.to(dtype), bias=None if self.bias is None else self.bias.to(dtype),
-                             lora=lora)
+        return self._replace(
+            weight=self.weight.to(dtype), bias=None if self.bias is None else self.bias.to(dtype), lora=lora
+        )
 
     @property
     def dtypes(self) -> set:
@@ -112,11 +114,14 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
         raise TypeError(
             f"model is wrapped in {type(model).__name__}, whose gradient synchronisation is armed by its own forward; "
             "calling the backbone directly would bypass it. Compute the loss inside the forward of an nn.Module "
-            "(which calls these helpers on the unwrapped model) and wrap that module instead")
+            "(which calls these helpers on the unwrapped model) and wrap that module instead"
+        )
     if _is_peft_model(model):
         if getattr(model, "_is_prompt_learning", False):
-            raise TypeError("prompt-learning PEFT adapters (prefix / prompt / p-tuning) add virtual tokens in "
-                            "PeftModel.forward, which these helpers bypass; only LoRA-style adapters are supported")
+            raise TypeError(
+                "prompt-learning PEFT adapters (prefix / prompt / p-tuning) add virtual tokens in "
+                "PeftModel.forward, which these helpers bypass; only LoRA-style adapters are supported"
+            )
         model = model.get_base_model()
     return model
 
@@ -134,8 +139,10 @@ def get_backbone(model: nn.Module) -> nn.Module:
         except (AttributeError, NotImplementedError):
             backbone = None
     if not isinstance(backbone, nn.Module) or backbone is lm:
-        raise TypeError(f"cannot find the backbone of {type(lm).__name__}: expected its base_model_prefix "
-                        f"attribute ({prefix!r}) or get_decoder() to return the decoder stack")
+        raise TypeError(
+            f"cannot find the backbone of {type(lm).__name__}: expected its base_model_prefix "
+            f"attribute ({prefix!r}) or get_decoder() to return the decoder stack"
+        )
     return backbone
 
 
@@ -167,8 +174,10 @@ def logit_transform(model: nn.Module) -> Tuple[float, Optional[float]]:
 def _lora_of(layer, name: str):
     """(A, B, scaling) of adapter ``name`` of a peft LoRA layer, after checking it is plain LoRA."""
     if name in getattr(layer, "lora_variant", {}):
-        raise TypeError(f"lm_head adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, "
-                        "e.g. DoRA): only plain LoRA on the head is supported")
+        raise TypeError(
+            f"lm_head adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, "
+            "e.g. DoRA): only plain LoRA on the head is supported"
+        )
     a, b = layer.lora_A[name], layer.lora_B[name]
     if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear):
         raise TypeError(f"lm_head adapter {name!r}: expected nn.Linear LoRA factors; got {type(a).__name__}")
@@ -176,9 +185,11 @@ def _lora_of(layer, name: str):
         raise TypeError(f"lm_head adapter {name!r} has a LoRA bias (lora_bias=True), which is not supported")
     drop = layer.lora_dropout[name]
     if isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training:
-        raise ValueError(f"lm_head adapter {name!r} has lora_dropout={drop.p} in training mode: the dropped inputs "
-                         "of the LoRA branch cannot be expressed as (A, B, scaling) on the same hidden states; use "
-                         "lora_dropout=0 for the head, or call model.eval()")
+        raise ValueError(
+            f"lm_head adapter {name!r} has lora_dropout={drop.p} in training mode: the dropped inputs "
+            "of the LoRA branch cannot be expressed as (A, B, scaling) on the same hidden states; use "
+            "lora_dropout=0 for the head, or call model.eval()"
+        )
     scaling = layer.scaling[name]
     if isinstance(scaling, Tensor):
         scaling = float(scaling)
@@ -213,8 +224,10 @@ def get_lm_head(model: nn.Module) -> LMHead:
                 lora = _lora_of(head, names[0])
         head = base
     if not isinstance(head, nn.Linear):
-        raise TypeError(f"the lm_head of {type(lm).__name__} is a {type(head).__name__}, not an nn.Linear: its "
-                        "forward may do more than a projection, which the fused-linear kernels would not reproduce")
+        raise TypeError(
+            f"the lm_head of {type(lm).__name__} is a {type(head).__name__}, not an nn.Linear: its "
+            "forward may do more than a projection, which the fused-linear kernels would not reproduce"
+        )
     if head.weight.device.type == "meta":
         raise ValueError("the lm_head weight is on the meta device (offloaded with accelerate hooks?): load it first")
     scale, softcap = logit_transform(lm)
@@ -224,8 +237,9 @@ def get_lm_head(model: nn.Module) -> LMHead:
 # --------------------------------------------------------------------------- forward
 
 
-def get_hidden_states(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                      **model_kwargs) -> Tensor:
+def get_hidden_states(
+    model: nn.Module, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, **model_kwargs
+) -> Tensor:
     """Last hidden states ``[B, T, H]`` of a causal LM (final norm applied), without the lm_head.
 
     ``model_kwargs`` go to the backbone (``position_ids``, ``inputs_embeds``, ...); ``use_cache``
@@ -242,8 +256,14 @@ def get_hidden_states(model: nn.Module, input_ids: Optional[Tensor] = None, atte
     return hidden
 
 
-def hidden_and_head(model: nn.Module, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                    *, dtype: Optional[torch.dtype] = None, **model_kwargs) -> Tuple[Tensor, LMHead]:
+def hidden_and_head(
+    model: nn.Module,
+    input_ids: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    **model_kwargs,
+) -> Tuple[Tensor, LMHead]:
     """``(hidden [B, T, H], LMHead)`` in one dtype, ready for ``linear_token_logprobs(hidden, head.weight, labels,
     **head.kwargs())`` and the linear losses.
 
@@ -271,8 +291,9 @@ def shift_labels(input_ids: Tensor, loss_mask: Optional[Tensor] = None, ignore_i
     labels[..., :-1] = input_ids[..., 1:]
     if loss_mask is not None:
         if loss_mask.shape != input_ids.shape:
-            raise ValueError(f"loss_mask must have the shape of input_ids {list(input_ids.shape)}; "
-                             f"got {list(loss_mask.shape)}")
+            raise ValueError(
+                f"loss_mask must have the shape of input_ids {list(input_ids.shape)}; got {list(loss_mask.shape)}"
+            )
         keep = torch.zeros_like(input_ids, dtype=torch.bool)
         keep[..., :-1] = loss_mask[..., 1:].bool()
         labels = labels.masked_fill(~keep, ignore_index)
@@ -314,8 +335,7 @@ def gathered_lm_head(head: LMHead):
             ctx = deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None)
     with ctx:
         lora = None if head.lora is None else (_full(head.lora[0]), _full(head.lora[1]), head.lora[2])
-        yield head._replace(weight=_full(head.weight), bias=None if head.bias is None else _full(head.bias),
-                            lora=lora)
+        yield head._replace(weight=_full(head.weight), bias=None if head.bias is None else _full(head.bias), lora=lora)
 
 
 # --------------------------------------------------------------------------- references
@@ -325,16 +345,26 @@ def gathered_lm_head(head: LMHead):
 def adapters_disabled(model: nn.Module):
     """Context manager: a PEFT model runs as its base model inside (the frozen reference of LoRA training)."""
     if not _is_peft_model(model):
-        raise TypeError(f"adapters_disabled needs a peft.PeftModel; got {type(model).__name__} (pass a separate "
-                        "reference model instead)")
+        raise TypeError(
+            f"adapters_disabled needs a peft.PeftModel; got {type(model).__name__} (pass a separate "
+            "reference model instead)"
+        )
     with model.disable_adapter():
         yield model
 
 
-def sequence_logprobs(model: nn.Module, input_ids: Tensor, loss_mask: Tensor, *,
-                      attention_mask: Optional[Tensor] = None, temperature: float = 1.0, average: bool = False,
-                      chunk_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                      **model_kwargs) -> Tensor:
+def sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    loss_mask: Tensor,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    average: bool = False,
+    chunk_size: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    **model_kwargs,
+) -> Tensor:
     """Per-sequence log-probs ``[B]`` (fp32) of the tokens ``loss_mask`` marks, from the hidden states.
 
     Sum over the marked tokens (mean with ``average``); differentiable, through
@@ -348,22 +378,48 @@ def sequence_logprobs(model: nn.Module, input_ids: Tensor, loss_mask: Tensor, *,
     hidden, head = hidden_and_head(model, input_ids, attention_mask, dtype=dtype, **model_kwargs)
     labels = shift_labels(input_ids, loss_mask).to(hidden.device)
     with gathered_lm_head(head) as h:
-        return linear_sequence_logprobs(hidden, h.weight, labels, temperature=temperature, average=average,
-                                        chunk_size=chunk_size, **h.kwargs())
+        return linear_sequence_logprobs(
+            hidden, h.weight, labels, temperature=temperature, average=average, chunk_size=chunk_size, **h.kwargs()
+        )
 
 
-def reference_sequence_logprobs(model: nn.Module, input_ids: Tensor, loss_mask: Tensor, *,
-                                ref_model: Optional[nn.Module] = None, attention_mask: Optional[Tensor] = None,
-                                temperature: float = 1.0, average: bool = False, chunk_size: Optional[int] = None,
-                                dtype: Optional[torch.dtype] = None, **model_kwargs) -> Tensor:
+def reference_sequence_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    loss_mask: Tensor,
+    *,
+    ref_model: Optional[nn.Module] = None,
+    attention_mask: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    average: bool = False,
+    chunk_size: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+    **model_kwargs,
+) -> Tensor:
     """Reference per-sequence log-probs ``[B]`` under ``no_grad``: ``ref_model`` if given, else ``model``
     (a PEFT model) with its adapters disabled. Arguments as :func:`sequence_logprobs`."""
     with torch.no_grad():
         if ref_model is not None:
-            return sequence_logprobs(ref_model, input_ids, loss_mask, attention_mask=attention_mask,
-                                     temperature=temperature, average=average, chunk_size=chunk_size, dtype=dtype,
-                                     **model_kwargs)
+            return sequence_logprobs(
+                ref_model,
+                input_ids,
+                loss_mask,
+                attention_mask=attention_mask,
+                temperature=temperature,
+                average=average,
+                chunk_size=chunk_size,
+                dtype=dtype,
+                **model_kwargs,
+            )
         with adapters_disabled(model):
-            return sequence_logprobs(model, input_ids, loss_mask, attention_mask=attention_mask,
-                                     temperature=temperature, average=average, chunk_size=chunk_size, dtype=dtype,
-                                     **model_kwargs)
+            return sequence_logprobs(
+                model,
+                input_ids,
+                loss_mask,
+                attention_mask=attention_mask,
+                temperature=temperature,
+                average=average,
+                chunk_size=chunk_size,
+                dtype=dtype,
+                **model_kwargs,
+            )

@@ -46,6 +46,7 @@ What the patched head does with TRL's call
 
 The patch is process-wide: while it is on, every TRL model in the process uses it.
 """
+
 import contextlib
 import functools
 import inspect
@@ -56,8 +57,8 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
-
 import trl
+
 from . import version_guard
 
 # The TRL versions this integration was tested with, [low, high), and the TRL internals it
@@ -79,9 +80,11 @@ TRL_INTERNALS = (
     "trl.GRPOTrainer._get_per_token_logps_and_entropies",
 )
 # attributes of a constructed trainer that the subclasses read or update
-_TRAINER_ATTRIBUTES = {"DPOTrainer": ("_metrics", "_total_train_tokens", "_tp_size"),
-                       "RewardTrainer": ("_metrics", "_total_train_tokens", "_tp_size"),
-                       "GRPOTrainer": ("_metrics", "_entropy_bonus_enabled")}
+_TRAINER_ATTRIBUTES = {
+    "DPOTrainer": ("_metrics", "_total_train_tokens", "_tp_size"),
+    "RewardTrainer": ("_metrics", "_total_train_tokens", "_tp_size"),
+    "GRPOTrainer": ("_metrics", "_entropy_bonus_enabled"),
+}
 _INTEGRATION = "prefopt_fast.integrations.trl"
 
 version_guard.require_internals(_INTEGRATION, "trl", trl.__version__, TESTED_TRL, TRL_INTERNALS, error=ImportError)
@@ -91,9 +94,9 @@ from accelerate.utils import is_peft_model  # noqa: E402
 from trl.kernels import ChunkedLogProbFunction as _TRL_CHUNKED  # noqa: E402
 from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
-from ..losses.ppo import TRL_LOSS_TYPES, PolicyLoss
 from ..losses._common import reward_metrics
 from ..losses.dpo import DPOLoss
+from ..losses.ppo import TRL_LOSS_TYPES, PolicyLoss
 from ..losses.reward import BradleyTerryLoss
 from ..ops.linear_logprobs import linear_token_logprobs
 
@@ -113,8 +116,12 @@ __all__ = [
 
 # TRL's optional outputs, in the order of its return tuple, and prefopt_fast's stat names
 _TRL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-_PF_STAT = {"entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs", "mean_logits": "mean_logit",
-            "is_top1": "is_argmax"}
+_PF_STAT = {
+    "entropy": "entropy",
+    "log_sum_sq_probs": "log_sum_sq_probs",
+    "mean_logits": "mean_logit",
+    "is_top1": "is_argmax",
+}
 _HALF_OR_FLOAT = (torch.float32, torch.bfloat16, torch.float16)
 
 # --------------------------------------------------------------------------- the patched kernel
@@ -128,14 +135,19 @@ def _warn_once(reason: str) -> None:
         if reason in _warned:
             return
         _warned.add(reason)
-    warnings.warn(f"prefopt_fast.integrations.trl: {reason}; using TRL's own ChunkedLogProbFunction for these "
-                  "calls", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"prefopt_fast.integrations.trl: {reason}; using TRL's own ChunkedLogProbFunction for these calls",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _fallback_reason(weight, compute_dtype, logit_scale) -> Optional[str]:
     if hasattr(weight, "ds_id"):
-        return ("the lm_head weight is a DeepSpeed ZeRO-3 parameter (TRL re-gathers it in its backward, "
-                "prefopt_fast's backward would see the empty partition)")
+        return (
+            "the lm_head weight is a DeepSpeed ZeRO-3 parameter (TRL re-gathers it in its backward, "
+            "prefopt_fast's backward would see the empty partition)"
+        )
     if compute_dtype not in _HALF_OR_FLOAT:
         return f"compute dtype {compute_dtype} (prefopt_fast's fused-linear kernels take fp32 / bf16 / fp16)"
     if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool) and logit_scale == 0:
@@ -155,16 +167,26 @@ class PrefoptChunkedLogProbFunction:
     """
 
     @staticmethod
-    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-              logit_scale=1.0, outputs=_TRL_OUTPUTS):
+    def apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        final_logit_softcapping=None,
+        logit_scale=1.0,
+        outputs=_TRL_OUTPUTS,
+    ):
         dev = hidden.device
         autocast_on = torch.is_autocast_enabled(dev.type)
         cdt = torch.get_autocast_dtype(dev.type) if autocast_on else hidden.dtype
         reason = _fallback_reason(weight, cdt, logit_scale)
         if reason is not None:
             _warn_once(reason)
-            return _original().apply(hidden, weight, bias, targets, temperature, chunk_size,
-                                     final_logit_softcapping, logit_scale, outputs)
+            return _original().apply(
+                hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs
+            )
         names = tuple(n for n in _TRL_OUTPUTS if n in outputs)
         # TRL: `softcap = final_logit_softcapping or 1.0` once a softcap is given
         softcap = None if final_logit_softcapping is None else (final_logit_softcapping or 1.0)
@@ -173,9 +195,16 @@ class PrefoptChunkedLogProbFunction:
         b = None if bias is None else bias.to(cdt)
         ctx = torch.autocast(dev.type, enabled=False) if autocast_on else nullcontext()
         with ctx:
-            out = linear_token_logprobs(h, w, targets, bias=b, temperature=temperature,
-                                        logit_scale=float(logit_scale), softcap=softcap,
-                                        stats=tuple(_PF_STAT[n] for n in names))
+            out = linear_token_logprobs(
+                h,
+                w,
+                targets,
+                bias=b,
+                temperature=temperature,
+                logit_scale=float(logit_scale),
+                softcap=softcap,
+                stats=tuple(_PF_STAT[n] for n in names),
+            )
         if not names:
             return out, None, None, None, None
         return (out.logprobs, out.entropy, out.log_sum_sq_probs, out.mean_logit, out.is_argmax)
@@ -195,8 +224,9 @@ def check_trl() -> None:
 
 def _check_trainer(trainer, kind: str) -> None:
     """RuntimeError naming the TRL ``kind`` trainer's attributes the subclass needs and ``trainer`` lacks."""
-    version_guard.require_attributes(f"{_INTEGRATION}.{kind}", f"trl.{kind}", trainer, _TRAINER_ATTRIBUTES[kind],
-                                     "trl", trl.__version__, TESTED_TRL)
+    version_guard.require_attributes(
+        f"{_INTEGRATION}.{kind}", f"trl.{kind}", trainer, _TRAINER_ATTRIBUTES[kind], "trl", trl.__version__, TESTED_TRL
+    )
 
 
 # --------------------------------------------------------------------------- patch state
@@ -223,8 +253,12 @@ def _uninstall() -> None:
     if cur is PrefoptChunkedLogProbFunction:
         _trl_utils._ChunkedLogProbFunction = _state["saved"] if _state["saved"] is not None else _TRL_CHUNKED
     elif _state["saved"] is not None:
-        warnings.warn("prefopt_fast.integrations.trl: trl.trainer.utils._ChunkedLogProbFunction was replaced by "
-                      f"something else ({cur!r}) while patched; leaving that in place", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "prefopt_fast.integrations.trl: trl.trainer.utils._ChunkedLogProbFunction was replaced by "
+            f"something else ({cur!r}) while patched; leaving that in place",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     _state["saved"] = None
 
 
@@ -373,28 +407,38 @@ class DPOTrainer(_LMHeadPatchMixin, trl.DPOTrainer):
         types = list(args.loss_type) if isinstance(args.loss_type, (list, tuple)) else [args.loss_type]
         weights = list(args.loss_weights) if args.loss_weights is not None else [1.0] * len(types)
         if len(weights) != len(types):
-            raise _unsupported("DPOTrainer", "loss_weights", args.loss_weights,
-                               f"needs one weight per loss_type {types}")
+            raise _unsupported(
+                "DPOTrainer", "loss_weights", args.loss_weights, f"needs one weight per loss_type {types}"
+            )
         main = [(t, w) for t, w in zip(types, weights) if t != "sft"]
         sft = [w for t, w in zip(types, weights) if t == "sft"]
         try:
             with warnings.catch_warnings():
                 # prefopt_fast warns when label_smoothing has no effect; TRL does not
                 warnings.simplefilter("ignore", UserWarning)
-                self._prefopt_dpo = DPOLoss(
-                    beta=args.beta, loss_type=[t for t, _ in main], loss_weights=[w for _, w in main],
-                    label_smoothing=args.label_smoothing, f_divergence=args.f_divergence_type,
-                    f_alpha=args.f_alpha_divergence_coef, discopop_tau=args.discopop_tau) if main else None
+                self._prefopt_dpo = (
+                    DPOLoss(
+                        beta=args.beta,
+                        loss_type=[t for t, _ in main],
+                        loss_weights=[w for _, w in main],
+                        label_smoothing=args.label_smoothing,
+                        f_divergence=args.f_divergence_type,
+                        f_alpha=args.f_alpha_divergence_coef,
+                        discopop_tau=args.discopop_tau,
+                    )
+                    if main
+                    else None
+                )
             # TRL's sft term reads the per-token log-probs and the shifted completion mask, whatever
             # ld_alpha and the length convention of ipo / sigmoid_norm: its own head call
-            self._prefopt_sft = DPOLoss(beta=args.beta, loss_type=["sft"] * len(sft), loss_weights=sft) \
-                if sft else None
+            self._prefopt_sft = DPOLoss(beta=args.beta, loss_type=["sft"] * len(sft), loss_weights=sft) if sft else None
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"prefopt_fast.integrations.trl.DPOTrainer: DPOConfig(loss_type={types}, loss_weights="
                 f"{args.loss_weights}, beta={args.beta}, label_smoothing={args.label_smoothing}, f_divergence_type="
                 f"{args.f_divergence_type!r}, f_alpha_divergence_coef={args.f_alpha_divergence_coef}, discopop_tau="
-                f"{args.discopop_tau}) is not supported by prefopt_fast.dpo_loss: {e}") from e
+                f"{args.discopop_tau}) is not supported by prefopt_fast.dpo_loss: {e}"
+            ) from e
         if args.ld_alpha is not None and not (isinstance(args.ld_alpha, (int, float)) and math.isfinite(args.ld_alpha)):
             raise _unsupported("DPOTrainer", "ld_alpha", args.ld_alpha, "must be a finite float or None")
 
@@ -462,28 +506,40 @@ class DPOTrainer(_LMHeadPatchMixin, trl.DPOTrainer):
         if self._prefopt_dpo is not None:
             # TRL normalizes ipo / sigmoid_norm by the unshifted completion mask
             lc, lr = completion_mask.sum(dim=1).chunk(2, dim=0)
-            loss, metrics = self._prefopt_dpo(chosen, rejected, ref_chosen, ref_rejected, chosen_lengths=lc,
-                                              rejected_lengths=lr, pair_weights=pair_weights)
+            loss, metrics = self._prefopt_dpo(
+                chosen,
+                rejected,
+                ref_chosen,
+                ref_rejected,
+                chosen_lengths=lc,
+                rejected_lengths=lr,
+                pair_weights=pair_weights,
+            )
         if self._prefopt_sft is not None:
             plain_chosen, _ = per_token.sum(dim=1).chunk(2, dim=0)
             sft_lengths, _ = label_mask.sum(dim=1).chunk(2, dim=0)
-            sft_loss, _ = self._prefopt_sft(plain_chosen, plain_chosen, chosen_lengths=sft_lengths,
-                                            pair_weights=pair_weights)
+            sft_loss, _ = self._prefopt_sft(
+                plain_chosen, plain_chosen, chosen_lengths=sft_lengths, pair_weights=pair_weights
+            )
             loss = sft_loss if loss is None else loss + sft_loss
         if metrics is None:
             dt = torch.float64 if chosen.dtype == torch.float64 else torch.float32
-            metrics = reward_metrics(self.beta, chosen.to(dt) - ref_chosen.to(dt),
-                                     rejected.to(dt) - ref_rejected.to(dt), chosen, rejected)
+            metrics = reward_metrics(
+                self.beta, chosen.to(dt) - ref_chosen.to(dt), rejected.to(dt) - ref_rejected.to(dt), chosen, rejected
+            )
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         self._prefopt_log_dpo(mode, inputs, outputs, seq_len, label_mask, metrics)
 
         if return_outputs:
-            warnings.warn("`return_outputs=True` recomputes the logits with an extra forward pass (TRL's fused LM "
-                          "head does not build them)", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "`return_outputs=True` recomputes the logits with an extra forward pass (TRL's fused LM "
+                "head does not build them)",
+                FutureWarning,
+                stacklevel=2,
+            )
             with torch.no_grad():
                 outputs = model(**model_kwargs)
             return loss, outputs
@@ -513,8 +569,14 @@ class DPOTrainer(_LMHeadPatchMixin, trl.DPOTrainer):
         top1, _ = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)
         log["mean_token_accuracy"].append(weighted_mean((top1 & mc.bool()).sum(), mc.sum()))
 
-        for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                     "logps/chosen", "logps/rejected"):
+        for name in (
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ):
             log[name].append(_gather_mean(acc, metrics[name]))
 
 
@@ -615,40 +677,79 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
     def _prefopt_check(args) -> None:
         eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
         GRPOTrainer._prefopt_head_config(
-            args.loss_type, args.epsilon, eps_high, args.delta, args.beta, args.use_bias_correction_kl,
-            args.entropy_coef, args.max_completion_length, args.importance_sampling_level,
-            args.use_adaptive_entropy, args.top_entropy_quantile)
+            args.loss_type,
+            args.epsilon,
+            eps_high,
+            args.delta,
+            args.beta,
+            args.use_bias_correction_kl,
+            args.entropy_coef,
+            args.max_completion_length,
+            args.importance_sampling_level,
+            args.use_adaptive_entropy,
+            args.top_entropy_quantile,
+        )
 
     @staticmethod
-    def _prefopt_head_config(loss_type, eps_low, eps_high, delta, beta, bias_correction_kl, entropy_coef,
-                             max_completion_length, importance_sampling_level, adaptive_entropy=False,
-                             top_entropy_quantile=1.0):
+    def _prefopt_head_config(
+        loss_type,
+        eps_low,
+        eps_high,
+        delta,
+        beta,
+        bias_correction_kl,
+        entropy_coef,
+        max_completion_length,
+        importance_sampling_level,
+        adaptive_entropy=False,
+        top_entropy_quantile=1.0,
+    ):
         """The PPO head (a :class:`prefopt_fast.PolicyLoss`) for these GRPO settings, or ValueError naming the
         TRL option."""
         if loss_type not in SUPPORTED_GRPO_LOSS_TYPES:
-            raise _unsupported("GRPOTrainer", "loss_type", loss_type,
-                               f"prefopt_fast's PPO head implements the clipped surrogate of "
-                               f"{list(SUPPORTED_GRPO_LOSS_TYPES)}, not the {loss_type!r} objective")
+            raise _unsupported(
+                "GRPOTrainer",
+                "loss_type",
+                loss_type,
+                f"prefopt_fast's PPO head implements the clipped surrogate of "
+                f"{list(SUPPORTED_GRPO_LOSS_TYPES)}, not the {loss_type!r} objective",
+            )
         if adaptive_entropy:
-            raise _unsupported("GRPOTrainer", "use_adaptive_entropy", True,
-                               "the adaptive entropy controller is not reproduced; use a static entropy_coef")
+            raise _unsupported(
+                "GRPOTrainer",
+                "use_adaptive_entropy",
+                True,
+                "the adaptive entropy controller is not reproduced; use a static entropy_coef",
+            )
         if top_entropy_quantile < 1.0 and entropy_coef != 0.0:
-            raise _unsupported("GRPOTrainer", "top_entropy_quantile", top_entropy_quantile,
-                               f"with entropy_coef={entropy_coef} TRL restricts the entropy bonus to the "
-                               "high-entropy tokens, which the head does not; use top_entropy_quantile=1.0 or "
-                               "entropy_coef=0.0")
+            raise _unsupported(
+                "GRPOTrainer",
+                "top_entropy_quantile",
+                top_entropy_quantile,
+                f"with entropy_coef={entropy_coef} TRL restricts the entropy bonus to the "
+                "high-entropy tokens, which the head does not; use top_entropy_quantile=1.0 or "
+                "entropy_coef=0.0",
+            )
         try:
             return PolicyLoss(
-                clip_eps_low=eps_low, clip_eps_high=eps_high, dual_clip=delta, kl_coef=beta, kl_estimator="k3",
-                kl_ratio_correction=bool(bias_correction_kl), entropy_coef=entropy_coef, loss_agg_mode=loss_type,
+                clip_eps_low=eps_low,
+                clip_eps_high=eps_high,
+                dual_clip=delta,
+                kl_coef=beta,
+                kl_estimator="k3",
+                kl_ratio_correction=bool(bias_correction_kl),
+                entropy_coef=entropy_coef,
+                loss_agg_mode=loss_type,
                 max_length=max_completion_length if loss_type == "dr_grpo" else None,
-                importance_sampling_level=importance_sampling_level)
+                importance_sampling_level=importance_sampling_level,
+            )
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"prefopt_fast.integrations.trl.GRPOTrainer: GRPO settings (loss_type={loss_type!r}, epsilon="
                 f"{eps_low}, epsilon_high={eps_high}, delta={delta}, beta={beta}, entropy_coef={entropy_coef}, "
                 f"importance_sampling_level={importance_sampling_level!r}, max_completion_length="
-                f"{max_completion_length}) are not supported by the PPO head: {e}") from e
+                f"{max_completion_length}) are not supported by the PPO head: {e}"
+            ) from e
 
     @_with_lm_head_patch
     def _prepare_inputs(self, *args, **kwargs):
@@ -663,11 +764,28 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
         logits_to_keep = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
+            model,
+            input_ids,
+            attention_mask,
+            logits_to_keep,
+            compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
-            **{k: inputs.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
-                                          "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
-                                          "mm_token_type_ids", "image_position_ids")})
+            **{
+                k: inputs.get(k)
+                for k in (
+                    "pixel_values",
+                    "image_grid_thw",
+                    "num_images",
+                    "pixel_attention_mask",
+                    "spatial_shapes",
+                    "num_tiles",
+                    "image_sizes",
+                    "token_type_ids",
+                    "mm_token_type_ids",
+                    "image_position_ids",
+                )
+            },
+        )
 
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
@@ -679,9 +797,15 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
         weights = []
         if self.off_policy_mask_threshold is not None:
             sampling = inputs.get("sampling_per_token_logps", per_token_logps.detach() if old is None else old)
-            weights.append(self.get_off_policy_mask(advantages=advantages, per_token_logps=per_token_logps,
-                                                    sampling_per_token_logps=sampling, mask=mask,
-                                                    off_policy_threshold=self.off_policy_mask_threshold))
+            weights.append(
+                self.get_off_policy_mask(
+                    advantages=advantages,
+                    per_token_logps=per_token_logps,
+                    sampling_per_token_logps=sampling,
+                    mask=mask,
+                    off_policy_threshold=self.off_policy_mask_threshold,
+                )
+            )
         if self.top_entropy_quantile < 1.0:
             weights.append(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
         if self.use_vllm and self.vllm_importance_sampling_correction:
@@ -702,12 +826,29 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
                 global_tokens = global_tokens * G / self.args.steps_per_generation
             coef = coef / G
         head = self._prefopt_head_config(
-            self.loss_type, self.epsilon_low, self.epsilon_high, self.args.delta, self.beta,
-            self.args.use_bias_correction_kl, coef, self.max_completion_length, self.importance_sampling_level,
-            self.use_adaptive_entropy, self.top_entropy_quantile)
+            self.loss_type,
+            self.epsilon_low,
+            self.epsilon_high,
+            self.args.delta,
+            self.beta,
+            self.args.use_bias_correction_kl,
+            coef,
+            self.max_completion_length,
+            self.importance_sampling_level,
+            self.use_adaptive_entropy,
+            self.top_entropy_quantile,
+        )
         # TRL's per-token log-probs and entropies: the per-token head, masked where TRL masks
-        loss, metrics = head(per_token_logps, old, advantages, mask != 0, entropy=entropies, ref_logps=ref,
-                             is_weights=is_weights, global_num_tokens=global_tokens)
+        loss, metrics = head(
+            per_token_logps,
+            old,
+            advantages,
+            mask != 0,
+            entropy=entropies,
+            ref_logps=ref,
+            is_weights=is_weights,
+            global_num_tokens=global_tokens,
+        )
         if self.loss_type != "dapo":
             loss = loss / G
 

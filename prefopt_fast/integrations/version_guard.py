@@ -4,6 +4,7 @@ An integration states the versions it was tested with and the internals it touch
 the tested range it still runs, with one warning naming the range; a missing internal is an
 error naming it, raised before any training step instead of deep inside one.
 """
+
 import importlib
 import threading
 import warnings
@@ -23,11 +24,14 @@ _lock = threading.Lock()
 def in_range(installed: str, tested: Tuple[str, str]) -> bool:
     """Whether ``installed`` is in ``[tested[0], tested[1])`` (pre-releases of the upper bound excluded)."""
     v = Version(installed)
-    return Version(tested[0]) <= v < Version(tested[1]) and not (v.is_prerelease and v.release >= Version(tested[1]).release)
+    return Version(tested[0]) <= v < Version(tested[1]) and not (
+        v.is_prerelease and v.release >= Version(tested[1]).release
+    )
 
 
-def warn_if_untested(integration: str, package: str, installed: str, tested: Tuple[str, str],
-                     stacklevel: int = 3) -> None:
+def warn_if_untested(
+    integration: str, package: str, installed: str, tested: Tuple[str, str], stacklevel: int = 3
+) -> None:
     """Warn once per (package, version) when ``installed`` is outside ``tested``."""
     if in_range(installed, tested):
         return
@@ -36,10 +40,14 @@ def warn_if_untested(integration: str, package: str, installed: str, tested: Tup
         if key in _warned:
             return
         _warned.add(key)
-    warnings.warn(f"{integration} was tested with {package} >= {tested[0]}, < {tested[1]}; {package} {installed} "
-                  f"is installed. It relies on {package} internals that may have changed: check the results "
-                  f"against {package}'s own, or install a tested version (pip install '{package}>={tested[0]},"
-                  f"<{tested[1]}').", UntestedVersionWarning, stacklevel=stacklevel)
+    warnings.warn(
+        f"{integration} was tested with {package} >= {tested[0]}, < {tested[1]}; {package} {installed} "
+        f"is installed. It relies on {package} internals that may have changed: check the results "
+        f"against {package}'s own, or install a tested version (pip install '{package}>={tested[0]},"
+        f"<{tested[1]}').",
+        UntestedVersionWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def resolve(dotted: str) -> Optional[object]:
@@ -66,22 +74,28 @@ def missing_internals(names: Iterable[str]) -> list:
     return [n for n in names if resolve(n) is None]
 
 
-def require_internals(integration: str, package: str, installed: str, tested: Tuple[str, str],
-                      names: Iterable[str], error=RuntimeError) -> None:
+def require_internals(
+    integration: str, package: str, installed: str, tested: Tuple[str, str], names: Iterable[str], error=RuntimeError
+) -> None:
     """Raise ``error`` naming every internal of ``names`` missing from the installed package."""
     missing = missing_internals(names)
     if missing:
-        raise error(f"{integration} needs {', '.join(missing)}, which {package} {installed} does not have "
-                    f"(tested with {package} >= {tested[0]}, < {tested[1]}): install a tested version "
-                    f"(pip install '{package}>={tested[0]},<{tested[1]}').")
+        raise error(
+            f"{integration} needs {', '.join(missing)}, which {package} {installed} does not have "
+            f"(tested with {package} >= {tested[0]}, < {tested[1]}): install a tested version "
+            f"(pip install '{package}>={tested[0]},<{tested[1]}')."
+        )
 
 
-def require_attributes(integration: str, parent: str, obj, names: Iterable[str], package: str, installed: str,
-                       tested: Tuple[str, str]) -> None:
+def require_attributes(
+    integration: str, parent: str, obj, names: Iterable[str], package: str, installed: str, tested: Tuple[str, str]
+) -> None:
     """Raise RuntimeError naming the attributes of ``names`` that ``obj`` (an instance of a
     subclass of ``parent``, e.g. a trainer) lacks."""
     missing = [n for n in names if not hasattr(obj, n)]
     if missing:
-        raise RuntimeError(f"{integration}: {parent} of {package} {installed} sets no {', '.join(missing)} "
-                           f"(tested with {package} >= {tested[0]}, < {tested[1]}): install a tested version "
-                           f"(pip install '{package}>={tested[0]},<{tested[1]}').")
+        raise RuntimeError(
+            f"{integration}: {parent} of {package} {installed} sets no {', '.join(missing)} "
+            f"(tested with {package} >= {tested[0]}, < {tested[1]}): install a tested version "
+            f"(pip install '{package}>={tested[0]},<{tested[1]}')."
+        )

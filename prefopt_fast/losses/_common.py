@@ -3,6 +3,7 @@
 Checks only look at Python values, dtypes, shapes and devices, never at tensor values:
 a value check would force a device sync and break ``torch.compile(fullgraph=True)``.
 """
+
 import math
 from typing import Dict, Optional
 
@@ -14,8 +15,15 @@ from .._validate import check_real  # noqa: F401  (the heads' float checks, shar
 LN2 = math.log(2.0)
 
 
-def check_vector(x, name: str, *, like: Optional[Tensor] = None, like_name: str = "",
-                 allow_int: bool = False, allow_column: bool = False) -> Tensor:
+def check_vector(
+    x,
+    name: str,
+    *,
+    like: Optional[Tensor] = None,
+    like_name: str = "",
+    allow_int: bool = False,
+    allow_column: bool = False,
+) -> Tensor:
     """A non-empty 1-D tensor ``[B]`` (or ``[B, 1]`` with ``allow_column``), floating unless ``allow_int``.
 
     With ``like``, it must also have ``like``'s batch size and device. Returns the 1-D view.
@@ -34,9 +42,7 @@ def check_vector(x, name: str, *, like: Optional[Tensor] = None, like_name: str 
         raise ValueError(f"{name} must not be empty (batch size 0)")
     if like is not None:
         if x.shape[0] != like.shape[0]:
-            raise ValueError(
-                f"{name} must have the batch size of {like_name} ({like.shape[0]}); got {x.shape[0]}"
-            )
+            raise ValueError(f"{name} must have the batch size of {like_name} ({like.shape[0]}); got {x.shape[0]}")
         if x.device != like.device:
             raise ValueError(f"{name} must be on the device of {like_name} ({like.device}); got {x.device}")
     return x
@@ -65,8 +71,9 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -LN2, a, b)
 
 
-def reward_metrics(beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor,
-                   chosen_logps: Tensor, rejected_logps: Tensor) -> Dict[str, Tensor]:
+def reward_metrics(
+    beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor, chosen_logps: Tensor, rejected_logps: Tensor
+) -> Dict[str, Tensor]:
     """TRL's preference metrics, batch means as detached 0-d tensors (no host sync).
 
     The rewards are ``beta * r``; the margin is ``beta * (r_w - r_l)``, the difference taken

@@ -17,6 +17,7 @@ heads work on [B] vectors so the upcast costs nothing. Gradients flow to every t
 requires them, the reference log-probs included (pass them detached, as a reference model
 under ``no_grad`` produces them).
 """
+
 import math
 import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
@@ -62,15 +63,16 @@ _NEEDS_LENGTHS = {"ipo": "both", "sigmoid_norm": "both", "sft": "chosen"}
 
 class _Pair(NamedTuple):
     """Per-pair quantities shared by the loss-type functions (all ``[B]``, compute dtype)."""
+
     chosen_logps: Tensor
     rejected_logps: Tensor
     ref_chosen_logps: Tensor
     ref_rejected_logps: Tensor
-    chosen_logratios: Tensor       # r_w
-    rejected_logratios: Tensor     # r_l
-    chosen_scores: Tensor          # s_w
-    rejected_scores: Tensor        # s_l
-    chosen_lengths: Optional[Tensor]    # raw [B] lengths (int or float), or None
+    chosen_logratios: Tensor  # r_w
+    rejected_logratios: Tensor  # r_l
+    chosen_scores: Tensor  # s_w
+    rejected_scores: Tensor  # s_l
+    chosen_lengths: Optional[Tensor]  # raw [B] lengths (int or float), or None
     rejected_lengths: Optional[Tensor]
     beta: float
     label_smoothing: float
@@ -90,8 +92,9 @@ def _h(p: _Pair) -> Tensor:
 def _normalized_delta(p: _Pair) -> Tensor:
     """s_w / max(L_w, 1) - s_l / max(L_l, 1): the per-token score difference."""
     dt = p.chosen_scores.dtype
-    return (p.chosen_scores / clamped_lengths(p.chosen_lengths, dt)
-            - p.rejected_scores / clamped_lengths(p.rejected_lengths, dt))
+    return p.chosen_scores / clamped_lengths(p.chosen_lengths, dt) - p.rejected_scores / clamped_lengths(
+        p.rejected_lengths, dt
+    )
 
 
 def _sigmoid(p: _Pair) -> Tensor:
@@ -165,8 +168,11 @@ def _apo_zero(p: _Pair) -> Tensor:
 
 def _apo_down(p: _Pair) -> Tensor:
     """sigmoid(beta r_w) + 1 - sigmoid(beta (r_w - r_l)) (APO-down: lower both, rejected more)."""
-    return (torch.sigmoid(p.beta * p.chosen_logratios)
-            + 1.0 - torch.sigmoid(p.beta * (p.chosen_logratios - p.rejected_logratios)))
+    return (
+        torch.sigmoid(p.beta * p.chosen_logratios)
+        + 1.0
+        - torch.sigmoid(p.beta * (p.chosen_logratios - p.rejected_logratios))
+    )
 
 
 def _discopop(p: _Pair) -> Tensor:
@@ -218,11 +224,11 @@ DPO_LOSS_TYPES = tuple(_LOSSES)
 
 def _f_scores(logratios: Tensor, f_divergence: str, f_alpha: float) -> Tensor:
     """f'(t) at t = pi / pi_ref = exp(logratio): the policy's implicit reward under the f-divergence."""
-    if f_divergence == "reverse_kl":            # f'(t) = log t (+ 1, which cancels)
+    if f_divergence == "reverse_kl":  # f'(t) = log t (+ 1, which cancels)
         return logratios
-    if f_divergence == "forward_kl":            # f'(t) = 1 - 1/t
+    if f_divergence == "forward_kl":  # f'(t) = 1 - 1/t
         return -torch.expm1(-logratios)
-    if f_divergence == "js_divergence":         # f'(t) = log(2t / (1 + t))
+    if f_divergence == "js_divergence":  # f'(t) = log(2t / (1 + t))
         return LN2 + F.logsigmoid(logratios)
     # alpha_divergence: f'(t) = (t^(alpha - 1) - 1) / (alpha - 1), log t in the limit alpha -> 1
     if abs(f_alpha - 1.0) < 1e-6:
@@ -243,8 +249,7 @@ class _Config(NamedTuple):
     discopop_tau: float
 
 
-def _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha,
-                  discopop_tau) -> _Config:
+def _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau) -> _Config:
     """Validate the hyper-parameters of the DPO family (no tensors involved)."""
     if isinstance(loss_type, str):
         types = (loss_type,)
@@ -352,12 +357,30 @@ def dpo_loss(
         log-ratios r, whatever the f-divergence.
     """
     cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
-    return _dpo_loss(cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-                     rejected_lengths, bco_delta, pair_weights)
+    return _dpo_loss(
+        cfg,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        bco_delta,
+        pair_weights,
+    )
 
 
-def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-              rejected_lengths, bco_delta, pair_weights) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _dpo_loss(
+    cfg: _Config,
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    bco_delta,
+    pair_weights,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """dpo_loss with validated hyper-parameters ``cfg``: checks the tensors, then computes."""
     chosen_logps = check_vector(chosen_logps, "chosen_logps")
     rejected_logps = check_vector(rejected_logps, "rejected_logps", like=chosen_logps, like_name="chosen_logps")
@@ -368,10 +391,12 @@ def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_
             f"ref_rejected_logps {'None' if ref_rejected_logps is None else 'a tensor'}"
         )
     if ref_chosen_logps is not None:
-        ref_chosen_logps = check_vector(ref_chosen_logps, "ref_chosen_logps", like=chosen_logps,
-                                        like_name="chosen_logps")
-        ref_rejected_logps = check_vector(ref_rejected_logps, "ref_rejected_logps", like=chosen_logps,
-                                          like_name="chosen_logps")
+        ref_chosen_logps = check_vector(
+            ref_chosen_logps, "ref_chosen_logps", like=chosen_logps, like_name="chosen_logps"
+        )
+        ref_rejected_logps = check_vector(
+            ref_rejected_logps, "ref_rejected_logps", like=chosen_logps, like_name="chosen_logps"
+        )
 
     for t in cfg.loss_types:
         need = _NEEDS_LENGTHS.get(t)
@@ -382,11 +407,13 @@ def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_
         if need == "both" and rejected_lengths is None:
             raise ValueError(f"rejected_lengths is required by loss_type {t!r} (completion token counts, [B])")
     if chosen_lengths is not None:
-        chosen_lengths = check_vector(chosen_lengths, "chosen_lengths", like=chosen_logps,
-                                      like_name="chosen_logps", allow_int=True)
+        chosen_lengths = check_vector(
+            chosen_lengths, "chosen_lengths", like=chosen_logps, like_name="chosen_logps", allow_int=True
+        )
     if rejected_lengths is not None:
-        rejected_lengths = check_vector(rejected_lengths, "rejected_lengths", like=chosen_logps,
-                                        like_name="chosen_logps", allow_int=True)
+        rejected_lengths = check_vector(
+            rejected_lengths, "rejected_lengths", like=chosen_logps, like_name="chosen_logps", allow_int=True
+        )
 
     if bco_delta is None:
         bco_delta = 0.0
@@ -396,11 +423,13 @@ def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_
         if not bco_delta.dtype.is_floating_point:
             raise TypeError(f"bco_delta must be a float or a one-element float tensor; got {bco_delta.dtype}")
         if bco_delta.numel() != 1:
-            raise ValueError(f"bco_delta must be a float or a one-element float tensor; got shape "
-                             f"{tuple(bco_delta.shape)}")
+            raise ValueError(
+                f"bco_delta must be a float or a one-element float tensor; got shape {tuple(bco_delta.shape)}"
+            )
         if bco_delta.device != chosen_logps.device:
-            raise ValueError(f"bco_delta must be on the device of chosen_logps ({chosen_logps.device}); "
-                             f"got {bco_delta.device}")
+            raise ValueError(
+                f"bco_delta must be on the device of chosen_logps ({chosen_logps.device}); got {bco_delta.device}"
+            )
         bco_delta = bco_delta.reshape(())
     else:
         bco_delta = check_real(bco_delta, "bco_delta")
@@ -422,12 +451,19 @@ def _dpo_loss(cfg: _Config, chosen_logps, rejected_logps, ref_chosen_logps, ref_
         rw, rl = ref_chosen_logps.to(dt), ref_rejected_logps.to(dt)
     r_w, r_l = cw - rw, cl - rl
     pair = _Pair(
-        chosen_logps=cw, rejected_logps=cl, ref_chosen_logps=rw, ref_rejected_logps=rl,
-        chosen_logratios=r_w, rejected_logratios=r_l,
+        chosen_logps=cw,
+        rejected_logps=cl,
+        ref_chosen_logps=rw,
+        ref_rejected_logps=rl,
+        chosen_logratios=r_w,
+        rejected_logratios=r_l,
         chosen_scores=_f_scores(r_w, cfg.f_divergence, cfg.f_alpha),
         rejected_scores=_f_scores(r_l, cfg.f_divergence, cfg.f_alpha),
-        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        beta=cfg.beta, label_smoothing=cfg.label_smoothing, discopop_tau=cfg.discopop_tau,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        discopop_tau=cfg.discopop_tau,
         bco_delta=bco_delta if not isinstance(bco_delta, Tensor) else bco_delta.to(dt),
     )
 
@@ -459,10 +495,18 @@ class DPOLoss(nn.Module):
     that changes per call goes to :func:`dpo_loss` itself).
     """
 
-    def __init__(self, beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
-                 loss_weights: Optional[Sequence[float]] = None, label_smoothing: float = 0.0,
-                 f_divergence: str = "reverse_kl", f_alpha: float = 0.5, discopop_tau: float = 0.05,
-                 bco_running_mean: bool = False, bco_delta: Optional[float] = None):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: Union[str, Sequence[str]] = "sigmoid",
+        loss_weights: Optional[Sequence[float]] = None,
+        label_smoothing: float = 0.0,
+        f_divergence: str = "reverse_kl",
+        f_alpha: float = 0.5,
+        discopop_tau: float = 0.05,
+        bco_running_mean: bool = False,
+        bco_delta: Optional[float] = None,
+    ):
         super().__init__()
         cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
         self._cfg = cfg
@@ -471,12 +515,14 @@ class DPOLoss(nn.Module):
             raise ValueError(f"bco_running_mean=True needs loss_type 'bco_pair'; got {list(cfg.loss_types)}")
         if bco_delta is not None:
             if isinstance(bco_delta, Tensor):
-                raise TypeError("bco_delta must be a float in DPOLoss (a fixed shift); pass a tensor shift to "
-                                "dpo_loss instead")
+                raise TypeError(
+                    "bco_delta must be a float in DPOLoss (a fixed shift); pass a tensor shift to dpo_loss instead"
+                )
             bco_delta = check_real(bco_delta, "bco_delta")
             if "bco_pair" not in cfg.loss_types:
-                raise ValueError(f"bco_delta is only used by loss_type 'bco_pair'; got loss_type "
-                                 f"{list(cfg.loss_types)}")
+                raise ValueError(
+                    f"bco_delta is only used by loss_type 'bco_pair'; got loss_type {list(cfg.loss_types)}"
+                )
             if bco_running_mean:
                 raise ValueError("pass either bco_delta (a fixed shift) or bco_running_mean=True, not both")
         self.bco_delta = bco_delta
@@ -518,9 +564,17 @@ class DPOLoss(nn.Module):
         self.bco_count += 1
         self.bco_mean += (self.beta * r.mean() - self.bco_mean) / self.bco_count
 
-    def forward(self, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Optional[Tensor] = None,
-                ref_rejected_logps: Optional[Tensor] = None, *, chosen_lengths: Optional[Tensor] = None,
-                rejected_lengths: Optional[Tensor] = None, pair_weights: Optional[Tensor] = None):
+    def forward(
+        self,
+        chosen_logps: Tensor,
+        rejected_logps: Tensor,
+        ref_chosen_logps: Optional[Tensor] = None,
+        ref_rejected_logps: Optional[Tensor] = None,
+        *,
+        chosen_lengths: Optional[Tensor] = None,
+        rejected_lengths: Optional[Tensor] = None,
+        pair_weights: Optional[Tensor] = None,
+    ):
         bco_delta = self.bco_delta
         if self.bco_running_mean:
             if self.training:
@@ -529,12 +583,20 @@ class DPOLoss(nn.Module):
                 check_vector(rejected_logps, "rejected_logps", like=chosen_logps, like_name="chosen_logps")
                 if ref_chosen_logps is not None and ref_rejected_logps is not None:
                     check_vector(ref_chosen_logps, "ref_chosen_logps", like=chosen_logps, like_name="chosen_logps")
-                    check_vector(ref_rejected_logps, "ref_rejected_logps", like=chosen_logps,
-                                 like_name="chosen_logps")
+                    check_vector(ref_rejected_logps, "ref_rejected_logps", like=chosen_logps, like_name="chosen_logps")
                     self._update_bco_mean(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
                 elif ref_chosen_logps is None and ref_rejected_logps is None:
                     self._update_bco_mean(chosen_logps, rejected_logps, None, None)
             bco_delta = self.bco_mean.clone()
         # hyper-parameters were validated in __init__ (and any label_smoothing warning given there)
-        return _dpo_loss(self._cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                         chosen_lengths, rejected_lengths, bco_delta, pair_weights)
+        return _dpo_loss(
+            self._cfg,
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_lengths,
+            rejected_lengths,
+            bco_delta,
+            pair_weights,
+        )

@@ -4,6 +4,7 @@ The vocabulary is touched only by the row kernels (through ``sequence_logprobs``
 loss head is :func:`dpo_loss` on ``[B]`` vectors. Nothing of size N x V is allocated
 besides the logits gradient (none with ``inplace_backward=True``).
 """
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -17,25 +18,42 @@ from .dpo import DPOLoss, dpo_loss
 __all__ = ["fused_dpo_loss", "FusedDPOLoss", "pair_logps"]
 
 
-def pair_logps(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Tensor] = None,
-               ref_rejected_logps: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
-               ignore_index: int = -100, temperature=1.0, cu_seqlens: Optional[Tensor] = None,
-               inplace_backward: bool = False, backend: str = "auto", process_group=None,
-               vocab_start: Optional[int] = None, vocab_size: Optional[int] = None) -> Dict[str, Optional[Tensor]]:
+def pair_logps(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    ref_logits: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    cu_seqlens: Optional[Tensor] = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> Dict[str, Optional[Tensor]]:
     """Summed completion log-probs of the stacked batch, split into the DPO inputs.
 
     Returns a dict with ``chosen_logps``, ``rejected_logps``, ``ref_chosen_logps``,
     ``ref_rejected_logps`` (None when reference-free) and ``chosen_lengths``,
     ``rejected_lengths`` (int64 counts of real labels), all ``[B]``.
     """
-    kw = dict(ignore_index=ignore_index, temperature=temperature, cu_seqlens=cu_seqlens, backend=backend,
-              process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+    kw = dict(
+        ignore_index=ignore_index,
+        temperature=temperature,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
     if ref_logits is not None:
         # checked here, before either pass: the reference pass would report a bad ref_logits as `logits`
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("pass either ref_logits or ref_chosen_logps / ref_rejected_logps, not both")
-        shard = process_group is not None or vocab_start is not None or vocab_size is not None or \
-            is_dtensor(logits)
+        shard = process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(logits)
         if shard:
             _validate.check_tensor(logits, "logits")
         else:
@@ -52,16 +70,33 @@ def pair_logps(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Ten
         with torch.no_grad():
             ref_sums, _ = sequence_logprobs_and_lengths(ref_logits.detach(), labels, **kw)
         ref_chosen_logps, ref_rejected_logps = ref_sums[:B], ref_sums[B:]
-    return dict(chosen_logps=sums[:B], rejected_logps=sums[B:], ref_chosen_logps=ref_chosen_logps,
-                ref_rejected_logps=ref_rejected_logps, chosen_lengths=counts[:B], rejected_lengths=counts[B:])
+    return dict(
+        chosen_logps=sums[:B],
+        rejected_logps=sums[B:],
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_lengths=counts[:B],
+        rejected_lengths=counts[B:],
+    )
 
 
-def fused_dpo_loss(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional[Tensor] = None,
-                   ref_rejected_logps: Optional[Tensor] = None, ref_logits: Optional[Tensor] = None,
-                   ignore_index: int = -100, temperature=1.0, cu_seqlens: Optional[Tensor] = None,
-                   inplace_backward: bool = False, backend: str = "auto", process_group=None,
-                   vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-                   **dpo_kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
+def fused_dpo_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    ref_logits: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    cu_seqlens: Optional[Tensor] = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    **dpo_kwargs,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss straight from the policy logits of the stacked batch.
 
     Args:
@@ -79,10 +114,21 @@ def fused_dpo_loss(logits: Tensor, labels: Tensor, *, ref_chosen_logps: Optional
     Returns:
         ``(loss, metrics)`` as :func:`dpo_loss`.
     """
-    logps = pair_logps(logits, labels, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                       ref_logits=ref_logits, ignore_index=ignore_index, temperature=temperature,
-                       cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend,
-                       process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+    logps = pair_logps(
+        logits,
+        labels,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        ref_logits=ref_logits,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        cu_seqlens=cu_seqlens,
+        inplace_backward=inplace_backward,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
     for k in ("chosen_lengths", "rejected_lengths"):
         if dpo_kwargs.get(k) is not None:
             logps.pop(k)
@@ -98,10 +144,20 @@ class FusedDPOLoss(DPOLoss):
     ref_logits=None, cu_seqlens=None, pair_weights=None) -> (loss, metrics)``.
     """
 
-    def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, ignore_index: int = -100,
-                 temperature: float = 1.0, inplace_backward: bool = False, backend: str = "auto",
-                 process_group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-                 **dpo_config):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type="sigmoid",
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        inplace_backward: bool = False,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+        **dpo_config,
+    ):
         super().__init__(beta, loss_type, **dpo_config)
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -110,15 +166,33 @@ class FusedDPOLoss(DPOLoss):
             raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.backend = backend
         self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
-            process_group, vocab_start, vocab_size)
+            process_group, vocab_start, vocab_size
+        )
 
-    def forward(self, logits: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor] = None,
-                ref_rejected_logps: Optional[Tensor] = None, *, ref_logits: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None, pair_weights: Optional[Tensor] = None):
-        logps = pair_logps(logits, labels, ref_chosen_logps=ref_chosen_logps,
-                           ref_rejected_logps=ref_rejected_logps, ref_logits=ref_logits,
-                           ignore_index=self.ignore_index, temperature=self.temperature, cu_seqlens=cu_seqlens,
-                           inplace_backward=self.inplace_backward, backend=self.backend,
-                           process_group=self.process_group, vocab_start=self.vocab_start,
-                           vocab_size=self.vocab_size)
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        ref_chosen_logps: Optional[Tensor] = None,
+        ref_rejected_logps: Optional[Tensor] = None,
+        *,
+        ref_logits: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
+        pair_weights: Optional[Tensor] = None,
+    ):
+        logps = pair_logps(
+            logits,
+            labels,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            ref_logits=ref_logits,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            cu_seqlens=cu_seqlens,
+            inplace_backward=self.inplace_backward,
+            backend=self.backend,
+            process_group=self.process_group,
+            vocab_start=self.vocab_start,
+            vocab_size=self.vocab_size,
+        )
         return super().forward(**logps, pair_weights=pair_weights)

@@ -6,6 +6,7 @@ The twins of :func:`fused_dpo_loss` and :func:`ppo_loss`, with the logits replac
 :func:`prefopt_fast.ops.linear_logprobs.linear_token_logprobs`, which never materializes the
 ``[tokens, V]`` logits; the loss heads are the same code as the from-logits losses.
 """
+
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -25,40 +26,83 @@ def _check_reference(labels: Tensor, weight: Tensor, ref_hidden, ref_weight, ref
     would report them as ``hidden`` / ``weight``). The policy's inputs are valid already."""
     _validate.check_tensor(ref_hidden, "ref_hidden")
     if ref_hidden.dtype not in _validate.LOGIT_DTYPES:
-        raise TypeError(f"ref_hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); "
-                        f"got {ref_hidden.dtype}")
-    if tuple(ref_hidden.shape[:-1]) != tuple(labels.shape) or ref_hidden.dim() != labels.dim() + 1 or \
-            ref_hidden.shape[-1] < 1:
-        raise ValueError(f"ref_hidden must have shape labels.shape + [H_ref] = {list(labels.shape)} + [H_ref], "
-                         f"H_ref >= 1 (the reference's hidden size); got {list(ref_hidden.shape)}")
+        raise TypeError(
+            f"ref_hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); got {ref_hidden.dtype}"
+        )
+    if (
+        tuple(ref_hidden.shape[:-1]) != tuple(labels.shape)
+        or ref_hidden.dim() != labels.dim() + 1
+        or ref_hidden.shape[-1] < 1
+    ):
+        raise ValueError(
+            f"ref_hidden must have shape labels.shape + [H_ref] = {list(labels.shape)} + [H_ref], "
+            f"H_ref >= 1 (the reference's hidden size); got {list(ref_hidden.shape)}"
+        )
     if ref_hidden.device != labels.device:
         raise ValueError(f"ref_hidden must be on the device of hidden ({labels.device}); got {ref_hidden.device}")
     V, Hr = weight.shape[0], ref_hidden.shape[-1]
-    _validate.check_companion(ref_weight, "ref_weight", (V, Hr), ref_hidden.dtype, ref_hidden.device, "ref_hidden",
-                              " = [V, H_ref] (V = weight.shape[0], H_ref = ref_hidden.shape[-1])")
+    _validate.check_companion(
+        ref_weight,
+        "ref_weight",
+        (V, Hr),
+        ref_hidden.dtype,
+        ref_hidden.device,
+        "ref_hidden",
+        " = [V, H_ref] (V = weight.shape[0], H_ref = ref_hidden.shape[-1])",
+    )
     if ref_bias is not None:
-        _validate.check_companion(ref_bias, "ref_bias", (V,), ref_hidden.dtype, ref_hidden.device, "ref_hidden",
-                                  " = [V] (V = weight.shape[0])")
+        _validate.check_companion(
+            ref_bias,
+            "ref_bias",
+            (V,),
+            ref_hidden.dtype,
+            ref_hidden.device,
+            "ref_hidden",
+            " = [V] (V = weight.shape[0])",
+        )
 
 
-def linear_pair_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None,
-                      lora=None, ref_chosen_logps: Optional[Tensor] = None,
-                      ref_rejected_logps: Optional[Tensor] = None, ref_hidden: Optional[Tensor] = None,
-                      ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
-                      ignore_index: int = -100, temperature=1.0, logit_scale: float = 1.0,
-                      softcap: Optional[float] = None, cu_seqlens: Optional[Tensor] = None,
-                      chunk_size: Optional[int] = None, backend: str = "auto", process_group=None,
-                      vocab_start: Optional[int] = None, vocab_size: Optional[int] = None
-                      ) -> Dict[str, Optional[Tensor]]:
+def linear_pair_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    lora=None,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> Dict[str, Optional[Tensor]]:
     """Summed completion log-probs of the stacked [chosen; rejected] batch, split into the DPO inputs.
 
     As :func:`prefopt_fast.pair_logps`, from hidden states. The reference, when given as
     ``ref_hidden`` + ``ref_weight`` (+ ``ref_bias``), runs under ``no_grad`` with the same
     transform (temperature, logit_scale, softcap) and no LoRA.
     """
-    kw = dict(ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-              cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, process_group=process_group,
-              vocab_start=vocab_start, vocab_size=vocab_size)
+    kw = dict(
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
     sums, counts = linear_sequence_logprobs_and_lengths(hidden, weight, labels, bias=bias, lora=lora, **kw)
     if sums.dim() != 1 or sums.shape[0] % 2:
         raise ValueError(
@@ -68,28 +112,56 @@ def linear_pair_logps(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: O
     B = sums.shape[0] // 2
     if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
         if ref_hidden is None or ref_weight is None:
-            raise ValueError("the reference model needs both ref_hidden ([2B, T, H], like hidden) and ref_weight "
-                             "([V, H]); pass ref_weight=weight when the policy and the reference share the head")
+            raise ValueError(
+                "the reference model needs both ref_hidden ([2B, T, H], like hidden) and ref_weight "
+                "([V, H]); pass ref_weight=weight when the policy and the reference share the head"
+            )
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("pass either ref_hidden / ref_weight or ref_chosen_logps / ref_rejected_logps, not both")
         _check_reference(labels, weight, ref_hidden, ref_weight, ref_bias)
         with torch.no_grad():
             ref_sums, _ = linear_sequence_logprobs_and_lengths(
-                ref_hidden.detach(), ref_weight.detach(), labels,
-                bias=None if ref_bias is None else ref_bias.detach(), **kw)
+                ref_hidden.detach(),
+                ref_weight.detach(),
+                labels,
+                bias=None if ref_bias is None else ref_bias.detach(),
+                **kw,
+            )
         ref_chosen_logps, ref_rejected_logps = ref_sums[:B], ref_sums[B:]
-    return dict(chosen_logps=sums[:B], rejected_logps=sums[B:], ref_chosen_logps=ref_chosen_logps,
-                ref_rejected_logps=ref_rejected_logps, chosen_lengths=counts[:B], rejected_lengths=counts[B:])
+    return dict(
+        chosen_logps=sums[:B],
+        rejected_logps=sums[B:],
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_lengths=counts[:B],
+        rejected_lengths=counts[B:],
+    )
 
 
-def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Optional[Tensor] = None, lora=None,
-                    ref_chosen_logps: Optional[Tensor] = None, ref_rejected_logps: Optional[Tensor] = None,
-                    ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-                    ref_bias: Optional[Tensor] = None, ignore_index: int = -100, temperature=1.0,
-                    logit_scale: float = 1.0, softcap: Optional[float] = None,
-                    cu_seqlens: Optional[Tensor] = None, chunk_size: Optional[int] = None, backend: str = "auto",
-                    process_group=None, vocab_start: Optional[int] = None, vocab_size: Optional[int] = None,
-                    **dpo_kwargs) -> Tuple[Tensor, Dict[str, Tensor]]:
+def linear_dpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    lora=None,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    **dpo_kwargs,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss from the policy's last hidden states of the stacked batch and its lm_head.
 
     Args:
@@ -108,12 +180,28 @@ def linear_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Opt
     Returns:
         ``(loss, metrics)`` as :func:`prefopt_fast.dpo_loss`.
     """
-    logps = linear_pair_logps(hidden, weight, labels, bias=bias, lora=lora, ref_chosen_logps=ref_chosen_logps,
-                              ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                              ref_bias=ref_bias, ignore_index=ignore_index, temperature=temperature,
-                              logit_scale=logit_scale, softcap=softcap, cu_seqlens=cu_seqlens,
-                              chunk_size=chunk_size, backend=backend, process_group=process_group,
-                              vocab_start=vocab_start, vocab_size=vocab_size)
+    logps = linear_pair_logps(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        lora=lora,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
     for k in ("chosen_lengths", "rejected_lengths"):
         if dpo_kwargs.get(k) is not None:
             logps.pop(k)
@@ -130,10 +218,22 @@ class LinearDPOLoss(DPOLoss):
     -> (loss, metrics)``.
     """
 
-    def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, ignore_index: int = -100,
-                 temperature: float = 1.0, logit_scale: float = 1.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto", process_group=None,
-                 vocab_start: Optional[int] = None, vocab_size: Optional[int] = None, **dpo_config):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type="sigmoid",
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+        **dpo_config,
+    ):
         super().__init__(beta, loss_type, **dpo_config)
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -143,43 +243,114 @@ class LinearDPOLoss(DPOLoss):
         self.chunk_size = chunk_size
         self.backend = backend
         self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
-            process_group, vocab_start, vocab_size)
+            process_group, vocab_start, vocab_size
+        )
 
-    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, ref_chosen_logps: Optional[Tensor] = None,
-                ref_rejected_logps: Optional[Tensor] = None, *, bias: Optional[Tensor] = None, lora=None,
-                ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-                ref_bias: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
-                pair_weights: Optional[Tensor] = None):
-        logps = linear_pair_logps(hidden, weight, labels, bias=bias, lora=lora, ref_chosen_logps=ref_chosen_logps,
-                                  ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden,
-                                  ref_weight=ref_weight, ref_bias=ref_bias, ignore_index=self.ignore_index,
-                                  temperature=self.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
-                                  cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend,
-                                  process_group=self.process_group, vocab_start=self.vocab_start,
-                                  vocab_size=self.vocab_size)
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        ref_chosen_logps: Optional[Tensor] = None,
+        ref_rejected_logps: Optional[Tensor] = None,
+        *,
+        bias: Optional[Tensor] = None,
+        lora=None,
+        ref_hidden: Optional[Tensor] = None,
+        ref_weight: Optional[Tensor] = None,
+        ref_bias: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
+        pair_weights: Optional[Tensor] = None,
+    ):
+        logps = linear_pair_logps(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            lora=lora,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            cu_seqlens=cu_seqlens,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            process_group=self.process_group,
+            vocab_start=self.vocab_start,
+            vocab_size=self.vocab_size,
+        )
         return super().forward(**logps, pair_weights=pair_weights)
 
 
 def _check_sampled_kl(cfg) -> None:
     if cfg.kl_estimator == "full":
-        raise ValueError('kl_estimator must be a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl", with '
-                         'ref_logps) in the fused-linear PPO loss: "full" needs the reference logits (use ppo_loss '
-                         "on materialized logits for it)")
+        raise ValueError(
+            'kl_estimator must be a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl", with '
+            'ref_logps) in the fused-linear PPO loss: "full" needs the reference logits (use ppo_loss '
+            "on materialized logits for it)"
+        )
 
 
-def _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, *, bias, lora, loss_mask, ref_logps,
-                temperature, logit_scale, softcap, is_weights, global_num_tokens, chunk_size, backend,
-                vocab_parallel=None):
+def _linear_ppo(
+    hidden,
+    weight,
+    labels,
+    old_logps,
+    advantages,
+    cfg,
+    *,
+    bias,
+    lora,
+    loss_mask,
+    ref_logps,
+    temperature,
+    logit_scale,
+    softcap,
+    is_weights,
+    global_num_tokens,
+    chunk_size,
+    backend,
+    vocab_parallel=None,
+):
     _check_sampled_kl(cfg)
 
     def token_stats(kernel_labels: Tensor, with_kl: bool):
-        return linear_token_logprobs(hidden, weight, kernel_labels, bias=bias, lora=lora,
-                                     ignore_index=cfg.ignore_index, temperature=temperature,
-                                     logit_scale=logit_scale, softcap=softcap, stats=("entropy",),
-                                     chunk_size=chunk_size, backend=backend, **(vocab_parallel or {}))
+        return linear_token_logprobs(
+            hidden,
+            weight,
+            kernel_labels,
+            bias=bias,
+            lora=lora,
+            ignore_index=cfg.ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            stats=("entropy",),
+            chunk_size=chunk_size,
+            backend=backend,
+            **(vocab_parallel or {}),
+        )
 
-    return _ppo_mod.ppo_from_token_stats(token_stats, hidden, "hidden", "H", labels, old_logps, advantages, cfg,
-                                         loss_mask, ref_logps, False, is_weights, global_num_tokens)
+    return _ppo_mod.ppo_from_token_stats(
+        token_stats,
+        hidden,
+        "hidden",
+        "H",
+        labels,
+        old_logps,
+        advantages,
+        cfg,
+        loss_mask,
+        ref_logps,
+        False,
+        is_weights,
+        global_num_tokens,
+    )
 
 
 def linear_ppo_loss(
@@ -224,14 +395,39 @@ def linear_ppo_loss(
     ``loss_mask`` are dropped before any matmul. ``process_group``, ``vocab_start``,
     ``vocab_size``: a vocabulary-parallel head, as in :func:`prefopt_fast.linear_token_logprobs`.
     """
-    cfg = _ppo_mod.check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                                       kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
-                                       importance_sampling_level)
-    return _linear_ppo(hidden, weight, labels, old_logps, advantages, cfg, bias=bias, lora=lora, loss_mask=loss_mask,
-                       ref_logps=ref_logps, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                       is_weights=is_weights, global_num_tokens=global_num_tokens, chunk_size=chunk_size,
-                       backend=backend,
-                       vocab_parallel=dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size))
+    cfg = _ppo_mod.check_policy_config(
+        ignore_index,
+        clip_eps_low,
+        clip_eps_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        kl_ratio_correction,
+        entropy_coef,
+        loss_agg_mode,
+        max_length,
+        importance_sampling_level,
+    )
+    return _linear_ppo(
+        hidden,
+        weight,
+        labels,
+        old_logps,
+        advantages,
+        cfg,
+        bias=bias,
+        lora=lora,
+        loss_mask=loss_mask,
+        ref_logps=ref_logps,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        is_weights=is_weights,
+        global_num_tokens=global_num_tokens,
+        chunk_size=chunk_size,
+        backend=backend,
+        vocab_parallel=dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size),
+    )
 
 
 class LinearPPOLoss(_ppo_mod.PPOLoss):
@@ -243,8 +439,14 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
     ref_logps=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
     """
 
-    def __init__(self, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, **ppo_config):
+    def __init__(
+        self,
+        *,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        **ppo_config,
+    ):
         super().__init__(**ppo_config)
         _check_sampled_kl(self._cfg)
         self.logit_scale, self.softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
@@ -258,12 +460,38 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
             s += f", softcap={self.softcap}"
         return s
 
-    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, old_logps: Optional[Tensor],
-                advantages: Tensor, *, bias: Optional[Tensor] = None, lora=None, loss_mask: Optional[Tensor] = None,
-                ref_logps: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
-                global_num_tokens: Optional[Union[float, Tensor]] = None):
-        return _linear_ppo(hidden, weight, labels, old_logps, advantages, self._cfg, bias=bias, lora=lora,
-                           loss_mask=loss_mask, ref_logps=ref_logps, temperature=self.temperature,
-                           logit_scale=self.logit_scale, softcap=self.softcap, is_weights=is_weights,
-                           global_num_tokens=global_num_tokens, chunk_size=self.chunk_size, backend=self.backend,
-                           vocab_parallel=self._vocab_parallel())
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        old_logps: Optional[Tensor],
+        advantages: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        lora=None,
+        loss_mask: Optional[Tensor] = None,
+        ref_logps: Optional[Tensor] = None,
+        is_weights: Optional[Tensor] = None,
+        global_num_tokens: Optional[Union[float, Tensor]] = None,
+    ):
+        return _linear_ppo(
+            hidden,
+            weight,
+            labels,
+            old_logps,
+            advantages,
+            self._cfg,
+            bias=bias,
+            lora=lora,
+            loss_mask=loss_mask,
+            ref_logps=ref_logps,
+            temperature=self.temperature,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            is_weights=is_weights,
+            global_num_tokens=global_num_tokens,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            vocab_parallel=self._vocab_parallel(),
+        )

@@ -55,6 +55,7 @@ Reproducing a TRL training step exactly (TRL's eval mode is the default above):
   those tokens; that part is not reproduced.)
 - not supported: TRL's cispo, sapo, luspo and vespo objectives, and adaptive entropy control.
 """
+
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -65,9 +66,19 @@ from .._validate import check_bool, check_choice, check_real
 from ..distributed import check_vocab_parallel_options
 from ..ops.token_logprobs import token_logprobs
 
-__all__ = ["ppo_loss", "PPOLoss", "policy_loss", "PolicyLoss", "PolicyConfig", "check_policy_config",
-           "ppo_from_token_stats", "KL_ESTIMATORS", "LOSS_AGG_MODES", "TRL_LOSS_TYPES",
-           "IMPORTANCE_SAMPLING_LEVELS"]
+__all__ = [
+    "ppo_loss",
+    "PPOLoss",
+    "policy_loss",
+    "PolicyLoss",
+    "PolicyConfig",
+    "check_policy_config",
+    "ppo_from_token_stats",
+    "KL_ESTIMATORS",
+    "LOSS_AGG_MODES",
+    "TRL_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
+]
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -94,15 +105,25 @@ class PolicyConfig(NamedTuple):
     kl_estimator: str
     kl_ratio_correction: bool
     entropy_coef: float
-    agg: str             # one of LOSS_AGG_MODES
-    trl: Optional[str]   # the TRL alias, if one was given
+    agg: str  # one of LOSS_AGG_MODES
+    trl: Optional[str]  # the TRL alias, if one was given
     max_length: Optional[int]
     importance_sampling_level: str
 
 
-def check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                  kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
-                  importance_sampling_level) -> PolicyConfig:
+def check_policy_config(
+    ignore_index,
+    clip_eps_low,
+    clip_eps_high,
+    dual_clip,
+    kl_coef,
+    kl_estimator,
+    kl_ratio_correction,
+    entropy_coef,
+    loss_agg_mode,
+    max_length,
+    importance_sampling_level,
+) -> PolicyConfig:
     """The hyper-parameters of :func:`ppo_loss` / :func:`policy_loss` (Python values only, no
     tensors), validated: a :class:`PolicyConfig`. ``ignore_index`` only matters to the heads
     that take labels."""
@@ -110,8 +131,13 @@ def check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl
     eps_low = check_real(clip_eps_low, "clip_eps_low", lo=0.0)
     eps_high = eps_low if clip_eps_high is None else check_real(clip_eps_high, "clip_eps_high", lo=0.0)
     if dual_clip is not None:
-        dual_clip = check_real(dual_clip, "dual_clip", lo=1.0, lo_open=True,
-                               why=" (the dual-clip bound c on the ratio for negative advantages; None disables it)")
+        dual_clip = check_real(
+            dual_clip,
+            "dual_clip",
+            lo=1.0,
+            lo_open=True,
+            why=" (the dual-clip bound c on the ratio for negative advantages; None disables it)",
+        )
     kl_coef = check_real(kl_coef, "kl_coef", lo=0.0)
     kl_estimator = check_choice(kl_estimator, KL_ESTIMATORS, "kl_estimator")
     kl_ratio_correction = check_bool(kl_ratio_correction, "kl_ratio_correction")
@@ -157,12 +183,25 @@ def check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl
         )
 
     check_choice(importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level")
-    return PolicyConfig(ignore_index, eps_low, eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
-                   entropy_coef, agg, trl, max_length, importance_sampling_level)
+    return PolicyConfig(
+        ignore_index,
+        eps_low,
+        eps_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        kl_ratio_correction,
+        entropy_coef,
+        agg,
+        trl,
+        max_length,
+        importance_sampling_level,
+    )
 
 
-def _check_bt(x, name: str, B: int, T: int, device, *, allow_seq: bool = False, kinds: str = "float",
-              src: str = "logits") -> Tensor:
+def _check_bt(
+    x, name: str, B: int, T: int, device, *, allow_seq: bool = False, kinds: str = "float", src: str = "logits"
+) -> Tensor:
     """``x`` as a [B, T] tensor, or [B, 1] when ``allow_seq`` and it is [B] / [B, 1]."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
@@ -225,22 +264,65 @@ def _masked_mean(x: Tensor, m: Tensor, per_sequence: bool = False) -> Tensor:
     return (x.expand(m.shape) * m).sum() / m.sum().clamp(min=1.0)
 
 
-def _ppo(logits, labels, old_logps, advantages, cfg: PolicyConfig, loss_mask, ref_logps, ref_logits, temperature,
-         is_weights, global_num_tokens, backend, vocab_parallel=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _ppo(
+    logits,
+    labels,
+    old_logps,
+    advantages,
+    cfg: PolicyConfig,
+    loss_mask,
+    ref_logps,
+    ref_logits,
+    temperature,
+    is_weights,
+    global_num_tokens,
+    backend,
+    vocab_parallel=None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     def token_stats(kernel_labels: Tensor, with_kl: bool):
         return token_logprobs(
-            logits, kernel_labels, ignore_index=cfg.ignore_index, temperature=temperature,
+            logits,
+            kernel_labels,
+            ignore_index=cfg.ignore_index,
+            temperature=temperature,
             stats=("entropy", "kl") if with_kl else ("entropy",),
-            ref_logits=ref_logits if with_kl else None, backend=backend, **(vocab_parallel or {}),
+            ref_logits=ref_logits if with_kl else None,
+            backend=backend,
+            **(vocab_parallel or {}),
         )
 
-    return ppo_from_token_stats(token_stats, logits, "logits", "V", labels, old_logps, advantages, cfg, loss_mask,
-                                ref_logps, ref_logits is not None, is_weights, global_num_tokens)
+    return ppo_from_token_stats(
+        token_stats,
+        logits,
+        "logits",
+        "V",
+        labels,
+        old_logps,
+        advantages,
+        cfg,
+        loss_mask,
+        ref_logps,
+        ref_logits is not None,
+        is_weights,
+        global_num_tokens,
+    )
 
 
-def ppo_from_token_stats(token_stats, src, src_name: str, last: str, labels, old_logps, advantages,
-                         cfg: PolicyConfig, loss_mask, ref_logps, has_ref_logits: bool, is_weights,
-                         global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
+def ppo_from_token_stats(
+    token_stats,
+    src,
+    src_name: str,
+    last: str,
+    labels,
+    old_logps,
+    advantages,
+    cfg: PolicyConfig,
+    loss_mask,
+    ref_logps,
+    has_ref_logits: bool,
+    is_weights,
+    global_num_tokens,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The PPO loss of an op that computes per-token statistics from ``src``, the ``[B, T, last]``
     tensor named ``src_name`` ("logits" [B, T, V] for ppo_loss, "hidden" [B, T, H] for
     linear_ppo_loss): checks ``src`` and the labels against it, folds ``loss_mask`` into the
@@ -256,12 +338,39 @@ def ppo_from_token_stats(token_stats, src, src_name: str, last: str, labels, old
     _validate.check_index_tensor(labels, "labels", (B, T), src.device, f"{src_name}.shape[:-1]")
     if B == 0 or T == 0:
         raise ValueError(f"{src_name} must have a non-empty batch and sequence; got shape {list(src.shape)}")
-    return _ppo_head(token_stats, labels, B, T, src.device, old_logps, advantages, cfg, loss_mask, ref_logps,
-                     has_ref_logits, is_weights, global_num_tokens, src=src_name)
+    return _ppo_head(
+        token_stats,
+        labels,
+        B,
+        T,
+        src.device,
+        old_logps,
+        advantages,
+        cfg,
+        loss_mask,
+        ref_logps,
+        has_ref_logits,
+        is_weights,
+        global_num_tokens,
+        src=src_name,
+    )
 
 
-def _check_head_inputs(B: int, T: int, dev, old_logps, advantages, cfg: PolicyConfig, loss_mask, ref_logps,
-                       has_full_ref: bool, is_weights, global_num_tokens, src: str, full_ref: str):
+def _check_head_inputs(
+    B: int,
+    T: int,
+    dev,
+    old_logps,
+    advantages,
+    cfg: PolicyConfig,
+    loss_mask,
+    ref_logps,
+    has_full_ref: bool,
+    is_weights,
+    global_num_tokens,
+    src: str,
+    full_ref: str,
+):
     """The per-token inputs every head shares, checked against ``[B, T]`` on ``dev`` (``src``
     names the tensor they come with). ``full_ref`` names the input of ``kl_estimator="full"``
     ("ref_logits" for the losses from logits / hidden states, "kl" for :func:`policy_loss`);
@@ -280,24 +389,32 @@ def _check_head_inputs(B: int, T: int, dev, old_logps, advantages, cfg: PolicyCo
 
     full = cfg.kl_estimator == "full"
     if full_ref == "ref_logits":
-        reads, needs = "it reads ref_logits", ("ref_logits: the reference model's logits [B, T, V] "
-                                                "(same shape and dtype as logits)")
+        reads, needs = (
+            "it reads ref_logits",
+            ("ref_logits: the reference model's logits [B, T, V] (same shape and dtype as logits)"),
+        )
     else:
         reads = "it reads kl"
-        needs = "kl: the exact per-token KL(pi || pi_ref) [B, T] (e.g. token_logprobs' \"kl\" stat)"
+        needs = 'kl: the exact per-token KL(pi || pi_ref) [B, T] (e.g. token_logprobs\' "kl" stat)'
     if full:
         if ref_logps is not None:
-            raise ValueError(f'ref_logps is not used by kl_estimator="full" ({reads}); drop ref_logps '
-                             'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl")')
+            raise ValueError(
+                f'ref_logps is not used by kl_estimator="full" ({reads}); drop ref_logps '
+                'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl")'
+            )
         if not has_full_ref and cfg.kl_coef != 0.0:
             raise ValueError(f'kl_estimator="full" needs {needs}')
     else:
         if has_full_ref:
-            raise ValueError(f'{full_ref} is only used by kl_estimator="full"; got kl_estimator='
-                             f'{cfg.kl_estimator!r} (pass ref_logps [B, T] instead)')
+            raise ValueError(
+                f'{full_ref} is only used by kl_estimator="full"; got kl_estimator='
+                f"{cfg.kl_estimator!r} (pass ref_logps [B, T] instead)"
+            )
         if ref_logps is None and cfg.kl_coef != 0.0:
-            raise ValueError(f"kl_estimator={cfg.kl_estimator!r} needs ref_logps: the reference model's per-token "
-                             f"log-probs [B, T] (kl_coef={cfg.kl_coef:g})")
+            raise ValueError(
+                f"kl_estimator={cfg.kl_estimator!r} needs ref_logps: the reference model's per-token "
+                f"log-probs [B, T] (kl_coef={cfg.kl_coef:g})"
+            )
     if ref_logps is not None:
         ref_logps = _check_bt(ref_logps, "ref_logps", B, T, dev, src=src)
     # ref_logits is checked (shape, dtype, device, strides) by token_logprobs
@@ -308,32 +425,66 @@ def _check_head_inputs(B: int, T: int, dev, old_logps, advantages, cfg: PolicyCo
             raise ValueError(
                 f"global_num_tokens is only used by loss_agg_mode 'token-mean' and 'dapo' (token normalizers); "
                 f"got loss_agg_mode={name!r}"
-                + (" (TRL's bnpo normalizes by the local token count; use 'dapo' for a global one)"
-                   if cfg.trl == "bnpo" else "")
+                + (
+                    " (TRL's bnpo normalizes by the local token count; use 'dapo' for a global one)"
+                    if cfg.trl == "bnpo"
+                    else ""
+                )
             )
         if isinstance(global_num_tokens, Tensor):
-            if global_num_tokens.numel() != 1 or global_num_tokens.dtype.is_complex or \
-                    global_num_tokens.dtype == torch.bool:
-                raise ValueError("global_num_tokens must be a number or a one-element real tensor; got a "
-                                 f"{global_num_tokens.dtype} tensor of shape {list(global_num_tokens.shape)}")
+            if (
+                global_num_tokens.numel() != 1
+                or global_num_tokens.dtype.is_complex
+                or global_num_tokens.dtype == torch.bool
+            ):
+                raise ValueError(
+                    "global_num_tokens must be a number or a one-element real tensor; got a "
+                    f"{global_num_tokens.dtype} tensor of shape {list(global_num_tokens.shape)}"
+                )
             if global_num_tokens.device != dev:
-                raise ValueError(f"global_num_tokens must be on the device of {src} ({dev}); "
-                                 f"got {global_num_tokens.device}")
+                raise ValueError(
+                    f"global_num_tokens must be on the device of {src} ({dev}); got {global_num_tokens.device}"
+                )
         else:
             global_num_tokens = check_real(global_num_tokens, "global_num_tokens", lo=0.0, lo_open=True)
     return advantages, adv_per_seq, old_logps, loss_mask, is_weights, ref_logps, global_num_tokens
 
 
-def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, cfg: PolicyConfig, loss_mask,
-              ref_logps, has_ref_logits: bool, is_weights, global_num_tokens, src: str = "logits"
-              ) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _ppo_head(
+    token_stats,
+    labels,
+    B: int,
+    T: int,
+    dev,
+    old_logps,
+    advantages,
+    cfg: PolicyConfig,
+    loss_mask,
+    ref_logps,
+    has_ref_logits: bool,
+    is_weights,
+    global_num_tokens,
+    src: str = "logits",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
     log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; the
     per-token head is :func:`policy_loss`'s. ``labels`` are checked already; ``src`` names the
     tensor whose device ``dev`` is ("logits" or "hidden")."""
     advantages, adv_per_seq, old_logps, loss_mask, is_weights, ref_logps, global_num_tokens = _check_head_inputs(
-        B, T, dev, old_logps, advantages, cfg, loss_mask, ref_logps, has_ref_logits, is_weights, global_num_tokens,
-        src, "ref_logits")
+        B,
+        T,
+        dev,
+        old_logps,
+        advantages,
+        cfg,
+        loss_mask,
+        ref_logps,
+        has_ref_logits,
+        is_weights,
+        global_num_tokens,
+        src,
+        "ref_logits",
+    )
 
     keep = labels != cfg.ignore_index
     if loss_mask is not None:
@@ -348,22 +499,56 @@ def _ppo_head(token_stats, labels, B: int, T: int, dev, old_logps, advantages, c
     full = cfg.kl_estimator == "full"
     use_kl = ref_logps is not None or (full and has_ref_logits)
     out = token_stats(kernel_labels, full and use_kl)
-    return _policy_terms(out.logprobs, out.entropy, out.kl if full and use_kl else None, keep, loss_mask, old_logps,
-                         advantages, adv_per_seq, ref_logps, use_kl, cfg, is_weights, global_num_tokens, B, T, dev)
+    return _policy_terms(
+        out.logprobs,
+        out.entropy,
+        out.kl if full and use_kl else None,
+        keep,
+        loss_mask,
+        old_logps,
+        advantages,
+        adv_per_seq,
+        ref_logps,
+        use_kl,
+        cfg,
+        is_weights,
+        global_num_tokens,
+        B,
+        T,
+        dev,
+    )
 
 
-def _policy_terms(logp, entropy, exact_kl, keep, loss_mask, old_logps, advantages, adv_per_seq: bool, ref_logps,
-                  use_kl: bool, cfg: PolicyConfig, is_weights, global_num_tokens, B: int, T: int, dev
-                  ) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _policy_terms(
+    logp,
+    entropy,
+    exact_kl,
+    keep,
+    loss_mask,
+    old_logps,
+    advantages,
+    adv_per_seq: bool,
+    ref_logps,
+    use_kl: bool,
+    cfg: PolicyConfig,
+    is_weights,
+    global_num_tokens,
+    B: int,
+    T: int,
+    dev,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The clipped surrogate, KL and entropy terms over checked per-token ``[B, T]`` vectors.
 
     ``keep``: bool [B, T], the tokens the loss reads (``loss_mask`` further weights them);
     ``entropy`` may be None (no bonus, no "entropy" metric); ``exact_kl``: the per-token exact
     KL when ``kl_estimator="full"`` has a reference, else None."""
     full = cfg.kl_estimator == "full"
-    dt = torch.float64 if logp.dtype == torch.float64 or any(
-        t is not None and t.dtype == torch.float64 for t in (old_logps, ref_logps, advantages, is_weights)
-    ) else torch.float32
+    dt = (
+        torch.float64
+        if logp.dtype == torch.float64
+        or any(t is not None and t.dtype == torch.float64 for t in (old_logps, ref_logps, advantages, is_weights))
+        else torch.float32
+    )
     logp = logp.to(dt)
     if entropy is not None:
         entropy = entropy.to(dt)
@@ -376,7 +561,7 @@ def _policy_terms(logp, entropy, exact_kl, keep, loss_mask, old_logps, advantage
     ratio_per_seq = cfg.importance_sampling_level == "sequence"
     if ratio_per_seq:
         log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    ratio = torch.exp(log_ratio)                        # [B, T] or [B, 1]
+    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
     adv = advantages.to(dt)
 
     clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
@@ -400,8 +585,11 @@ def _policy_terms(logp, entropy, exact_kl, keep, loss_mask, old_logps, advantage
 
     denom = None
     if global_num_tokens is not None:
-        denom = global_num_tokens.to(dt).reshape(()) if isinstance(global_num_tokens, Tensor) else \
-            torch.tensor(global_num_tokens, dtype=dt, device=dev)
+        denom = (
+            global_num_tokens.to(dt).reshape(())
+            if isinstance(global_num_tokens, Tensor)
+            else torch.tensor(global_num_tokens, dtype=dt, device=dev)
+        )
     per_token = per_token.expand(B, T)
     loss = _aggregate(per_token, m, cfg.agg, cfg.max_length, denom)
     policy_loss = loss.detach()
@@ -514,11 +702,34 @@ def ppo_loss(
         correction included) and ``policy_loss`` (the loss without the entropy bonus). Means
         run over the masked tokens, or over the sequences for per-sequence quantities.
     """
-    cfg = check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                        kl_ratio_correction, entropy_coef, loss_agg_mode, max_length, importance_sampling_level)
-    return _ppo(logits, labels, old_logps, advantages, cfg, loss_mask, ref_logps, ref_logits, temperature,
-                is_weights, global_num_tokens, backend,
-                dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size))
+    cfg = check_policy_config(
+        ignore_index,
+        clip_eps_low,
+        clip_eps_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        kl_ratio_correction,
+        entropy_coef,
+        loss_agg_mode,
+        max_length,
+        importance_sampling_level,
+    )
+    return _ppo(
+        logits,
+        labels,
+        old_logps,
+        advantages,
+        cfg,
+        loss_mask,
+        ref_logps,
+        ref_logits,
+        temperature,
+        is_weights,
+        global_num_tokens,
+        backend,
+        dict(process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size),
+    )
 
 
 class PPOLoss(nn.Module):
@@ -530,16 +741,40 @@ class PPOLoss(nn.Module):
     ref_logits=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
     """
 
-    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, clip_eps_low: float = 0.2,
-                 clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None, kl_coef: float = 0.0,
-                 kl_estimator: str = "k3", kl_ratio_correction: bool = False, entropy_coef: float = 0.0,
-                 loss_agg_mode: str = "token-mean", max_length: Optional[int] = None,
-                 importance_sampling_level: str = "token", backend: str = "auto", process_group=None,
-                 vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: Optional[float] = None,
+        dual_clip: Optional[float] = None,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        kl_ratio_correction: bool = False,
+        entropy_coef: float = 0.0,
+        loss_agg_mode: str = "token-mean",
+        max_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+    ):
         super().__init__()
-        self._cfg = check_policy_config(ignore_index, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                                  kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
-                                  importance_sampling_level)
+        self._cfg = check_policy_config(
+            ignore_index,
+            clip_eps_low,
+            clip_eps_high,
+            dual_clip,
+            kl_coef,
+            kl_estimator,
+            kl_ratio_correction,
+            entropy_coef,
+            loss_agg_mode,
+            max_length,
+            importance_sampling_level,
+        )
         if isinstance(temperature, Tensor):
             raise TypeError("PPOLoss takes a float temperature; pass a per-token tensor to ppo_loss instead")
         self.temperature = check_real(temperature, "temperature", lo=0.0, lo_open=True)
@@ -548,7 +783,8 @@ class PPOLoss(nn.Module):
         self.backend = backend
         self.loss_agg_mode = loss_agg_mode
         self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
-            process_group, vocab_start, vocab_size)
+            process_group, vocab_start, vocab_size
+        )
 
     def _vocab_parallel(self) -> Dict[str, object]:
         return dict(process_group=self.process_group, vocab_start=self.vocab_start, vocab_size=self.vocab_size)
@@ -559,12 +795,34 @@ class PPOLoss(nn.Module):
             s += f", temperature={self.temperature}"
         return s
 
-    def forward(self, logits: Tensor, labels: Tensor, old_logps: Optional[Tensor], advantages: Tensor, *,
-                loss_mask: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None,
-                ref_logits: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
-                global_num_tokens: Optional[Union[float, Tensor]] = None):
-        return _ppo(logits, labels, old_logps, advantages, self._cfg, loss_mask, ref_logps, ref_logits,
-                    self.temperature, is_weights, global_num_tokens, self.backend, self._vocab_parallel())
+    def forward(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        old_logps: Optional[Tensor],
+        advantages: Tensor,
+        *,
+        loss_mask: Optional[Tensor] = None,
+        ref_logps: Optional[Tensor] = None,
+        ref_logits: Optional[Tensor] = None,
+        is_weights: Optional[Tensor] = None,
+        global_num_tokens: Optional[Union[float, Tensor]] = None,
+    ):
+        return _ppo(
+            logits,
+            labels,
+            old_logps,
+            advantages,
+            self._cfg,
+            loss_mask,
+            ref_logps,
+            ref_logits,
+            self.temperature,
+            is_weights,
+            global_num_tokens,
+            self.backend,
+            self._vocab_parallel(),
+        )
 
 
 def _config_repr(loss_agg_mode: str, c: PolicyConfig) -> str:
@@ -587,14 +845,16 @@ def _config_repr(loss_agg_mode: str, c: PolicyConfig) -> str:
 # --------------------------------------------------------------------------- per-token head
 
 
-def _policy(cfg: PolicyConfig, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights,
-            global_num_tokens) -> Tuple[Tensor, Dict[str, Tensor]]:
+def _policy(
+    cfg: PolicyConfig, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights, global_num_tokens
+) -> Tuple[Tensor, Dict[str, Tensor]]:
     _validate.check_tensor(logps, "logps")
     if not logps.dtype.is_floating_point:
         raise TypeError(f"logps must be a floating-point tensor; got {logps.dtype}")
     if logps.dim() != 2:
-        raise ValueError(f"logps must have shape [B, T] (per-token log-probs of the sampled tokens); "
-                         f"got {list(logps.shape)}")
+        raise ValueError(
+            f"logps must have shape [B, T] (per-token log-probs of the sampled tokens); got {list(logps.shape)}"
+        )
     B, T = logps.shape
     if B == 0 or T == 0:
         raise ValueError(f"logps must have a non-empty batch and sequence; got shape {list(logps.shape)}")
@@ -604,18 +864,48 @@ def _policy(cfg: PolicyConfig, logps, old_logps, advantages, mask, entropy, ref_
     if entropy is not None:
         entropy = _check_bt(entropy, "entropy", B, T, dev, src="logps")
     elif cfg.entropy_coef != 0.0:
-        raise ValueError(f"entropy_coef={cfg.entropy_coef:g} needs entropy: the per-token entropies [B, T] of the "
-                         "policy (e.g. token_logprobs(..., stats=(\"entropy\",)).entropy)")
+        raise ValueError(
+            f"entropy_coef={cfg.entropy_coef:g} needs entropy: the per-token entropies [B, T] of the "
+            'policy (e.g. token_logprobs(..., stats=("entropy",)).entropy)'
+        )
     if kl is not None:
         kl = _check_bt(kl, "kl", B, T, dev, src="logps")
     advantages, adv_per_seq, old_logps, _, is_weights, ref_logps, global_num_tokens = _check_head_inputs(
-        B, T, dev, old_logps, advantages, cfg, None, ref_logps, kl is not None, is_weights, global_num_tokens,
-        "logps", "kl")
+        B,
+        T,
+        dev,
+        old_logps,
+        advantages,
+        cfg,
+        None,
+        ref_logps,
+        kl is not None,
+        is_weights,
+        global_num_tokens,
+        "logps",
+        "kl",
+    )
     keep = torch.ones((B, T), dtype=torch.bool, device=dev) if mask is None else mask != 0
     full = cfg.kl_estimator == "full"
     use_kl = ref_logps is not None or (full and kl is not None)
-    return _policy_terms(logps, entropy, kl if full and use_kl else None, keep, mask, old_logps, advantages,
-                         adv_per_seq, ref_logps, use_kl, cfg, is_weights, global_num_tokens, B, T, dev)
+    return _policy_terms(
+        logps,
+        entropy,
+        kl if full and use_kl else None,
+        keep,
+        mask,
+        old_logps,
+        advantages,
+        adv_per_seq,
+        ref_logps,
+        use_kl,
+        cfg,
+        is_weights,
+        global_num_tokens,
+        B,
+        T,
+        dev,
+    )
 
 
 def policy_loss(
@@ -670,8 +960,19 @@ def policy_loss(
         ``(loss, metrics)`` as :func:`ppo_loss`; ``entropy`` is among the metrics only when
         ``entropy`` is given.
     """
-    cfg = check_policy_config(-100, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                              kl_ratio_correction, entropy_coef, loss_agg_mode, max_length, importance_sampling_level)
+    cfg = check_policy_config(
+        -100,
+        clip_eps_low,
+        clip_eps_high,
+        dual_clip,
+        kl_coef,
+        kl_estimator,
+        kl_ratio_correction,
+        entropy_coef,
+        loss_agg_mode,
+        max_length,
+        importance_sampling_level,
+    )
     return _policy(cfg, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights, global_num_tokens)
 
 
@@ -683,21 +984,52 @@ class PolicyLoss(nn.Module):
     kl=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
     """
 
-    def __init__(self, *, clip_eps_low: float = 0.2, clip_eps_high: Optional[float] = None,
-                 dual_clip: Optional[float] = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
-                 kl_ratio_correction: bool = False, entropy_coef: float = 0.0, loss_agg_mode: str = "token-mean",
-                 max_length: Optional[int] = None, importance_sampling_level: str = "token"):
+    def __init__(
+        self,
+        *,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: Optional[float] = None,
+        dual_clip: Optional[float] = None,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        kl_ratio_correction: bool = False,
+        entropy_coef: float = 0.0,
+        loss_agg_mode: str = "token-mean",
+        max_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+    ):
         super().__init__()
-        self.config = check_policy_config(-100, clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator,
-                                          kl_ratio_correction, entropy_coef, loss_agg_mode, max_length,
-                                          importance_sampling_level)
+        self.config = check_policy_config(
+            -100,
+            clip_eps_low,
+            clip_eps_high,
+            dual_clip,
+            kl_coef,
+            kl_estimator,
+            kl_ratio_correction,
+            entropy_coef,
+            loss_agg_mode,
+            max_length,
+            importance_sampling_level,
+        )
         self.loss_agg_mode = loss_agg_mode
 
     def extra_repr(self) -> str:
         return _config_repr(self.loss_agg_mode, self.config)
 
-    def forward(self, logps: Tensor, old_logps: Optional[Tensor], advantages: Tensor, mask: Optional[Tensor] = None,
-                *, entropy: Optional[Tensor] = None, ref_logps: Optional[Tensor] = None, kl: Optional[Tensor] = None,
-                is_weights: Optional[Tensor] = None, global_num_tokens: Optional[Union[float, Tensor]] = None):
-        return _policy(self.config, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights,
-                       global_num_tokens)
+    def forward(
+        self,
+        logps: Tensor,
+        old_logps: Optional[Tensor],
+        advantages: Tensor,
+        mask: Optional[Tensor] = None,
+        *,
+        entropy: Optional[Tensor] = None,
+        ref_logps: Optional[Tensor] = None,
+        kl: Optional[Tensor] = None,
+        is_weights: Optional[Tensor] = None,
+        global_num_tokens: Optional[Union[float, Tensor]] = None,
+    ):
+        return _policy(
+            self.config, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights, global_num_tokens
+        )

@@ -12,6 +12,7 @@ negative log-likelihood of the chosen tokens, which these heads compute from the
 (``-sum_b S_w / sum_b L_w``) unless a precomputed ``nll_loss`` is passed.
 Computed in fp32 (fp64 for fp64 inputs).
 """
+
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -37,11 +38,13 @@ def _check_pair(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, 
     if need_lengths == "both" and rejected_lengths is None:
         raise ValueError("rejected_lengths is required here (completion token counts, [B])")
     if chosen_lengths is not None:
-        chosen_lengths = check_vector(chosen_lengths, "chosen_lengths", like=chosen_logps,
-                                      like_name="chosen_logps", allow_int=True)
+        chosen_lengths = check_vector(
+            chosen_lengths, "chosen_lengths", like=chosen_logps, like_name="chosen_logps", allow_int=True
+        )
     if rejected_lengths is not None:
-        rejected_lengths = check_vector(rejected_lengths, "rejected_lengths", like=chosen_logps,
-                                        like_name="chosen_logps", allow_int=True)
+        rejected_lengths = check_vector(
+            rejected_lengths, "rejected_lengths", like=chosen_logps, like_name="chosen_logps", allow_int=True
+        )
     return chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
 
 
@@ -100,13 +103,17 @@ def cpo_loss(
     check_choice(loss_type, CPO_LOSS_TYPES, "loss_type", " (the CPO loss types)")
     beta = check_real(beta, "beta", lo=0.0, lo_open=True)
     if loss_type in ("sigmoid", "simpo"):
-        label_smoothing = check_real(label_smoothing, "label_smoothing", lo=0.0, hi=1.0, hi_open=True,
-                                     why=f" for loss_type {loss_type!r}")
+        label_smoothing = check_real(
+            label_smoothing, "label_smoothing", lo=0.0, hi=1.0, hi_open=True, why=f" for loss_type {loss_type!r}"
+        )
     else:
         label_smoothing = check_real(label_smoothing, "label_smoothing", lo=0.0, hi=1.0, hi_open=True)
         if label_smoothing != 0.0:
-            warnings.warn(f"label_smoothing={label_smoothing} has no effect on CPO loss_type {loss_type!r}",
-                          UserWarning, stacklevel=2)
+            warnings.warn(
+                f"label_smoothing={label_smoothing} has no effect on CPO loss_type {loss_type!r}",
+                UserWarning,
+                stacklevel=2,
+            )
     cpo_alpha = check_real(cpo_alpha, "cpo_alpha", lo=0.0)
     simpo_gamma = check_real(simpo_gamma, "simpo_gamma")
     alpha = check_real(alpha, "alpha")
@@ -115,7 +122,8 @@ def cpo_loss(
     need_nll = cpo_alpha != 0.0 and nll_loss is None
     need = "both" if averaged else ("chosen" if need_nll else "")
     chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = _check_pair(
-        chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, need)
+        chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, need
+    )
     nll_loss = _check_nll(nll_loss, chosen_logps)
 
     dt = compute_dtype(chosen_logps, rejected_logps)
@@ -180,10 +188,22 @@ def simpo_loss(
     nll_weight = check_real(nll_weight, "nll_weight", lo=0.0)
     for name, x in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
         if x is None:
-            raise ValueError(f"{name} is required by simpo_loss (completion token counts, [B]; pass ones if "
-                             "your log-probs are already per-token means)")
-    return cpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta=beta, loss_type="simpo",
-                    label_smoothing=label_smoothing, cpo_alpha=nll_weight, simpo_gamma=gamma, nll_loss=nll_loss)
+            raise ValueError(
+                f"{name} is required by simpo_loss (completion token counts, [B]; pass ones if "
+                "your log-probs are already per-token means)"
+            )
+    return cpo_loss(
+        chosen_logps,
+        rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        beta=beta,
+        loss_type="simpo",
+        label_smoothing=label_smoothing,
+        cpo_alpha=nll_weight,
+        simpo_gamma=gamma,
+        nll_loss=nll_loss,
+    )
 
 
 def orpo_loss(
@@ -209,7 +229,8 @@ def orpo_loss(
     """
     beta = check_real(beta, "beta", lo=0.0, lo_open=True)
     chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = _check_pair(
-        chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, "both")
+        chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, "both"
+    )
     nll_loss = _check_nll(nll_loss, chosen_logps)
 
     dt = compute_dtype(chosen_logps, rejected_logps)

@@ -1,4 +1,5 @@
 """Bradley-Terry reward-model loss, as TRL 1.16's ``RewardTrainer.compute_loss`` computes it."""
+
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -43,8 +44,9 @@ def bradley_terry_loss(
     """
     c = _check_coefficient(center_rewards_coefficient)
     chosen_rewards = check_vector(chosen_rewards, "chosen_rewards", allow_column=True)
-    rejected_rewards = check_vector(rejected_rewards, "rejected_rewards", like=chosen_rewards,
-                                    like_name="chosen_rewards", allow_column=True)
+    rejected_rewards = check_vector(
+        rejected_rewards, "rejected_rewards", like=chosen_rewards, like_name="chosen_rewards", allow_column=True
+    )
     dt = compute_dtype(chosen_rewards, rejected_rewards)
     rw, rl = chosen_rewards.to(dt), rejected_rewards.to(dt)
     diff = rw - rl
@@ -83,7 +85,7 @@ class BradleyTerryLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"center_rewards_coefficient={self.center_rewards_coefficient}"
 
-    def forward(self, chosen_rewards: Tensor, rejected_rewards: Tensor,
-                margin: Optional[Union[float, Tensor]] = None):
-        return bradley_terry_loss(chosen_rewards, rejected_rewards, margin=margin,
-                                  center_rewards_coefficient=self.center_rewards_coefficient)
+    def forward(self, chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Optional[Union[float, Tensor]] = None):
+        return bradley_terry_loss(
+            chosen_rewards, rejected_rewards, margin=margin, center_rewards_coefficient=self.center_rewards_coefficient
+        )

@@ -44,6 +44,7 @@ per-token vectors, and the fp32 gradient accumulators: ``[M, H]`` for the hidden
 and ``[M, r]`` for LoRA, and ``[V, H]`` for a half-precision weight gradient only when more
 than ``TOKEN_TILE`` tokens take several token tiles on a device with fp32-output GEMMs.
 """
+
 import math
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -53,14 +54,43 @@ from torch import nn
 
 from .. import _validate, distributed
 from .._dispatch import load_backend, resolve_backend
-from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_MEAN, STAT_ARGMAX, STAT_ENTROPY
-from .._rows import N_OUT, STAT_LSSP, STAT_MEAN, STATS, compute_dtype, lse_pair, split_lse
-from ..distributed import (SHARD_IGNORE, check_vocab_parallel_options, empty_part, from_dtensor,
-                           is_dtensor, kernel_labels, local_tensor, merge_partials, part_from_rows)
+from .._rows import (
+    N_OUT,
+    OUT_ARGMAX,
+    OUT_ENTROPY,
+    OUT_LSE,
+    OUT_LSE_LO,
+    OUT_LSSP,
+    OUT_MEAN,
+    STAT_ARGMAX,
+    STAT_ENTROPY,
+    STAT_LSSP,
+    STAT_MEAN,
+    STATS,
+    compute_dtype,
+    lse_pair,
+    split_lse,
+)
+from ..distributed import (
+    SHARD_IGNORE,
+    check_vocab_parallel_options,
+    empty_part,
+    from_dtensor,
+    is_dtensor,
+    kernel_labels,
+    local_tensor,
+    merge_partials,
+    part_from_rows,
+)
 from .token_logprobs import stat_mask, token_outputs
 
-__all__ = ["linear_token_logprobs", "linear_sequence_logprobs", "LinearSequenceLogProbs",
-           "default_chunk_size", "LINEAR_STAT_NAMES"]
+__all__ = [
+    "linear_token_logprobs",
+    "linear_sequence_logprobs",
+    "LinearSequenceLogProbs",
+    "default_chunk_size",
+    "LINEAR_STAT_NAMES",
+]
 
 LINEAR_STAT_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
 
@@ -94,11 +124,11 @@ def default_chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype) -> int:
 
 
 class _Cfg(NamedTuple):
-    scaling: float          # LoRA scaling
+    scaling: float  # LoRA scaling
     logit_scale: float
     softcap: Optional[float]
-    stats: int              # STAT_* mask
-    chunk: int              # the buffer's budget, in full rows of logits (chunk_size)
+    stats: int  # STAT_* mask
+    chunk: int  # the buffer's budget, in full rows of logits (chunk_size)
     backend: str
 
 
@@ -137,8 +167,9 @@ def _acc_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
 
 
-def _logits_into(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias, u, lora_b, cfg: _Cfg,
-                 t: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _logits_into(
+    z: torch.Tensor, h: torch.Tensor, w: torch.Tensor, bias, u, lora_b, cfg: _Cfg, t: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Write the (pre-temperature) logits of ``h`` [n, H] against ``w`` [v, H] into ``z`` [n, v].
 
     Without softcap ``logit_scale`` is folded into the row kernels' inverse temperature, so
@@ -201,10 +232,10 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
     full = lambda v: torch.full((M,), v, dtype=mdt, device=dev)  # noqa: E731
     lse = full(-math.inf)
     xy = full(math.nan)
-    ent = full(0.0)      # sum over blocks so far of exp(L_b - lse) (H_b + lse - L_b), lse the running one
-    sq = full(0.0)       # sum_v exp(2 (x_v - lse))
+    ent = full(0.0)  # sum over blocks so far of exp(L_b - lse) (H_b + lse - L_b), lse the running one
+    sq = full(0.0)  # sum_v exp(2 (x_v - lse))
     mean = full(0.0)
-    arg_in = full(0.0)   # the kernel's ARGMAX in the label's block
+    arg_in = full(0.0)  # the kernel's ARGMAX in the label's block
     max_all = full(-math.inf)
     max_before = full(-math.inf)  # max over the blocks that end at or before the label
 
@@ -226,8 +257,15 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
         for v0 in range(0, V, vb):
             v1 = min(V, v0 + vb)
             z = buf[: m * (v1 - v0)].view(m, v1 - v0)
-            _logits_into(z, h_c, weight[v0:v1], None if bias is None else bias[v0:v1], u_c,
-                         None if lora_b is None else lora_b[v0:v1], cfg)
+            _logits_into(
+                z,
+                h_c,
+                weight[v0:v1],
+                None if bias is None else bias[v0:v1],
+                u_c,
+                None if lora_b is None else lora_b[v0:v1],
+                cfg,
+            )
             if shift is not None:
                 if v0 == 0:
                     c = z.amax(1)
@@ -251,7 +289,7 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
                 # weights sum to 1), and new - old, new - L as softplus of d = L - old.
                 d = L - old
                 sp = torch.log1p(torch.exp(-d.abs()))
-                first = torch.isneginf(old)   # nothing merged yet (or only -inf): no old part
+                first = torch.isneginf(old)  # nothing merged yet (or only -inf): no old part
                 no_new = empty | torch.isneginf(L)  # an all -inf block adds nothing
                 kept = torch.where(first, 0.0, r_old * (ent[t0:t1] + d.clamp(min=0) + sp))
                 term = torch.where(no_new, 0.0, w * (out[OUT_ENTROPY].to(mdt) + (-d).clamp(min=0) + sp))
@@ -319,11 +357,22 @@ R_LOGP, R_ENTROPY, R_EXTRA, R_LSE, R_LSE_LO, R_SHIFT = 0, 1, 2, 5, 6, 7
 N_ROWS = 8
 
 
-def _linear_forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
-                         inv_temp: torch.Tensor, ignore_index: int, scaling: float, logit_scale: float,
-                         softcap: Optional[float], stats: int, chunk_size: Optional[int], backend: str
-                         ) -> torch.Tensor:
+def _linear_forward_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    ignore_index: int,
+    scaling: float,
+    logit_scale: float,
+    softcap: Optional[float],
+    stats: int,
+    chunk_size: Optional[int],
+    backend: str,
+) -> torch.Tensor:
     """Per-row statistics of ``hidden`` [N, H] (all rows; ignored ones are dropped here), as one
     [N_ROWS, N] tensor in the compute dtype, 0 on ignored rows: logp, entropy, the three extras
     (log_sum_sq_probs, mean_logit, is_argmax), lse, lse_lo, and the shift subtracted from the
@@ -336,11 +385,18 @@ def _linear_forward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     h = h if h.is_contiguous() else h.contiguous()
     y, it = _rows_of(labels, idx), _rows_of(inv_temp, idx)
     u = torch.mm(h, lora_a.t()) if lora_a is not None else None
-    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype,
-                  backend)
+    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype, backend)
     logp, lse, lse_lo, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, y, it, cfg)
-    rows = torch.cat([logp[None], entropy[None], extra, lse[None], lse_lo[None],
-                      torch.zeros_like(lse)[None] if shift is None else shift[None]])
+    rows = torch.cat(
+        [
+            logp[None],
+            entropy[None],
+            extra,
+            lse[None],
+            lse_lo[None],
+            torch.zeros_like(lse)[None] if shift is None else shift[None],
+        ]
+    )
     return rows if idx is None else rows.new_zeros(N_ROWS, N).index_copy_(1, idx, rows)
 
 
@@ -348,18 +404,49 @@ _linear_forward_op = torch.library.custom_op("prefopt_fast::linear_forward", _li
 
 
 @_linear_forward_op.register_fake
-def _(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, ignore_index, scaling, logit_scale, softcap, stats,
-      chunk_size, backend):
+def _(
+    hidden,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    labels,
+    inv_temp,
+    ignore_index,
+    scaling,
+    logit_scale,
+    softcap,
+    stats,
+    chunk_size,
+    backend,
+):
     return hidden.new_empty((N_ROWS, hidden.shape[0]), dtype=compute_dtype(hidden.dtype))
 
 
-def _linear_backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], labels: torch.Tensor,
-                          inv_temp: torch.Tensor, rows: torch.Tensor, grad_logp: Optional[torch.Tensor],
-                          grad_entropy: Optional[torch.Tensor], ignore_index: int, scaling: float,
-                          logit_scale: float, softcap: Optional[float], stats: int, chunk_size: Optional[int],
-                          backend: str, need_h: bool, need_w: bool, need_b: bool, need_a: bool, need_lb: bool
-                          ) -> List[torch.Tensor]:
+def _linear_backward_impl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    inv_temp: torch.Tensor,
+    rows: torch.Tensor,
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    ignore_index: int,
+    scaling: float,
+    logit_scale: float,
+    softcap: Optional[float],
+    stats: int,
+    chunk_size: Optional[int],
+    backend: str,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    need_a: bool,
+    need_lb: bool,
+) -> List[torch.Tensor]:
     """[grad hidden [N, H], grad weight, grad bias, grad lora_a, grad lora_b]; an empty [0]
     tensor for each gradient not asked for. ``rows``: the forward op's [N_ROWS, N] output."""
     idx = _kept_index(labels, ignore_index)
@@ -369,25 +456,69 @@ def _linear_backward_impl(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     k = rows if idx is None else rows.index_select(1, idx)
     shift = k[R_SHIFT] if hidden.dtype == torch.float32 else None
     u = torch.mm(h, lora_a.t()) if lora_a is not None else None  # recomputed: O(M H r), saved nothing
-    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype,
-                  backend)
-    grads = list(_linear_backward(h, weight, bias, lora_a, lora_b, y, it, k[R_LSE], k[R_ENTROPY], u, g_logp, g_ent,
-                                  cfg, need_h, need_w, need_b, need_a, need_lb, shift=shift, lse_lo=k[R_LSE_LO]))
+    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype, backend)
+    grads = list(
+        _linear_backward(
+            h,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            y,
+            it,
+            k[R_LSE],
+            k[R_ENTROPY],
+            u,
+            g_logp,
+            g_ent,
+            cfg,
+            need_h,
+            need_w,
+            need_b,
+            need_a,
+            need_lb,
+            shift=shift,
+            lse_lo=k[R_LSE_LO],
+        )
+    )
     if grads[0] is not None and idx is not None:
         grads[0] = grads[0].new_zeros(hidden.shape[0], grads[0].shape[1]).index_put_((idx,), grads[0])
     return [hidden.new_empty(0) if g is None else g for g in grads]
 
 
-_linear_backward_op = torch.library.custom_op("prefopt_fast::linear_backward", _linear_backward_impl,
-                                             mutates_args=())
+_linear_backward_op = torch.library.custom_op("prefopt_fast::linear_backward", _linear_backward_impl, mutates_args=())
 
 
 @_linear_backward_op.register_fake
-def _(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, rows, grad_logp, grad_entropy, ignore_index, scaling,
-      logit_scale, softcap, stats, chunk_size, backend, need_h, need_w, need_b, need_a, need_lb):
+def _(
+    hidden,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    labels,
+    inv_temp,
+    rows,
+    grad_logp,
+    grad_entropy,
+    ignore_index,
+    scaling,
+    logit_scale,
+    softcap,
+    stats,
+    chunk_size,
+    backend,
+    need_h,
+    need_w,
+    need_b,
+    need_a,
+    need_lb,
+):
     likes = (hidden, weight, bias, lora_a, lora_b)
-    return [torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else hidden.new_empty(0)
-            for need, x in zip((need_h, need_w, need_b, need_a, need_lb), likes)]
+    return [
+        torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else hidden.new_empty(0)
+        for need, x in zip((need_h, need_w, need_b, need_a, need_lb), likes)
+    ]
 
 
 def _call(op, impl, *args):
@@ -407,11 +538,27 @@ class LinearLogProbsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, ignore_index: int, scaling: float,
-                logit_scale: float, softcap, stats: int, chunk_size, backend: str):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        labels,
+        inv_temp,
+        ignore_index: int,
+        scaling: float,
+        logit_scale: float,
+        softcap,
+        stats: int,
+        chunk_size,
+        backend: str,
+    ):
         opts = (ignore_index, scaling, logit_scale, softcap, stats, chunk_size, backend)
-        rows = _call(_linear_forward_op, _linear_forward_impl, hidden, weight, bias, lora_a, lora_b, labels, inv_temp,
-                     *opts)
+        rows = _call(
+            _linear_forward_op, _linear_forward_impl, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, *opts
+        )
         # O(N) copies: the autograd outputs must not be views of the saved buffer
         logp, entropy, extra = rows[R_LOGP].clone(), rows[R_ENTROPY].clone(), rows[R_EXTRA:R_LSE].clone()
         ctx.set_materialize_grads(False)
@@ -433,13 +580,15 @@ class LinearLogProbsFunction(torch.autograd.Function):
         need = tuple(bool(n) for n in ctx.needs_input_grad[:5])
         if not any(need):
             return nones
-        grads = _call(_linear_backward_op, _linear_backward_impl, *ctx.saved_tensors, grad_logp, grad_entropy, *opts,
-                      *need)
+        grads = _call(
+            _linear_backward_op, _linear_backward_impl, *ctx.saved_tensors, grad_logp, grad_entropy, *opts, *need
+        )
         return tuple(g if n else None for g, n in zip(grads, need)) + nones[5:]
 
 
-def _backward_plan(M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, acc_over_vocab: bool,
-                   acc_over_tokens: bool) -> Tuple[str, int, int]:
+def _backward_plan(
+    M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, acc_over_vocab: bool, acc_over_tokens: bool
+) -> Tuple[str, int, int]:
     """How the backward walks the logits: ``(mode, token tile, vocabulary block)``.
 
     ``acc_over_vocab``: a gradient summed over the vocabulary is wanted (hidden, LoRA u);
@@ -470,9 +619,28 @@ def _backward_plan(M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, 
     return "two-pass", rows, vb_all
 
 
-def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse, entropy, u,
-                     grad_logp, grad_entropy, cfg: _Cfg, need_h, need_w, need_b, need_a, need_lb, shift=None,
-                     lse_lo=None):
+def _linear_backward(
+    hidden,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    labels,
+    inv_temp,
+    lse,
+    entropy,
+    u,
+    grad_logp,
+    grad_entropy,
+    cfg: _Cfg,
+    need_h,
+    need_w,
+    need_b,
+    need_a,
+    need_lb,
+    shift=None,
+    lse_lo=None,
+):
     """Gradients (hidden [M, H], weight, bias, lora_a, lora_b; None where not needed) of the
     kept rows. ``lse``, ``lse_lo`` [M]: the rows' logsumexp as the row contract's pair
     (``_rows.split_lse``; lse_lo None: zeros, for fp64 rows). ``shift`` [M]: what the forward
@@ -485,7 +653,7 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
     lora = lora_a is not None
     r = lora_a.shape[0] if lora else 0
     s_lora = cfg.scaling
-    need_u = lora and (need_h or need_a)   # the gradient of u = hidden @ A.T
+    need_u = lora and (need_h or need_a)  # the gradient of u = hidden @ A.T
     be = load_backend(cfg.backend)
 
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
@@ -495,10 +663,11 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
         lse_lo = torch.zeros_like(lse)
 
     half = dt in (torch.float16, torch.bfloat16)
-    want_rows = need_h or need_u              # gradients summed over the vocabulary
-    want_cols = need_w or need_b or need_lb   # gradients summed over the tokens
-    mode, mc, vb = _backward_plan(M, V, hidden.element_size(), cfg, half and not _fp32_out_mm(dev),
-                                  want_rows, want_cols)
+    want_rows = need_h or need_u  # gradients summed over the vocabulary
+    want_cols = need_w or need_b or need_lb  # gradients summed over the tokens
+    mode, mc, vb = _backward_plan(
+        M, V, hidden.element_size(), cfg, half and not _fp32_out_mm(dev), want_rows, want_cols
+    )
     if mode == "tiles":
         passes = [(mc, vb, want_rows, want_cols)]
     else:
@@ -515,8 +684,11 @@ def _linear_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, lse
     gw = None
     if need_w:  # one token tile over all tokens writes every block of the weight gradient directly
         direct_w = any(cols and p_mc >= M for p_mc, _, _, cols in passes)
-        gw = torch.empty(V, H, dtype=weight.dtype, device=dev) if direct_w and M else \
-            torch.zeros(V, H, dtype=acc_dt, device=dev)
+        gw = (
+            torch.empty(V, H, dtype=weight.dtype, device=dev)
+            if direct_w and M
+            else torch.zeros(V, H, dtype=acc_dt, device=dev)
+        )
 
     softcap_bufs = 2 if cfg.softcap is not None else 1
     for p_mc, p_vb, rows_here, cols_here in passes:
@@ -608,19 +780,22 @@ def _check_inputs(hidden, weight, labels, bias, lora, ignore_index, *, shard: bo
     labels' range is left to the caller (it needs the global vocabulary size)."""
     _validate.check_tensor(hidden, "hidden")
     if hidden.dtype not in _validate.LOGIT_DTYPES:
-        raise TypeError(f"hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); "
-                        f"got {hidden.dtype}")
+        raise TypeError(f"hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); got {hidden.dtype}")
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
         raise ValueError(f"hidden must have shape [..., H] with H >= 1; got {list(hidden.shape)}")
     H = hidden.shape[-1]
     _validate.check_tensor(weight, "weight")
     min_rows = 0 if shard else 1
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] < min_rows:
-        raise ValueError(f"weight must have shape [V, H] with H = hidden.shape[-1] = {H} and V >= {min_rows}; "
-                         f"got {list(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape [V, H] with H = hidden.shape[-1] = {H} and V >= {min_rows}; "
+            f"got {list(weight.shape)}"
+        )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}); got {weight.dtype} "
-                        "(autocast is not applied: cast both to the compute dtype)")
+        raise TypeError(
+            f"weight must have the dtype of hidden ({hidden.dtype}); got {weight.dtype} "
+            "(autocast is not applied: cast both to the compute dtype)"
+        )
     if weight.device != hidden.device:
         raise ValueError(f"weight must be on the device of hidden ({hidden.device}); got {weight.device}")
     V = weight.shape[0]
@@ -701,9 +876,22 @@ def linear_token_logprobs(
     """
     if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(weight):
         return vocab_parallel_linear_token_logprobs(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-            logit_scale=logit_scale, softcap=softcap, stats=stats, lora=lora, chunk_size=chunk_size,
-            backend=backend, process_group=process_group, vocab_start=vocab_start, vocab_size=vocab_size)
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            stats=stats,
+            lora=lora,
+            chunk_size=chunk_size,
+            backend=backend,
+            process_group=process_group,
+            vocab_start=vocab_start,
+            vocab_size=vocab_size,
+        )
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
@@ -715,8 +903,21 @@ def linear_token_logprobs(
     flat_y = labels.reshape(-1).to(torch.int64)
     inv_temp = _fold_logit_scale(inv_temp, logit_scale, softcap)
     logp, entropy, extra = LinearLogProbsFunction.apply(
-        flat_h, weight, bias, lora_a, lora_b, flat_y, inv_temp.contiguous(), ignore_index, scaling, logit_scale,
-        softcap, stat_mask(names), chunk_size, be.NAME)
+        flat_h,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        flat_y,
+        inv_temp.contiguous(),
+        ignore_index,
+        scaling,
+        logit_scale,
+        softcap,
+        stat_mask(names),
+        chunk_size,
+        be.NAME,
+    )
     return _outputs(logp, entropy, extra, names, None, labels.shape)
 
 
@@ -726,9 +927,11 @@ def linear_token_logprobs(
 def _stat_names(stats):
     names = _validate.parse_names(stats, tuple(STATS), "stats")
     if "kl" in names:
-        raise ValueError('stats "kl" is not available in the fused-linear path (it would need the reference '
-                         "model's hidden states and head); use token_logprobs(logits, ..., ref_logits=...) or a "
-                         "sampled KL estimator on per-token reference log-probs")
+        raise ValueError(
+            'stats "kl" is not available in the fused-linear path (it would need the reference '
+            "model's hidden states and head); use token_logprobs(logits, ..., ref_logits=...) or a "
+            "sampled KL estimator on per-token reference log-probs"
+        )
     return names
 
 
@@ -770,27 +973,68 @@ def _outputs(logp, entropy, extra, names, idx, shape):
     return token_outputs(logp, entropy, None, extra, names, shape)
 
 
-def linear_sequence_logprobs_and_lengths(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
-                                         logit_scale=1.0, softcap=None, lora=None, average=False, cu_seqlens=None,
-                                         chunk_size=None, backend="auto", process_group=None, vocab_start=None,
-                                         vocab_size=None):
+def linear_sequence_logprobs_and_lengths(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index=-100,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    lora=None,
+    average=False,
+    cu_seqlens=None,
+    chunk_size=None,
+    backend="auto",
+    process_group=None,
+    vocab_start=None,
+    vocab_size=None,
+):
     """:func:`linear_sequence_logprobs` plus the int64 number of real labels per sequence."""
     from .sequence_logprobs import check_sequence_labels, sequence_totals
 
     cu_seqlens = check_sequence_labels(labels, cu_seqlens)
     _validate.check_bool(average, "average")
-    logp = linear_token_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                 temperature=temperature, logit_scale=logit_scale, softcap=softcap, lora=lora,
-                                 chunk_size=chunk_size, backend=backend, process_group=process_group,
-                                 vocab_start=vocab_start, vocab_size=vocab_size)
+    logp = linear_token_logprobs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        lora=lora,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
     return sequence_totals(logp, labels, ignore_index, cu_seqlens, average)
 
 
-def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index: int = -100, temperature=1.0,
-                             logit_scale: float = 1.0, softcap: Optional[float] = None, lora=None,
-                             average: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                             chunk_size: Optional[int] = None, backend: str = "auto", process_group=None,
-                             vocab_start: Optional[int] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
+def linear_sequence_logprobs(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    lora=None,
+    average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
     """Per-sequence log-probs (sum, or mean with ``average``) from hidden states and the lm_head.
 
     Args:
@@ -805,10 +1049,23 @@ def linear_sequence_logprobs(hidden, weight, labels, *, bias=None, ignore_index:
         fp32 ``[B]`` (``labels.shape[:-1]`` when padded).
     """
     return linear_sequence_logprobs_and_lengths(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-        logit_scale=logit_scale, softcap=softcap, lora=lora, average=average, cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size, backend=backend, process_group=process_group, vocab_start=vocab_start,
-        vocab_size=vocab_size)[0]
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        lora=lora,
+        average=average,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )[0]
 
 
 class LinearSequenceLogProbs(nn.Module):
@@ -819,10 +1076,20 @@ class LinearSequenceLogProbs(nn.Module):
     ``forward(hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None) -> [B]``.
     """
 
-    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, average: bool = False, chunk_size: Optional[int] = None,
-                 backend: str = "auto", process_group=None, vocab_start: Optional[int] = None,
-                 vocab_size: Optional[int] = None):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        average: bool = False,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+    ):
         super().__init__()
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -835,14 +1102,28 @@ class LinearSequenceLogProbs(nn.Module):
         self.chunk_size = chunk_size
         self.backend = backend
         self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
-            process_group, vocab_start, vocab_size)
+            process_group, vocab_start, vocab_size
+        )
 
     def forward(self, hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None):
         return linear_sequence_logprobs(
-            hidden, weight, labels, bias=bias, ignore_index=self.ignore_index, temperature=self.temperature,
-            logit_scale=self.logit_scale, softcap=self.softcap, lora=lora, average=self.average,
-            cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.backend,
-            process_group=self.process_group, vocab_start=self.vocab_start, vocab_size=self.vocab_size)
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            lora=lora,
+            average=self.average,
+            cu_seqlens=cu_seqlens,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            process_group=self.process_group,
+            vocab_start=self.vocab_start,
+            vocab_size=self.vocab_size,
+        )
 
     def extra_repr(self):
         s = f"ignore_index={self.ignore_index}, temperature={self.temperature}, average={self.average}"
@@ -872,8 +1153,9 @@ def _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg):
     buf = hidden.new_empty(n * Vr) if M else None
     for s in range(0, M, n):
         e = min(M, s + n)
-        z = _logits_into(buf[: (e - s) * Vr].view(e - s, Vr), hidden[s:e], weight, bias,
-                         None if u is None else u[s:e], lora_b, cfg)
+        z = _logits_into(
+            buf[: (e - s) * Vr].view(e - s, Vr), hidden[s:e], weight, bias, None if u is None else u[s:e], lora_b, cfg
+        )
         y, it = ky[s:e], inv_temp[s:e]
         res[:, s:e] = be.row_forward(z, y, it, SHARD_IGNORE, stats)
         xy[s:e] = z.gather(1, torch.where(own[s:e], y, 0).unsqueeze(1)).squeeze(1).to(acc) * it
@@ -903,8 +1185,11 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         M = hidden.shape[0]
         acc = part["XY"].dtype
         z = torch.zeros(M, dtype=acc, device=hidden.device)
-        res = (merge_partials(part, layout, torch.zeros_like(own), cfg.stats) if M
-               else {"lse_m": z, "lse_log_s": z, "logp": z})
+        res = (
+            merge_partials(part, layout, torch.zeros_like(own), cfg.stats)
+            if M
+            else {"lse_m": z, "lse_log_s": z, "logp": z}
+        )
         lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
         logp, entropy = res["logp"], res.get("entropy", z)
         extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
@@ -939,8 +1224,25 @@ class VocabParallelLinearFunction(torch.autograd.Function):
             if need[4]:
                 grads[4] = torch.zeros_like(lora_b)
         else:
-            grads = list(_linear_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, entropy, u,
-                                          grad_logp, grad_entropy, cfg, *need, lse_lo=lse_lo))
+            grads = list(
+                _linear_backward(
+                    hidden,
+                    weight,
+                    bias,
+                    lora_a,
+                    lora_b,
+                    ky,
+                    inv_temp,
+                    lse,
+                    entropy,
+                    u,
+                    grad_logp,
+                    grad_entropy,
+                    cfg,
+                    *need,
+                    lse_lo=lse_lo,
+                )
+            )
         # hidden (and LoRA A) are replicated: their gradient is the sum of every shard's part
         for i in (0, 3):
             if grads[i] is not None:
@@ -948,9 +1250,24 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         return tuple(grads) + (None,) * 6
 
 
-def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0,
-                                         logit_scale=1.0, softcap=None, stats=(), lora=None, chunk_size=None,
-                                         backend="auto", process_group=None, vocab_start=None, vocab_size=None):
+def vocab_parallel_linear_token_logprobs(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    ignore_index=-100,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    stats=(),
+    lora=None,
+    chunk_size=None,
+    backend="auto",
+    process_group=None,
+    vocab_start=None,
+    vocab_size=None,
+):
     """:func:`prefopt_fast.linear_token_logprobs` with the lm_head sharded on the vocabulary
     (what it calls when given ``process_group`` or a DTensor weight).
 
@@ -962,8 +1279,10 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     """
     if is_dtensor(weight):
         if process_group is not None or vocab_start is not None:
-            raise ValueError("a DTensor weight carries its own process group and shard offsets: "
-                             "pass neither process_group nor vocab_start with it")
+            raise ValueError(
+                "a DTensor weight carries its own process group and shard offsets: "
+                "pass neither process_group nor vocab_start with it"
+            )
         weight, process_group, dt_vocab = from_dtensor(weight, 0, "weight")
         vocab_size = dt_vocab if vocab_size is None else vocab_size
         if bias is not None:
@@ -981,17 +1300,29 @@ def vocab_parallel_linear_token_logprobs(hidden, weight, labels, *, bias=None, i
     names = _stat_names(stats)
     inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
     be = resolve_backend(backend, hidden)
-    layout = distributed.shard_layout(process_group, weight.shape[0], vocab_start, vocab_size, hidden.device,
-                          what="weight.shape[0]")
+    layout = distributed.shard_layout(
+        process_group, weight.shape[0], vocab_start, vocab_size, hidden.device, what="weight.shape[0]"
+    )
     _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
     flat_h, y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
     if idx is not None:  # labels are replicated: every rank drops the same rows
         flat_h = flat_h.index_select(0, idx)
-    cfg = _make_cfg(scaling, logit_scale, softcap, names, chunk_size, y.shape[0], max(1, weight.shape[0]),
-                    hidden.dtype, be.NAME)
+    cfg = _make_cfg(
+        scaling, logit_scale, softcap, names, chunk_size, y.shape[0], max(1, weight.shape[0]), hidden.dtype, be.NAME
+    )
     ky, own, before = kernel_labels(y, ignore_index, layout)
     logp, entropy, extra = VocabParallelLinearFunction.apply(
-        flat_h if flat_h.is_contiguous() else flat_h.contiguous(), weight, bias, lora_a, lora_b, ky, own, before,
-        inv_temp.contiguous(), cfg, layout)
+        flat_h if flat_h.is_contiguous() else flat_h.contiguous(),
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        ky,
+        own,
+        before,
+        inv_temp.contiguous(),
+        cfg,
+        layout,
+    )
     return _outputs(logp, entropy, extra, names, idx, labels.shape)

@@ -6,6 +6,7 @@ padding set to ``ignore_index``), never the logits: ``logits[:, :-1]`` is accept
 copy in the forward, but its backward goes through PyTorch's slice, which allocates a full
 ``[B, T, V]`` zero gradient for the unsliced tensor.
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -29,8 +30,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, device, of: str = "labels") -> tor
         raise ValueError(f"cu_seqlens must be on the device of {of} ({device}); got {cu_seqlens.device}")
     cu = cu_seqlens.to(torch.int64)
     ok = (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all()
-    msg = (f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens "
-           f"(labels.shape[0] = {total})")
+    msg = f"cu_seqlens must start at 0, be non-decreasing and end at the number of tokens (labels.shape[0] = {total})"
     if torch.compiler.is_compiling():
         torch._assert_async(ok, msg)
     elif not bool(ok):
@@ -38,8 +38,9 @@ def _check_cu_seqlens(cu_seqlens, total: int, device, of: str = "labels") -> tor
     return cu
 
 
-def per_sequence_sums(token_values: torch.Tensor, mask: torch.Tensor,
-                      cu_seqlens: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def per_sequence_sums(
+    token_values: torch.Tensor, mask: torch.Tensor, cu_seqlens: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sum of token_values, number of real tokens) per sequence.
 
     Padded: ``[B, T]`` -> ``[B]``. Packed (``cu_seqlens`` [B + 1] int64): ``[total]`` ->
@@ -55,9 +56,20 @@ def per_sequence_sums(token_values: torch.Tensor, mask: torch.Tensor,
     return sums, counts
 
 
-def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperature=1.0, average=False,
-                                  cu_seqlens=None, inplace_backward=False, backend="auto", process_group=None,
-                                  vocab_start=None, vocab_size=None):
+def sequence_logprobs_and_lengths(
+    logits,
+    labels,
+    *,
+    ignore_index=-100,
+    temperature=1.0,
+    average=False,
+    cu_seqlens=None,
+    inplace_backward=False,
+    backend="auto",
+    process_group=None,
+    vocab_start=None,
+    vocab_size=None,
+):
     """:func:`sequence_logprobs` plus the int64 number of real labels per sequence."""
     _validate.check_bool(average, "average")
     if process_group is None and vocab_start is None and vocab_size is None:
@@ -65,9 +77,17 @@ def sequence_logprobs_and_lengths(logits, labels, *, ignore_index=-100, temperat
     # against the logits' device: labels on another device are then reported as such
     dev, of = (logits.device, "logits") if isinstance(logits, torch.Tensor) else (None, "labels")
     cu_seqlens = check_sequence_labels(labels, cu_seqlens, dev, of)
-    logp = token_logprobs(logits, labels, ignore_index=ignore_index, temperature=temperature,
-                          inplace_backward=inplace_backward, backend=backend, process_group=process_group,
-                          vocab_start=vocab_start, vocab_size=vocab_size)
+    logp = token_logprobs(
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        inplace_backward=inplace_backward,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
     return sequence_totals(logp, labels, ignore_index, cu_seqlens, average)
 
 
@@ -94,10 +114,20 @@ def sequence_totals(logp, labels, ignore_index: int, cu_seqlens, average: bool):
     return sums, counts
 
 
-def sequence_logprobs(logits, labels, *, ignore_index: int = -100, temperature=1.0, average: bool = False,
-                      cu_seqlens: Optional[torch.Tensor] = None, inplace_backward: bool = False,
-                      backend: str = "auto", process_group=None, vocab_start: Optional[int] = None,
-                      vocab_size: Optional[int] = None) -> torch.Tensor:
+def sequence_logprobs(
+    logits,
+    labels,
+    *,
+    ignore_index: int = -100,
+    temperature=1.0,
+    average: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
     """Per-sequence log-probs: the sum (or, with ``average``, the mean) over real labels.
 
     Args:
@@ -115,9 +145,18 @@ def sequence_logprobs(logits, labels, *, ignore_index: int = -100, temperature=1
         fp32 ``[B]`` (``labels.shape[:-1]`` when padded).
     """
     return sequence_logprobs_and_lengths(
-        logits, labels, ignore_index=ignore_index, temperature=temperature, average=average,
-        cu_seqlens=cu_seqlens, inplace_backward=inplace_backward, backend=backend, process_group=process_group,
-        vocab_start=vocab_start, vocab_size=vocab_size)[0]
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        average=average,
+        cu_seqlens=cu_seqlens,
+        inplace_backward=inplace_backward,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )[0]
 
 
 class SequenceLogProbs(nn.Module):
@@ -128,9 +167,18 @@ class SequenceLogProbs(nn.Module):
     ``forward(logits, labels, cu_seqlens=None) -> [B]``.
     """
 
-    def __init__(self, *, ignore_index: int = -100, temperature: float = 1.0, average: bool = False,
-                 inplace_backward: bool = False, backend: str = "auto", process_group=None,
-                 vocab_start: Optional[int] = None, vocab_size: Optional[int] = None):
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        average: bool = False,
+        inplace_backward: bool = False,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+    ):
         super().__init__()
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
@@ -140,14 +188,23 @@ class SequenceLogProbs(nn.Module):
             raise TypeError(f"backend must be a str; got {type(backend).__name__}")
         self.backend = backend
         self.process_group, self.vocab_start, self.vocab_size = check_vocab_parallel_options(
-            process_group, vocab_start, vocab_size)
+            process_group, vocab_start, vocab_size
+        )
 
     def forward(self, logits, labels, cu_seqlens=None):
-        return sequence_logprobs(logits, labels, ignore_index=self.ignore_index, temperature=self.temperature,
-                                 average=self.average, cu_seqlens=cu_seqlens,
-                                 inplace_backward=self.inplace_backward, backend=self.backend,
-                                 process_group=self.process_group, vocab_start=self.vocab_start,
-                                 vocab_size=self.vocab_size)
+        return sequence_logprobs(
+            logits,
+            labels,
+            ignore_index=self.ignore_index,
+            temperature=self.temperature,
+            average=self.average,
+            cu_seqlens=cu_seqlens,
+            inplace_backward=self.inplace_backward,
+            backend=self.backend,
+            process_group=self.process_group,
+            vocab_start=self.vocab_start,
+            vocab_size=self.vocab_size,
+        )
 
     def extra_repr(self):
         return f"ignore_index={self.ignore_index}, temperature={self.temperature}, average={self.average}"

@@ -1,15 +1,39 @@
 """token_logprobs: per-token log-probs (and row statistics) straight from the logits."""
+
 from typing import NamedTuple, Optional
 
 import torch
 
 from .. import _validate, distributed
 from .._dispatch import load_backend, resolve_backend
-from ..distributed import (SHARD_IGNORE, ShardLayout, empty_part, from_dtensor, is_dtensor, kernel_labels,
-                           local_tensor, merge_partials, part_from_rows)
-from .._rows import OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP, OUT_REF_LSE
-from .._rows import STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STATS
-from .._rows import check_inplace_rows, compute_dtype, lse_pair
+from .._rows import (
+    OUT_ARGMAX,
+    OUT_ENTROPY,
+    OUT_KL,
+    OUT_LOGP,
+    OUT_LSE,
+    OUT_LSE_LO,
+    OUT_LSSP,
+    OUT_REF_LSE,
+    STAT_ARGMAX,
+    STAT_ENTROPY,
+    STAT_KL,
+    STATS,
+    check_inplace_rows,
+    compute_dtype,
+    lse_pair,
+)
+from ..distributed import (
+    SHARD_IGNORE,
+    ShardLayout,
+    empty_part,
+    from_dtensor,
+    is_dtensor,
+    kernel_labels,
+    local_tensor,
+    merge_partials,
+    part_from_rows,
+)
 
 STAT_NAMES = tuple(STATS)
 
@@ -34,14 +58,19 @@ class TokenLogProbsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, inv_temp, ref_logits, ignore_index: int, stats: int, inplace: bool,
-                backend: str):
-        out = load_backend(backend).row_forward(logits, labels, inv_temp, ignore_index, stats,
-                                                **({"ref_logits": ref_logits} if ref_logits is not None else {}))
+    def forward(ctx, logits, labels, inv_temp, ref_logits, ignore_index: int, stats: int, inplace: bool, backend: str):
+        out = load_backend(backend).row_forward(
+            logits,
+            labels,
+            inv_temp,
+            ignore_index,
+            stats,
+            **({"ref_logits": ref_logits} if ref_logits is not None else {}),
+        )
         # O(N) copies: the autograd outputs must not be views of one buffer
         logp, lse, entropy = out[OUT_LOGP].clone(), out[OUT_LSE].clone(), out[OUT_ENTROPY].clone()
         kl, ref_lse, lse_lo = out[OUT_KL].clone(), out[OUT_REF_LSE].clone(), out[OUT_LSE_LO].clone()
-        extra = out[OUT_LSSP:OUT_ARGMAX + 1]  # the three rows are adjacent
+        extra = out[OUT_LSSP : OUT_ARGMAX + 1]  # the three rows are adjacent
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
         ctx.save_for_backward(logits, labels, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl)
@@ -53,13 +82,32 @@ class TokenLogProbsFunction(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None and grad_kl is None:
             return (None,) * 8
         ignore_index, inplace, backend, has_entropy, has_kl = ctx.meta
-        grad = logits_grad(ctx.saved_tensors, grad_logp, grad_entropy, grad_kl, ignore_index=ignore_index,
-                           inplace=inplace, backend=backend, has_entropy=has_entropy, has_kl=has_kl)
+        grad = logits_grad(
+            ctx.saved_tensors,
+            grad_logp,
+            grad_entropy,
+            grad_kl,
+            ignore_index=ignore_index,
+            inplace=inplace,
+            backend=backend,
+            has_entropy=has_entropy,
+            has_kl=has_kl,
+        )
         return grad, None, None, None, None, None, None, None
 
 
-def logits_grad(saved, grad_logp, grad_entropy, grad_kl, *, ignore_index: int, inplace: bool, backend: str,
-                has_entropy: bool, has_kl: bool) -> torch.Tensor:
+def logits_grad(
+    saved,
+    grad_logp,
+    grad_entropy,
+    grad_kl,
+    *,
+    ignore_index: int,
+    inplace: bool,
+    backend: str,
+    has_entropy: bool,
+    has_kl: bool,
+) -> torch.Tensor:
     """The row backward kernel on the saved ``(logits, labels, inv_temp, lse, lse_lo, entropy,
     ref_logits, ref_lse, kl)`` of a forward that ran the row kernels (here, or on a vocabulary
     shard with the global statistics in prefopt_fast.distributed)."""
@@ -76,8 +124,9 @@ def logits_grad(saved, grad_logp, grad_entropy, grad_kl, *, ignore_index: int, i
     kl_args = {}
     if grad_kl is not None:
         kl_args = dict(grad_kl=grad_kl.to(lse.dtype).contiguous(), ref_logits=ref_logits, ref_lse=ref_lse, kl=kl)
-    return load_backend(backend).row_backward(logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp,
-                                              grad_entropy, ignore_index, inplace, **kl_args)
+    return load_backend(backend).row_backward(
+        logits, labels, inv_temp, lse, lse_lo, entropy, grad_logp, grad_entropy, ignore_index, inplace, **kl_args
+    )
 
 
 def check_stat_request(names, ref_logits, logits, inplace_backward, *, shard: bool = False) -> bool:
@@ -172,23 +221,36 @@ def token_logprobs(
     """
     if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(logits):
         return vocab_parallel_token_logprobs(
-            logits, labels, ignore_index=ignore_index, temperature=temperature, stats=stats, ref_logits=ref_logits,
-            inplace_backward=inplace_backward, backend=backend, process_group=process_group,
-            vocab_start=vocab_start, vocab_size=vocab_size)
+            logits,
+            labels,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            stats=stats,
+            ref_logits=ref_logits,
+            inplace_backward=inplace_backward,
+            backend=backend,
+            process_group=process_group,
+            vocab_start=vocab_start,
+            vocab_size=vocab_size,
+        )
     _validate.check_logits(logits)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     _validate.check_labels(labels, logits, ignore_index)
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
     want_kl = check_stat_request(names, ref_logits, logits, inplace_backward)
-    inv_temp = _validate.inverse_temperature(
-        temperature, labels, compute_dtype(logits.dtype)
-    )
+    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(logits.dtype))
     be = resolve_backend(backend, logits, need_kl=want_kl)
 
     flat_labels = labels.reshape(-1).to(torch.int64)
     logp, entropy, kl, extra = TokenLogProbsFunction.apply(
-        logits, flat_labels, inv_temp, ref_logits.detach() if want_kl else None, ignore_index, stat_mask(names),
-        inplace_backward, be.NAME,
+        logits,
+        flat_labels,
+        inv_temp,
+        ref_logits.detach() if want_kl else None,
+        ignore_index,
+        stat_mask(names),
+        inplace_backward,
+        be.NAME,
     )
     return token_outputs(logp, entropy, kl, extra, names, labels.shape)
 
@@ -206,15 +268,33 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, ky, own, before, ignored, inv_temp, stats: int, inplace: bool,
-                backend: str, layout: ShardLayout):
+    def forward(
+        ctx,
+        logits,
+        ref_logits,
+        ky,
+        own,
+        before,
+        ignored,
+        inv_temp,
+        stats: int,
+        inplace: bool,
+        backend: str,
+        layout: ShardLayout,
+    ):
         N = ky.shape[0]
         acc = compute_dtype(logits.dtype)
         if layout.size == 0:
             part = empty_part(N, acc, logits.device, stats)
         else:
-            out = load_backend(backend).row_forward(logits, ky, inv_temp, SHARD_IGNORE, stats,
-                                                    **({"ref_logits": ref_logits} if ref_logits is not None else {}))
+            out = load_backend(backend).row_forward(
+                logits,
+                ky,
+                inv_temp,
+                SHARD_IGNORE,
+                stats,
+                **({"ref_logits": ref_logits} if ref_logits is not None else {}),
+            )
             part = part_from_rows(out, stats)
             # x_y exactly as the kernels compute it (an O(N) gather; any leading strides)
             idx = torch.where(own, ky, 0).view(*logits.shape[:-1], 1)
@@ -227,8 +307,10 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         if N:
             res = merge_partials(part, layout, ignored, stats)
         else:
-            res = {k: torch.zeros(0, dtype=acc, device=logits.device)
-                   for k in ("lse_m", "lse_log_s", "logp", "entropy", "lssp", "mean", "argmax", "kl", "ref_lse")}
+            res = {
+                k: torch.zeros(0, dtype=acc, device=logits.device)
+                for k in ("lse_m", "lse_log_s", "logp", "entropy", "lssp", "mean", "argmax", "kl", "ref_lse")
+            }
         z = torch.zeros(N, dtype=acc, device=logits.device)
         lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
         logp = res["logp"]
@@ -249,14 +331,34 @@ class VocabParallelLogProbsFunction(torch.autograd.Function):
         if size == 0:
             return (torch.zeros_like(ctx.saved_tensors[0]),) + nones[1:]
         # the global lse / entropy / kl: the kernel then writes this shard's slice of the full gradient
-        grad = logits_grad(ctx.saved_tensors, grad_logp, grad_entropy, grad_kl, ignore_index=SHARD_IGNORE,
-                           inplace=inplace, backend=backend, has_entropy=has_entropy, has_kl=has_kl)
+        grad = logits_grad(
+            ctx.saved_tensors,
+            grad_logp,
+            grad_entropy,
+            grad_kl,
+            ignore_index=SHARD_IGNORE,
+            inplace=inplace,
+            backend=backend,
+            has_entropy=has_entropy,
+            has_kl=has_kl,
+        )
         return (grad,) + nones[1:]
 
 
-def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, stats=(),
-                                  ref_logits=None, inplace_backward=False, backend="auto", process_group=None,
-                                  vocab_start=None, vocab_size=None):
+def vocab_parallel_token_logprobs(
+    logits,
+    labels,
+    *,
+    ignore_index=-100,
+    temperature=1.0,
+    stats=(),
+    ref_logits=None,
+    inplace_backward=False,
+    backend="auto",
+    process_group=None,
+    vocab_start=None,
+    vocab_size=None,
+):
     """:func:`prefopt_fast.token_logprobs` on a vocabulary shard (what it calls when given
     ``process_group`` or a DTensor).
 
@@ -267,8 +369,10 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     """
     if is_dtensor(logits):
         if process_group is not None or vocab_start is not None:
-            raise ValueError("a DTensor carries its own process group and shard offsets: "
-                             "pass neither process_group nor vocab_start with DTensor logits")
+            raise ValueError(
+                "a DTensor carries its own process group and shard offsets: "
+                "pass neither process_group nor vocab_start with DTensor logits"
+            )
         logits, process_group, dt_vocab = from_dtensor(logits, -1, "logits")
         vocab_size = dt_vocab if vocab_size is None else vocab_size
         if ref_logits is not None:
@@ -286,19 +390,29 @@ def vocab_parallel_token_logprobs(logits, labels, *, ignore_index=-100, temperat
     _validate.check_index_tensor(labels, "labels", logits.shape[:-1], logits.device, "logits.shape[:-1]")
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
     want_kl = check_stat_request(names, ref_logits, logits, inplace_backward, shard=True)
-    inv_temp = _validate.inverse_temperature(
-        temperature, labels, compute_dtype(logits.dtype))
+    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(logits.dtype))
 
     # an empty shard never reaches a kernel; resolve the backend on a dtype/device probe
     be = resolve_backend(backend, logits, need_kl=want_kl)
 
-    layout = distributed.shard_layout(process_group, logits.shape[-1], vocab_start, vocab_size, logits.device,
-                          what="logits.shape[-1]")
+    layout = distributed.shard_layout(
+        process_group, logits.shape[-1], vocab_start, vocab_size, logits.device, what="logits.shape[-1]"
+    )
     _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
     y = labels.reshape(-1).to(torch.int64)
     ky, own, before = kernel_labels(y, ignore_index, layout)
     logp, entropy, kl, extra = VocabParallelLogProbsFunction.apply(
-        logits, ref_logits.detach() if want_kl else None, ky, own, before, y == ignore_index, inv_temp,
-        stat_mask(names), inplace_backward, be.NAME, layout)
+        logits,
+        ref_logits.detach() if want_kl else None,
+        ky,
+        own,
+        before,
+        y == ignore_index,
+        inv_temp,
+        stat_mask(names),
+        inplace_backward,
+        be.NAME,
+        layout,
+    )
     return token_outputs(logp, entropy, kl, extra, names, labels.shape)

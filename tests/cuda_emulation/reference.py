@@ -2,13 +2,29 @@
 kernel tests, and the awkward inputs the CUDA tests feed every implementation: shapes that
 exercise each load path, rows with NaN / inf / -inf / huge values, ties, labels ignored or
 out of range."""
+
 import math
 
 import torch
 
-from prefopt_fast._rows import (N_OUT, OUT_ARGMAX, OUT_ENTROPY, OUT_KL, OUT_LOGP, OUT_LSE, OUT_LSE_LO, OUT_LSSP,
-                                OUT_MEAN, OUT_REF_LSE, STAT_ARGMAX, STAT_ENTROPY, STAT_KL, STAT_LSSP,
-                                STAT_MEAN, split_lse)
+from prefopt_fast._rows import (
+    N_OUT,
+    OUT_ARGMAX,
+    OUT_ENTROPY,
+    OUT_KL,
+    OUT_LOGP,
+    OUT_LSE,
+    OUT_LSE_LO,
+    OUT_LSSP,
+    OUT_MEAN,
+    OUT_REF_LSE,
+    STAT_ARGMAX,
+    STAT_ENTROPY,
+    STAT_KL,
+    STAT_LSSP,
+    STAT_MEAN,
+    split_lse,
+)
 
 IGN = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -78,8 +94,12 @@ def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=
 
 def stat_rows(stats, kl=False):
     rows = [OUT_LOGP, OUT_LSE]
-    for bit, r in ((STAT_ENTROPY, OUT_ENTROPY), (STAT_LSSP, OUT_LSSP), (STAT_MEAN, OUT_MEAN),
-                   (STAT_ARGMAX, OUT_ARGMAX)):
+    for bit, r in (
+        (STAT_ENTROPY, OUT_ENTROPY),
+        (STAT_LSSP, OUT_LSSP),
+        (STAT_MEAN, OUT_MEAN),
+        (STAT_ARGMAX, OUT_ARGMAX),
+    ):
         if stats & bit:
             rows.append(r)
     if kl or stats & STAT_KL:
@@ -89,23 +109,41 @@ def stat_rows(stats, kl=False):
 
 def assert_forward(out, ref, stats, rtol=3e-5, atol=3e-5, what=""):
     for r in stat_rows(stats):
-        torch.testing.assert_close(out[r].cpu().double(), ref[r], rtol=rtol, atol=atol, equal_nan=True,
-                                   msg=lambda m, r=r: f"{what} output row {r}: {m}")
+        torch.testing.assert_close(
+            out[r].cpu().double(),
+            ref[r],
+            rtol=rtol,
+            atol=atol,
+            equal_nan=True,
+            msg=lambda m, r=r: f"{what} output row {r}: {m}",
+        )
     # LSE + LSE_LO: the lse to the accuracy of the fp32 exp-sums, at any magnitude
     lse = out[OUT_LSE].cpu().double() + out[OUT_LSE_LO].cpu().double()
-    torch.testing.assert_close(lse, ref[OUT_LSE] + ref[OUT_LSE_LO], rtol=0, atol=2e-6, equal_nan=True,
-                               msg=lambda m: f"{what} LSE + LSE_LO: {m}")
+    torch.testing.assert_close(
+        lse,
+        ref[OUT_LSE] + ref[OUT_LSE_LO],
+        rtol=0,
+        atol=2e-6,
+        equal_nan=True,
+        msg=lambda m: f"{what} LSE + LSE_LO: {m}",
+    )
 
 
 def grad_tol(dtype):
-    return {torch.float32: 3e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+    return {torch.float32: 3e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}[dtype]
 
 
 def assert_grad(g, ref, dtype, what=""):
     fin = torch.isfinite(ref)
     scale = max(ref[fin].abs().max().item(), 1e-30) if fin.any() else 1.0
-    torch.testing.assert_close(g.cpu().double().reshape(ref.shape), ref, rtol=grad_tol(dtype),
-                               atol=1e-6 * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        g.cpu().double().reshape(ref.shape),
+        ref,
+        rtol=grad_tol(dtype),
+        atol=1e-6 * scale,
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def make(shape, dtype, scale=3.0, device="cpu"):
@@ -119,21 +157,21 @@ def special_rows(dtype, V, big=None):
     the KL comes out +inf (as in the torch backend's fp32 math)."""
     if big is None:
         big = {torch.float32: 3e38, torch.bfloat16: 3e38, torch.float16: 6e4}[dtype]
-    rows = (torch.randn(11, V) * 3)
-    rows[0, V // 3] = math.nan                           # NaN -> NaN row
-    rows[1, 2] = math.inf                                # +inf -> NaN row
-    rows[2, ::2] = -math.inf                             # -inf entries (p = 0)
-    rows[3] = -math.inf                                  # only -inf -> NaN log-prob
-    rows[4, 1] = big                                     # huge positive
-    rows[4, 3] = -big                                    #   and negative in one row
-    rows[5] = rows[5] * 1e-3 + 30.0                      # large offset
-    rows[6, 5] = 80.0                                    # a confident row: p ~ 1
+    rows = torch.randn(11, V) * 3
+    rows[0, V // 3] = math.nan  # NaN -> NaN row
+    rows[1, 2] = math.inf  # +inf -> NaN row
+    rows[2, ::2] = -math.inf  # -inf entries (p = 0)
+    rows[3] = -math.inf  # only -inf -> NaN log-prob
+    rows[4, 1] = big  # huge positive
+    rows[4, 3] = -big  #   and negative in one row
+    rows[5] = rows[5] * 1e-3 + 30.0  # large offset
+    rows[6, 5] = 80.0  # a confident row: p ~ 1
     rows[7] = 1.0
-    rows[7, [1, V - 2]] = 5.0                            # a tie: the first index is the argmax
-    rows[8, V - 1] = math.nan                            # NaN last, after the max
-    rows[8, 0] = math.inf                                # and +inf first
-    rows[9, :V // 2] = -math.inf                         # -inf first half
-    rows[10] = rows[10] * 50                             # wide spread
+    rows[7, [1, V - 2]] = 5.0  # a tie: the first index is the argmax
+    rows[8, V - 1] = math.nan  # NaN last, after the max
+    rows[8, 0] = math.inf  # and +inf first
+    rows[9, : V // 2] = -math.inf  # -inf first half
+    rows[10] = rows[10] * 50  # wide spread
     return rows.to(dtype)
 
 

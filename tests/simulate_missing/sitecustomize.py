@@ -1,6 +1,7 @@
 """Test helper: on PYTHONPATH, makes the modules named in PREFOPT_TEST_BLOCK (comma-separated,
 with their submodules) fail to import, as after an uninstall or a broken build. Used by
 tests/test_environment.py to check that the test command then fails with the reason."""
+
 import os
 import sys
 
