@@ -569,19 +569,6 @@ def shapes(op: OpSpec) -> dict:
     return {"small": op.presets["quick"][0], "default": op.presets["default"][0]}
 
 
-def case_params(op: OpSpec, dtypes=("fp32", "bf16")) -> list:
-    """pytest params (provider, shape name, dtype) over every provider of ``op``."""
-    import pytest
-
-    out = []
-    for p in op.providers:
-        for name in shapes(op):
-            for dt in dtypes:
-                marks = [pytest.mark.slow] if name != "small" else []
-                out.append(pytest.param(p.name, name, dt, marks=marks, id=f"{p.name}-{name}-{dt}"))
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _fn(op_module: str, provider: str):
     """The provider's callable, made once per process (torch.compile compiles once)."""

@@ -953,11 +953,6 @@ def _fold_logit_scale(inv_temp, logit_scale: float, softcap):
     return inv_temp
 
 
-def _make_cfg(scaling, logit_scale, softcap, names, chunk_size, M: int, V: int, dtype, backend: str) -> _Cfg:
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, dtype)
-    return _Cfg(scaling, logit_scale, softcap, stat_mask(names), chunk, backend)
-
-
 def _outputs(logp, entropy, extra, names, idx, shape):
     """The public result from the kept rows' logp, entropy [M] and extras [3, M]: ignored rows
     get 0 in every output."""
@@ -1308,8 +1303,16 @@ def vocab_parallel_linear_token_logprobs(
     flat_h, y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
     if idx is not None:  # labels are replicated: every rank drops the same rows
         flat_h = flat_h.index_select(0, idx)
-    cfg = _make_cfg(
-        scaling, logit_scale, softcap, names, chunk_size, y.shape[0], max(1, weight.shape[0]), hidden.dtype, be.NAME
+    cfg = _op_cfg(
+        scaling,
+        logit_scale,
+        softcap,
+        stat_mask(names),
+        chunk_size,
+        y.shape[0],
+        max(1, weight.shape[0]),
+        hidden.dtype,
+        be.NAME,
     )
     ky, own, before = kernel_labels(y, ignore_index, layout)
     logp, entropy, extra = VocabParallelLinearFunction.apply(
