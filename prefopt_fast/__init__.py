@@ -12,15 +12,34 @@ from .linear import __all__ as _linear_all
 from .losses import *  # noqa: F401,F403  (the loss heads; their __all__ lists them)
 from .losses import __all__ as _losses_all
 from .ops.sequence_logprobs import SequenceLogProbs, sequence_logprobs
-from .ops.token_logprobs import TokenLogProbs, token_logprobs
+from .ops.token_logprobs import TokenLogProbsOutput, token_logprobs
 
 __all__ = [
     "available_backends",
     "build_info",
     "token_logprobs",
-    "TokenLogProbs",
+    "TokenLogProbsOutput",
     "sequence_logprobs",
     "SequenceLogProbs",
     *_losses_all,
     *_linear_all,
 ]
+
+# Old public names, kept importable for one release with a DeprecationWarning (not in __all__).
+_RENAMED = {
+    "TokenLogProbs": "TokenLogProbsOutput",
+}
+
+
+def __getattr__(name):
+    if name in _RENAMED:
+        import warnings
+
+        new = _RENAMED[name]
+        warnings.warn(
+            f"prefopt_fast.{name} is deprecated and will be removed; use prefopt_fast.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module 'prefopt_fast' has no attribute {name!r}")

@@ -18,7 +18,7 @@ def naive_token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, 
     labels int [...]; temperature a float or a tensor broadcastable to ``labels.shape``.
 
     Returns the fp64 log-probs ``[...]`` when ``stats`` is empty, else a plain tuple in
-    the field order of ``TokenLogProbs``: ``(logprobs, entropy, log_sum_sq_probs,
+    the field order of ``TokenLogProbsOutput``: ``(logprobs, entropy, log_sum_sq_probs,
     mean_logit, is_argmax)`` with ``None`` for unrequested stats. Float outputs are fp64,
     ``is_argmax`` is bool. Rows whose label is ``ignore_index`` give 0 (False) everywhere
     and no gradient. Non-finite input follows fp64 ``torch.log_softmax`` (NaN or +inf in

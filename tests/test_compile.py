@@ -122,7 +122,7 @@ def test_no_recompile_per_tensor_temperature(backend, device):
 # Each public function and module of the package, compiled with fullgraph=True (backend
 # "aot_eager": dynamo, the fake implementations and AOT autograd; no codegen, so it stays fast),
 # forward and backward, against eager on the same inputs. A case builds
-# (fn, leaves): fn(*leaves) returns any pytree of tensors (loss, metrics, TokenLogProbs, dicts);
+# (fn, leaves): fn(*leaves) returns any pytree of tensors (loss, metrics, TokenLogProbsOutput, dicts);
 # the backward runs through a fixed weighted sum of every float output that has a gradient.
 
 from typing import Callable, Dict, NamedTuple, Tuple  # noqa: E402
@@ -487,7 +487,7 @@ NO_TENSORS = {
     "available_backends": "lists the backends of this process",
     "build_info": "reports how the extension was built",
     "default_chunk_size": "integer arithmetic on Python ints (the fused-linear chunk rule)",
-    "TokenLogProbs": "the NamedTuple the log-prob functions return (traced as their output)",
+    "TokenLogProbsOutput": "the NamedTuple the log-prob functions return (traced as their output)",
 }
 
 

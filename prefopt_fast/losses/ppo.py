@@ -326,7 +326,7 @@ def ppo_from_token_stats(
     """The PPO loss of an op that computes per-token statistics from ``src``, the ``[B, T, last]``
     tensor named ``src_name`` ("logits" [B, T, V] for ppo_loss, "hidden" [B, T, H] for
     linear_ppo_loss): checks ``src`` and the labels against it, folds ``loss_mask`` into the
-    labels, calls ``token_stats(kernel_labels, with_kl)`` (a ``TokenLogProbs`` with the
+    labels, calls ``token_stats(kernel_labels, with_kl)`` (a ``TokenLogProbsOutput`` with the
     log-probs, the entropy and, when ``with_kl``, the exact KL) and applies the head of
     :func:`policy_loss` to them. ``cfg``: :func:`check_policy_config`."""
     _validate.check_tensor(src, src_name)
@@ -467,7 +467,7 @@ def _ppo_head(
     src: str = "logits",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
-    log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbs``; the
+    log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbsOutput``; the
     per-token head is :func:`policy_loss`'s. ``labels`` are checked already; ``src`` names the
     tensor whose device ``dev`` is ("logits" or "hidden")."""
     advantages, adv_per_seq, old_logps, loss_mask, is_weights, ref_logps, global_num_tokens = _check_head_inputs(

@@ -871,7 +871,7 @@ def linear_token_logprobs(
 
     Returns:
         fp32 log-probs shaped like ``labels`` (fp64 for fp64 inputs), or with ``stats`` a
-        :class:`prefopt_fast.TokenLogProbs` (``kl`` None). Gradients reach ``hidden``,
+        :class:`prefopt_fast.TokenLogProbsOutput` (``kl`` None). Gradients reach ``hidden``,
         ``weight``, ``bias`` and the LoRA factors, accumulated in fp32.
     """
     if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(weight):

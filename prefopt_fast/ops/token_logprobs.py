@@ -38,7 +38,7 @@ from ..distributed import (
 STAT_NAMES = tuple(STATS)
 
 
-class TokenLogProbs(NamedTuple):
+class TokenLogProbsOutput(NamedTuple):
     """Per-token outputs, each shaped like ``labels``; fields not asked for are None."""
 
     logprobs: torch.Tensor
@@ -155,7 +155,7 @@ def stat_mask(names) -> int:
 
 def token_outputs(logp, entropy, kl, extra, names, shape):
     """The public result from the flat [N] outputs: log-probs shaped ``shape``, or with
-    ``names`` a TokenLogProbs of them (``extra``: the [3, N] lssp / mean / argmax rows)."""
+    ``names`` a TokenLogProbsOutput of them (``extra``: the [3, N] lssp / mean / argmax rows)."""
     logp = logp.reshape(shape)
     if not names:
         return logp
@@ -166,7 +166,7 @@ def token_outputs(logp, entropy, kl, extra, names, shape):
         "is_argmax": extra[2] != 0,
         "kl": kl,
     }
-    return TokenLogProbs(logp, **{n: rows[n].reshape(shape) for n in names})
+    return TokenLogProbsOutput(logp, **{n: rows[n].reshape(shape) for n in names})
 
 
 def token_logprobs(
@@ -217,7 +217,7 @@ def token_logprobs(
 
     Returns:
         float32 log-probs shaped like ``labels`` (float64 for float64 logits) when
-        ``stats`` is empty, else a :class:`TokenLogProbs` named tuple.
+        ``stats`` is empty, else a :class:`TokenLogProbsOutput` named tuple.
     """
     if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(logits):
         return vocab_parallel_token_logprobs(
