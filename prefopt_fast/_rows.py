@@ -59,6 +59,9 @@ the same shape and dtype as ``logits``, its own strides, last stride 1; bit STAT
     ref_logits.
 """
 
+import math
+from typing import NamedTuple, Optional
+
 import torch
 
 STAT_ENTROPY = 1
@@ -159,3 +162,216 @@ def num_rows(x: torch.Tensor) -> int:
     for s in x.shape[:-1]:
         n *= s
     return n
+
+
+# --------------------------------------------------------------------------- partial statistics
+#
+# A row split over vocabulary segments (the tiles of the fused-linear path, the shards of a
+# vocabulary-parallel head) is run through the row kernels one segment at a time; each call
+# gives the statistics of its segment. They combine into the whole row's with ONE algebra:
+# every segment b becomes a Partial in "scaled sum" form about a reference m (a max of the
+# segments' lse), e_b = exp(L_b - m):
+#
+#     s   = sum_b e_b                                   lse     = m + log s
+#     ent = sum_b e_b (H_b - (L_b - m))   (terms >= 0)  entropy = ent / s + log s
+#     sq  = sum_b exp(2 (L_b - m) + LSSP_b)             lssp    = log sq - 2 log s
+#     sumx= sum_b V_b MEAN_b                            mean    = sumx / V
+#     xy  = x_y of the segment holding the label        logp    = (xy - m) - log s
+#     kl  = sum_b e_b (KL_b + (L_b - m) - (R_b - mr)),  sr = sum_b exp(R_b - mr)
+#                                                       kl      = kl / s - log s + log sr
+#     own (1 in the segment holding the label), am (it says "first argmax"), mx (max x), pre
+#     (max x over the segments wholly before the label)  is_argmax = am & xy >= mx & xy > pre
+#
+# Moving a Partial to a larger reference (``rescale``) multiplies s by exp(m - M) and adds
+# (M - m) s to ent (and likewise for kl): every field is then a plain sum, max or count, so
+# two Partials combine by rescaling both to the larger reference and adding (``combine``),
+# and a process group combines them with an all-reduce MAX of the references and an
+# all-reduce SUM of the rest (prefopt_fast.distributed.all_reduce_partial). ``finish`` turns
+# a Partial into the row contract's outputs. All of it in fp64, on [N] vectors.
+#
+# ``off`` (optional): a per-row offset every field is relative to (the fused-linear path
+# subtracts a shift from fp32 tiles so the kernels' fp32 lse keeps the precision of the
+# logits' spread, not of their magnitude); the Partials of one fold share it, a process
+# group's are reconciled by all_reduce_partial.
+
+
+class Partial(NamedTuple):
+    """Statistics of one or more vocabulary segments of N rows (fp64 [N] tensors; None where
+    the statistic was not asked for). See the comment above for the fields."""
+
+    m: torch.Tensor
+    s: torch.Tensor
+    xy: torch.Tensor
+    own: torch.Tensor
+    ent: Optional[torch.Tensor] = None
+    sq: Optional[torch.Tensor] = None
+    sumx: Optional[torch.Tensor] = None
+    am: Optional[torch.Tensor] = None
+    mx: Optional[torch.Tensor] = None
+    pre: Optional[torch.Tensor] = None
+    mr: Optional[torch.Tensor] = None
+    sr: Optional[torch.Tensor] = None
+    kl: Optional[torch.Tensor] = None
+    off: Optional[torch.Tensor] = None
+
+
+# the fields a process group reduces with MAX (references and maxima); the rest are sums
+PARTIAL_MAX_FIELDS = ("m", "mx", "pre", "mr")
+PARTIAL_SUM_FIELDS = ("s", "xy", "own", "ent", "sq", "sumx", "am", "sr", "kl")
+
+_F64 = torch.float64
+
+
+def empty_partial(N: int, stats: int, device, off: Optional[torch.Tensor] = None) -> Partial:
+    """The Partial of no vocabulary entry at all: the identity of ``combine``."""
+
+    def full(v):
+        return torch.full((N,), v, dtype=_F64, device=device)
+
+    return Partial(
+        m=full(-math.inf),
+        s=full(0.0),
+        xy=full(0.0),
+        own=full(0.0),
+        ent=full(0.0) if stats & STAT_ENTROPY else None,
+        sq=full(0.0) if stats & STAT_LSSP else None,
+        sumx=full(0.0) if stats & STAT_MEAN else None,
+        am=full(0.0) if stats & STAT_ARGMAX else None,
+        mx=full(-math.inf) if stats & STAT_ARGMAX else None,
+        pre=full(-math.inf) if stats & STAT_ARGMAX else None,
+        mr=full(-math.inf) if stats & STAT_KL else None,
+        sr=full(0.0) if stats & STAT_KL else None,
+        kl=full(0.0) if stats & STAT_KL else None,
+        off=off,
+    )
+
+
+def leaf_partial(
+    out: torch.Tensor,
+    stats: int,
+    size: int,
+    xy: torch.Tensor,
+    own: torch.Tensor,
+    mx: Optional[torch.Tensor] = None,
+    after: Optional[torch.Tensor] = None,
+    off: Optional[torch.Tensor] = None,
+) -> Partial:
+    """The Partial of one segment of ``size`` entries from the row kernels' ``out``
+    [N_OUT, N] (the segment's labels: its own index where ``own``, else out of range).
+
+    ``xy`` [N]: x_y as the kernels compute it (read where ``own``); ``mx`` [N]: max_v x_v of the
+    segment and ``after`` [N] bool: the label lies after the segment (both for STAT_ARGMAX).
+    The reference is the segment's fp32 LSE, exactly representable, with LSE_LO inside the
+    scaled sums: nothing is lost to the magnitude of lse."""
+    L = out[OUT_LSE].to(_F64)
+    lo = out[OUT_LSE_LO].to(_F64)
+    empty = torch.isneginf(L)  # a segment of only -inf logits adds nothing
+    zero = torch.zeros((), dtype=_F64, device=L.device)
+    e = torch.where(empty, zero, torch.exp(lo))
+    ent = sq = sumx = am = mxx = pre = mr = sr = kl = None
+    if stats & STAT_ENTROPY:
+        ent = torch.where(empty, zero, e * (out[OUT_ENTROPY].to(_F64) - lo))
+    if stats & STAT_LSSP:
+        sq = torch.where(empty, zero, torch.exp(2 * lo + out[OUT_LSSP].to(_F64)))
+    if stats & STAT_MEAN:  # absolute: the offset added back here (the mean needs no more than fp64)
+        sumx = out[OUT_MEAN].to(_F64) * size if off is None else (out[OUT_MEAN].to(_F64) + off) * size
+    if stats & STAT_ARGMAX:
+        am = torch.where(own, out[OUT_ARGMAX].to(_F64), zero)
+        mxx = mx.to(_F64)
+        pre = torch.where(after, mxx, -math.inf)
+    if stats & STAT_KL:
+        mr = out[OUT_REF_LSE].to(_F64)
+        sr = torch.where(torch.isneginf(mr), zero, torch.ones_like(mr))
+        kl = torch.where(empty, zero, e * (out[OUT_KL].to(_F64) + lo))
+    return Partial(
+        m=torch.where(empty, -math.inf, L),
+        s=e,
+        xy=torch.where(own, xy.to(_F64), zero),
+        own=own.to(_F64),
+        ent=ent,
+        sq=sq,
+        sumx=sumx,
+        am=am,
+        mx=mxx,
+        pre=pre,
+        mr=mr,
+        sr=sr,
+        kl=kl,
+        off=off,
+    )
+
+
+def _ref(m: torch.Tensor) -> torch.Tensor:
+    # a row of only -inf logits everywhere: reference 0, so that exp(m - M) gives 0, not NaN
+    return torch.where(torch.isneginf(m), 0.0, m)
+
+
+def rescale(p: Partial, M: torch.Tensor, MR: Optional[torch.Tensor] = None) -> Partial:
+    """``p`` about the references ``M >= p.m`` (and ``MR >= p.mr`` for the KL fields)."""
+    M = _ref(M)
+    d = M - p.m
+    r = torch.exp(-d)
+    live = p.s != 0  # NaN stays live and propagates
+    zero = torch.zeros((), dtype=_F64, device=M.device)
+    ent = None if p.ent is None else torch.where(live, r * (p.ent + d * p.s), zero)
+    sq = None if p.sq is None else p.sq * (r * r)
+    mr = sr = kl = None
+    if p.kl is not None:
+        MR = _ref(MR)
+        dr = MR - p.mr
+        mr, sr = MR, p.sr * torch.exp(-dr)
+        kl = torch.where(live, r * (p.kl + p.s * (dr - d)), zero)
+    return p._replace(m=M, s=p.s * r, ent=ent, sq=sq, mr=mr, sr=sr, kl=kl)
+
+
+def _add(a: Partial, b: Partial) -> Partial:
+    """Field-wise sum of two Partials about the same references."""
+    fields = {}
+    for f in PARTIAL_SUM_FIELDS:
+        x, y = getattr(a, f), getattr(b, f)
+        fields[f] = None if x is None else x + y
+    if a.mx is not None:
+        fields["mx"] = torch.maximum(a.mx, b.mx)
+        fields["pre"] = torch.maximum(a.pre, b.pre)
+    return a._replace(**fields)
+
+
+def combine(a: Partial, b: Partial) -> Partial:
+    """The Partial of the union of two disjoint sets of segments (same ``off``)."""
+    M = torch.maximum(a.m, b.m)
+    MR = None if a.mr is None else torch.maximum(a.mr, b.mr)
+    return _add(rescale(a, M, MR), rescale(b, M, MR))
+
+
+class RowStats(NamedTuple):
+    """The whole rows' statistics from ``finish`` (fp64 [N]; None where not asked for).
+    ``lse_m``, ``lse_log_s``: lse = lse_m + lse_log_s, kept apart for ``lse_pair``."""
+
+    lse_m: torch.Tensor
+    lse_log_s: torch.Tensor
+    logp: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    log_sum_sq_probs: Optional[torch.Tensor]
+    mean_logit: Optional[torch.Tensor]
+    is_argmax: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor]
+    ref_lse: Optional[torch.Tensor]
+
+
+def finish(p: Partial, vocab: int) -> RowStats:
+    """The row contract's statistics of rows of ``vocab`` entries from their Partial (lse and
+    logp's parts relative to ``p.off`` when given; mean_logit is absolute)."""
+    m = _ref(p.m)
+    log_s = torch.log(p.s)
+    ent = None if p.ent is None else p.ent / p.s + log_s
+    sq = None if p.sq is None else torch.log(p.sq) - 2 * log_s
+    mean = None if p.sumx is None else p.sumx / vocab
+    arg = None
+    if p.am is not None:
+        arg = ((p.am > 0.5) & (p.xy >= p.mx) & (p.xy > p.pre)).to(_F64)
+    kl = ref_lse = None
+    if p.kl is not None:
+        log_sr = torch.log(p.sr)
+        kl = p.kl / p.s - log_s + log_sr
+        ref_lse = _ref(p.mr) + log_sr
+    return RowStats(m, log_s, (p.xy - m) - log_s, ent, sq, mean, arg, kl, ref_lse)

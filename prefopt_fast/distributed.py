@@ -2,35 +2,21 @@
 
 This module holds what is not an op: the layout of a vocabulary over a process group
 (:class:`ShardLayout`, :func:`shard_layout`, the checks), DTensor unpacking, and the
-collective merge of per-shard row statistics (:func:`merge_partials`). The ops that use them
-sit one layer up and import this module, never the reverse: ``VocabParallelLogProbsFunction``
-and ``vocab_parallel_token_logprobs`` in :mod:`prefopt_fast.ops.token_logprobs`,
-``VocabParallelLinearFunction`` and ``vocab_parallel_linear_token_logprobs`` in
-:mod:`prefopt_fast.ops.linear_logprobs` (docs/design.md, "Layers").
+collective form of the one merge of partial row statistics (:func:`all_reduce_partial`). The
+ops sit one layer up and import this module, never the reverse: ``token_logprobs`` and
+``linear_token_logprobs`` run the same autograd Function with or without a ``ShardLayout``
+(docs/design.md, "Layers").
 
 Each rank of a process group holds a contiguous slice ``[vocab_start, vocab_start + V_r)`` of
 the vocabulary: of the logits ``[..., V_r]``, or of the lm_head weight ``[V_r, H]`` (fused-linear
 path, hidden states replicated). Nothing new runs over the vocabulary: each rank calls its
 backend's row kernels on its shard, with the labels shifted by ``-vocab_start`` so that a label
 living on another shard is an out-of-range index (the row contract, ``prefopt_fast._rows``,
-then gives every statistic but the log-prob), and the per-token partial statistics are merged
-with two all-reduces of ``[k, N]`` tensors (k <= 9, N = tokens): O(tokens), never O(tokens x V).
-
-Merge (per token; r runs over the shards, L_r, H_r, ... the shard's kernel outputs,
-m = max_r L_r, e_r = exp(L_r - m), S = sum_r e_r, w_r = e_r / S):
-
-    lse              = m + log S
-    logp             = x_y - lse            x_y from the shard holding the label
-    entropy          = sum_r w_r H_r - sum_r w_r log w_r              (mixture entropy)
-    log_sum_sq_probs = log sum_r exp(2 (L_r - m) + LSSP_r) - 2 log S
-    mean_logit       = sum_r V_r MEAN_r / V
-    kl               = sum_r w_r (KL_r + log w_r - log w'_r)          (w' the reference weights)
-    is_argmax        = the label is the first argmax in its shard, not below the global max, and
-                       no earlier shard reaches the global max
-
-all-reduce MAX of (L_r, REF_LSE_r, max_v x_v), then all-reduce SUM of the rest. Terms with
-e_r == 0 count 0 (a shard of only -inf logits); NaN propagates through the SUM (gloo's MAX
-does not propagate NaN reliably, so nothing relies on it).
+then gives every statistic but the log-prob). Its shard's statistics are a ``_rows.Partial``,
+and the group merges the Partials exactly as the fused-linear path merges its vocabulary
+blocks (``_rows.combine``), with all-reduces of ``[k, N]`` fp64 tensors (k <= 9, N = tokens):
+O(tokens), never O(tokens x V). NaN propagates through the SUM (gloo's MAX does not propagate
+NaN reliably, so nothing relies on it).
 
 Backward: the row kernels' gradient formula needs only lse, the entropy and the KL of the
 whole row, so each rank runs ``row_backward`` on its own shard with the GLOBAL statistics and
@@ -44,7 +30,6 @@ Everything that is not sharded (labels, temperature, the per-token loss inputs) 
 identical on all ranks of the group; the group's ranks must all make the same calls.
 """
 
-import math
 import sys
 from typing import NamedTuple, Optional
 
@@ -52,21 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validate
-from ._rows import (
-    OUT_ARGMAX,
-    OUT_ENTROPY,
-    OUT_KL,
-    OUT_LSE,
-    OUT_LSE_LO,
-    OUT_LSSP,
-    OUT_MEAN,
-    OUT_REF_LSE,
-    STAT_ARGMAX,
-    STAT_ENTROPY,
-    STAT_KL,
-    STAT_LSSP,
-    STAT_MEAN,
-)
+from ._rows import PARTIAL_MAX_FIELDS, PARTIAL_SUM_FIELDS, Partial, rescale
 
 __all__ = [
     "ShardLayout",
@@ -78,9 +49,7 @@ __all__ = [
     "local_tensor",
     "SHARD_IGNORE",
     "kernel_labels",
-    "merge_partials",
-    "empty_part",
-    "part_from_rows",
+    "all_reduce_partial",
 ]
 
 # Kernel-side labels: a row's label is either its index in this shard, SHARD_IGNORE (the row is
@@ -242,113 +211,44 @@ def local_tensor(x):
 
 
 def kernel_labels(y: torch.Tensor, ignore_index: int, layout: ShardLayout):
-    """(kernel labels, owned, shard-before-label) for global labels y [N] int64."""
+    """(kernel labels, owned, label-after-shard) for global labels y [N] int64: a row's kernel
+    label is its index in this shard, SHARD_IGNORE, or ``layout.size`` (out of range: the label
+    lives on another shard)."""
     ign = y == ignore_index
     end = layout.start + layout.size
     own = ~ign & (y >= layout.start) & (y < end)
     ky = torch.where(own, y - layout.start, torch.where(ign, SHARD_IGNORE, layout.size))
-    before = ~ign & (y >= end)
-    return ky, own, before
+    after = ~ign & (y >= end)
+    return ky, own, after
 
 
-def merge_partials(part, layout: ShardLayout, ignored: torch.Tensor, stats: int):
-    """Global row statistics from this shard's ``part`` (dict of [N] tensors, acc dtype):
-    L (the shard's lse, or its LSE row with Llo its LSE_LO), XY (x_y, meaningful where
-    ``own``), own, before, and per ``stats``: H, S2 (LSSP), MEAN, MX (max_v x_v) and AM
-    (kernel ARGMAX), KL and RL (REF_LSE).
-
-    Returns a dict of [N] tensors: lse_m, lse_log_s (fp64: the global lse as max + log of
-    the exp-sum, for ``_rows.lse_pair``), logp, and entropy / lssp / mean / argmax / kl /
-    ref_lse when asked for (in XY's dtype); ignored rows hold 0. The merge runs in fp64
-    (O(N) vectors) and keeps the max apart from log S, so the lse pair loses nothing even at
-    |x| ~ 1e30, which the backward's exp((x - lse) - lse_lo) would inherit.
-    """
-    out_dt = part["XY"].dtype
-    dt = torch.float64
-    part = {k: v.to(dt) if v.is_floating_point() else v for k, v in part.items()}
-    L = part["L"]
-    want_ent, want_sq, want_mean = stats & STAT_ENTROPY, stats & STAT_LSSP, stats & STAT_MEAN
-    want_arg, want_kl = stats & STAT_ARGMAX, stats & STAT_KL
-    zero = torch.zeros((), dtype=dt, device=L.device)
-
-    # round 1: maxima
-    mx_rows = [L] + ([part["RL"]] if want_kl else []) + ([part["MX"]] if want_arg else [])
-    mx = torch.stack(mx_rows)
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=layout.group)
-    # a row of only -inf logits everywhere: shift by 0 so exp gives 0, not NaN
-    m = torch.where(torch.isneginf(mx[0]), zero, mx[0])
-    dL = L - m if "Llo" not in part else (L - m) + part["Llo"]
-    e = torch.exp(dL)
-    rows = [e, torch.where(part["own"], part["XY"], zero)]
-    if want_ent:
-        rows.append(torch.where(e == 0, zero, e * (part["H"] - dL)))
-    if want_sq:
-        rows.append(torch.where(e == 0, zero, torch.exp(2 * dL + part["S2"])))
-    if want_mean:
-        rows.append(part["MEAN"] * layout.size)
-    if want_arg:
-        gmax = mx[-1]
-        rows.append((part["own"] & (part["AM"] != 0) & (part["XY"] >= gmax)).to(dt))
-        rows.append((part["before"] & (part["MX"] >= gmax)).to(dt))
-    if want_kl:
-        mr = torch.where(torch.isneginf(mx[1]), zero, mx[1])
-        dR = part["RL"] - mr
-        rows.append(torch.exp(dR))
-        rows.append(torch.where(e == 0, zero, e * (part["KL"] + dL - dR)))
-
-    # round 2: sums
-    s = torch.stack(rows)
-    dist.all_reduce(s, op=dist.ReduceOp.SUM, group=layout.group)
-    it = iter(s)
-    S = next(it)
-    log_s = torch.log(S)
-    res = {"lse_m": m, "lse_log_s": log_s}
-    res["logp"] = (next(it) - m) - log_s
-    if want_ent:
-        res["entropy"] = next(it) / S + log_s
-    if want_sq:
-        res["lssp"] = torch.log(next(it)) - 2 * log_s
-    if want_mean:
-        res["mean"] = next(it) / layout.vocab
-    if want_arg:
-        res["argmax"] = ((next(it) > 0.5) & (next(it) < 0.5)).to(dt)
-    if want_kl:
-        Sr = next(it)
-        res["ref_lse"] = mr + torch.log(Sr)
-        res["kl"] = next(it) / S - log_s + torch.log(Sr)
-    for k, v in res.items():
-        res[k] = v.masked_fill(ignored, 0.0) if k.startswith("lse") else v.masked_fill(ignored, 0.0).to(out_dt)
-    return res
-
-
-def empty_part(N: int, dt, device, stats: int):
-    """The part of a shard without any vocabulary entry (an uneven DTensor split)."""
-    full = lambda v: torch.full((N,), v, dtype=dt, device=device)  # noqa: E731
-    part = {"L": full(-math.inf), "XY": full(0.0)}
-    if stats & STAT_ENTROPY:
-        part["H"] = full(0.0)
-    if stats & STAT_LSSP:
-        part["S2"] = full(0.0)
-    if stats & STAT_MEAN:
-        part["MEAN"] = full(0.0)
-    if stats & STAT_ARGMAX:
-        part["MX"], part["AM"] = full(-math.inf), full(0.0)
-    if stats & STAT_KL:
-        part["KL"], part["RL"] = full(0.0), full(-math.inf)
-    return part
-
-
-def part_from_rows(out: torch.Tensor, stats: int) -> dict:
-    """The row kernels' [N_OUT, N] output as a part (views, no copy)."""
-    part = {"L": out[OUT_LSE], "Llo": out[OUT_LSE_LO]}
-    if stats & STAT_ENTROPY:
-        part["H"] = out[OUT_ENTROPY]
-    if stats & STAT_LSSP:
-        part["S2"] = out[OUT_LSSP]
-    if stats & STAT_MEAN:
-        part["MEAN"] = out[OUT_MEAN]
-    if stats & STAT_ARGMAX:
-        part["AM"] = out[OUT_ARGMAX]
-    if stats & STAT_KL:
-        part["KL"], part["RL"] = out[OUT_KL], out[OUT_REF_LSE]
-    return part
+def all_reduce_partial(p: Partial, layout: ShardLayout) -> Partial:
+    """The Partial of the whole vocabulary from every rank's ``p`` (its shard's): the merge of
+    ``prefopt_fast._rows`` (``combine``) done by the group at once. One all-reduce MAX of the
+    references and maxima, each rank rescales to them, one all-reduce SUM of the rest; with
+    per-rank offsets ``p.off`` (fused-linear fp32 tiles) a first all-reduce MAX agrees on one,
+    and each rank moves its relative fields to it. Every rank gets the same result.
+    O(tokens) bytes, never O(tokens x V)."""
+    group = layout.group
+    if p.off is not None:
+        O = p.off.clone()
+        dist.all_reduce(O, op=dist.ReduceOp.MAX, group=group)
+        delta = p.off - O  # <= 0, exact where the offsets are close
+        p = p._replace(
+            m=p.m + delta,
+            xy=p.xy + delta * p.own,
+            mx=None if p.mx is None else p.mx + delta,
+            pre=None if p.pre is None else p.pre + delta,
+            off=O,
+        )
+    max_fields = [f for f in PARTIAL_MAX_FIELDS if getattr(p, f) is not None]
+    mx = torch.stack([getattr(p, f) for f in max_fields])
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    top = dict(zip(max_fields, mx))
+    p = rescale(p, top["m"], top.get("mr"))
+    if "mx" in top:
+        p = p._replace(mx=top["mx"], pre=top["pre"])
+    sum_fields = [f for f in PARTIAL_SUM_FIELDS if getattr(p, f) is not None]
+    sm = torch.stack([getattr(p, f) for f in sum_fields])
+    dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=group)
+    return p._replace(**dict(zip(sum_fields, sm)))

@@ -573,6 +573,28 @@ def _check_huge(env):
             env.close(f"{be} {mag:g} logprobs", out, torch.full((3,), -math.log(V)), rtol=1e-6, atol=1e-6)
             env.close(f"{be} {mag:g} grad", loc.grad, _shard(expected, -1, s0, n0), rtol=1e-5, atol=1e-6)
 
+    # fused-linear at logits ~3e4 (fp32, where an fp32 lse has an ulp of 2e-3): the sharded head
+    # matches the single device to fp32 precision (shards shifted by different offsets, merged)
+    from prefopt_fast.linear import linear_token_logprobs
+
+    g = torch.Generator().manual_seed(11)
+    H = 8
+    hidden = torch.randn(4, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.05
+    bias = torch.full((V,), 3e4) + torch.randn(V, generator=g)
+    y4 = torch.tensor([0, V - 1, V // 2, 1])
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    one = linear_token_logprobs(*leaves[:2], y4, bias=leaves[2], stats=("entropy",), chunk_size=2)
+    (one.logprobs.sum() + one.entropy.sum()).backward()
+    mine = [hidden.clone(), _shard(weight, 0, s0, n0).clone(), _shard(bias, 0, s0, n0).clone()]
+    mine = [x.requires_grad_() for x in mine]
+    out = linear_token_logprobs(*mine[:2], y4, bias=mine[2], stats=("entropy",), chunk_size=2, **kw)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    env.close("linear 3e4 logprobs", out.logprobs, one.logprobs, rtol=1e-6, atol=1e-6)
+    env.close("linear 3e4 entropy", out.entropy, one.entropy, rtol=1e-6, atol=1e-6)
+    env.close("linear 3e4 grad hidden", mine[0].grad, leaves[0].grad, rtol=1e-5, atol=1e-6)
+    env.close("linear 3e4 grad bias", mine[2].grad, _shard(leaves[2].grad, 0, s0, n0), rtol=1e-5, atol=1e-6)
+
 
 def _check_triton(env):
     """The interpreted Triton kernels on a shard (small: the interpreter is slow)."""

@@ -45,7 +45,6 @@ and ``[M, r]`` for LoRA, and ``[V, H]`` for a half-precision weight gradient onl
 than ``TOKEN_TILE`` tokens take several token tiles on a device with fp32-output GEMMs.
 """
 
-import math
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -55,32 +54,24 @@ from torch import nn
 from .. import _validate, distributed
 from .._dispatch import load_backend, resolve_backend
 from .._rows import (
-    N_OUT,
-    OUT_ARGMAX,
-    OUT_ENTROPY,
-    OUT_LSE,
-    OUT_LSE_LO,
-    OUT_LSSP,
-    OUT_MEAN,
     STAT_ARGMAX,
     STAT_ENTROPY,
-    STAT_LSSP,
-    STAT_MEAN,
     STATS,
+    Partial,
+    combine,
     compute_dtype,
+    empty_partial,
+    finish,
+    leaf_partial,
     lse_pair,
-    split_lse,
 )
 from ..distributed import (
-    SHARD_IGNORE,
+    ShardLayout,
+    all_reduce_partial,
     check_vocab_parallel_options,
-    empty_part,
     from_dtensor,
     is_dtensor,
-    kernel_labels,
     local_tensor,
-    merge_partials,
-    part_from_rows,
 )
 from .token_logprobs import stat_mask, token_outputs
 
@@ -198,62 +189,42 @@ def _forward_tiles(M: int, V: int, item: int, cfg: _Cfg) -> Tuple[int, int]:
 
 
 def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg):
-    """Row statistics over the whole vocabulary, one [token tile, vocabulary block] tile at a time.
+    """The Partial (``_rows.Partial``) of the vocabulary of ``weight`` [V, H], one [token tile,
+    vocabulary block] tile at a time, and the per-row shift subtracted from fp32 tiles.
 
-    The row kernels see a block of each row; their per-block outputs merge exactly into the
-    full-row ones (a label outside the block is an out-of-range index: the kernels then
-    compute every statistic but the label's). With L_b, H_b the block's log-sum-exp and
-    entropy and lse = log sum_b exp L_b:
-        H                = sum_b exp(L_b - lse) (H_b + lse - L_b)   (terms >= 0: no cancellation)
-        sum_v p_v^2      = sum_b exp(2 (L_b - lse)) exp(LSSP_b)
-        mean_v x_v       = sum_b (V_b / V) MEAN_b
-        logp             = x_y - lse, x_y read from the tile holding the label
-        is_argmax        = first argmax in its block, above every earlier block's max and
-                           not below any later block's max
-    kept as running sums rescaled whenever lse grows (online log-sum-exp).
-    Returns logp [M], lse [M] and lse_lo [M] (the merged fp64 lse as the row contract's pair),
-    entropy [M] (zeros unless asked for), [3, M] extras and the per-row shift [M] subtracted
-    from fp32 tiles (None otherwise; lse is that of the shifted rows, as the backward must
-    see them).
+    ``labels`` [M]: indices into ``weight``'s rows; one outside [0, V) (the label lives on
+    another vocabulary shard) is an out-of-range index for every block, and the blocks before
+    or after it are told apart by its sign. The row kernels see one block of each row; each
+    block's outputs are a leaf Partial, folded with ``_rows.combine`` (the same merge a process
+    group does over its shards).
+
+    fp32 tiles are first shifted per row by the max of the row's first block: the kernels'
+    fp32 lse then has the magnitude of the logits' spread, not of the logits, so neither the
+    merge weights exp(L_b - m) nor the backward's exp(x - lse) inherit ulp(|lse|) as a relative
+    error (at logits ~30 that was ~30x plain PyTorch's). Half tiles are not shifted: a
+    rounding of z - c to the half dtype would cost more than it saves. Returns
+    ``(partial, shift)``: the Partial relative to ``off = shift * inv_temp`` (fp64), shift
+    [M] in the compute dtype (None for half tiles).
     """
     M, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     acc_dt = compute_dtype(hidden.dtype)
-    # the O(M) merge state is fp64: each merge step would otherwise add an fp32 rounding to
-    # lse and to the weights exp(L_b - lse), which the backward's exp(x - lse) inherits
-    mdt = torch.float64
     be = load_backend(cfg.backend)
-    want_ent = bool(cfg.stats & STAT_ENTROPY)
-    want_sq = bool(cfg.stats & STAT_LSSP)
-    want_mean = bool(cfg.stats & STAT_MEAN)
     want_arg = bool(cfg.stats & STAT_ARGMAX)
 
-    full = lambda v: torch.full((M,), v, dtype=mdt, device=dev)  # noqa: E731
-    lse = full(-math.inf)
-    xy = full(math.nan)
-    ent = full(0.0)  # sum over blocks so far of exp(L_b - lse) (H_b + lse - L_b), lse the running one
-    sq = full(0.0)  # sum_v exp(2 (x_v - lse))
-    mean = full(0.0)
-    arg_in = full(0.0)  # the kernel's ARGMAX in the label's block
-    max_all = full(-math.inf)
-    max_before = full(-math.inf)  # max over the blocks that end at or before the label
-
-    # fp32 tiles are shifted per row by the max of the row's first block: the kernels' fp32
-    # lse then has the magnitude of the logits' spread, not of the logits, so the merge
-    # weights exp(L_b - lse) and the backward's exp(x - lse) do not inherit ulp(|lse|) as a
-    # relative error (at logits ~30 that was ~30x plain PyTorch's). Half tiles are not
-    # shifted: a rounding of z - c to the half dtype would cost more than it saves.
     shift = torch.zeros(M, dtype=acc_dt, device=dev) if hidden.dtype == torch.float32 else None
     mc, vb = _forward_tiles(M, V, hidden.element_size(), cfg)
-    one_block = vb >= V
-    buf = hidden.new_empty(mc * vb) if M else None
+    buf = hidden.new_empty(mc * vb) if M and V else None
+    tiles = []
     for t0 in range(0, M, mc):
         t1 = min(M, t0 + mc)
         m = t1 - t0
         h_c = hidden[t0:t1]
         u_c = None if u is None else u[t0:t1]
         y, it = labels[t0:t1], inv_temp[t0:t1]
+        off = None
+        acc = None
         for v0 in range(0, V, vb):
             v1 = min(V, v0 + vb)
             z = buf[: m * (v1 - v0)].view(m, v1 - v0)
@@ -270,55 +241,30 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
                 if v0 == 0:
                     c = z.amax(1)
                     shift[t0:t1] = torch.where(torch.isfinite(c), c, 0.0)
+                    off = shift[t0:t1].double() * it.double()
                 z.sub_(shift[t0:t1].unsqueeze(1))
             inb = (y >= v0) & (y < v1)
-            yb = y - v0 if one_block else torch.where(inb, y - v0, v1 - v0)
+            yb = torch.where(inb, y - v0, v1 - v0)  # "elsewhere": out of range, never the ignore index
             out = be.row_forward(z, yb, it, _KERNEL_IGNORE, cfg.stats)
-            L = out[OUT_LSE].to(mdt) + out[OUT_LSE_LO].to(mdt)  # the block's lse to ~fp64
             # x_y exactly as the kernels compute it: the tile's value times inv_temp
-            zy = (z.gather(1, yb.clamp(max=v1 - v0 - 1).unsqueeze(1)).squeeze(1).to(acc_dt) * it).to(mdt)
-            xy[t0:t1] = torch.where(inb, zy, xy[t0:t1])
-            old = lse[t0:t1]
-            new = torch.logaddexp(old, L)
-            empty = torch.isneginf(new)  # every logit so far is -inf: nothing to rescale
-            r_old = torch.where(empty, 0.0, torch.exp(old - new))
-            w = torch.where(empty | torch.isneginf(L), 0.0, torch.exp(L - new))
-            if want_ent:
-                # H = sum_b w_b (H_b + lse - L_b): every term >= 0, no cancellation at large logits.
-                # Moving the reference from old to new: D <- r_old * (D + (new - old)) (the old
-                # weights sum to 1), and new - old, new - L as softplus of d = L - old.
-                d = L - old
-                sp = torch.log1p(torch.exp(-d.abs()))
-                first = torch.isneginf(old)  # nothing merged yet (or only -inf): no old part
-                no_new = empty | torch.isneginf(L)  # an all -inf block adds nothing
-                kept = torch.where(first, 0.0, r_old * (ent[t0:t1] + d.clamp(min=0) + sp))
-                term = torch.where(no_new, 0.0, w * (out[OUT_ENTROPY].to(mdt) + (-d).clamp(min=0) + sp))
-                ent[t0:t1] = kept + term  # NaN in a row stays NaN
-            if want_sq:
-                term = torch.where(w > 0, w * w * torch.exp(out[OUT_LSSP].to(mdt)), 0.0)
-                sq[t0:t1] = sq[t0:t1] * (r_old * r_old) + term
-            lse[t0:t1] = new
-            if want_mean:
-                mean[t0:t1] += out[OUT_MEAN].to(mdt) * ((v1 - v0) / V)
-            if want_arg:
-                bm = (z.amax(1).to(acc_dt) * it).to(mdt)  # max_v of x_v, as the kernels round it
-                arg_in[t0:t1] = torch.where(inb, out[OUT_ARGMAX].to(mdt), arg_in[t0:t1])
-                max_before[t0:t1] = torch.where(y >= v1, torch.maximum(max_before[t0:t1], bm), max_before[t0:t1])
-                max_all[t0:t1] = torch.maximum(max_all[t0:t1], bm)
+            xy = z.gather(1, yb.clamp(max=v1 - v0 - 1).unsqueeze(1)).squeeze(1).to(acc_dt) * it
+            mx = z.amax(1).to(acc_dt) * it if want_arg else None  # max_v x_v, as the kernels round it
+            leaf = leaf_partial(out, cfg.stats, v1 - v0, xy, inb, mx, y >= v1, off)
+            acc = leaf if acc is None else combine(acc, leaf)
+        if acc is None:  # an empty vocabulary shard
+            off = None if shift is None else torch.zeros(m, dtype=torch.float64, device=dev)
+            acc = empty_partial(m, cfg.stats, dev, off)
+        tiles.append(acc)
     del buf
-    logp = xy - lse
-    if shift is not None and want_mean:
-        mean += shift.to(mdt) * inv_temp.to(mdt)
-    entropy = ent if want_ent else full(0.0)
-    extra = torch.zeros(3, M, dtype=acc_dt, device=dev)
-    if want_sq:
-        extra[0] = torch.log(sq)
-    if want_mean:
-        extra[1] = mean
-    if want_arg:
-        extra[2] = ((arg_in != 0) & (xy > max_before) & (xy >= max_all)).to(acc_dt)
-    lse_hi, lse_lo = split_lse(lse, acc_dt)
-    return logp.to(acc_dt), lse_hi, lse_lo, entropy.to(acc_dt), extra, shift
+    if not tiles:
+        part = empty_partial(
+            0, cfg.stats, dev, None if shift is None else torch.zeros(0, dtype=torch.float64, device=dev)
+        )
+    elif len(tiles) == 1:
+        part = tiles[0]
+    else:
+        part = Partial(*(None if f is None else torch.cat([t[i] for t in tiles]) for i, f in enumerate(tiles[0])))
+    return part, shift
 
 
 # --------------------------------------------------------------------------- the ops and the autograd Function
@@ -377,6 +323,45 @@ def _linear_forward_impl(
     [N_ROWS, N] tensor in the compute dtype, 0 on ignored rows: logp, entropy, the three extras
     (log_sum_sq_probs, mean_logit, is_argmax), lse, lse_lo, and the shift subtracted from the
     row's fp32 logits (0 for half inputs)."""
+    return _linear_forward_rows(
+        hidden,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        labels,
+        inv_temp,
+        ignore_index,
+        scaling,
+        logit_scale,
+        softcap,
+        stats,
+        chunk_size,
+        backend,
+        None,
+    )
+
+
+def _linear_forward_rows(
+    hidden,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    labels,
+    inv_temp,
+    ignore_index,
+    scaling,
+    logit_scale,
+    softcap,
+    stats,
+    chunk_size,
+    backend,
+    layout: Optional[ShardLayout],
+):
+    """``_linear_forward_impl`` with an optional vocabulary layout: ``weight`` (``bias``,
+    ``lora_b``) then hold this rank's rows of the head, ``labels`` stay global, and the shards'
+    Partials are merged over the group before ``finish`` (one device: a group of one)."""
     N = hidden.shape[0]
     idx = _kept_index(labels, ignore_index)
     # the gather of the kept rows lives here, not in autograd: index_select's backward is a
@@ -384,17 +369,37 @@ def _linear_forward_impl(
     h = _rows_of(hidden, idx)
     h = h if h.is_contiguous() else h.contiguous()
     y, it = _rows_of(labels, idx), _rows_of(inv_temp, idx)
+    if layout is not None:
+        y = y - layout.start  # < 0: the label lies before this shard, >= V_r: after it
     u = torch.mm(h, lora_a.t()) if lora_a is not None else None
-    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype, backend)
-    logp, lse, lse_lo, entropy, extra, shift = _linear_forward(h, weight, bias, u, lora_b, y, it, cfg)
-    rows = torch.cat(
+    cfg = _op_cfg(
+        scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], max(1, weight.shape[0]), hidden.dtype, backend
+    )
+    part, shift = _linear_forward(h, weight, bias, u, lora_b, y, it, cfg)
+    acc = compute_dtype(hidden.dtype)
+    own_off = part.off
+    if layout is not None and h.shape[0]:  # the labels are replicated: every rank agrees on M
+        part = all_reduce_partial(part, layout)
+    r = finish(part, weight.shape[0] if layout is None else layout.vocab)
+    lse_m = r.lse_m
+    if own_off is not None and part.off is not own_off:
+        lse_m = lse_m + (part.off - own_off)  # the group's offset -> this rank's shift
+    lse, lse_lo = lse_pair(lse_m, r.lse_log_s, acc)
+    z = torch.zeros_like(lse)
+
+    def row(x):
+        return z if x is None else x.to(acc)
+
+    rows = torch.stack(
         [
-            logp[None],
-            entropy[None],
-            extra,
-            lse[None],
-            lse_lo[None],
-            torch.zeros_like(lse)[None] if shift is None else shift[None],
+            row(r.logp),
+            row(r.entropy),
+            row(r.log_sum_sq_probs),
+            row(r.mean_logit),
+            row(r.is_argmax),
+            lse,
+            lse_lo,
+            z if shift is None else shift,
         ]
     )
     return rows if idx is None else rows.new_zeros(N_ROWS, N).index_copy_(1, idx, rows)
@@ -449,38 +454,101 @@ def _linear_backward_impl(
 ) -> List[torch.Tensor]:
     """[grad hidden [N, H], grad weight, grad bias, grad lora_a, grad lora_b]; an empty [0]
     tensor for each gradient not asked for. ``rows``: the forward op's [N_ROWS, N] output."""
+    return _linear_backward_rows(
+        hidden,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        labels,
+        inv_temp,
+        rows,
+        grad_logp,
+        grad_entropy,
+        ignore_index,
+        scaling,
+        logit_scale,
+        softcap,
+        stats,
+        chunk_size,
+        backend,
+        need_h,
+        need_w,
+        need_b,
+        need_a,
+        need_lb,
+        None,
+    )
+
+
+def _linear_backward_rows(
+    hidden,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    labels,
+    inv_temp,
+    rows,
+    grad_logp,
+    grad_entropy,
+    ignore_index,
+    scaling,
+    logit_scale,
+    softcap,
+    stats,
+    chunk_size,
+    backend,
+    need_h,
+    need_w,
+    need_b,
+    need_a,
+    need_lb,
+    layout: Optional[ShardLayout],
+):
+    """``_linear_backward_impl`` with an optional vocabulary layout (see ``_linear_forward_rows``):
+    each rank's gradient of the replicated hidden states and LoRA ``A`` is the part that flows
+    through its vocabulary slice, summed over the group."""
     idx = _kept_index(labels, ignore_index)
     h = _rows_of(hidden, idx)
     h = h if h.is_contiguous() else h.contiguous()
     y, it, g_logp, g_ent = (_rows_of(x, idx) for x in (labels, inv_temp, grad_logp, grad_entropy))
+    if layout is not None:
+        y = y - layout.start
     k = rows if idx is None else rows.index_select(1, idx)
     shift = k[R_SHIFT] if hidden.dtype == torch.float32 else None
-    u = torch.mm(h, lora_a.t()) if lora_a is not None else None  # recomputed: O(M H r), saved nothing
-    cfg = _op_cfg(scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype, backend)
-    grads = list(
-        _linear_backward(
-            h,
-            weight,
-            bias,
-            lora_a,
-            lora_b,
-            y,
-            it,
-            k[R_LSE],
-            k[R_ENTROPY],
-            u,
-            g_logp,
-            g_ent,
-            cfg,
-            need_h,
-            need_w,
-            need_b,
-            need_a,
-            need_lb,
-            shift=shift,
-            lse_lo=k[R_LSE_LO],
+    need = (need_h, need_w, need_b, need_a, need_lb)
+    if weight.shape[0] == 0:  # an empty vocabulary shard: no logits, no gradient of its own
+        grads = [torch.zeros_like(x) if n else None for x, n in zip((h, weight, bias, lora_a, lora_b), need)]
+    else:
+        u = torch.mm(h, lora_a.t()) if lora_a is not None else None  # recomputed: O(M H r), saved nothing
+        cfg = _op_cfg(
+            scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], weight.shape[0], hidden.dtype, backend
         )
-    )
+        grads = list(
+            _linear_backward(
+                h,
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                y,
+                it,
+                k[R_LSE],
+                k[R_ENTROPY],
+                u,
+                g_logp,
+                g_ent,
+                cfg,
+                *need,
+                shift=shift,
+                lse_lo=k[R_LSE_LO],
+            )
+        )
+    if layout is not None:
+        for i in (0, 3):  # hidden and LoRA A are replicated: sum every shard's part
+            if grads[i] is not None:
+                dist.all_reduce(grads[i], op=dist.ReduceOp.SUM, group=layout.group)
     if grads[0] is not None and idx is not None:
         grads[0] = grads[0].new_zeros(hidden.shape[0], grads[0].shape[1]).index_put_((idx,), grads[0])
     return [hidden.new_empty(0) if g is None else g for g in grads]
@@ -535,6 +603,12 @@ class LinearLogProbsFunction(torch.autograd.Function):
     (ignore_index, LoRA scaling, logit_scale, softcap, STAT_* mask, chunk_size, backend name).
     Outputs, per row: logp [N], entropy [N] (differentiable; zeros unless asked for) and the
     non-differentiable rows [3, N] (log_sum_sq_probs, mean_logit, is_argmax); 0 on ignored rows.
+
+    With a ``layout`` (``distributed.ShardLayout``) ``weight``, ``bias`` and ``lora_b`` are this
+    rank's vocabulary rows, ``hidden``, ``labels`` (global indices) and ``lora_a`` replicated:
+    the same tiles and kernels run on the shard, the shards' statistics merge over the group
+    (outputs replicated), and the gradients of ``hidden`` and ``lora_a`` are summed over it.
+    Without one the forward and backward are ``torch.library`` ops (traceable).
     """
 
     @staticmethod
@@ -554,22 +628,25 @@ class LinearLogProbsFunction(torch.autograd.Function):
         stats: int,
         chunk_size,
         backend: str,
+        layout: Optional[ShardLayout] = None,
     ):
         opts = (ignore_index, scaling, logit_scale, softcap, stats, chunk_size, backend)
-        rows = _call(
-            _linear_forward_op, _linear_forward_impl, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, *opts
-        )
+        inputs = (hidden, weight, bias, lora_a, lora_b, labels, inv_temp)
+        if layout is None:
+            rows = _call(_linear_forward_op, _linear_forward_impl, *inputs, *opts)
+        else:
+            rows = _linear_forward_rows(*inputs, *opts, layout)
         # O(N) copies: the autograd outputs must not be views of the saved buffer
         logp, entropy, extra = rows[R_LOGP].clone(), rows[R_ENTROPY].clone(), rows[R_EXTRA:R_LSE].clone()
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, rows)
-        ctx.opts = opts
+        ctx.opts, ctx.layout = opts, layout
         return logp, entropy, extra
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_extra):
-        nones = (None,) * 14
+        nones = (None,) * 15
         opts = ctx.opts
         # under torch.compile an unused output's gradient arrives as zeros, not None; the
         # entropy output is zeros (not a function of the inputs) unless it was asked for
@@ -580,9 +657,11 @@ class LinearLogProbsFunction(torch.autograd.Function):
         need = tuple(bool(n) for n in ctx.needs_input_grad[:5])
         if not any(need):
             return nones
-        grads = _call(
-            _linear_backward_op, _linear_backward_impl, *ctx.saved_tensors, grad_logp, grad_entropy, *opts, *need
-        )
+        args = (*ctx.saved_tensors, grad_logp, grad_entropy, *opts, *need)
+        if ctx.layout is None:
+            grads = _call(_linear_backward_op, _linear_backward_impl, *args)
+        else:
+            grads = _linear_backward_rows(*args, ctx.layout)
         return tuple(g if n else None for g, n in zip(grads, need)) + nones[5:]
 
 
@@ -719,7 +798,7 @@ def _linear_backward(
                 if shift_c is not None:
                     g.sub_(shift_c)  # the forward's rows, which its lse belongs to
                 # labels of this block; "elsewhere" is an out-of-range index (drops the one-hot term)
-                yb = y - v0 if n_voc_blocks == 1 else torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
+                yb = torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
                 be.row_backward(g, yb, it, lse_c, lo_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
                 if raw is not None:
                     # d softcap*tanh(scale*r/softcap) / dr = scale / cosh(scale*r/softcap)^2, accurate
@@ -874,30 +953,26 @@ def linear_token_logprobs(
         :class:`prefopt_fast.TokenLogProbsOutput` (``kl`` None). Gradients reach ``hidden``,
         ``weight``, ``bias`` and the LoRA factors, accumulated in fp32.
     """
-    if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(weight):
-        return vocab_parallel_linear_token_logprobs(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            ignore_index=ignore_index,
-            temperature=temperature,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            stats=stats,
-            lora=lora,
-            chunk_size=chunk_size,
-            backend=backend,
-            process_group=process_group,
-            vocab_start=vocab_start,
-            vocab_size=vocab_size,
+    sharded = process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(weight)
+    if sharded:
+        hidden, weight, labels, bias, lora, process_group, vocab_size = _local_shard(
+            hidden, weight, labels, bias, lora, process_group, vocab_start, vocab_size
         )
+        distributed.check_process_group(process_group)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
+    # shapes, dtypes and LoRA (of the local shard, which may have no rows); on a shard the
+    # labels' range needs the global vocabulary: checked after shard_layout, the rest before
+    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=sharded)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
     names = _stat_names(stats)
     inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
     be = resolve_backend(backend, hidden)
+    layout = None
+    if sharded:
+        layout = distributed.shard_layout(
+            process_group, weight.shape[0], vocab_start, vocab_size, hidden.device, what="weight.shape[0]"
+        )
+        _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1).to(torch.int64)
@@ -917,8 +992,30 @@ def linear_token_logprobs(
         stat_mask(names),
         chunk_size,
         be.NAME,
+        layout,
     )
-    return _outputs(logp, entropy, extra, names, None, labels.shape)
+    return token_outputs(logp, entropy, None, extra, names, labels.shape)
+
+
+def _local_shard(hidden, weight, labels, bias, lora, process_group, vocab_start, vocab_size):
+    """The local tensors of a vocabulary-parallel call: a DTensor weight sharded on dim 0
+    brings its process group and global size (and then takes neither ``process_group`` nor
+    ``vocab_start``); bias / LoRA B sharded like it, hidden / labels / LoRA A replicated.
+    Returns (hidden, weight, labels, bias, lora, process_group, vocab_size)."""
+    if is_dtensor(weight):
+        if process_group is not None or vocab_start is not None:
+            raise ValueError(
+                "a DTensor weight carries its own process group and shard offsets: "
+                "pass neither process_group nor vocab_start with it"
+            )
+        weight, process_group, dt_vocab = from_dtensor(weight, 0, "weight")
+        vocab_size = dt_vocab if vocab_size is None else vocab_size
+        if bias is not None:
+            bias = from_dtensor(bias, 0, "bias")[0] if is_dtensor(bias) else bias
+        if lora is not None and isinstance(lora, (tuple, list)) and len(lora) == 3:
+            a, b, sc = lora
+            lora = (local_tensor(a), from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
+    return local_tensor(hidden), weight, local_tensor(labels), bias, lora, process_group, vocab_size
 
 
 # --------------------------------------------------------------------------- shared with the vocab-parallel path
@@ -935,37 +1032,11 @@ def _stat_names(stats):
     return names
 
 
-def _kept_rows(hidden, labels, inv_temp, ignore_index: int, logit_scale: float, softcap):
-    """The rows the kernels see: (hidden [N, H] (all rows), labels int64 [M], inv_temp [M],
-    idx int64 [M] or None) for the M rows with a real label (idx: their rows in [N], None for
-    all of them). Without softcap ``inv_temp`` has ``logit_scale`` folded in."""
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_y = labels.reshape(-1).to(torch.int64)
-    idx = _kept_index(flat_y, ignore_index)
-    flat_y, inv_temp = _rows_of(flat_y, idx), _rows_of(inv_temp, idx)
-    return flat_h, flat_y, _fold_logit_scale(inv_temp, logit_scale, softcap), idx
-
-
 def _fold_logit_scale(inv_temp, logit_scale: float, softcap):
     """Without softcap, x = raw * scale / T: ``logit_scale`` joins the kernels' inverse temperature."""
     if softcap is None and logit_scale != 1.0:
         return inv_temp * logit_scale
     return inv_temp
-
-
-def _outputs(logp, entropy, extra, names, idx, shape):
-    """The public result from the kept rows' logp, entropy [M] and extras [3, M]: ignored rows
-    get 0 in every output."""
-    if idx is not None:
-        N = math.prod(shape)
-
-        def full(x):
-            return x.new_zeros(*x.shape[:-1], N).index_copy(x.dim() - 1, idx, x)
-
-        logp = full(logp)
-        if names:
-            entropy, extra = full(entropy), full(extra)
-    return token_outputs(logp, entropy, None, extra, names, shape)
 
 
 def linear_sequence_logprobs_and_lengths(
@@ -1127,205 +1198,3 @@ class LinearSequenceLogProbs(nn.Module):
         if self.softcap is not None:
             s += f", softcap={self.softcap}"
         return s
-
-
-# --------------------------------------------------------------------------- vocabulary-parallel
-
-
-def _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg):
-    """This shard's part, chunk by chunk of tokens: one [chunk, V_r] logits buffer."""
-    M = hidden.shape[0]
-    Vr = weight.shape[0]
-    acc = compute_dtype(hidden.dtype)
-    stats = cfg.stats
-    if Vr == 0:
-        return empty_part(M, acc, hidden.device, stats)
-    be = load_backend(cfg.backend)
-    res = torch.zeros(N_OUT, M, dtype=acc, device=hidden.device)
-    xy = torch.zeros(M, dtype=acc, device=hidden.device)
-    mx = torch.full((M,), -math.inf, dtype=acc, device=hidden.device) if stats & STAT_ARGMAX else None
-    n = max(1, min(cfg.chunk, M))
-    buf = hidden.new_empty(n * Vr) if M else None
-    for s in range(0, M, n):
-        e = min(M, s + n)
-        z = _logits_into(
-            buf[: (e - s) * Vr].view(e - s, Vr), hidden[s:e], weight, bias, None if u is None else u[s:e], lora_b, cfg
-        )
-        y, it = ky[s:e], inv_temp[s:e]
-        res[:, s:e] = be.row_forward(z, y, it, SHARD_IGNORE, stats)
-        xy[s:e] = z.gather(1, torch.where(own[s:e], y, 0).unsqueeze(1)).squeeze(1).to(acc) * it
-        if mx is not None:
-            mx[s:e] = z.amax(1).to(acc) * it
-    part = part_from_rows(res, stats)
-    part["XY"] = xy
-    if mx is not None:
-        part["MX"] = mx
-    return part
-
-
-class VocabParallelLinearFunction(torch.autograd.Function):
-    """Fused-linear log-probs with the lm_head weight sharded on the vocabulary.
-
-    Inputs: hidden [M, H] (replicated; rows with real labels only), weight [V_r, H], bias [V_r]
-    or None, lora_a [r, H] (replicated) / lora_b [V_r, r] or None, kernel labels [M], own /
-    before [M] bool, inv_temp [M], cfg (``_Cfg``), layout.
-    Outputs: logp, entropy [M] (replicated, differentiable), [3, M] extras.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_a, lora_b, ky, own, before, inv_temp, cfg, layout):
-        u = torch.mm(hidden, lora_a.t()) if lora_a is not None else None
-        part = _linear_part(hidden, weight, bias, u, lora_b, ky, own, inv_temp, cfg)
-        part["own"], part["before"] = own, before
-        M = hidden.shape[0]
-        acc = part["XY"].dtype
-        z = torch.zeros(M, dtype=acc, device=hidden.device)
-        res = (
-            merge_partials(part, layout, torch.zeros_like(own), cfg.stats)
-            if M
-            else {"lse_m": z, "lse_log_s": z, "logp": z}
-        )
-        lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
-        logp, entropy = res["logp"], res.get("entropy", z)
-        extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u)
-        ctx.cfg, ctx.layout = cfg, layout
-        return logp, entropy.clone(), extra
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_extra):
-        nones = (None,) * 11
-        if grad_logp is None and grad_entropy is None:
-            return nones
-        hidden, weight, bias, lora_a, lora_b, ky, inv_temp, lse, lse_lo, entropy, u = ctx.saved_tensors
-        cfg, layout = ctx.cfg, ctx.layout
-        if not cfg.stats & STAT_ENTROPY:
-            grad_entropy = None
-        need = ctx.needs_input_grad[:5]
-        if not any(need):
-            return nones
-        if weight.shape[0] == 0:
-            grads = [None] * 5
-            if need[0]:
-                grads[0] = torch.zeros_like(hidden)
-            if need[1]:
-                grads[1] = torch.zeros_like(weight)
-            if need[2]:
-                grads[2] = torch.zeros_like(bias)
-            if need[3]:
-                grads[3] = torch.zeros_like(lora_a)
-            if need[4]:
-                grads[4] = torch.zeros_like(lora_b)
-        else:
-            grads = list(
-                _linear_backward(
-                    hidden,
-                    weight,
-                    bias,
-                    lora_a,
-                    lora_b,
-                    ky,
-                    inv_temp,
-                    lse,
-                    entropy,
-                    u,
-                    grad_logp,
-                    grad_entropy,
-                    cfg,
-                    *need,
-                    lse_lo=lse_lo,
-                )
-            )
-        # hidden (and LoRA A) are replicated: their gradient is the sum of every shard's part
-        for i in (0, 3):
-            if grads[i] is not None:
-                dist.all_reduce(grads[i], op=dist.ReduceOp.SUM, group=layout.group)
-        return tuple(grads) + (None,) * 6
-
-
-def vocab_parallel_linear_token_logprobs(
-    hidden,
-    weight,
-    labels,
-    *,
-    bias=None,
-    ignore_index=-100,
-    temperature=1.0,
-    logit_scale=1.0,
-    softcap=None,
-    stats=(),
-    lora=None,
-    chunk_size=None,
-    backend="auto",
-    process_group=None,
-    vocab_start=None,
-    vocab_size=None,
-):
-    """:func:`prefopt_fast.linear_token_logprobs` with the lm_head sharded on the vocabulary
-    (what it calls when given ``process_group`` or a DTensor weight).
-
-    ``hidden`` ``[..., H]`` and ``labels`` (global indices) are replicated; ``weight`` is this
-    rank's ``[V_local, H]`` rows ``[vocab_start, vocab_start + V_local)`` of the head, or a
-    DTensor sharded on dim 0; ``bias`` ``[V_local]`` and LoRA ``B`` ``[V_local, r]`` are sharded
-    like it, LoRA ``A`` ``[r, H]`` is replicated. The gradients of ``hidden`` and ``A`` are
-    all-reduced (summed) over the group in the backward.
-    """
-    if is_dtensor(weight):
-        if process_group is not None or vocab_start is not None:
-            raise ValueError(
-                "a DTensor weight carries its own process group and shard offsets: "
-                "pass neither process_group nor vocab_start with it"
-            )
-        weight, process_group, dt_vocab = from_dtensor(weight, 0, "weight")
-        vocab_size = dt_vocab if vocab_size is None else vocab_size
-        if bias is not None:
-            bias = from_dtensor(bias, 0, "bias")[0] if is_dtensor(bias) else bias
-        if lora is not None and isinstance(lora, (tuple, list)) and len(lora) == 3:
-            a, b, sc = lora
-            lora = (local_tensor(a), from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
-    hidden, labels = local_tensor(hidden), local_tensor(labels)
-    distributed.check_process_group(process_group)
-    ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    # shapes, dtypes and LoRA of the local shard (which may have no rows); the labels' range
-    # needs the global vocabulary: checked after shard_layout, everything else before it
-    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=True)
-    logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
-    names = _stat_names(stats)
-    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
-    be = resolve_backend(backend, hidden)
-    layout = distributed.shard_layout(
-        process_group, weight.shape[0], vocab_start, vocab_size, hidden.device, what="weight.shape[0]"
-    )
-    _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
-
-    flat_h, y, inv_temp, idx = _kept_rows(hidden, labels, inv_temp, ignore_index, logit_scale, softcap)
-    if idx is not None:  # labels are replicated: every rank drops the same rows
-        flat_h = flat_h.index_select(0, idx)
-    cfg = _op_cfg(
-        scaling,
-        logit_scale,
-        softcap,
-        stat_mask(names),
-        chunk_size,
-        y.shape[0],
-        max(1, weight.shape[0]),
-        hidden.dtype,
-        be.NAME,
-    )
-    ky, own, before = kernel_labels(y, ignore_index, layout)
-    logp, entropy, extra = VocabParallelLinearFunction.apply(
-        flat_h if flat_h.is_contiguous() else flat_h.contiguous(),
-        weight,
-        bias,
-        lora_a,
-        lora_b,
-        ky,
-        own,
-        before,
-        inv_temp.contiguous(),
-        cfg,
-        layout,
-    )
-    return _outputs(logp, entropy, extra, names, idx, labels.shape)

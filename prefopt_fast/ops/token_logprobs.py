@@ -21,18 +21,19 @@ from .._rows import (
     STATS,
     check_inplace_rows,
     compute_dtype,
+    empty_partial,
+    finish,
+    leaf_partial,
     lse_pair,
 )
 from ..distributed import (
     SHARD_IGNORE,
     ShardLayout,
-    empty_part,
+    all_reduce_partial,
     from_dtensor,
     is_dtensor,
     kernel_labels,
     local_tensor,
-    merge_partials,
-    part_from_rows,
 )
 
 STAT_NAMES = tuple(STATS)
@@ -55,33 +56,60 @@ class TokenLogProbsFunction(torch.autograd.Function):
     Inputs are flat: labels int64 [N], inv_temp fp32 [N]. Outputs: logp, entropy and kl
     [N] (differentiable w.r.t. logits; entropy / kl are zeros unless asked for) and the
     non-differentiable stats [3, N] (log_sum_sq_probs, mean_logit, is_argmax rows).
+
+    With a ``layout`` (``distributed.ShardLayout``) ``logits`` / ``ref_logits`` are this rank's
+    vocabulary shard ``[..., V_r]`` and ``labels`` global indices: the kernels run on the shard,
+    its statistics (a ``_rows.Partial``) are merged over the group, and the outputs are the
+    whole rows' (replicated). The backward runs the same row kernel on the shard with the
+    whole rows' lse / entropy / KL, which gives exactly the shard's slice of the gradient.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, inv_temp, ref_logits, ignore_index: int, stats: int, inplace: bool, backend: str):
-        out = load_backend(backend).row_forward(
-            logits,
-            labels,
-            inv_temp,
-            ignore_index,
-            stats,
-            **({"ref_logits": ref_logits} if ref_logits is not None else {}),
-        )
-        # O(N) copies: the autograd outputs must not be views of one buffer
-        logp, lse, entropy = out[OUT_LOGP].clone(), out[OUT_LSE].clone(), out[OUT_ENTROPY].clone()
-        kl, ref_lse, lse_lo = out[OUT_KL].clone(), out[OUT_REF_LSE].clone(), out[OUT_LSE_LO].clone()
-        extra = out[OUT_LSSP : OUT_ARGMAX + 1]  # the three rows are adjacent
+    def forward(
+        ctx,
+        logits,
+        labels,
+        inv_temp,
+        ref_logits,
+        ignore_index: int,
+        stats: int,
+        inplace: bool,
+        backend: str,
+        layout: Optional[ShardLayout] = None,
+    ):
+        if layout is None:
+            out = load_backend(backend).row_forward(
+                logits,
+                labels,
+                inv_temp,
+                ignore_index,
+                stats,
+                **({"ref_logits": ref_logits} if ref_logits is not None else {}),
+            )
+            # O(N) copies: the autograd outputs must not be views of one buffer
+            logp, lse, entropy = out[OUT_LOGP].clone(), out[OUT_LSE].clone(), out[OUT_ENTROPY].clone()
+            kl, ref_lse, lse_lo = out[OUT_KL].clone(), out[OUT_REF_LSE].clone(), out[OUT_LSE_LO].clone()
+            extra = out[OUT_LSSP : OUT_ARGMAX + 1]  # the three rows are adjacent
+        else:
+            labels, logp, lse, lse_lo, entropy, kl, ref_lse, extra = _shard_forward(
+                logits, labels, inv_temp, ref_logits, ignore_index, stats, backend, layout
+            )
+            ignore_index = SHARD_IGNORE
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
         ctx.save_for_backward(logits, labels, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl)
-        ctx.meta = (ignore_index, inplace, backend, bool(stats & STAT_ENTROPY), bool(stats & STAT_KL))
+        empty_shard = layout is not None and layout.size == 0
+        ctx.meta = (ignore_index, inplace, backend, bool(stats & STAT_ENTROPY), bool(stats & STAT_KL), empty_shard)
         return logp, entropy, kl, extra
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
+        nones = (None,) * 9
         if grad_logp is None and grad_entropy is None and grad_kl is None:
-            return (None,) * 8
-        ignore_index, inplace, backend, has_entropy, has_kl = ctx.meta
+            return nones
+        ignore_index, inplace, backend, has_entropy, has_kl, empty_shard = ctx.meta
+        if empty_shard:
+            return (torch.zeros_like(ctx.saved_tensors[0]),) + nones[1:]
         grad = logits_grad(
             ctx.saved_tensors,
             grad_logp,
@@ -93,7 +121,40 @@ class TokenLogProbsFunction(torch.autograd.Function):
             has_entropy=has_entropy,
             has_kl=has_kl,
         )
-        return grad, None, None, None, None, None, None, None
+        return (grad,) + nones[1:]
+
+
+def _shard_forward(logits, labels, inv_temp, ref_logits, ignore_index, stats, backend, layout):
+    """The whole rows' statistics from this rank's shard: (kernel labels, logp, lse, lse_lo,
+    entropy, kl, ref_lse [N], extra [3, N]), ignored rows 0."""
+    N = labels.shape[0]
+    acc = compute_dtype(logits.dtype)
+    ky, own, after = kernel_labels(labels, ignore_index, layout)
+    if layout.size == 0:
+        part = empty_partial(N, stats, logits.device)
+    else:
+        out = load_backend(backend).row_forward(
+            logits, ky, inv_temp, SHARD_IGNORE, stats, **({"ref_logits": ref_logits} if ref_logits is not None else {})
+        )
+        # x_y exactly as the kernels compute it (an O(N) gather; any leading strides)
+        idx = torch.where(own, ky, 0).view(*logits.shape[:-1], 1)
+        xy = logits.gather(-1, idx).reshape(-1).to(acc) * inv_temp
+        # the kernels do not return the row maximum: one more read of the shard, only for
+        # is_argmax (a logging statistic)
+        mx = logits.amax(-1).reshape(-1).to(acc) * inv_temp if stats & STAT_ARGMAX else None
+        part = leaf_partial(out, stats, layout.size, xy, own, mx, after)
+    if N:  # the labels are replicated: every rank agrees on N
+        part = all_reduce_partial(part, layout)
+    r = finish(part, layout.vocab)
+    ignored = labels == ignore_index
+    z = torch.zeros(N, dtype=acc, device=logits.device)
+
+    def out_row(x):
+        return z if x is None else x.masked_fill(ignored, 0.0).to(acc)
+
+    lse, lse_lo = lse_pair(r.lse_m.masked_fill(ignored, 0.0), r.lse_log_s.masked_fill(ignored, 0.0), acc)
+    extra = torch.stack([out_row(r.log_sum_sq_probs), out_row(r.mean_logit), out_row(r.is_argmax)])
+    return ky, out_row(r.logp), lse, lse_lo, out_row(r.entropy), out_row(r.kl), out_row(r.ref_lse), extra
 
 
 def logits_grad(
@@ -258,93 +319,6 @@ def token_logprobs(
 # --------------------------------------------------------------------------- vocabulary-parallel
 
 
-class VocabParallelLogProbsFunction(torch.autograd.Function):
-    """Row kernels on the local shard + the all-reduce merge; backward on the local shard.
-
-    Inputs: logits [..., V_r] (this rank's shard), ref_logits like it or None, kernel labels
-    int64 [N] (see ``kernel_labels``), own / before / ignored bool [N], inv_temp [N].
-    Outputs like ``TokenLogProbsFunction``: logp, entropy, kl [N] (replicated, differentiable)
-    and the non-differentiable [3, N] rows (log_sum_sq_probs, mean_logit, is_argmax).
-    """
-
-    @staticmethod
-    def forward(
-        ctx,
-        logits,
-        ref_logits,
-        ky,
-        own,
-        before,
-        ignored,
-        inv_temp,
-        stats: int,
-        inplace: bool,
-        backend: str,
-        layout: ShardLayout,
-    ):
-        N = ky.shape[0]
-        acc = compute_dtype(logits.dtype)
-        if layout.size == 0:
-            part = empty_part(N, acc, logits.device, stats)
-        else:
-            out = load_backend(backend).row_forward(
-                logits,
-                ky,
-                inv_temp,
-                SHARD_IGNORE,
-                stats,
-                **({"ref_logits": ref_logits} if ref_logits is not None else {}),
-            )
-            part = part_from_rows(out, stats)
-            # x_y exactly as the kernels compute it (an O(N) gather; any leading strides)
-            idx = torch.where(own, ky, 0).view(*logits.shape[:-1], 1)
-            part["XY"] = logits.gather(-1, idx).reshape(-1).to(acc) * inv_temp
-            if stats & STAT_ARGMAX:
-                # the kernels do not return the row maximum: one more read of the shard, only
-                # for is_argmax (a logging statistic)
-                part["MX"] = logits.amax(-1).reshape(-1).to(acc) * inv_temp
-        part["own"], part["before"] = own, before
-        if N:
-            res = merge_partials(part, layout, ignored, stats)
-        else:
-            res = {
-                k: torch.zeros(0, dtype=acc, device=logits.device)
-                for k in ("lse_m", "lse_log_s", "logp", "entropy", "lssp", "mean", "argmax", "kl", "ref_lse")
-            }
-        z = torch.zeros(N, dtype=acc, device=logits.device)
-        lse, lse_lo = lse_pair(res["lse_m"], res["lse_log_s"], acc)
-        logp = res["logp"]
-        entropy, kl, ref_lse = res.get("entropy", z), res.get("kl", z), res.get("ref_lse", z)
-        extra = torch.stack([res.get("lssp", z), res.get("mean", z), res.get("argmax", z)])
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(logits, ky, inv_temp, lse, lse_lo, entropy, ref_logits, ref_lse, kl)
-        ctx.meta = (inplace, backend, bool(stats & STAT_ENTROPY), bool(stats & STAT_KL), layout.size)
-        return logp, entropy.clone(), kl.clone(), extra
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
-        nones = (None,) * 11
-        if grad_logp is None and grad_entropy is None and grad_kl is None:
-            return nones
-        inplace, backend, has_entropy, has_kl, size = ctx.meta
-        if size == 0:
-            return (torch.zeros_like(ctx.saved_tensors[0]),) + nones[1:]
-        # the global lse / entropy / kl: the kernel then writes this shard's slice of the full gradient
-        grad = logits_grad(
-            ctx.saved_tensors,
-            grad_logp,
-            grad_entropy,
-            grad_kl,
-            ignore_index=SHARD_IGNORE,
-            inplace=inplace,
-            backend=backend,
-            has_entropy=has_entropy,
-            has_kl=has_kl,
-        )
-        return (grad,) + nones[1:]
-
-
 def vocab_parallel_token_logprobs(
     logits,
     labels,
@@ -400,16 +374,12 @@ def vocab_parallel_token_logprobs(
     )
     _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
-    y = labels.reshape(-1).to(torch.int64)
-    ky, own, before = kernel_labels(y, ignore_index, layout)
-    logp, entropy, kl, extra = VocabParallelLogProbsFunction.apply(
+    logp, entropy, kl, extra = TokenLogProbsFunction.apply(
         logits,
-        ref_logits.detach() if want_kl else None,
-        ky,
-        own,
-        before,
-        y == ignore_index,
+        labels.reshape(-1).to(torch.int64),
         inv_temp,
+        ref_logits.detach() if want_kl else None,
+        ignore_index,
         stat_mask(names),
         inplace_backward,
         be.NAME,
