@@ -24,7 +24,8 @@ whose last dimension has stride 1 (any other strides, never copied):
              MEAN    = (1 / V) sum_v x_v
              ARGMAX  = 1.0 if y is the first index of max_v x_v else 0.0
     LOGP, LSE and LSE_LO are always written; an optional row is written only when its bit is
-    set (its content is unspecified otherwise). Rows whose label == ignore_index get 0
+    set (its content is unspecified otherwise). ARGMAX of a row of only -inf is
+    unspecified (its LOGP is NaN). Rows whose label == ignore_index get 0
     in every output. A label outside [0, V) that is not ignore_index gives LOGP = NaN
     and ARGMAX = 0 while every other output is computed as usual (the public API rejects
     such labels; the vocabulary-parallel path relies on this to run a shard whose rows'
