@@ -239,6 +239,7 @@ def all_reduce_partial(p: Partial, layout: ShardLayout) -> Partial:
             xy=p.xy + delta * p.own,
             mx=None if p.mx is None else p.mx + delta,
             pre=None if p.pre is None else p.pre + delta,
+            mr=None if p.mr is None else p.mr + delta,
             off=O,
         )
     max_fields = [f for f in PARTIAL_MAX_FIELDS if getattr(p, f) is not None]

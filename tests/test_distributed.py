@@ -595,6 +595,20 @@ def _check_huge(env):
     env.close("linear 3e4 grad hidden", mine[0].grad, leaves[0].grad, rtol=1e-5, atol=1e-6)
     env.close("linear 3e4 grad bias", mine[2].grad, _shard(leaves[2].grad, 0, s0, n0), rtol=1e-5, atol=1e-6)
 
+    # the exact KL against a sharded reference head (ref_weight / ref_bias sharded like weight)
+    ref_h, ref_w = torch.randn(4, 5, generator=g), torch.randn(V, 5, generator=g)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+    one = linear_token_logprobs(*leaves, y4, stats=("kl",), ref_hidden=ref_h, ref_weight=ref_w, chunk_size=2)
+    one.kl.sum().backward()
+    mine = [hidden.clone().requires_grad_(), _shard(weight, 0, s0, n0).clone().requires_grad_()]
+    out = linear_token_logprobs(
+        *mine, y4, stats=("kl",), ref_hidden=ref_h, ref_weight=_shard(ref_w, 0, s0, n0), chunk_size=2, **kw
+    )
+    out.kl.sum().backward()
+    env.close("linear kl", out.kl, one.kl, rtol=1e-5, atol=1e-6)
+    env.close("linear kl grad hidden", mine[0].grad, leaves[0].grad, rtol=1e-5, atol=1e-6)
+    env.close("linear kl grad weight", mine[1].grad, _shard(leaves[1].grad, 0, s0, n0), rtol=1e-5, atol=1e-6)
+
 
 def _check_triton(env):
     """The interpreted Triton kernels on a shard (small: the interpreter is slow)."""

@@ -56,6 +56,7 @@ from .._dispatch import load_backend, resolve_backend
 from .._rows import (
     STAT_ARGMAX,
     STAT_ENTROPY,
+    STAT_KL,
     STATS,
     Partial,
     combine,
@@ -180,15 +181,23 @@ def _logits_into(
     return z
 
 
-def _forward_tiles(M: int, V: int, item: int, cfg: _Cfg) -> Tuple[int, int]:
-    """(token tile, vocabulary block) of the forward: one buffer of the chunk's byte budget."""
+def _ref_logits_into(zr, ref, t0: int, t1: int, v0: int, v1: int, cfg: _Cfg) -> torch.Tensor:
+    """The reference head's (pre-temperature) logits of tokens [t0, t1) and vocabulary rows
+    [v0, v1) into ``zr``: the policy's transform (bias, logit_scale, softcap), no LoRA."""
+    rh, rw, rb = ref
+    return _logits_into(zr, rh[t0:t1], rw[v0:v1], None if rb is None else rb[v0:v1], None, None, cfg)
+
+
+def _forward_tiles(M: int, V: int, item: int, cfg: _Cfg, bufs: int = 1) -> Tuple[int, int]:
+    """(token tile, vocabulary block) of the forward: ``bufs`` tile buffers (2 with a reference
+    head) in the chunk's byte budget."""
     mc = max(1, min(M, TOKEN_TILE))
     budget = max(1, min(cfg.chunk, M)) * V * item
-    vb = max(max(1, min(V, MIN_VOCAB_BLOCK)), min(V, budget // (mc * item)))
+    vb = max(max(1, min(V, MIN_VOCAB_BLOCK)), min(V, budget // (mc * item * bufs)))
     return mc, vb
 
 
-def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg):
+def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg, ref=None):
     """The Partial (``_rows.Partial``) of the vocabulary of ``weight`` [V, H], one [token tile,
     vocabulary block] tile at a time, and the per-row shift subtracted from fp32 tiles.
 
@@ -205,6 +214,10 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
     rounding of z - c to the half dtype would cost more than it saves. Returns
     ``(partial, shift)``: the Partial relative to ``off = shift * inv_temp`` (fp64), shift
     [M] in the compute dtype (None for half tiles).
+
+    ``ref``: ``(ref_hidden [M, H_ref], ref_weight [V, H_ref], ref_bias [V] or None)``, a reference
+    head for the exact KL (STAT_KL): its tile goes through the same transform (no LoRA) and the
+    same shift, and reaches the kernels as ``ref_logits``.
     """
     M, H = hidden.shape
     V = weight.shape[0]
@@ -214,8 +227,9 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
     want_arg = bool(cfg.stats & STAT_ARGMAX)
 
     shift = torch.zeros(M, dtype=acc_dt, device=dev) if hidden.dtype == torch.float32 else None
-    mc, vb = _forward_tiles(M, V, hidden.element_size(), cfg)
+    mc, vb = _forward_tiles(M, V, hidden.element_size(), cfg, 1 if ref is None else 2)
     buf = hidden.new_empty(mc * vb) if M and V else None
+    rbuf = hidden.new_empty(mc * vb) if M and V and ref is not None else None
     tiles = []
     for t0 in range(0, M, mc):
         t1 = min(M, t0 + mc)
@@ -237,15 +251,21 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
                 None if lora_b is None else lora_b[v0:v1],
                 cfg,
             )
+            zr = None
+            if ref is not None:
+                zr = rbuf[: m * (v1 - v0)].view(m, v1 - v0)
+                _ref_logits_into(zr, ref, t0, t1, v0, v1, cfg)
             if shift is not None:
                 if v0 == 0:
                     c = z.amax(1)
                     shift[t0:t1] = torch.where(torch.isfinite(c), c, 0.0)
                     off = shift[t0:t1].double() * it.double()
                 z.sub_(shift[t0:t1].unsqueeze(1))
+                if zr is not None:
+                    zr.sub_(shift[t0:t1].unsqueeze(1))
             inb = (y >= v0) & (y < v1)
             yb = torch.where(inb, y - v0, v1 - v0)  # "elsewhere": out of range, never the ignore index
-            out = be.row_forward(z, yb, it, _KERNEL_IGNORE, cfg.stats)
+            out = be.row_forward(z, yb, it, _KERNEL_IGNORE, cfg.stats, **({} if zr is None else {"ref_logits": zr}))
             # x_y exactly as the kernels compute it: the tile's value times inv_temp
             xy = z.gather(1, yb.clamp(max=v1 - v0 - 1).unsqueeze(1)).squeeze(1).to(acc_dt) * it
             mx = z.amax(1).to(acc_dt) * it if want_arg else None  # max_v x_v, as the kernels round it
@@ -255,7 +275,7 @@ def _linear_forward(hidden, weight, bias, u, lora_b, labels, inv_temp, cfg: _Cfg
             off = None if shift is None else torch.zeros(m, dtype=torch.float64, device=dev)
             acc = empty_partial(m, cfg.stats, dev, off)
         tiles.append(acc)
-    del buf
+    del buf, rbuf
     if not tiles:
         part = empty_partial(
             0, cfg.stats, dev, None if shift is None else torch.zeros(0, dtype=torch.float64, device=dev)
@@ -293,14 +313,22 @@ def _rows_of(x: Optional[torch.Tensor], idx: Optional[torch.Tensor]) -> Optional
     return x.index_select(0, idx)
 
 
+def _kept_ref(ref_hidden, ref_weight, ref_bias, idx):
+    """The reference head ``(ref_hidden [M, H_ref] contiguous, ref_weight, ref_bias)`` of the kept rows, or None."""
+    if ref_hidden is None:
+        return None
+    rh = _rows_of(ref_hidden, idx)
+    return (rh if rh.is_contiguous() else rh.contiguous()), ref_weight, ref_bias
+
+
 def _op_cfg(scaling, logit_scale, softcap, stats: int, chunk_size, M: int, V: int, dtype, backend: str) -> _Cfg:
     chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, dtype)
     return _Cfg(scaling, logit_scale, softcap, stats, chunk, backend)
 
 
 # rows of the forward op's one output [N_ROWS, N]: the public outputs, then what the backward needs
-R_LOGP, R_ENTROPY, R_EXTRA, R_LSE, R_LSE_LO, R_SHIFT = 0, 1, 2, 5, 6, 7
-N_ROWS = 8
+R_LOGP, R_ENTROPY, R_EXTRA, R_KL, R_LSE, R_LSE_LO, R_SHIFT, R_REF_LSE = 0, 1, 2, 5, 6, 7, 8, 9
+N_ROWS = 10
 
 
 def _linear_forward_impl(
@@ -311,6 +339,9 @@ def _linear_forward_impl(
     lora_b: Optional[torch.Tensor],
     labels: torch.Tensor,
     inv_temp: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor],
+    ref_weight: Optional[torch.Tensor],
+    ref_bias: Optional[torch.Tensor],
     ignore_index: int,
     scaling: float,
     logit_scale: float,
@@ -331,6 +362,9 @@ def _linear_forward_impl(
         lora_b,
         labels,
         inv_temp,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
         ignore_index,
         scaling,
         logit_scale,
@@ -350,6 +384,9 @@ def _linear_forward_rows(
     lora_b,
     labels,
     inv_temp,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
     ignore_index,
     scaling,
     logit_scale,
@@ -375,15 +412,17 @@ def _linear_forward_rows(
     cfg = _op_cfg(
         scaling, logit_scale, softcap, stats, chunk_size, h.shape[0], max(1, weight.shape[0]), hidden.dtype, backend
     )
-    part, shift = _linear_forward(h, weight, bias, u, lora_b, y, it, cfg)
+    ref = _kept_ref(ref_hidden, ref_weight, ref_bias, idx)
+    part, shift = _linear_forward(h, weight, bias, u, lora_b, y, it, cfg, ref)
     acc = compute_dtype(hidden.dtype)
     own_off = part.off
     if layout is not None and h.shape[0]:  # the labels are replicated: every rank agrees on M
         part = all_reduce_partial(part, layout)
     r = finish(part, weight.shape[0] if layout is None else layout.vocab)
-    lse_m = r.lse_m
-    if own_off is not None and part.off is not own_off:
-        lse_m = lse_m + (part.off - own_off)  # the group's offset -> this rank's shift
+    lse_m, ref_lse = r.lse_m, r.ref_lse
+    if own_off is not None and part.off is not own_off:  # the group's offset -> this rank's shift
+        lse_m = lse_m + (part.off - own_off)
+        ref_lse = None if ref_lse is None else ref_lse + (part.off - own_off)
     lse, lse_lo = lse_pair(lse_m, r.lse_log_s, acc)
     z = torch.zeros_like(lse)
 
@@ -397,9 +436,11 @@ def _linear_forward_rows(
             row(r.log_sum_sq_probs),
             row(r.mean_logit),
             row(r.is_argmax),
+            row(r.kl),
             lse,
             lse_lo,
             z if shift is None else shift,
+            row(ref_lse),
         ]
     )
     return rows if idx is None else rows.new_zeros(N_ROWS, N).index_copy_(1, idx, rows)
@@ -417,6 +458,9 @@ def _(
     lora_b,
     labels,
     inv_temp,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
     ignore_index,
     scaling,
     logit_scale,
@@ -436,9 +480,13 @@ def _linear_backward_impl(
     lora_b: Optional[torch.Tensor],
     labels: torch.Tensor,
     inv_temp: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor],
+    ref_weight: Optional[torch.Tensor],
+    ref_bias: Optional[torch.Tensor],
     rows: torch.Tensor,
     grad_logp: Optional[torch.Tensor],
     grad_entropy: Optional[torch.Tensor],
+    grad_kl: Optional[torch.Tensor],
     ignore_index: int,
     scaling: float,
     logit_scale: float,
@@ -462,9 +510,13 @@ def _linear_backward_impl(
         lora_b,
         labels,
         inv_temp,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
         rows,
         grad_logp,
         grad_entropy,
+        grad_kl,
         ignore_index,
         scaling,
         logit_scale,
@@ -489,9 +541,13 @@ def _linear_backward_rows(
     lora_b,
     labels,
     inv_temp,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
     rows,
     grad_logp,
     grad_entropy,
+    grad_kl,
     ignore_index,
     scaling,
     logit_scale,
@@ -512,7 +568,7 @@ def _linear_backward_rows(
     idx = _kept_index(labels, ignore_index)
     h = _rows_of(hidden, idx)
     h = h if h.is_contiguous() else h.contiguous()
-    y, it, g_logp, g_ent = (_rows_of(x, idx) for x in (labels, inv_temp, grad_logp, grad_entropy))
+    y, it, g_logp, g_ent, g_kl = (_rows_of(x, idx) for x in (labels, inv_temp, grad_logp, grad_entropy, grad_kl))
     if layout is not None:
         y = y - layout.start
     k = rows if idx is None else rows.index_select(1, idx)
@@ -543,6 +599,9 @@ def _linear_backward_rows(
                 *need,
                 shift=shift,
                 lse_lo=k[R_LSE_LO],
+                kl=None
+                if g_kl is None
+                else (_kept_ref(ref_hidden, ref_weight, ref_bias, idx), g_kl, k[R_KL], k[R_REF_LSE]),
             )
         )
     if layout is not None:
@@ -566,9 +625,13 @@ def _(
     lora_b,
     labels,
     inv_temp,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
     rows,
     grad_logp,
     grad_entropy,
+    grad_kl,
     ignore_index,
     scaling,
     logit_scale,
@@ -599,16 +662,19 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
     Inputs: hidden [N, H], weight [V, H], bias [V] or None, lora_a [r, H] / lora_b [V, r] or
     None, labels int64 [N] (``ignore_index`` rows are dropped inside the ops), inv_temp [N]
-    (with logit_scale folded in when there is no softcap), and the Python options
-    (ignore_index, LoRA scaling, logit_scale, softcap, STAT_* mask, chunk_size, backend name).
-    Outputs, per row: logp [N], entropy [N] (differentiable; zeros unless asked for) and the
-    non-differentiable rows [3, N] (log_sum_sq_probs, mean_logit, is_argmax); 0 on ignored rows.
+    (with logit_scale folded in when there is no softcap), the reference head for the exact KL
+    (ref_hidden [N, H_ref], ref_weight [V, H_ref], ref_bias [V], or None; no gradient), and the
+    Python options (ignore_index, LoRA scaling, logit_scale, softcap, STAT_* mask, chunk_size,
+    backend name). Outputs, per row: logp, entropy and kl [N] (differentiable; entropy / kl are
+    zeros unless asked for) and the non-differentiable rows [3, N] (log_sum_sq_probs,
+    mean_logit, is_argmax); 0 on ignored rows.
 
-    With a ``layout`` (``distributed.ShardLayout``) ``weight``, ``bias`` and ``lora_b`` are this
-    rank's vocabulary rows, ``hidden``, ``labels`` (global indices) and ``lora_a`` replicated:
-    the same tiles and kernels run on the shard, the shards' statistics merge over the group
-    (outputs replicated), and the gradients of ``hidden`` and ``lora_a`` are summed over it.
-    Without one the forward and backward are ``torch.library`` ops (traceable).
+    With a ``layout`` (``distributed.ShardLayout``) ``weight``, ``bias``, ``lora_b`` (and the
+    reference's weight and bias) are this rank's vocabulary rows, ``hidden``, ``labels`` (global
+    indices) and ``lora_a`` replicated: the same tiles and kernels run on the shard, the
+    shards' statistics merge over the group (outputs replicated), and the gradients of
+    ``hidden`` and ``lora_a`` are summed over it. Without one the forward and backward are
+    ``torch.library`` ops (traceable).
     """
 
     @staticmethod
@@ -621,6 +687,9 @@ class LinearLogProbsFunction(torch.autograd.Function):
         lora_b,
         labels,
         inv_temp,
+        ref_hidden,
+        ref_weight,
+        ref_bias,
         ignore_index: int,
         scaling: float,
         logit_scale: float,
@@ -631,33 +700,36 @@ class LinearLogProbsFunction(torch.autograd.Function):
         layout: Optional[ShardLayout] = None,
     ):
         opts = (ignore_index, scaling, logit_scale, softcap, stats, chunk_size, backend)
-        inputs = (hidden, weight, bias, lora_a, lora_b, labels, inv_temp)
+        inputs = (hidden, weight, bias, lora_a, lora_b, labels, inv_temp, ref_hidden, ref_weight, ref_bias)
         if layout is None:
             rows = _call(_linear_forward_op, _linear_forward_impl, *inputs, *opts)
         else:
             rows = _linear_forward_rows(*inputs, *opts, layout)
         # O(N) copies: the autograd outputs must not be views of the saved buffer
-        logp, entropy, extra = rows[R_LOGP].clone(), rows[R_ENTROPY].clone(), rows[R_EXTRA:R_LSE].clone()
+        logp, entropy, kl = rows[R_LOGP].clone(), rows[R_ENTROPY].clone(), rows[R_KL].clone()
+        extra = rows[R_EXTRA:R_KL].clone()
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(extra)
-        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, rows)
+        ctx.save_for_backward(*inputs, rows)
         ctx.opts, ctx.layout = opts, layout
-        return logp, entropy, extra
+        return logp, entropy, kl, extra
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_extra):
-        nones = (None,) * 15
+    def backward(ctx, grad_logp, grad_entropy, grad_kl, _grad_extra):
+        nones = (None,) * 18
         opts = ctx.opts
         # under torch.compile an unused output's gradient arrives as zeros, not None; the
-        # entropy output is zeros (not a function of the inputs) unless it was asked for
+        # entropy / kl outputs are zeros (not functions of the inputs) unless asked for
         if not opts[4] & STAT_ENTROPY:
             grad_entropy = None
-        if grad_logp is None and grad_entropy is None:
+        if not opts[4] & STAT_KL:
+            grad_kl = None
+        if grad_logp is None and grad_entropy is None and grad_kl is None:
             return nones
         need = tuple(bool(n) for n in ctx.needs_input_grad[:5])
         if not any(need):
             return nones
-        args = (*ctx.saved_tensors, grad_logp, grad_entropy, *opts, *need)
+        args = (*ctx.saved_tensors, grad_logp, grad_entropy, grad_kl, *opts, *need)
         if ctx.layout is None:
             grads = _call(_linear_backward_op, _linear_backward_impl, *args)
         else:
@@ -666,7 +738,14 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
 
 def _backward_plan(
-    M: int, V: int, item: int, cfg: _Cfg, half_no_fp32_mm: bool, acc_over_vocab: bool, acc_over_tokens: bool
+    M: int,
+    V: int,
+    item: int,
+    cfg: _Cfg,
+    half_no_fp32_mm: bool,
+    acc_over_vocab: bool,
+    acc_over_tokens: bool,
+    ref_buf: bool = False,
 ) -> Tuple[str, int, int]:
     """How the backward walks the logits: ``(mode, token tile, vocabulary block)``.
 
@@ -685,7 +764,7 @@ def _backward_plan(
     logits are recomputed twice (five GEMMs in all instead of four), all in the half dtype.
     The returned sizes are then (token block of the second pass, vocabulary block of the first).
     """
-    softcap_bufs = 2 if cfg.softcap is not None else 1
+    softcap_bufs = (2 if cfg.softcap is not None else 1) + (1 if ref_buf else 0)
     budget = max(1, min(cfg.chunk, M)) * V * item  # bytes of chunk_size rows of logits
     floor = max(1, min(V, MIN_VOCAB_BLOCK))
     mc = max(1, min(M, TOKEN_TILE))
@@ -719,12 +798,14 @@ def _linear_backward(
     need_lb,
     shift=None,
     lse_lo=None,
+    kl=None,
 ):
     """Gradients (hidden [M, H], weight, bias, lora_a, lora_b; None where not needed) of the
     kept rows. ``lse``, ``lse_lo`` [M]: the rows' logsumexp as the row contract's pair
     (``_rows.split_lse``; lse_lo None: zeros, for fp64 rows). ``shift`` [M]: what the forward
     subtracted from each fp32 row (its ``lse`` is that of the shifted rows); None for
-    unshifted rows. Also used by prefopt_fast.distributed."""
+    unshifted rows. ``kl``: ``(ref, grad_kl [M], kl [M], ref_lse [M])`` for the exact-KL term, ref
+    the reference head as in ``_linear_forward`` (its tiles recomputed and shifted alike)."""
     M, H = hidden.shape
     V = weight.shape[0]
     dev, dt = hidden.device, hidden.dtype
@@ -745,8 +826,11 @@ def _linear_backward(
     want_rows = need_h or need_u  # gradients summed over the vocabulary
     want_cols = need_w or need_b or need_lb  # gradients summed over the tokens
     mode, mc, vb = _backward_plan(
-        M, V, hidden.element_size(), cfg, half and not _fp32_out_mm(dev), want_rows, want_cols
+        M, V, hidden.element_size(), cfg, half and not _fp32_out_mm(dev), want_rows, want_cols, kl is not None
     )
+    if kl is not None:
+        ref, grad_kl, kl_rows, ref_lse = kl
+        grad_kl = grad_kl.to(lse.dtype).contiguous()
     if mode == "tiles":
         passes = [(mc, vb, want_rows, want_cols)]
     else:
@@ -778,6 +862,7 @@ def _linear_backward(
         size = min(p_mc, M) * p_vb
         buf = hidden.new_empty(size)
         buf2 = hidden.new_empty(size) if softcap_bufs == 2 else None
+        rbuf = hidden.new_empty(size) if kl is not None else None
         for t0 in range(0, M, p_mc):
             t1 = min(M, t0 + p_mc)
             m = t1 - t0
@@ -795,11 +880,17 @@ def _linear_backward(
                 g = buf[: m * (v1 - v0)].view(m, v1 - v0)
                 raw = None if buf2 is None else buf2[: m * (v1 - v0)].view(m, v1 - v0)
                 _logits_into(g, h_c, w_b, None if bias is None else bias[v0:v1], u_c, lb_b, cfg, t=raw)
+                kl_args = {}
+                if rbuf is not None:
+                    zr = _ref_logits_into(rbuf[: m * (v1 - v0)].view(m, v1 - v0), ref, t0, t1, v0, v1, cfg)
+                    if shift_c is not None:
+                        zr.sub_(shift_c)
+                    kl_args = dict(grad_kl=grad_kl[t0:t1], ref_logits=zr, ref_lse=ref_lse[t0:t1], kl=kl_rows[t0:t1])
                 if shift_c is not None:
                     g.sub_(shift_c)  # the forward's rows, which its lse belongs to
                 # labels of this block; "elsewhere" is an out-of-range index (drops the one-hot term)
                 yb = torch.where((y >= v0) & (y < v1), y - v0, v1 - v0)
-                be.row_backward(g, yb, it, lse_c, lo_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True)
+                be.row_backward(g, yb, it, lse_c, lo_c, ent_c, c_c, e_c, _KERNEL_IGNORE, True, **kl_args)
                 if raw is not None:
                     # d softcap*tanh(scale*r/softcap) / dr = scale / cosh(scale*r/softcap)^2, accurate
                     # in relative terms even in half precision (unlike 1 - tanh^2)
@@ -831,7 +922,9 @@ def _linear_backward(
                             gu[t0:t1].add_(torch.mm(g, lb_b), alpha=s_lora)
                         else:
                             _acc_mm(gu[t0:t1], g, lb_b, alpha=s_lora)
-        g = raw = buf = buf2 = None  # the views too: the next pass's buffer must not coexist with this one
+        g = raw = buf = buf2 = rbuf = kl_args = (
+            None  # the views too: the next pass's buffer must not coexist with this one
+        )
 
     grad_h = grad_w = grad_b = grad_a = grad_lb = None
     if need_u:
@@ -916,6 +1009,9 @@ def linear_token_logprobs(
     softcap: Optional[float] = None,
     stats=(),
     lora: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
     process_group=None,
@@ -935,10 +1031,15 @@ def linear_token_logprobs(
         softcap: ``softcap * tanh(z / softcap)`` on the scaled logits (Gemma-style), or None.
         stats: any of ``"entropy"`` (differentiable), ``"log_sum_sq_probs"``,
             ``"mean_logit"``, ``"is_argmax"`` (as :func:`prefopt_fast.token_logprobs`; the
-            outputs of TRL 1.16's ``ChunkedLogProbFunction``). ``"kl"`` is not available here.
+            outputs of TRL 1.16's ``ChunkedLogProbFunction``), ``"kl"`` (exact KL(pi || pi_ref)
+            over the vocabulary against the reference head; differentiable).
         lora: ``(A, B, scaling)`` with A ``[r, H]``, B ``[V, r]``: adds
             ``scaling * (hidden @ A.T) @ B.T`` to the logits (gradients flow to A and B);
             the merged weight is never formed.
+        ref_hidden, ref_weight, ref_bias: the reference model's hidden states ``[..., H_ref]``
+            (leading dims of ``hidden``), lm_head ``[V, H_ref]`` and optional bias ``[V]``, for
+            ``"kl"`` only: its logits take the same transform (logit_scale, softcap,
+            temperature; no LoRA: e.g. the PEFT base model) tile by tile, and get no gradient.
         chunk_size: the logits buffer holds as many bytes as ``chunk_size`` full rows of
             logits (laid out as [token tile, vocabulary block] tiles), or None for the rule
             in the module docstring.
@@ -950,13 +1051,18 @@ def linear_token_logprobs(
 
     Returns:
         fp32 log-probs shaped like ``labels`` (fp64 for fp64 inputs), or with ``stats`` a
-        :class:`prefopt_fast.TokenLogProbsOutput` (``kl`` None). Gradients reach ``hidden``,
+        :class:`prefopt_fast.TokenLogProbsOutput`. Gradients reach ``hidden``,
         ``weight``, ``bias`` and the LoRA factors, accumulated in fp32.
     """
     sharded = process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(weight)
     if sharded:
         hidden, weight, labels, bias, lora, process_group, vocab_size = _local_shard(
             hidden, weight, labels, bias, lora, process_group, vocab_start, vocab_size
+        )
+        ref_hidden, ref_weight, ref_bias = (
+            local_tensor(ref_hidden),
+            _local_rows(ref_weight, "ref_weight"),
+            _local_rows(ref_bias, "ref_bias"),
         )
         distributed.check_process_group(process_group)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
@@ -965,8 +1071,9 @@ def linear_token_logprobs(
     lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=sharded)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
     names = _stat_names(stats)
+    want_kl = _check_ref_head(names, hidden, weight, ref_hidden, ref_weight, ref_bias)
     inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype))
-    be = resolve_backend(backend, hidden)
+    be = resolve_backend(backend, hidden, need_kl=want_kl)
     layout = None
     if sharded:
         layout = distributed.shard_layout(
@@ -977,7 +1084,8 @@ def linear_token_logprobs(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = labels.reshape(-1).to(torch.int64)
     inv_temp = _fold_logit_scale(inv_temp, logit_scale, softcap)
-    logp, entropy, extra = LinearLogProbsFunction.apply(
+    ref_flat = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]) if want_kl else None
+    logp, entropy, kl, extra = LinearLogProbsFunction.apply(
         flat_h,
         weight,
         bias,
@@ -985,6 +1093,9 @@ def linear_token_logprobs(
         lora_b,
         flat_y,
         inv_temp.contiguous(),
+        ref_flat,
+        ref_weight.detach() if want_kl else None,
+        ref_bias.detach() if want_kl and ref_bias is not None else None,
         ignore_index,
         scaling,
         logit_scale,
@@ -994,7 +1105,12 @@ def linear_token_logprobs(
         be.NAME,
         layout,
     )
-    return token_outputs(logp, entropy, None, extra, names, labels.shape)
+    return token_outputs(logp, entropy, kl, extra, names, labels.shape)
+
+
+def _local_rows(x, name: str):
+    """A vocabulary-sharded companion (bias, LoRA B, the reference head): a DTensor gives its local rows."""
+    return from_dtensor(x, 0, name)[0] if is_dtensor(x) else x
 
 
 def _local_shard(hidden, weight, labels, bias, lora, process_group, vocab_start, vocab_size):
@@ -1010,11 +1126,10 @@ def _local_shard(hidden, weight, labels, bias, lora, process_group, vocab_start,
             )
         weight, process_group, dt_vocab = from_dtensor(weight, 0, "weight")
         vocab_size = dt_vocab if vocab_size is None else vocab_size
-        if bias is not None:
-            bias = from_dtensor(bias, 0, "bias")[0] if is_dtensor(bias) else bias
+        bias = _local_rows(bias, "bias")
         if lora is not None and isinstance(lora, (tuple, list)) and len(lora) == 3:
             a, b, sc = lora
-            lora = (local_tensor(a), from_dtensor(b, 0, "lora B")[0] if is_dtensor(b) else b, sc)
+            lora = (local_tensor(a), _local_rows(b, "lora B"), sc)
     return local_tensor(hidden), weight, local_tensor(labels), bias, lora, process_group, vocab_size
 
 
@@ -1022,14 +1137,44 @@ def _local_shard(hidden, weight, labels, bias, lora, process_group, vocab_start,
 
 
 def _stat_names(stats):
-    names = _validate.parse_names(stats, tuple(STATS), "stats")
-    if "kl" in names:
+    return _validate.parse_names(stats, tuple(STATS), "stats")
+
+
+def _check_ref_head(names, hidden, weight, ref_hidden, ref_weight, ref_bias):
+    """The reference head of the exact KL: all of ``ref_hidden`` [..., H_ref] (shaped like hidden
+    but for the last dim), ``ref_weight`` [V, H_ref] (V and dtype of ``weight``) and optional
+    ``ref_bias`` [V], exactly when ``"kl"`` is asked for. True when it is."""
+    want_kl = "kl" in names
+    given = ref_hidden is not None or ref_weight is not None or ref_bias is not None
+    if want_kl and (ref_hidden is None or ref_weight is None):
         raise ValueError(
-            'stats "kl" is not available in the fused-linear path (it would need the reference '
-            "model's hidden states and head); use token_logprobs(logits, ..., ref_logits=...) or a "
-            "sampled KL estimator on per-token reference log-probs"
+            'stats=("kl",) in the fused-linear path needs the reference head: ref_hidden (the reference '
+            "model's hidden states, shaped like hidden) and ref_weight (its lm_head weight [V, H_ref])"
         )
-    return names
+    if given and not want_kl:
+        raise ValueError('ref_hidden / ref_weight / ref_bias are only used by the "kl" statistic; add "kl" to stats')
+    if not want_kl:
+        return False
+    _validate.check_tensor(ref_hidden, "ref_hidden")
+    if ref_hidden.dim() != hidden.dim() or tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"ref_hidden must have shape [..., H_ref] with the leading dims of hidden {list(hidden.shape[:-1])}; "
+            f"got {list(ref_hidden.shape)}"
+        )
+    H_ref = ref_hidden.shape[-1]
+    _validate.check_companion(ref_hidden, "ref_hidden", ref_hidden.shape, hidden.dtype, hidden.device, "hidden")
+    _validate.check_companion(
+        ref_weight,
+        "ref_weight",
+        (weight.shape[0], H_ref),
+        hidden.dtype,
+        hidden.device,
+        "hidden",
+        " ([V, H_ref]: the rows of weight, the width of ref_hidden)",
+    )
+    if ref_bias is not None:
+        _validate.check_companion(ref_bias, "ref_bias", (weight.shape[0],), hidden.dtype, hidden.device, "hidden")
+    return True
 
 
 def _fold_logit_scale(inv_temp, logit_scale: float, softcap):

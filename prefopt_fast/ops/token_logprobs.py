@@ -280,67 +280,51 @@ def token_logprobs(
         float32 log-probs shaped like ``labels`` (float64 for float64 logits) when
         ``stats`` is empty, else a :class:`TokenLogProbsOutput` named tuple.
     """
-    if process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(logits):
-        return vocab_parallel_token_logprobs(
-            logits,
-            labels,
-            ignore_index=ignore_index,
-            temperature=temperature,
-            stats=stats,
-            ref_logits=ref_logits,
-            inplace_backward=inplace_backward,
-            backend=backend,
-            process_group=process_group,
-            vocab_start=vocab_start,
-            vocab_size=vocab_size,
+    sharded = process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(logits)
+    if sharded:
+        logits, ref_logits, labels, process_group, vocab_size = _local_shard(
+            logits, ref_logits, labels, process_group, vocab_start, vocab_size
         )
-    _validate.check_logits(logits)
+        distributed.check_process_group(process_group)
+    _validate.check_logits(logits, empty_vocab=sharded)
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    _validate.check_labels(labels, logits, ignore_index)
+    if sharded:
+        # everything that needs no collective is checked first: a bad tensor must not reach the
+        # all-gather of shard_layout (where a device mismatch fails inside the collective)
+        _validate.check_index_tensor(labels, "labels", logits.shape[:-1], logits.device, "logits.shape[:-1]")
+    else:
+        _validate.check_labels(labels, logits, ignore_index)
     names = _validate.parse_names(stats, STAT_NAMES, "stats")
-    want_kl = check_stat_request(names, ref_logits, logits, inplace_backward)
+    want_kl = check_stat_request(names, ref_logits, logits, inplace_backward, shard=sharded)
     inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(logits.dtype))
+    # an empty shard never reaches a kernel; the backend is resolved on a dtype/device probe
     be = resolve_backend(backend, logits, need_kl=want_kl)
+    layout = None
+    if sharded:
+        layout = distributed.shard_layout(
+            process_group, logits.shape[-1], vocab_start, vocab_size, logits.device, what="logits.shape[-1]"
+        )
+        _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
 
-    flat_labels = labels.reshape(-1).to(torch.int64)
     logp, entropy, kl, extra = TokenLogProbsFunction.apply(
         logits,
-        flat_labels,
+        labels.reshape(-1).to(torch.int64),
         inv_temp,
         ref_logits.detach() if want_kl else None,
         ignore_index,
         stat_mask(names),
         inplace_backward,
         be.NAME,
+        layout,
     )
     return token_outputs(logp, entropy, kl, extra, names, labels.shape)
 
 
-# --------------------------------------------------------------------------- vocabulary-parallel
-
-
-def vocab_parallel_token_logprobs(
-    logits,
-    labels,
-    *,
-    ignore_index=-100,
-    temperature=1.0,
-    stats=(),
-    ref_logits=None,
-    inplace_backward=False,
-    backend="auto",
-    process_group=None,
-    vocab_start=None,
-    vocab_size=None,
-):
-    """:func:`prefopt_fast.token_logprobs` on a vocabulary shard (what it calls when given
-    ``process_group`` or a DTensor).
-
-    ``logits``: this rank's ``[..., V_local]`` slice ``[vocab_start, vocab_start + V_local)``
-    of the logits, or a DTensor sharded on its last dimension (then ``process_group`` and
-    ``vocab_start`` come from its mesh and placements). ``labels`` are global vocabulary
-    indices, identical on every rank. Outputs are replicated on every rank.
-    """
+def _local_shard(logits, ref_logits, labels, process_group, vocab_start, vocab_size):
+    """The local tensors of a vocabulary-parallel call: DTensor logits sharded on the last
+    dimension bring their process group and global size (and then take neither
+    ``process_group`` nor ``vocab_start``; ``ref_logits`` must be sharded the same way).
+    Returns (logits, ref_logits, labels, process_group, vocab_size)."""
     if is_dtensor(logits):
         if process_group is not None or vocab_start is not None:
             raise ValueError(
@@ -355,34 +339,4 @@ def vocab_parallel_token_logprobs(
             ref_logits = from_dtensor(ref_logits, -1, "ref_logits")[0]
     elif is_dtensor(ref_logits):
         raise TypeError("ref_logits is a DTensor but logits is not; pass both as DTensors or both as local shards")
-    labels = local_tensor(labels)
-    distributed.check_process_group(process_group)
-    _validate.check_logits(logits, empty_vocab=True)
-    ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    # everything that needs no collective is checked first: a bad tensor must not reach the
-    # all-gather of shard_layout (where a device mismatch fails inside the collective)
-    _validate.check_index_tensor(labels, "labels", logits.shape[:-1], logits.device, "logits.shape[:-1]")
-    names = _validate.parse_names(stats, STAT_NAMES, "stats")
-    want_kl = check_stat_request(names, ref_logits, logits, inplace_backward, shard=True)
-    inv_temp = _validate.inverse_temperature(temperature, labels, compute_dtype(logits.dtype))
-
-    # an empty shard never reaches a kernel; resolve the backend on a dtype/device probe
-    be = resolve_backend(backend, logits, need_kl=want_kl)
-
-    layout = distributed.shard_layout(
-        process_group, logits.shape[-1], vocab_start, vocab_size, logits.device, what="logits.shape[-1]"
-    )
-    _validate.check_label_range(labels, layout.vocab, ignore_index, vocab="the global vocabulary size")
-
-    logp, entropy, kl, extra = TokenLogProbsFunction.apply(
-        logits,
-        labels.reshape(-1).to(torch.int64),
-        inv_temp,
-        ref_logits.detach() if want_kl else None,
-        ignore_index,
-        stat_mask(names),
-        inplace_backward,
-        be.NAME,
-        layout,
-    )
-    return token_outputs(logp, entropy, kl, extra, names, labels.shape)
+    return logits, ref_logits, local_tensor(labels), process_group, vocab_size
