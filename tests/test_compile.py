@@ -553,11 +553,15 @@ def test_every_public_name_has_a_compile_case():
 def test_fused_linear_ops_opcheck():
     """The two torch.library ops of the fused-linear path (what compiled graphs call): schema,
     fake implementation and real one agree (torch.library.opcheck), with and without ignored
-    rows, LoRA and bias, fp32 and bf16."""
-    from prefopt_fast._rows import STAT_ENTROPY, STAT_MEAN
+    rows, LoRA and bias, the reference head of the exact KL, fp32 and bf16."""
+    from prefopt_fast._rows import STAT_ENTROPY, STAT_KL, STAT_MEAN
     from prefopt_fast.ops import linear_logprobs as LL
 
-    for dt, ignored in ((torch.float32, True), (torch.bfloat16, False), (torch.float32, False)):
+    for dt, ignored, with_ref in (
+        (torch.float32, True, False),
+        (torch.bfloat16, False, False),
+        (torch.float32, False, True),
+    ):
         h, w = (x.reshape(-1, H).to(dt) if x.dim() == 3 else x.to(dt) for x in _hw())
         y = _y().reshape(-1) if ignored else _y().reshape(-1).clamp(min=0)
         it = torch.full((B * T,), 1.1)
@@ -567,30 +571,20 @@ def test_fused_linear_ops_opcheck():
             (torch.randn(3, H, generator=g) / 4).to(dt),
             (torch.randn(V, 3, generator=g) / 4).to(dt),
         )
-        opts = (IGN, 0.5, 1.0, 3.0, STAT_ENTROPY | STAT_MEAN, 4, "cpu")
-        fwd = (h, w, bias, la, lb, y, it, *opts)
+        ref = (None, None, None)
+        stats = STAT_ENTROPY | STAT_MEAN
+        if with_ref:
+            ref = (torch.randn(B * T, 5, generator=g).to(dt), torch.randn(V, 5, generator=g).to(dt), None)
+            stats |= STAT_KL
+        opts = (IGN, 0.5, 1.0, 3.0, stats, 4, "cpu")
+        fwd = (h, w, bias, la, lb, y, it, *ref, *opts)
         torch.library.opcheck(
             torch.ops.prefopt_fast.linear_forward.default, fwd, test_utils=("test_schema", "test_faketensor")
         )
         rows = LL._linear_forward_impl(*fwd)
-        bwd = (
-            h,
-            w,
-            bias,
-            la,
-            lb,
-            y,
-            it,
-            rows,
-            torch.randn(B * T),
-            torch.randn(B * T),
-            *opts,
-            True,
-            True,
-            False,
-            True,
-            True,
-        )
+        grad_kl = torch.randn(B * T) if with_ref else None
+        bwd = (h, w, bias, la, lb, y, it, *ref, rows, torch.randn(B * T), torch.randn(B * T), grad_kl, *opts)
+        bwd = bwd + (True, True, False, True, True)
         torch.library.opcheck(
             torch.ops.prefopt_fast.linear_backward.default, bwd, test_utils=("test_schema", "test_faketensor")
         )
