@@ -28,6 +28,10 @@ __all__ = [
 # Old public names, kept importable for one release with a DeprecationWarning (not in __all__).
 _RENAMED = {
     "TokenLogProbs": "TokenLogProbsOutput",
+    "pair_logps": "pair_logprobs",
+    "linear_pair_logps": "linear_pair_logprobs",
+    "fused_dpo_loss": "logits_dpo_loss",
+    "FusedDPOLoss": "LogitsDPOLoss",
 }
 
 

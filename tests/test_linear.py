@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefopt_fast.ops.linear_logprobs as LL
-from prefopt_fast import fused_dpo_loss, ppo_loss
+from prefopt_fast import logits_dpo_loss, ppo_loss
 from prefopt_fast.linear import (
     LinearDPOLoss,
     LinearPPOLoss,
@@ -581,7 +581,7 @@ def test_sequence_logprobs_padded_and_packed(backend):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", ["sigmoid", "sft"]])
-def test_dpo_equals_fused_dpo_on_materialized_logits(backend, loss_type):
+def test_dpo_equals_logits_dpo_on_materialized_logits(backend, loss_type):
     if backend == "triton" and loss_type != "sigmoid":
         pytest.skip("the loss head is backend-independent; one loss type is enough under the interpreter")
     d = make(B=4, T=6, bias=True, lora_r=2)
@@ -606,7 +606,7 @@ def test_dpo_equals_fused_dpo_on_materialized_logits(backend, loss_type):
     )
     logits = _materialized(dict(h=b["h"], w=b["w"]), bias=b["b"], lora=(b["A"], b["Bm"], 0.5), **kw)
     ref_logits_ = _materialized(dict(h=ref_h, w=d["w"]), bias=d["b"], **kw)
-    loss2, met2 = fused_dpo_loss(
+    loss2, met2 = logits_dpo_loss(
         logits, d["y"], ref_logits=ref_logits_, beta=0.2, loss_type=loss_type, temperature=1.1, backend=backend
     )
     torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
