@@ -541,8 +541,7 @@ class DPOLoss(nn.Module):
             beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction
         )
         self._cfg = cfg
-        # as the caller gave it (a str stays a str); the normalized tuple is cfg.loss_types
-        self._loss_type = loss_type if isinstance(loss_type, str) else type(loss_type)(loss_type)
+        self._loss_type = loss_type if isinstance(loss_type, str) else loss_type[:]  # the tuple is cfg.loss_types
         check_bool(bco_running_mean, "bco_running_mean")
         if bco_running_mean and "bco_pair" not in cfg.loss_types:
             raise ValueError(f"bco_running_mean=True needs loss_type 'bco_pair'; got {list(cfg.loss_types)}")
@@ -566,7 +565,8 @@ class DPOLoss(nn.Module):
 
     # read-only views of the validated config: build a new module to change it
     beta = property(lambda self: self._cfg.beta)
-    loss_type = property(lambda self: self._loss_type)
+    # as given (a str stays a str, a list a list), copied so the config cannot change through it
+    loss_type = property(lambda self: self._loss_type if isinstance(self._loss_type, str) else self._loss_type[:])
     loss_weights = property(lambda self: list(self._cfg.loss_weights))
     label_smoothing = property(lambda self: self._cfg.label_smoothing)
     f_divergence = property(lambda self: self._cfg.f_divergence)
