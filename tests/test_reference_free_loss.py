@@ -35,7 +35,7 @@ def make_batch(B, dtype=torch.float32, seed=0):
 # fp64 restatements
 
 
-def restated_cpo(cw, cl, Lw, Ll, *, beta, loss_type, ls, cpo_alpha, gamma, alpha):
+def restated_cpo(cw, cl, Lw, Ll, *, beta, loss_type, ls, cpo_alpha, simpo_gamma, alpha):
     if loss_type in ("ipo", "simpo"):
         xw, xl = cw / Lw.double().clamp(min=1), cl / Ll.double().clamp(min=1)
     else:
@@ -45,7 +45,7 @@ def restated_cpo(cw, cl, Lw, Ll, *, beta, loss_type, ls, cpo_alpha, gamma, alpha
         xw, xl = (1 - pw ** (-alpha)) / alpha, (1 - pl ** (-alpha)) / alpha
     d = xw - xl
     if loss_type == "simpo":
-        z = beta * d - gamma  # SimPO: beta * margin of mean log-probs minus the target margin
+        z = beta * d - simpo_gamma  # SimPO: beta * margin of mean log-probs minus the target margin
         per = -(1 - ls) * torch.log(_s(z)) - ls * torch.log(1 - _s(z))
     elif loss_type == "sigmoid":
         per = -(1 - ls) * torch.log(_s(beta * d)) - ls * torch.log(1 - _s(beta * d))
@@ -65,13 +65,13 @@ def restated_orpo(cw, cl, Lw, Ll, *, beta):
 
 
 CPO_CASES = [
-    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, gamma=0.5, alpha=0.0),
-    dict(loss_type="sigmoid", ls=0.2, cpo_alpha=0.0, gamma=0.5, alpha=0.0),
-    dict(loss_type="hinge", ls=0.0, cpo_alpha=0.5, gamma=0.5, alpha=0.0),
-    dict(loss_type="ipo", ls=0.0, cpo_alpha=1.0, gamma=0.5, alpha=0.0),
-    dict(loss_type="simpo", ls=0.1, cpo_alpha=1.0, gamma=0.7, alpha=0.0),
-    dict(loss_type="simpo", ls=0.0, cpo_alpha=0.0, gamma=1.0, alpha=0.25),
-    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, gamma=0.5, alpha=-0.3),
+    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="sigmoid", ls=0.2, cpo_alpha=0.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="hinge", ls=0.0, cpo_alpha=0.5, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="ipo", ls=0.0, cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="simpo", ls=0.1, cpo_alpha=1.0, simpo_gamma=0.7, alpha=0.0),
+    dict(loss_type="simpo", ls=0.0, cpo_alpha=0.0, simpo_gamma=1.0, alpha=0.25),
+    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, simpo_gamma=0.5, alpha=-0.3),
 ]
 
 
@@ -95,7 +95,7 @@ def test_cpo_matches_formula(case):
                 loss_type=case["loss_type"],
                 label_smoothing=case["ls"],
                 cpo_alpha=case["cpo_alpha"],
-                simpo_gamma=case["gamma"],
+                simpo_gamma=case["simpo_gamma"],
                 alpha=case["alpha"],
             )
             c64 = [x.detach().double().requires_grad_() for x in (cw, cl)]
@@ -107,7 +107,7 @@ def test_cpo_matches_formula(case):
                 loss_type=case["loss_type"],
                 ls=case["ls"],
                 cpo_alpha=case["cpo_alpha"],
-                gamma=case["gamma"],
+                simpo_gamma=case["simpo_gamma"],
                 alpha=case["alpha"],
             )
             torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
@@ -272,7 +272,7 @@ def test_cpo_matches_trl(case):
             loss_type=case["loss_type"],
             label_smoothing=case["ls"],
             cpo_alpha=case["cpo_alpha"],
-            simpo_gamma=case["gamma"],
+            simpo_gamma=case["simpo_gamma"],
             alpha=case["alpha"],
             pad_token_id=0,
         )
@@ -290,7 +290,7 @@ def test_cpo_matches_trl(case):
             loss_type=case["loss_type"],
             label_smoothing=case["ls"],
             cpo_alpha=case["cpo_alpha"],
-            simpo_gamma=case["gamma"],
+            simpo_gamma=case["simpo_gamma"],
             alpha=case["alpha"],
         )
         (grad,) = torch.autograd.grad(loss, logits)
