@@ -694,6 +694,28 @@ def _module_cases():
             lambda f, L, x: f(L[0], L[1], x["labels"], ref_hidden=x["hidden"] + 0.1, ref_weight=x["weight"]),
             ("hidden", "weight"),
         ),
+        "LinearCPOLoss": (
+            pf.LinearCPOLoss,
+            pf.linear_cpo_loss,
+            dict(beta=0.2, loss_type="sigmoid", cpo_alpha=0.5, chunk_size=5),
+            lambda f, L, x: f(L[0], L[1], x["labels"]),
+            ("hidden", "weight"),
+        ),
+        "LinearSimPOLoss": (
+            pf.LinearSimPOLoss,
+            pf.linear_simpo_loss,
+            dict(beta=2.0, simpo_gamma=1.0, reduction="none"),
+            lambda f, L, x: f(L[0], L[1], x["labels"]),
+            ("hidden", "weight"),
+        ),
+        "LinearORPOLoss": (
+            pf.LinearORPOLoss,
+            pf.linear_orpo_loss,
+            dict(beta=0.3, softcap=5.0),
+            # every sequence with a label: ORPO's log odds are infinite for an empty completion
+            lambda f, L, x: f(L[0], L[1], x["labels"].clamp(min=0)),
+            ("hidden", "weight"),
+        ),
         "LinearPPOLoss": (
             pf.LinearPPOLoss,
             pf.linear_ppo_loss,
@@ -714,7 +736,18 @@ def _run_case(call, obj, names, x):
 
 
 @pytest.mark.parametrize(
-    "name", ["SequenceLogProbs", "LogitsDPOLoss", "PPOLoss", "LinearSequenceLogProbs", "LinearDPOLoss", "LinearPPOLoss"]
+    "name",
+    [
+        "SequenceLogProbs",
+        "LogitsDPOLoss",
+        "PPOLoss",
+        "LinearSequenceLogProbs",
+        "LinearDPOLoss",
+        "LinearCPOLoss",
+        "LinearSimPOLoss",
+        "LinearORPOLoss",
+        "LinearPPOLoss",
+    ],
 )
 @pytest.mark.parametrize("layout", ["group", "group+offsets"])
 def test_module_process_group_matches_function(name, layout, one_process_group, monkeypatch):
