@@ -1,4 +1,4 @@
-"""Benchmark of fused_dpo_loss: sigmoid DPO (beta 0.1) straight from the policy logits of
+"""Benchmark of logits_dpo_loss: sigmoid DPO (beta 0.1) straight from the policy logits of
 the stacked [chosen; rejected] batch, precomputed reference log-probs.
 
 Inputs: logits [2B, T, V] with 2B = 4, labels [2B, T] whose first quarter is the prompt
@@ -45,7 +45,7 @@ def _make_trl():
 def _call(inputs, backend, inplace_backward):
     import prefopt_fast
 
-    loss, _ = prefopt_fast.fused_dpo_loss(
+    loss, _ = prefopt_fast.logits_dpo_loss(
         inputs["logits"],
         inputs["labels"],
         ref_chosen_logps=inputs["ref_chosen"],

@@ -2,6 +2,10 @@
 
 Per-token log-probs, the DPO / Bradley-Terry losses and the PPO loss straight from the
 logits, without materializing the softmax, with exact gradients.
+
+Names: public names spell log-probabilities "logprobs"; tensor arguments and metric keys keep
+TRL's names (``chosen_logps``, ``logps/chosen``). ``linear_`` / ``Linear*`` take hidden states
+and the lm_head weight (Liger's "fused linear"); ``logits_*`` take the logits.
 """
 
 from ._build_info import build_info
@@ -28,6 +32,10 @@ __all__ = [
 # Old public names, kept importable for one release with a DeprecationWarning (not in __all__).
 _RENAMED = {
     "TokenLogProbs": "TokenLogProbsOutput",
+    "pair_logps": "pair_logprobs",
+    "linear_pair_logps": "linear_pair_logprobs",
+    "fused_dpo_loss": "logits_dpo_loss",
+    "FusedDPOLoss": "LogitsDPOLoss",
 }
 
 

@@ -152,8 +152,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         lambda: dict(logits=_logits(5), labels=_labels(5), cu_seqlens=torch.tensor([0, 2, 5])),
         dict(cu_seqlens="cu_seqlens", labels="packed_labels"),
     ),
-    "fused_dpo_loss": (
-        _call(pf.fused_dpo_loss),
+    "logits_dpo_loss": (
+        _call(pf.logits_dpo_loss),
         lambda: dict(
             logits=_logits(2 * B, T),
             labels=_labels(2 * B, T),
@@ -162,6 +162,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             loss_type="sigmoid",
             temperature=1.0,
             inplace_backward=False,
+            average=True,
+            reduction="none",
         ),
         dict(
             logits="logits",
@@ -171,10 +173,12 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             loss_type="dpo_loss_type",
             temperature="temperature",
             inplace_backward="bool",
+            average="bool",
+            reduction="reduction",
         ),
     ),
-    "fused_dpo_loss(precomputed ref)": (
-        _call(pf.fused_dpo_loss),
+    "logits_dpo_loss(precomputed ref)": (
+        _call(pf.logits_dpo_loss),
         lambda: dict(
             logits=_logits(2 * B, T), labels=_labels(2 * B, T), ref_chosen_logps=_vec(), ref_rejected_logps=_vec()
         ),
@@ -260,6 +264,7 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             pair_weights=torch.ones(B),
             f_divergence="reverse_kl",
             discopop_tau=0.05,
+            reduction="none",
         ),
         dict(
             chosen_logps="vector",
@@ -271,6 +276,7 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             pair_weights="vector",
             f_divergence="f_divergence",
             discopop_tau="pos_float",
+            reduction="reduction",
         ),
     ),
     "dpo_loss(ipo, robust)": (
@@ -312,7 +318,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             chosen_lengths=torch.tensor([3, 4]),
             rejected_lengths=torch.tensor([2, 5]),
             beta=2.0,
-            gamma=1.0,
+            simpo_gamma=1.0,
+            reduction="none",
         ),
         dict(
             chosen_logps="vector",
@@ -320,7 +327,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             chosen_lengths="lengths",
             rejected_lengths="lengths",
             beta="pos_float",
-            gamma="real",
+            simpo_gamma="real",
+            reduction="reduction",
         ),
     ),
     "orpo_loss": (
@@ -347,12 +355,14 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             rejected_rewards=torch.randn(B, generator=_g()),
             margin=torch.rand(B, generator=_g()),
             center_rewards_coefficient=0.01,
+            reduction="sum",
         ),
         dict(
             chosen_rewards="vector",
             rejected_rewards="vector",
             margin="margin",
             center_rewards_coefficient="nonneg_float",
+            reduction="reduction",
         ),
     ),
     "linear_token_logprobs": (
@@ -404,6 +414,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             ref_chosen_logps=_vec(),
             ref_rejected_logps=_vec(),
             beta=0.1,
+            average=True,
+            reduction="sum",
         ),
         dict(
             hidden="hidden",
@@ -412,6 +424,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             ref_chosen_logps="vector",
             ref_rejected_logps="vector",
             beta="pos_float",
+            average="bool",
+            reduction="reduction",
         ),
     ),
     "linear_ppo_loss": (
@@ -462,6 +476,7 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             simpo_gamma=0.5,
             alpha=0.1,
             nll_loss=torch.tensor(1.5),
+            reduction="sum",
         ),
         dict(
             label_smoothing="smoothing_lt1",
@@ -469,6 +484,7 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             simpo_gamma="real",
             alpha="real",
             nll_loss="nll_loss",
+            reduction="reduction",
         ),
     ),
     "simpo_loss(nll)": (
@@ -479,10 +495,11 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             chosen_lengths=torch.tensor([3, 4]),
             rejected_lengths=torch.tensor([2, 5]),
             label_smoothing=0.1,
-            nll_weight=1.0,
+            cpo_alpha=1.0,
+            alpha=0.1,
             nll_loss=torch.tensor(1.5),
         ),
-        dict(label_smoothing="smoothing_lt1", nll_weight="nonneg_float", nll_loss="nll_loss"),
+        dict(label_smoothing="smoothing_lt1", cpo_alpha="nonneg_float", alpha="real", nll_loss="nll_loss"),
     ),
     "orpo_loss(nll_loss)": (
         _call(pf.orpo_loss),
@@ -492,8 +509,9 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             chosen_lengths=torch.tensor([3, 4]),
             rejected_lengths=torch.tensor([2, 5]),
             nll_loss=torch.tensor(1.5),
+            reduction="none",
         ),
-        dict(nll_loss="nll_loss"),
+        dict(nll_loss="nll_loss", reduction="reduction"),
     ),
     "ppo_loss(ignore_index, backend)": (
         _call(pf.ppo_loss),
@@ -507,8 +525,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         ),
         dict(ignore_index="int", backend="backend"),
     ),
-    "pair_logps": (
-        _call(pf.pair_logps),
+    "pair_logprobs": (
+        _call(pf.pair_logprobs),
         lambda: dict(
             logits=_logits(2 * B, T),
             labels=_labels(2 * B, T),
@@ -517,6 +535,7 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             inplace_backward=False,
             ignore_index=-100,
             backend="auto",
+            average=True,
         ),
         dict(
             logits="logits",
@@ -526,10 +545,11 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             inplace_backward="bool",
             ignore_index="int",
             backend="backend",
+            average="bool",
         ),
     ),
-    "pair_logps(packed)": (
-        _call(pf.pair_logps),
+    "pair_logprobs(packed)": (
+        _call(pf.pair_logprobs),
         lambda: dict(logits=_logits(8), labels=_labels(8), cu_seqlens=torch.tensor([0, 2, 5, 6, 8])),
         dict(cu_seqlens="cu_seqlens"),
     ),
@@ -567,8 +587,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             backend="backend",
         ),
     ),
-    "linear_pair_logps(ref model)": (
-        _call(pfl.linear_pair_logps),
+    "linear_pair_logprobs(ref model)": (
+        _call(pfl.linear_pair_logprobs),
         lambda: dict(
             hidden=torch.randn(2 * B, T, H, generator=_g()),
             weight=torch.randn(V, H, generator=_g()),
@@ -576,8 +596,9 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             ref_hidden=torch.randn(2 * B, T, H + 1, generator=_g()),
             ref_weight=torch.randn(V, H + 1, generator=_g()),
             ref_bias=torch.randn(V, generator=_g()),
+            average=True,
         ),
-        dict(ref_hidden="ref_hidden", ref_weight="ref_weight", ref_bias="ref_bias"),
+        dict(ref_hidden="ref_hidden", ref_weight="ref_weight", ref_bias="ref_bias", average="bool"),
     ),
     "linear_dpo_loss(packed, ref model)": (
         _call(pfl.linear_dpo_loss),
@@ -695,8 +716,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         ),
         dict(labels="labels", loss_mask="mask", advantages="advantages"),
     ),
-    "fused_dpo_loss(vocab-parallel)": (
-        _vocab_parallel(pf.fused_dpo_loss),
+    "logits_dpo_loss(vocab-parallel)": (
+        _vocab_parallel(pf.logits_dpo_loss),
         lambda: dict(
             logits=_logits(2 * B, T),
             labels=_labels(2 * B, T),
@@ -708,13 +729,19 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     # configuration-only modules: validated once, in __init__
     "DPOLoss()": (
         _ctor(pf.DPOLoss),
-        lambda: dict(beta=0.1, loss_type="sigmoid"),
-        dict(beta="pos_float", loss_type="dpo_loss_type"),
+        lambda: dict(beta=0.1, loss_type="sigmoid", reduction="none"),
+        dict(beta="pos_float", loss_type="dpo_loss_type", reduction="reduction"),
     ),
-    "FusedDPOLoss()": (
-        _ctor(pf.FusedDPOLoss),
-        lambda: dict(beta=0.1, temperature=1.0, ignore_index=-100, inplace_backward=False),
-        dict(beta="pos_float", temperature="float_temperature", ignore_index="int", inplace_backward="bool"),
+    "LogitsDPOLoss()": (
+        _ctor(pf.LogitsDPOLoss),
+        lambda: dict(beta=0.1, temperature=1.0, ignore_index=-100, inplace_backward=False, average=True),
+        dict(
+            beta="pos_float",
+            temperature="float_temperature",
+            ignore_index="int",
+            inplace_backward="bool",
+            average="bool",
+        ),
     ),
     "PPOLoss()": (
         _ctor(pf.PPOLoss),
@@ -734,8 +761,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     ),
     "BradleyTerryLoss()": (
         _ctor(pf.BradleyTerryLoss),
-        lambda: dict(center_rewards_coefficient=0.01),
-        dict(center_rewards_coefficient="nonneg_float"),
+        lambda: dict(center_rewards_coefficient=0.01, reduction="sum"),
+        dict(center_rewards_coefficient="nonneg_float", reduction="reduction"),
     ),
     "LinearSequenceLogProbs()": (
         _ctor(pfl.LinearSequenceLogProbs),
@@ -750,7 +777,14 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
     "LinearDPOLoss()": (
         _ctor(pfl.LinearDPOLoss),
         lambda: dict(
-            beta=0.1, temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=4, ignore_index=-100, backend="auto"
+            beta=0.1,
+            temperature=1.0,
+            logit_scale=1.0,
+            softcap=None,
+            chunk_size=4,
+            ignore_index=-100,
+            backend="auto",
+            average=True,
         ),
         dict(
             beta="pos_float",
@@ -760,7 +794,57 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             chunk_size="chunk_size",
             ignore_index="int",
             backend="backend_ctor",
+            average="bool",
         ),
+    ),
+    "LinearCPOLoss()": (
+        _ctor(pfl.LinearCPOLoss),
+        lambda: dict(
+            beta=0.1,
+            loss_type="simpo",
+            label_smoothing=0.1,
+            cpo_alpha=1.0,
+            simpo_gamma=0.5,
+            alpha=0.1,
+            reduction="none",
+            temperature=1.0,
+            logit_scale=1.0,
+            softcap=None,
+            chunk_size=4,
+            ignore_index=-100,
+            backend="auto",
+        ),
+        dict(
+            beta="pos_float",
+            loss_type="cpo_loss_type",
+            label_smoothing="smoothing_lt1",
+            cpo_alpha="nonneg_float",
+            simpo_gamma="real",
+            alpha="real",
+            reduction="reduction",
+            temperature="float_temperature",
+            logit_scale="pos_float",
+            softcap="opt_pos_float",
+            chunk_size="chunk_size",
+            ignore_index="int",
+            backend="backend_ctor",
+        ),
+    ),
+    "LinearSimPOLoss()": (
+        _ctor(pfl.LinearSimPOLoss),
+        lambda: dict(beta=0.1, simpo_gamma=0.5, cpo_alpha=0.0, reduction="sum", chunk_size=4),
+        dict(
+            beta="pos_float",
+            simpo_gamma="real",
+            cpo_alpha="nonneg_float",
+            reduction="reduction",
+            chunk_size="chunk_size",
+        ),
+    ),
+    "LinearORPOLoss()": (
+        _ctor(pfl.LinearORPOLoss),
+        lambda: dict(beta=0.1, reduction="mean", softcap=30.0, backend="auto"),
+        dict(beta="pos_float", reduction="reduction", softcap="opt_pos_float", backend="backend_ctor"),
     ),
     "LinearPPOLoss()": (
         _ctor(pfl.LinearPPOLoss),
@@ -814,8 +898,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         lambda: dict(chosen_logps=_vec(), rejected_logps=_vec(), ref_chosen_logps=_vec(), ref_rejected_logps=_vec()),
         dict(chosen_logps="vector", rejected_logps="vector", ref_chosen_logps="vector", ref_rejected_logps="vector"),
     ),
-    "FusedDPOLoss.forward": (
-        _module_call(pf.FusedDPOLoss, dict(inplace_backward=True)),
+    "LogitsDPOLoss.forward": (
+        _module_call(pf.LogitsDPOLoss, dict(inplace_backward=True)),
         lambda: dict(
             logits=_nonleaf_logits(2 * B, T),
             labels=_labels(2 * B, T),
@@ -824,8 +908,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         ),
         dict(logits="logits", labels="labels", ref_logits="ref_logits", pair_weights="vector"),
     ),
-    "FusedDPOLoss(packed).forward": (
-        _module_call(pf.FusedDPOLoss, {}),
+    "LogitsDPOLoss(packed).forward": (
+        _module_call(pf.LogitsDPOLoss, {}),
         lambda: dict(
             logits=_logits(8),
             labels=_labels(8),
@@ -934,6 +1018,125 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             ref_logps="bt",
             loss_mask="mask",
             bias="bias",
+        ),
+    ),
+    "LinearCPOLoss.forward": (
+        _module_call(pfl.LinearCPOLoss, dict(chunk_size=2)),
+        lambda: dict(
+            hidden=torch.randn(2 * B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(2 * B, T),
+            bias=torch.randn(V, generator=_g()),
+            nll_loss=torch.tensor(1.5),
+        ),
+        dict(hidden="hidden", weight="weight", labels="labels", bias="bias", nll_loss="nll_loss"),
+    ),
+    "LinearSimPOLoss(packed).forward": (
+        _module_call(pfl.LinearSimPOLoss, {}),
+        lambda: dict(
+            hidden=torch.randn(8, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(8),
+            cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
+        ),
+        dict(hidden="hidden", weight="weight", cu_seqlens="cu_seqlens"),
+    ),
+    "LinearORPOLoss.forward": (
+        _module_call(pfl.LinearORPOLoss, dict(chunk_size=2)),
+        lambda: dict(
+            hidden=torch.randn(2 * B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(2 * B, T),
+            lora=(torch.randn(2, H, generator=_g()), torch.randn(V, 2, generator=_g()), 0.5),
+            nll_loss=torch.tensor(1.5),
+        ),
+        dict(hidden="hidden", weight="weight", labels="labels", lora="lora", nll_loss="nll_loss"),
+    ),
+    # the fused-linear twins of the reference-free heads
+    "linear_cpo_loss": (
+        _call(pfl.linear_cpo_loss),
+        lambda: dict(
+            hidden=torch.randn(2 * B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(2 * B, T),
+            bias=torch.randn(V, generator=_g()),
+            temperature=0.9,
+            chunk_size=2,
+            softcap=30.0,
+            beta=0.1,
+            loss_type="simpo",
+            label_smoothing=0.1,
+            cpo_alpha=1.0,
+            simpo_gamma=0.5,
+            alpha=0.1,
+            nll_loss=torch.tensor(1.5),
+            reduction="none",
+            ignore_index=-100,
+            backend="auto",
+        ),
+        dict(
+            hidden="hidden",
+            weight="weight",
+            labels="labels",
+            bias="bias",
+            temperature="temperature",
+            chunk_size="chunk_size",
+            softcap="opt_pos_float",
+            beta="pos_float",
+            loss_type="cpo_loss_type",
+            label_smoothing="smoothing_lt1",
+            cpo_alpha="nonneg_float",
+            simpo_gamma="real",
+            alpha="real",
+            nll_loss="nll_loss",
+            reduction="reduction",
+            ignore_index="int",
+            backend="backend",
+        ),
+    ),
+    "linear_simpo_loss": (
+        _call(pfl.linear_simpo_loss),
+        lambda: dict(
+            hidden=torch.randn(8, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(8),
+            cu_seqlens=torch.tensor([0, 2, 5, 6, 8]),
+            lora=(torch.randn(2, H, generator=_g()), torch.randn(V, 2, generator=_g()), 0.5),
+            logit_scale=1.0,
+            beta=2.0,
+            simpo_gamma=1.0,
+            cpo_alpha=0.0,
+            reduction="sum",
+        ),
+        dict(
+            hidden="hidden",
+            weight="weight",
+            cu_seqlens="cu_seqlens",
+            lora="lora",
+            logit_scale="pos_float",
+            beta="pos_float",
+            simpo_gamma="real",
+            cpo_alpha="nonneg_float",
+            reduction="reduction",
+        ),
+    ),
+    "linear_orpo_loss": (
+        _call(pfl.linear_orpo_loss),
+        lambda: dict(
+            hidden=torch.randn(2 * B, T, H, generator=_g()),
+            weight=torch.randn(V, H, generator=_g()),
+            labels=_labels(2 * B, T),
+            beta=0.1,
+            nll_loss=torch.tensor(1.5),
+            reduction="none",
+        ),
+        dict(
+            hidden="hidden",
+            weight="weight",
+            labels="labels",
+            beta="pos_float",
+            nll_loss="nll_loss",
+            reduction="reduction",
         ),
     ),
     # the per-token policy-gradient head (no vocabulary): logps [B, T] define B, T and the device
@@ -1051,7 +1254,7 @@ FUNCS.update(
         )
         for cls in (
             pf.SequenceLogProbs,
-            pf.FusedDPOLoss,
+            pf.LogitsDPOLoss,
             pf.PPOLoss,
             pfl.LinearSequenceLogProbs,
             pfl.LinearDPOLoss,
@@ -1164,6 +1367,10 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
         ("a str", lambda v, a: "-100", TypeError),
         ("None", lambda v, a: None, TypeError),
         ("a bool", lambda v, a: True, TypeError),
+    ],
+    "reduction": [
+        ("an unknown name", lambda v, a: "avg", ValueError),
+        ("None", lambda v, a: None, TypeError),
     ],
     "bool": [
         ("a str", lambda v, a: "yes", TypeError),
@@ -1500,15 +1707,18 @@ def test_every_public_function_is_in_the_matrix():
 MODULE_FUNCTIONS = {
     "SequenceLogProbs": (pf.sequence_logprobs,),
     "DPOLoss": (pf.dpo_loss,),
-    "FusedDPOLoss": (pf.fused_dpo_loss, pf.dpo_loss),
+    "LogitsDPOLoss": (pf.logits_dpo_loss, pf.dpo_loss),
     "BradleyTerryLoss": (pf.bradley_terry_loss,),
     "PPOLoss": (pf.ppo_loss,),
     "LinearSequenceLogProbs": (pfl.linear_sequence_logprobs,),
     "LinearDPOLoss": (pfl.linear_dpo_loss, pf.dpo_loss),
     "LinearPPOLoss": (pfl.linear_ppo_loss,),
+    "LinearCPOLoss": (pfl.linear_cpo_loss,),
+    "LinearSimPOLoss": (pfl.linear_simpo_loss,),
+    "LinearORPOLoss": (pfl.linear_orpo_loss,),
     "PolicyLoss": (pf.policy_loss,),
 }
-# inputs of dpo_loss the fused DPO modules compute themselves (from the logits / hidden states)
+# inputs of dpo_loss that the DPO modules over logits / hidden states compute themselves
 _PAIR_LOGPS = {
     "chosen_logps",
     "rejected_logps",

@@ -178,15 +178,15 @@ def _sequence_logprobs(be):
     )
 
 
-def _pair_logps(be):
+def _pair_logprobs(be):
     y, ref = _y(2 * B), _z(2 * B, seed=5)
-    return (lambda x: pf.pair_logps(x, y, ref_logits=ref, backend=be)), (_z(2 * B),)
+    return (lambda x: pf.pair_logprobs(x, y, ref_logits=ref, backend=be)), (_z(2 * B),)
 
 
-def _fused_dpo_loss(be):
+def _logits_dpo_loss(be):
     y, ref = _y(2 * B), _z(2 * B, seed=5)
     return (
-        lambda x: pf.fused_dpo_loss(
+        lambda x: pf.logits_dpo_loss(
             x, y, ref_logits=ref, beta=0.2, loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], backend=be
         )
     ), (_z(2 * B),)
@@ -282,7 +282,7 @@ def _cpo_loss(_):
 def _simpo_loss(_):
     return (
         lambda c, r: pf.simpo_loss(
-            c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), nll_weight=0.5, nll_loss=c.mean().neg()
+            c, r, torch.tensor([3, 4]), torch.tensor([2, 5]), cpo_alpha=0.5, nll_loss=c.mean().neg(), reduction="none"
         )
     ), (_vec(seed=10), _vec(seed=11))
 
@@ -335,11 +335,11 @@ def _linear_sequence_logprobs(be):
     ), (h.reshape(B * T, H), w)
 
 
-def _linear_pair_logps(be):
+def _linear_pair_logprobs(be):
     h, w = _hw(2 * B)
     ref_h, ref_w = _hw(2 * B, seed=14)
     y = _y(2 * B)
-    return (lambda h, w: pf.linear_pair_logps(h, w, y, ref_hidden=ref_h, ref_weight=ref_w, backend=be)), (h, w)
+    return (lambda h, w: pf.linear_pair_logprobs(h, w, y, ref_hidden=ref_h, ref_weight=ref_w, backend=be)), (h, w)
 
 
 def _linear_dpo_loss(be):
@@ -351,6 +351,30 @@ def _linear_dpo_loss(be):
             h, w, y, ref_hidden=ref_h, ref_weight=w.detach(), beta=0.2, softcap=10.0, backend=be
         )
     ), (h, w)
+
+
+def _linear_cpo_loss(be):
+    h, w = _hw(2 * B)
+    y = _y(2 * B)
+    return (
+        lambda h, w: pf.linear_cpo_loss(
+            h, w, y, loss_type="simpo", alpha=0.1, label_smoothing=0.1, chunk_size=3, reduction="none", backend=be
+        )
+    ), (h, w)
+
+
+def _linear_simpo_loss(be):
+    h, w = _hw(2 * B)
+    y, cu = _y(2 * B).reshape(-1), torch.tensor([0, 4, 5, 12, 2 * B * T])
+    return (
+        lambda h, w: pf.linear_simpo_loss(h, w, y, cu_seqlens=cu, beta=2.0, simpo_gamma=1.0, softcap=10.0, backend=be)
+    ), (h.reshape(2 * B * T, H), w)
+
+
+def _linear_orpo_loss(be):
+    h, w = _hw(2 * B)
+    y = _y(2 * B)
+    return (lambda h, w: pf.linear_orpo_loss(h, w, y, beta=0.2, logit_scale=0.5, reduction="sum", backend=be)), (h, w)
 
 
 def _linear_ppo_loss(be):
@@ -400,8 +424,8 @@ def _mod_dpo_bco_running_mean(_):
     return f, (_vec(seed=10), _vec(seed=11))
 
 
-def _mod_fused_dpo(be):
-    m = pf.FusedDPOLoss(beta=0.2, loss_type="sigmoid", temperature=0.9, backend=be)
+def _mod_logits_dpo(be):
+    m = pf.LogitsDPOLoss(beta=0.2, loss_type="sigmoid", temperature=0.9, backend=be)
     y, rc, rr = _y(2 * B), _vec(seed=8), _vec(seed=9)
     return (lambda x: m(x, y, rc, rr)), (_z(2 * B),)
 
@@ -445,6 +469,27 @@ def _mod_linear_dpo(be):
     return (lambda h, w: m(h, w, y, rc, rr)), (h, w)
 
 
+def _mod_linear_cpo(be):
+    m = pf.LinearCPOLoss(beta=0.2, loss_type="hinge", cpo_alpha=0.5, chunk_size=3, backend=be)
+    h, w = _hw(2 * B)
+    y = _y(2 * B)
+    return (lambda h, w: m(h, w, y)), (h, w)
+
+
+def _mod_linear_simpo(be):
+    m = pf.LinearSimPOLoss(beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0, reduction="none", backend=be)
+    h, w = _hw(2 * B)
+    y = _y(2 * B)
+    return (lambda h, w, b: m(h, w, y, bias=b)), (h, w, torch.randn(V, generator=_g(16)))
+
+
+def _mod_linear_orpo(be):
+    m = pf.LinearORPOLoss(beta=0.1, temperature=0.9, backend=be)
+    h, w = _hw(2 * B)
+    y = _y(2 * B)
+    return (lambda h, w: m(h, w, y)), (h, w)
+
+
 def _mod_linear_ppo(be):
     m = pf.LinearPPOLoss(kl_coef=0.1, kl_estimator="k2", clip_eps_high=0.28, loss_agg_mode="dapo", backend=be)
     old, adv, mask, ref_lp = _ppo_inputs()
@@ -455,8 +500,8 @@ def _mod_linear_ppo(be):
 CASES: Dict[str, Case] = {
     "token_logprobs": Case(_token_logprobs),
     "sequence_logprobs": Case(_sequence_logprobs),
-    "pair_logps": Case(_pair_logps),
-    "fused_dpo_loss": Case(_fused_dpo_loss),
+    "pair_logprobs": Case(_pair_logprobs),
+    "logits_dpo_loss": Case(_logits_dpo_loss),
     "ppo_loss": Case(_ppo_loss),
     "dpo_loss": Case(_dpo_loss, takes_backend=False),
     "policy_loss": Case(_policy_loss, takes_backend=False),
@@ -467,18 +512,24 @@ CASES: Dict[str, Case] = {
     "bradley_terry_loss": Case(_bradley_terry_loss, takes_backend=False),
     "linear_token_logprobs": Case(_linear_token_logprobs),
     "linear_sequence_logprobs": Case(_linear_sequence_logprobs),
-    "linear_pair_logps": Case(_linear_pair_logps),
+    "linear_pair_logprobs": Case(_linear_pair_logprobs),
     "linear_dpo_loss": Case(_linear_dpo_loss),
+    "linear_cpo_loss": Case(_linear_cpo_loss),
+    "linear_simpo_loss": Case(_linear_simpo_loss),
+    "linear_orpo_loss": Case(_linear_orpo_loss),
     "linear_ppo_loss": Case(_linear_ppo_loss),
     "DPOLoss": Case(_mod_dpo, takes_backend=False),
     "DPOLoss(bco_delta)": Case(_mod_dpo_bco, takes_backend=False),
     "DPOLoss(bco_running_mean)": Case(_mod_dpo_bco_running_mean, takes_backend=False),
-    "FusedDPOLoss": Case(_mod_fused_dpo),
+    "LogitsDPOLoss": Case(_mod_logits_dpo),
     "BradleyTerryLoss": Case(_mod_bradley_terry, takes_backend=False),
     "PPOLoss": Case(_mod_ppo),
     "SequenceLogProbs": Case(_mod_sequence_logprobs),
     "LinearSequenceLogProbs": Case(_mod_linear_sequence_logprobs),
     "LinearDPOLoss": Case(_mod_linear_dpo),
+    "LinearCPOLoss": Case(_mod_linear_cpo),
+    "LinearSimPOLoss": Case(_mod_linear_simpo),
+    "LinearORPOLoss": Case(_mod_linear_orpo),
     "LinearPPOLoss": Case(_mod_linear_ppo),
 }
 

@@ -223,7 +223,7 @@ def test_sequence_logprobs_and_dpo_vs_torch(backend, dtype):
     for b in ("torch", backend):
         leaf = z.detach().clone().requires_grad_(True)
         s = prefopt_fast.sequence_logprobs(leaf, y, average=True, backend=b)
-        loss, metrics = prefopt_fast.fused_dpo_loss(leaf, y, ref_logits=zr, beta=0.1, backend=b)
+        loss, metrics = prefopt_fast.logits_dpo_loss(leaf, y, ref_logits=zr, beta=0.1, backend=b)
         (loss + s.sum()).backward()
         res[b] = (s, loss, metrics, leaf.grad)
     (s0, l0, m0, g0), (s1, l1, m1, g1) = res["torch"], res[backend]

@@ -84,7 +84,7 @@ def _run_packed_dpo(ins, backend):
     z = ins["z"].detach().clone().requires_grad_()
     n = z.shape[0]
     cu = torch.tensor([0, 1, n // 2, n // 2 + 2, n], device=z.device)
-    loss, m = pf.fused_dpo_loss(
+    loss, m = pf.logits_dpo_loss(
         z, ins["y"], cu_seqlens=cu, ref_logits=ins["ref"], beta=0.1, loss_type=["sigmoid", "ipo"], backend=backend
     )
     loss.backward()
@@ -132,7 +132,7 @@ def _run_linear(ins, backend):
 OPS = {
     "token_logprobs": (_token_inputs, _run_token),
     "token_logprobs(inplace)": (_token_inputs, lambda ins, be: _run_token(ins, be, inplace=True)),
-    "fused_dpo_loss(packed)": (_token_inputs, _run_packed_dpo),
+    "logits_dpo_loss(packed)": (_token_inputs, _run_packed_dpo),
     "ppo_loss(full kl)": (_token_inputs, _run_ppo),
     "linear_token_logprobs": (_linear_inputs, _run_linear),
 }

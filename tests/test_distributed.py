@@ -291,8 +291,8 @@ def _check_nonfinite(env):
 
 
 def _check_losses(env):
-    """sequence_logprobs (packed), fused_dpo_loss with ref_logits, ppo_loss with the exact KL."""
-    from prefopt_fast import fused_dpo_loss, ppo_loss, sequence_logprobs
+    """sequence_logprobs (packed), logits_dpo_loss with ref_logits, ppo_loss with the exact KL."""
+    from prefopt_fast import logits_dpo_loss, ppo_loss, sequence_logprobs
 
     V, sizes, st, kw = _one_layout(env)
     s0, n0 = st[env.rank], sizes[env.rank]
@@ -318,10 +318,10 @@ def _check_losses(env):
     # DPO family, reference logits sharded too
     for loss_type in ("sigmoid", "ipo"):
         a = full.clone().requires_grad_()
-        ref_loss, ref_m = fused_dpo_loss(a, y, ref_logits=ref_full, beta=0.1, loss_type=loss_type)
+        ref_loss, ref_m = logits_dpo_loss(a, y, ref_logits=ref_full, beta=0.1, loss_type=loss_type)
         ref_loss.backward()
         b = sh(full).requires_grad_()
-        loss, m = fused_dpo_loss(b, y, ref_logits=sh(ref_full), beta=0.1, loss_type=loss_type, **kw)
+        loss, m = logits_dpo_loss(b, y, ref_logits=sh(ref_full), beta=0.1, loss_type=loss_type, **kw)
         loss.backward()
         env.close(f"dpo {loss_type} loss", loss, ref_loss)
         for k in ref_m:
@@ -702,9 +702,9 @@ def _module_cases():
             lambda f, L, x: f(L[0], x["labels"]),
             ("logits",),
         ),
-        "FusedDPOLoss": (
-            pf.FusedDPOLoss,
-            pf.fused_dpo_loss,
+        "LogitsDPOLoss": (
+            pf.LogitsDPOLoss,
+            pf.logits_dpo_loss,
             dict(beta=0.2, loss_type="ipo"),
             lambda f, L, x: f(L[0], x["labels"], ref_logits=x["ref_logits"]),
             ("logits",),
@@ -730,6 +730,28 @@ def _module_cases():
             lambda f, L, x: f(L[0], L[1], x["labels"], ref_hidden=x["hidden"] + 0.1, ref_weight=x["weight"]),
             ("hidden", "weight"),
         ),
+        "LinearCPOLoss": (
+            pf.LinearCPOLoss,
+            pf.linear_cpo_loss,
+            dict(beta=0.2, loss_type="sigmoid", cpo_alpha=0.5, chunk_size=5),
+            lambda f, L, x: f(L[0], L[1], x["labels"]),
+            ("hidden", "weight"),
+        ),
+        "LinearSimPOLoss": (
+            pf.LinearSimPOLoss,
+            pf.linear_simpo_loss,
+            dict(beta=2.0, simpo_gamma=1.0, reduction="none"),
+            lambda f, L, x: f(L[0], L[1], x["labels"]),
+            ("hidden", "weight"),
+        ),
+        "LinearORPOLoss": (
+            pf.LinearORPOLoss,
+            pf.linear_orpo_loss,
+            dict(beta=0.3, softcap=5.0),
+            # every sequence with a label: ORPO's log odds are infinite for an empty completion
+            lambda f, L, x: f(L[0], L[1], x["labels"].clamp(min=0)),
+            ("hidden", "weight"),
+        ),
         "LinearPPOLoss": (
             pf.LinearPPOLoss,
             pf.linear_ppo_loss,
@@ -750,7 +772,18 @@ def _run_case(call, obj, names, x):
 
 
 @pytest.mark.parametrize(
-    "name", ["SequenceLogProbs", "FusedDPOLoss", "PPOLoss", "LinearSequenceLogProbs", "LinearDPOLoss", "LinearPPOLoss"]
+    "name",
+    [
+        "SequenceLogProbs",
+        "LogitsDPOLoss",
+        "PPOLoss",
+        "LinearSequenceLogProbs",
+        "LinearDPOLoss",
+        "LinearCPOLoss",
+        "LinearSimPOLoss",
+        "LinearORPOLoss",
+        "LinearPPOLoss",
+    ],
 )
 @pytest.mark.parametrize("layout", ["group", "group+offsets"])
 def test_module_process_group_matches_function(name, layout, one_process_group, monkeypatch):

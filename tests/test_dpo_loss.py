@@ -795,3 +795,60 @@ def test_traces_with_torch_compile_fullgraph():
     torch.testing.assert_close(torch.autograd.grad(loss, cw)[0], torch.autograd.grad(ref, cw)[0])
     mod = torch.compile(DPOLoss(loss_type="bco_pair", bco_running_mean=True), fullgraph=True)
     mod(cw, cl, rw, rl)
+
+
+# ----------------------------------------------------------------------------------------------
+# reduction, the caller's loss_type
+
+
+@pytest.mark.parametrize(
+    "loss_type, weights",
+    [("sigmoid", None), (["sigmoid", "ipo", "sft"], [1.0, 0.3, 0.5]), (["robust", "bco_pair"], [0.7, 1.0])],
+)
+def test_reduction(loss_type, weights):
+    """ "none" is the per-pair loss [B]: its mean is "mean", its sum is "sum" (pair_weights included)."""
+    cw, cl, rw, rl, Lw, Ll = make_batch(5, seed=41)
+    pw = torch.rand(5, generator=torch.Generator().manual_seed(3)) + 0.5
+    kw = dict(
+        loss_type=loss_type,
+        loss_weights=weights,
+        label_smoothing=0.1 if "robust" in loss_type else 0.0,
+        chosen_lengths=Lw,
+        rejected_lengths=Ll,
+        pair_weights=pw,
+    )
+    res = {}
+    for r in ("mean", "sum", "none"):
+        x = [t.clone().requires_grad_() for t in (cw, cl)]
+        loss, m = dpo_loss(*x, rw, rl, reduction=r, **kw)
+        res[r] = (loss, m, x)
+    per_pair = res["none"][0]
+    assert per_pair.shape == (5,)
+    torch.testing.assert_close(per_pair.mean(), res["mean"][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_pair.sum(), res["sum"][0], rtol=1e-6, atol=1e-6)
+    g = torch.autograd.grad(res["mean"][0], res["mean"][2])
+    gn = torch.autograd.grad(per_pair.mean(), res["none"][2])
+    for a, b in zip(g, gn):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    mod = DPOLoss(loss_type=loss_type, loss_weights=weights, reduction="none", label_smoothing=kw["label_smoothing"])
+    out, _ = mod(cw, cl, rw, rl, chosen_lengths=Lw, rejected_lengths=Ll, pair_weights=pw)
+    torch.testing.assert_close(out, per_pair.detach())
+    assert mod.reduction == "none" and "reduction='none'" in repr(mod)
+
+
+def test_bad_reduction_names_the_argument():
+    cw, cl, rw, rl, _, _ = make_batch(2, seed=42)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        dpo_loss(cw, cl, rw, rl, reduction="batchmean")
+    with pytest.raises(TypeError, match="reduction must be a str"):
+        DPOLoss(reduction=1)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", ("sigmoid", "ipo"), ["hinge", "sft"]])
+def test_module_keeps_the_callers_loss_type(loss_type):
+    """A str stays a str, a list a list (a copy: the module's config cannot be changed through it)."""
+    mod = DPOLoss(loss_type=loss_type)
+    assert mod.loss_type == loss_type and type(mod.loss_type) is type(loss_type)
+    if isinstance(loss_type, list):
+        mod.loss_type.append("ipo")
+        assert mod.loss_type == loss_type

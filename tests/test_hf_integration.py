@@ -241,7 +241,7 @@ def test_linear_dpo_loss_from_the_helper_matches_logits_dpo():
         hidden, head.weight, labels, **head.kwargs(), ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:], beta=0.1
     )
     logits = model(input_ids=ids, attention_mask=am).logits
-    loss2, m2 = pf.fused_dpo_loss(logits, labels, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:], beta=0.1)
+    loss2, m2 = pf.logits_dpo_loss(logits, labels, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:], beta=0.1)
     torch.testing.assert_close(loss, loss2, rtol=1e-5, atol=1e-6)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefopt_fast.ops.linear_logprobs as LL
-from prefopt_fast import fused_dpo_loss, ppo_loss
+from prefopt_fast import logits_dpo_loss, ppo_loss
 from prefopt_fast.linear import (
     LinearDPOLoss,
     LinearPPOLoss,
@@ -581,7 +581,7 @@ def test_sequence_logprobs_padded_and_packed(backend):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", ["sigmoid", "sft"]])
-def test_dpo_equals_fused_dpo_on_materialized_logits(backend, loss_type):
+def test_dpo_equals_logits_dpo_on_materialized_logits(backend, loss_type):
     if backend == "triton" and loss_type != "sigmoid":
         pytest.skip("the loss head is backend-independent; one loss type is enough under the interpreter")
     d = make(B=4, T=6, bias=True, lora_r=2)
@@ -606,7 +606,7 @@ def test_dpo_equals_fused_dpo_on_materialized_logits(backend, loss_type):
     )
     logits = _materialized(dict(h=b["h"], w=b["w"]), bias=b["b"], lora=(b["A"], b["Bm"], 0.5), **kw)
     ref_logits_ = _materialized(dict(h=ref_h, w=d["w"]), bias=d["b"], **kw)
-    loss2, met2 = fused_dpo_loss(
+    loss2, met2 = logits_dpo_loss(
         logits, d["y"], ref_logits=ref_logits_, beta=0.2, loss_type=loss_type, temperature=1.1, backend=backend
     )
     torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
@@ -792,3 +792,169 @@ def test_fp32_precision_at_large_logits_matches_plain_pytorch(backend, offset):
     for k in ("h", "w"):
         err, perr = _rel(leaves[k].grad, ref[k].grad), _rel(plain[k].grad, ref[k].grad)
         assert err <= 2 * perr + 1e-6, (k, err, perr)
+
+
+# ------------------------------------------------ fused-linear twins of the reference-free heads
+
+TWINS = [
+    ("cpo", dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.5)),
+    ("cpo", dict(loss_type="simpo", beta=0.5, simpo_gamma=0.7, alpha=0.2)),
+    ("cpo", dict(loss_type="ipo", cpo_alpha=0.0)),
+    ("cpo", dict(loss_type="hinge", reduction="none")),
+    ("simpo", dict()),
+    ("simpo", dict(beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0, reduction="sum")),
+    ("orpo", dict(beta=0.25)),
+    ("orpo", dict(reduction="none")),
+]
+TWIN_MODULES = {"cpo": "LinearCPOLoss", "simpo": "LinearSimPOLoss", "orpo": "LinearORPOLoss"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
+@pytest.mark.parametrize("head, cfg", TWINS, ids=[f"{h}-{i}" for i, (h, _) in enumerate(TWINS)])
+def test_linear_twin_equals_head_on_materialized_logits(backend, head, cfg):
+    """linear_<head>_loss == <head>_loss over sequence_logprobs of the materialized logits (fp32),
+    forward, metrics and gradients of hidden, weight, bias and LoRA; the module gives the same."""
+    import prefopt_fast as pf
+    import prefopt_fast.linear as pfl
+
+    d = make(B=4, T=6, bias=True, lora_r=2)
+    lin = dict(logit_scale=0.9, softcap=4.0, temperature=1.1)
+    a, b = _leaves(d, ("h", "w", "b", "A", "Bm")), _leaves(d, ("h", "w", "b", "A", "Bm"))
+    loss, met = getattr(pfl, f"linear_{head}_loss")(
+        a["h"], a["w"], d["y"], bias=a["b"], lora=(a["A"], a["Bm"], 0.5), chunk_size=5, backend=backend, **lin, **cfg
+    )
+    logits = _materialized(
+        dict(h=b["h"], w=b["w"]), bias=b["b"], lora=(b["A"], b["Bm"], 0.5), logit_scale=0.9, softcap=4.0
+    )
+    sums = pf.sequence_logprobs(logits, d["y"], temperature=1.1, backend="torch")
+    lengths = (d["y"] != IGN).sum(-1)
+    loss2, met2 = getattr(pf, f"{head}_loss")(sums[:2], sums[2:], lengths[:2], lengths[2:], **cfg)
+    assert loss.shape == loss2.shape == ((2,) if cfg.get("reduction") == "none" else ())
+    torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
+    assert met.keys() == met2.keys()
+    for k in met:
+        torch.testing.assert_close(met[k], met2[k], atol=2e-5, rtol=1e-5)
+    wts = torch.tensor([0.7, -1.3]) if loss.dim() else torch.tensor(1.0)
+    (loss * wts).sum().backward()
+    (loss2 * wts).sum().backward()
+    _assert_grads({k: v.grad for k, v in a.items()}, {k: v.grad for k, v in b.items()}, 2e-5)
+
+    mod = getattr(pfl, TWIN_MODULES[head])(chunk_size=5, backend=backend, **lin, **cfg)
+    loss3, _ = mod(d["h"], d["w"], d["y"], bias=d["b"], lora=(d["A"], d["Bm"], 0.5))
+    torch.testing.assert_close(loss3, loss.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_linear_twins_packed_equal_padded():
+    import prefopt_fast.linear as pfl
+
+    d = make(B=4, T=6, ignore=False)
+    H = d["h"].shape[-1]
+    cu = torch.arange(0, 4 * 6 + 1, 6)
+    for fn in (pfl.linear_cpo_loss, pfl.linear_simpo_loss, pfl.linear_orpo_loss):
+        padded, _ = fn(d["h"], d["w"], d["y"], backend="torch")
+        packed, _ = fn(d["h"].reshape(-1, H), d["w"], d["y"].reshape(-1), cu_seqlens=cu, backend="torch")
+        torch.testing.assert_close(packed, padded, atol=1e-6, rtol=1e-6)
+
+
+def test_linear_twin_modules_validate_once():
+    import prefopt_fast.linear as pfl
+
+    m = pfl.LinearSimPOLoss(beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0, softcap=30.0)
+    assert (m.beta, m.simpo_gamma, m.cpo_alpha, m.loss_type) == (2.0, 1.0, 0.0, "simpo")
+    assert "simpo_gamma=1.0" in repr(m) and "softcap=30.0" in repr(m)
+    with pytest.raises(ValueError, match="beta"):
+        pfl.LinearORPOLoss(beta=0.0)
+    with pytest.raises(ValueError, match="loss_type"):
+        pfl.LinearCPOLoss(loss_type="dpo")
+    with pytest.raises(ValueError, match="reduction"):
+        pfl.LinearCPOLoss(reduction="avg")
+
+
+# ------------------------------------------------------------- average=True, reduction="none"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
+def test_pair_logprobs_average(backend):
+    """average=True gives per-length means, as sequence_logprobs(average=True), the reference's too."""
+    import prefopt_fast as pf
+    import prefopt_fast.linear as pfl
+
+    d = make(B=4, T=6, bias=True)
+    ref_h = d["h"] + 0.1 * torch.randn_like(d["h"])
+    got = pfl.linear_pair_logprobs(
+        d["h"], d["w"], d["y"], bias=d["b"], ref_hidden=ref_h, ref_weight=d["w"], average=True, backend=backend
+    )
+    pol = pfl.linear_sequence_logprobs(d["h"], d["w"], d["y"], bias=d["b"], average=True, backend=backend)
+    ref = pfl.linear_sequence_logprobs(ref_h, d["w"], d["y"], average=True, backend=backend)
+    torch.testing.assert_close(torch.cat([got["chosen_logps"], got["rejected_logps"]]), pol)
+    torch.testing.assert_close(torch.cat([got["ref_chosen_logps"], got["ref_rejected_logps"]]), ref)
+    torch.testing.assert_close(torch.cat([got["chosen_lengths"], got["rejected_lengths"]]), (d["y"] != IGN).sum(-1))
+
+    z, zr = _materialized(d, bias=d["b"]), _materialized(dict(h=ref_h, w=d["w"]))
+    got = pf.pair_logprobs(z, d["y"], ref_logits=zr, average=True, backend=backend)
+    torch.testing.assert_close(
+        torch.cat([got["chosen_logps"], got["rejected_logps"]]),
+        pf.sequence_logprobs(z, d["y"], average=True, backend=backend),
+    )
+    torch.testing.assert_close(
+        torch.cat([got["ref_chosen_logps"], got["ref_rejected_logps"]]),
+        pf.sequence_logprobs(zr, d["y"], average=True, backend=backend),
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"], indirect=True)
+def test_dpo_losses_average_and_reduction(backend):
+    """logits_dpo_loss / linear_dpo_loss (and modules) with average=True, reduction="none" ==
+    dpo_loss over the averaged sequence log-probs; average=True is refused with the loss types
+    that divide by the lengths themselves, naming the argument."""
+    import prefopt_fast as pf
+    import prefopt_fast.linear as pfl
+
+    d = make(B=4, T=6)
+    ref_h = d["h"] + 0.1 * torch.randn_like(d["h"])
+    z, zr = _materialized(d), _materialized(dict(h=ref_h, w=d["w"]))
+    avg = pf.sequence_logprobs(z, d["y"], average=True, backend=backend)
+    ravg = pf.sequence_logprobs(zr, d["y"], average=True, backend=backend)
+    want, _ = pf.dpo_loss(avg[:2], avg[2:], ravg[:2], ravg[2:], beta=0.3, reduction="none")
+    kw = dict(beta=0.3, reduction="none", average=True, backend=backend)
+    outs = [
+        pf.logits_dpo_loss(z, d["y"], ref_logits=zr, **kw)[0],
+        pf.LogitsDPOLoss(**kw)(z, d["y"], ref_logits=zr)[0],
+        pfl.linear_dpo_loss(d["h"], d["w"], d["y"], ref_hidden=ref_h, ref_weight=d["w"], **kw)[0],
+        pfl.LinearDPOLoss(**kw)(d["h"], d["w"], d["y"], ref_hidden=ref_h, ref_weight=d["w"])[0],
+    ]
+    for got in outs:
+        assert got.shape == (2,)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for bad in ("ipo", ["sigmoid", "sigmoid_norm"], "sft"):
+        with pytest.raises(ValueError, match="average"):
+            pf.logits_dpo_loss(z, d["y"], average=True, loss_type=bad)
+        with pytest.raises(ValueError, match="average"):
+            pfl.linear_dpo_loss(d["h"], d["w"], d["y"], average=True, loss_type=bad)
+        with pytest.raises(ValueError, match="average"):
+            pfl.LinearDPOLoss(loss_type=bad, average=True)
+        with pytest.raises(ValueError, match="average"):
+            pf.LogitsDPOLoss(loss_type=bad, average=True)
+
+
+def test_linear_dpo_module_keeps_the_callers_loss_type():
+    assert LinearDPOLoss(loss_type="hinge").loss_type == "hinge"
+    assert LinearDPOLoss(loss_type=["sigmoid", "sft"]).loss_type == ["sigmoid", "sft"]
+
+
+def test_old_names_warn():
+    """The renamed public names import for one release, with a DeprecationWarning naming the new one."""
+    import prefopt_fast as pf
+    import prefopt_fast.linear as pfl
+
+    renamed = [
+        (pf, "pair_logps", "pair_logprobs"),
+        (pf, "linear_pair_logps", "linear_pair_logprobs"),
+        (pf, "fused_dpo_loss", "logits_dpo_loss"),
+        (pf, "FusedDPOLoss", "LogitsDPOLoss"),
+        (pfl, "linear_pair_logps", "linear_pair_logprobs"),
+    ]
+    for mod, old, new in renamed:
+        with pytest.warns(DeprecationWarning, match=new):
+            assert getattr(mod, old) is getattr(mod, new)
+        assert old not in mod.__all__ and new in mod.__all__

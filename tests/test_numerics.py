@@ -116,11 +116,11 @@ def test_nan_through_the_ops(backend, device):
     z[2, 3, 7] = NAN  # in a real token of sequence 2
     s = pf.sequence_logprobs(z, y, backend=backend).cpu()
     assert torch.isnan(s[2]) and torch.isfinite(s[[0, 1, 3]]).all()
-    loss, metrics = pf.fused_dpo_loss(z, y, beta=0.1, backend=backend)  # pairs (0, 2), (1, 3)
+    loss, metrics = pf.logits_dpo_loss(z, y, beta=0.1, backend=backend)  # pairs (0, 2), (1, 3)
     assert torch.isnan(loss), "a NaN pair must make the batch loss NaN, not vanish"
     z_ok = z.clone()
     z_ok[2, 3, 7] = 0.0
-    loss_ok, _ = pf.fused_dpo_loss(z_ok, y, beta=0.1, backend=backend)
+    loss_ok, _ = pf.logits_dpo_loss(z_ok, y, beta=0.1, backend=backend)
     assert torch.isfinite(loss_ok), "NaN in a prompt (ignored) token must not reach the loss"
     lp, _ = pf.ppo_loss(z, y, None, torch.ones(B, device=device), backend=backend)
     assert torch.isnan(lp)
@@ -267,12 +267,12 @@ def test_fully_masked_pairs_give_a_finite_dpo_loss(backend, device, loss_type):
     kw = dict(beta=0.1, loss_type=loss_type, ref_logits=ref, backend=backend)
     if loss_type == "robust":
         kw["label_smoothing"] = 0.1
-    loss, metrics = pf.fused_dpo_loss(z, y, **kw)
+    loss, metrics = pf.logits_dpo_loss(z, y, **kw)
     (g,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     assert torch.isfinite(g).all() and (g[0] == 0).all()
     # the whole batch masked: still finite, zero gradient
-    loss, metrics = pf.fused_dpo_loss(z, torch.full_like(y, -100), **kw)
+    loss, metrics = pf.logits_dpo_loss(z, torch.full_like(y, -100), **kw)
     (g,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and (g == 0).all()
     if loss_type == "sigmoid":

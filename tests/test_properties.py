@@ -92,7 +92,7 @@ def sequence_cases(draw, small=False):
 
 
 @st.composite
-def fused_dpo_cases(draw, small=False):
+def logits_dpo_cases(draw, small=False):
     loss_type = draw(st.sampled_from(["sigmoid", "ipo", "hinge", "robust"]))
     return bl.make_fused_dpo_problem(
         draw(seeds),
@@ -185,15 +185,15 @@ def test_sequence_logprobs_triton(backend, pb):
 
 @pytest.mark.parametrize("backend", NATIVE, indirect=True)
 @_settings(30)
-@given(pb=fused_dpo_cases())
-def test_fused_dpo_loss(backend, pb):
+@given(pb=logits_dpo_cases())
+def test_logits_dpo_loss(backend, pb):
     _run(pb, backend)
 
 
 @pytest.mark.parametrize("backend", TRITON, indirect=True)
 @_settings(2)
-@given(pb=fused_dpo_cases(small=True))
-def test_fused_dpo_loss_triton(backend, pb):
+@given(pb=logits_dpo_cases(small=True))
+def test_logits_dpo_loss_triton(backend, pb):
     _run(pb, backend)
 
 

@@ -35,7 +35,7 @@ def make_batch(B, dtype=torch.float32, seed=0):
 # fp64 restatements
 
 
-def restated_cpo(cw, cl, Lw, Ll, *, beta, loss_type, ls, cpo_alpha, gamma, alpha):
+def restated_cpo(cw, cl, Lw, Ll, *, beta, loss_type, ls, cpo_alpha, simpo_gamma, alpha):
     if loss_type in ("ipo", "simpo"):
         xw, xl = cw / Lw.double().clamp(min=1), cl / Ll.double().clamp(min=1)
     else:
@@ -45,7 +45,7 @@ def restated_cpo(cw, cl, Lw, Ll, *, beta, loss_type, ls, cpo_alpha, gamma, alpha
         xw, xl = (1 - pw ** (-alpha)) / alpha, (1 - pl ** (-alpha)) / alpha
     d = xw - xl
     if loss_type == "simpo":
-        z = beta * d - gamma  # SimPO: beta * margin of mean log-probs minus the target margin
+        z = beta * d - simpo_gamma  # SimPO: beta * margin of mean log-probs minus the target margin
         per = -(1 - ls) * torch.log(_s(z)) - ls * torch.log(1 - _s(z))
     elif loss_type == "sigmoid":
         per = -(1 - ls) * torch.log(_s(beta * d)) - ls * torch.log(1 - _s(beta * d))
@@ -65,13 +65,13 @@ def restated_orpo(cw, cl, Lw, Ll, *, beta):
 
 
 CPO_CASES = [
-    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, gamma=0.5, alpha=0.0),
-    dict(loss_type="sigmoid", ls=0.2, cpo_alpha=0.0, gamma=0.5, alpha=0.0),
-    dict(loss_type="hinge", ls=0.0, cpo_alpha=0.5, gamma=0.5, alpha=0.0),
-    dict(loss_type="ipo", ls=0.0, cpo_alpha=1.0, gamma=0.5, alpha=0.0),
-    dict(loss_type="simpo", ls=0.1, cpo_alpha=1.0, gamma=0.7, alpha=0.0),
-    dict(loss_type="simpo", ls=0.0, cpo_alpha=0.0, gamma=1.0, alpha=0.25),
-    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, gamma=0.5, alpha=-0.3),
+    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="sigmoid", ls=0.2, cpo_alpha=0.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="hinge", ls=0.0, cpo_alpha=0.5, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="ipo", ls=0.0, cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0),
+    dict(loss_type="simpo", ls=0.1, cpo_alpha=1.0, simpo_gamma=0.7, alpha=0.0),
+    dict(loss_type="simpo", ls=0.0, cpo_alpha=0.0, simpo_gamma=1.0, alpha=0.25),
+    dict(loss_type="sigmoid", ls=0.0, cpo_alpha=1.0, simpo_gamma=0.5, alpha=-0.3),
 ]
 
 
@@ -95,7 +95,7 @@ def test_cpo_matches_formula(case):
                 loss_type=case["loss_type"],
                 label_smoothing=case["ls"],
                 cpo_alpha=case["cpo_alpha"],
-                simpo_gamma=case["gamma"],
+                simpo_gamma=case["simpo_gamma"],
                 alpha=case["alpha"],
             )
             c64 = [x.detach().double().requires_grad_() for x in (cw, cl)]
@@ -107,7 +107,7 @@ def test_cpo_matches_formula(case):
                 loss_type=case["loss_type"],
                 ls=case["ls"],
                 cpo_alpha=case["cpo_alpha"],
-                gamma=case["gamma"],
+                simpo_gamma=case["simpo_gamma"],
                 alpha=case["alpha"],
             )
             torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
@@ -122,7 +122,7 @@ def test_simpo_matches_formula_and_cpo():
     for B in (1, 4):
         cw, cl, Lw, Ll = make_batch(B, seed=10 + B)
         cw, cl = cw.requires_grad_(), cl.requires_grad_()
-        loss, m = simpo_loss(cw, cl, Lw, Ll, beta=2.0, gamma=1.0)
+        loss, m = simpo_loss(cw, cl, Lw, Ll, beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0)
         c64 = [x.detach().double().requires_grad_() for x in (cw, cl)]
         mw, ml = c64[0] / Lw, c64[1] / Ll
         ref = -torch.log(_s(2.0 * (mw - ml) - 1.0)).mean()
@@ -133,7 +133,7 @@ def test_simpo_matches_formula_and_cpo():
         torch.testing.assert_close(m["logps/rejected"].double(), ml.mean().detach(), rtol=1e-5, atol=1e-6)
         assert float(m["nll_loss"]) == 0.0
         # CPO-SimPO
-        a, _ = simpo_loss(cw, cl, Lw, Ll, beta=2.0, gamma=1.0, nll_weight=1.0)
+        a, _ = simpo_loss(cw, cl, Lw, Ll, beta=2.0, simpo_gamma=1.0, cpo_alpha=1.0)
         b, _ = cpo_loss(cw, cl, Lw, Ll, beta=2.0, loss_type="simpo", simpo_gamma=1.0, cpo_alpha=1.0)
         torch.testing.assert_close(a, b)
 
@@ -272,7 +272,7 @@ def test_cpo_matches_trl(case):
             loss_type=case["loss_type"],
             label_smoothing=case["ls"],
             cpo_alpha=case["cpo_alpha"],
-            simpo_gamma=case["gamma"],
+            simpo_gamma=case["simpo_gamma"],
             alpha=case["alpha"],
             pad_token_id=0,
         )
@@ -290,7 +290,7 @@ def test_cpo_matches_trl(case):
             loss_type=case["loss_type"],
             label_smoothing=case["ls"],
             cpo_alpha=case["cpo_alpha"],
-            simpo_gamma=case["gamma"],
+            simpo_gamma=case["simpo_gamma"],
             alpha=case["alpha"],
         )
         (grad,) = torch.autograd.grad(loss, logits)
@@ -320,3 +320,107 @@ def test_orpo_matches_trl():
         torch.testing.assert_close(grad, trl_grad, rtol=1e-4, atol=1e-6)
         for k, v in metrics.items():
             assert float(v) == pytest.approx(trl_metrics[k], rel=1e-5, abs=1e-5), k
+
+
+# ----------------------------------------------------------------------------------------------
+# one name and one default per hyper-parameter (TRL's CPOConfig), reduction
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0),
+        dict(beta=0.5, simpo_gamma=-0.3, label_smoothing=0.2, cpo_alpha=0.7, alpha=0.25),
+        dict(beta=0.3, reduction="none"),
+        dict(cpo_alpha=0.4, reduction="sum", nll_loss="given"),
+    ],
+)
+def test_simpo_loss_is_cpo_simpo(kw):
+    """simpo_loss(...) == cpo_loss(..., loss_type="simpo"): same names, defaults, value, gradient."""
+    cw, cl, Lw, Ll = make_batch(4, seed=31)
+    kw = dict(kw)
+    if kw.get("nll_loss") == "given":
+        kw["nll_loss"] = torch.tensor(1.25)
+    outs = []
+    for fn, extra in ((simpo_loss, {}), (cpo_loss, dict(loss_type="simpo"))):
+        x = [cw.clone().requires_grad_(), cl.clone().requires_grad_()]
+        loss, m = fn(*x, Lw, Ll, **kw, **extra)
+        outs.append((loss, m, _grads(loss.sum(), x)))
+    (a, ma, ga), (b, mb, gb) = outs
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=0)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_simpo_defaults_are_cpo_config_defaults():
+    import inspect
+
+    sig, cpo = inspect.signature(simpo_loss).parameters, inspect.signature(cpo_loss).parameters
+    for name, want in (
+        ("beta", 0.1),
+        ("simpo_gamma", 0.5),
+        ("cpo_alpha", 1.0),
+        ("label_smoothing", 0.0),
+        ("alpha", 0.0),
+    ):
+        assert sig[name].default == cpo[name].default == want, name
+    assert "gamma" not in sig and "nll_weight" not in sig
+
+
+def test_simpo_old_keywords_warn_and_map():
+    cw, cl, Lw, Ll = make_batch(3, seed=32)
+    want, _ = simpo_loss(cw, cl, Lw, Ll, beta=2.0, simpo_gamma=1.0, cpo_alpha=0.3)
+    with pytest.warns(DeprecationWarning, match="simpo_gamma"):
+        got, _ = simpo_loss(cw, cl, Lw, Ll, beta=2.0, gamma=1.0, cpo_alpha=0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="cpo_alpha"):
+        got, _ = simpo_loss(cw, cl, Lw, Ll, beta=2.0, simpo_gamma=1.0, nll_weight=0.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="simpo_gamma"):
+        simpo_loss(cw, cl, Lw, Ll, gamma=1.0, simpo_gamma=1.0)
+    with pytest.raises(TypeError, match="cpo_alpha"):
+        simpo_loss(cw, cl, Lw, Ll, nll_weight=1.0, cpo_alpha=1.0)
+
+
+@pytest.mark.parametrize(
+    "fn, kw",
+    [
+        (cpo_loss, dict(loss_type="sigmoid", cpo_alpha=0.5)),
+        (cpo_loss, dict(loss_type="ipo", cpo_alpha=0.0)),
+        (cpo_loss, dict(loss_type="hinge", nll_loss=torch.tensor(0.75))),
+        (simpo_loss, dict(beta=2.0, simpo_gamma=1.0)),
+        (orpo_loss, dict(beta=0.25)),
+    ],
+)
+def test_reduction(fn, kw):
+    """ "none" is the per-pair loss [B] (a batch-level NLL added to each pair): its mean is
+    "mean", its sum is "sum", and each has the gradient of the same reduction."""
+    cw, cl, Lw, Ll = make_batch(5, seed=33)
+    res = {}
+    for r in ("mean", "sum", "none"):
+        x = [cw.clone().requires_grad_(), cl.clone().requires_grad_()]
+        loss, m = fn(*x, Lw, Ll, reduction=r, **kw)
+        res[r] = (loss, m, x)
+    per_pair = res["none"][0]
+    assert per_pair.shape == (5,)
+    torch.testing.assert_close(per_pair.mean(), res["mean"][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(per_pair.sum(), res["sum"][0], rtol=1e-6, atol=1e-6)
+    for k in res["mean"][1]:
+        torch.testing.assert_close(res["none"][1][k], res["mean"][1][k])
+    g_mean = _grads(res["mean"][0], res["mean"][2])
+    g_none = _grads(per_pair.mean(), res["none"][2])
+    for a, b in zip(g_mean, g_none):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", [cpo_loss, simpo_loss, orpo_loss])
+def test_bad_reduction_names_the_argument(fn):
+    cw, cl, Lw, Ll = make_batch(2, seed=34)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fn(cw, cl, Lw, Ll, reduction="avg")
+    with pytest.raises(TypeError, match="reduction must be a str"):
+        fn(cw, cl, Lw, Ll, reduction=None)

@@ -160,3 +160,22 @@ def test_matches_trl(with_margin, c):
         torch.testing.assert_close(grad, trl_grad, rtol=1e-6, atol=1e-7)
         for k, v in metrics.items():
             assert float(v) == pytest.approx(trl_metrics[k], rel=1e-6, abs=1e-6), k
+
+
+@pytest.mark.parametrize("c", [None, 0.05])
+def test_reduction(c):
+    """ "none" is the per-pair loss [B] (centering term per pair): its mean is "mean", its sum "sum"."""
+    rw, rl, margin = make_rewards(6, seed=5)
+    res = {
+        r: bradley_terry_loss(rw, rl, margin=margin, center_rewards_coefficient=c, reduction=r)[0]
+        for r in ("mean", "sum", "none")
+    }
+    assert res["none"].shape == (6,)
+    torch.testing.assert_close(res["none"].mean(), res["mean"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(res["none"].sum(), res["sum"], rtol=1e-6, atol=1e-6)
+    mod = BradleyTerryLoss(center_rewards_coefficient=c, reduction="none")
+    torch.testing.assert_close(mod(rw, rl, margin)[0], res["none"])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        bradley_terry_loss(rw, rl, reduction="avg")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        BradleyTerryLoss(reduction="avg")

@@ -1,4 +1,4 @@
-"""sequence_logprobs and fused_dpo_loss against plain-PyTorch restatements (fp64)."""
+"""sequence_logprobs and logits_dpo_loss against plain-PyTorch restatements (fp64)."""
 
 import pytest
 import torch
@@ -107,7 +107,7 @@ def test_sequence_module_matches_function():
         pf.SequenceLogProbs(temperature=0.0)
 
 
-# --------------------------------------------------------------------------- fused DPO
+# --------------------------------------------------------------------------- logits DPO
 
 
 def _dpo_inputs(B=2, T=6, V=41, dtype=torch.float32):
@@ -118,12 +118,12 @@ def _dpo_inputs(B=2, T=6, V=41, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "robust", ["sigmoid", "sft"]])
-def test_fused_dpo_equals_head_on_reference_logps(backend, dtype, loss_type):
+def test_logits_dpo_equals_head_on_reference_logps(backend, dtype, loss_type):
     B = 2
     z, y, ref = _dpo_inputs(B, dtype=dtype)
     kw = dict(beta=0.2, loss_type=loss_type, label_smoothing=0.1 if loss_type == "robust" else 0.0)
     zl = z.clone().requires_grad_()
-    loss, metrics = pf.fused_dpo_loss(zl, y, ref_logits=ref, backend=backend, **kw)
+    loss, metrics = pf.logits_dpo_loss(zl, y, ref_logits=ref, backend=backend, **kw)
     # restatement: fp64 sums, then the per-sequence head
     zr = z.double().requires_grad_()
     s = ref_seq(zr, y)
@@ -141,19 +141,19 @@ def test_fused_dpo_equals_head_on_reference_logps(backend, dtype, loss_type):
     torch.testing.assert_close(zl.grad.double(), zr.grad, atol=tol, rtol=tol)
 
 
-def test_fused_dpo_precomputed_reference_and_module(backend):
+def test_logits_dpo_precomputed_reference_and_module(backend):
     B = 3
     z, y, ref = _dpo_inputs(B)
     rs = pf.sequence_logprobs(ref, y)
-    a, ma = pf.fused_dpo_loss(z, y, ref_logits=ref, beta=0.1, backend=backend)
-    b, mb = pf.fused_dpo_loss(z, y, ref_chosen_logps=rs[:B], ref_rejected_logps=rs[B:], beta=0.1, backend=backend)
-    c, mc = pf.FusedDPOLoss(beta=0.1, backend=backend)(z, y, ref_logits=ref)
+    a, ma = pf.logits_dpo_loss(z, y, ref_logits=ref, beta=0.1, backend=backend)
+    b, mb = pf.logits_dpo_loss(z, y, ref_chosen_logps=rs[:B], ref_rejected_logps=rs[B:], beta=0.1, backend=backend)
+    c, mc = pf.LogitsDPOLoss(beta=0.1, backend=backend)(z, y, ref_logits=ref)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, c)
     assert ma.keys() == mb.keys() == mc.keys()
 
 
-def test_fused_dpo_packed_equals_padded():
+def test_logits_dpo_packed_equals_padded():
     B, T, V = 2, 5, 23
     z, y, ref = _dpo_inputs(B, T, V)
     lengths = [5, 3, 4, 5]
@@ -161,32 +161,32 @@ def test_fused_dpo_packed_equals_padded():
         y[b, n:] = -100
     idx = torch.cat([torch.arange(b * T, b * T + n) for b, n in enumerate(lengths)])
     cu = torch.tensor([0] + lengths).cumsum(0)
-    padded, _ = pf.fused_dpo_loss(z, y, ref_logits=ref, loss_type="ipo")
-    packed, _ = pf.fused_dpo_loss(
+    padded, _ = pf.logits_dpo_loss(z, y, ref_logits=ref, loss_type="ipo")
+    packed, _ = pf.logits_dpo_loss(
         z.reshape(-1, V)[idx], y.reshape(-1)[idx], ref_logits=ref.reshape(-1, V)[idx], cu_seqlens=cu, loss_type="ipo"
     )
     torch.testing.assert_close(packed, padded)
 
 
-def test_fused_dpo_reference_free_and_inplace():
+def test_logits_dpo_reference_free_and_inplace():
     z, y, _ = _dpo_inputs()
     za = z.clone().requires_grad_()
     zb = z.clone().requires_grad_()
-    la, _ = pf.fused_dpo_loss(za, y, beta=0.1)
-    lb, _ = pf.fused_dpo_loss(zb, y, beta=0.1, inplace_backward=True)
+    la, _ = pf.logits_dpo_loss(za, y, beta=0.1)
+    lb, _ = pf.logits_dpo_loss(zb, y, beta=0.1, inplace_backward=True)
     la.backward()
     lb.backward()
     torch.testing.assert_close(zb.grad, za.grad)
     assert torch.equal(zb.detach(), zb.grad)  # the gradient overwrote the logits buffer
 
 
-def test_fused_dpo_bad_input():
+def test_logits_dpo_bad_input():
     z, y, ref = _dpo_inputs()
     with pytest.raises(ValueError, match="stacked \\[chosen; rejected\\]"):
-        pf.fused_dpo_loss(z[:3], y[:3])
+        pf.logits_dpo_loss(z[:3], y[:3])
     with pytest.raises(ValueError, match="either ref_logits or"):
-        pf.fused_dpo_loss(z, y, ref_logits=ref, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
+        pf.logits_dpo_loss(z, y, ref_logits=ref, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2))
     with pytest.raises(ValueError, match="loss_type"):
-        pf.fused_dpo_loss(z, y, loss_type="nope")
+        pf.logits_dpo_loss(z, y, loss_type="nope")
     with pytest.raises(ValueError, match="beta"):
-        pf.FusedDPOLoss(beta=0.0)
+        pf.LogitsDPOLoss(beta=0.0)

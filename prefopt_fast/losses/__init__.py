@@ -1,7 +1,11 @@
-"""Loss heads: plain PyTorch over per-token / per-sequence vectors."""
+"""Loss heads: plain PyTorch over per-token / per-sequence vectors.
+
+The from-hidden-states twins (``linear_dpo``, ``linear_ppo``) are re-exported by
+:mod:`prefopt_fast.linear`.
+"""
 
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCES, DPOLoss, dpo_loss
-from .fused_dpo import FusedDPOLoss, fused_dpo_loss, pair_logps
+from .logits_dpo import LogitsDPOLoss, logits_dpo_loss, pair_logprobs
 from .ppo import KL_ESTIMATORS, LOSS_AGG_MODES, TRL_LOSS_TYPES, PolicyLoss, PPOLoss, policy_loss, ppo_loss
 from .reference_free import CPO_LOSS_TYPES, cpo_loss, orpo_loss, simpo_loss
 from .reward import BradleyTerryLoss, bradley_terry_loss
@@ -17,9 +21,9 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "bradley_terry_loss",
     "BradleyTerryLoss",
-    "fused_dpo_loss",
-    "FusedDPOLoss",
-    "pair_logps",
+    "logits_dpo_loss",
+    "LogitsDPOLoss",
+    "pair_logprobs",
     "ppo_loss",
     "PPOLoss",
     "policy_loss",

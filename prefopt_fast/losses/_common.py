@@ -4,15 +4,22 @@ Checks only look at Python values, dtypes, shapes and devices, never at tensor v
 a value check would force a device sync and break ``torch.compile(fullgraph=True)``.
 """
 
+import functools
 import math
+import warnings
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
-from .._validate import check_real  # noqa: F401  (the heads' float checks, shared with the ops)
+from .._validate import (
+    check_choice,
+    check_real,  # noqa: F401  (the heads' float checks, shared with the ops)
+)
 
 LN2 = math.log(2.0)
+
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_vector(
@@ -48,11 +55,51 @@ def check_vector(
     return x
 
 
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """fp32, or fp64 if any input is fp64: the heads work on [B] vectors, so upcasting is free."""
+def loss_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """The dtype a loss head computes in: fp32, or fp64 if any input is fp64 (the heads work
+    on [B] vectors, so upcasting is free). Not :func:`prefopt_fast._rows.compute_dtype`, the
+    accumulation dtype of the row kernels."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def check_reduction(reduction) -> str:
+    """``"mean"``, ``"sum"`` or ``"none"`` (the per-pair losses ``[B]``)."""
+    return check_choice(reduction, REDUCTIONS, "reduction", " (the per-pair losses: their mean, sum, or [B] as is)")
+
+
+def reduce(per_pair: Tensor, reduction: str) -> Tensor:
+    """The mean, the sum, or (``"none"``) the ``[B]`` vector itself."""
+    if reduction == "mean":
+        return per_pair.mean()
+    if reduction == "sum":
+        return per_pair.sum()
+    return per_pair
+
+
+def renamed_keywords(**renames: str):
+    """Accept each old keyword (``old="new"``) for one release, with a DeprecationWarning naming
+    the new one; a TypeError if a call gives both. The signature shown is the function's own."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= (deprecated) and {new}=; pass only {new}=")
+                    warnings.warn(
+                        f"{fn.__name__}({old}=...) is deprecated and will be removed; use {new}=",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def clamped_lengths(lengths: Tensor, dtype: torch.dtype) -> Tensor:

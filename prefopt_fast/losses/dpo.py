@@ -10,7 +10,9 @@ Notation used in the docstrings below, per pair:
     r_w = chosen_logps - ref_chosen_logps,  r_l = rejected_logps - ref_rejected_logps
     s_w = f'(r_w), s_l = f'(r_l)  (the f-divergence score; s = r for reverse_kl, the default)
     h   = beta * (s_w - s_l),  eps = label_smoothing
-The loss is ``sum_k loss_weights[k] * mean_b(loss_k[b] * pair_weights[b])``.
+The loss is ``sum_k loss_weights[k] * mean_b(loss_k[b] * pair_weights[b])`` (``reduction="mean"``;
+``"sum"`` sums over b instead, ``"none"`` returns the per-pair ``sum_k loss_weights[k] * loss_k[b]
+* pair_weights[b]``, ``[B]``).
 
 Everything is computed in fp32 (fp64 if an input is fp64) whatever the input dtype; the
 heads work on [B] vectors so the upcast costs nothing. Gradients flow to every tensor that
@@ -30,9 +32,11 @@ from .._validate import check_bool, check_choice
 from ._common import (
     LN2,
     check_real,
+    check_reduction,
     check_vector,
     clamped_lengths,
-    compute_dtype,
+    loss_dtype,
+    reduce,
     reward_metrics,
 )
 
@@ -247,9 +251,12 @@ class _Config(NamedTuple):
     f_divergence: str
     f_alpha: float
     discopop_tau: float
+    reduction: str
 
 
-def _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau) -> _Config:
+def _check_config(
+    beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction
+) -> _Config:
     """Validate the hyper-parameters of the DPO family (no tensors involved)."""
     if isinstance(loss_type, str):
         types = (loss_type,)
@@ -301,7 +308,23 @@ def _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, 
             )
     f_alpha = check_real(f_alpha, "f_alpha")
     discopop_tau = check_real(discopop_tau, "discopop_tau", lo=0.0, lo_open=True)
-    return _Config(types, weights, beta, label_smoothing, f_divergence, f_alpha, discopop_tau)
+    reduction = check_reduction(reduction)
+    return _Config(types, weights, beta, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction)
+
+
+def check_average(average, loss_type) -> bool:
+    """``average`` (per-length mean sequence log-probs) for the DPO losses that compute the
+    log-probs themselves: refused with the loss types that divide by the lengths on their own.
+    ``loss_type`` as the caller gave it (a bad one is left to :func:`dpo_loss` to report)."""
+    check_bool(average, "average")
+    types = (loss_type,) if isinstance(loss_type, str) else loss_type if isinstance(loss_type, (list, tuple)) else ()
+    own = [t for t in types if t in _NEEDS_LENGTHS]
+    if average and own:
+        raise ValueError(
+            f"average=True is only valid with loss types that take the summed log-probs: {own} divide by "
+            "the completion lengths themselves (use average=False with them)"
+        )
+    return average
 
 
 def dpo_loss(
@@ -321,6 +344,7 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     bco_delta: Optional[Union[float, Tensor]] = None,
     pair_weights: Optional[Tensor] = None,
+    reduction: str = "mean",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss of TRL 1.16's ``DPOTrainer`` from per-sequence log-probs.
 
@@ -347,16 +371,19 @@ def dpo_loss(
         pair_weights: optional float ``[B]`` multiplying each pair's loss before the mean
             (TRL's ``use_weighting``: WPO weights, computed by the caller and usually detached).
             Not allowed with ``aot`` / ``aot_unpaired``, whose sorting breaks the pairing.
+        reduction: ``"mean"`` (TRL's), ``"sum"``, or ``"none"`` for the per-pair losses ``[B]``
+            (``sft`` adds its batch NLL to every pair; ``aot*`` pair sorted margins, not inputs).
 
     Returns:
-        ``(loss, metrics)``: a 0-d loss tensor (fp32, fp64 for fp64 inputs) and a dict of
+        ``(loss, metrics)``: a loss tensor, 0-d (``[B]`` with ``reduction="none"``; fp32, fp64
+        for fp64 inputs) and a dict of
         detached 0-d tensors named as TRL logs them: ``rewards/chosen`` = mean(beta r_w),
         ``rewards/rejected`` = mean(beta r_l), ``rewards/accuracies`` = mean(beta r_w > beta r_l)
         (strict), ``rewards/margins`` = mean(beta (r_w - r_l)), ``logps/chosen``,
         ``logps/rejected`` (batch means of the policy log-probs). The rewards use the plain
         log-ratios r, whatever the f-divergence.
     """
-    cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
+    cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction)
     return _dpo_loss(
         cfg,
         chosen_logps,
@@ -443,7 +470,7 @@ def _dpo_loss(
                 "so a per-pair weight has no pair to apply to"
             )
 
-    dt = compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    dt = loss_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     cw, cl = chosen_logps.to(dt), rejected_logps.to(dt)
     if ref_chosen_logps is None:
         rw, rl = torch.zeros_like(cw), torch.zeros_like(cl)
@@ -472,7 +499,8 @@ def _dpo_loss(
         per_pair = _LOSSES[t](pair)
         if pair_weights is not None:
             per_pair = per_pair * pair_weights.to(dt)
-        term = per_pair.mean() * w
+        # each term reduced before the weighted sum: the "mean" path is the one TRL takes
+        term = reduce(per_pair, cfg.reduction) * w
         loss = term if loss is None else loss + term
 
     metrics = reward_metrics(cfg.beta, r_w, r_l, cw, cl)
@@ -506,10 +534,14 @@ class DPOLoss(nn.Module):
         discopop_tau: float = 0.05,
         bco_running_mean: bool = False,
         bco_delta: Optional[float] = None,
+        reduction: str = "mean",
     ):
         super().__init__()
-        cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau)
+        cfg = _check_config(
+            beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction
+        )
         self._cfg = cfg
+        self._loss_type = loss_type if isinstance(loss_type, str) else loss_type[:]  # the tuple is cfg.loss_types
         check_bool(bco_running_mean, "bco_running_mean")
         if bco_running_mean and "bco_pair" not in cfg.loss_types:
             raise ValueError(f"bco_running_mean=True needs loss_type 'bco_pair'; got {list(cfg.loss_types)}")
@@ -533,27 +565,31 @@ class DPOLoss(nn.Module):
 
     # read-only views of the validated config: build a new module to change it
     beta = property(lambda self: self._cfg.beta)
-    loss_type = property(lambda self: list(self._cfg.loss_types))
+    # as given (a str stays a str, a list a list), copied so the config cannot change through it
+    loss_type = property(lambda self: self._loss_type if isinstance(self._loss_type, str) else self._loss_type[:])
     loss_weights = property(lambda self: list(self._cfg.loss_weights))
     label_smoothing = property(lambda self: self._cfg.label_smoothing)
     f_divergence = property(lambda self: self._cfg.f_divergence)
     f_alpha = property(lambda self: self._cfg.f_alpha)
     discopop_tau = property(lambda self: self._cfg.discopop_tau)
+    reduction = property(lambda self: self._cfg.reduction)
 
     def extra_repr(self) -> str:
-        s = f"beta={self.beta}, loss_type={self.loss_type}"
+        s = f"beta={self.beta}, loss_type={self.loss_type!r}"
         if any(w != 1.0 for w in self._cfg.loss_weights):
             s += f", loss_weights={self.loss_weights}"
         if self.label_smoothing:
             s += f", label_smoothing={self.label_smoothing}"
         if self.f_divergence != "reverse_kl":
             s += f", f_divergence={self.f_divergence!r}, f_alpha={self.f_alpha}"
-        if "discopop" in self.loss_type:
+        if "discopop" in self._cfg.loss_types:
             s += f", discopop_tau={self.discopop_tau}"
         if self.bco_running_mean:
             s += ", bco_running_mean=True"
         if self.bco_delta is not None:
             s += f", bco_delta={self.bco_delta}"
+        if self.reduction != "mean":
+            s += f", reduction={self.reduction!r}"
         return s
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import check_real, check_vector, compute_dtype
+from ._common import check_real, check_reduction, check_vector, loss_dtype, reduce
 
 __all__ = ["bradley_terry_loss", "BradleyTerryLoss"]
 
@@ -24,6 +24,7 @@ def bradley_terry_loss(
     *,
     margin: Optional[Union[float, Tensor]] = None,
     center_rewards_coefficient: Optional[float] = None,
+    reduction: str = "mean",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Pairwise Bradley-Terry loss of a reward model.
 
@@ -35,19 +36,22 @@ def bradley_terry_loss(
             (TRL reads it from the dataset's ``margin`` column).
         center_rewards_coefficient: ``None`` or ``c >= 0``; the centering term keeps rewards
             near 0 (Eisenstein et al. 2023).
+        reduction: ``"mean"`` (TRL's), ``"sum"``, or ``"none"`` for the per-pair losses ``[B]``
+            (``-log sigmoid(r_w - r_l - margin) + c (r_w + r_l)^2``).
 
     Returns:
-        ``(loss, metrics)``: 0-d loss (fp32, fp64 for fp64 inputs) and detached 0-d metrics named
+        ``(loss, metrics)``: 0-d loss (``[B]`` with ``reduction="none"``; fp32, fp64 for fp64 inputs) and detached 0-d metrics named
         as TRL logs them: ``accuracy`` = mean(r_w > r_l) (strict), ``margin`` = mean(r_w - r_l)
         (the input ``margin`` is not subtracted), ``mean_reward`` / ``min_reward`` /
         ``max_reward`` over all 2B rewards.
     """
     c = _check_coefficient(center_rewards_coefficient)
+    reduction = check_reduction(reduction)
     chosen_rewards = check_vector(chosen_rewards, "chosen_rewards", allow_column=True)
     rejected_rewards = check_vector(
         rejected_rewards, "rejected_rewards", like=chosen_rewards, like_name="chosen_rewards", allow_column=True
     )
-    dt = compute_dtype(chosen_rewards, rejected_rewards)
+    dt = loss_dtype(chosen_rewards, rejected_rewards)
     rw, rl = chosen_rewards.to(dt), rejected_rewards.to(dt)
     diff = rw - rl
     if margin is not None:
@@ -56,9 +60,10 @@ def bradley_terry_loss(
             diff = diff - m.to(dt)
         else:
             diff = diff - check_real(margin, "margin")
-    loss = -F.logsigmoid(diff).mean()
+    # each term reduced on its own: the "mean" path is the one TRL takes
+    loss = reduce(-F.logsigmoid(diff), reduction)
     if c is not None:
-        loss = loss + c * ((rw + rl) ** 2).mean()
+        loss = loss + c * reduce((rw + rl) ** 2, reduction)
 
     with torch.no_grad():
         all_rewards = torch.cat([rw, rl])
@@ -78,14 +83,20 @@ class BradleyTerryLoss(nn.Module):
     ``forward(chosen_rewards, rejected_rewards, margin=None) -> (loss, metrics)``.
     """
 
-    def __init__(self, center_rewards_coefficient: Optional[float] = None):
+    def __init__(self, center_rewards_coefficient: Optional[float] = None, reduction: str = "mean"):
         super().__init__()
         self.center_rewards_coefficient = _check_coefficient(center_rewards_coefficient)
+        self.reduction = check_reduction(reduction)
 
     def extra_repr(self) -> str:
-        return f"center_rewards_coefficient={self.center_rewards_coefficient}"
+        s = f"center_rewards_coefficient={self.center_rewards_coefficient}"
+        return s if self.reduction == "mean" else s + f", reduction={self.reduction!r}"
 
     def forward(self, chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Optional[Union[float, Tensor]] = None):
         return bradley_terry_loss(
-            chosen_rewards, rejected_rewards, margin=margin, center_rewards_coefficient=self.center_rewards_coefficient
+            chosen_rewards,
+            rejected_rewards,
+            margin=margin,
+            center_rewards_coefficient=self.center_rewards_coefficient,
+            reduction=self.reduction,
         )

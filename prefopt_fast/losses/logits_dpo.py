@@ -1,4 +1,6 @@
-"""fused_dpo_loss: the DPO family in one call from the logits of the [chosen; rejected] batch.
+"""logits_dpo_loss: the DPO family in one call from the logits of the [chosen; rejected] batch.
+
+(Named by what it takes: the from-hidden-states twin is :func:`prefopt_fast.linear_dpo_loss`.)
 
 The vocabulary is touched only by the row kernels (through ``sequence_logprobs``); the
 loss head is :func:`dpo_loss` on ``[B]`` vectors. Nothing of size N x V is allocated
@@ -13,12 +15,12 @@ from torch import Tensor
 from .. import _validate
 from ..distributed import check_vocab_parallel_options, is_dtensor
 from ..ops.sequence_logprobs import sequence_logprobs_and_lengths
-from .dpo import DPOLoss, dpo_loss
+from .dpo import DPOLoss, check_average, dpo_loss
 
-__all__ = ["fused_dpo_loss", "FusedDPOLoss", "pair_logps"]
+__all__ = ["logits_dpo_loss", "LogitsDPOLoss", "pair_logprobs"]
 
 
-def pair_logps(
+def pair_logprobs(
     logits: Tensor,
     labels: Tensor,
     *,
@@ -33,14 +35,18 @@ def pair_logps(
     process_group=None,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    average: bool = False,
 ) -> Dict[str, Optional[Tensor]]:
     """Summed completion log-probs of the stacked batch, split into the DPO inputs.
 
     Returns a dict with ``chosen_logps``, ``rejected_logps``, ``ref_chosen_logps``,
     ``ref_rejected_logps`` (None when reference-free) and ``chosen_lengths``,
-    ``rejected_lengths`` (int64 counts of real labels), all ``[B]``.
+    ``rejected_lengths`` (int64 counts of real labels), all ``[B]``. With ``average=True``
+    the log-probs (the reference's computed here too) are per-length means, as
+    ``sequence_logprobs(average=True)``; precomputed ``ref_*_logps`` are passed through as given.
     """
     kw = dict(
+        average=average,
         ignore_index=ignore_index,
         temperature=temperature,
         cu_seqlens=cu_seqlens,
@@ -80,7 +86,7 @@ def pair_logps(
     )
 
 
-def fused_dpo_loss(
+def logits_dpo_loss(
     logits: Tensor,
     labels: Tensor,
     *,
@@ -95,6 +101,7 @@ def fused_dpo_loss(
     process_group=None,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    average: bool = False,
     **dpo_kwargs,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss straight from the policy logits of the stacked batch.
@@ -108,13 +115,16 @@ def fused_dpo_loss(
             here; or neither, for reference-free training.
         process_group, vocab_start, vocab_size: vocabulary-parallel ``logits`` and ``ref_logits``
             (each rank holds a vocabulary shard), as in :func:`prefopt_fast.token_logprobs`.
-        dpo_kwargs: everything :func:`dpo_loss` takes (beta, loss_type, label_smoothing, ...).
-            Completion lengths default to the counts of real labels.
+        average: per-length mean log-probs instead of sums (not with ``ipo``, ``sigmoid_norm``,
+            ``sft``, which divide by the lengths themselves).
+        dpo_kwargs: everything :func:`dpo_loss` takes (beta, loss_type, label_smoothing,
+            reduction, ...). Completion lengths default to the counts of real labels.
 
     Returns:
         ``(loss, metrics)`` as :func:`dpo_loss`.
     """
-    logps = pair_logps(
+    check_average(average, dpo_kwargs.get("loss_type", "sigmoid"))
+    logps = pair_logprobs(
         logits,
         labels,
         ref_chosen_logps=ref_chosen_logps,
@@ -128,6 +138,7 @@ def fused_dpo_loss(
         process_group=process_group,
         vocab_start=vocab_start,
         vocab_size=vocab_size,
+        average=average,
     )
     for k in ("chosen_lengths", "rejected_lengths"):
         if dpo_kwargs.get(k) is not None:
@@ -135,9 +146,9 @@ def fused_dpo_loss(
     return dpo_loss(**logps, **dpo_kwargs)
 
 
-class FusedDPOLoss(DPOLoss):
+class LogitsDPOLoss(DPOLoss):
     """Config-only module: :class:`DPOLoss`'s hyper-parameters plus the sequence options of
-    :func:`fused_dpo_loss` (``process_group``, ``vocab_start``, ``vocab_size``:
+    :func:`logits_dpo_loss` (``process_group``, ``vocab_start``, ``vocab_size``:
     vocabulary-parallel logits, as there).
 
     ``forward(logits, labels, ref_chosen_logps=None, ref_rejected_logps=None, *,
@@ -156,9 +167,11 @@ class FusedDPOLoss(DPOLoss):
         process_group=None,
         vocab_start: Optional[int] = None,
         vocab_size: Optional[int] = None,
+        average: bool = False,
         **dpo_config,
     ):
         super().__init__(beta, loss_type, **dpo_config)
+        self.average = check_average(average, self._cfg.loss_types)
         self.ignore_index = _validate.check_int(ignore_index, "ignore_index")
         self.temperature = _validate.check_positive_float(temperature, "temperature")
         self.inplace_backward = _validate.check_bool(inplace_backward, "inplace_backward")
@@ -180,7 +193,7 @@ class FusedDPOLoss(DPOLoss):
         cu_seqlens: Optional[Tensor] = None,
         pair_weights: Optional[Tensor] = None,
     ):
-        logps = pair_logps(
+        logps = pair_logprobs(
             logits,
             labels,
             ref_chosen_logps=ref_chosen_logps,
@@ -194,5 +207,6 @@ class FusedDPOLoss(DPOLoss):
             process_group=self.process_group,
             vocab_start=self.vocab_start,
             vocab_size=self.vocab_size,
+            average=self.average,
         )
         return super().forward(**logps, pair_weights=pair_weights)

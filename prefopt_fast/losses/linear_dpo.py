@@ -1,0 +1,711 @@
+"""Pairwise preference losses straight from hidden states and the lm_head (fused-linear).
+
+The twins of :func:`prefopt_fast.logits_dpo_loss` and of the reference-free heads
+(:func:`prefopt_fast.cpo_loss`, :func:`~prefopt_fast.simpo_loss`, :func:`~prefopt_fast.orpo_loss`),
+with the logits replaced by ``hidden`` ``[2B, T, H]`` (or packed ``[tokens, H]``) and ``weight``
+``[V, H]`` (plus ``bias``, ``lora``, ``logit_scale``, ``softcap``, ``chunk_size``): the summed
+log-probs come from :func:`linear_pair_logprobs`, which never materializes the ``[tokens, V]``
+logits; the loss heads are the same code as over per-sequence vectors.
+"""
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import _validate
+from ..distributed import check_vocab_parallel_options
+from ..ops.linear_logprobs import linear_sequence_logprobs_and_lengths
+from .dpo import DPOLoss, check_average, dpo_loss
+from .reference_free import (
+    check_cpo_settings,
+    check_orpo_settings,
+    cpo_head,
+    orpo_head,
+)
+
+__all__ = [
+    "linear_pair_logprobs",
+    "linear_dpo_loss",
+    "LinearDPOLoss",
+    "linear_cpo_loss",
+    "LinearCPOLoss",
+    "linear_simpo_loss",
+    "LinearSimPOLoss",
+    "linear_orpo_loss",
+    "LinearORPOLoss",
+]
+
+
+def _check_reference(labels: Tensor, weight: Tensor, ref_hidden, ref_weight, ref_bias) -> None:
+    """The reference model's states and head, checked by their own names (the reference pass
+    would report them as ``hidden`` / ``weight``). The policy's inputs are valid already."""
+    _validate.check_tensor(ref_hidden, "ref_hidden")
+    if ref_hidden.dtype not in _validate.LOGIT_DTYPES:
+        raise TypeError(
+            f"ref_hidden must be float32, bfloat16 or float16 (float64 on backend='torch'); got {ref_hidden.dtype}"
+        )
+    if (
+        tuple(ref_hidden.shape[:-1]) != tuple(labels.shape)
+        or ref_hidden.dim() != labels.dim() + 1
+        or ref_hidden.shape[-1] < 1
+    ):
+        raise ValueError(
+            f"ref_hidden must have shape labels.shape + [H_ref] = {list(labels.shape)} + [H_ref], "
+            f"H_ref >= 1 (the reference's hidden size); got {list(ref_hidden.shape)}"
+        )
+    if ref_hidden.device != labels.device:
+        raise ValueError(f"ref_hidden must be on the device of hidden ({labels.device}); got {ref_hidden.device}")
+    V, Hr = weight.shape[0], ref_hidden.shape[-1]
+    _validate.check_companion(
+        ref_weight,
+        "ref_weight",
+        (V, Hr),
+        ref_hidden.dtype,
+        ref_hidden.device,
+        "ref_hidden",
+        " = [V, H_ref] (V = weight.shape[0], H_ref = ref_hidden.shape[-1])",
+    )
+    if ref_bias is not None:
+        _validate.check_companion(
+            ref_bias,
+            "ref_bias",
+            (V,),
+            ref_hidden.dtype,
+            ref_hidden.device,
+            "ref_hidden",
+            " = [V] (V = weight.shape[0])",
+        )
+
+
+def linear_pair_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    lora=None,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    average: bool = False,
+) -> Dict[str, Optional[Tensor]]:
+    """Summed completion log-probs of the stacked [chosen; rejected] batch, split into the DPO inputs.
+
+    As :func:`prefopt_fast.pair_logprobs` (a dict of ``[B]`` tensors: ``chosen_logps``,
+    ``rejected_logps``, ``ref_chosen_logps``, ``ref_rejected_logps``, int64 ``chosen_lengths``,
+    ``rejected_lengths``), from hidden states. The reference, when given as ``ref_hidden`` +
+    ``ref_weight`` (+ ``ref_bias``), runs under ``no_grad`` with the same transform
+    (temperature, logit_scale, softcap) and no LoRA. ``average=True``: per-length means, as
+    ``linear_sequence_logprobs(average=True)``.
+    """
+    kw = dict(
+        average=average,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
+    sums, counts = linear_sequence_logprobs_and_lengths(hidden, weight, labels, bias=bias, lora=lora, **kw)
+    if sums.dim() != 1 or sums.shape[0] % 2:
+        raise ValueError(
+            "hidden must hold the stacked [chosen; rejected] batch: 2B sequences, padded [2B, T, H] or "
+            f"packed with cu_seqlens of 2B + 1 entries; got {tuple(sums.shape)} sequences"
+        )
+    B = sums.shape[0] // 2
+    if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError(
+                "the reference model needs both ref_hidden ([2B, T, H], like hidden) and ref_weight "
+                "([V, H]); pass ref_weight=weight when the policy and the reference share the head"
+            )
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("pass either ref_hidden / ref_weight or ref_chosen_logps / ref_rejected_logps, not both")
+        _check_reference(labels, weight, ref_hidden, ref_weight, ref_bias)
+        with torch.no_grad():
+            ref_sums, _ = linear_sequence_logprobs_and_lengths(
+                ref_hidden.detach(),
+                ref_weight.detach(),
+                labels,
+                bias=None if ref_bias is None else ref_bias.detach(),
+                **kw,
+            )
+        ref_chosen_logps, ref_rejected_logps = ref_sums[:B], ref_sums[B:]
+    return dict(
+        chosen_logps=sums[:B],
+        rejected_logps=sums[B:],
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_lengths=counts[:B],
+        rejected_lengths=counts[B:],
+    )
+
+
+def linear_dpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    lora=None,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    average: bool = False,
+    **dpo_kwargs,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """DPO-family loss from the policy's last hidden states of the stacked batch and its lm_head.
+
+    Args:
+        hidden: ``[2B, T, H]`` (rows 0..B-1 chosen, B..2B-1 rejected) or packed
+            ``[total_tokens, H]`` with ``cu_seqlens`` of ``2B + 1`` entries.
+        weight, bias, lora, temperature, logit_scale, softcap, chunk_size, backend: as in
+            :func:`prefopt_fast.linear_token_logprobs`.
+        labels: shifted completion labels, ``ignore_index`` on prompt and padding.
+        ref_chosen_logps, ref_rejected_logps: precomputed ``[B]`` reference log-probs, or
+        ref_hidden, ref_weight, ref_bias: the reference model's hidden states and head,
+            evaluated under no_grad here; or none of these, for reference-free training.
+        process_group, vocab_start, vocab_size: vocabulary-parallel ``weight`` / ``ref_weight``
+            (and biases), as in :func:`prefopt_fast.linear_token_logprobs`.
+        average: per-length mean log-probs instead of sums (not with ``ipo``, ``sigmoid_norm``,
+            ``sft``, which divide by the lengths themselves).
+        dpo_kwargs: everything :func:`prefopt_fast.dpo_loss` takes (beta, loss_type, reduction, ...).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`prefopt_fast.dpo_loss`.
+    """
+    check_average(average, dpo_kwargs.get("loss_type", "sigmoid"))
+    logps = linear_pair_logprobs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        lora=lora,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        average=average,
+    )
+    for k in ("chosen_lengths", "rejected_lengths"):
+        if dpo_kwargs.get(k) is not None:
+            logps.pop(k)
+    return dpo_loss(**logps, **dpo_kwargs)
+
+
+class LinearDPOLoss(DPOLoss):
+    """Config-only module: :class:`DPOLoss`'s hyper-parameters plus the fused-linear options of
+    :func:`linear_dpo_loss` (``process_group``, ``vocab_start``, ``vocab_size``: a
+    vocabulary-parallel head, as there).
+
+    ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
+    lora=None, ref_hidden=None, ref_weight=None, ref_bias=None, cu_seqlens=None, pair_weights=None)
+    -> (loss, metrics)``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type="sigmoid",
+        *,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+        average: bool = False,
+        **dpo_config,
+    ):
+        super().__init__(beta, loss_type, **dpo_config)
+        _set_linear_options(
+            self,
+            ignore_index,
+            temperature,
+            logit_scale,
+            softcap,
+            chunk_size,
+            backend,
+            process_group,
+            vocab_start,
+            vocab_size,
+        )
+        self.average = check_average(average, self._cfg.loss_types)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        ref_chosen_logps: Optional[Tensor] = None,
+        ref_rejected_logps: Optional[Tensor] = None,
+        *,
+        bias: Optional[Tensor] = None,
+        lora=None,
+        ref_hidden: Optional[Tensor] = None,
+        ref_weight: Optional[Tensor] = None,
+        ref_bias: Optional[Tensor] = None,
+        cu_seqlens: Optional[Tensor] = None,
+        pair_weights: Optional[Tensor] = None,
+    ):
+        logps = linear_pair_logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            lora=lora,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            cu_seqlens=cu_seqlens,
+            average=self.average,
+            **_linear_options(self),
+        )
+        return super().forward(**logps, pair_weights=pair_weights)
+
+
+# ------------------------------------------------------------------ linear options of the modules
+
+
+def _set_linear_options(
+    m: nn.Module,
+    ignore_index,
+    temperature,
+    logit_scale,
+    softcap,
+    chunk_size,
+    backend,
+    process_group,
+    vocab_start,
+    vocab_size,
+) -> None:
+    """Validate the fused-linear options once and keep them on the module ``m``."""
+    m.ignore_index = _validate.check_int(ignore_index, "ignore_index")
+    m.temperature = _validate.check_positive_float(temperature, "temperature")
+    m.logit_scale, m.softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str; got {type(backend).__name__}")
+    m.chunk_size = chunk_size
+    m.backend = backend
+    m.process_group, m.vocab_start, m.vocab_size = check_vocab_parallel_options(process_group, vocab_start, vocab_size)
+
+
+def _linear_options(m: nn.Module) -> dict:
+    """The keywords of :func:`linear_pair_logprobs` a module holds."""
+    return dict(
+        ignore_index=m.ignore_index,
+        temperature=m.temperature,
+        logit_scale=m.logit_scale,
+        softcap=m.softcap,
+        chunk_size=m.chunk_size,
+        backend=m.backend,
+        process_group=m.process_group,
+        vocab_start=m.vocab_start,
+        vocab_size=m.vocab_size,
+    )
+
+
+def _linear_repr(m: nn.Module) -> str:
+    s = ""
+    if m.temperature != 1.0:
+        s += f", temperature={m.temperature}"
+    if m.logit_scale != 1.0:
+        s += f", logit_scale={m.logit_scale}"
+    if m.softcap is not None:
+        s += f", softcap={m.softcap}"
+    return s
+
+
+def _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts: dict) -> Dict[str, Optional[Tensor]]:
+    """The reference-free heads' inputs: summed log-probs and lengths of the policy alone."""
+    return linear_pair_logprobs(hidden, weight, labels, bias=bias, lora=lora, cu_seqlens=cu_seqlens, **opts)
+
+
+def _cpo_from(cfg, logps, nll_loss):
+    return cpo_head(
+        cfg,
+        logps["chosen_logps"],
+        logps["rejected_logps"],
+        logps["chosen_lengths"],
+        logps["rejected_lengths"],
+        nll_loss,
+    )
+
+
+def _orpo_from(cfg, logps, nll_loss):
+    return orpo_head(
+        cfg,
+        logps["chosen_logps"],
+        logps["rejected_logps"],
+        logps["chosen_lengths"],
+        logps["rejected_lengths"],
+        nll_loss,
+    )
+
+
+# ------------------------------------------------------------------------------------- CPO
+
+
+def linear_cpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    lora=None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    cpo_alpha: float = 1.0,
+    simpo_gamma: float = 0.5,
+    alpha: float = 0.0,
+    nll_loss: Optional[Tensor] = None,
+    reduction: str = "mean",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`prefopt_fast.cpo_loss` from the policy's hidden states of the stacked batch and its lm_head.
+
+    ``hidden`` ``[2B, T, H]`` (rows 0..B-1 chosen, B..2B-1 rejected) or packed ``[tokens, H]``
+    with ``cu_seqlens`` of ``2B + 1`` entries; the other tensor and linear options as in
+    :func:`linear_dpo_loss`; the hyper-parameters (``beta`` ... ``reduction``) and the result
+    as :func:`prefopt_fast.cpo_loss`, over the summed completion log-probs and their lengths.
+    """
+    cfg = check_cpo_settings(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha, reduction)
+    opts = dict(
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
+    return _cpo_from(cfg, _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts), nll_loss)
+
+
+class LinearCPOLoss(nn.Module):
+    """Config-only module around :func:`linear_cpo_loss` (every configuration keyword, same defaults).
+
+    ``forward(hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None, nll_loss=None)
+    -> (loss, metrics)``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        *,
+        label_smoothing: float = 0.0,
+        cpo_alpha: float = 1.0,
+        simpo_gamma: float = 0.5,
+        alpha: float = 0.0,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+    ):
+        super().__init__()
+        self._cfg = check_cpo_settings(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha, reduction)
+        _set_linear_options(
+            self,
+            ignore_index,
+            temperature,
+            logit_scale,
+            softcap,
+            chunk_size,
+            backend,
+            process_group,
+            vocab_start,
+            vocab_size,
+        )
+
+    # read-only views of the validated config: build a new module to change it
+    beta = property(lambda self: self._cfg.beta)
+    loss_type = property(lambda self: self._cfg.loss_type)
+    label_smoothing = property(lambda self: self._cfg.label_smoothing)
+    cpo_alpha = property(lambda self: self._cfg.cpo_alpha)
+    simpo_gamma = property(lambda self: self._cfg.simpo_gamma)
+    alpha = property(lambda self: self._cfg.alpha)
+    reduction = property(lambda self: self._cfg.reduction)
+
+    def extra_repr(self) -> str:
+        c = self._cfg
+        s = f"beta={c.beta}, loss_type={c.loss_type!r}, cpo_alpha={c.cpo_alpha}"
+        if c.loss_type == "simpo":
+            s += f", simpo_gamma={c.simpo_gamma}"
+        if c.label_smoothing:
+            s += f", label_smoothing={c.label_smoothing}"
+        if c.alpha:
+            s += f", alpha={c.alpha}"
+        if c.reduction != "mean":
+            s += f", reduction={c.reduction!r}"
+        return s + _linear_repr(self)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        lora=None,
+        cu_seqlens: Optional[Tensor] = None,
+        nll_loss: Optional[Tensor] = None,
+    ):
+        logps = _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, _linear_options(self))
+        return _cpo_from(self._cfg, logps, nll_loss)
+
+
+# ----------------------------------------------------------------------------------- SimPO
+
+
+def linear_simpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    lora=None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    beta: float = 0.1,
+    simpo_gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    cpo_alpha: float = 1.0,
+    alpha: float = 0.0,
+    nll_loss: Optional[Tensor] = None,
+    reduction: str = "mean",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`prefopt_fast.simpo_loss` from hidden states and the lm_head (``linear_cpo_loss(...,
+    loss_type="simpo")``); the inputs as :func:`linear_cpo_loss`. Pure SimPO is ``cpo_alpha=0.0``.
+    """
+    cfg = check_cpo_settings(beta, "simpo", label_smoothing, cpo_alpha, simpo_gamma, alpha, reduction)
+    opts = dict(
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
+    return _cpo_from(cfg, _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts), nll_loss)
+
+
+class LinearSimPOLoss(LinearCPOLoss):
+    """Config-only module around :func:`linear_simpo_loss` (every configuration keyword, same defaults).
+
+    ``forward(hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None, nll_loss=None)
+    -> (loss, metrics)``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        simpo_gamma: float = 0.5,
+        *,
+        label_smoothing: float = 0.0,
+        cpo_alpha: float = 1.0,
+        alpha: float = 0.0,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+    ):
+        nn.Module.__init__(self)
+        self._cfg = check_cpo_settings(beta, "simpo", label_smoothing, cpo_alpha, simpo_gamma, alpha, reduction)
+        _set_linear_options(
+            self,
+            ignore_index,
+            temperature,
+            logit_scale,
+            softcap,
+            chunk_size,
+            backend,
+            process_group,
+            vocab_start,
+            vocab_size,
+        )
+
+
+# ------------------------------------------------------------------------------------ ORPO
+
+
+def linear_orpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    lora=None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    beta: float = 0.1,
+    nll_loss: Optional[Tensor] = None,
+    reduction: str = "mean",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`prefopt_fast.orpo_loss` from hidden states and the lm_head; the inputs as
+    :func:`linear_cpo_loss`, ``beta``, ``nll_loss``, ``reduction`` and the result as
+    :func:`prefopt_fast.orpo_loss`.
+    """
+    cfg = check_orpo_settings(beta, reduction)
+    opts = dict(
+        ignore_index=ignore_index,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        backend=backend,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
+    return _orpo_from(cfg, _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts), nll_loss)
+
+
+class LinearORPOLoss(nn.Module):
+    """Config-only module around :func:`linear_orpo_loss` (every configuration keyword, same defaults).
+
+    ``forward(hidden, weight, labels, *, bias=None, lora=None, cu_seqlens=None, nll_loss=None)
+    -> (loss, metrics)``.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+        process_group=None,
+        vocab_start: Optional[int] = None,
+        vocab_size: Optional[int] = None,
+    ):
+        super().__init__()
+        self._cfg = check_orpo_settings(beta, reduction)
+        _set_linear_options(
+            self,
+            ignore_index,
+            temperature,
+            logit_scale,
+            softcap,
+            chunk_size,
+            backend,
+            process_group,
+            vocab_start,
+            vocab_size,
+        )
+
+    beta = property(lambda self: self._cfg.beta)
+    reduction = property(lambda self: self._cfg.reduction)
+
+    def extra_repr(self) -> str:
+        s = f"beta={self.beta}"
+        if self.reduction != "mean":
+            s += f", reduction={self.reduction!r}"
+        return s + _linear_repr(self)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        *,
+        bias: Optional[Tensor] = None,
+        lora=None,
+        cu_seqlens: Optional[Tensor] = None,
+        nll_loss: Optional[Tensor] = None,
+    ):
+        logps = _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, _linear_options(self))
+        return _orpo_from(self._cfg, logps, nll_loss)
