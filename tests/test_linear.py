@@ -669,7 +669,7 @@ def test_ppo_equals_ppo_loss_on_materialized_logits(backend, variant):
     _assert_grads({k: v.grad for k, v in a.items()}, {k: v.grad for k, v in b.items()}, 3e-5)
 
 
-def test_ppo_module_and_full_kl_is_refused(backend):
+def test_ppo_module_matches_function(backend):
     d = make(B=3, T=6)
     old, adv = -torch.rand(3, 6), torch.randn(3, 6)
     mod = LinearPPOLoss(clip_eps_low=0.1, entropy_coef=0.01, softcap=6.0, chunk_size=3, backend=backend)
@@ -679,10 +679,37 @@ def test_ppo_module_and_full_kl_is_refused(backend):
     )
     torch.testing.assert_close(loss, loss2)
     assert "softcap=6.0" in repr(mod)
-    with pytest.raises(ValueError, match="full"):
-        linear_ppo_loss(d["h"], d["w"], d["y"], old, adv, kl_estimator="full", backend=backend)
-    with pytest.raises(ValueError, match="full"):
-        LinearPPOLoss(kl_estimator="full")
+
+
+def test_ppo_exact_kl_from_the_reference_head(backend):
+    """kl_estimator="full" reads the reference head (ref_hidden, ref_weight, ref_bias) and equals
+    ppo_loss with the materialized reference logits, loss, metrics and gradients."""
+    d = make(B=3, T=6, bias=True)
+    g = torch.Generator().manual_seed(9)
+    old, adv = -torch.rand(3, 6, generator=g) * 3, torch.randn(3, generator=g)
+    mask = torch.rand(3, 6, generator=g) > 0.3
+    rh = torch.randn(3, 6, 12, generator=g)
+    rw = torch.randn(d["w"].shape[0], 12, generator=g) / 2
+    rb = torch.randn(d["w"].shape[0], generator=g)
+    kw = dict(kl_coef=0.1, kl_estimator="full", entropy_coef=0.01, loss_mask=mask, temperature=0.9)
+    a, b = _leaves(d, ("h", "w", "b")), _leaves(d, ("h", "w", "b"))
+    mod = LinearPPOLoss(softcap=6.0, chunk_size=4, backend=backend, **{k: v for k, v in kw.items() if k != "loss_mask"})
+    loss, met = mod(
+        a["h"], a["w"], d["y"], old, adv, bias=a["b"], loss_mask=mask, ref_hidden=rh, ref_weight=rw, ref_bias=rb
+    )
+    logits = _materialized(dict(h=b["h"], w=b["w"]), bias=b["b"], softcap=6.0)
+    ref_logits = _materialized(dict(h=rh, w=rw), bias=rb, softcap=6.0)
+    loss2, met2 = ppo_loss(logits, d["y"], old, adv, ref_logits=ref_logits, backend=backend, **kw)
+    torch.testing.assert_close(loss, loss2, atol=1e-5, rtol=1e-5)
+    for k in met:
+        torch.testing.assert_close(met[k], met2[k], atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    loss.backward()
+    loss2.backward()
+    _assert_grads({k: v.grad for k, v in a.items()}, {k: v.grad for k, v in b.items()}, 3e-5)
+    with pytest.raises(ValueError, match="needs ref_hidden and ref_weight"):
+        linear_ppo_loss(d["h"], d["w"], d["y"], old, adv, kl_coef=0.1, kl_estimator="full", backend=backend)
+    with pytest.raises(ValueError, match="ref_hidden is only used by"):
+        linear_ppo_loss(d["h"], d["w"], d["y"], old, adv, kl_coef=0.1, ref_logps=old, ref_hidden=rh, ref_weight=rw)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -18,15 +18,6 @@ from . import ppo as _ppo_mod
 __all__ = ["linear_ppo_loss", "LinearPPOLoss"]
 
 
-def _check_sampled_kl(cfg) -> None:
-    if cfg.kl_estimator == "full":
-        raise ValueError(
-            'kl_estimator must be a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl", with '
-            'ref_logps) in the fused-linear PPO loss: "full" needs the reference logits (use ppo_loss '
-            "on materialized logits for it)"
-        )
-
-
 def _linear_ppo(
     hidden,
     weight,
@@ -46,11 +37,13 @@ def _linear_ppo(
     global_num_tokens,
     chunk_size,
     backend,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
     vocab_parallel=None,
 ):
-    _check_sampled_kl(cfg)
-
     def token_stats(kernel_labels: Tensor, with_kl: bool):
+        ref = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias) if with_kl else {}
         return linear_token_logprobs(
             hidden,
             weight,
@@ -61,11 +54,14 @@ def _linear_ppo(
             temperature=temperature,
             logit_scale=logit_scale,
             softcap=softcap,
-            stats=("entropy",),
+            stats=("entropy", "kl") if with_kl else ("entropy",),
             chunk_size=chunk_size,
             backend=backend,
+            **ref,
             **(vocab_parallel or {}),
         )
+
+    has_ref_head = ref_hidden is not None or ref_weight is not None or ref_bias is not None
 
     return _ppo_mod.ppo_from_token_stats(
         token_stats,
@@ -78,9 +74,10 @@ def _linear_ppo(
         cfg,
         loss_mask,
         ref_logps,
-        False,
+        has_ref_head,
         is_weights,
         global_num_tokens,
+        full_ref="ref_hidden",
     )
 
 
@@ -96,6 +93,9 @@ def linear_ppo_loss(
     ignore_index: int = -100,
     loss_mask: Optional[Tensor] = None,
     ref_logps: Optional[Tensor] = None,
+    ref_hidden: Optional[Tensor] = None,
+    ref_weight: Optional[Tensor] = None,
+    ref_bias: Optional[Tensor] = None,
     temperature: Union[float, Tensor] = 1.0,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
@@ -119,8 +119,11 @@ def linear_ppo_loss(
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`prefopt_fast.ppo_loss` from hidden states ``[B, T, H]`` and the lm_head ``weight [V, H]``.
 
-    Same options and outputs as :func:`prefopt_fast.ppo_loss` (see there), except that
-    ``kl_estimator="full"`` (the exact KL, which needs reference logits) is not available;
+    Same options and outputs as :func:`prefopt_fast.ppo_loss` (see there); the exact KL
+    (``kl_estimator="full"``) reads the reference head instead of reference logits:
+    ``ref_hidden`` ``[B, T, H_ref]``, ``ref_weight`` ``[V, H_ref]`` and optional ``ref_bias``
+    ``[V]`` (e.g. the PEFT base model: same weight, adapter disabled), tile by tile beside the
+    policy's (see :func:`prefopt_fast.linear_token_logprobs`, ``stats=("kl",)``).
     ``bias``, ``lora``, ``logit_scale``, ``softcap`` and ``chunk_size`` are as in
     :func:`prefopt_fast.linear_token_logprobs`. Tokens masked by ``ignore_index`` or
     ``loss_mask`` are dropped before any matmul. ``process_group``, ``vocab_start``,
@@ -150,6 +153,9 @@ def linear_ppo_loss(
         lora=lora,
         loss_mask=loss_mask,
         ref_logps=ref_logps,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
         temperature=temperature,
         logit_scale=logit_scale,
         softcap=softcap,
@@ -167,7 +173,8 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
     validated here, once.
 
     ``forward(hidden, weight, labels, old_logps, advantages, *, bias=None, lora=None, loss_mask=None,
-    ref_logps=None, is_weights=None, global_num_tokens=None) -> (loss, metrics)``.
+    ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, is_weights=None,
+    global_num_tokens=None) -> (loss, metrics)``.
     """
 
     def __init__(
@@ -179,7 +186,6 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
         **ppo_config,
     ):
         super().__init__(**ppo_config)
-        _check_sampled_kl(self._cfg)
         self.logit_scale, self.softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
         self.chunk_size = chunk_size
 
@@ -203,6 +209,9 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
         lora=None,
         loss_mask: Optional[Tensor] = None,
         ref_logps: Optional[Tensor] = None,
+        ref_hidden: Optional[Tensor] = None,
+        ref_weight: Optional[Tensor] = None,
+        ref_bias: Optional[Tensor] = None,
         is_weights: Optional[Tensor] = None,
         global_num_tokens: Optional[Union[float, Tensor]] = None,
     ):
@@ -217,6 +226,9 @@ class LinearPPOLoss(_ppo_mod.PPOLoss):
             lora=lora,
             loss_mask=loss_mask,
             ref_logps=ref_logps,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
             temperature=self.temperature,
             logit_scale=self.logit_scale,
             softcap=self.softcap,

@@ -322,13 +322,15 @@ def ppo_from_token_stats(
     has_ref_logits: bool,
     is_weights,
     global_num_tokens,
+    full_ref: str = "ref_logits",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The PPO loss of an op that computes per-token statistics from ``src``, the ``[B, T, last]``
     tensor named ``src_name`` ("logits" [B, T, V] for ppo_loss, "hidden" [B, T, H] for
     linear_ppo_loss): checks ``src`` and the labels against it, folds ``loss_mask`` into the
     labels, calls ``token_stats(kernel_labels, with_kl)`` (a ``TokenLogProbsOutput`` with the
     log-probs, the entropy and, when ``with_kl``, the exact KL) and applies the head of
-    :func:`policy_loss` to them. ``cfg``: :func:`check_policy_config`."""
+    :func:`policy_loss` to them. ``cfg``: :func:`check_policy_config`; ``full_ref`` names the
+    input of the exact KL in errors ("ref_logits", or "ref_hidden" for the fused-linear loss)."""
     _validate.check_tensor(src, src_name)
     if src.dim() != 3:
         raise ValueError(f"{src_name} must have shape [B, T, {last}]; got {list(src.shape)}")
@@ -353,6 +355,7 @@ def ppo_from_token_stats(
         is_weights,
         global_num_tokens,
         src=src_name,
+        full_ref=full_ref,
     )
 
 
@@ -392,6 +395,12 @@ def _check_head_inputs(
         reads, needs = (
             "it reads ref_logits",
             ("ref_logits: the reference model's logits [B, T, V] (same shape and dtype as logits)"),
+        )
+    elif full_ref == "ref_hidden":
+        reads = "it reads ref_hidden / ref_weight"
+        needs = (
+            "ref_hidden and ref_weight: the reference model's hidden states [B, T, H_ref] and lm_head "
+            "weight [V, H_ref] (and ref_bias if it has one)"
         )
     else:
         reads = "it reads kl"
@@ -465,6 +474,7 @@ def _ppo_head(
     is_weights,
     global_num_tokens,
     src: str = "logits",
+    full_ref: str = "ref_logits",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Everything after the logits: ``token_stats(kernel_labels, with_kl)`` returns the per-token
     log-probs and entropy (and the exact KL when ``with_kl``) as a ``TokenLogProbsOutput``; the
@@ -483,7 +493,7 @@ def _ppo_head(
         is_weights,
         global_num_tokens,
         src,
-        "ref_logits",
+        full_ref,
     )
 
     keep = labels != cfg.ignore_index
