@@ -638,7 +638,7 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             bias="bias",
             loss_mask="mask",
             ref_logps="bt",
-            kl_estimator="linear_kl_estimator",
+            kl_estimator="kl_estimator",
             temperature="temperature",
             softcap="opt_pos_float",
             is_weights="advantages",
@@ -850,7 +850,7 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
         _ctor(pfl.LinearPPOLoss),
         lambda: dict(kl_estimator="k3", logit_scale=1.0, softcap=None, chunk_size=4, max_length=None),
         dict(
-            kl_estimator="linear_kl_estimator",
+            kl_estimator="kl_estimator",
             logit_scale="pos_float",
             softcap="opt_pos_float",
             chunk_size="chunk_size",
@@ -1558,11 +1558,6 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
             ("another dtype than ref_hidden", lambda v, a: v.double(), TypeError),
         ]
     ),
-    "linear_kl_estimator": [
-        ('"full" (needs logits)', lambda v, a: "full", ValueError),
-        ("an unknown name", lambda v, a: "k4", ValueError),
-        ("an int", lambda v, a: 3, TypeError),
-    ],
     "count": [
         ("0", lambda v, a: 0, ValueError),
         ("-1", lambda v, a: -1, ValueError),

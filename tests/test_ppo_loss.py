@@ -847,7 +847,7 @@ BAD = [
     (dict(advantages=torch.zeros(2, 3)), ValueError, "advantages must have shape"),
     (dict(advantages=torch.zeros(2, dtype=torch.long)), TypeError, "advantages must be a floating-point"),
     (dict(ref_logps=torch.zeros(2, 3), kl_coef=0.1), ValueError, "ref_logps must have shape"),
-    (dict(ref_logps=torch.zeros(2, 4), kl_estimator="full"), ValueError, "ref_logps is not used"),
+    (dict(ref_logps=torch.zeros(2, 4), kl_estimator="full"), ValueError, "ref_logps is only used by the sampled"),
     (dict(ref_logits=torch.zeros(2, 4, 8)), ValueError, "ref_logits is only used"),
     (dict(ref_logits=torch.zeros(2, 4, 9), kl_estimator="full", kl_coef=0.1), ValueError, "ref_logits must have"),
     (dict(loss_mask=torch.ones(2, 5)), ValueError, "loss_mask must have shape"),

@@ -408,7 +408,7 @@ def _check_head_inputs(
     if full:
         if ref_logps is not None:
             raise ValueError(
-                f'ref_logps is not used by kl_estimator="full" ({reads}); drop ref_logps '
+                f'ref_logps is only used by the sampled KL estimators, not by kl_estimator="full" ({reads}); drop ref_logps '
                 'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl")'
             )
         if not has_full_ref and cfg.kl_coef != 0.0:
