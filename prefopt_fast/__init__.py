@@ -8,26 +8,53 @@ TRL's names (``chosen_logps``, ``logps/chosen``). ``linear_`` / ``Linear*`` take
 and the lm_head weight (Liger's "fused linear"); ``logits_*`` take the logits.
 """
 
-from ._build_info import build_info
-from ._dispatch import available_backends
-from ._version import __version__  # noqa: F401
-from .linear import *  # noqa: F401,F403  (the fused-linear variants: hidden states + lm_head weight)
-from .linear import __all__ as _linear_all
-from .losses import *  # noqa: F401,F403  (the loss heads; their __all__ lists them)
-from .losses import __all__ as _losses_all
-from .ops.sequence_logprobs import SequenceLogProbs, sequence_logprobs
-from .ops.token_logprobs import TokenLogProbsOutput, token_logprobs
+import importlib
 
-__all__ = [
-    "available_backends",
-    "build_info",
-    "token_logprobs",
-    "TokenLogProbsOutput",
-    "sequence_logprobs",
-    "SequenceLogProbs",
-    *_losses_all,
-    *_linear_all,
-]
+from ._version import __version__  # noqa: F401
+
+# The public names and the module each lives in. They are imported on first use (PEP 562), so
+# ``import prefopt_fast`` (and ``prefopt_fast.kernels``, which reads the row contract from
+# ``prefopt_fast._rows``) costs no more than the module asked for.
+_EXPORTS = {
+    "prefopt_fast._dispatch": ["available_backends"],
+    "prefopt_fast._build_info": ["build_info"],
+    "prefopt_fast.ops.token_logprobs": ["token_logprobs", "TokenLogProbsOutput"],
+    "prefopt_fast.ops.sequence_logprobs": ["sequence_logprobs", "SequenceLogProbs"],
+    "prefopt_fast.losses.dpo": ["dpo_loss", "DPOLoss", "DPO_LOSS_TYPES", "F_DIVERGENCES"],
+    "prefopt_fast.losses.reference_free": ["cpo_loss", "simpo_loss", "orpo_loss", "CPO_LOSS_TYPES"],
+    "prefopt_fast.losses.reward": ["bradley_terry_loss", "BradleyTerryLoss"],
+    "prefopt_fast.losses.logits_dpo": ["logits_dpo_loss", "LogitsDPOLoss", "pair_logprobs"],
+    "prefopt_fast.losses.ppo": [
+        "ppo_loss",
+        "PPOLoss",
+        "policy_loss",
+        "PolicyLoss",
+        "KL_ESTIMATORS",
+        "LOSS_AGG_MODES",
+        "TRL_LOSS_TYPES",
+    ],
+    "prefopt_fast.ops.linear_logprobs": [
+        "linear_token_logprobs",
+        "linear_sequence_logprobs",
+        "LinearSequenceLogProbs",
+        "default_chunk_size",
+    ],
+    "prefopt_fast.losses.linear_dpo": [
+        "linear_pair_logprobs",
+        "linear_dpo_loss",
+        "LinearDPOLoss",
+        "linear_cpo_loss",
+        "LinearCPOLoss",
+        "linear_simpo_loss",
+        "LinearSimPOLoss",
+        "linear_orpo_loss",
+        "LinearORPOLoss",
+    ],
+    "prefopt_fast.losses.linear_ppo": ["linear_ppo_loss", "LinearPPOLoss"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+__all__ = [name for names in _EXPORTS.values() for name in names]
 
 # Old public names, kept importable for one release with a DeprecationWarning (not in __all__).
 _RENAMED = {
@@ -40,6 +67,10 @@ _RENAMED = {
 
 
 def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value  # once
+        return value
     if name in _RENAMED:
         import warnings
 
@@ -49,5 +80,9 @@ def __getattr__(name):
             DeprecationWarning,
             stacklevel=2,
         )
-        return globals()[new]
+        return __getattr__(new)
     raise AttributeError(f"module 'prefopt_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
