@@ -50,6 +50,8 @@ __all__ = [
     "SHARD_IGNORE",
     "kernel_labels",
     "all_reduce_partial",
+    "gather_parameter",
+    "is_replicated_on",
 ]
 
 # Kernel-side labels: a row's label is either its index in this shard, SHARD_IGNORE (the row is
@@ -253,3 +255,81 @@ def all_reduce_partial(p: Partial, layout: ShardLayout) -> Partial:
     sm = torch.stack([getattr(p, f) for f in sum_fields])
     dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=group)
     return p._replace(**dict(zip(sum_fields, sm)))
+
+
+# --------------------------------------------------------------------------- data-parallel sharded parameters
+
+
+def _dp_group_of(x, name: str):
+    """The process group over which the DTensor ``x`` (a parameter under FSDP2) is sharded on
+    dim 0: a 1-D mesh, ``Shard(0)`` (or ``Replicate``: no group)."""
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    if x.device_mesh.ndim != 1:
+        raise ValueError(
+            f"{name} is a DTensor on a {x.device_mesh.ndim}-D mesh with placements {tuple(x.placements)}: a "
+            "data-parallel sharded head is supported on a 1-D mesh (FSDP2 fully_shard); for tensor "
+            "parallelism pass hidden (and labels) as DTensors replicated on the weight's mesh"
+        )
+    (p,) = x.placements
+    if isinstance(p, Replicate):
+        return None
+    if not (isinstance(p, Shard) and p.dim % x.dim() == 0):
+        raise ValueError(
+            f"{name} as a DTensor of a data-parallel sharded head must be Shard(0) (FSDP2) or Replicate; "
+            f"got placements {tuple(x.placements)}"
+        )
+    return x.device_mesh.get_group(0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Forward: the whole tensor from every rank's dim-0 shard (uneven shards allowed).
+    Backward: the gradient summed over the group and divided by its size (FSDP2's default
+    reduction of a parameter's gradient over the data-parallel ranks), this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, local, group, sizes):
+        rank, world = dist.get_rank(group), len(sizes)
+        top = max(sizes)
+        pad = local.new_zeros((top, *local.shape[1:]))
+        pad[: local.shape[0]] = local
+        parts = [torch.empty_like(pad) for _ in range(world)]
+        dist.all_gather(parts, pad, group=group)
+        ctx.group, ctx.start, ctx.n, ctx.world = group, sum(sizes[:rank]), sizes[rank], world
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.start : ctx.start + ctx.n].div_(ctx.world), None, None
+
+
+def gather_parameter(x, name: str):
+    """A DTensor parameter of a data-parallel sharded model (FSDP2: ``Shard(0)`` over a 1-D mesh)
+    as the whole tensor, differentiably: its gradient comes back as this rank's shard of the
+    gradient averaged over the data-parallel ranks, as FSDP2 delivers it. A plain tensor (or
+    None) is returned as is. One all-gather of the tensor (O(size)) forward, one all-reduce of
+    its gradient backward."""
+    if x is None or not is_dtensor(x):
+        return x
+    group = _dp_group_of(x, name)
+    local = x.to_local()
+    if group is None:
+        return local
+    sizes = [int(s) for s in _all_sizes(local.shape[0], group, local.device)]
+    return _GatherRows.apply(local, group, sizes)
+
+
+def _all_sizes(n: int, group, device):
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return torch.cat(out).tolist()
+
+
+def is_replicated_on(x, mesh) -> bool:
+    """True for a DTensor on ``mesh`` with every placement Replicate."""
+    from torch.distributed.tensor.placement_types import Replicate
+
+    return is_dtensor(x) and x.device_mesh == mesh and all(isinstance(p, Replicate) for p in x.placements)

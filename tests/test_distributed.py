@@ -635,6 +635,128 @@ def _check_triton(env):
     env.close("triton grad", b.grad, _shard(a.grad, -1, s0, n0), rtol=1e-5, atol=1e-6)
 
 
+def _check_fsdp2(env):
+    """Data-parallel sharded head (FSDP2 fully_shard): every rank its own tokens (and token
+    count), the head's parameters Shard(0) DTensors over the ranks (V = 37: uneven shards).
+    Each op must equal the unsharded head on the rank's tokens, and the weight's gradient must
+    be this rank's shard of the gradient averaged over the ranks (what FSDP2 itself delivers)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import Shard
+
+    from prefopt_fast.linear import linear_dpo_loss, linear_ppo_loss, linear_token_logprobs
+
+    V, H, world, rank = 37, 8, env.world, env.rank
+
+    def batch(r, dt):
+        g = torch.Generator().manual_seed(100 + r)
+        B, T = 2, 3 + r  # a different token count on every rank
+        y = torch.randint(0, V, (B, T), generator=g)
+        y[0, 0] = -100
+        if r == 1:
+            y[:] = -100  # a rank whose tokens are all ignored
+        return torch.randn(B, T, H, generator=g).to(dt), y, torch.randn(B, T, generator=g)
+
+    for dt, tol in ((torch.float32, dict(rtol=1e-5, atol=1e-6)), (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))):
+        torch.manual_seed(7)
+        head = torch.nn.Linear(H, V).to(dt)
+        w_full, b_full = head.weight.detach().clone(), head.bias.detach().clone()
+        fully_shard(head)
+        env.check("fsdp2 made the weight a DTensor", type(head.weight).__name__ == "DTensor", type(head.weight))
+        start = sum(dist_sizes(head.weight.to_local().shape[0])[:rank])
+        n = head.weight.to_local().shape[0]
+
+        def run(h, y, w, b):
+            out = linear_token_logprobs(h, w, y, bias=b, stats=("entropy",), chunk_size=2)
+            return out
+
+        # reference: every rank's gradient on the whole head, averaged
+        gw, gb = torch.zeros(V, H), torch.zeros(V)
+        for r in range(world):
+            hr, yr, gl = batch(r, dt)
+            w0, b0 = w_full.clone().requires_grad_(), b_full.clone().requires_grad_()
+            h0 = hr.clone().requires_grad_()
+            o = run(h0, yr, w0, b0)
+            (o.logprobs * gl + o.entropy * gl.flip(-1)).sum().backward()
+            gw += w0.grad.float() / world
+            gb += b0.grad.float() / world
+            if r == rank:
+                want, want_h = o, h0.grad
+        h, y, gl = batch(rank, dt)
+        h = h.clone().requires_grad_()
+        out = run(h, y, head.weight, head.bias)
+        (out.logprobs * gl + out.entropy * gl.flip(-1)).sum().backward()
+        env.check("fsdp2 output is a plain tensor", type(out.logprobs) is torch.Tensor, type(out.logprobs))
+        env.close(f"fsdp2 {dt} logprobs", out.logprobs, want.logprobs, **tol)
+        env.close(f"fsdp2 {dt} entropy", out.entropy, want.entropy, **tol)
+        env.close(f"fsdp2 {dt} grad hidden", h.grad, want_h, **tol)
+        env.close(f"fsdp2 {dt} grad weight shard", head.weight.grad.to_local().float(), gw[start : start + n], **tol)
+        env.close(f"fsdp2 {dt} grad bias shard", head.bias.grad.to_local().float(), gb[start : start + n], **tol)
+
+    # the losses: linear_dpo_loss and linear_ppo_loss with the exact KL against a replicated reference head
+    torch.manual_seed(8)
+    head = torch.nn.Linear(H, V, bias=False)
+    w_full = head.weight.detach().clone()
+    fully_shard(head)
+    start, n = sum(dist_sizes(head.weight.to_local().shape[0])[:rank]), head.weight.to_local().shape[0]
+    ref_w = torch.randn(V, 5, generator=torch.Generator().manual_seed(9))
+
+    def loss_of(r, w, h=None):
+        hr, yr, _ = batch(r, torch.float32)
+        yr = yr.clamp(min=0) if r == 1 else yr  # the DPO pairs need labels
+        hr = hr if h is None else h
+        g = torch.Generator().manual_seed(200 + r)
+        ref = torch.randn(hr.shape[0] // 2, generator=g) - 5
+        dpo, _ = linear_dpo_loss(hr, w, yr, ref_chosen_logps=ref, ref_rejected_logps=ref - 1, beta=0.2)
+        rh = torch.randn(*hr.shape[:-1], 5, generator=g)
+        old, adv = torch.randn(hr.shape[:-1], generator=g) - 3, torch.randn(hr.shape[0], generator=g)
+        ppo, _ = linear_ppo_loss(
+            hr, w, yr, old, adv, kl_coef=0.1, kl_estimator="full", ref_hidden=rh, ref_weight=ref_w, chunk_size=2
+        )
+        return dpo + ppo
+
+    gw = torch.zeros(V, H)
+    for r in range(world):
+        w0 = w_full.clone().requires_grad_()
+        h0 = batch(r, torch.float32)[0].requires_grad_()
+        lr = loss_of(r, w0, h0)
+        lr.backward()
+        gw += w0.grad / world
+        if r == rank:
+            want_loss, want_h = lr.detach(), h0.grad
+    h = batch(rank, torch.float32)[0].requires_grad_()
+    loss = loss_of(rank, head.weight, h)
+    loss.backward()
+    env.close("fsdp2 dpo+ppo loss", loss, want_loss)
+    env.close("fsdp2 dpo+ppo grad hidden", h.grad, want_h, rtol=1e-5, atol=1e-6)
+    env.close(
+        "fsdp2 dpo+ppo grad weight shard", head.weight.grad.to_local(), gw[start : start + n], rtol=1e-5, atol=1e-6
+    )
+
+    # never guessed: a DTensor hidden that is neither plain nor replicated on the weight's mesh
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    dw = distribute_tensor(w_full, mesh, [Shard(0)])
+    dh = distribute_tensor(torch.randn(world * 2, H), mesh, [Shard(0)])
+    try:
+        linear_token_logprobs(dh, dw, torch.zeros(2, dtype=torch.long))
+        env.check("ambiguous layout refused", False, "no error")
+    except ValueError as exc:
+        env.check("ambiguous layout refused", "state the layout" in str(exc), str(exc))
+    del dist
+
+
+def dist_sizes(n: int):
+    """Every rank's local size n (an all-gather of one int)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, n)
+    return out
+
+
 SUITES = {
     "all": [
         ("token_logprobs", _check_token_logprobs),
@@ -647,6 +769,7 @@ SUITES = {
         ("errors", _check_errors),
         ("triton", _check_triton),
     ],
+    "fsdp2": [("fsdp2", _check_fsdp2)],
 }
 
 
@@ -656,6 +779,12 @@ SUITES = {
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel(world, tmp_path):
     _spawn(world, "all", tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_parallel_sharded_head(world, tmp_path):
+    """FSDP2: a DTensor head with a plain hidden is data-parallel (issue 16), never vocabulary-parallel."""
+    _spawn(world, "fsdp2", tmp_path)
 
 
 # --------------------------------------------------------------------------- modules, one process

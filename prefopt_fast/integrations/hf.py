@@ -30,10 +30,11 @@ What is covered:
 * sharded heads (:func:`gathered_lm_head`): DeepSpeed ZeRO-3 parameters are gathered with
   ``deepspeed.zero.GatheredParameters`` for the duration of the ``with`` block (run the loss
   AND its backward inside it: the backward reads the weight again); FSDP2 / DTensor
-  parameters are replaced by ``full_tensor()`` (differentiable: the gradient goes back to
-  this rank's shard). A head that is vocabulary-parallel on purpose (tensor parallel, every
-  rank holding the same tokens) should not be gathered: pass the DTensor weight to
-  ``linear_token_logprobs`` directly.
+  parameters are all-gathered (``distributed.gather_parameter``: differentiable, the gradient
+  goes back to this rank's shard averaged over the ranks, as FSDP2 delivers it). The
+  ``linear_*`` functions do the same by themselves for a DTensor weight with plain hidden
+  states; a head that is vocabulary-parallel on purpose (tensor parallel, every rank holding
+  the same tokens) takes hidden states replicated on its mesh, or ``process_group=``.
 
 Not covered: models wrapped in ``DistributedDataParallel`` / ``DataParallel`` (their gradient
 synchronisation is armed by their own ``forward``, which calling the backbone bypasses: put
@@ -46,6 +47,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from ..distributed import gather_parameter
 
 __all__ = [
     "LMHead",
@@ -308,9 +311,9 @@ def _is_zero3(p) -> bool:
 
 
 def _full(t):
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    # not DTensor.full_tensor(): its backward hands each rank only its own tokens' part of the
+    # gradient; gather_parameter returns the gradient averaged over the ranks, as FSDP2 does
+    return gather_parameter(t, "lm_head parameter")
 
 
 @contextlib.contextmanager
@@ -319,9 +322,9 @@ def gathered_lm_head(head: LMHead):
 
     DeepSpeed ZeRO-3 partitions parameters to empty tensors outside their module's forward;
     they are gathered (``deepspeed.zero.GatheredParameters``, read-only) until the block
-    exits: run the loss and its backward inside the block. FSDP2 DTensor parameters become
-    ``full_tensor()`` (an all-gather; its backward hands each rank its shard of the
-    gradient). Plain tensors pass through unchanged, at no cost.
+    exits: run the loss and its backward inside the block. FSDP2 DTensor parameters are
+    all-gathered (its backward hands each rank its shard of the gradient averaged over the
+    ranks, as FSDP2's own reduce-scatter does). Plain tensors pass through unchanged, at no cost.
     """
     tensors = [head.weight, head.bias] + ([] if head.lora is None else list(head.lora[:2]))
     zero3 = [t for t in tensors if _is_zero3(t)]

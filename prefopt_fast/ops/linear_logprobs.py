@@ -1054,6 +1054,22 @@ def linear_token_logprobs(
         :class:`prefopt_fast.TokenLogProbsOutput`. Gradients reach ``hidden``,
         ``weight``, ``bias`` and the LoRA factors, accumulated in fp32.
     """
+    if is_dtensor(weight) and process_group is None and vocab_start is None and _data_parallel(hidden, weight):
+        # FSDP2: this rank's tokens against the whole head, gathered differentiably
+        if vocab_size is not None and vocab_size != weight.shape[0]:
+            raise ValueError(
+                f"vocab_size must equal the weight's global vocabulary {weight.shape[0]}; got {vocab_size}"
+            )
+        weight, bias = distributed.gather_parameter(weight, "weight"), distributed.gather_parameter(bias, "bias")
+        if isinstance(lora, (tuple, list)) and len(lora) == 3:
+            lora = (
+                distributed.gather_parameter(lora[0], "lora A"),
+                distributed.gather_parameter(lora[1], "lora B"),
+                lora[2],
+            )
+        ref_weight = distributed.gather_parameter(ref_weight, "ref_weight")
+        ref_bias = distributed.gather_parameter(ref_bias, "ref_bias")
+        vocab_size = None
     sharded = process_group is not None or vocab_start is not None or vocab_size is not None or is_dtensor(weight)
     if sharded:
         hidden, weight, labels, bias, lora, process_group, vocab_size = _local_shard(
@@ -1106,6 +1122,24 @@ def linear_token_logprobs(
         layout,
     )
     return token_outputs(logp, entropy, kl, extra, names, labels.shape)
+
+
+def _data_parallel(hidden, weight) -> bool:
+    """The layout a DTensor ``weight`` sharded on the vocabulary has with ``hidden``, never
+    guessed from the weight alone: ``hidden`` a plain tensor -> data-parallel (FSDP2: every
+    rank its own tokens); ``hidden`` a DTensor replicated on the weight's mesh -> tensor
+    (vocabulary) parallel (every rank the same tokens); anything else is refused."""
+    if not is_dtensor(hidden):
+        return True
+    if distributed.is_replicated_on(hidden, weight.device_mesh):
+        return False
+    raise ValueError(
+        f"hidden is a DTensor with placements {tuple(hidden.placements)} and weight a DTensor with placements "
+        f"{tuple(weight.placements)}: state the layout. Tensor (vocabulary) parallel, every rank the same "
+        "tokens: pass hidden as a DTensor replicated on the weight's mesh (or local shards with "
+        "process_group=). Data parallel with a sharded head (FSDP2 fully_shard), every rank its own "
+        "tokens: pass hidden as a plain tensor (hidden.to_local())"
+    )
 
 
 def _local_rows(x, name: str):
