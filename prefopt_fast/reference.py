@@ -132,6 +132,10 @@ def _row_lse(x: Tensor) -> Tensor:
     return torch.where(bad, torch.full_like(lse, math.nan), lse)
 
 
+def _keep_rows(x: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _plogq_sum(p: Tensor, a: Tensor) -> Tensor:
     """sum_v p_v a_v where terms with p_v == 0 count 0 (also when a_v is infinite), and
     no 0 * inf reaches the gradient. A NaN p is not == 0, so NaN rows stay NaN."""
@@ -171,7 +175,8 @@ def token_stats(
                       where some p_v > 0 has q_v == 0               (with ``ref_logits``)
     - ``ref_lse``   = logsumexp(xr)                                  (with ``ref_logits``)
 
-    Rows whose label is ``ignore_index`` give 0 (False) everywhere and no gradient. A label
+    Rows whose label is ``ignore_index`` give 0 (False) everywhere and no gradient, whatever
+    their logits hold. A label
     outside ``[0, V)`` that is not ``ignore_index`` gives ``logprobs`` NaN and ``is_argmax``
     False, the rest as usual (the row contract; the public ops reject such labels).
     Non-finite input follows float64 ``torch.log_softmax``: a NaN or +inf anywhere in a row
@@ -179,8 +184,10 @@ def token_stats(
     only -inf has ``lse`` = -inf and NaN log-probs.
     """
     V = logits.shape[-1]
-    x = _scaled(logits, temperature, labels.shape, dtype)
     keep = labels != ignore_index
+    # an ignored row is replaced by zeros before any arithmetic: whatever it holds (NaN, an
+    # infinite KL), nothing of it reaches the outputs or the gradient
+    x = _keep_rows(_scaled(logits, temperature, labels.shape, dtype), keep)
     in_range = (labels >= 0) & (labels < V)
     y = torch.where(in_range, labels, torch.zeros_like(labels)).long()
     logp_all = torch.log_softmax(x, dim=-1)
@@ -199,7 +206,7 @@ def token_stats(
     out = {k: torch.where(keep, v, zero) for k, v in out.items()}
     out["is_argmax"] = keep & in_range & (x.argmax(-1) == y)
     if ref_logits is not None:
-        xr = _scaled(ref_logits, temperature, labels.shape, dtype)
+        xr = _keep_rows(_scaled(ref_logits, temperature, labels.shape, dtype), keep)
         logq_all = torch.log_softmax(xr, dim=-1)
         out["kl"] = torch.where(keep, _plogq_sum(p, logp_all - logq_all), zero)
         out["ref_lse"] = torch.where(keep, _row_lse(xr), zero)
@@ -831,7 +838,8 @@ def policy_loss(
     ``logprobs.detach()``), ``mask`` bool (real tokens), optional ``loss_mask`` (weights
     multiplying the mask), ``entropy`` per token, ``ref_logprobs`` (sampled KL) or
     ``exact_kl`` (``kl_estimator="full"``), ``is_weights`` ``[B, T]`` / ``[B]``;
-    ``advantages`` ``[B]`` or ``[B, T]``. Per token, m = mask * loss_mask:
+    ``advantages`` ``[B]`` or ``[B, T]``. Per token, m = mask * loss_mask; a token with m = 0
+    is dropped (nothing it holds, an infinite KL included, reaches the loss or gradient):
 
         log r = logp - old (0 at masked tokens), or for importance_sampling_level
                 "sequence": sum_t m (logp - old) / max(sum_t m, 1), one per sequence
@@ -857,7 +865,7 @@ def policy_loss(
     eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
     logp = _cast(logprobs, dtype)
     dt = logp.dtype
-    keep = mask.bool()
+    keep = mask.bool() if loss_mask is None else mask.bool() & (loss_mask != 0)
     m = keep.to(dt) if loss_mask is None else keep.to(dt) * loss_mask.to(dt)
     zero = torch.zeros((), dtype=dt, device=logp.device)
     old = logp.detach() if old_logprobs is None else _cast(old_logprobs, dt)
@@ -941,11 +949,15 @@ def ppo_loss(
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Reference of ``prefopt_fast.ppo_loss``: :func:`token_stats` of ``logits [B, T, V]``
     (log-probs, entropy, and with ``kl_estimator="full"`` the exact KL to ``ref_logits``,
-    which get no gradient), then :func:`policy_loss` (``policy_kwargs``: its keywords)."""
+    which get no gradient), then :func:`policy_loss` (``policy_kwargs``: its keywords;
+    tokens whose ``loss_mask`` is 0 are ignored like ``ignore_index`` labels)."""
     full = policy_kwargs.get("kl_estimator", "k3") == "full"
     ref = None
     if full and ref_logits is not None:
         ref = ref_logits.detach()
+    loss_mask = policy_kwargs.get("loss_mask")
+    if loss_mask is not None:  # tokens with loss_mask 0 are dropped like ignored ones
+        labels = torch.where(loss_mask != 0, labels, torch.full_like(labels, ignore_index))
     st = token_stats(logits, labels, ignore_index=ignore_index, temperature=temperature, ref_logits=ref, dtype=dtype)
     return policy_loss(
         st["logprobs"],
