@@ -14,8 +14,9 @@ inputs' own dtype (the "plain PyTorch in the storage dtype" baseline of the accu
 Contents
 --------
 token statistics     :func:`token_stats` (log-prob of the label, lse, entropy,
-                     log sum p^2, mean logit, is-argmax, exact KL(p || q)) and
-                     :func:`token_logprobs` (the public op's fields)
+                     log sum p^2, mean logit, is-argmax, exact KL(p || q)),
+                     :func:`token_logprobs` (the public op's fields) and
+                     :func:`row_backward` (their gradient at given row statistics)
 fused-linear logits  :func:`linear_logits`, :func:`linear_token_stats`
 sequence sums        :func:`sequence_logprobs` (padded ``[B, T]`` or packed ``cu_seqlens``)
 DPO family           :func:`dpo_loss` (every loss type, loss_weights, f-divergences,
@@ -51,6 +52,7 @@ __all__ = [
     "token_stats",
     "token_logprobs",
     "naive_token_logprobs",
+    "row_backward",
     "linear_logits",
     "linear_token_stats",
     "sequence_sums",
@@ -254,6 +256,49 @@ def naive_token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, 
     if not stats:
         return out
     return (out["logprobs"],) + tuple(out.get(s) for s in STAT_NAMES)
+
+
+def row_backward(
+    x: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    grad_logp: Tensor,
+    *,
+    entropy: Optional[Tensor] = None,
+    grad_entropy: Optional[Tensor] = None,
+    ref_x: Optional[Tensor] = None,
+    ref_lse: Optional[Tensor] = None,
+    kl: Optional[Tensor] = None,
+    grad_kl: Optional[Tensor] = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """d/dx of sum_n c_n logp_n + e_n H_n + k_n KL_n for rows ``x [N, V]`` whose log-sum-exp,
+    entropy, reference log-sum-exp and KL are GIVEN (the backward of the row contract,
+    ``prefopt_fast._rows``, which gets them from its forward), all fp64:
+
+        log p_v = x_v - lse,  log q_v = ref_x_v - ref_lse
+        grad_v  = c (1[v == y] - p_v) - e p_v (log p_v + H) + k p_v (log p_v - log q_v - KL)
+
+    (the e- and k-terms count 0 where p_v == 0; a label outside [0, V) drops the one-hot
+    term; ignored rows get 0). With the exact lse / H / KL this is the autograd gradient of
+    :func:`token_stats` w.r.t. x (tests/test_reference.py checks it); taking them as inputs
+    lets a test evaluate it at a kernel's own forward statistics, or on a slice of a row.
+    Multiply by 1 / temperature for the gradient w.r.t. the logits."""
+    N, V = x.shape
+    lp = x - lse[:, None]
+    p = torch.exp(lp)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    in_range = (labels >= 0) & (labels < V)
+    onehot = torch.zeros_like(x)
+    rows = in_range.nonzero().squeeze(1)
+    onehot[rows, labels[rows]] = 1.0
+    g = grad_logp[:, None] * (onehot - p)
+    if grad_entropy is not None:
+        g = g - torch.where(p == 0, zero, grad_entropy[:, None] * p * (lp + entropy[:, None]))
+    if grad_kl is not None:
+        lq = ref_x - ref_lse[:, None]
+        g = g + torch.where(p == 0, zero, grad_kl[:, None] * p * (lp - lq - kl[:, None]))
+    return torch.where((labels != ignore_index)[:, None], g, zero)
 
 
 # ============================================================================ fused linear

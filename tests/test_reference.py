@@ -149,6 +149,31 @@ def test_gradient_of_logprob_is_onehot_minus_softmax():
     torch.testing.assert_close(z.grad, want)
 
 
+def test_row_backward_is_the_autograd_gradient():
+    """row_backward at the exact statistics == autograd of token_stats (log-prob, entropy, KL)."""
+    z, y = _rows(seed=13, shape=(6,), V=23)
+    z[1, ::3] = -math.inf  # masked vocabulary
+    y[1] = 1
+    y[4] = -100  # ignored
+    zr = z.detach() + torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    zr[1] = zr[1].nan_to_num(neginf=0.0)
+    g = torch.Generator().manual_seed(14)
+    c, e, k = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3))
+    x = z.clone().requires_grad_()
+    st = R.token_stats(x, y, ref_logits=zr)
+    ((c * st["logprobs"]) + (e * st["entropy"]) + (k * st["kl"])).sum().backward()
+    got = R.row_backward(
+        z, y, st["lse"].detach(), c, entropy=st["entropy"].detach(), grad_entropy=e, ref_x=zr,
+        ref_lse=st["ref_lse"], kl=st["kl"].detach(), grad_kl=k,
+    )  # fmt: skip
+    torch.testing.assert_close(got, x.grad, rtol=1e-10, atol=1e-12)
+    assert (got[4] == 0).all()
+    # a label outside [0, V): the one-hot term is dropped, -c p stays
+    lse = torch.logsumexp(z[:1], -1)
+    out = R.row_backward(z[:1], torch.tensor([99]), lse, c[:1])
+    torch.testing.assert_close(out, -c[:1, None] * torch.softmax(z[:1], -1))
+
+
 def test_naive_token_logprobs_field_order():
     z, y = _rows(seed=8)
     out = R.naive_token_logprobs(z, y, stats=("mean_logit",))

@@ -63,25 +63,24 @@ def ref_forward(z, y, it, ignore=IGN, zr=None):
 
 
 def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None, lse_lo=None):
-    """fp64 [N, V] gradient of the contract's formula (lse + lse_lo the row's logsumexp)."""
+    """fp64 [N, V] gradient of the contract's formula (lse + lse_lo the row's logsumexp):
+    prefopt_fast.reference.row_backward at x = fl32(z * inv_temp), times inv_temp."""
     z, y, it = z.cpu(), y.cpu(), it.cpu()
-    V = z.shape[-1]
-    x = _x64(z, it)
-    lse = lse.cpu().double() + (0.0 if lse_lo is None else lse_lo.cpu().double())
-    lp = x - lse[:, None]
-    p = lp.exp()
-    oh = torch.zeros_like(x)
-    ok = (y >= 0) & (y < V)
-    oh[ok.nonzero().squeeze(1), y[ok]] = 1.0
-    g = c.cpu().double()[:, None] * (oh - p)
-    if e is not None:
-        g = g - torch.where(p == 0, 0.0, e.cpu().double()[:, None] * p * (lp + H.cpu().double()[:, None]))
-    if k is not None:
-        lq = _x64(zr.cpu(), it) - rlse.cpu().double()[:, None]
-        g = g + torch.where(p == 0, 0.0, k.cpu().double()[:, None] * p * (lp - lq - kl.cpu().double()[:, None]))
-    g = g * it.double()[:, None]
-    g[y == ignore] = 0
-    return g
+    d = lambda t: None if t is None else t.cpu().double()  # noqa: E731
+    g = R.row_backward(
+        _x64(z, it),
+        y,
+        d(lse) + (0.0 if lse_lo is None else d(lse_lo)),
+        d(c),
+        entropy=d(H) if e is not None else None,
+        grad_entropy=d(e),
+        ref_x=None if k is None else _x64(zr.cpu(), it),
+        ref_lse=d(rlse) if k is not None else None,
+        kl=d(kl) if k is not None else None,
+        grad_kl=d(k),
+        ignore_index=ignore,
+    )
+    return g * it.double()[:, None]
 
 
 def stat_rows(stats, kl=False):
