@@ -17,7 +17,9 @@ token statistics     :func:`token_stats` (log-prob of the label, lse, entropy,
                      log sum p^2, mean logit, is-argmax, exact KL(p || q)),
                      :func:`token_logprobs` (the public op's fields) and
                      :func:`row_backward` (their gradient at given row statistics)
-fused-linear logits  :func:`linear_logits`, :func:`linear_token_stats`
+fused-linear logits  :func:`linear_logits`, :func:`linear_token_stats`; the fused-linear
+                     losses are the losses of these logits (e.g. ``logits_dpo_loss(
+                     linear_logits(h, W, b), labels, ...)``, ``ppo_loss(linear_logits(...), ...)``)
 sequence sums        :func:`sequence_logprobs` (padded ``[B, T]`` or packed ``cu_seqlens``)
 DPO family           :func:`dpo_loss` (every loss type, loss_weights, f-divergences,
                      pair weights, bco delta, TRL's metrics), :func:`logits_dpo_loss`

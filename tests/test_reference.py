@@ -419,3 +419,32 @@ def test_orpo_matches_trl_orpo_trainer():
     torch.testing.assert_close(loss, -losses.mean().double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(m["log_odds_chosen"], log_odds.double(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(m["log_odds_ratio"], ratio.double(), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ tools take the reference, not tests/
+
+
+def test_no_tool_or_benchmark_imports_tests():
+    """tools/ and benchmarks/ never put tests/ on sys.path nor import a module of tests/ (their
+    oracle is prefopt_fast.reference; the shared rule lives in tools/accuracy_rule.py)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    test_modules = {p.stem for p in (root / "tests").glob("*.py")} | {"reference"}  # tests/cuda_emulation
+    bad = []
+    for path in sorted([*(root / "tools").glob("*.py"), *(root / "benchmarks").glob("*.py")]):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("sys.path.insert", "sys.path.append"):
+                if "tests" in ast.unparse(node):
+                    bad.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Import):
+                bad += [
+                    f"{path.relative_to(root)}:{node.lineno}: import {a.name}"
+                    for a in node.names
+                    if a.name in test_modules
+                ]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in test_modules:
+                bad.append(f"{path.relative_to(root)}:{node.lineno}: from {node.module} import ...")
+    assert not bad, "\n".join(bad)
