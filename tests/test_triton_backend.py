@@ -1,4 +1,4 @@
-"""The Triton backend's row kernels against an inline fp64 torch reference.
+"""The Triton backend's row kernels against the fp64 reference (prefopt_fast.reference).
 
 Runs under TRITON_INTERPRET=1 on CPU tensors (set here before triton is imported, and
 globally by tests/conftest.py), or on a CUDA device when TRITON_INTERPRET=0. Tiles are

@@ -1,5 +1,5 @@
-"""fp64 references of the row-kernel contract (prefopt_fast._rows), used by the CPU and CUDA
-kernel tests, and the awkward inputs the CUDA tests feed every implementation: shapes that
+"""The row-kernel contract's fp64 reference (prefopt_fast.reference laid out as the output rows
+of prefopt_fast._rows), used by the CPU and CUDA kernel tests, and the awkward inputs the CUDA tests feed every implementation: shapes that
 exercise each load path, rows with NaN / inf / -inf / huge values, ties, labels ignored or
 out of range."""
 
