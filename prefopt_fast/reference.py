@@ -110,10 +110,6 @@ def _cast(x, dtype):
     return x if dtype is None else x.to(dtype)
 
 
-def _float_dtype(x: Tensor, dtype):
-    return x.dtype if dtype is None else dtype
-
-
 # ============================================================================ token statistics
 
 
@@ -165,7 +161,8 @@ def token_stats(
         temperature: a float, or a tensor broadcastable to ``labels.shape``; the statistics
             are those of ``x = logits / temperature`` (and ``xr = ref_logits / temperature``).
         ref_logits: optional ``[..., V]`` reference logits: adds ``kl`` and ``ref_lse``.
-            Treated as a constant in the KL's gradient only through the user (pass detached).
+            Autograd follows them if they require grad; the package's ops give them no
+            gradient, so compare with them detached.
 
     Returns a dict of ``[...]`` tensors in the compute dtype (``is_argmax`` bool):
 
@@ -180,9 +177,9 @@ def token_stats(
     - ``ref_lse``   = logsumexp(xr)                                  (with ``ref_logits``)
 
     Rows whose label is ``ignore_index`` give 0 (False) everywhere and no gradient, whatever
-    their logits hold. A label
-    outside ``[0, V)`` that is not ``ignore_index`` gives ``logprobs`` NaN and ``is_argmax``
-    False, the rest as usual (the row contract; the public ops reject such labels).
+    their logits hold. A label outside ``[0, V)`` that is not ``ignore_index`` gives
+    ``logprobs`` NaN and ``is_argmax`` False, the rest as usual (the row contract; the
+    public ops reject such labels).
     Non-finite input follows float64 ``torch.log_softmax``: a NaN or +inf anywhere in a row
     gives NaN statistics (``lse`` NaN); -inf entries are masked vocabulary (p = 0); a row of
     only -inf has ``lse`` = -inf and NaN log-probs.
@@ -206,8 +203,8 @@ def token_stats(
         "log_sum_sq_probs": torch.logsumexp(2.0 * logp_all, dim=-1),
         "mean_logit": x.mean(-1),
     }
-    # torch.argmax returns the first index of the maximum
     out = {k: torch.where(keep, v, zero) for k, v in out.items()}
+    # torch.argmax returns the first index of the maximum
     out["is_argmax"] = keep & in_range & (x.argmax(-1) == y)
     if ref_logits is not None:
         xr = _keep_rows(_scaled(ref_logits, temperature, labels.shape, dtype), keep)
@@ -600,25 +597,32 @@ def logits_dpo_loss(
     labels: Tensor,
     ref_logits: Optional[Tensor] = None,
     *,
+    ref_chosen_logps: Optional[Tensor] = None,
+    ref_rejected_logps: Optional[Tensor] = None,
     ignore_index: int = -100,
     temperature: Union[float, Tensor] = 1.0,
+    cu_seqlens: Optional[Tensor] = None,
     dtype: Optional[torch.dtype] = torch.float64,
     **dpo_kwargs,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO from the logits of the stacked batch ``[chosen; rejected]`` (``logits [2B, T, V]``,
-    ``labels [2B, T]``): per-sequence sums of the token log-probs (the reference's under
-    ``no_grad``), completion lengths = real labels per sequence, then :func:`dpo_loss`
-    (``dpo_kwargs``: its keywords)."""
+    ``labels [2B, T]``, or packed ``[total, V]`` / ``[total]`` with ``cu_seqlens [2B + 1]``):
+    per-sequence sums of the token log-probs, completion lengths = real labels per sequence,
+    then :func:`dpo_loss` (``dpo_kwargs``: its keywords). The reference sums come from
+    ``ref_logits`` (under ``no_grad``), or precomputed ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` ``[B]``, or neither (reference-free)."""
     keep = labels != ignore_index
     lp = token_stats(logits, labels, ignore_index=ignore_index, temperature=temperature, dtype=dtype)["logprobs"]
-    s, n = sequence_sums(lp, keep)
+    s, n = sequence_sums(lp, keep, cu_seqlens)
     B = s.shape[0] // 2
-    rw = rl = None
+    rw, rl = ref_chosen_logps, ref_rejected_logps
     if ref_logits is not None:
         with torch.no_grad():
             lq = token_stats(ref_logits, labels, ignore_index=ignore_index, temperature=temperature, dtype=dtype)
-            rs, _ = sequence_sums(lq["logprobs"], keep)
+            rs, _ = sequence_sums(lq["logprobs"], keep, cu_seqlens)
         rw, rl = rs[:B], rs[B:]
+    elif rw is not None:
+        rw, rl = _cast(rw, s.dtype), _cast(rl, s.dtype)
     dpo_kwargs.setdefault("chosen_lengths", n[:B])
     dpo_kwargs.setdefault("rejected_lengths", n[B:])
     return dpo_loss(s[:B], s[B:], rw, rl, dtype=None, **dpo_kwargs)
