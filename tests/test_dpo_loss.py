@@ -654,6 +654,20 @@ def _compare_with_trl(case, B, with_ref):
     for k, v in metrics.items():
         assert k in trl_metrics, k
         assert float(v) == pytest.approx(trl_metrics[k], rel=1e-5, abs=1e-6), k
+    # the oracle of the other tests follows TRL too
+    sums = (per_token * mask[:, 1:]).sum(1)
+    ref_loss, _ = R.dpo_loss(
+        sums[:B],
+        sums[B:],
+        ref[:B] if with_ref else None,
+        ref[B:] if with_ref else None,
+        chosen_lengths=lengths[:B],
+        rejected_lengths=lengths[B:],
+        **kw,
+    )
+    (ref_grad,) = torch.autograd.grad(ref_loss, per_token)
+    torch.testing.assert_close(ref_loss.float(), trl_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref_grad.float(), trl_grad, rtol=1e-5, atol=1e-6)
 
 
 # not "sft": TRL 1.16 multiplies its expanded (stride-0) sft loss in place and raises for B > 1

@@ -632,6 +632,32 @@ def test_matches_trl_grpo_trainer(backend, device, name):
     assert names <= set(t_metrics) and names <= set(m)
     for k in names:
         torch.testing.assert_close(float(m[k]), float(t_metrics[k]), rtol=2e-5, atol=1e-6, msg=k)
+    if backend == "torch":  # the oracle of the other tests follows TRL too (once: it runs on the CPU)
+        z64 = data["logits"].detach().double().requires_grad_(True)
+        r_loss, _ = restated(
+            z64,
+            labels,
+            old,
+            adv,
+            ref_logps=ref,
+            loss_mask=tool_mask,
+            is_weights=is_ratio,
+            loss_agg_mode=case["loss_type"],
+            kl_coef=case.get("beta", 0.0),
+            kl_estimator="k3",
+            kl_ratio_correction=case.get("use_bias_correction_kl", False),
+            clip_eps_low=case.get("epsilon", 0.2),
+            clip_eps_high=case.get("epsilon_high"),
+            dual_clip=case.get("delta"),
+            entropy_coef=case.get("entropy_coef", 0.0),
+            importance_sampling_level=case.get("importance_sampling_level", "token"),
+            max_length=case.get("max_completion_length"),
+            global_num_tokens=nib if case["loss_type"] == "dapo" else None,
+            temperature=case.get("temperature", 1.0),
+        )
+        r_loss.backward()
+        torch.testing.assert_close(r_loss.detach().float(), t_loss, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(z64.grad.float(), t_grad, rtol=2e-4, atol=1e-7)
 
 
 def test_trl_delta_is_the_dual_clip_and_clip_metrics_agree():
