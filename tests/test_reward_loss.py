@@ -150,3 +150,12 @@ def test_matches_trl(with_margin, c):
         torch.testing.assert_close(grad, trl_grad, rtol=1e-6, atol=1e-7)
         for k, v in metrics.items():
             assert float(v) == pytest.approx(trl_metrics[k], rel=1e-6, abs=1e-6), k
+        # the oracle of the other tests follows TRL too
+        ref_loss, ref_metrics = R.bradley_terry_loss(
+            rewards[:B], rewards[B:], margin=margin, center_rewards_coefficient=c
+        )
+        (ref_grad,) = torch.autograd.grad(ref_loss, rewards)
+        torch.testing.assert_close(ref_loss.float(), trl_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ref_grad, trl_grad, rtol=1e-6, atol=1e-7)
+        for k, v in ref_metrics.items():
+            assert float(v) == pytest.approx(trl_metrics[k], rel=1e-6, abs=1e-6), k
