@@ -11,11 +11,11 @@ import datetime as _dt
 import fnmatch
 import gc
 import json
-import os
 import sys
 import time
 from typing import Iterable, Sequence
 
+from benchmarks import strict
 from benchmarks.bound import (
     CALIBRATION_NOTE,
     add_speedups,
@@ -563,8 +563,9 @@ def main(argv: Sequence[str] | None = None, op: OpSpec | None = None, ops: dict 
 
 
 def strict_mode() -> bool:
-    """PREFOPT_STRICT=1 (scripts/bench.sh) or CI: an installed-but-broken or missing peer fails the run."""
-    return os.environ.get("PREFOPT_STRICT", "0") not in ("", "0") or os.environ.get("CI", "") not in ("", "0", "false")
+    """PREFOPT_STRICT=1 (scripts/bench.sh) or CI: an installed-but-broken or missing peer fails the run
+    (benchmarks/strict.py, the rule the tests use too)."""
+    return strict.strict_mode()
 
 
 def broken_providers(doc: dict) -> list:
@@ -572,8 +573,7 @@ def broken_providers(doc: dict) -> list:
     failing to import, a prefopt_fast backend that should be built here), minus those named
     in PREFOPT_ALLOW_MISSING (by distribution name, e.g. ``trl,liger-kernel``). A provider
     that cannot serve this device (CUDA-only kernels on a CPU) is not broken."""
-    allowed = {a.strip().replace("_", "-") for a in os.environ.get("PREFOPT_ALLOW_MISSING", "").split(",") if a.strip()}
-    if "all" in allowed:
+    if "all" in strict.allowed_missing():
         return []
     out = []
     for p in doc.get("providers", []):
@@ -592,6 +592,6 @@ def broken_providers(doc: dict) -> list:
     return [
         b
         for b in out
-        if not any(m.replace("_", "-") in allowed for m in modules.get(b.split(":")[0], []))
-        and not ("cpu-extension" in allowed and b.startswith("prefopt_fast.cpu"))
+        if not any(strict.may_be_missing(m) for m in modules.get(b.split(":")[0], []))
+        and not (strict.may_be_missing("cpu-extension") and b.startswith("prefopt_fast.cpu"))
     ]

@@ -7,6 +7,13 @@ import os
 # A GPU run sets TRITON_INTERPRET=0 explicitly.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# tools/accuracy_rule.py (the accuracy rule over prefopt_fast.reference) is shared with
+# tools/accuracy_table.py, which must not import tests/: the tests import it from tools/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
 import expected  # noqa: E402  (tests/expected.py: what must be here, and how its absence fails)
 import pytest  # noqa: E402
 import torch  # noqa: E402

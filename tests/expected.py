@@ -15,12 +15,17 @@ reason. Hardware is not a component: GPU-only tests skip on machines without a G
 import importlib
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import strict as _strict  # noqa: E402  (the strict-mode rule, shared with the benchmarks)
 
 
 def _import_problem(module: str) -> Optional[str]:
@@ -106,12 +111,12 @@ MODULES = {
 
 
 def strict() -> bool:
-    """True where every component is expected (scripts/test.sh, CI)."""
-    return os.environ.get("PREFOPT_STRICT", "0") not in ("", "0") or os.environ.get("CI", "") not in ("", "0", "false")
+    """True where every component is expected (scripts/test.sh, CI): benchmarks/strict.py."""
+    return _strict.strict_mode()
 
 
 def allowed_missing() -> set:
-    return {s.strip() for s in os.environ.get("PREFOPT_ALLOW_MISSING", "").split(",") if s.strip()}
+    return _strict.allowed_missing()
 
 
 _cache: dict = {}
@@ -128,8 +133,7 @@ def problem(component: str) -> Optional[str]:
 
 def missing(component: str, reason: str):
     """Fail (strict) or skip (otherwise) the current test: ``component`` is absent."""
-    allowed = allowed_missing()
-    if strict() and component not in allowed and "all" not in allowed:
+    if _strict.must_exist(component):
         pytest.fail(
             f"{component} is expected in this environment but {reason}. Install it (bash "
             f"scripts/test.sh does), or set PREFOPT_ALLOW_MISSING={component} to skip deliberately.",

@@ -1,8 +1,8 @@
-"""dpo_loss / DPOLoss: every loss type against an fp64 restatement of its formula and against TRL.
+"""dpo_loss / DPOLoss: every loss type against prefopt_fast.reference (fp64) and against TRL.
 
-The restatement below is written from the formulas (papers + TRL 1.16's DPOTrainer), in the
-naive form (sigmoid then log, explicit probabilities) on fp64 copies, so it shares no code
-path with prefopt_fast.losses.dpo. Values are kept moderate so the naive forms are exact.
+prefopt_fast.reference is written from the formulas (papers + TRL 1.16's DPOTrainer) and
+shares no code with prefopt_fast.losses.dpo; tests/test_reference.py checks it against
+hand-computed values.
 
 TRL parity: TRL 1.16 computes the DPO losses only inside ``DPOTrainer._compute_loss(model,
 inputs)``, from a model forward. We drive that method on a trainer made with
@@ -20,100 +20,13 @@ import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 
+from prefopt_fast import reference as R
 from prefopt_fast.losses import DPO_LOSS_TYPES, F_DIVERGENCES, DPOLoss, dpo_loss
 from prefopt_fast.losses.dpo import F_DIVERGENCE_LOSS_TYPES
 
 BETA = 0.3
 # label_smoothing per type where it matters (0 elsewhere)
 LS = {"robust": 0.2, "exo_pair": 1e-3, "aot": 0.1, "aot_unpaired": 0.1}
-
-
-# ----------------------------------------------------------------------------------------------
-# independent fp64 restatement
-
-
-def _s(x):
-    return 1.0 / (1.0 + torch.exp(-x))
-
-
-def _fprime(r, f, a):
-    t = torch.exp(r)  # pi / pi_ref
-    if f == "reverse_kl":
-        return torch.log(t)
-    if f == "forward_kl":
-        return 1.0 - 1.0 / t
-    if f == "js_divergence":
-        return torch.log(2.0 * t / (1.0 + t))
-    if abs(a - 1.0) < 1e-6:
-        return torch.log(t)
-    return (t ** (a - 1.0) - 1.0) / (a - 1.0)
-
-
-def restated_per_pair(lt, cw, cl, rw, rl, Lw, Ll, *, beta, ls, tau=0.05, f="reverse_kl", a=0.5, delta=0.0):
-    """Per-pair loss [B] of loss type ``lt`` (fp64 in, fp64 out)."""
-    aw, al = cw - rw, cl - rl  # log-ratios
-    sw, sl = _fprime(aw, f, a), _fprime(al, f, a)
-    h = beta * (sw - sl)
-    Lw_ = None if Lw is None else torch.maximum(Lw.double(), torch.ones_like(Lw, dtype=torch.float64))
-    Ll_ = None if Ll is None else torch.maximum(Ll.double(), torch.ones_like(Ll, dtype=torch.float64))
-    if lt == "sigmoid":
-        return -torch.log(_s(h))
-    if lt == "hinge":
-        return torch.clamp(1.0 - h, min=0.0)
-    if lt == "ipo":
-        return (sw / Lw_ - sl / Ll_ - 1.0 / (2.0 * beta)) ** 2
-    if lt == "exo_pair":
-        q = _s(h)
-        return q * torch.log(q / (1.0 - ls)) + (1.0 - q) * torch.log((1.0 - q) / ls)
-    if lt == "nca_pair":
-        return -torch.log(_s(beta * aw)) - 0.5 * torch.log(1.0 - _s(beta * aw)) - 0.5 * torch.log(1.0 - _s(beta * al))
-    if lt == "robust":
-        return ((1.0 - ls) * -torch.log(_s(h)) - ls * -torch.log(1.0 - _s(h))) / (1.0 - 2.0 * ls)
-    if lt == "bco_pair":
-        return -torch.log(_s(beta * aw - delta)) - torch.log(1.0 - _s(beta * al - delta))
-    if lt == "sppo_hard":
-        return (aw - 1.0 / (2.0 * beta)) ** 2 + (al + 1.0 / (2.0 * beta)) ** 2
-    if lt in ("aot", "aot_unpaired"):
-        if lt == "aot":
-            d = torch.sort(cw - cl).values - torch.sort(rw - rl).values
-        else:
-            d = torch.sort(aw).values - torch.sort(al).values
-        p = _s(beta * d)
-        return -(1.0 - ls) * torch.log(p) - ls * torch.log(1.0 - p)
-    if lt == "apo_zero":
-        return (1.0 - _s(beta * aw)) + _s(beta * al)
-    if lt == "apo_down":
-        return _s(beta * aw) + (1.0 - _s(beta * (aw - al)))
-    if lt == "discopop":
-        m = _s(h / tau)
-        return (1.0 - m) * -torch.log(_s(h)) + m * torch.exp(-h)
-    if lt == "sft":
-        return (-cw.sum() / Lw.double().sum()) * torch.ones_like(cw)
-    if lt == "sigmoid_norm":
-        return -torch.log(_s(beta * (sw / Lw_ - sl / Ll_)))
-    raise AssertionError(lt)
-
-
-def restated_loss(types_, weights, cw, cl, rw, rl, Lw, Ll, pair_weights=None, **kw):
-    total = 0.0
-    for lt, w in zip(types_, weights):
-        per = restated_per_pair(lt, cw, cl, rw, rl, Lw, Ll, **kw)
-        if pair_weights is not None:
-            per = per * pair_weights
-        total = total + w * per.mean()
-    return total
-
-
-def restated_metrics(cw, cl, rw, rl, beta):
-    gw, gl = beta * (cw - rw), beta * (cl - rl)
-    return {
-        "rewards/chosen": gw.mean(),
-        "rewards/rejected": gl.mean(),
-        "rewards/accuracies": (gw > gl).double().mean(),
-        "rewards/margins": (gw - gl).mean(),
-        "logps/chosen": cw.mean(),
-        "logps/rejected": cl.mean(),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,8 +54,8 @@ def _tol(dtype):
     return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
 
 
-def _check_against_restated(types_, weights, batch, *, with_ref=True, pair_weights=None, delta=None, **kw):
-    """Forward, gradients and metrics of dpo_loss vs the fp64 restatement."""
+def _check_against_reference(types_, weights, batch, *, with_ref=True, pair_weights=None, delta=None, **kw):
+    """Forward, gradients and metrics of dpo_loss vs prefopt_fast.reference in fp64."""
     cw, cl, rw, rl, Lw, Ll = batch
     dtype = cw.dtype
     cw, cl, rw, rl = _leaves(cw, cl, rw, rl)
@@ -167,24 +80,22 @@ def _check_against_restated(types_, weights, batch, *, with_ref=True, pair_weigh
     grads = torch.autograd.grad(loss, [cw, cl, rw, rl] if with_ref else [cw, cl], allow_unused=True)
 
     c64 = [x.detach().double().requires_grad_(True) for x in (cw, cl, rw, rl)]
-    r_w, r_l = (c64[2], c64[3]) if with_ref else (torch.zeros_like(c64[0]), torch.zeros_like(c64[1]))
-    pw = None if pair_weights is None else pair_weights.double()
-    ref = restated_loss(
-        types_,
-        weights,
+    ref, rm = R.dpo_loss(
         c64[0],
         c64[1],
-        r_w,
-        r_l,
-        Lw,
-        Ll,
-        pair_weights=pw,
+        c64[2] if with_ref else None,
+        c64[3] if with_ref else None,
         beta=kw.get("beta", BETA),
-        ls=kw.get("ls", 0.0),
-        tau=kw.get("tau", 0.05),
-        f=kw.get("f", "reverse_kl"),
-        a=kw.get("a", 0.5),
-        delta=0.0 if delta is None else delta,
+        loss_type=list(types_),
+        loss_weights=list(weights),
+        label_smoothing=kw.get("ls", 0.0),
+        chosen_lengths=Lw,
+        rejected_lengths=Ll,
+        f_divergence=kw.get("f", "reverse_kl"),
+        f_alpha=kw.get("a", 0.5),
+        discopop_tau=kw.get("tau", 0.05),
+        bco_delta=delta,
+        pair_weights=None if pair_weights is None else pair_weights.double(),
     )
     ref_grads = torch.autograd.grad(ref, c64 if with_ref else c64[:2], allow_unused=True)
 
@@ -195,7 +106,6 @@ def _check_against_restated(types_, weights, batch, *, with_ref=True, pair_weigh
         rg = torch.zeros_like(g, dtype=torch.float64) if rg is None else rg
         assert g.dtype == dtype
         torch.testing.assert_close(g.double(), rg, **tol)
-    rm = restated_metrics(c64[0].detach(), c64[1].detach(), r_w.detach(), r_l.detach(), kw.get("beta", BETA))
     assert set(metrics) == set(rm)
     for k, v in metrics.items():
         assert v.dim() == 0 and not v.requires_grad, k
@@ -203,7 +113,7 @@ def _check_against_restated(types_, weights, batch, *, with_ref=True, pair_weigh
 
 
 # ----------------------------------------------------------------------------------------------
-# against the restatement
+# against the reference
 
 
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
@@ -211,18 +121,18 @@ def test_each_loss_type_matches_formula(loss_type):
     for dtype in (torch.float32, torch.bfloat16):
         for B in (1, 5):
             batch = make_batch(B, dtype, seed=B)
-            _check_against_restated([loss_type], [1.0], batch, ls=LS.get(loss_type, 0.0))
+            _check_against_reference([loss_type], [1.0], batch, ls=LS.get(loss_type, 0.0))
 
 
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_reference_free_is_zero_reference(loss_type):
     batch = make_batch(4, seed=7)
-    _check_against_restated([loss_type], [1.0], batch, with_ref=False, ls=LS.get(loss_type, 0.0))
+    _check_against_reference([loss_type], [1.0], batch, with_ref=False, ls=LS.get(loss_type, 0.0))
 
 
 def test_fp64_inputs_stay_fp64():
     batch = make_batch(3, torch.float64, seed=3)
-    _check_against_restated(["sigmoid", "ipo"], [1.0, 0.5], batch)
+    _check_against_reference(["sigmoid", "ipo"], [1.0, 0.5], batch)
 
 
 @pytest.mark.parametrize("f", ["forward_kl", "js_divergence", "alpha_divergence"])
@@ -230,13 +140,13 @@ def test_f_divergences_match_formula(f):
     # small log-ratios: forward_kl's 1 - exp(-r) and alpha's t^(a-1) stay moderate
     batch = make_batch(5, seed=11, scale=0.7)
     for loss_type in sorted(F_DIVERGENCE_LOSS_TYPES):
-        _check_against_restated([loss_type], [1.0], batch, f=f, a=0.3, ls=LS.get(loss_type, 0.0))
+        _check_against_reference([loss_type], [1.0], batch, f=f, a=0.3, ls=LS.get(loss_type, 0.0))
 
 
 @pytest.mark.parametrize("a", [0.5, 1.0, 1.7])
 def test_alpha_divergence_coefficients(a):
     batch = make_batch(5, seed=12, scale=0.5)
-    _check_against_restated(["sigmoid"], [1.0], batch, f="alpha_divergence", a=a)
+    _check_against_reference(["sigmoid"], [1.0], batch, f="alpha_divergence", a=a)
 
 
 def test_alpha_one_is_reverse_kl():
@@ -249,7 +159,7 @@ def test_alpha_one_is_reverse_kl():
 def test_several_types_with_weights():
     batch = make_batch(5, seed=4)
     types_ = ["sigmoid", "bco_pair", "sft", "ipo", "robust"]
-    _check_against_restated(types_, [0.8, 0.2, 1.0, 0.3, 0.5], batch, ls=0.1)
+    _check_against_reference(types_, [0.8, 0.2, 1.0, 0.3, 0.5], batch, ls=0.1)
     # default weights are all 1
     cw, cl, rw, rl, Lw, Ll = batch
     a, _ = dpo_loss(cw, cl, rw, rl, loss_type=["sigmoid", "hinge"])
@@ -261,23 +171,23 @@ def test_several_types_with_weights():
 def test_pair_weights(loss_type):
     batch = make_batch(5, seed=5)
     w = torch.rand(5, generator=torch.Generator().manual_seed(1)) + 0.1
-    _check_against_restated([loss_type], [1.0], batch, pair_weights=w)
+    _check_against_reference([loss_type], [1.0], batch, pair_weights=w)
 
 
 @pytest.mark.parametrize("ls", [0.0, 0.25, 0.49])
 def test_robust_label_smoothing(ls):
-    _check_against_restated(["robust"], [1.0], make_batch(5, seed=6), ls=ls)
+    _check_against_reference(["robust"], [1.0], make_batch(5, seed=6), ls=ls)
 
 
 @pytest.mark.parametrize("ls", [1e-3, 0.3, 0.9])
 def test_exo_label_smoothing(ls):
-    _check_against_restated(["exo_pair"], [1.0], make_batch(5, seed=6), ls=ls)
+    _check_against_reference(["exo_pair"], [1.0], make_batch(5, seed=6), ls=ls)
 
 
 @pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
 @pytest.mark.parametrize("ls", [0.0, 0.5, 1.0])
 def test_aot_label_smoothing(loss_type, ls):
-    _check_against_restated([loss_type], [1.0], make_batch(5, seed=6), ls=ls)
+    _check_against_reference([loss_type], [1.0], make_batch(5, seed=6), ls=ls)
 
 
 def test_sigmoid_ignores_label_smoothing_with_a_warning():
@@ -295,7 +205,7 @@ def test_robust_with_zero_smoothing_is_sigmoid():
 
 @pytest.mark.parametrize("tau", [0.05, 0.5, 3.0])
 def test_discopop_tau(tau):
-    _check_against_restated(["discopop"], [1.0], make_batch(5, seed=10), tau=tau)
+    _check_against_reference(["discopop"], [1.0], make_batch(5, seed=10), tau=tau)
 
 
 def test_discopop_finite_where_the_naive_product_overflows():
@@ -311,7 +221,7 @@ def test_discopop_finite_where_the_naive_product_overflows():
 
 @pytest.mark.parametrize("delta", [0.0, 0.37, -1.2])
 def test_bco_delta(delta):
-    _check_against_restated(["bco_pair"], [1.0], make_batch(5, seed=13), delta=delta)
+    _check_against_reference(["bco_pair"], [1.0], make_batch(5, seed=13), delta=delta)
     # a 0-d tensor works the same
     cw, cl, rw, rl, _, _ = make_batch(5, seed=13)
     a = dpo_loss(cw, cl, rw, rl, loss_type="bco_pair", bco_delta=torch.tensor(delta))[0]
@@ -744,6 +654,20 @@ def _compare_with_trl(case, B, with_ref):
     for k, v in metrics.items():
         assert k in trl_metrics, k
         assert float(v) == pytest.approx(trl_metrics[k], rel=1e-5, abs=1e-6), k
+    # the oracle of the other tests follows TRL too
+    sums = (per_token * mask[:, 1:]).sum(1)
+    ref_loss, _ = R.dpo_loss(
+        sums[:B],
+        sums[B:],
+        ref[:B] if with_ref else None,
+        ref[B:] if with_ref else None,
+        chosen_lengths=lengths[:B],
+        rejected_lengths=lengths[B:],
+        **kw,
+    )
+    (ref_grad,) = torch.autograd.grad(ref_loss, per_token)
+    torch.testing.assert_close(ref_loss.float(), trl_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref_grad.float(), trl_grad, rtol=1e-5, atol=1e-6)
 
 
 # not "sft": TRL 1.16 multiplies its expanded (stride-0) sft loss in place and raises for B > 1

@@ -12,6 +12,7 @@ from torch import nn
 
 transformers = expected.require_module("transformers")
 
+from prefopt_fast import reference as R  # noqa: E402
 from prefopt_fast.integrations import hf  # noqa: E402
 
 V = 80
@@ -44,10 +45,10 @@ def batch(B=3, T=8, seed=1):
 
 
 def naive_sequence_logprobs(model, ids, am, completion, temperature=1.0):
-    logits = model(input_ids=ids, attention_mask=am).logits.float() / temperature
+    """prefopt_fast.reference's per-sequence sums, computed in fp32 on the model's logits."""
+    logits = model(input_ids=ids, attention_mask=am).logits
     labels = hf.shift_labels(ids, completion)
-    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (lp * (labels != -100)).sum(-1)
+    return R.sequence_logprobs(logits, labels, temperature=temperature, dtype=torch.float32)
 
 
 def grads(model):
@@ -289,7 +290,7 @@ def test_dtensor_head_is_gathered_and_gradients_reach_the_shard():
         assert isinstance(wd.grad, DTensor)
         wd_grad, bd_grad = wd.grad.full_tensor(), bd.grad.full_tensor()
     wp, bp = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
-    ref = torch.log_softmax(h @ wp.T + bp, -1).gather(-1, y[..., None])[..., 0]
+    ref = R.linear_token_stats(h, wp, y, bias=bp, dtype=None)["logprobs"]
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(wd_grad, wp.grad, rtol=1e-4, atol=1e-6)

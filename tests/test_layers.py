@@ -37,7 +37,7 @@ LAYERS = {
     f"{PKG}.backends": 0,
     f"{PKG}.kernels": 0,
     f"{PKG}.distributed": 1,
-    f"{PKG}.naive": 2,
+    f"{PKG}.reference": 2,  # the fp64 oracle: imports torch only (test_reference_is_independent)
     f"{PKG}.ops": 2,
     f"{PKG}.losses": 3,
     f"{PKG}.linear": 4,
@@ -207,6 +207,17 @@ def test_imports_point_down():
         if layer(b) > layer(a)
     ]
     assert not bad, "imports pointing up the layers (docs/design.md):\n" + "\n".join(bad)
+
+
+def test_reference_is_independent():
+    """prefopt_fast.reference is the oracle of the tests: it imports no module of the package
+    (so it cannot share a bug with the ops or the loss heads) and nothing but torch."""
+    edges, _ = analyse()
+    assert not edges[f"{PKG}.reference"], f"{PKG}.reference imports {sorted(edges[f'{PKG}.reference'])}"
+    tree = ast.parse(MODULES[f"{PKG}.reference"].read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert roots <= {"math", "typing", "torch"}, roots
 
 
 def test_no_private_name_used_across_modules():

@@ -1,7 +1,7 @@
 """Fused-linear log-probs and losses against the naive path, on every backend available here.
 
-The reference materializes the logits in fp64 from the SAME (possibly bf16) inputs upcast
-exactly, then log_softmax + gather + autograd. fp32 inputs: the fused path differs only by
+The reference (prefopt_fast.reference) materializes the logits in fp64 from the SAME
+(possibly bf16) inputs upcast exactly, then log_softmax + gather + autograd. fp32 inputs: the fused path differs only by
 fp32 rounding of the GEMM and the row kernels. bf16 inputs: the chunk logits are rounded
 to bf16 after the GEMM (what the lm_head of a bf16 model produces), i.e. an absolute error
 of about |z| * 2^-8 per logit, and the gradients come back in bf16; the tolerances below
@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import prefopt_fast.ops.linear_logprobs as LL
+import prefopt_fast.reference as R
 from prefopt_fast import logits_dpo_loss, ppo_loss
 from prefopt_fast.linear import (
     LinearDPOLoss,
@@ -49,32 +50,13 @@ def narrow_vocab_blocks(request, monkeypatch):
 
 def ref_logits(h, w, *, bias=None, lora=None, logit_scale=1.0, softcap=None):
     """The transformed logits (before temperature), fp64, differentiable w.r.t. every input."""
-    z = h.double() @ w.double().t()
-    if bias is not None:
-        z = z + bias.double()
-    if lora is not None:
-        a, b, s = lora
-        z = z + s * (h.double() @ a.double().t()) @ b.double().t()
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z
+    return R.linear_logits(h, w, bias, lora=lora, logit_scale=logit_scale, softcap=softcap)
 
 
 def ref_stats(z, y, temperature=1.0, ignore_index=IGN):
     """logp, entropy, log_sum_sq_probs, mean_logit, is_argmax of fp64 logits z [..., V]."""
-    t = temperature.double().unsqueeze(-1) if torch.is_tensor(temperature) else temperature
-    x = z / t
-    lp = torch.log_softmax(x, -1)
-    keep = y != ignore_index
-    ys = torch.where(keep, y, 0).unsqueeze(-1)
-    p = lp.exp()
-    logp = lp.gather(-1, ys).squeeze(-1) * keep
-    ent = -(p * lp).sum(-1) * keep
-    lssp = torch.log((p * p).sum(-1)) * keep
-    mean = x.mean(-1) * keep
-    argmax = (x.argmax(-1) == y) & keep
-    return logp, ent, lssp, mean, argmax
+    st = R.token_stats(z, y, ignore_index=ignore_index, temperature=temperature)
+    return tuple(st[k] for k in ("logprobs", "entropy", "log_sum_sq_probs", "mean_logit", "is_argmax"))
 
 
 def make(B=2, T=7, H=16, V=50, dtype=torch.float32, *, bias=False, lora_r=0, ignore=True, seed=0, wscale=0.5):
@@ -733,7 +715,7 @@ def test_bad_inputs_raise_clear_errors():
         (dict(softcap=-1.0), ValueError, "softcap"),
         (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
         (dict(logit_scale=-1.0), ValueError, "logit_scale must be a finite float > 0"),
-        (dict(stats=("kl",)), ValueError, "not available in the fused-linear path"),
+        (dict(stats=("kl",)), ValueError, "needs the reference head"),
         (dict(stats=("nope",)), ValueError, "stats entries"),
         (dict(temperature=0.0), ValueError, "temperature"),
     ]
@@ -768,19 +750,13 @@ def test_masked_vocabulary_with_neg_inf_bias(backend):
     leaves = _leaves(dict(h=d["h"], w=d["w"]), ("h", "w"))
     out = linear_token_logprobs(leaves["h"], leaves["w"], y, bias=b, stats=stats, chunk_size=2, backend=backend)
     ref = _leaves(dict(h=d["h"], w=d["w"]), ("h", "w"))
-    z = ref_logits(ref["h"], ref["w"], bias=b)
-    lp = torch.log_softmax(z, -1)
+    want_lp, want_ent, want_lssp, _, want_argmax = ref_stats(ref_logits(ref["h"], ref["w"], bias=b), y)
     keep = y != IGN
-    p = lp.exp()
-    want_lp = lp.gather(-1, torch.where(keep, y, 0).unsqueeze(-1)).squeeze(-1) * keep
-    want_ent = -torch.where(p > 0, p * lp, 0.0).sum(-1) * keep
     torch.testing.assert_close(out.logprobs.double(), want_lp, atol=3e-5, rtol=0)
     torch.testing.assert_close(out.entropy.double(), want_ent.detach(), atol=3e-5, rtol=0)
-    torch.testing.assert_close(
-        out.log_sum_sq_probs.double(), (torch.log((p * p).sum(-1)) * keep).detach(), atol=3e-5, rtol=0
-    )
+    torch.testing.assert_close(out.log_sum_sq_probs.double(), want_lssp.detach(), atol=3e-5, rtol=0)
     assert (out.mean_logit[keep] == -math.inf).all()
-    assert torch.equal(out.is_argmax, (z.argmax(-1) == y) & keep)
+    assert torch.equal(out.is_argmax, want_argmax)
     (out.logprobs * 1.5).sum().backward()
     (want_lp * 1.5).sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves.values())
@@ -802,10 +778,9 @@ def test_fp32_precision_at_large_logits_matches_plain_pytorch(backend, offset):
     c, e = torch.randn(d["y"].shape, generator=g), torch.randn(d["y"].shape, generator=g)
     (out.logprobs * c + out.entropy * e).sum().backward()
 
-    def stats_of(h, w, dt):
-        z = h.to(dt) @ w.to(dt).t() + b.to(dt)
-        lp = torch.log_softmax(z, -1)
-        return lp.gather(-1, d["y"].unsqueeze(-1)).squeeze(-1), -(lp.exp() * lp).sum(-1)
+    def stats_of(h, w, dt):  # the reference computed in dt (fp64: the reference, fp32: plain PyTorch)
+        st = R.linear_token_stats(h, w, d["y"], bias=b, dtype=dt)
+        return st["logprobs"], st["entropy"]
 
     ref, plain = _leaves(d, ("h", "w")), _leaves(d, ("h", "w"))
     r_lp, r_ent = stats_of(ref["h"], ref["w"], torch.float64)

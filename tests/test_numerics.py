@@ -3,18 +3,19 @@
 Sections follow the document: per-row independence and NaN in -> NaN out (1), infinities
 (2), rows whose only finite logit is the label (3), fully masked tokens and sequences (4),
 huge magnitudes (5), signs: log-probs never positive (6). Accuracy against fp64 uses the
-rule of tests/baselines.py.
+rule of tools/accuracy_rule.py.
 """
 
 import math
 
-import baselines as bl
+import accuracy_rule as bl  # tools/accuracy_rule.py
 import pytest
 import torch
 
 import prefopt_fast as pf
+import prefopt_fast.reference as R
 from prefopt_fast import linear as pfl
-from prefopt_fast.naive import STAT_NAMES, naive_token_logprobs
+from prefopt_fast.reference import STAT_NAMES, naive_token_logprobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAN, INF = math.nan, math.inf
@@ -196,7 +197,7 @@ def test_rows_far_below_zero(backend, device):
     z = (torch.randn(3, 300, generator=g) - 100.0).to(device)
     y = torch.tensor([3, 4, 5], device=device)
     got = _tl(z, y, backend).cpu().double()
-    ref = torch.log_softmax(z.cpu().double(), -1)[torch.arange(3), y.cpu()]
+    ref = R.token_stats(z.cpu(), y.cpu())["logprobs"]
     assert torch.isfinite(got).all(), got
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
@@ -360,7 +361,7 @@ def test_huge_magnitudes_forward(backend, device, magnitude, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_huge_magnitudes_gradient(backend, device, dtype):
     """At 1e4 the gradients meet the rule with the floor of backward stability (the
-    floor scaled by max|x|, tests/baselines.py)."""
+    floor scaled by max|x|, tools/accuracy_rule.py)."""
     pb = _huge_problem(1e4, dtype)
     bl.run_rule(pb, backend, device)
 

@@ -1,10 +1,9 @@
-"""ppo_loss / PPOLoss against a plain fp64 restatement, the naive exact KL, and TRL 1.16's GRPOTrainer.
+"""ppo_loss / PPOLoss against prefopt_fast.reference (fp64), its exact KL, and TRL 1.16's GRPOTrainer.
 
-The restatement (``restated``) works token by token in Python loops on fp64 scalars, from
-the formulas written with explicit branches (for A >= 0 the clipped surrogate is
--A min(r, 1 + eps_high), for A < 0 it is -A max(r, 1 - eps_low), capped by the dual clip
-at -c A), from a naive ``log_softmax`` over the whole vocabulary. It shares no code with
-prefopt_fast. Gradients w.r.t. the logits are compared through that fp64 path.
+``restated`` is prefopt_fast.reference.ppo_loss: a full ``log_softmax`` over the vocabulary,
+then the clipped surrogate, KL estimators and aggregations written from the formulas (it
+shares no code with the ops or the heads; tests/test_reference.py checks it by hand).
+Gradients w.r.t. the logits are compared through that fp64 path.
 
 TRL parity: TRL 1.16 computes the GRPO loss only inside ``GRPOTrainer._compute_loss(model,
 inputs)``. We drive that method unchanged on a trainer made with ``object.__new__`` and a
@@ -25,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from prefopt_fast import reference as R
 from prefopt_fast.losses import KL_ESTIMATORS, LOSS_AGG_MODES, TRL_LOSS_TYPES, PPOLoss, ppo_loss
 
 IGN = -100
@@ -37,185 +37,26 @@ def _supports_kl(backend):
 
 
 # ----------------------------------------------------------------------------------------------
-# independent fp64 restatement
+# the fp64 reference (prefopt_fast.reference), with this file's keyword names
 
 
-def naive_rows(logits, labels, temperature=1.0, ignore_index=IGN):
-    """fp64 per-token log-prob of the label, entropy, and all log-probs, from a full log_softmax."""
-    x = logits.double()
-    t = temperature if not torch.is_tensor(temperature) else temperature.double().expand(labels.shape)[..., None]
-    logp_all = torch.log_softmax(x / t, dim=-1)
-    p = logp_all.exp()
-    safe = torch.where(p > 0, logp_all, torch.zeros_like(logp_all))
-    ent = -(p * safe).sum(-1)
-    logp = logp_all.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return logp, ent, logp_all
+def ref_logprobs(logits, labels, temperature=1.0):
+    """fp64 per-token log-prob of the label (0 at ignored positions)."""
+    return R.token_stats(logits, labels, ignore_index=IGN, temperature=temperature)["logprobs"]
 
 
-def naive_full_kl(logits, ref_logits, temperature=1.0):
-    """fp64 KL(p || q) per row; terms with p == 0 count 0, +inf where p > 0 meets q == 0."""
-    lp = torch.log_softmax(logits.double() / temperature, -1)
-    lq = torch.log_softmax(ref_logits.double() / temperature, -1)
-    p = lp.exp()
-    pos = p > 0
-    diff = torch.where(pos, lp - torch.where(pos, lq, torch.zeros_like(lq)), torch.zeros_like(lp))
-    return (p * diff).sum(-1)
+def exact_kl(logits, ref_logits, temperature=1.0):
+    """fp64 KL(p || q) of every row ([..., V] -> [...]); +inf where p > 0 meets q == 0."""
+    rows = torch.zeros(logits.shape[:-1], dtype=torch.long)
+    return R.token_stats(logits, rows, ignore_index=IGN, temperature=temperature, ref_logits=ref_logits)["kl"]
 
 
-def restated(
-    logits,
-    labels,
-    old,
-    adv,
-    *,
-    loss_mask=None,
-    ref_logps=None,
-    ref_logits=None,
-    temperature=1.0,
-    clip_eps_low=0.2,
-    clip_eps_high=None,
-    dual_clip=None,
-    kl_coef=0.0,
-    kl_estimator="k3",
-    kl_ratio_correction=False,
-    entropy_coef=0.0,
-    loss_agg_mode="token-mean",
-    max_length=None,
-    importance_sampling_level="token",
-    is_weights=None,
-    global_num_tokens=None,
-):
-    """(loss, metrics) in fp64, token by token."""
-    B, T = labels.shape
-    logp, ent, _ = naive_rows(logits, labels, temperature)
-    full = ref_logits is not None
-    el = clip_eps_low
-    eh = el if clip_eps_high is None else clip_eps_high
-    trl = loss_agg_mode if loss_agg_mode in ("grpo", "bnpo", "dr_grpo", "dapo") else None
-    agg = {
-        "grpo": "seq-mean-token-mean",
-        "bnpo": "token-mean",
-        "dr_grpo": "seq-mean-token-sum-norm",
-        "dapo": "token-mean",
-    }.get(loss_agg_mode, loss_agg_mode)
-
-    def mval(b, t):
-        v = 1.0 if labels[b, t] != IGN else 0.0
-        if loss_mask is not None:
-            v *= float(loss_mask[b, t])
-        return v
-
-    def old_of(b, t):
-        return logp[b, t].detach() if old is None else old[b, t].double()
-
-    def a_of(b, t):
-        return float(adv[b]) if adv.dim() == 1 else float(adv[b, t])
-
-    def w_of(b, t):
-        if is_weights is None:
-            return 1.0
-        return float(is_weights[b]) if is_weights.dim() == 1 else float(is_weights[b, t])
-
-    seq_lr = []
-    for b in range(B):
-        num = sum(
-            ((logp[b, t] - old_of(b, t)) * mval(b, t) for t in range(T) if mval(b, t) != 0),
-            torch.zeros((), dtype=torch.float64),
-        )
-        seq_lr.append(num / max(sum(mval(b, t) for t in range(T)), 1.0))
-
-    tok_loss, tok_kl, tok_ratio, low, high = {}, {}, {}, {}, {}
-    for b in range(B):
-        for t in range(T):
-            if mval(b, t) == 0:
-                continue
-            lr = seq_lr[b] if importance_sampling_level == "sequence" else logp[b, t] - old_of(b, t)
-            r = torch.exp(lr)
-            a = a_of(b, t)
-            if a >= 0:
-                pg = -a * torch.minimum(r, torch.tensor(1.0 + eh, dtype=torch.float64))
-            else:
-                s = torch.maximum(r, torch.tensor(1.0 - el, dtype=torch.float64))
-                if dual_clip is not None:
-                    s = torch.minimum(s, torch.tensor(float(dual_clip), dtype=torch.float64))
-                pg = -a * s
-            loss = pg * w_of(b, t)
-            if ref_logps is not None or full:
-                if full:  # row by row: an infinite KL in a dropped row must not reach the gradient
-                    k = naive_full_kl(logits[b, t], ref_logits[b, t], temperature)
-                else:
-                    d = ref_logps[b, t].double() - logp[b, t]
-                    if kl_estimator == "k1":
-                        k = -d
-                    elif kl_estimator == "k2":
-                        k = d**2 / 2
-                    elif kl_estimator == "k3":
-                        k = torch.exp(d) - d - 1
-                    elif kl_estimator == "abs":
-                        k = torch.abs(d)
-                    else:  # low_var_kl
-                        dc = torch.clamp(d, -20, 20)
-                        k = torch.clamp(torch.exp(dc) - dc - 1, -10, 10)
-                if kl_ratio_correction:
-                    k = k * r
-                tok_kl[b, t] = k
-                loss = loss + kl_coef * k
-            tok_loss[b, t] = loss
-            tok_ratio[b, t] = r.detach()
-            low[b, t] = float(r < 1 - el and a < 0)
-            high[b, t] = float(r > 1 + eh and a > 0)
-
-    def aggregate(vals, mode, gnt):
-        seq_sums = [
-            sum((vals[b, t] * mval(b, t) for t in range(T) if (b, t) in vals), torch.zeros((), dtype=torch.float64))
-            for b in range(B)
-        ]
-        lens = [sum(mval(b, t) for t in range(T)) for b in range(B)]
-        if mode == "token-mean":
-            n = gnt if gnt is not None else max(sum(lens), 1.0)
-            return sum(seq_sums) / n
-        if mode == "seq-mean-token-mean":
-            return sum(s / max(L, 1.0) for s, L in zip(seq_sums, lens)) / B
-        if mode == "seq-mean-token-sum":
-            return sum(seq_sums) / B
-        return sum(seq_sums) / (B * max_length)
-
-    loss = aggregate(tok_loss, agg, global_num_tokens)
-    policy_loss = loss.detach()
-    if entropy_coef:
-        ents = {(b, t): ent[b, t] for b in range(B) for t in range(T) if mval(b, t) != 0}
-        h = aggregate(ents, "token-mean", None) if trl else aggregate(ents, agg, global_num_tokens)
-        loss = loss - entropy_coef * h
-
-    ntok = max(sum(mval(b, t) for b in range(B) for t in range(T)), 1.0)
-
-    def tmean(vals):
-        return sum(float(v) * mval(b, t) for (b, t), v in vals.items()) / ntok
-
-    # TRL: a per-sequence quantity is averaged over all B sequences, a per-token one over the tokens
-    r_b = [float(torch.exp(seq_lr[b].detach())) for b in range(B)]
-
-    def smean(flag_fn):
-        return sum(flag_fn(b) for b in range(B)) / B
-
-    if importance_sampling_level == "sequence" and adv.dim() == 1:
-        metrics = {
-            "clip_ratio/low_mean": smean(lambda b: float(r_b[b] < 1 - el and float(adv[b]) < 0)),
-            "clip_ratio/high_mean": smean(lambda b: float(r_b[b] > 1 + eh and float(adv[b]) > 0)),
-        }
-        metrics["clip_ratio/region_mean"] = metrics["clip_ratio/low_mean"] + metrics["clip_ratio/high_mean"]
-    else:
-        metrics = {
-            "clip_ratio/low_mean": tmean(low),
-            "clip_ratio/high_mean": tmean(high),
-            "clip_ratio/region_mean": tmean({k: low[k] + high[k] for k in low}),
-        }
-    metrics["ratio"] = smean(lambda b: r_b[b]) if importance_sampling_level == "sequence" else tmean(tok_ratio)
-    metrics["entropy"] = tmean({(b, t): ent[b, t] for b in range(B) for t in range(T) if mval(b, t) != 0})
-    metrics["policy_loss"] = float(policy_loss)
-    if tok_kl:
-        metrics["kl"] = tmean(tok_kl)
-    return loss, metrics
+def restated(logits, labels, old, adv, *, ref_logps=None, **kw):
+    """(loss, metrics) of prefopt_fast.reference.ppo_loss in fp64 (``ref_logps``: its ``ref_logprobs``;
+    ``ref_logits`` means the exact KL)."""
+    if kw.get("ref_logits") is not None:
+        kw.setdefault("kl_estimator", "full")
+    return R.ppo_loss(logits, labels, old, adv, ignore_index=IGN, ref_logprobs=ref_logps, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +72,7 @@ def make_batch(B=3, T=6, V=40, device="cpu", dtype=torch.float32, seed=0, spread
     labels[0, 4:] = IGN
     if B > 2:
         labels[2, :] = IGN  # a sequence with no completion token
-    logp, _, _ = naive_rows(logits, labels)
+    logp = ref_logprobs(logits, labels)
     noise = torch.randn(B, T, generator=g, dtype=torch.float64) * spread
     # r = exp(noise): e^1.6 (beyond a dual clip of 3), e^-1.5 (clipped low for A < 0), e^1.4 (high for A > 0)
     noise[1, :3] = torch.tensor([1.6, -1.5, 0.05], dtype=torch.float64)
@@ -479,7 +320,7 @@ def test_full_kl_matches_naive(backend, device):
     B, T, V = z.shape
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[1, 0] = False  # the infinite-KL row is masked out: finite loss, zero gradient there
-    old = (naive_rows(z, labels)[0] - 0.3).float()
+    old = (ref_logprobs(z, labels) - 0.3).float()
     adv = torch.tensor([0.5, -1.0, 1.5])
     for temperature in (1.0, 0.8):
         kw = dict(
@@ -506,7 +347,7 @@ def test_full_kl_matches_naive(backend, device):
             m["kl"].cpu().double(), torch.tensor(ref_m["kl"], dtype=torch.float64), rtol=1e-5, atol=1e-6
         )
     # the same row kept: the exact KL is +inf, as the naive one
-    kl_naive = naive_full_kl(z, r)
+    kl_naive = exact_kl(z, r)
     assert math.isinf(float(kl_naive[1, 0])) and torch.isfinite(kl_naive[0]).all()
     loss, m = ppo_loss(
         z.to(device),
@@ -543,7 +384,7 @@ def test_full_kl_equals_sampled_kl_in_expectation_shape(backend, device):
     b.backward()
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(g, z.grad)
-    kl = naive_full_kl(data["logits"].cpu(), data["ref_logits"].cpu())
+    kl = exact_kl(data["logits"].cpu(), data["ref_logits"].cpu())
     keep = (data["labels"] != IGN).cpu()
     torch.testing.assert_close(ma["kl"].cpu().double(), kl[keep].mean(), rtol=1e-5, atol=1e-6)
     assert "kl" not in mb
@@ -791,6 +632,32 @@ def test_matches_trl_grpo_trainer(backend, device, name):
     assert names <= set(t_metrics) and names <= set(m)
     for k in names:
         torch.testing.assert_close(float(m[k]), float(t_metrics[k]), rtol=2e-5, atol=1e-6, msg=k)
+    if backend == "torch":  # the oracle of the other tests follows TRL too (once: it runs on the CPU)
+        z64 = data["logits"].detach().double().requires_grad_(True)
+        r_loss, _ = restated(
+            z64,
+            labels,
+            old,
+            adv,
+            ref_logps=ref,
+            loss_mask=tool_mask,
+            is_weights=is_ratio,
+            loss_agg_mode=case["loss_type"],
+            kl_coef=case.get("beta", 0.0),
+            kl_estimator="k3",
+            kl_ratio_correction=case.get("use_bias_correction_kl", False),
+            clip_eps_low=case.get("epsilon", 0.2),
+            clip_eps_high=case.get("epsilon_high"),
+            dual_clip=case.get("delta"),
+            entropy_coef=case.get("entropy_coef", 0.0),
+            importance_sampling_level=case.get("importance_sampling_level", "token"),
+            max_length=case.get("max_completion_length"),
+            global_num_tokens=nib if case["loss_type"] == "dapo" else None,
+            temperature=case.get("temperature", 1.0),
+        )
+        r_loss.backward()
+        torch.testing.assert_close(r_loss.detach().float(), t_loss, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(z64.grad.float(), t_grad, rtol=2e-4, atol=1e-7)
 
 
 def test_trl_delta_is_the_dual_clip_and_clip_metrics_agree():

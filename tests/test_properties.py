@@ -1,7 +1,7 @@
 """Property-based tests: every public op, every backend present, random shapes, strides,
 dtypes, label masks, temperatures and loss options, against float64 references.
 
-The rule (defined precisely in tests/baselines.py): for every output and gradient,
+The rule (defined precisely in tools/accuracy_rule.py): for every output and gradient,
 
     max |backend - fp64| <= 2 * max |plain PyTorch - fp64| + 4 fp32 ulps at the output's scale
                                                              (x max|logits / T| for gradients)
@@ -16,7 +16,7 @@ tiny shapes and a handful of examples. Known open issues are listed in KNOWN_ISS
 checked as strict xfails at the bottom, so the property tests stay meaningful for the rest.
 """
 
-import baselines as bl
+import accuracy_rule as bl  # tools/accuracy_rule.py
 import pytest
 import torch
 from conftest import backend_device
@@ -94,7 +94,7 @@ def sequence_cases(draw, small=False):
 @st.composite
 def logits_dpo_cases(draw, small=False):
     loss_type = draw(st.sampled_from(["sigmoid", "ipo", "hinge", "robust"]))
-    return bl.make_fused_dpo_problem(
+    return bl.make_logits_dpo_problem(
         draw(seeds),
         B=draw(st.integers(1, 2 if small else 3)),
         T=draw(st.integers(1, 4 if small else 7)),
@@ -267,23 +267,31 @@ def test_bradley_terry_loss(seed, B, dtype, margin, coef, magnitude):
 # ------------------------------------------------------------------ the references
 
 
-def test_fp64_formula_matches_the_package_reference():
-    """The fp64 formula of tests/baselines.py agrees with prefopt_fast.naive (written
-    independently), so the rule measures against the right thing."""
-    from prefopt_fast.naive import STAT_NAMES, naive_token_logprobs
-
+def test_fp64_formula_is_log_softmax_in_fp64():
+    """The rule's fp64 reference (prefopt_fast.reference, via tools/accuracy_rule.py) on a
+    strided bf16 problem with -inf entries and per-token temperatures is fp64
+    ``torch.log_softmax`` of the upcast logits, so the rule measures against the right thing
+    (tests/test_reference.py checks the reference itself in depth)."""
     pb = bl.make_token_problem(
         1, shape=(3, 4, 97), dtype=torch.bfloat16, layout="shift", temperature="token", neg_inf_frac=0.2
     )
     ref = bl.evaluate(pb, "ref")
     ins = pb.inputs
-    naive = naive_token_logprobs(ins["logits"], ins["labels"], temperature=ins["temperature"], stats=STAT_NAMES)
-    for name, val in zip(("logprobs",) + STAT_NAMES, naive):
-        assert (
-            torch.allclose(ref[name].double(), val.double(), atol=1e-12, rtol=1e-12, equal_nan=True)
-            if val.dtype != torch.bool
-            else torch.equal(ref[name], val)
-        ), name
+    y = ins["labels"]
+    x = ins["logits"].double() / ins["temperature"].double()[..., None]
+    ls = torch.log_softmax(x, -1)
+    keep = y != bl.IGNORE
+    p = ls.exp()
+    want = {
+        "logprobs": ls.gather(-1, y.clamp(min=0)[..., None])[..., 0],
+        "entropy": -(p * ls.nan_to_num(neginf=0.0)).sum(-1),
+        "log_sum_sq_probs": torch.log((p * p).sum(-1)),
+        "mean_logit": x.mean(-1),
+    }
+    for name, val in want.items():
+        val = torch.where(keep, val, 0.0)
+        assert torch.allclose(ref[name].double(), val, atol=1e-12, rtol=1e-12, equal_nan=True), name
+    assert torch.equal(ref["is_argmax"], keep & (x.argmax(-1) == y))
 
 
 def test_rule_catches_a_bf16_softmax():

@@ -1,9 +1,9 @@
-"""cpo_loss / simpo_loss / orpo_loss against fp64 restatements and against TRL's CPO/ORPO trainers.
+"""cpo_loss / simpo_loss / orpo_loss against prefopt_fast.reference (fp64) and against TRL's CPO/ORPO trainers.
 
 TRL parity: TRL 1.16's experimental CPOTrainer / ORPOTrainer compute their losses in
 ``get_batch_loss_metrics(model, batch)``, from a model forward. We drive it on a trainer
 made with ``object.__new__`` and a fake model returning fixed logits ``[2B, T, V]`` (tiny V);
-our side turns the same logits into per-sequence sums and lengths with a plain
+our side turns the same logits into per-sequence sums and lengths with the reference's
 log_softmax + gather, so loss, metrics and the gradient w.r.t. the logits are compared
 end to end.
 """
@@ -15,11 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prefopt_fast import reference as R
 from prefopt_fast.losses import CPO_LOSS_TYPES, cpo_loss, orpo_loss, simpo_loss
-
-
-def _s(x):
-    return 1.0 / (1.0 + torch.exp(-x))
 
 
 def make_batch(B, dtype=torch.float32, seed=0):
@@ -32,36 +29,19 @@ def make_batch(B, dtype=torch.float32, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# fp64 restatements
+# the fp64 reference (prefopt_fast.reference), with this file's keyword names
 
 
 def restated_cpo(cw, cl, Lw, Ll, *, beta, loss_type, ls, cpo_alpha, simpo_gamma, alpha):
-    if loss_type in ("ipo", "simpo"):
-        xw, xl = cw / Lw.double().clamp(min=1), cl / Ll.double().clamp(min=1)
-    else:
-        xw, xl = cw, cl
-    if alpha:
-        pw, pl = torch.exp(xw), torch.exp(xl)
-        xw, xl = (1 - pw ** (-alpha)) / alpha, (1 - pl ** (-alpha)) / alpha
-    d = xw - xl
-    if loss_type == "simpo":
-        z = beta * d - simpo_gamma  # SimPO: beta * margin of mean log-probs minus the target margin
-        per = -(1 - ls) * torch.log(_s(z)) - ls * torch.log(1 - _s(z))
-    elif loss_type == "sigmoid":
-        per = -(1 - ls) * torch.log(_s(beta * d)) - ls * torch.log(1 - _s(beta * d))
-    elif loss_type == "hinge":
-        per = torch.clamp(1 - beta * d, min=0)
-    else:
-        per = (d - 1 / (2 * beta)) ** 2
-    nll = -cw.sum() / Lw.double().sum()
-    return per.mean() + cpo_alpha * nll
+    loss, _ = R.cpo_loss(
+        cw, cl, Lw, Ll, beta=beta, loss_type=loss_type, label_smoothing=ls, cpo_alpha=cpo_alpha,
+        simpo_gamma=simpo_gamma, alpha=alpha,
+    )  # fmt: skip
+    return loss
 
 
 def restated_orpo(cw, cl, Lw, Ll, *, beta):
-    pw, pl = torch.exp(cw / Lw.double()), torch.exp(cl / Ll.double())
-    odds_ratio = (pw / (1 - pw)) / (pl / (1 - pl))
-    nll = -cw.sum() / Lw.double().sum()
-    return nll - beta * torch.log(_s(torch.log(odds_ratio))).mean()
+    return R.orpo_loss(cw, cl, Lw, Ll, beta=beta)[0]
 
 
 CPO_CASES = [
@@ -124,13 +104,12 @@ def test_simpo_matches_formula_and_cpo():
         cw, cl = cw.requires_grad_(), cl.requires_grad_()
         loss, m = simpo_loss(cw, cl, Lw, Ll, beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0)
         c64 = [x.detach().double().requires_grad_() for x in (cw, cl)]
-        mw, ml = c64[0] / Lw, c64[1] / Ll
-        ref = -torch.log(_s(2.0 * (mw - ml) - 1.0)).mean()
+        ref, rm = R.simpo_loss(*c64, Lw, Ll, beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0)
         torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
         for g, rg in zip(_grads(loss, [cw, cl]), _grads(ref, c64)):
             torch.testing.assert_close(g.double(), rg, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(m["rewards/chosen"].double(), (2.0 * mw).mean().detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(m["logps/rejected"].double(), ml.mean().detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m["rewards/chosen"].double(), rm["rewards/chosen"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m["logps/rejected"].double(), rm["logps/rejected"], rtol=1e-5, atol=1e-6)
         assert float(m["nll_loss"]) == 0.0
         # CPO-SimPO
         a, _ = simpo_loss(cw, cl, Lw, Ll, beta=2.0, simpo_gamma=1.0, cpo_alpha=1.0)
@@ -246,9 +225,7 @@ def _preference_batch(B, T=8, V=11, seed=0):
 def _sums_and_lengths(logits, labels):
     """Per-sequence sums of completion log-probs and completion lengths (causal shift)."""
     lab = labels[:, 1:]
-    mask = lab != -100
-    logp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
-    return (logp * mask).sum(1).float(), mask.sum(1)
+    return R.sequence_logprobs(logits[:, :-1], lab).float(), (lab != -100).sum(1)
 
 
 def _trainer(cls, **attrs):

@@ -1,4 +1,4 @@
-"""bradley_terry_loss / BradleyTerryLoss against an fp64 restatement and TRL's RewardTrainer.compute_loss.
+"""bradley_terry_loss / BradleyTerryLoss against prefopt_fast.reference (fp64) and TRL's RewardTrainer.compute_loss.
 
 TRL parity: ``RewardTrainer.compute_loss(model, inputs)`` is called on a trainer made with
 ``object.__new__`` (attributes set by hand) and a fake reward model whose output ``logits``
@@ -12,6 +12,7 @@ import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 
+from prefopt_fast import reference as R
 from prefopt_fast.losses import BradleyTerryLoss, bradley_terry_loss
 
 
@@ -24,19 +25,8 @@ def make_rewards(B, dtype=torch.float32, seed=0):
 
 
 def restated(rw, rl, margin, c):
-    p = 1.0 / (1.0 + torch.exp(-(rw - rl - (0.0 if margin is None else margin))))
-    loss = -torch.log(p).mean()
-    if c is not None:
-        loss = loss + c * ((rw + rl) ** 2).mean()
-    both = torch.cat([rw, rl])
-    metrics = {
-        "accuracy": (rw > rl).double().mean(),
-        "margin": (rw - rl).mean(),
-        "mean_reward": both.mean(),
-        "min_reward": both.min(),
-        "max_reward": both.max(),
-    }
-    return loss, metrics
+    """prefopt_fast.reference's Bradley-Terry loss and metrics in fp64."""
+    return R.bradley_terry_loss(rw, rl, margin=margin, center_rewards_coefficient=c)
 
 
 @pytest.mark.parametrize("margin_kind", ["none", "float", "tensor"])
@@ -159,6 +149,15 @@ def test_matches_trl(with_margin, c):
         torch.testing.assert_close(loss, trl_loss, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad, trl_grad, rtol=1e-6, atol=1e-7)
         for k, v in metrics.items():
+            assert float(v) == pytest.approx(trl_metrics[k], rel=1e-6, abs=1e-6), k
+        # the oracle of the other tests follows TRL too
+        ref_loss, ref_metrics = R.bradley_terry_loss(
+            rewards[:B], rewards[B:], margin=margin, center_rewards_coefficient=c
+        )
+        (ref_grad,) = torch.autograd.grad(ref_loss, rewards)
+        torch.testing.assert_close(ref_loss.float(), trl_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ref_grad, trl_grad, rtol=1e-6, atol=1e-7)
+        for k, v in ref_metrics.items():
             assert float(v) == pytest.approx(trl_metrics[k], rel=1e-6, abs=1e-6), k
 
 

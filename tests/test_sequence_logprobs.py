@@ -1,20 +1,17 @@
-"""sequence_logprobs and logits_dpo_loss against plain-PyTorch restatements (fp64)."""
+"""sequence_logprobs and logits_dpo_loss against prefopt_fast.reference (fp64)."""
 
 import pytest
 import torch
 
 import prefopt_fast as pf
+from prefopt_fast import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def ref_seq(z, y, ignore_index=-100, temperature=1.0, average=False):
-    """fp64 per-sequence sums over the last label dim, via log_softmax + gather."""
-    lp = torch.log_softmax(z.double() / temperature, -1)
-    m = y != ignore_index
-    tok = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * m
-    s = tok.sum(-1)
-    return s / m.sum(-1).clamp(min=1) if average else s
+    """fp64 per-sequence sums (means) over the last label dim: prefopt_fast.reference."""
+    return R.sequence_logprobs(z, y, ignore_index=ignore_index, temperature=temperature, average=average)
 
 
 def _batch(B, T, V, dtype, *, empty=(), prompt=2):

@@ -19,7 +19,7 @@ import expected  # noqa: E402  (tests/expected.py)
 import pytest
 import torch
 
-from prefopt_fast.naive import STAT_NAMES, naive_token_logprobs
+from prefopt_fast.reference import STAT_NAMES, naive_token_logprobs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS32 = 2.0**-23

@@ -1,4 +1,4 @@
-"""The Triton backend's row kernels against an inline fp64 torch reference.
+"""The Triton backend's row kernels against the fp64 reference (prefopt_fast.reference).
 
 Runs under TRITON_INTERPRET=1 on CPU tensors (set here before triton is imported, and
 globally by tests/conftest.py), or on a CUDA device when TRITON_INTERPRET=0. Tiles are
@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from prefopt_fast import _rows  # noqa: E402
+from prefopt_fast import reference as R  # noqa: E402
 from prefopt_fast.backends import triton as tb  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
@@ -54,37 +55,34 @@ def small_tiles(monkeypatch):
 
 # ---------------------------------------------------------------- reference (fp64)
 
+# prefopt_fast.reference's statistic -> output row of the contract
+REF_ROWS = {
+    "logprobs": _rows.OUT_LOGP,
+    "lse": _rows.OUT_LSE,
+    "entropy": _rows.OUT_ENTROPY,
+    "log_sum_sq_probs": _rows.OUT_LSSP,
+    "mean_logit": _rows.OUT_MEAN,
+    "is_argmax": _rows.OUT_ARGMAX,
+    "kl": _rows.OUT_KL,
+    "ref_lse": _rows.OUT_REF_LSE,
+}
+
 
 def ref_forward(logits, labels, inv_temp, ignore_index=IGN, ref_logits=None):
-    """fp64 [N_OUT, N] per _rows.py, differentiable in ``logits`` (fp64 leaf)."""
+    """fp64 [N_OUT, N] per _rows.py, differentiable in ``logits`` (fp64 leaf): the token
+    statistics of prefopt_fast.reference at x = logits * inv_temp, as output rows."""
     V = logits.shape[-1]
-    x = logits.reshape(-1, V) * inv_temp.double()[:, None]
-    ls = torch.log_softmax(x, -1)
-    keep = labels != ignore_index
-    in_range = (labels >= 0) & (labels < V)
-    logp = ls.gather(1, labels.clamp(0, V - 1)[:, None])[:, 0]
-    logp = torch.where(in_range, logp, torch.full_like(logp, math.nan))
-    p = ls.exp()
-    # terms with p == 0 count 0 (and a 0 gradient, not 0 * -inf)
-    ent = -(p * torch.where(p > 0, ls, torch.zeros_like(ls))).sum(-1)
-    rows = [
-        logp,
-        torch.logsumexp(x, -1),
-        ent,
-        torch.logsumexp(2 * ls, -1),
-        x.mean(-1),
-        (x.argmax(-1) == labels).double(),
-    ]
-    if ref_logits is None:
-        rows += [torch.zeros_like(logp)] * 2
-    else:
-        xr = ref_logits.reshape(-1, V).double() * inv_temp.double()[:, None]
-        lq = torch.log_softmax(xr, -1)
-        rows += [(p * torch.where(p > 0, ls - lq, torch.zeros_like(ls))).sum(-1), torch.logsumexp(xr, -1)]
-    lse = rows[_rows.OUT_LSE].detach()
-    rows.append(torch.where(torch.isfinite(lse), lse - lse.float().double(), 0.0))  # OUT_LSE_LO
-    out = torch.stack(rows)
-    return torch.where(keep, out, torch.zeros_like(out))
+    it = inv_temp.double()[:, None]
+    xr = None if ref_logits is None else ref_logits.reshape(-1, V).double() * it
+    st = R.token_stats(logits.reshape(-1, V) * it, labels, ignore_index=ignore_index, ref_logits=xr)
+    zero = torch.zeros_like(st["logprobs"])
+    rows = [zero] * _rows.N_OUT
+    for name, r in REF_ROWS.items():
+        if name in st:
+            rows[r] = st[name].to(zero.dtype)
+    lse = st["lse"].detach()
+    rows[_rows.OUT_LSE_LO] = torch.where(torch.isfinite(lse), lse - lse.float().double(), 0.0)
+    return torch.stack(rows)
 
 
 def check_forward(out, ref, stats=STATS4, atol=1e-5, rtol=1e-5):

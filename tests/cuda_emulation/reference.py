@@ -1,5 +1,5 @@
-"""fp64 references of the row-kernel contract (prefopt_fast._rows), used by the CPU and CUDA
-kernel tests, and the awkward inputs the CUDA tests feed every implementation: shapes that
+"""The row-kernel contract's fp64 reference (prefopt_fast.reference laid out as the output rows
+of prefopt_fast._rows), used by the CPU and CUDA kernel tests, and the awkward inputs the CUDA tests feed every implementation: shapes that
 exercise each load path, rows with NaN / inf / -inf / huge values, ties, labels ignored or
 out of range."""
 
@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from prefopt_fast import reference as R
 from prefopt_fast._rows import (
     N_OUT,
     OUT_ARGMAX,
@@ -26,6 +27,16 @@ from prefopt_fast._rows import (
     split_lse,
 )
 
+# prefopt_fast.reference's statistic -> output row of the contract
+ROWS = {
+    "logprobs": OUT_LOGP,
+    "entropy": OUT_ENTROPY,
+    "log_sum_sq_probs": OUT_LSSP,
+    "mean_logit": OUT_MEAN,
+    "is_argmax": OUT_ARGMAX,
+    "kl": OUT_KL,
+    "ref_lse": OUT_REF_LSE,
+}
 IGN = -100
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -35,61 +46,41 @@ def _x64(z, it):
     return (z.reshape(-1, z.shape[-1]).float() * it[:, None].float()).double()
 
 
-def _lse64(x):
-    lse = torch.logsumexp(x, -1)
-    lse = torch.where(torch.isnan(x).any(-1) | torch.isposinf(x).any(-1), math.nan, lse)
-    return lse
-
-
 def ref_forward(z, y, it, ignore=IGN, zr=None):
-    """fp64 [N_OUT, N], every statistic (KL rows only with zr). LSE and LSE_LO are the fp32
-    pair of the exact lse (their fp64 sum is the lse to ~fp64)."""
+    """fp64 [N_OUT, N], every statistic (KL rows only with zr): prefopt_fast.reference's
+    token statistics of x = fl32(z * inv_temp), laid out as the row contract's outputs. LSE
+    and LSE_LO are the fp32 pair of the exact lse (their fp64 sum is the lse to ~fp64)."""
     z, y, it = z.cpu(), y.cpu(), it.cpu()
-    V = z.shape[-1]
-    x = _x64(z, it)
-    lse = _lse64(x)
-    lp = x - lse[:, None]
-    p = lp.exp()
-    ok = (y >= 0) & (y < V)
-    ys = torch.where(ok, y, 0)
-    out = torch.zeros(N_OUT, x.shape[0], dtype=torch.float64)
-    hi, lo = split_lse(lse, torch.float32)
+    st = R.token_stats(_x64(z, it), y, ignore_index=ignore, ref_logits=None if zr is None else _x64(zr.cpu(), it))
+    out = torch.zeros(N_OUT, y.shape[0], dtype=torch.float64)
+    for name, row in ROWS.items():
+        if name in st:
+            out[row] = st[name].double()
+    hi, lo = split_lse(st["lse"], torch.float32)
     out[OUT_LSE], out[OUT_LSE_LO] = hi.double(), lo.double()
-    out[OUT_LOGP] = torch.where(ok, x.gather(1, ys[:, None]).squeeze(1) - lse, math.nan)
-    out[OUT_ENTROPY] = -torch.where(p == 0, 0.0, p * lp).sum(-1)
-    out[OUT_LSSP] = (p * p).sum(-1).log()
-    out[OUT_MEAN] = x.mean(-1)
-    out[OUT_ARGMAX] = ((x.argmax(-1) == y) & ok).double()
-    if zr is not None:
-        xr = _x64(zr.cpu(), it)
-        rlse = _lse64(xr)
-        lq = xr - rlse[:, None]
-        out[OUT_KL] = torch.where(p == 0, 0.0, p * (lp - lq)).sum(-1)
-        out[OUT_REF_LSE] = rlse
     out[:, y == ignore] = 0
     return out
 
 
 def ref_backward(z, y, it, lse, H, c, e=None, ignore=IGN, zr=None, k=None, rlse=None, kl=None, lse_lo=None):
-    """fp64 [N, V] gradient of the contract's formula (lse + lse_lo the row's logsumexp)."""
+    """fp64 [N, V] gradient of the contract's formula (lse + lse_lo the row's logsumexp):
+    prefopt_fast.reference.row_backward at x = fl32(z * inv_temp), times inv_temp."""
     z, y, it = z.cpu(), y.cpu(), it.cpu()
-    V = z.shape[-1]
-    x = _x64(z, it)
-    lse = lse.cpu().double() + (0.0 if lse_lo is None else lse_lo.cpu().double())
-    lp = x - lse[:, None]
-    p = lp.exp()
-    oh = torch.zeros_like(x)
-    ok = (y >= 0) & (y < V)
-    oh[ok.nonzero().squeeze(1), y[ok]] = 1.0
-    g = c.cpu().double()[:, None] * (oh - p)
-    if e is not None:
-        g = g - torch.where(p == 0, 0.0, e.cpu().double()[:, None] * p * (lp + H.cpu().double()[:, None]))
-    if k is not None:
-        lq = _x64(zr.cpu(), it) - rlse.cpu().double()[:, None]
-        g = g + torch.where(p == 0, 0.0, k.cpu().double()[:, None] * p * (lp - lq - kl.cpu().double()[:, None]))
-    g = g * it.double()[:, None]
-    g[y == ignore] = 0
-    return g
+    d = lambda t: None if t is None else t.cpu().double()  # noqa: E731
+    g = R.row_backward(
+        _x64(z, it),
+        y,
+        d(lse) + (0.0 if lse_lo is None else d(lse_lo)),
+        d(c),
+        entropy=d(H) if e is not None else None,
+        grad_entropy=d(e),
+        ref_x=None if k is None else _x64(zr.cpu(), it),
+        ref_lse=d(rlse) if k is not None else None,
+        kl=d(kl) if k is not None else None,
+        grad_kl=d(k),
+        ignore_index=ignore,
+    )
+    return g * it.double()[:, None]
 
 
 def stat_rows(stats, kl=False):

@@ -1,6 +1,9 @@
 """Plain-PyTorch baselines, float64 references and the error-bound rule of the hardening tests.
 
-Shared by tests/test_properties.py, tests/test_numerics.py and tools/accuracy_table.py.
+Shared by tests/test_properties.py, tests/test_numerics.py and tools/accuracy_table.py (the
+tests find it through tests/conftest.py, which puts tools/ on ``sys.path``). The formulas are
+those of :mod:`prefopt_fast.reference`, the package's fp64 spec; this module only adapts
+them to the problems below and evaluates them in fp64, fp32 or the input dtype.
 
 The error-bound rule
 --------------------
@@ -13,7 +16,7 @@ inputs stored in dtype d (fp32, bf16 or fp16):
 where
 
 R (reference)
-    the op's formula written out below (``SPECS[op].formula``) evaluated in float64 on the
+    the op's formula (``SPECS[op].formula``, i.e. prefopt_fast.reference) evaluated in float64 on the
     SAME inputs (bf16 / fp16 / fp32 values upcast exactly); gradients by float64 autograd.
 plain (the baseline: "plain PyTorch computing the same thing")
     the same formula as a careful user writes it in plain PyTorch from inputs in dtype d:
@@ -31,6 +34,9 @@ floor (a tiny absolute floor)
     ``FLOOR_ULPS * 2**-23 * max(1, max|R|)`` (about 5e-6 for log-probs of magnitude 10). It
     only matters when the baseline is luckily exact (a scalar loss, a handful of entries):
     two fp32 computations of the same value may then differ by a few ulps either way.
+    The magnitude is that of the largest value output of the op (not only of R itself): a
+    loss or a metric such as ``rewards/margins`` is a difference of log-prob sums, and its
+    rounding is that of the sums (ulp(|S|)), however small the difference comes out.
     For GRADIENTS the floor is multiplied by ``S = max(1, max |logits / T|)`` (for the
     fused-linear op, of the fp64 logits ``hidden @ weight.T + bias``): the gradient of a
     softmax moves by about ``S * u`` relative when the logits move by ``u`` relative, so this
@@ -52,7 +58,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from prefopt_fast import reference as R
 
 FLOOR_ULPS = 4
 EPS32 = 2.0**-23
@@ -116,6 +123,10 @@ def check_rule(
     """Assert the error-bound rule for every output name of ``ref``; ``grad_scale`` is S,
     the factor of the gradients' floor (module docstring)."""
     problems = []
+    # one floor for every value output: they derive from the same sums (module docstring)
+    value_floor = max(
+        [floor_for(r) for n, r in ref.items() if not n.startswith("grad:") and r.dtype != torch.bool] or [0.0]
+    )
     for name, r in ref.items():
         g, p = got[name], plain[name]
         if tuple(g.shape) != tuple(r.shape):
@@ -134,9 +145,11 @@ def check_rule(
                 f"reference {int((~torch.isfinite(r.detach())).sum())})"
             )
             continue
-        eg, ep, fl = max_abs_err(g, r), max_abs_err(p, r), floor_for(r)
+        eg, ep = max_abs_err(g, r), max_abs_err(p, r)
         if name.startswith("grad:"):
-            fl *= max(1.0, grad_scale)
+            fl = floor_for(r) * max(1.0, grad_scale)
+        else:
+            fl = value_floor
         if not eg <= 2 * ep + fl:
             problems.append(
                 f"{name}: max abs err {eg:.3g} > 2 x plain PyTorch's {ep:.3g} + floor {fl:.2g} "
@@ -226,144 +239,15 @@ def random_temperature(gen: torch.Generator, kind: str, shape):
 
 
 # ---------------------------------------------------------------------- formulas
-# Each formula takes the inputs as the user stores them and a compute dtype ``cdt``
-# (float64: the reference; float32: the plain baseline) and follows the docstrings of the
-# public functions, written independently of the package.
-
-
-def _temp(t, cdt, like_shape):
-    if isinstance(t, torch.Tensor):
-        return t.to(cdt).expand(like_shape).unsqueeze(-1)
-    return float(t)
-
-
-def _log_softmax(z, cdt, temperature, labels_shape):
-    x = z.to(cdt) / _temp(temperature, cdt, labels_shape)
-    return x, torch.log_softmax(x, -1)
+# The formulas are prefopt_fast.reference's (the package's fp64 spec, written independently
+# of the ops and heads): each op's adapter below calls them with a compute dtype ``cdt``
+# (float64: the reference; float32: the plain baseline; the input dtype: "plain in dtype").
 
 
 def token_formula(z, y, cdt, *, temperature=1.0, ignore_index=IGNORE, want=("logprobs",)):
-    """Per-token log-prob and row statistics (prefopt_fast.token_logprobs)."""
-    x, ls = _log_softmax(z, cdt, temperature, y.shape)
-    keep = y != ignore_index
-    ys = torch.where(keep, y, 0).long().unsqueeze(-1)
-    zero = torch.zeros((), dtype=cdt)
-    out = {"logprobs": torch.where(keep, ls.gather(-1, ys).squeeze(-1), zero)}
-    if "entropy" in want or "log_sum_sq_probs" in want:
-        p = ls.exp()
-        if "entropy" in want:
-            out["entropy"] = torch.where(keep, -(p * ls.masked_fill(p == 0, 0.0)).sum(-1), zero)
-        if "log_sum_sq_probs" in want:
-            out["log_sum_sq_probs"] = torch.where(keep, torch.logsumexp(2 * ls, -1), zero)
-    if "mean_logit" in want:
-        out["mean_logit"] = torch.where(keep, x.mean(-1), zero)
-    if "is_argmax" in want:
-        out["is_argmax"] = keep & (x.argmax(-1) == ys.squeeze(-1))
-    return out
-
-
-def seq_sums(logp, keep, cu_seqlens=None, average=False):
-    """Per-sequence sums (mean with ``average``, 0 for an empty sequence) and counts."""
-    if cu_seqlens is None:
-        s, n = logp.sum(-1), keep.sum(-1)
-    else:
-        parts = [logp[a:b].sum() for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())]
-        s = torch.stack(parts) if parts else logp.new_zeros(0)
-        n = torch.stack([keep[a:b].sum() for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())])
-    if average:
-        s = s / n.clamp(min=1).to(s.dtype)
-    return s, n
-
-
-def dpo_formula(cw, cl, rw, rl, lw, ll, *, beta, loss_type, label_smoothing=0.0):
-    """Per-pair DPO losses (TRL 1.16 semantics), averaged; inputs [B] in the compute dtype."""
-    if rw is None:
-        rw, rl = torch.zeros_like(cw), torch.zeros_like(cl)
-    r_w, r_l = cw - rw, cl - rl
-    h = beta * (r_w - r_l)
-    eps = label_smoothing
-    if loss_type == "sigmoid":
-        per = -F.logsigmoid(h)
-    elif loss_type == "hinge":
-        per = torch.relu(1 - h)
-    elif loss_type == "ipo":
-        per = (r_w / lw.to(cw.dtype).clamp(min=1) - r_l / ll.to(cw.dtype).clamp(min=1) - 1 / (2 * beta)) ** 2
-    elif loss_type == "robust":
-        per = ((1 - eps) * -F.logsigmoid(h) + eps * F.logsigmoid(-h)) / (1 - 2 * eps)
-    elif loss_type == "apo_zero":
-        per = 1 - torch.sigmoid(beta * r_w) + torch.sigmoid(beta * r_l)
-    else:
-        raise KeyError(loss_type)
-    loss = per.mean()
-    return loss, {
-        "rewards/chosen": (beta * r_w).mean(),
-        "rewards/margins": (beta * (r_w - r_l)).mean(),
-        "logps/chosen": cw.mean(),
-        "logps/rejected": cl.mean(),
-    }
-
-
-def bt_formula(rw, rl, *, margin=None, coef=None):
-    d = rw - rl
-    if margin is not None:
-        d = d - margin
-    loss = -F.logsigmoid(d).mean()
-    if coef is not None:
-        loss = loss + coef * ((rw + rl) ** 2).mean()
-    return loss
-
-
-def ppo_formula(
-    logp,
-    ent,
-    kl_full,
-    keep,
-    old,
-    adv,
-    ref_logp,
-    *,
-    clip_low,
-    clip_high,
-    kl_coef,
-    kl_estimator,
-    entropy_coef,
-    agg,
-    max_length,
-):
-    """The clipped surrogate + KL + entropy bonus of prefopt_fast.ppo_loss (verl mode names)."""
-    dt = logp.dtype
-    m = keep.to(dt)
-    zero = torch.zeros((), dtype=dt)
-    old = logp.detach() if old is None else old.to(dt)
-    lr = torch.where(keep, logp - old, zero)
-    ratio = torch.exp(lr)
-    adv = adv.to(dt)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(1)
-    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
-    per = pg
-    if kl_coef:
-        if kl_estimator == "full":
-            kl = torch.where(keep, kl_full, zero)
-        else:
-            d = torch.where(keep, ref_logp.to(dt) - logp, zero)
-            kl = -d if kl_estimator == "k1" else torch.exp(d) - d - 1
-        per = per + kl_coef * kl
-
-    def aggregate(v):
-        s = (v * m).sum(-1)
-        if agg == "token-mean":
-            return s.sum() / m.sum().clamp(min=1)
-        if agg == "seq-mean-token-mean":
-            return (s / m.sum(-1).clamp(min=1)).mean()
-        if agg == "seq-mean-token-sum":
-            return s.mean()
-        return s.sum() / (s.shape[0] * max_length)
-
-    loss = aggregate(per.expand(m.shape))
-    if entropy_coef:
-        loss = loss - entropy_coef * aggregate(ent)
-    return loss
+    """Per-token log-prob and the statistics in ``want`` (prefopt_fast.token_logprobs), in ``cdt``."""
+    st = R.token_stats(z, y, ignore_index=ignore_index, temperature=temperature, dtype=cdt)
+    return {k: st[k] for k in want}
 
 
 # ------------------------------------------------------------------------- op specs
@@ -539,13 +423,14 @@ def _seq_lib(ins, backend):
 
 def _seq_formula(ins, cdt, mode):
     z = _upcast_first(ins["logits"], cdt, mode)
-    y = ins["labels"]
-    lp = token_formula(z, y, z.dtype, temperature=ins["temperature"])["logprobs"]
-    s, _ = seq_sums(lp, y != IGNORE, ins.get("cu_seqlens"), ins["average"])
+    s = R.sequence_logprobs(
+        z, ins["labels"], temperature=ins["temperature"], average=ins["average"], cu_seqlens=ins.get("cu_seqlens"),
+        dtype=z.dtype,
+    )  # fmt: skip
     return {"seq": s}
 
 
-# fused_dpo_loss --------------------------------------------------------------------
+# logits_dpo_loss --------------------------------------------------------------------
 
 _DPO_METRICS = ("rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -556,35 +441,24 @@ def _fdpo_lib(ins, backend):
         kw["label_smoothing"] = ins["label_smoothing"]
     if ins.get("ref_logits") is not None:
         kw["ref_logits"] = ins["ref_logits"]
-    loss, metrics = _pf().fused_dpo_loss(ins["logits"], ins["labels"], **kw)
+    loss, metrics = _pf().logits_dpo_loss(ins["logits"], ins["labels"], **kw)
     return {"loss": loss, **{k: metrics[k] for k in _DPO_METRICS}}
 
 
 def _fdpo_formula(ins, cdt, mode):
-    y = ins["labels"]
-    keep = y != IGNORE
     z = _upcast_first(ins["logits"], cdt, mode)
-    lp = token_formula(z, y, z.dtype, temperature=ins["temperature"])["logprobs"]
-    s, n = seq_sums(lp, keep)
-    B = s.shape[0] // 2
-    rw = rl = None
-    if ins.get("ref_logits") is not None:
-        with torch.no_grad():
-            zr = _upcast_first(ins["ref_logits"], cdt, mode)
-            rs, _ = seq_sums(token_formula(zr, y, zr.dtype, temperature=ins["temperature"])["logprobs"], keep)
-        rw, rl = rs[:B], rs[B:]
-    loss, metrics = dpo_formula(
-        s[:B],
-        s[B:],
-        rw,
-        rl,
-        n[:B],
-        n[B:],
+    ref = ins.get("ref_logits")
+    loss, metrics = R.logits_dpo_loss(
+        z,
+        ins["labels"],
+        None if ref is None else _upcast_first(ref, cdt, mode),
+        temperature=ins["temperature"],
+        dtype=z.dtype,
         beta=ins["beta"],
         loss_type=ins["loss_type"],
-        label_smoothing=ins.get("label_smoothing", 0.0),
+        label_smoothing=ins["label_smoothing"] if ins["loss_type"] == "robust" else 0.0,  # as _fdpo_lib passes it
     )
-    return {"loss": loss, **metrics}
+    return {"loss": loss, **{k: metrics[k] for k in _DPO_METRICS}}
 
 
 # ppo_loss --------------------------------------------------------------------------
@@ -613,39 +487,27 @@ def _ppo_lib(ins, backend):
 
 
 def _ppo_formula(ins, cdt, mode):
-    y = ins["labels"]
-    keep = y != IGNORE
     z = _upcast_first(ins["logits"], cdt, mode)
-    dt = z.dtype
-    x, ls = _log_softmax(z, dt, ins["temperature"], y.shape)
-    ys = torch.where(keep, y, 0).unsqueeze(-1)
-    zero = torch.zeros((), dtype=dt)
-    logp = torch.where(keep, ls.gather(-1, ys).squeeze(-1), zero)
-    p = ls.exp()
-    ent = torch.where(keep, -(p * ls.masked_fill(p == 0, 0.0)).sum(-1), zero)
-    kl_full = None
-    if ins["kl_coef"] and ins["kl_estimator"] == "full":
-        zr = _upcast_first(ins["ref_logits"], cdt, mode).detach()
-        _, lq = _log_softmax(zr, dt, ins["temperature"], y.shape)
-        kl_full = (p * (ls - lq).masked_fill(p == 0, 0.0)).sum(-1)
-    loss = ppo_formula(
-        logp,
-        ent,
-        kl_full,
-        keep,
+    full = ins["kl_estimator"] == "full"
+    ref_logits = _upcast_first(ins["ref_logits"], cdt, mode) if ins["kl_coef"] and full else None
+    loss, metrics = R.ppo_loss(
+        z,
+        ins["labels"],
         ins["old_logps"],
         ins["advantages"],
-        ins.get("ref_logps"),
-        clip_low=ins["clip_low"],
-        clip_high=ins["clip_high"],
+        temperature=ins["temperature"],
+        ref_logprobs=ins.get("ref_logps") if ins["kl_coef"] and not full else None,
+        ref_logits=ref_logits,
+        dtype=z.dtype,
+        clip_eps_low=ins["clip_low"],
+        clip_eps_high=ins["clip_high"],
         kl_coef=ins["kl_coef"],
         kl_estimator=ins["kl_estimator"],
         entropy_coef=ins["entropy_coef"],
-        agg=ins["agg"],
-        max_length=ins.get("max_length"),
+        loss_agg_mode=ins["agg"],
+        max_length=ins.get("max_length") if ins["agg"] == "seq-mean-token-sum-norm" else None,
     )
-    m = keep.to(dt)
-    return {"loss": loss, "entropy": (ent.detach() * m).sum() / m.sum().clamp(min=1)}
+    return {"loss": loss, "entropy": metrics["entropy"]}
 
 
 # linear_token_logprobs -------------------------------------------------------------
@@ -668,16 +530,10 @@ def _linear_lib(ins, backend):
 
 
 def _linear_formula(ins, cdt, mode):
-    h, w, b = ins["hidden"], ins["weight"], ins.get("bias")
-    if mode == "ref":
-        z = h.to(cdt) @ w.to(cdt).T + (0 if b is None else b.to(cdt))
-    else:  # the model's lm_head in the storage dtype, then (plain) the fp32 upcast
-        z = h @ w.T
-        if b is not None:
-            z = z + b
-        z = _upcast_first(z, cdt, mode)
-    o = token_formula(z, ins["labels"], z.dtype, temperature=ins["temperature"], want=("logprobs", "entropy"))
-    return o
+    # ref: the lm_head in fp64; plain: the model's lm_head in the storage dtype, then the upcast
+    z = R.linear_logits(ins["hidden"], ins["weight"], ins.get("bias"), dtype=cdt if mode == "ref" else None)
+    z = _upcast_first(z, cdt, mode)
+    return token_formula(z, ins["labels"], z.dtype, temperature=ins["temperature"], want=("logprobs", "entropy"))
 
 
 # dpo_loss / bradley_terry_loss (heads on [B] vectors) -------------------------------
@@ -697,18 +553,19 @@ def _dpo_lib(ins, backend):
 
 def _dpo_formula(ins, cdt, mode):
     up = lambda t: None if t is None else _upcast_first(t, cdt, mode)  # noqa: E731
-    loss, metrics = dpo_formula(
+    loss, metrics = R.dpo_loss(
         up(ins["chosen_logps"]),
         up(ins["rejected_logps"]),
         up(ins["ref_chosen_logps"]),
         up(ins["ref_rejected_logps"]),
-        ins["chosen_lengths"],
-        ins["rejected_lengths"],
+        chosen_lengths=ins["chosen_lengths"],
+        rejected_lengths=ins["rejected_lengths"],
         beta=ins["beta"],
         loss_type=ins["loss_type"],
-        label_smoothing=ins.get("label_smoothing", 0.0),
+        label_smoothing=ins.get("label_smoothing", 0.0) if ins["loss_type"] == "robust" else 0.0,  # as _dpo_lib
+        dtype=None,
     )
-    return {"loss": loss, **metrics}
+    return {"loss": loss, **{k: metrics[k] for k in _DPO_METRICS}}
 
 
 def _bt_lib(ins, backend):
@@ -719,11 +576,15 @@ def _bt_lib(ins, backend):
 
 
 def _bt_formula(ins, cdt, mode):
-    rw, rl = _upcast_first(ins["chosen_rewards"], cdt, mode), _upcast_first(ins["rejected_rewards"], cdt, mode)
     m = ins["margin"]
-    if isinstance(m, torch.Tensor):
-        m = _upcast_first(m, cdt, mode)
-    return {"loss": bt_formula(rw, rl, margin=m, coef=ins["coef"]), "margin": (rw - rl).detach().mean()}
+    loss, metrics = R.bradley_terry_loss(
+        _upcast_first(ins["chosen_rewards"], cdt, mode),
+        _upcast_first(ins["rejected_rewards"], cdt, mode),
+        margin=_upcast_first(m, cdt, mode) if isinstance(m, torch.Tensor) else m,
+        center_rewards_coefficient=ins["coef"],
+        dtype=None,
+    )
+    return {"loss": loss, "margin": metrics["margin"]}
 
 
 def _dtype_of(name):
@@ -733,14 +594,14 @@ def _dtype_of(name):
 SPECS: Dict[str, OpSpec] = {
     "token_logprobs": OpSpec(_token_lib, _token_formula, _dtype_of("logits")),
     "sequence_logprobs": OpSpec(_seq_lib, _seq_formula, _dtype_of("logits")),
-    "fused_dpo_loss": OpSpec(_fdpo_lib, _fdpo_formula, _dtype_of("logits")),
+    "logits_dpo_loss": OpSpec(_fdpo_lib, _fdpo_formula, _dtype_of("logits")),
     "ppo_loss": OpSpec(_ppo_lib, _ppo_formula, _dtype_of("logits")),
     "linear_token_logprobs": OpSpec(_linear_lib, _linear_formula, _dtype_of("hidden")),
     "dpo_loss": OpSpec(_dpo_lib, _dpo_formula, _dtype_of("chosen_logps")),
     "bradley_terry_loss": OpSpec(_bt_lib, _bt_formula, _dtype_of("chosen_rewards")),
 }
 # ops whose vocabulary work runs on a row-kernel backend (the heads have none)
-BACKEND_OPS = ("token_logprobs", "sequence_logprobs", "fused_dpo_loss", "ppo_loss", "linear_token_logprobs")
+BACKEND_OPS = ("token_logprobs", "sequence_logprobs", "logits_dpo_loss", "ppo_loss", "linear_token_logprobs")
 
 
 # ----------------------------------------------------------------- problem builders
@@ -824,7 +685,7 @@ def _completion_labels(gen, B2, T, V):
     return torch.where((pos >= prompt) & (pos < end), y, torch.full_like(y, IGNORE))
 
 
-def make_fused_dpo_problem(
+def make_logits_dpo_problem(
     seed: int,
     *,
     B,
@@ -856,7 +717,7 @@ def make_fused_dpo_problem(
         label_smoothing=label_smoothing,
     )
     return Problem(
-        "fused_dpo_loss",
+        "logits_dpo_loss",
         ins,
         grad_wrt=("logits",),
         bases={"logits": (base, view_fn)},
