@@ -748,6 +748,48 @@ def _check_fsdp2(env):
     del dist
 
 
+def _check_ddp(env):
+    """DDP works unchanged: a module whose forward computes linear_dpo_loss from its own head,
+    wrapped in DistributedDataParallel, every rank its own pairs, gives the gradient of the
+    mean of the ranks' losses (DDP's averaging), as one process over all the pairs would."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from prefopt_fast.linear import LinearDPOLoss
+
+    V, H, world, rank = 29, 8, env.world, env.rank
+
+    class Policy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(H, H)
+            self.head = torch.nn.Linear(H, V, bias=False)
+            self.loss = LinearDPOLoss(beta=0.3, chunk_size=3)
+
+        def forward(self, x, y, rc, rr):
+            return self.loss(torch.tanh(self.body(x)), self.head.weight, y, ref_chosen_logps=rc, ref_rejected_logps=rr)[
+                0
+            ]
+
+    def batch(r):
+        g = torch.Generator().manual_seed(300 + r)
+        x = torch.randn(4, 5, H, generator=g)
+        y = torch.randint(0, V, (4, 5), generator=g)
+        y[:, 0] = -100
+        rc = torch.randn(2, generator=g) - 8
+        return x, y, rc, rc - 0.5
+
+    torch.manual_seed(3)
+    single = Policy()
+    model = Policy()
+    model.load_state_dict(single.state_dict())
+    ddp = DDP(model)
+    ddp(*batch(rank)).backward()
+    total = sum(single(*batch(r)) for r in range(world)) / world
+    total.backward()
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        env.close(f"ddp grad {name}", p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
 def dist_sizes(n: int):
     """Every rank's local size n (an all-gather of one int)."""
     import torch.distributed as dist
@@ -769,7 +811,7 @@ SUITES = {
         ("errors", _check_errors),
         ("triton", _check_triton),
     ],
-    "fsdp2": [("fsdp2", _check_fsdp2)],
+    "fsdp2": [("fsdp2", _check_fsdp2), ("ddp", _check_ddp)],
 }
 
 
@@ -783,7 +825,8 @@ def test_vocab_parallel(world, tmp_path):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_data_parallel_sharded_head(world, tmp_path):
-    """FSDP2: a DTensor head with a plain hidden is data-parallel (issue 16), never vocabulary-parallel."""
+    """FSDP2: a DTensor head with a plain hidden is data-parallel (issue 16), never vocabulary-parallel;
+    DDP: unchanged, the replicated head's gradient averaged by DDP."""
     _spawn(world, "fsdp2", tmp_path)
 
 
