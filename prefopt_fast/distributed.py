@@ -52,6 +52,11 @@ __all__ = [
     "all_reduce_partial",
     "gather_parameter",
     "is_replicated_on",
+    "gather_tokens",
+    "take_rows",
+    "scale_grad",
+    "dp_group_sizes",
+    "sharded_head_algorithm",
 ]
 
 # Kernel-side labels: a row's label is either its index in this shard, SHARD_IGNORE (the row is
@@ -290,13 +295,8 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, group, sizes):
         rank, world = dist.get_rank(group), len(sizes)
-        top = max(sizes)
-        pad = local.new_zeros((top, *local.shape[1:]))
-        pad[: local.shape[0]] = local
-        parts = [torch.empty_like(pad) for _ in range(world)]
-        dist.all_gather(parts, pad, group=group)
         ctx.group, ctx.start, ctx.n, ctx.world = group, sum(sizes[:rank]), sizes[rank], world
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return _all_gather_rows(local, group, sizes)
 
     @staticmethod
     def backward(ctx, grad):
@@ -333,3 +333,110 @@ def is_replicated_on(x, mesh) -> bool:
     from torch.distributed.tensor.placement_types import Replicate
 
     return is_dtensor(x) and x.device_mesh == mesh and all(isinstance(p, Replicate) for p in x.placements)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Forward: every rank's rows (dim 0, uneven counts) concatenated in rank order. Backward:
+    this rank's rows of the gradient, which the caller makes identical on every rank."""
+
+    @staticmethod
+    def forward(ctx, local, group, sizes):
+        ctx.start, ctx.n = sum(sizes[: dist.get_rank(group)]), local.shape[0]
+        return _all_gather_rows(local, group, sizes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start : ctx.start + ctx.n], None, None
+
+
+class _TakeRows(torch.autograd.Function):
+    """Forward: this rank's rows of a tensor replicated on every rank. Backward: every rank's
+    gradient of its own rows, summed over the group (an all-reduce of [rows, ...]), so that the
+    replicated computation behind it sees the upstream gradient of all rows on every rank."""
+
+    @staticmethod
+    def forward(ctx, full, group, start: int, n: int):
+        ctx.group, ctx.start, ctx.n, ctx.shape = group, start, n, full.shape
+        return full[start : start + n].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.new_zeros(ctx.shape)
+        g[ctx.start : ctx.start + ctx.n] = grad
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=ctx.group)
+        return g, None, None, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _all_gather_rows(local, group, sizes):
+    top = max(sizes)
+    pad = local.new_zeros((top, *local.shape[1:]))
+    pad[: local.shape[0]] = local
+    parts = [torch.empty_like(pad) for _ in range(len(sizes))]
+    dist.all_gather(parts, pad, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def gather_tokens(local, group, sizes, differentiable: bool = True):
+    """Every rank's rows of ``local`` (dim 0; ``sizes`` the counts per rank), concatenated in
+    rank order. Differentiable: the backward keeps this rank's rows of a gradient that the
+    computation in between makes identical on every rank (see ``take_rows``)."""
+    if local is None:
+        return None
+    if differentiable and local.requires_grad:
+        return _GatherTokens.apply(local, group, sizes)
+    return _all_gather_rows(local.detach(), group, sizes)
+
+
+def take_rows(full, group, start: int, n: int):
+    """Rows ``[start, start + n)`` of ``full`` (replicated on the group); backward: all-reduce."""
+    if full is None:
+        return None
+    return _TakeRows.apply(full, group, start, n) if full.requires_grad else full[start : start + n]
+
+
+def scale_grad(x, factor: float):
+    """``x``, with its gradient multiplied by ``factor`` (FSDP2's averaging over the ranks)."""
+    return x if x is None or not x.requires_grad else _ScaleGrad.apply(x, factor)
+
+
+def dp_group_sizes(x, name: str, n: int):
+    """(group, every rank's n) of a data-parallel sharded DTensor parameter ``x``: one all-gather."""
+    group = _dp_group_of(x, name)
+    if group is None:
+        return None, None
+    return group, [int(s) for s in _all_sizes(n, group, x.to_local().device)]
+
+
+SHARDED_HEAD_ALGORITHMS = ("auto", "gather_weight", "gather_tokens")
+
+
+def sharded_head_algorithm(vocab: int, token_counts, lora: bool) -> str:
+    """How a data-parallel sharded head (FSDP2) is computed: ``"gather_weight"`` (all-gather the
+    head, O(V x H) bytes per rank) or ``"gather_tokens"`` (all-gather the hidden states,
+    O(world x N x H), each rank computing its vocabulary shard for every token). ``auto`` (the
+    default; ``PREFOPT_SHARDED_HEAD`` overrides) picks the fewer bytes: tokens when
+    ``world * max(N_r) < V``. LoRA factors take ``gather_weight``. Every rank decides alike
+    (``token_counts`` is exchanged)."""
+    import os
+
+    choice = os.environ.get("PREFOPT_SHARDED_HEAD", "auto")
+    if choice not in SHARDED_HEAD_ALGORITHMS:
+        raise ValueError(f"PREFOPT_SHARDED_HEAD must be one of {SHARDED_HEAD_ALGORITHMS}; got {choice!r}")
+    if lora:
+        return "gather_weight"
+    if choice != "auto":
+        return choice
+    return "gather_tokens" if len(token_counts) * max(token_counts) < vocab else "gather_weight"

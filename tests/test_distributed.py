@@ -790,6 +790,15 @@ def _check_ddp(env):
         env.close(f"ddp grad {name}", p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
+def _with_algorithm(env, algorithm: str, check):
+    """Run ``check`` with the data-parallel sharded head computed by ``algorithm``."""
+    os.environ["PREFOPT_SHARDED_HEAD"] = algorithm
+    try:
+        check(env)
+    finally:
+        del os.environ["PREFOPT_SHARDED_HEAD"]
+
+
 def dist_sizes(n: int):
     """Every rank's local size n (an all-gather of one int)."""
     import torch.distributed as dist
@@ -811,7 +820,11 @@ SUITES = {
         ("errors", _check_errors),
         ("triton", _check_triton),
     ],
-    "fsdp2": [("fsdp2", _check_fsdp2), ("ddp", _check_ddp)],
+    "fsdp2": [
+        ("fsdp2 gather_weight", lambda env: _with_algorithm(env, "gather_weight", _check_fsdp2)),
+        ("fsdp2 gather_tokens", lambda env: _with_algorithm(env, "gather_tokens", _check_fsdp2)),
+        ("ddp", _check_ddp),
+    ],
 }
 
 

@@ -74,7 +74,7 @@ from ..distributed import (
     is_dtensor,
     local_tensor,
 )
-from .token_logprobs import stat_mask, token_outputs
+from .token_logprobs import TokenLogProbsOutput, stat_mask, token_outputs
 
 __all__ = [
     "linear_token_logprobs",
@@ -1060,6 +1060,30 @@ def linear_token_logprobs(
             raise ValueError(
                 f"vocab_size must equal the weight's global vocabulary {weight.shape[0]}; got {vocab_size}"
             )
+        group, counts = distributed.dp_group_sizes(weight, "weight", labels.numel())
+        # a LoRA pair or a plain (whole, trainable) bias next to the sharded weight: the head is gathered
+        plain_extra = lora is not None or (bias is not None and not is_dtensor(bias))
+        if group is not None and distributed.sharded_head_algorithm(weight.shape[0], counts, plain_extra) == (
+            "gather_tokens"
+        ):
+            return _gather_tokens_call(
+                hidden,
+                weight,
+                labels,
+                group,
+                counts,
+                bias=bias,
+                ignore_index=ignore_index,
+                temperature=temperature,
+                logit_scale=logit_scale,
+                softcap=softcap,
+                stats=stats,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_weight,
+                ref_bias=ref_bias,
+                chunk_size=chunk_size,
+                backend=backend,
+            )
         weight, bias = distributed.gather_parameter(weight, "weight"), distributed.gather_parameter(bias, "bias")
         if isinstance(lora, (tuple, list)) and len(lora) == 3:
             lora = (
@@ -1122,6 +1146,66 @@ def linear_token_logprobs(
         layout,
     )
     return token_outputs(logp, entropy, kl, extra, names, labels.shape)
+
+
+def _gather_tokens_call(
+    hidden, weight, labels, group, counts, *, bias, temperature, ref_hidden, ref_weight, ref_bias, **opts
+):
+    """A data-parallel sharded head (FSDP2) by gathering the tokens instead of the head: every
+    rank runs the vocabulary-parallel op on its own weight shard for ALL ranks' tokens (the
+    hidden states all-gathered), keeps its own rows of the (replicated) outputs, and in the
+    backward the upstream gradients of all rows are summed over the ranks (O(world x N)) so
+    the shard's weight gradient is born complete: no weight all-gather, no weight-gradient
+    reduction. The weight's gradient is averaged over the ranks (FSDP2's convention)."""
+    world, rank = len(counts), torch.distributed.get_rank(group)
+    start, n = sum(counts[:rank]), counts[rank]
+    H = hidden.shape[-1]
+    if isinstance(temperature, torch.Tensor):  # per token: gathered like the tokens
+        temperature = distributed.gather_tokens(
+            torch.broadcast_to(temperature.to(hidden.device), labels.shape).reshape(-1), group, counts, False
+        )
+    h_all = distributed.gather_tokens(hidden.reshape(-1, H), group, counts)
+    y_all = distributed.gather_tokens(labels.reshape(-1), group, counts, False)
+    rh_all = None
+    if ref_hidden is not None:
+        rh_all = distributed.gather_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), group, counts, False)
+
+    def local(x):
+        return None if x is None else distributed.scale_grad(x.to_local(), 1.0 / world)
+
+    # this rank's vocabulary rows, for a reference head given whole (it takes no gradient)
+    _, vsizes = distributed.dp_group_sizes(weight, "weight", weight.to_local().shape[0])
+    v0, v1 = sum(vsizes[:rank]), sum(vsizes[: rank + 1])
+
+    def ref_rows(x, name):
+        if x is None:
+            return None
+        if is_dtensor(x):
+            if distributed.dp_group_sizes(x, name, x.to_local().shape[0])[1] != vsizes:
+                raise ValueError(f"{name} as a DTensor must be sharded like weight (Shard(0) on its mesh)")
+            return x.to_local().detach()
+        return x.detach()[v0:v1]
+
+    out = linear_token_logprobs(
+        h_all,
+        local(weight),
+        y_all,
+        bias=local(bias),
+        temperature=temperature,
+        ref_hidden=rh_all,
+        ref_weight=ref_rows(ref_weight, "ref_weight"),
+        ref_bias=ref_rows(ref_bias, "ref_bias"),
+        process_group=group,
+        vocab_size=weight.shape[0],
+        **opts,
+    )
+
+    def own(x):
+        return None if x is None else distributed.take_rows(x, group, start, n).reshape(labels.shape)
+
+    if isinstance(out, TokenLogProbsOutput):
+        return TokenLogProbsOutput(*(own(x) for x in out))
+    return own(out)
 
 
 def _data_parallel(hidden, weight) -> bool:
