@@ -1824,3 +1824,25 @@ def test_second_backward_after_inplace_backward_is_refused(backend, device):
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_ambiguous_sharded_head_layout_is_refused(one_process_group):
+    """A DTensor lm_head with a DTensor hidden that is neither replicated on its mesh (tensor
+    parallel) nor plain (FSDP2's data parallel) states no layout: refused, naming both."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    w = distribute_tensor(torch.randn(11, 4), mesh, [Shard(0)])
+    y = torch.zeros(3, dtype=torch.long)
+    for fn in (pfl.linear_token_logprobs, pfl.linear_sequence_logprobs):
+        h = distribute_tensor(torch.randn(3, 4), mesh, [Shard(0)])  # rows split: which layout?
+        with pytest.raises(ValueError, match="state the layout.*Tensor \\(vocabulary\\) parallel.*Data parallel"):
+            fn(h, w, y)
+    # the two stated layouts run (one rank: both equal the one-device result)
+    h0 = torch.randn(3, 4)
+    want = pfl.linear_token_logprobs(h0, w.full_tensor(), y)
+    torch.testing.assert_close(pfl.linear_token_logprobs(h0, w, y), want)  # plain hidden: data parallel
+    hr = distribute_tensor(h0, mesh, [Replicate()])
+    torch.testing.assert_close(pfl.linear_token_logprobs(hr, w, y), want)  # replicated: tensor parallel
