@@ -13,6 +13,10 @@ Ops (``--op``):
                   gradient of the local shard)
   linear          hidden [N, H] @ weight[V, H].T fused: log-probs + entropy, forward +
                   backward (gradients of hidden, all-reduced, and of the local weight rows)
+  fsdp2           the data-parallel sharded head (FSDP2's layout): every rank its OWN N
+                  tokens, the weight a Shard(0) DTensor; --algorithm gather_weight |
+                  gather_tokens | auto (docs/distributed.md). The unsharded run is one
+                  rank's N tokens against the whole head on one process.
 
 Measured per process: the median wall time of forward, backward and the step, after a
 barrier (ranks start each repeat together); the peak extra resident memory of one step
@@ -24,6 +28,7 @@ time spent inside the collectives.
     python benchmarks/bench_vocab_parallel.py                 # N=2048, V=32000, fp32, 2 ranks
     python benchmarks/bench_vocab_parallel.py --quick         # N=512,  V=8192
     python benchmarks/bench_vocab_parallel.py --op linear --hidden 512 --dtype bf16
+    python benchmarks/bench_vocab_parallel.py --op fsdp2 --algorithm gather_tokens
     python benchmarks/bench_vocab_parallel.py --json out.json
 """
 
@@ -137,6 +142,11 @@ def _make(args, rank: int, world: int):
         logits = (torch.randn(N, size, generator=g2) * 2).to(dt)
         return dict(logits=logits, labels=labels)
     H = args.hidden
+    if args.op == "fsdp2":  # every rank its own tokens, the whole head (sharded by _step_fns)
+        gr = torch.Generator().manual_seed(100 + rank)
+        hidden = torch.randn(N, H, generator=gr).to(dt)
+        weight = (torch.randn(V, H, generator=torch.Generator().manual_seed(1)) / H**0.5).to(dt)
+        return dict(hidden=hidden, weight=weight, labels=labels)
     hidden = torch.randn(N, H, generator=g).to(dt)
     g2 = torch.Generator().manual_seed(1 + start)
     weight = (torch.randn(size, H, generator=g2) / H**0.5).to(dt)
@@ -148,8 +158,16 @@ def _step_fns(args, inputs, group):
     from prefopt_fast.linear import linear_token_logprobs
 
     kw = dict(backend=args.backend)
-    if group is not None:
+    if group is not None and args.op != "fsdp2":
         kw["process_group"] = group
+    if args.op == "fsdp2" and group is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_tensor
+        from torch.distributed.tensor.placement_types import Shard
+
+        os.environ["PREFOPT_SHARDED_HEAD"] = args.algorithm
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(group),))
+        inputs = {**inputs, "weight": distribute_tensor(inputs["weight"], mesh, [Shard(0)])}
     if args.op == "token_logprobs":
         x = inputs["logits"].requires_grad_()
 
@@ -257,7 +275,10 @@ def _run(world, args, timeout=900):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--op", choices=("token_logprobs", "linear"), default="token_logprobs")
+    ap.add_argument("--op", choices=("token_logprobs", "linear", "fsdp2"), default="token_logprobs")
+    ap.add_argument(
+        "--algorithm", choices=("auto", "gather_weight", "gather_tokens"), default="auto", help="fsdp2 only"
+    )
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=None)
@@ -280,7 +301,8 @@ def main(argv=None):
     ranks = _run(args.world, args)
     shape = (
         f"N={args.tokens}, V={args.vocab}"
-        + (f", H={args.hidden}" if args.op == "linear" else "")
+        + (f", H={args.hidden}" if args.op in ("linear", "fsdp2") else "")
+        + (f", algorithm={args.algorithm}, N tokens per rank" if args.op == "fsdp2" else "")
         + f", {args.dtype}, backend={args.backend}, {args.threads} thread(s) per process"
     )
     print(f"{args.op}: {shape}")
