@@ -59,6 +59,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from prefopt_fast import _rows
 from prefopt_fast import reference as R
 
 FLOOR_ULPS = 4
@@ -372,7 +373,8 @@ def _pf():
 
 # token_logprobs --------------------------------------------------------------------
 
-TOKEN_STATS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
+# every statistic of the row contract but the exact KL (which needs a second logits tensor)
+TOKEN_STATS = tuple(name for name in _rows.STATS if name != "kl")
 
 
 def _token_lib(ins, backend):

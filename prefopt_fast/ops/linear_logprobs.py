@@ -81,10 +81,8 @@ __all__ = [
     "linear_sequence_logprobs",
     "LinearSequenceLogProbs",
     "default_chunk_size",
-    "LINEAR_STAT_NAMES",
 ]
 
-LINEAR_STAT_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_argmax")
 
 _MiB = 1 << 20
 MIN_CHUNK_BYTES = 16 * _MiB
