@@ -256,7 +256,8 @@ def all_reduce_partial(p: Partial, layout: ShardLayout) -> Partial:
     p = rescale(p, top["m"], top.get("mr"))
     if "mx" in top:
         p = p._replace(mx=top["mx"], pre=top["pre"])
-    sum_fields = [f for f in PARTIAL_SUM_FIELDS if getattr(p, f) is not None]
+    # ``own`` only served the offset move above: not reduced (it stays this rank's)
+    sum_fields = [f for f in PARTIAL_SUM_FIELDS if f != "own" and getattr(p, f) is not None]
     sm = torch.stack([getattr(p, f) for f in sum_fields])
     dist.all_reduce(sm, op=dist.ReduceOp.SUM, group=group)
     return p._replace(**dict(zip(sum_fields, sm)))
