@@ -13,7 +13,7 @@ DEPS=${PREFOPT_DEPS:-tested}
 
 # A plain `torch` requirement with no torch installed would pull the multi-GB CUDA build: the
 # pinned CPU build goes first, in both modes (on this kind of machine pip finds it on local
-# disk; elsewhere add PyTorch's CPU wheel index, --index-url https://download.pytorch.org/whl/cpu).
+# disk; elsewhere add PyTorch's CPU wheel index beside PyPI: PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
 TORCH_PIN=$(grep -m1 -E "^torch==" constraints.txt)
 TMP_CONSTRAINTS=$(mktemp)
 trap 'rm -f "$TMP_CONSTRAINTS"' EXIT
