@@ -1846,3 +1846,16 @@ def test_ambiguous_sharded_head_layout_is_refused(one_process_group):
     torch.testing.assert_close(pfl.linear_token_logprobs(h0, w, y), want)  # plain hidden: data parallel
     hr = distribute_tensor(h0, mesh, [Replicate()])
     torch.testing.assert_close(pfl.linear_token_logprobs(hr, w, y), want)  # replicated: tensor parallel
+
+
+def test_sharded_head_on_a_2d_mesh_is_refused(one_process_group):
+    """HSDP (a 2-D mesh: replicate x shard) is not supported for the data-parallel sharded head yet:
+    a clear error, not an answer averaged over the wrong ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+    w = distribute_tensor(torch.randn(11, 4), mesh, [Replicate(), Shard(0)])
+    with pytest.raises(ValueError, match="2-D mesh.*supported on a 1-D mesh"):
+        pfl.linear_token_logprobs(torch.randn(3, 4), w, torch.zeros(3, dtype=torch.long))
