@@ -314,12 +314,9 @@ def gather_parameter(x, name: str):
     its gradient backward."""
     if x is None or not is_dtensor(x):
         return x
-    group = _dp_group_of(x, name)
     local = x.to_local()
-    if group is None:
-        return local
-    sizes = [int(s) for s in _all_sizes(local.shape[0], group, local.device)]
-    return _GatherRows.apply(local, group, sizes)
+    group, sizes = dp_group_sizes(x, name, local.shape[0])
+    return local if group is None else _GatherRows.apply(local, group, sizes)
 
 
 def _all_sizes(n: int, group, device):

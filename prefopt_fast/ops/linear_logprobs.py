@@ -800,7 +800,7 @@ def _linear_backward(
 ):
     """Gradients (hidden [M, H], weight, bias, lora_a, lora_b; None where not needed) of the
     kept rows. ``lse``, ``lse_lo`` [M]: the rows' logsumexp as the row contract's pair
-    (``_rows.split_lse``; lse_lo None: zeros, for fp64 rows). ``shift`` [M]: what the forward
+    (``_rows.lse_pair``; lse_lo None: zeros, for fp64 rows). ``shift`` [M]: what the forward
     subtracted from each fp32 row (its ``lse`` is that of the shifted rows); None for
     unshifted rows. ``kl``: ``(ref, grad_kl [M], kl [M], ref_lse [M])`` for the exact-KL term, ref
     the reference head as in ``_linear_forward`` (its tiles recomputed and shifted alike)."""
