@@ -748,6 +748,89 @@ def _check_fsdp2(env):
     del dist
 
 
+def _check_fsdp2_every_op(env):
+    """Every fused-linear op and loss with an FSDP2 head (V = 37, uneven shards; a rank whose
+    tokens are all ignored where the op allows it; a different batch size per rank), against
+    the unsharded head: the value, the hidden gradient and this rank's shard of the averaged
+    weight (and LoRA) gradient."""
+    from torch.distributed.fsdp import fully_shard
+
+    from prefopt_fast import linear as L
+
+    V, H, world, rank = 37, 8, env.world, env.rank
+
+    def batch(r):
+        g = torch.Generator().manual_seed(300 + r)
+        B, T = 2 * (1 + r % 2), 4  # pairs: 2 or 4 sequences per rank
+        y = torch.randint(0, V, (B, T), generator=g)
+        y[:, 0] = -100
+        return torch.randn(B, T, H, generator=g), y, g
+
+    ref_w = torch.randn(V, 5, generator=torch.Generator().manual_seed(11))
+
+    def pairs(o):
+        return (o["chosen_logps"] - 0.5 * o["rejected_logps"]).sum()
+
+    def dpo_ref_head(h, w, y, g, lora):
+        rh = torch.randn(*h.shape[:-1], 5, generator=g)
+        return L.linear_dpo_loss(h, w, y, ref_hidden=rh, ref_weight=ref_w, beta=0.3, lora=lora)[0]
+
+    ops = {
+        "token_logprobs": lambda h, w, y, g, lora: (
+            L.linear_token_logprobs(h, w, y, lora=lora, chunk_size=3) * torch.randn(y.shape, generator=g)
+        ).sum(),
+        "sequence_logprobs": lambda h, w, y, g, lora: (
+            L.linear_sequence_logprobs(h, w, y, lora=lora, average=True) * torch.randn(y.shape[0], generator=g)
+        ).sum(),
+        "pair_logprobs": lambda h, w, y, g, lora: pairs(L.linear_pair_logprobs(h, w, y, lora=lora)),
+        "dpo (reference head)": dpo_ref_head,
+        "cpo": lambda h, w, y, g, lora: L.linear_cpo_loss(h, w, y, lora=lora, beta=0.2)[0],
+        "simpo": lambda h, w, y, g, lora: L.linear_simpo_loss(h, w, y, lora=lora, beta=2.0)[0],
+        "orpo": lambda h, w, y, g, lora: L.linear_orpo_loss(h, w, y, lora=lora, beta=0.2)[0],
+    }
+    for use_lora in (False, True):
+        torch.manual_seed(21)
+        head = torch.nn.Linear(H, V, bias=False)
+        params = [head.weight]
+        if use_lora:
+            head.lora_A = torch.nn.Parameter(torch.randn(4, H) * 0.3)
+            head.lora_B = torch.nn.Parameter(torch.randn(V, 4) * 0.3)
+            params += [head.lora_A, head.lora_B]
+        full = [p.detach().clone() for p in params]
+        fully_shard(head)
+        params = [head.weight] + ([head.lora_A, head.lora_B] if use_lora else [])
+        local = [p.to_local().shape[0] for p in params]
+        starts = [sum(dist_sizes(n)[:rank]) for n in local]
+
+        def lora_of(ps):
+            return (ps[1], ps[2], 0.5) if use_lora else None
+
+        for name, op in ops.items():
+            what = f"fsdp2 {name}{' lora' if use_lora else ''}"
+            grads = [torch.zeros_like(f) for f in full]
+            for r in range(world):
+                ps = [f.clone().requires_grad_() for f in full]
+                h0, y0, g = batch(r)
+                h0.requires_grad_()
+                lr = op(h0, ps[0], y0, g, lora_of(ps))
+                lr.backward()
+                for acc, p in zip(grads, ps):
+                    acc += p.grad / world
+                if r == rank:
+                    want, want_h = lr.detach(), h0.grad
+            for p in params:
+                p.grad = None
+            h, y, g = batch(rank)
+            h.requires_grad_()
+            got = op(h, params[0], y, g, lora_of(params))
+            got.backward()
+            env.close(f"{what} value", got, want)
+            env.close(f"{what} grad hidden", h.grad, want_h, rtol=1e-5, atol=1e-6)
+            for i, (p, acc) in enumerate(zip(params, grads)):
+                shard = acc[starts[i] : starts[i] + local[i]]
+                env.close(f"{what} grad param {i} shard", p.grad.to_local(), shard, rtol=1e-5, atol=1e-6)
+
+
 def _check_ddp(env):
     """DDP works unchanged: a module whose forward computes linear_dpo_loss from its own head,
     wrapped in DistributedDataParallel, every rank its own pairs, gives the gradient of the
@@ -823,6 +906,8 @@ SUITES = {
     "fsdp2": [
         ("fsdp2 gather_weight", lambda env: _with_algorithm(env, "gather_weight", _check_fsdp2)),
         ("fsdp2 gather_tokens", lambda env: _with_algorithm(env, "gather_tokens", _check_fsdp2)),
+        ("fsdp2 every op, gather_weight", lambda env: _with_algorithm(env, "gather_weight", _check_fsdp2_every_op)),
+        ("fsdp2 every op, gather_tokens", lambda env: _with_algorithm(env, "gather_tokens", _check_fsdp2_every_op)),
         ("ddp", _check_ddp),
     ],
 }
