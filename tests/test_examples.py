@@ -31,3 +31,19 @@ def test_trl_dpo_lora_example():
 def test_custom_loop_dpo_example():
     expected.require("transformers")
     _run("custom_loop_dpo.py")
+
+
+def test_distributed_layouts_example():
+    """docs/distributed.md's three layouts, launched as users launch them (torchrun, 2 gloo ranks)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLES / "distributed_layouts.py"),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "done: replicated, vocabulary-parallel and FSDP2 layouts match one process on 2 ranks" in proc.stdout
