@@ -421,4 +421,5 @@ def write_outputs(doc: dict, op: OpSpec, outdir: str, device: str, *, plots: boo
         f.write(report_text(doc, op, markdown=True) + "\n")
     if not quiet:
         print(text)
-        print(f"\nwrote {json_path}, {md_path}" + "".join(f", {p}" for p in doc.get("plots", [])))
+        plots = [os.path.join(outdir, p) for p in doc.get("plots", [])]  # the JSON keeps bare names
+        print(f"\nwrote {json_path}, {md_path}" + "".join(f", {p}" for p in plots))
