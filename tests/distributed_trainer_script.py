@@ -1,16 +1,20 @@
 """TRL trainers with prefopt_fast, run as users launch them; driven by tests/test_trainers_distributed.py.
 
+    python distributed_trainer_script.py --save-models MODEL_DIR     # MODEL_DIR and MODEL_DIR_tied
     accelerate launch --config_file fsdp2.yaml --num_processes 2 distributed_trainer_script.py MODEL_DIR OUT_DIR
     python distributed_trainer_script.py MODEL_DIR OUT_DIR --reference
+    (optionally followed by case names: only those run)
 
-Cases, each a few optimizer steps of a tiny fp32 Llama (loaded from MODEL_DIR) with plain SGD:
+Cases (:data:`CASES`), each a few optimizer steps of a tiny fp32 Llama (MODEL_DIR, or the tied
+MODEL_DIR_tied) with plain SGD:
 
 * ``dpo_patch``: ``trl.DPOTrainer`` under :func:`prefopt_fast.integrations.trl.patch_trl`;
-* ``dpo_sub``: :class:`prefopt_fast.integrations.trl.DPOTrainer`;
-* ``grpo`` / ``dapo``: :class:`prefopt_fast.integrations.trl.GRPOTrainer` (loss types grpo with
-  a KL term and an entropy bonus / dapo), generation replaced by fixed completions (sampling differs
-  between a 2-process and a 1-process run, so a sampled run could not be compared); the old and
-  reference log-probs are still computed by TRL's own code path on the policy / reference model.
+* ``dpo_sub``: :class:`prefopt_fast.integrations.trl.DPOTrainer` (tied head);
+* ``grpo`` / ``dapo`` (dapo: tied head): :class:`prefopt_fast.integrations.trl.GRPOTrainer` (loss
+  types grpo with a KL term and an entropy bonus / dapo), generation replaced by fixed
+  completions (sampling differs between a 2-process and a 1-process run, so a sampled run could
+  not be compared); the old and reference log-probs are still computed by TRL's own code path
+  on the policy / reference model.
 
 ``--reference``: one process, TRL's own trainers and kernel (no prefopt_fast), every batch the
 global batch of the distributed run (per-device batch x processes). Rank 0 writes
@@ -113,9 +117,9 @@ def allow_fsdp_on_cpu() -> None:
     accelerate 1.16 turns an FSDP config into ``DistributedType.FSDP`` only for accelerator
     devices; on CPU it silently runs plain data parallel (``MULTI_CPU``: replicated weights,
     DDP). Here the state is switched to FSDP with the plugin accelerate built from the config,
-    so the Trainer's own FSDP2 path runs (``fully_shard`` of the decoder layers and the root
-    model, TRL's ``prepare_fsdp`` of the reference model, sharded clipping). GPU runs need none
-    of this.
+    so the Trainer's own FSDP2 path runs (accelerate's ``fully_shard`` of the decoder layers, the
+    embedding, the [final norm, lm_head] tail and the root; TRL's ``prepare_fsdp`` of the reference
+    model; sharded gradient clipping). GPU runs need none of this.
     """
     import accelerate.state
     from accelerate.utils import DistributedType
