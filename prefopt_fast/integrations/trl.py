@@ -39,6 +39,10 @@ What the patched head does with TRL's call
 * outputs ``entropy`` (differentiable), ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``
   (non-differentiable) map to prefopt_fast's ``entropy``, ``log_sum_sq_probs``,
   ``mean_logit``, ``is_argmax``; unrequested ones are None, as in TRL.
+* under ``accelerate launch`` with FSDP2 (accelerate 1.16) the weight arrives as the gathered
+  plain parameter: accelerate puts ``[final norm, lm_head]`` in one unit that the final norm's
+  forward gathers and that stays gathered until the backward, and FSDP2 reduce-scatters the
+  head's gradient as any other (tested against a one-process run: tests/test_trainers_distributed.py).
 * falls back to TRL's own kernel (with one warning per reason) for a DeepSpeed ZeRO-3
   partitioned head (TRL re-gathers it in its backward; prefopt_fast's backward would see
   the empty partition), a compute dtype other than fp32 / bf16 / fp16, and
