@@ -73,9 +73,7 @@ VERL_INTERNALS = (
 _INTEGRATION = "prefopt_fast.integrations.verl"
 _VERL_VERSION = getattr(verl, "__version__", "0")
 
-version_guard.require_internals(
-    _INTEGRATION, "verl", _VERL_VERSION, TESTED_VERL, VERL_INTERNALS, error=ImportError
-)
+version_guard.require_internals(_INTEGRATION, "verl", _VERL_VERSION, TESTED_VERL, VERL_INTERNALS, error=ImportError)
 
 import verl.models.transformers.monkey_patch as _verl_monkey_patch  # noqa: E402
 import verl.trainer.ppo.core_algos as _verl_core_algos  # noqa: E402
