@@ -284,9 +284,9 @@ def _tiny_llama(seed):
 
 
 def _actor_step(model, batch, use_fused, backend):
-    """One verl-style actor micro-step: log-probs (+ entropy) from the model, verl's vanilla PPO
-    policy loss minus an entropy bonus (token-mean over the response mask), backward."""
-    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla
+    """One verl-style actor micro-step: log-probs (+ entropy) from the model, the vanilla PPO
+    policy loss (verl's, or prefopt_vanilla for the prefopt backend) minus an entropy bonus (token-mean over the response mask), backward."""
+    from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn
     from verl.workers.config import ActorConfig
 
     model.zero_grad(set_to_none=True)
@@ -301,7 +301,8 @@ def _actor_step(model, batch, use_fused, backend):
         entropy = verl_F.entropy_from_logits(logits)
     mask = batch["mask"]
     cfg = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2, rollout_n=1)
-    pg_loss, _ = compute_policy_loss_vanilla(
+    # the prefopt backend's run also takes the prefopt policy loss
+    pg_loss, _ = get_policy_loss_fn("prefopt_vanilla" if backend == "prefopt" else "vanilla")(
         batch["old_log_prob"], log_prob, batch["advantages"], mask, loss_agg_mode="token-mean", config=cfg
     )
     loss = pg_loss - 0.01 * agg_loss(entropy, mask, "token-mean")
@@ -354,3 +355,73 @@ def test_unknown_backend_still_skipped(patched, capsys):
     before = type(model).forward
     verl_monkey_patch.patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="nope")
     assert type(model).forward is before and "Skipping monkey patch" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- policy losses
+
+
+def _actor_config(**kw):
+    from verl.workers.config import ActorConfig
+
+    return ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, **kw)
+
+
+@pytest.mark.parametrize(
+    "cfg_kw,info,weights",
+    [
+        ({"clip_ratio": 0.2}, {}, False),
+        ({"clip_ratio": 0.2, "clip_ratio_low": 0.1, "clip_ratio_high": 0.28, "clip_ratio_c": 2.0}, {}, True),
+        ({"clip_ratio": 0.3}, {"dp_size": 2, "batch_num_tokens": 57, "global_batch_size": 8}, True),
+    ],
+)
+def test_prefopt_vanilla_matches_verl_vanilla(patched, cfg_kw, info, weights):
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
+
+    fn = get_policy_loss_fn("prefopt_vanilla")
+    assert fn is pverl.compute_policy_loss_prefopt_vanilla
+    g = torch.Generator().manual_seed(11)
+    B, T = 4, 9
+    old = torch.randn(B, T, generator=g) - 2
+    lp0 = old + torch.randn(B, T, generator=g) * 0.4
+    lp0[0, 1], lp0[1, 2] = old[0, 1] + 25.0, old[1, 2] - 30.0  # beyond verl's +-20 log-ratio clamp
+    adv = torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[2] = False  # an empty sequence
+    mask[0, 1] = mask[1, 2] = True
+    w = torch.rand(B, T, generator=g) + 0.5 if weights else None
+    res = []
+    for f in (compute_policy_loss_vanilla, fn):
+        config = _actor_config(**cfg_kw)
+        config.global_batch_info.update(info)
+        lp = lp0.clone().requires_grad_()
+        loss, metrics = f(old, lp, adv, mask, "token-mean", config, w)
+        loss.backward()
+        res.append((loss.detach(), metrics, lp.grad))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(res[1][2], res[0][2], rtol=1e-6, atol=1e-8)
+    assert res[1][1].keys() == res[0][1].keys()
+    for k in res[0][1]:
+        assert res[1][1][k] == pytest.approx(res[0][1][k], rel=1e-6, abs=1e-7), k
+
+
+def test_prefopt_vanilla_other_agg_modes_run_verls(patched, monkeypatch):
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    monkeypatch.setattr(pverl, "_warned_agg", set())
+    g = torch.Generator().manual_seed(2)
+    old, lp, adv = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    with pytest.warns(RuntimeWarning, match="seq-mean-token-mean"):
+        got = pverl.compute_policy_loss_prefopt_vanilla(old, lp, adv, mask, "seq-mean-token-mean", _actor_config())
+    want = compute_policy_loss_vanilla(old, lp, adv, mask, "seq-mean-token-mean", _actor_config())
+    torch.testing.assert_close(got[0], want[0])
+
+
+def test_policy_loss_registration_undone():
+    from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
+
+    assert "prefopt_vanilla" not in POLICY_LOSS_REGISTRY
+    with pverl.patched_verl():
+        assert POLICY_LOSS_REGISTRY["prefopt_vanilla"] is pverl.compute_policy_loss_prefopt_vanilla
+        assert "vanilla" in POLICY_LOSS_REGISTRY
+    assert "prefopt_vanilla" not in POLICY_LOSS_REGISTRY

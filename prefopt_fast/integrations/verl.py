@@ -28,8 +28,9 @@ Importing :mod:`prefopt_fast` never imports verl; importing this module does.
    ``entropy_from_logits`` in the logits' dtype, ``entropy_from_logits_with_chunking`` fp32.
    ``inplace_backward`` keeps its meaning (the backward overwrites the logits buffer), which
    verl's CPU path ignores.
-3. policy losses: ``prefopt_vanilla`` (and the names of :data:`POLICY_LOSSES`) are registered
-   with ``verl.trainer.ppo.core_algos.register_policy_loss`` (``actor.policy_loss.loss_mode``).
+3. policy losses: the names of :data:`POLICY_LOSSES` (``prefopt_vanilla``: verl's ``vanilla``
+   computed by :func:`prefopt_fast.policy_loss`) are registered with
+   ``verl.trainer.ppo.core_algos.register_policy_loss`` (``actor.policy_loss.loss_mode``).
 
 Ray: verl's actors run in other processes. Patch them by importing this module there with the
 environment variable ``PREFOPT_VERL_PATCH=1`` set (importing it then calls :func:`patch_verl`), e.g.
@@ -69,6 +70,7 @@ VERL_INTERNALS = (
     "verl.trainer.ppo.core_algos.register_policy_loss",
     "verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY",
     "verl.trainer.ppo.core_algos.agg_loss",
+    "verl.trainer.ppo.core_algos.compute_policy_loss_vanilla",  # prefopt_vanilla's fallback
 )
 _INTEGRATION = "prefopt_fast.integrations.verl"
 _VERL_VERSION = getattr(verl, "__version__", "0")
@@ -80,6 +82,7 @@ import verl.trainer.ppo.core_algos as _verl_core_algos  # noqa: E402
 import verl.utils.experimental.torch_functional as _verl_exp_F  # noqa: E402
 import verl.utils.torch_functional as _verl_F  # noqa: E402
 
+from ..losses.ppo import policy_loss  # noqa: E402
 from ..ops.linear_logprobs import linear_token_logprobs  # noqa: E402
 from ..ops.token_logprobs import token_logprobs  # noqa: E402
 
@@ -96,6 +99,7 @@ __all__ = [
     "logprobs_from_logits",
     "entropy_from_logits",
     "entropy_from_logits_with_chunking",
+    "compute_policy_loss_prefopt_vanilla",
 ]
 
 BACKEND = "prefopt"  # the value of fused_kernel_options.impl_backend that selects prefopt_fast
@@ -350,15 +354,112 @@ def is_verl_patched() -> bool:
 
 # --------------------------------------------------------------------------- policy losses
 
-POLICY_LOSSES: tuple = ()
+_warned_agg = set()
+
+
+def _verl_clip(config):
+    """verl's vanilla clip parameters from its ActorConfig: eps_low, eps_high, dual-clip c."""
+    clip = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+    c = config.get("clip_ratio_c", 3.0)
+    if not c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (the dual-clip lower bound of the ratio); got {c}")
+    return low, high, c
+
+
+def compute_policy_loss_prefopt_vanilla(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+):
+    """verl's ``vanilla`` policy loss (``compute_policy_loss_vanilla``: clipped ratio with
+    ``clip_ratio_low`` / ``clip_ratio_high``, dual clip ``clip_ratio_c``, the log-ratio clamped to
+    [-20, 20], ``rollout_is_weights`` on the policy term, ``agg_loss`` with the actor's
+    ``global_batch_info``) computed by :func:`prefopt_fast.policy_loss` on the ``[B, T]`` log-probs.
+    Same signature and return as verl's: ``(loss, {"actor/pg_clipfrac", "actor/ppo_kl",
+    "actor/pg_clipfrac_lower"})``.
+
+    ``loss_agg_mode="token-mean"`` only: for the other modes prefopt_fast's head does not yet
+    aggregate as verl's ``agg_loss`` (means over the non-empty sequences, the global batch size),
+    and verl's own ``compute_policy_loss_vanilla`` runs (one warning)."""
+    assert config is not None  # as verl: the loss reads the actor config
+    if loss_agg_mode != "token-mean":
+        if loss_agg_mode not in _warned_agg:
+            _warned_agg.add(loss_agg_mode)
+            warnings.warn(
+                f"{_INTEGRATION}: prefopt_vanilla with loss_agg_mode={loss_agg_mode!r} runs verl's "
+                "compute_policy_loss_vanilla (prefopt_fast's head aggregates token-mean as verl only)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _verl_core_algos.compute_policy_loss_vanilla(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+        )
+    low, high, c = _verl_clip(config)
+    mask = response_mask.to(log_prob.dtype)
+    # verl clamps the log-ratio to [-20, 20] before the exp (no gradient outside): the same
+    # log-probs, shifted, give prefopt_fast's head that ratio
+    neg_kl = log_prob - old_log_prob
+    clamped = neg_kl.clamp(-20.0, 20.0)
+    logps = old_log_prob + clamped if bool((clamped != neg_kl).any()) else log_prob
+    info = getattr(config, "global_batch_info", None) or {}
+    dp_size, num_tokens = info.get("dp_size", 1), info.get("batch_num_tokens")
+    if num_tokens is None and dp_size > 1:
+        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")  # as verl's agg_loss
+    loss, m = policy_loss(
+        logps,
+        old_log_prob,
+        advantages,
+        mask,
+        clip_eps_low=low,
+        clip_eps_high=high,
+        dual_clip=c,
+        loss_agg_mode="token-mean",
+        is_weights=rollout_is_weights,
+        # verl: masked_sum / batch_num_tokens * dp_size
+        global_num_tokens=None if num_tokens is None else num_tokens / dp_size,
+    )
+    with torch.no_grad():
+        n = mask.sum()
+        ratio = torch.exp(clamped)
+        pg1 = -advantages * ratio
+        pg_max = torch.maximum(pg1, -advantages * torch.clamp(ratio, 1 - low, 1 + high))
+        lower = ((pg_max > -advantages * c) & (advantages < 0)).to(mask.dtype)
+        metrics = {
+            # verl's pg_clipfrac (-A clip(r) > -A r) is prefopt_fast's clip_ratio/region_mean
+            "actor/pg_clipfrac": m["clip_ratio/region_mean"].item(),
+            "actor/ppo_kl": ((-clamped * mask).sum() / n).item(),
+            "actor/pg_clipfrac_lower": ((lower * mask).sum() / n).item(),
+        }
+    return loss, metrics
+
+
+# verl loss_mode name -> function
+POLICY_LOSSES = {"prefopt_vanilla": compute_policy_loss_prefopt_vanilla}
 
 
 def _register_policy_losses() -> None:
-    pass
+    registry = _verl_core_algos.POLICY_LOSS_REGISTRY
+    for name, fn in POLICY_LOSSES.items():
+        _POLICY_LOSSES_REGISTERED[name] = registry.get(name)
+        _verl_core_algos.register_policy_loss(name)(fn)
 
 
 def _unregister_policy_losses() -> None:
-    pass
+    registry = _verl_core_algos.POLICY_LOSS_REGISTRY
+    for name, fn in POLICY_LOSSES.items():
+        before = _POLICY_LOSSES_REGISTERED.pop(name, None)
+        if registry.get(name) is not fn:
+            continue  # replaced by someone else meanwhile: theirs stays
+        if before is None:
+            del registry[name]
+        else:
+            registry[name] = before
 
 
 if os.environ.get("PREFOPT_VERL_PATCH", "0") not in ("", "0"):
