@@ -33,6 +33,7 @@ import verl.utils.experimental.torch_functional as verl_exp_F  # noqa: E402
 import verl.utils.torch_functional as verl_F  # noqa: E402
 
 from prefopt_fast.integrations import verl as pverl  # noqa: E402
+from prefopt_fast.integrations import version_guard  # noqa: E402
 
 VERL_FUSED = verl_exp_F.FusedLinearForPPO
 VERL_LOGPROBS = verl_F.logprobs_from_logits
@@ -242,6 +243,27 @@ def test_patch_unpatch_scope():
             assert verl_F.entropy_from_logits is pverl.entropy_from_logits
         assert pverl.is_verl_patched()
     assert verl_F.entropy_from_logits is VERL_ENTROPY
+
+
+def test_untested_verl_version_warns(monkeypatch):
+    monkeypatch.setattr(version_guard, "_warned", set())
+    monkeypatch.setattr(pverl, "_VERL_VERSION", "0.10.0")
+    try:
+        with pytest.warns(
+            version_guard.UntestedVersionWarning, match=r"tested with verl >= 0\.9, < 0\.10; verl 0\.10\.0"
+        ):
+            pverl.patch_verl()
+        assert pverl.is_verl_patched()
+    finally:
+        pverl.unpatch_verl()
+
+
+def test_missing_verl_internal_is_named(monkeypatch):
+    missing = "verl.utils.torch_functional.no_such_helper"
+    monkeypatch.setattr(pverl, "VERL_INTERNALS", (*pverl.VERL_INTERNALS, missing))
+    with pytest.raises(RuntimeError, match=r"needs verl\.utils\.torch_functional\.no_such_helper, which verl"):
+        pverl.patch_verl()
+    assert not pverl.is_verl_patched()
 
 
 def test_env_var_patches_on_import(monkeypatch):
