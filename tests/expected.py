@@ -144,7 +144,7 @@ def missing(component: str, reason: str):
             f"scripts/test.sh does), or set PREFOPT_ALLOW_MISSING={component} to skip deliberately.",
             pytrace=False,
         )
-    pytest.skip(f"{component}: {reason}")
+    pytest.skip(f"{component}: {reason}", allow_module_level=True)  # also from a module-level require
 
 
 def require(component: str) -> None:
