@@ -283,7 +283,7 @@ def _install() -> None:
         old = getattr(sys.modules[home], attr)
         _saved[(home, attr)] = old
         for mod in modules:
-            if getattr(mod, attr, None) is old:
+            if getattr(mod, "__dict__", {}).get(attr) is old:  # no module __getattr__ (lazy import) runs
                 setattr(mod, attr, new)
     _register_policy_losses()
     _state["installed"] = True
@@ -302,7 +302,7 @@ def _uninstall() -> None:
                 stacklevel=3,
             )
         for mod in modules:
-            if getattr(mod, attr, None) is new:
+            if getattr(mod, "__dict__", {}).get(attr) is new:
                 setattr(mod, attr, old)
     _unregister_policy_losses()
     _state["installed"] = False
