@@ -34,9 +34,24 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 # (Liger-Kernel and cut-cross-entropy, which need torch and triton only: torch is the pinned
 # one above, whatever the mode).
 pip_install "${UPGRADE[@]}" --no-build-isolation -e ".[test,bench]"
-"$PY" -m pip check >/dev/null || { "$PY" -m pip check >&2 || true; echo "note: pip check reports the conflicts above" >&2; }
+# verl (prefopt_fast.integrations.verl; tests/test_verl_integration.py) goes in --no-deps, with
+# tensordict (in verl 0.9's own range): their requirements (torchdata, tensordict's torch, ...)
+# could pull a second torch stack; and pyvers, tensordict's, whose packaging<26 pin is stricter
+# than its code (it imports and runs with the packaging pinned here). Then the pure-Python packages that the verl modules the
+# integration patches really import (ray brings its own: msgpack, protobuf, jsonschema, requests).
+# verl's wheel also installs a top-level `tests` package: the tests import `expected`, never
+# `tests.expected`.
+pip_install "${UPGRADE[@]}" --no-deps "verl>=0.9,<0.10" "tensordict>=0.8,<=0.10,!=0.9.0" "pyvers>=0.1,<0.2"
+pip_install "${UPGRADE[@]}" ray colorama omegaconf codetiming orjson cloudpickle
+# pip check: the requirements skipped on purpose above (verl's and tensordict's, and pyvers'
+# packaging pin) are not conflicts to report
+if ! "$PY" -m pip check >/dev/null 2>&1; then
+  CONFLICTS=$("$PY" -m pip check 2>&1 | grep -Ev '^(verl|tensordict|pyvers) ' || true)
+  if [ -n "$CONFLICTS" ]; then echo "$CONFLICTS" >&2; echo "note: pip check reports the conflicts above" >&2; fi
+fi
 "$PY" - <<'EOF'
 import importlib.metadata as md
 names = ["torch", "triton", "transformers", "trl", "peft", "kernels", "datasets", "liger-kernel", "cut-cross-entropy"]
+names += ["verl", "tensordict", "ray"]
 print("prefopt_fast set-up:", ", ".join(f"{n} {md.version(n)}" for n in names))
 EOF

@@ -5,10 +5,11 @@ torch.compile machinery."""
 import subprocess
 import sys
 
+from expected import require_module  # not tests.expected: verl's wheel installs a top-level `tests` package
+
 import prefopt_fast
 import prefopt_fast.linear
 import prefopt_fast.losses
-from tests.expected import require_module
 
 
 def _modules_after(code: str) -> set:
