@@ -26,6 +26,7 @@ from torch import nn
 
 from prefopt_fast import reference as R
 from prefopt_fast.losses import KL_ESTIMATORS, LOSS_AGG_MODES, TRL_LOSS_TYPES, PPOLoss, ppo_loss
+from prefopt_fast.losses.ppo import VERL_KL_ESTIMATORS
 
 IGN = -100
 
@@ -177,6 +178,27 @@ VARIANTS = {
     ),
     "temperature": dict(temperature=0.7, entropy_coef=0.1, kl_coef=0.1, ref_logps="ref"),
     "temperature_tensor": dict(temperature="temp", entropy_coef=0.1),
+    # TRL 1.16's other loss types
+    "luspo": dict(loss_agg_mode="luspo", entropy_coef=0.1, dual_clip=3.0, adv="adv_tok"),
+    "cispo": dict(loss_agg_mode="cispo", clip_eps_high=1.3, global_num_tokens=11.0, kl_coef=0.1, ref_logps="ref"),
+    "cispo_seq": dict(loss_agg_mode="cispo", clip_eps_high=1.1, importance_sampling_level="sequence"),
+    "sapo": dict(loss_agg_mode="sapo", entropy_coef=0.1, adv="adv_tok"),
+    "sapo_args": dict(loss_agg_mode="sapo", loss_type_args=dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5)),
+    "vespo": dict(loss_agg_mode="vespo", global_num_tokens=13.0, entropy_coef=0.1),
+    "vespo_token_adv": dict(loss_agg_mode="vespo", adv="adv_tok", loss_type_args=dict(vespo_k_pos=1.0)),
+    # verl's convention: k3 clamped, log-ratio clamp, dual clip 3 by default, straight-through KL
+    "verl_k3": dict(convention="verl", kl_coef=0.1, kl_estimator="k3", ref_logps="ref", adv="adv_tok"),
+    "verl_k1+": dict(convention="verl", kl_coef=0.1, kl_estimator="k1+", ref_logps="ref"),
+    "verl_k3+": dict(
+        convention="verl", kl_coef=0.1, kl_estimator="k3+", ref_logps="ref", loss_agg_mode="seq-mean-token-mean"
+    ),
+    "verl_abs+": dict(convention="verl", kl_coef=0.1, kl_estimator="abs+", ref_logps="ref", entropy_coef=0.1),
+    "verl_low_var_kl+": dict(convention="verl", kl_coef=0.1, kl_estimator="low_var_kl+", ref_logps="ref"),
+    "verl_sum_norm": dict(convention="verl", loss_agg_mode="seq-mean-token-sum-norm", entropy_coef=0.1),
+    "verl_gspo": dict(
+        convention="verl", importance_sampling_level="sequence", loss_agg_mode="seq-mean-token-mean", adv="adv_tok"
+    ),
+    "trl_k3": dict(convention="trl", loss_agg_mode="grpo", kl_coef=0.1, kl_estimator="k3", ref_logps="ref"),
 }
 
 
@@ -209,7 +231,7 @@ def test_every_mode_and_estimator_is_covered():
     used_modes = {v.get("loss_agg_mode", "token-mean") for v in VARIANTS.values()}
     assert set(LOSS_AGG_MODES) | set(TRL_LOSS_TYPES) <= used_modes
     used_est = {v["kl_estimator"] for v in VARIANTS.values() if "kl_estimator" in v} | {"full"}
-    assert set(KL_ESTIMATORS) <= used_est
+    assert set(KL_ESTIMATORS) | set(VERL_KL_ESTIMATORS) <= used_est
 
 
 def test_clipping_is_exercised():
@@ -693,13 +715,20 @@ BAD = [
     (dict(dual_clip=1.2, loss_agg_mode="dapo"), ValueError, "dual_clip must be > 1 \\+ clip_eps_high"),
     (dict(kl_estimator="k4"), ValueError, r"kl_estimator must be one of \['k1', 'k2', 'k3', 'abs', 'low_var_kl'"),
     (dict(loss_agg_mode="token-sum"), ValueError, r"loss_agg_mode must be one of .*'dapo'"),
-    (dict(loss_agg_mode="cispo"), ValueError, "cispo.*not supported"),
+    (dict(convention="verl", loss_agg_mode="cispo"), ValueError, "is a TRL GRPOTrainer loss_type; with convention='verl'"),
+    (dict(convention="trl"), ValueError, "'token-mean' is verl's name; with convention='trl'"),
+    (dict(convention="openrlhf"), ValueError, r"convention must be one of \['trl', 'verl'\] or None"),
+    (dict(kl_estimator="k3+"), ValueError, "verl's straight-through estimator.*convention='verl'"),
+    (dict(kl_estimator="k1+", convention="trl", loss_agg_mode="grpo"), ValueError, "convention='verl'"),
+    (dict(loss_agg_mode="cispo", dual_clip=3.0), ValueError, "ignores `delta`"),
+    (dict(loss_agg_mode="sapo", loss_type_args=dict(vespo_k_pos=1.0)), ValueError, "does not read"),
+    (dict(loss_agg_mode="sapo", loss_type_args=dict(sapo_temperature_pos=0.0)), ValueError, "sapo_temperature_pos"),
+    (dict(loss_type_args=[1.0]), TypeError, "loss_type_args must be a dict"),
     (dict(importance_sampling_level="seq"), ValueError, "importance_sampling_level"),
     (dict(kl_coef=0.1, kl_estimator="full"), ValueError, "needs ref_logits"),
     (dict(kl_coef=0.1), ValueError, "needs ref_logps"),
     (dict(kl_coef=-0.1), ValueError, "kl_coef"),
     (dict(kl_ratio_correction=1), TypeError, "kl_ratio_correction"),
-    (dict(loss_agg_mode="seq-mean-token-sum-norm"), ValueError, "max_length is required"),
     (dict(loss_agg_mode="dr_grpo"), ValueError, "max_length is required"),
     (dict(loss_agg_mode="dr_grpo", max_length=0), ValueError, "max_length must be an int >= 1"),
     (dict(max_length=8), ValueError, "max_length is only used"),
