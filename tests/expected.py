@@ -95,6 +95,10 @@ COMPONENTS: dict[str, Callable[[], Optional[str]]] = {
     "cut-cross-entropy": lambda: _import_problem("cut_cross_entropy"),
     "pytest-benchmark": lambda: _import_problem("pytest_benchmark"),
     "cuobjdump": _cuobjdump,
+    # verl 0.9 (--no-deps, scripts/setup.sh): the modules prefopt_fast.integrations.verl patches
+    "verl": lambda: (
+        _import_problem("verl.models.transformers.monkey_patch") or _import_problem("verl.trainer.ppo.core_algos")
+    ),
 }
 # the module a component is imported as, for require_module
 MODULES = {
@@ -107,6 +111,7 @@ MODULES = {
     "cut-cross-entropy": "cut_cross_entropy",
     "pytest-benchmark": "pytest_benchmark",
     "triton": "triton",
+    "verl": "verl",
 }
 
 

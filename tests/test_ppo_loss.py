@@ -464,6 +464,22 @@ class _Accelerator:
         return nullcontext()
 
 
+def _trl_objective_defaults():
+    """TRL's own GRPOConfig defaults of the sapo / vespo fields."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    return {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name.startswith(("sapo_", "vespo_"))}
+
+
+def test_trl_objective_defaults_are_trls():
+    expected.require("trl")
+    from prefopt_fast.losses.ppo import TRL_LOSS_TYPE_ARGS
+
+    assert {k: v for d in TRL_LOSS_TYPE_ARGS.values() for k, v in d.items()} == _trl_objective_defaults()
+
+
 def _trl_loss(
     logits,
     labels,
@@ -484,8 +500,10 @@ def _trl_loss(
     num_items_in_batch=None,
     max_completion_length=None,
     temperature=1.0,
+    loss_type_args=None,
 ):
-    """TRL 1.16's own GRPOTrainer._compute_loss on these logits; returns (loss, metrics, logits_grad)."""
+    """TRL 1.16's own GRPOTrainer._compute_loss on these logits; returns (loss, metrics, logits_grad).
+    ``loss_type_args``: GRPOConfig fields of sapo / vespo (TRL's defaults otherwise)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
@@ -517,7 +535,11 @@ def _trl_loss(
         max_completion_length=max_completion_length,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         args=types.SimpleNamespace(
-            delta=delta, use_bias_correction_kl=use_bias_correction_kl, steps_per_generation=1, entropy_target=0.2
+            delta=delta,
+            use_bias_correction_kl=use_bias_correction_kl,
+            steps_per_generation=1,
+            entropy_target=0.2,
+            **{**_trl_objective_defaults(), **(loss_type_args or {})},
         ),
     )
     completion_mask = (labels != IGN).long()
@@ -582,7 +604,35 @@ TRL_CASES = {
         beta=0.05,
     ),
     "gspo_bnpo_token_adv_delta": dict(loss_type="bnpo", importance_sampling_level="sequence", adv="adv_tok", delta=1.5),
+    "luspo_gspo_delta_kl_entropy": dict(
+        loss_type="luspo", importance_sampling_level="sequence", delta=3.0, beta=0.04, entropy_coef=0.01
+    ),
+    "luspo_token_adv_toolmask": dict(loss_type="luspo", adv="adv_tok", tool_mask=True, epsilon_high=0.28),
+    "cispo_kl_entropy_is": dict(
+        loss_type="cispo", epsilon_high=1.3, num_items_in_batch=17, beta=0.04, entropy_coef=0.02, is_ratio="tok"
+    ),
+    "cispo_seq_on_policy": dict(
+        loss_type="cispo", importance_sampling_level="sequence", old=False, epsilon_high=0.9, num_items_in_batch="local"
+    ),
+    "sapo_entropy_toolmask_kl": dict(
+        loss_type="sapo",
+        adv="adv_tok",
+        tool_mask=True,
+        entropy_coef=0.02,
+        beta=0.04,
+        use_bias_correction_kl=True,
+        loss_type_args=dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.7),
+    ),
+    "sapo_defaults_is_seq": dict(loss_type="sapo", is_ratio="seq"),
+    "vespo_kl_entropy": dict(loss_type="vespo", num_items_in_batch=13, beta=0.02, entropy_coef=0.01),
+    "vespo_args_token_adv": dict(
+        loss_type="vespo",
+        adv="adv_tok",
+        num_items_in_batch="local",
+        loss_type_args=dict(vespo_k_pos=1.5, vespo_lambda_pos=0.5, vespo_k_neg=2.5, vespo_lambda_neg=1.0),
+    ),
 }
+_TRL_GLOBAL = ("dapo", "cispo", "vespo")  # the loss types that divide by TRL's num_items_in_batch normalizer
 
 
 @pytest.mark.parametrize("name", list(TRL_CASES))
@@ -632,6 +682,8 @@ def test_matches_trl_grpo_trainer(backend, device, name):
         loss_agg_mode=case["loss_type"],
         kl_coef=case.get("beta", 0.0),
         kl_estimator="k3",
+        convention="trl",
+        loss_type_args=case.get("loss_type_args"),
         kl_ratio_correction=case.get("use_bias_correction_kl", False),
         clip_eps_low=case.get("epsilon", 0.2),
         clip_eps_high=case.get("epsilon_high"),
@@ -639,14 +691,19 @@ def test_matches_trl_grpo_trainer(backend, device, name):
         entropy_coef=case.get("entropy_coef", 0.0),
         importance_sampling_level=case.get("importance_sampling_level", "token"),
         max_length=case.get("max_completion_length"),
-        global_num_tokens=nib if case["loss_type"] == "dapo" else None,
+        global_num_tokens=nib if case["loss_type"] in _TRL_GLOBAL else None,
         temperature=case.get("temperature", 1.0),
         backend=backend,
     )
     loss.backward()
     torch.testing.assert_close(loss.detach().cpu(), t_loss, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(z.grad.cpu(), t_grad, rtol=2e-4, atol=1e-7)
-    names = {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"}
+    names = {
+        "cispo": {"cispo_clip_ratio"},
+        "vespo": {"vespo/phi_seq_mean"},
+        "sapo": set(),
+    }.get(case["loss_type"], {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"})
+    names.add("entropy")
     if ref is not None:
         names.add("kl")
     if case.get("entropy_coef"):
@@ -667,6 +724,8 @@ def test_matches_trl_grpo_trainer(backend, device, name):
             loss_agg_mode=case["loss_type"],
             kl_coef=case.get("beta", 0.0),
             kl_estimator="k3",
+            convention="trl",
+            loss_type_args=case.get("loss_type_args"),
             kl_ratio_correction=case.get("use_bias_correction_kl", False),
             clip_eps_low=case.get("epsilon", 0.2),
             clip_eps_high=case.get("epsilon_high"),
@@ -674,7 +733,7 @@ def test_matches_trl_grpo_trainer(backend, device, name):
             entropy_coef=case.get("entropy_coef", 0.0),
             importance_sampling_level=case.get("importance_sampling_level", "token"),
             max_length=case.get("max_completion_length"),
-            global_num_tokens=nib if case["loss_type"] == "dapo" else None,
+            global_num_tokens=nib if case["loss_type"] in _TRL_GLOBAL else None,
             temperature=case.get("temperature", 1.0),
         )
         r_loss.backward()
@@ -715,7 +774,7 @@ BAD = [
     (dict(dual_clip=1.2, loss_agg_mode="dapo"), ValueError, "dual_clip must be > 1 \\+ clip_eps_high"),
     (dict(kl_estimator="k4"), ValueError, r"kl_estimator must be one of \['k1', 'k2', 'k3', 'abs', 'low_var_kl'"),
     (dict(loss_agg_mode="token-sum"), ValueError, r"loss_agg_mode must be one of .*'dapo'"),
-    (dict(convention="verl", loss_agg_mode="cispo"), ValueError, "is a TRL GRPOTrainer loss_type; with convention='verl'"),
+    (dict(convention="verl", loss_agg_mode="cispo"), ValueError, "TRL GRPOTrainer loss_type; with convention='verl'"),
     (dict(convention="trl"), ValueError, "'token-mean' is verl's name; with convention='trl'"),
     (dict(convention="openrlhf"), ValueError, r"convention must be one of \['trl', 'verl'\] or None"),
     (dict(kl_estimator="k3+"), ValueError, "verl's straight-through estimator.*convention='verl'"),
