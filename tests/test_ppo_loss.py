@@ -774,8 +774,16 @@ BAD = [
     (dict(dual_clip=1.2, loss_agg_mode="dapo"), ValueError, "dual_clip must be > 1 \\+ clip_eps_high"),
     (dict(kl_estimator="k4"), ValueError, r"kl_estimator must be one of \['k1', 'k2', 'k3', 'abs', 'low_var_kl'"),
     (dict(loss_agg_mode="token-sum"), ValueError, r"loss_agg_mode must be one of .*'dapo'"),
-    (dict(convention="verl", loss_agg_mode="cispo"), ValueError, "TRL GRPOTrainer loss_type; with convention='verl'"),
-    (dict(convention="trl"), ValueError, "'token-mean' is verl's name; with convention='trl'"),
+    (
+        dict(convention="verl", loss_agg_mode="cispo"),
+        ValueError,
+        "convention='verl', loss_agg_mode must be one of verl's",
+    ),
+    (
+        dict(convention="trl"),
+        ValueError,
+        "convention='trl', loss_agg_mode must be one of TRL's.*got verl's 'token-mean'",
+    ),
     (dict(convention="openrlhf"), ValueError, r"convention must be one of \['trl', 'verl'\] or None"),
     (dict(kl_estimator="k3+"), ValueError, "verl's straight-through estimator.*convention='verl'"),
     (dict(kl_estimator="k1+", convention="trl", loss_agg_mode="grpo"), ValueError, "convention='verl'"),

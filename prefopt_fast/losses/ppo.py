@@ -10,8 +10,9 @@ integration all run it.
 Per token, with m the mask (label != ignore_index, times ``loss_mask``), logp the policy
 log-prob, old the behaviour log-prob, ref the reference log-prob, A the advantage:
 
-    r     = exp(logp - old)                              (token level), or
-    r_b   = exp(sum_t m (logp - old) / max(sum_t m, 1))  (sequence level, GSPO; as TRL)
+    l_t   = logp - old
+    r     = exp(l_t)                               (token level), or
+    r_b   = exp(sum_t m l_t / max(sum_t m, 1))     (sequence level, GSPO; as TRL)
     pg    = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
     dual clip c > 1 (A < 0 only):  pg = min(pg, -c A)
     kl    = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: exp(ref - logp) - (ref - logp) - 1
@@ -21,39 +22,65 @@ log-prob, old the behaviour log-prob, ref the reference log-prob, A the advantag
     loss_t = pg * w + kl_coef * kl               (w = is_weights; the KL term is not weighted)
     loss   = agg(loss_t) - entropy_coef * agg_H(H)
 
-``agg`` (``loss_agg_mode``), with S_b = sum_t m loss_t, L_b = sum_t m:
+``convention`` says whose formula a name means where TRL 1.16 and verl 0.9 give one name two:
+
+    None (default)  the formulas above: no clamp on l_t, dual clip only when given, ``k3`` =
+                    Schulman's unclamped k3 (TRL's); verl's ``+`` estimators refused
+    "trl"           the same; loss_agg_mode must be a TRL loss_type
+    "verl"          verl's: l_t clamped to [-20, 20] before exp; dual clip c = 3 unless given
+                    (verl's clip_ratio_c; its vanilla loss has no off switch); ``k3`` = verl's k3
+                    = low_var_kl; ``k1+`` / ``k3+`` / ``abs+`` / ``low_var_kl+`` = the value of the
+                    estimator with the gradient of k2 (verl's straight-through kl_penalty);
+                    sequence level = verl's gspo (the token ratio sg[r_b] pi_t / sg[pi_t], its
+                    log clamped above at 10, no dual clip by default); loss_agg_mode must be
+                    verl's
+
+``agg`` (``loss_agg_mode``), with S_b = sum_t m loss_t, L_b = sum_t m. verl's names are verl's
+``agg_loss`` (dp_size 1): the means over b run over the n >= 1 sequences with L_b > 0.
 
     token-mean               sum_b S_b / N, N = global_num_tokens or max(sum_b L_b, 1)
-    seq-mean-token-mean      mean_b S_b / max(L_b, 1)
-    seq-mean-token-sum       mean_b S_b
-    seq-mean-token-sum-norm  mean_b S_b / max_length   (Dr. GRPO)
+    seq-mean-token-mean      sum_{b: L_b > 0} (S_b / L_b) / n
+    seq-mean-token-sum       sum_b S_b / n
+    seq-mean-token-sum-norm  sum_b S_b / n / D, D = max_length (verl's loss_scale_factor) or T
 
-The means over b run over all B sequences, empty ones included (as TRL). TRL 1.16
-GRPOTrainer ``loss_type`` names are accepted as aliases:
+TRL 1.16 GRPOTrainer ``loss_type`` names are TRL's formulas, the means over all B sequences:
 
-    grpo     = seq-mean-token-mean
-    bnpo     = token-mean over the local tokens (global_num_tokens not allowed)
-    dr_grpo  = seq-mean-token-sum-norm (max_length = TRL's max_completion_length)
-    dapo     = token-mean; global_num_tokens = TRL's normalizer
-               num_items_in_batch / num_processes (* grad_accum / steps_per_generation in training)
+    grpo     mean_b S_b / max(L_b, 1)
+    bnpo     token-mean over the local tokens (global_num_tokens not allowed)
+    dr_grpo  sum_b S_b / (B * max_length), max_length = TRL's max_completion_length (required)
+    dapo     token-mean; global_num_tokens = TRL's normalizer
+             num_items_in_batch / num_processes (* grad_accum / steps_per_generation in training)
+    luspo    mean_b S_b (clipped surrogate)
+    cispo    token-mean as dapo, pg = -sg(min(r, clip_eps_high)) A logp (clip_eps_high is TRL's
+             epsilon_high: the cap of the ratio itself)
+    sapo     as grpo, pg = -sigmoid(tau (r - 1)) 4 / tau A, tau = sapo_temperature_pos if A > 0
+             else sapo_temperature_neg
+    vespo    token-mean as dapo, pg = -phi A logp, phi (detached) = exp(lam + k log w - lam w),
+             log w = clamp(sum_t m clamp(l_t, -20, 20), log 1e-8, 20), (k, lam) = (vespo_k_pos,
+             vespo_lambda_pos) if A >= 0 else the _neg pair
 
-``agg_H`` follows the convention of the source of each name: the verl mode names aggregate
-the entropy like the policy loss (verl's agg_loss); the TRL aliases use TRL's mean per-token
-entropy over the local tokens, whatever the loss type.
+``loss_type_args`` sets sapo's / vespo's GRPOConfig fields (``TRL_LOSS_TYPE_ARGS``, TRL's
+defaults). ``agg_H``: the verl mode names aggregate the entropy like the policy loss (verl's
+agg_loss); TRL's names use TRL's mean per-token entropy over the local tokens.
 
 Reproducing a TRL training step exactly (TRL's eval mode is the default above):
-- gradient accumulation over G steps: TRL divides the grpo / bnpo / dr_grpo loss and the
-  entropy bonus of every loss type by G; dapo's policy term is not divided (its normalizer
-  already spans the window). So use ``loss / G`` for grpo / bnpo / dr_grpo, and for dapo pass
-  ``entropy_coef / G`` and ``global_num_tokens = num_items_in_batch / num_processes * G /
-  steps_per_generation``;
+- gradient accumulation over G steps: TRL divides the loss of grpo / bnpo / dr_grpo / luspo /
+  sapo and the entropy bonus of every loss type by G; the policy term of dapo / cispo / vespo
+  is not divided (its normalizer already spans the window). So use ``loss / G`` for the
+  former, and for the latter pass ``entropy_coef / G`` and ``global_num_tokens =
+  num_items_in_batch / num_processes * G / steps_per_generation``;
 - TRL 1.16 defaults ``use_bias_correction_kl=True``: pass ``kl_ratio_correction=True``;
 - TRL's vLLM importance-sampling ratio (token or sequence modes, already truncated or masked),
   its off-policy sequence mask (``off_policy_mask_threshold``) and its high-entropy token mask
-  (``top_entropy_quantile``) all multiply the clipped policy term only: pass their product as
+  (``top_entropy_quantile``) all multiply the policy term only: pass their product as
   ``is_weights``. (With ``top_entropy_quantile < 1`` TRL also restricts the entropy bonus to
-  those tokens; that part is not reproduced.)
-- not supported: TRL's cispo, sapo, luspo and vespo objectives, and adaptive entropy control.
+  those tokens; that part is not reproduced. For vespo TRL folds the vLLM ratio into phi
+  instead: not reproduced, pass only the masks.)
+- not supported: adaptive entropy control.
+
+Metrics: TRL's names (see :func:`ppo_loss`) plus verl's ``ppo_kl`` (the masked mean of -l_t,
+clamped where the convention clamps) and ``pg_clipfrac_lower`` (the fraction of the tokens
+where the dual clip binds; 0 without one).
 """
 
 import math
@@ -197,13 +224,13 @@ def check_policy_config(
     # a convention names the trainer; its names only (no hybrid that neither trainer computes)
     if convention == "verl" and trl is not None:
         raise ValueError(
-            f"loss_agg_mode={loss_agg_mode!r} is a TRL GRPOTrainer loss_type; with convention='verl' use one "
-            f"of verl's loss_agg_mode names {list(LOSS_AGG_MODES)} (or convention='trl' / None for TRL's)"
+            f"with convention='verl', loss_agg_mode must be one of verl's names {list(LOSS_AGG_MODES)}; got "
+            f"{loss_agg_mode!r}, a TRL GRPOTrainer loss_type (use convention='trl' / None for TRL's)"
         )
     if convention == "trl" and trl is None:
         raise ValueError(
-            f"loss_agg_mode={loss_agg_mode!r} is verl's name; with convention='trl' use one of TRL's "
-            f"GRPOTrainer loss_type names {list(TRL_LOSS_TYPES)} (or convention='verl' / None for verl's)"
+            f"with convention='trl', loss_agg_mode must be one of TRL's GRPOTrainer loss_type names "
+            f"{list(TRL_LOSS_TYPES)}; got verl's {loss_agg_mode!r} (use convention='verl' / None for verl's)"
         )
     objective = trl if trl in _TRL_OBJECTIVES else "clip"
 
@@ -831,19 +858,30 @@ def ppo_loss(
             (and to ``ref_logits``).
         clip_eps_low, clip_eps_high: >= 0; the ratio is clipped to
             ``[1 - clip_eps_low, 1 + clip_eps_high]`` (``clip_eps_high=None``: symmetric).
-        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``, or None.
-            With a TRL alias it must exceed ``1 + clip_eps_high``, where it equals TRL's ``delta``.
+        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``, or None
+            (with ``convention="verl"``: verl's c = 3 at the token level). With a TRL name it
+            must exceed ``1 + clip_eps_high``, where it equals TRL's ``delta``; cispo / sapo /
+            vespo refuse it (TRL ignores delta there).
         kl_coef: >= 0, weight of the per-token KL penalty (TRL's ``beta``).
-        kl_estimator: one of ``KL_ESTIMATORS``. ``"full"`` is the exact KL(pi || pi_ref) over
-            the vocabulary; the others are the sampled estimators on the label's log-probs.
+        kl_estimator: one of ``KL_ESTIMATORS``, or with ``convention="verl"`` one of
+            ``VERL_KL_ESTIMATORS``. ``"full"`` is the exact KL(pi || pi_ref) over the
+            vocabulary; the others are the sampled estimators on the label's log-probs.
+            ``"k3"`` is Schulman's (TRL's) unless ``convention="verl"`` (verl's clamped k3).
         kl_ratio_correction: multiply the KL by the (differentiable) ratio, TRL's
             ``use_bias_correction_kl`` (True by default in TRL 1.16).
         entropy_coef: weight of the entropy bonus (``loss -= entropy_coef * H``).
-        loss_agg_mode: one of ``LOSS_AGG_MODES`` or a TRL alias in ``TRL_LOSS_TYPES``.
-        max_length: int, the divisor of ``seq-mean-token-sum-norm`` / ``dr_grpo`` (required
-            there, refused elsewhere).
+        loss_agg_mode: one of verl's ``LOSS_AGG_MODES`` or a TRL loss type in ``TRL_LOSS_TYPES``
+            (each with its trainer's formula, module docstring).
+        max_length: int, the divisor of ``dr_grpo`` (TRL's max_completion_length, required) and
+            of ``seq-mean-token-sum-norm`` (verl's loss_scale_factor; default T); refused elsewhere.
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO: one ratio per sequence,
             the exp of the mean masked log-ratio).
+        convention: None, ``"trl"`` or ``"verl"``: whose formula the names TRL and verl share
+            mean (``k3``, the log-ratio clamp, the dual-clip default, GSPO's ratio; module
+            docstring). None: TRL's per-token formulas, with each loss_agg_mode name's own
+            aggregation.
+        loss_type_args: dict of sapo's / vespo's TRL GRPOConfig fields (``TRL_LOSS_TYPE_ARGS``),
+            or None for TRL's defaults.
         is_weights: float ``[B, T]`` or ``[B]`` weights multiplying the clipped policy term
             (not the KL term), e.g. truncated importance weights between the rollout engine
             and the trainer, or TRL's off-policy / entropy masks. Used as given (pass them
@@ -861,10 +899,12 @@ def ppo_loss(
         ``(loss, metrics)``: a 0-d fp32 loss (fp64 if an input is fp64) and detached 0-d
         metrics of this call (not reduced across processes), named as TRL logs them:
         ``clip_ratio/low_mean`` (ratio < 1 - eps_low with A < 0), ``clip_ratio/high_mean``
-        (ratio > 1 + eps_high with A > 0), ``clip_ratio/region_mean`` (either), ``ratio``,
+        (ratio > 1 + eps_high with A > 0), ``clip_ratio/region_mean`` (either) for the clipped
+        surrogate, ``cispo_clip_ratio`` / ``vespo/phi_seq_mean`` for those, ``ratio``,
         ``entropy``, ``kl`` (only with a reference; the KL as used in the loss, ratio
-        correction included) and ``policy_loss`` (the loss without the entropy bonus). Means
-        run over the masked tokens, or over the sequences for per-sequence quantities.
+        correction included) and ``policy_loss`` (the loss without the entropy bonus); and
+        verl's ``ppo_kl`` and ``pg_clipfrac_lower`` (clipped surrogate). Means run over the
+        masked tokens, or over the sequences for per-sequence quantities.
     """
     cfg = check_policy_config(
         ignore_index,
@@ -1129,7 +1169,8 @@ def policy_loss(
         kl: float ``[B, T]`` exact per-token KL(pi || pi_ref) (e.g. ``token_logprobs(...,
             stats=("kl",), ref_logits=...)``), for ``kl_estimator="full"``.
         clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
-        entropy_coef, loss_agg_mode, max_length, importance_sampling_level, is_weights,
+        entropy_coef, loss_agg_mode, max_length, importance_sampling_level, convention,
+        loss_type_args, is_weights,
         global_num_tokens: as in :func:`ppo_loss`.
 
     Returns:
