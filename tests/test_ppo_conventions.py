@@ -421,3 +421,30 @@ def test_ppo_loss_from_logits_verl(dtype):
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(loss.detach().double(), want.detach(), rtol=tol, atol=tol * 0.1)
         torch.testing.assert_close(z.grad.double(), x64.grad, rtol=tol, atol=tol * 0.1)
+
+
+def test_linear_ppo_loss_passes_the_convention():
+    from prefopt_fast.linear import LinearPPOLoss, linear_ppo_loss
+
+    g = torch.Generator().manual_seed(10)
+    B, T, H, V = 2, 4, 8, 16
+    h = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    y[1] = -100
+    old = -torch.rand(B, T, generator=g) * 3 - 40.0  # log-ratios beyond verl's clamp
+    ref = -torch.rand(B, T, generator=g) * 3
+    adv = torch.randn(B, generator=g)
+    kw = dict(ref_logps=ref, kl_coef=0.1, kl_estimator="k3+", loss_agg_mode="seq-mean-token-sum-norm")
+    z = (h @ w.T).requires_grad_(True)
+    want, wm = ppo_loss(z, y, old, adv, convention="verl", backend="torch", **kw)
+    hh = h.clone().requires_grad_(True)
+    got, gm = linear_ppo_loss(hh, w, y, old, adv, convention="verl", backend="torch", **kw)
+    torch.testing.assert_close(got, want)
+    assert gm.keys() == wm.keys() and float(gm["ppo_kl"]) == pytest.approx(float(wm["ppo_kl"]), rel=1e-5)
+    _, om = linear_ppo_loss(h, w, y, old, adv, convention=None, backend="torch", dual_clip=3.0,
+                            **dict(kw, kl_estimator="low_var_kl"))  # fmt: skip
+    assert float(gm["ppo_kl"]) == -20.0 and float(om["ppo_kl"]) < -20.0  # verl's log-ratio clamp
+    mod = LinearPPOLoss(convention="verl", backend="torch", **{k: v for k, v in kw.items() if k != "ref_logps"})
+    assert "convention='verl'" in repr(mod)
+    torch.testing.assert_close(mod(h, w, y, old, adv, ref_logps=ref)[0], want)
