@@ -178,6 +178,10 @@ VARIANTS = {
     ),
     "temperature": dict(temperature=0.7, entropy_coef=0.1, kl_coef=0.1, ref_logps="ref"),
     "temperature_tensor": dict(temperature="temp", entropy_coef=0.1),
+}
+# Variants of the head alone (plain PyTorch after the row kernels, which VARIANTS covers on
+# every backend): run on the torch backend only, to keep the suite short.
+HEAD_VARIANTS = {
     # TRL 1.16's other loss types
     "luspo": dict(loss_agg_mode="luspo", entropy_coef=0.1, dual_clip=3.0, adv="adv_tok"),
     "cispo": dict(loss_agg_mode="cispo", clip_eps_high=1.3, global_num_tokens=11.0, kl_coef=0.1, ref_logps="ref"),
@@ -227,10 +231,17 @@ def test_variant_matches_restatement(backend, device, name):
     _compare(backend, device, data, **_resolve(data, VARIANTS[name], device))
 
 
+@pytest.mark.parametrize("name", list(HEAD_VARIANTS))
+def test_head_variant_matches_restatement(name):
+    data = make_batch()
+    _compare("torch", "cpu", data, **_resolve(data, HEAD_VARIANTS[name], "cpu"))
+
+
 def test_every_mode_and_estimator_is_covered():
-    used_modes = {v.get("loss_agg_mode", "token-mean") for v in VARIANTS.values()}
+    variants = {**VARIANTS, **HEAD_VARIANTS}
+    used_modes = {v.get("loss_agg_mode", "token-mean") for v in variants.values()}
     assert set(LOSS_AGG_MODES) | set(TRL_LOSS_TYPES) <= used_modes
-    used_est = {v["kl_estimator"] for v in VARIANTS.values() if "kl_estimator" in v} | {"full"}
+    used_est = {v["kl_estimator"] for v in variants.values() if "kl_estimator" in v} | {"full"}
     assert set(KL_ESTIMATORS) | set(VERL_KL_ESTIMATORS) <= used_est
 
 
@@ -604,6 +615,9 @@ TRL_CASES = {
         beta=0.05,
     ),
     "gspo_bnpo_token_adv_delta": dict(loss_type="bnpo", importance_sampling_level="sequence", adv="adv_tok", delta=1.5),
+}
+# TRL's other objectives: the head alone, on the torch backend (the row kernels are covered above)
+TRL_HEAD_CASES = {
     "luspo_gspo_delta_kl_entropy": dict(
         loss_type="luspo", importance_sampling_level="sequence", delta=3.0, beta=0.04, entropy_coef=0.01
     ),
@@ -635,10 +649,19 @@ TRL_CASES = {
 _TRL_GLOBAL = ("dapo", "cispo", "vespo")  # the loss types that divide by TRL's num_items_in_batch normalizer
 
 
+@pytest.mark.parametrize("name", list(TRL_HEAD_CASES))
+def test_matches_trl_grpo_trainer_objectives(name):
+    _trl_parity("torch", "cpu", TRL_HEAD_CASES[name])
+
+
 @pytest.mark.parametrize("name", list(TRL_CASES))
 def test_matches_trl_grpo_trainer(backend, device, name):
+    _trl_parity(backend, device, TRL_CASES[name])
+
+
+def _trl_parity(backend, device, case):
     expected.require("trl")
-    case = dict(TRL_CASES[name])
+    case = dict(case)
     data = make_batch()  # TRL runs on the CPU tensors
     labels, B, T = data["labels"], *data["labels"].shape
     g = torch.Generator().manual_seed(5)
@@ -912,6 +935,15 @@ def test_policy_loss_equals_ppo_loss(backend, device, name):
     old = None if kw.pop("old") is None else data["old"]
     adv = data[kw.pop("adv")]
     _assert_policy_equals_ppo(backend, data, old, adv, kw)
+
+
+@pytest.mark.parametrize("name", list(HEAD_VARIANTS))
+def test_policy_loss_equals_ppo_loss_head_variants(name):
+    data = make_batch()
+    kw = _resolve(data, HEAD_VARIANTS[name], "cpu")
+    old = None if kw.pop("old") is None else data["old"]
+    adv = data[kw.pop("adv")]
+    _assert_policy_equals_ppo("torch", data, old, adv, kw)
 
 
 def test_policy_loss_full_kl_equals_ppo_loss(backend, device):
