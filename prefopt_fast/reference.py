@@ -101,6 +101,14 @@ TRL_LOSS_TYPES = {
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
+    "luspo": "seq-mean-token-sum",
+    "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
+    "vespo": "token-mean",
+}
+TRL_LOSS_TYPE_ARGS = {
+    "sapo": {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05},
+    "vespo": {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0},
 }
 
 
@@ -798,13 +806,21 @@ def bradley_terry_loss(
 # ============================================================================ policy gradient
 
 
-def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str, convention: Optional[str] = None) -> Tensor:
     """Sampled estimate of KL(pi || pi_ref) at the sampled token, from its log-probs
     (Schulman 2020, "Approximating KL divergence"; verl ``kl_penalty``). With
     d = log pi_ref - log pi:
 
     k1  -d;   k2  d^2 / 2;   k3  exp(d) - d - 1 (>= 0; TRL GRPO's);   abs  |d|;
-    low_var_kl  clamp(exp(dc) - dc - 1, -10, 10) with dc = clamp(d, -20, 20) (verl)."""
+    low_var_kl  clamp(exp(dc) - dc - 1, -10, 10) with dc = clamp(d, -20, 20) (verl).
+    ``convention="verl"``: k3 is low_var_kl (verl's k3), and ``name+`` (verl's straight
+    through) has the value of ``name`` and the gradient of k2."""
+    if estimator.endswith("+"):
+        value = kl_estimate(logp, ref_logp, estimator[:-1], convention).detach()
+        k2 = (logp - ref_logp) ** 2 / 2
+        return value + (k2 - k2.detach())
+    if estimator == "k3" and convention == "verl":
+        estimator = "low_var_kl"
     d = ref_logp - logp
     if estimator == "k1":
         return -d
@@ -827,29 +843,44 @@ def aggregate(
     *,
     max_length: Optional[int] = None,
     num_tokens: Union[None, float, Tensor] = None,
+    trl: bool = False,
 ) -> Tensor:
     """Reduce per-token ``values`` ``[B, T]`` (or ``[B, 1]``, broadcast) with the float mask
-    ``[B, T]`` (verl ``agg_loss``); S_b = sum_t mask v, L_b = sum_t mask:
+    ``[B, T]``; S_b = sum_t mask v, L_b = sum_t mask, n = the number of sequences with L_b > 0
+    (at least 1):
 
+    verl ``agg_loss`` (``trl=False``):
     token-mean               sum_b S_b / N, N = num_tokens or max(sum_b L_b, 1)
-    seq-mean-token-mean      mean_b S_b / max(L_b, 1)
-    seq-mean-token-sum       mean_b S_b
-    seq-mean-token-sum-norm  sum_b S_b / (B * max_length)   (Dr. GRPO)
+    seq-mean-token-mean      sum_{b: L_b > 0} (S_b / L_b) / n
+    seq-mean-token-sum       sum_b S_b / n
+    seq-mean-token-sum-norm  sum_b S_b / n / (max_length or T)   (verl's loss_scale_factor)
 
-    Means over b include empty sequences (as TRL and verl)."""
+    TRL 1.16 GRPOTrainer (``trl=True``): token-mean as above; the means run over all B:
+    seq-mean-token-mean      mean_b S_b / max(L_b, 1)       (grpo, sapo)
+    seq-mean-token-sum       mean_b S_b                     (luspo)
+    seq-mean-token-sum-norm  sum_b S_b / (B * max_length)   (dr_grpo)"""
     v = values.expand(mask.shape)
     S = (v * mask).sum(-1)
     L = mask.sum(-1)
+    B, T = mask.shape
     if mode == "token-mean":
         n = L.sum().clamp(min=1.0) if num_tokens is None else num_tokens
         return S.sum() / n
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown aggregation {mode!r}; valid: {LOSS_AGG_MODES}")
+    if trl:
+        if mode == "seq-mean-token-mean":
+            return (S / L.clamp(min=1.0)).mean()
+        if mode == "seq-mean-token-sum":
+            return S.mean()
+        return S.sum() / (B * max_length)
+    live = L > 0
+    n = max(int(live.sum()), 1)
     if mode == "seq-mean-token-mean":
-        return (S / L.clamp(min=1.0)).mean()
+        return sum(S[b] / L[b] for b in range(B) if live[b]) / n if bool(live.any()) else S.sum() * 0.0
     if mode == "seq-mean-token-sum":
-        return S.mean()
-    if mode == "seq-mean-token-sum-norm":
-        return S.sum() / (S.shape[0] * max_length)
-    raise ValueError(f"unknown aggregation {mode!r}; valid: {LOSS_AGG_MODES}")
+        return S.sum() / n
+    return S.sum() / n / (T if max_length is None else max_length)
 
 
 def _metric_mean(x: Tensor, mask: Tensor, per_sequence: bool) -> Tensor:
@@ -879,13 +910,16 @@ def policy_loss(
     loss_agg_mode: str = "token-mean",
     max_length: Optional[int] = None,
     importance_sampling_level: str = "token",
+    convention: Optional[str] = None,
+    loss_type_args: Optional[Dict[str, float]] = None,
     is_weights: Optional[Tensor] = None,
     global_num_tokens: Union[None, float, Tensor] = None,
     dtype: Optional[torch.dtype] = torch.float64,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped policy-gradient loss over per-token vectors (PPO, Schulman 2017; GRPO,
     Shao 2024; DAPO's clip-higher; Dr. GRPO; GSPO's sequence ratio; verl's dual clip;
-    TRL 1.16 ``GRPOTrainer._compute_loss``).
+    TRL 1.16 ``GRPOTrainer._compute_loss``; verl 0.9 ``compute_policy_loss_vanilla`` /
+    ``compute_policy_loss_gspo`` with ``convention="verl"``).
 
     Inputs ``[B, T]``: ``logprobs`` (policy), ``old_logprobs`` (behaviour; None = on-policy,
     ``logprobs.detach()``), ``mask`` bool (real tokens), optional ``loss_mask`` (weights
@@ -894,26 +928,35 @@ def policy_loss(
     ``advantages`` ``[B]`` or ``[B, T]``. Per token, m = mask * loss_mask; a token with m = 0
     is dropped (nothing it holds, an infinite KL included, reaches the loss or gradient):
 
-        log r = logp - old (0 at masked tokens), or for importance_sampling_level
-                "sequence": sum_t m (logp - old) / max(sum_t m, 1), one per sequence
+        l_t   = logp - old (0 at masked tokens); convention "verl": clamped to [-20, 20]
+        log r = l_t, or for importance_sampling_level "sequence": s_b = sum_t m l_t / max(sum_t m, 1)
+                (convention "verl": log r_t = min(s_b + logp_t - sg(logp_t), 10) with s_b detached)
         pg    = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)   (eps_high None: eps_low)
-        dual clip c (A < 0 only):  pg = min(pg, -c A)
+        dual clip c (A < 0 only):  pg = min(pg, -c A)   (convention "verl", token level: c = 3 by default)
+        TRL cispo: pg = -sg(min(r, eps_high)) A logp;  sapo: pg = -sigmoid(tau (r - 1)) 4 / tau A,
+        tau = sapo_temperature_pos if A > 0 else _neg;  vespo: pg = -phi A logp, phi (detached) =
+        exp(lam + k log w - lam w), log w = clamp(sum_t m clamp(l_t, +-20), log 1e-8, 20), (k, lam) by A >= 0
         pg    = pg * is_weights
-        kl    = kl_estimate(logp, ref) or exact_kl (0 at masked tokens), * r with kl_ratio_correction
+        kl    = kl_estimate(logp, ref, convention) or exact_kl (0 at masked tokens), * r with kl_ratio_correction
         loss  = agg(pg + kl_coef * kl) - entropy_coef * agg_H(H)
 
-    ``loss_agg_mode`` is one of ``LOSS_AGG_MODES`` (:func:`aggregate`; ``global_num_tokens``
-    the token-mean normalizer) or a TRL alias in ``TRL_LOSS_TYPES``; agg_H is the loss's own
-    aggregation for the verl names and TRL's per-token mean entropy for the aliases.
+    ``loss_agg_mode`` is one of ``LOSS_AGG_MODES`` (verl's :func:`aggregate`; ``global_num_tokens``
+    the token-mean normalizer) or a TRL loss type in ``TRL_LOSS_TYPES`` (TRL's aggregate); agg_H
+    is the loss's own aggregation for the verl names and TRL's per-token mean entropy for TRL's.
 
     Metrics (TRL's names): clip_ratio/low_mean (r < 1 - eps_low with A < 0),
-    clip_ratio/high_mean (r > 1 + eps_high with A > 0), clip_ratio/region_mean, ratio,
-    entropy (with ``entropy``), kl (with a KL term), policy_loss (the loss before the
-    entropy bonus); means over the masked tokens, or over the sequences for values that are
-    per sequence (the sequence ratio; the clip fractions when both the ratio and A are).
+    clip_ratio/high_mean (r > 1 + eps_high with A > 0), clip_ratio/region_mean (these three for
+    the clipped surrogate), cispo_clip_ratio (r > eps_high with A > 0), vespo/phi_seq_mean,
+    ratio, entropy (with ``entropy``), kl (with a KL term), policy_loss (the loss before the
+    entropy bonus); verl's ppo_kl (mean of -l_t) and pg_clipfrac_lower (the dual clip binds;
+    clipped surrogate only). Means over the masked tokens, or over the sequences for values
+    that are per sequence (the sequence ratio; the clip fractions when both the ratio and A are).
     """
     trl = loss_agg_mode in TRL_LOSS_TYPES
     agg = TRL_LOSS_TYPES.get(loss_agg_mode, loss_agg_mode)
+    objective = loss_agg_mode if loss_agg_mode in ("cispo", "sapo", "vespo") else "clip"
+    targs = dict(TRL_LOSS_TYPE_ARGS.get(objective, {}), **(loss_type_args or {}))
+    verl = convention == "verl"
     eps_low = clip_eps_low
     eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
     logp = _cast(logprobs, dtype)
@@ -926,18 +969,46 @@ def policy_loss(
     adv_per_seq = adv.dim() == 1
     if adv_per_seq:
         adv = adv.unsqueeze(1)
-
-    log_ratio = torch.where(keep, logp - old, zero)
     seq_ratio = importance_sampling_level == "sequence"
-    if seq_ratio:
-        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    ratio = torch.exp(log_ratio)
+    if verl and dual_clip is None and not seq_ratio and objective == "clip":
+        dual_clip = 3.0
 
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
-    pg = -torch.minimum(unclipped, clipped)
-    if dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
+    tok_lr = torch.where(keep, logp - old, zero)
+    if verl and not seq_ratio:
+        tok_lr = torch.clamp(tok_lr, min=-20.0, max=20.0)
+    lp = torch.where(keep, logp, zero)
+    if seq_ratio:
+        s_b = (tok_lr * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        if verl:
+            ratio = torch.exp(torch.clamp(s_b.detach() + lp - lp.detach(), max=10.0))
+            shown = torch.exp(torch.clamp(s_b, max=10.0))
+        else:
+            ratio = shown = torch.exp(s_b)
+    else:
+        ratio = shown = torch.exp(tok_lr)
+
+    binds = None
+    if objective == "clip":
+        unclipped = ratio * adv
+        clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+        pg = -torch.minimum(unclipped, clipped)
+        if dual_clip is not None:
+            binds = (pg > -dual_clip * adv) & (adv < 0)
+            pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
+    elif objective == "cispo":
+        pg = -torch.clamp(ratio, max=eps_high).detach() * adv * lp
+    elif objective == "sapo":
+        tau = torch.where(adv > 0, torch.full_like(adv, targs["sapo_temperature_pos"]), targs["sapo_temperature_neg"])
+        pg = -torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau * adv
+    else:
+        with torch.no_grad():
+            log_w = (torch.clamp(tok_lr, -20.0, 20.0) * m).sum(-1, keepdim=True).clamp(math.log(1e-8), 20.0)
+            pos = adv >= 0
+            k = torch.where(pos, torch.full_like(adv, targs["vespo_k_pos"]), targs["vespo_k_neg"])
+            lam = torch.where(pos, torch.full_like(adv, targs["vespo_lambda_pos"]), targs["vespo_lambda_neg"])
+            lam = lam.clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        pg = -phi * adv * lp
     if is_weights is not None:
         w = _cast(is_weights, dt)
         pg = pg * (w.unsqueeze(1) if w.dim() == 1 else w)
@@ -947,7 +1018,7 @@ def policy_loss(
     if kl_estimator == "full" and exact_kl is not None:
         kl = torch.where(keep, _cast(exact_kl, dt), zero)
     elif kl_estimator != "full" and ref_logprobs is not None:
-        kl = kl_estimate(torch.where(keep, logp, zero), torch.where(keep, _cast(ref_logprobs, dt), zero), kl_estimator)
+        kl = kl_estimate(lp, torch.where(keep, _cast(ref_logprobs, dt), zero), kl_estimator, convention)
     if kl is not None:
         if kl_ratio_correction:
             kl = kl * ratio
@@ -959,7 +1030,7 @@ def policy_loss(
         num_tokens = _cast(global_num_tokens, dt) if isinstance(global_num_tokens, Tensor) else global_num_tokens
         if isinstance(num_tokens, Tensor):
             num_tokens = num_tokens.reshape(())
-    loss = aggregate(per_token, m, agg, max_length=max_length, num_tokens=num_tokens)
+    loss = aggregate(per_token, m, agg, max_length=max_length, num_tokens=num_tokens, trl=trl)
     pl = loss.detach()
     if entropy_coef != 0.0:
         H = _cast(entropy, dt)
@@ -970,20 +1041,27 @@ def policy_loss(
         loss = loss - entropy_coef * h
 
     with torch.no_grad():
-        low = (ratio < 1.0 - eps_low) & (adv < 0)
-        high = (ratio > 1.0 + eps_high) & (adv > 0)
         clip_per_seq = seq_ratio and adv_per_seq
-        metrics = {
-            "clip_ratio/low_mean": _metric_mean(low, m, clip_per_seq),
-            "clip_ratio/high_mean": _metric_mean(high, m, clip_per_seq),
-            "clip_ratio/region_mean": _metric_mean(low | high, m, clip_per_seq),
-            "ratio": _metric_mean(ratio, m, seq_ratio),
-        }
+        metrics = {}
+        if objective == "clip":
+            low = (shown < 1.0 - eps_low) & (adv < 0)
+            high = (shown > 1.0 + eps_high) & (adv > 0)
+            metrics["clip_ratio/low_mean"] = _metric_mean(low, m, clip_per_seq)
+            metrics["clip_ratio/high_mean"] = _metric_mean(high, m, clip_per_seq)
+            metrics["clip_ratio/region_mean"] = _metric_mean(low | high, m, clip_per_seq)
+        elif objective == "cispo":
+            metrics["cispo_clip_ratio"] = _metric_mean((shown > eps_high) & (adv > 0), m, clip_per_seq)
+        elif objective == "vespo":
+            metrics["vespo/phi_seq_mean"] = _metric_mean(phi, m, adv_per_seq)
+        metrics["ratio"] = _metric_mean(shown, m, seq_ratio)
         if entropy is not None:
             metrics["entropy"] = _metric_mean(_cast(entropy, dt), m, False)
         metrics["policy_loss"] = pl
         if kl is not None:
             metrics["kl"] = _metric_mean(kl, m, False)
+        metrics["ppo_kl"] = _metric_mean(-tok_lr, m, False)
+        if objective == "clip":
+            metrics["pg_clipfrac_lower"] = zero if binds is None else _metric_mean(binds, m, False)
     return loss, metrics
 
 

@@ -204,6 +204,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             kl_ratio_correction=False,
             dual_clip=3.0,
             clip_eps_high=0.28,
+            convention=None,
+            loss_type_args=None,
         ),
         dict(
             logits="logits_3d",
@@ -223,6 +225,8 @@ FUNCS: Dict[str, Tuple[Callable, Callable[[], dict], Dict[str, str]]] = {
             kl_ratio_correction="bool",
             dual_clip="dual_clip",
             clip_eps_high="nonneg_float",
+            convention="convention",
+            loss_type_args="loss_type_args",
         ),
     ),
     "ppo_loss(full kl, dr_grpo)": (
@@ -1452,6 +1456,15 @@ KINDS: Dict[str, List[Tuple[str, Callable[[Any, dict], Any], type]]] = {
     "is_level": [
         ("an unknown name", lambda v, a: "sentence", ValueError),
         ("an int", lambda v, a: 3, TypeError),
+    ],
+    "convention": [
+        ("an unknown name", lambda v, a: "openrlhf", ValueError),
+        ("an int", lambda v, a: 3, TypeError),
+        ("the other trainer than loss_agg_mode's", lambda v, a: "trl", ValueError),
+    ],
+    "loss_type_args": [
+        ("a list", lambda v, a: [1.0], TypeError),
+        ("a key the loss type does not read", lambda v, a: {"sapo_temperature_pos": 1.0}, ValueError),
     ],
     "advantages": _float_tensor_kinds(
         [

@@ -248,6 +248,40 @@ def _policy_loss(_):
     ), _policy_inputs()
 
 
+def _policy_loss_verl(_):
+    """convention="verl": the log-ratio clamp, the default dual clip, a straight-through KL."""
+    old, adv, mask, ref_lp = _ppo_inputs()
+    return (
+        lambda lp, h: pf.policy_loss(
+            lp,
+            old,
+            adv,
+            mask,
+            entropy=h,
+            ref_logps=ref_lp,
+            kl_coef=0.1,
+            kl_estimator="k3+",
+            entropy_coef=0.01,
+            loss_agg_mode="seq-mean-token-sum-norm",
+            convention="verl",
+        )
+    ), _policy_inputs()
+
+
+def _mod_policy_trl_objectives(_):
+    """TRL's vespo (a detached sequence weight) and sapo (a sigmoid gate) in one graph."""
+    vespo = pf.PolicyLoss(loss_agg_mode="vespo", convention="trl", entropy_coef=0.01)
+    sapo = pf.PolicyLoss(loss_agg_mode="sapo", loss_type_args=dict(sapo_temperature_neg=2.0))
+    old, adv, mask, _ = _ppo_inputs()
+
+    def f(lp, h):
+        a, _ = vespo(lp, old, adv, mask, entropy=h, global_num_tokens=9.0)
+        b, _ = sapo(lp, old, adv, mask)
+        return a + b, {}
+
+    return f, _policy_inputs()
+
+
 def _mod_policy(_):
     m = pf.PolicyLoss(
         kl_coef=0.1,
@@ -506,6 +540,8 @@ CASES: Dict[str, Case] = {
     "dpo_loss": Case(_dpo_loss, takes_backend=False),
     "policy_loss": Case(_policy_loss, takes_backend=False),
     "PolicyLoss": Case(_mod_policy, takes_backend=False),
+    "policy_loss(verl)": Case(_policy_loss_verl, takes_backend=False),
+    "PolicyLoss(vespo, sapo)": Case(_mod_policy_trl_objectives, takes_backend=False),
     "cpo_loss": Case(_cpo_loss, takes_backend=False),
     "simpo_loss": Case(_simpo_loss, takes_backend=False),
     "orpo_loss": Case(_orpo_loss, takes_backend=False),

@@ -26,6 +26,7 @@ from torch import nn
 
 from prefopt_fast import reference as R
 from prefopt_fast.losses import KL_ESTIMATORS, LOSS_AGG_MODES, TRL_LOSS_TYPES, PPOLoss, ppo_loss
+from prefopt_fast.losses.ppo import VERL_KL_ESTIMATORS
 
 IGN = -100
 
@@ -178,6 +179,31 @@ VARIANTS = {
     "temperature": dict(temperature=0.7, entropy_coef=0.1, kl_coef=0.1, ref_logps="ref"),
     "temperature_tensor": dict(temperature="temp", entropy_coef=0.1),
 }
+# Variants of the head alone (plain PyTorch after the row kernels, which VARIANTS covers on
+# every backend): run on the torch backend only, to keep the suite short.
+HEAD_VARIANTS = {
+    # TRL 1.16's other loss types
+    "luspo": dict(loss_agg_mode="luspo", entropy_coef=0.1, dual_clip=3.0, adv="adv_tok"),
+    "cispo": dict(loss_agg_mode="cispo", clip_eps_high=1.3, global_num_tokens=11.0, kl_coef=0.1, ref_logps="ref"),
+    "cispo_seq": dict(loss_agg_mode="cispo", clip_eps_high=1.1, importance_sampling_level="sequence"),
+    "sapo": dict(loss_agg_mode="sapo", entropy_coef=0.1, adv="adv_tok"),
+    "sapo_args": dict(loss_agg_mode="sapo", loss_type_args=dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5)),
+    "vespo": dict(loss_agg_mode="vespo", global_num_tokens=13.0, entropy_coef=0.1),
+    "vespo_token_adv": dict(loss_agg_mode="vespo", adv="adv_tok", loss_type_args=dict(vespo_k_pos=1.0)),
+    # verl's convention: k3 clamped, log-ratio clamp, dual clip 3 by default, straight-through KL
+    "verl_k3": dict(convention="verl", kl_coef=0.1, kl_estimator="k3", ref_logps="ref", adv="adv_tok"),
+    "verl_k1+": dict(convention="verl", kl_coef=0.1, kl_estimator="k1+", ref_logps="ref"),
+    "verl_k3+": dict(
+        convention="verl", kl_coef=0.1, kl_estimator="k3+", ref_logps="ref", loss_agg_mode="seq-mean-token-mean"
+    ),
+    "verl_abs+": dict(convention="verl", kl_coef=0.1, kl_estimator="abs+", ref_logps="ref", entropy_coef=0.1),
+    "verl_low_var_kl+": dict(convention="verl", kl_coef=0.1, kl_estimator="low_var_kl+", ref_logps="ref"),
+    "verl_sum_norm": dict(convention="verl", loss_agg_mode="seq-mean-token-sum-norm", entropy_coef=0.1),
+    "verl_gspo": dict(
+        convention="verl", importance_sampling_level="sequence", loss_agg_mode="seq-mean-token-mean", adv="adv_tok"
+    ),
+    "trl_k3": dict(convention="trl", loss_agg_mode="grpo", kl_coef=0.1, kl_estimator="k3", ref_logps="ref"),
+}
 
 
 def _resolve(data, spec, device):
@@ -205,11 +231,18 @@ def test_variant_matches_restatement(backend, device, name):
     _compare(backend, device, data, **_resolve(data, VARIANTS[name], device))
 
 
+@pytest.mark.parametrize("name", list(HEAD_VARIANTS))
+def test_head_variant_matches_restatement(name):
+    data = make_batch()
+    _compare("torch", "cpu", data, **_resolve(data, HEAD_VARIANTS[name], "cpu"))
+
+
 def test_every_mode_and_estimator_is_covered():
-    used_modes = {v.get("loss_agg_mode", "token-mean") for v in VARIANTS.values()}
+    variants = {**VARIANTS, **HEAD_VARIANTS}
+    used_modes = {v.get("loss_agg_mode", "token-mean") for v in variants.values()}
     assert set(LOSS_AGG_MODES) | set(TRL_LOSS_TYPES) <= used_modes
-    used_est = {v["kl_estimator"] for v in VARIANTS.values() if "kl_estimator" in v} | {"full"}
-    assert set(KL_ESTIMATORS) <= used_est
+    used_est = {v["kl_estimator"] for v in variants.values() if "kl_estimator" in v} | {"full"}
+    assert set(KL_ESTIMATORS) | set(VERL_KL_ESTIMATORS) <= used_est
 
 
 def test_clipping_is_exercised():
@@ -442,6 +475,22 @@ class _Accelerator:
         return nullcontext()
 
 
+def _trl_objective_defaults():
+    """TRL's own GRPOConfig defaults of the sapo / vespo fields."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    return {f.name: f.default for f in dataclasses.fields(GRPOConfig) if f.name.startswith(("sapo_", "vespo_"))}
+
+
+def test_trl_objective_defaults_are_trls():
+    expected.require("trl")
+    from prefopt_fast.losses.ppo import TRL_LOSS_TYPE_ARGS
+
+    assert {k: v for d in TRL_LOSS_TYPE_ARGS.values() for k, v in d.items()} == _trl_objective_defaults()
+
+
 def _trl_loss(
     logits,
     labels,
@@ -462,8 +511,10 @@ def _trl_loss(
     num_items_in_batch=None,
     max_completion_length=None,
     temperature=1.0,
+    loss_type_args=None,
 ):
-    """TRL 1.16's own GRPOTrainer._compute_loss on these logits; returns (loss, metrics, logits_grad)."""
+    """TRL 1.16's own GRPOTrainer._compute_loss on these logits; returns (loss, metrics, logits_grad).
+    ``loss_type_args``: GRPOConfig fields of sapo / vespo (TRL's defaults otherwise)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
@@ -495,7 +546,11 @@ def _trl_loss(
         max_completion_length=max_completion_length,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         args=types.SimpleNamespace(
-            delta=delta, use_bias_correction_kl=use_bias_correction_kl, steps_per_generation=1, entropy_target=0.2
+            delta=delta,
+            use_bias_correction_kl=use_bias_correction_kl,
+            steps_per_generation=1,
+            entropy_target=0.2,
+            **{**_trl_objective_defaults(), **(loss_type_args or {})},
         ),
     )
     completion_mask = (labels != IGN).long()
@@ -561,12 +616,52 @@ TRL_CASES = {
     ),
     "gspo_bnpo_token_adv_delta": dict(loss_type="bnpo", importance_sampling_level="sequence", adv="adv_tok", delta=1.5),
 }
+# TRL's other objectives: the head alone, on the torch backend (the row kernels are covered above)
+TRL_HEAD_CASES = {
+    "luspo_gspo_delta_kl_entropy": dict(
+        loss_type="luspo", importance_sampling_level="sequence", delta=3.0, beta=0.04, entropy_coef=0.01
+    ),
+    "luspo_token_adv_toolmask": dict(loss_type="luspo", adv="adv_tok", tool_mask=True, epsilon_high=0.28),
+    "cispo_kl_entropy_is": dict(
+        loss_type="cispo", epsilon_high=1.3, num_items_in_batch=17, beta=0.04, entropy_coef=0.02, is_ratio="tok"
+    ),
+    "cispo_seq_on_policy": dict(
+        loss_type="cispo", importance_sampling_level="sequence", old=False, epsilon_high=0.9, num_items_in_batch="local"
+    ),
+    "sapo_entropy_toolmask_kl": dict(
+        loss_type="sapo",
+        adv="adv_tok",
+        tool_mask=True,
+        entropy_coef=0.02,
+        beta=0.04,
+        use_bias_correction_kl=True,
+        loss_type_args=dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.7),
+    ),
+    "sapo_defaults_is_seq": dict(loss_type="sapo", is_ratio="seq"),
+    "vespo_kl_entropy": dict(loss_type="vespo", num_items_in_batch=13, beta=0.02, entropy_coef=0.01),
+    "vespo_args_token_adv": dict(
+        loss_type="vespo",
+        adv="adv_tok",
+        num_items_in_batch="local",
+        loss_type_args=dict(vespo_k_pos=1.5, vespo_lambda_pos=0.5, vespo_k_neg=2.5, vespo_lambda_neg=1.0),
+    ),
+}
+_TRL_GLOBAL = ("dapo", "cispo", "vespo")  # the loss types that divide by TRL's num_items_in_batch normalizer
+
+
+@pytest.mark.parametrize("name", list(TRL_HEAD_CASES))
+def test_matches_trl_grpo_trainer_objectives(name):
+    _trl_parity("torch", "cpu", TRL_HEAD_CASES[name])
 
 
 @pytest.mark.parametrize("name", list(TRL_CASES))
 def test_matches_trl_grpo_trainer(backend, device, name):
+    _trl_parity(backend, device, TRL_CASES[name])
+
+
+def _trl_parity(backend, device, case):
     expected.require("trl")
-    case = dict(TRL_CASES[name])
+    case = dict(case)
     data = make_batch()  # TRL runs on the CPU tensors
     labels, B, T = data["labels"], *data["labels"].shape
     g = torch.Generator().manual_seed(5)
@@ -610,6 +705,8 @@ def test_matches_trl_grpo_trainer(backend, device, name):
         loss_agg_mode=case["loss_type"],
         kl_coef=case.get("beta", 0.0),
         kl_estimator="k3",
+        convention="trl",
+        loss_type_args=case.get("loss_type_args"),
         kl_ratio_correction=case.get("use_bias_correction_kl", False),
         clip_eps_low=case.get("epsilon", 0.2),
         clip_eps_high=case.get("epsilon_high"),
@@ -617,14 +714,19 @@ def test_matches_trl_grpo_trainer(backend, device, name):
         entropy_coef=case.get("entropy_coef", 0.0),
         importance_sampling_level=case.get("importance_sampling_level", "token"),
         max_length=case.get("max_completion_length"),
-        global_num_tokens=nib if case["loss_type"] == "dapo" else None,
+        global_num_tokens=nib if case["loss_type"] in _TRL_GLOBAL else None,
         temperature=case.get("temperature", 1.0),
         backend=backend,
     )
     loss.backward()
     torch.testing.assert_close(loss.detach().cpu(), t_loss, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(z.grad.cpu(), t_grad, rtol=2e-4, atol=1e-7)
-    names = {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"}
+    names = {
+        "cispo": {"cispo_clip_ratio"},
+        "vespo": {"vespo/phi_seq_mean"},
+        "sapo": set(),
+    }.get(case["loss_type"], {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"})
+    names.add("entropy")
     if ref is not None:
         names.add("kl")
     if case.get("entropy_coef"):
@@ -645,6 +747,8 @@ def test_matches_trl_grpo_trainer(backend, device, name):
             loss_agg_mode=case["loss_type"],
             kl_coef=case.get("beta", 0.0),
             kl_estimator="k3",
+            convention="trl",
+            loss_type_args=case.get("loss_type_args"),
             kl_ratio_correction=case.get("use_bias_correction_kl", False),
             clip_eps_low=case.get("epsilon", 0.2),
             clip_eps_high=case.get("epsilon_high"),
@@ -652,7 +756,7 @@ def test_matches_trl_grpo_trainer(backend, device, name):
             entropy_coef=case.get("entropy_coef", 0.0),
             importance_sampling_level=case.get("importance_sampling_level", "token"),
             max_length=case.get("max_completion_length"),
-            global_num_tokens=nib if case["loss_type"] == "dapo" else None,
+            global_num_tokens=nib if case["loss_type"] in _TRL_GLOBAL else None,
             temperature=case.get("temperature", 1.0),
         )
         r_loss.backward()
@@ -693,13 +797,28 @@ BAD = [
     (dict(dual_clip=1.2, loss_agg_mode="dapo"), ValueError, "dual_clip must be > 1 \\+ clip_eps_high"),
     (dict(kl_estimator="k4"), ValueError, r"kl_estimator must be one of \['k1', 'k2', 'k3', 'abs', 'low_var_kl'"),
     (dict(loss_agg_mode="token-sum"), ValueError, r"loss_agg_mode must be one of .*'dapo'"),
-    (dict(loss_agg_mode="cispo"), ValueError, "cispo.*not supported"),
+    (
+        dict(convention="verl", loss_agg_mode="cispo"),
+        ValueError,
+        "convention='verl', loss_agg_mode must be one of verl's",
+    ),
+    (
+        dict(convention="trl"),
+        ValueError,
+        "convention='trl', loss_agg_mode must be one of TRL's.*got verl's 'token-mean'",
+    ),
+    (dict(convention="openrlhf"), ValueError, r"convention must be one of \['trl', 'verl'\] or None"),
+    (dict(kl_estimator="k3+"), ValueError, "verl's straight-through estimator.*convention='verl'"),
+    (dict(kl_estimator="k1+", convention="trl", loss_agg_mode="grpo"), ValueError, "convention='verl'"),
+    (dict(loss_agg_mode="cispo", dual_clip=3.0), ValueError, "ignores `delta`"),
+    (dict(loss_agg_mode="sapo", loss_type_args=dict(vespo_k_pos=1.0)), ValueError, "does not read"),
+    (dict(loss_agg_mode="sapo", loss_type_args=dict(sapo_temperature_pos=0.0)), ValueError, "sapo_temperature_pos"),
+    (dict(loss_type_args=[1.0]), TypeError, "loss_type_args must be a dict"),
     (dict(importance_sampling_level="seq"), ValueError, "importance_sampling_level"),
     (dict(kl_coef=0.1, kl_estimator="full"), ValueError, "needs ref_logits"),
     (dict(kl_coef=0.1), ValueError, "needs ref_logps"),
     (dict(kl_coef=-0.1), ValueError, "kl_coef"),
     (dict(kl_ratio_correction=1), TypeError, "kl_ratio_correction"),
-    (dict(loss_agg_mode="seq-mean-token-sum-norm"), ValueError, "max_length is required"),
     (dict(loss_agg_mode="dr_grpo"), ValueError, "max_length is required"),
     (dict(loss_agg_mode="dr_grpo", max_length=0), ValueError, "max_length must be an int >= 1"),
     (dict(max_length=8), ValueError, "max_length is only used"),
@@ -816,6 +935,15 @@ def test_policy_loss_equals_ppo_loss(backend, device, name):
     old = None if kw.pop("old") is None else data["old"]
     adv = data[kw.pop("adv")]
     _assert_policy_equals_ppo(backend, data, old, adv, kw)
+
+
+@pytest.mark.parametrize("name", list(HEAD_VARIANTS))
+def test_policy_loss_equals_ppo_loss_head_variants(name):
+    data = make_batch()
+    kw = _resolve(data, HEAD_VARIANTS[name], "cpu")
+    old = None if kw.pop("old") is None else data["old"]
+    adv = data[kw.pop("adv")]
+    _assert_policy_equals_ppo("torch", data, old, adv, kw)
 
 
 def test_policy_loss_full_kl_equals_ppo_loss(backend, device):

@@ -528,6 +528,9 @@ GRPO_CASES = {
         gradient_accumulation_steps=2,
         entropy_coef=0.02,
     ),
+    "sapo_kl_entropy_two_iterations": dict(
+        loss_type="sapo", beta=0.04, num_iterations=2, entropy_coef=0.01, learning_rate=0.5
+    ),
 }
 
 
@@ -617,6 +620,43 @@ LOSS_CASES = {
     "gspo_grpo_token_advantages": dict(
         attrs=dict(importance_sampling_level="sequence", beta=0.02), old=0.05, ref=0.1, token_adv=True
     ),
+    "luspo_gspo_delta_kl": dict(
+        attrs=dict(loss_type="luspo", importance_sampling_level="sequence", beta=0.03),
+        args=dict(delta=2.0),
+        old=0.1,
+        ref=0.2,
+    ),
+    "cispo_kl_entropy_is_ratio_train_accum": dict(
+        attrs=dict(
+            loss_type="cispo",
+            epsilon_high=1.2,
+            beta=0.02,
+            use_vllm=True,
+            vllm_importance_sampling_correction=True,
+            current_gradient_accumulation_steps=2,
+            entropy_coef=0.03,
+            _entropy_bonus_enabled=True,
+        ),
+        args=dict(steps_per_generation=2, delta=3.0),  # TRL ignores delta for cispo
+        train=True,
+        old=0.3,
+        ref=0.2,
+        is_ratio=True,
+    ),
+    "sapo_toolmask_token_adv": dict(
+        attrs=dict(loss_type="sapo", beta=0.02),
+        args=dict(sapo_temperature_pos=2.0, sapo_temperature_neg=0.5, use_bias_correction_kl=True),
+        old=0.3,
+        ref=0.1,
+        tool_mask=True,
+        token_adv=True,
+    ),
+    "vespo_off_policy_mask_args": dict(
+        attrs=dict(loss_type="vespo", off_policy_mask_threshold=0.01, entropy_coef=0.02, _entropy_bonus_enabled=True),
+        args=dict(vespo_k_pos=1.5, vespo_lambda_pos=0.5, vespo_k_neg=2.5, vespo_lambda_neg=1.0),
+        old=0.2,
+        sampling=0.3,
+    ),
 }
 
 
@@ -680,8 +720,7 @@ def test_grpo_compute_loss_matches_trl(grpo_pair, name):
 @pytest.mark.parametrize(
     "cfg, match",
     [
-        (dict(loss_type="cispo"), "loss_type='cispo'"),
-        (dict(loss_type="sapo"), "loss_type='sapo'"),
+        (dict(loss_type="vespo", use_vllm=True), "vllm_importance_sampling_correction"),
         (dict(use_adaptive_entropy=True), "use_adaptive_entropy"),
         (dict(top_entropy_quantile=0.2, entropy_coef=0.01), "top_entropy_quantile"),
         (dict(delta=1.1), "delta"),

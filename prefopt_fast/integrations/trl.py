@@ -100,7 +100,7 @@ from trl.models.utils import disable_gradient_checkpointing  # noqa: E402
 
 from ..losses._common import reward_metrics
 from ..losses.dpo import DPOLoss
-from ..losses.ppo import TRL_LOSS_TYPES, PolicyLoss
+from ..losses.ppo import TRL_LOSS_TYPE_ARGS, TRL_LOSS_TYPES, PolicyLoss
 from ..losses.reward import BradleyTerryLoss
 from ..ops.linear_logprobs import linear_token_logprobs
 
@@ -636,7 +636,15 @@ class RewardTrainer(trl.RewardTrainer):
 
 # --------------------------------------------------------------------------- GRPO
 
-SUPPORTED_GRPO_LOSS_TYPES = tuple(TRL_LOSS_TYPES)  # grpo, bnpo, dr_grpo, dapo
+SUPPORTED_GRPO_LOSS_TYPES = tuple(TRL_LOSS_TYPES)  # grpo, bnpo, dr_grpo, dapo, luspo, cispo, sapo, vespo
+# the loss types TRL divides by its num_items_in_batch normalizer (not by the accumulation steps)
+_GRPO_GLOBAL_NORMALIZER = ("dapo", "cispo", "vespo")
+
+
+def _grpo_loss_type_args(args, loss_type) -> Optional[dict]:
+    """The GRPOConfig fields the sapo / vespo objectives read (TRL_LOSS_TYPE_ARGS names), else None."""
+    names = TRL_LOSS_TYPE_ARGS.get(loss_type)
+    return None if names is None else {k: getattr(args, k) for k in names}
 
 
 class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
@@ -646,22 +654,28 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
     :class:`DPOTrainer`; also covers the generation-time old / reference log-probs, computed
     inside ``train``).
 
-    The head (the code of :func:`prefopt_fast.ppo_loss` after the per-token statistics) takes
-    TRL's per-token log-probs and entropies, with: ``loss_type`` grpo / bnpo / dr_grpo / dapo,
-    ``epsilon`` / ``epsilon_high``, ``delta`` (the dual clip), ``beta`` with the k3 KL and
+    The head (the code of :func:`prefopt_fast.ppo_loss` after the per-token statistics, with
+    ``convention="trl"``) takes TRL's per-token log-probs and entropies, with: ``loss_type``
+    grpo / bnpo / dr_grpo / dapo / luspo (the clipped surrogate), cispo, sapo
+    (``sapo_temperature_pos`` / ``_neg``) and vespo (``vespo_k_pos`` / ``_lambda_pos`` /
+    ``_k_neg`` / ``_lambda_neg``), ``epsilon`` / ``epsilon_high``, ``delta`` (the dual clip;
+    TRL ignores it for cispo / sapo / vespo, and so does the head), ``beta`` with the k3 KL and
     ``use_bias_correction_kl``, ``importance_sampling_level`` token / sequence (GSPO),
     ``entropy_coef`` (static), the tool mask, the off-policy sequence mask
     (``off_policy_mask_threshold``), the vLLM importance-sampling ratio and, without an entropy
     bonus, ``top_entropy_quantile`` (these three as weights on the clipped term), gradient
     accumulation and the dapo global token normalizer, MoE ``router_aux_loss_coef``.
     Logged as TRL: ``kl``, ``entropy``, ``clip_ratio/{low_mean,high_mean,region_mean,low_min,
-    high_max}``, ``policy_loss`` and ``entropy_coef`` (with an entropy bonus), ``aux_loss``;
-    the rest of TRL's logging (rewards, completions, timing) is TRL's own code.
+    high_max}`` (clipped-surrogate types), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
+    ``policy_loss`` and ``entropy_coef`` (with an entropy bonus), ``aux_loss``; the rest of
+    TRL's logging (rewards, completions, timing) is TRL's own code.
 
-    Refused at construction (``ValueError``): ``loss_type`` cispo / sapo / luspo / vespo (other
-    objectives), ``use_adaptive_entropy=True``, ``top_entropy_quantile < 1`` together with a
-    non-zero ``entropy_coef`` (TRL then also restricts the bonus to those tokens), and a
-    ``delta`` not above ``1 + epsilon_high`` (where TRL's clamp is not the dual clip).
+    Refused at construction (``ValueError``): ``use_adaptive_entropy=True``,
+    ``top_entropy_quantile < 1`` together with a non-zero ``entropy_coef`` (TRL then also
+    restricts the bonus to those tokens), a ``delta`` not above ``1 + epsilon_high`` (where
+    TRL's clamp is not the dual clip), and vespo with vLLM's importance-sampling correction
+    (TRL folds the sampler ratio into vespo's sequence weight, which the head's ``is_weights``
+    -- a multiplier of the per-token loss -- cannot carry).
     """
 
     def __init__(self, *args, prefopt_lm_head: bool = True, **kwargs):
@@ -692,6 +706,8 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
             args.importance_sampling_level,
             args.use_adaptive_entropy,
             args.top_entropy_quantile,
+            loss_type_args=_grpo_loss_type_args(args, args.loss_type),
+            vllm_is=bool(args.use_vllm and args.vllm_importance_sampling_correction),
         )
 
     @staticmethod
@@ -707,6 +723,8 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
         importance_sampling_level,
         adaptive_entropy=False,
         top_entropy_quantile=1.0,
+        loss_type_args=None,
+        vllm_is=False,
     ):
         """The PPO head (a :class:`prefopt_fast.PolicyLoss`) for these GRPO settings, or ValueError naming the
         TRL option."""
@@ -717,6 +735,14 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
                 loss_type,
                 f"prefopt_fast's PPO head implements the clipped surrogate of "
                 f"{list(SUPPORTED_GRPO_LOSS_TYPES)}, not the {loss_type!r} objective",
+            )
+        if loss_type == "vespo" and vllm_is:
+            raise _unsupported(
+                "GRPOTrainer",
+                "vllm_importance_sampling_correction",
+                True,
+                "with loss_type='vespo' TRL folds the vLLM sampler ratio into the sequence weight phi(w), which "
+                "the head's is_weights (a multiplier of the per-token loss) cannot carry",
             )
         if adaptive_entropy:
             raise _unsupported(
@@ -738,9 +764,12 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
             return PolicyLoss(
                 clip_eps_low=eps_low,
                 clip_eps_high=eps_high,
-                dual_clip=delta,
+                # TRL reads delta only in the clipped surrogate
+                dual_clip=None if loss_type in ("cispo", "sapo", "vespo") else delta,
                 kl_coef=beta,
                 kl_estimator="k3",
+                convention="trl",
+                loss_type_args=loss_type_args,
                 kl_ratio_correction=bool(bias_correction_kl),
                 entropy_coef=entropy_coef,
                 loss_agg_mode=loss_type,
@@ -822,7 +851,7 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
         G = self.current_gradient_accumulation_steps if mode == "train" else 1
         coef = self.entropy_coef if self._entropy_bonus_enabled else 0.0
         global_tokens = None
-        if self.loss_type == "dapo":
+        if self.loss_type in _GRPO_GLOBAL_NORMALIZER:
             # num_items_in_batch spans the generation batch: rescale it to one accumulation window; the
             # policy term is then not divided by G, the entropy bonus is
             global_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -841,6 +870,8 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
             self.importance_sampling_level,
             self.use_adaptive_entropy,
             self.top_entropy_quantile,
+            loss_type_args=_grpo_loss_type_args(self.args, self.loss_type),
+            vllm_is=bool(self.use_vllm and self.vllm_importance_sampling_correction),
         )
         # TRL's per-token log-probs and entropies: the per-token head, masked where TRL masks
         loss, metrics = head(
@@ -853,7 +884,7 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
             is_weights=is_weights,
             global_num_tokens=global_tokens,
         )
-        if self.loss_type != "dapo":
+        if self.loss_type not in _GRPO_GLOBAL_NORMALIZER:
             loss = loss / G
 
         log = self._metrics[mode]
@@ -883,6 +914,15 @@ class GRPOTrainer(_LMHeadPatchMixin, trl.GRPOTrainer):
             log["kl"].append(global_mean(metrics["kl"], n_tok))
         log["entropy"].append(global_mean(metrics["entropy"], n_tok))
         n_clip = n_seq if seq_level else n_tok
+        if self.loss_type == "cispo":
+            log["cispo_clip_ratio"].append(global_mean(metrics["cispo_clip_ratio"], n_clip))
+            return
+        if self.loss_type == "vespo":  # one weight per sequence (per token with per-token advantages)
+            n_phi = n_seq if advantages.shape[1] == 1 else n_tok
+            log["vespo/phi_seq_mean"].append(global_mean(metrics["vespo/phi_seq_mean"], n_phi))
+            return
+        if self.loss_type == "sapo":
+            return
         for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
             log[name].append(global_mean(metrics[name], n_clip))
 

@@ -109,6 +109,8 @@ def linear_ppo_loss(
     loss_agg_mode: str = "token-mean",
     max_length: Optional[int] = None,
     importance_sampling_level: str = "token",
+    convention: Optional[str] = None,
+    loss_type_args: Optional[Dict[str, float]] = None,
     is_weights: Optional[Tensor] = None,
     global_num_tokens: Optional[Union[float, Tensor]] = None,
     chunk_size: Optional[int] = None,
@@ -141,6 +143,8 @@ def linear_ppo_loss(
         loss_agg_mode,
         max_length,
         importance_sampling_level,
+        convention,
+        loss_type_args,
     )
     return _linear_ppo(
         hidden,

@@ -10,8 +10,9 @@ integration all run it.
 Per token, with m the mask (label != ignore_index, times ``loss_mask``), logp the policy
 log-prob, old the behaviour log-prob, ref the reference log-prob, A the advantage:
 
-    r     = exp(logp - old)                              (token level), or
-    r_b   = exp(sum_t m (logp - old) / max(sum_t m, 1))  (sequence level, GSPO; as TRL)
+    l_t   = logp - old
+    r     = exp(l_t)                               (token level), or
+    r_b   = exp(sum_t m l_t / max(sum_t m, 1))     (sequence level, GSPO; as TRL)
     pg    = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
     dual clip c > 1 (A < 0 only):  pg = min(pg, -c A)
     kl    = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: exp(ref - logp) - (ref - logp) - 1
@@ -21,41 +22,68 @@ log-prob, old the behaviour log-prob, ref the reference log-prob, A the advantag
     loss_t = pg * w + kl_coef * kl               (w = is_weights; the KL term is not weighted)
     loss   = agg(loss_t) - entropy_coef * agg_H(H)
 
-``agg`` (``loss_agg_mode``), with S_b = sum_t m loss_t, L_b = sum_t m:
+``convention`` says whose formula a name means where TRL 1.16 and verl 0.9 give one name two:
+
+    None (default)  the formulas above: no clamp on l_t, dual clip only when given, ``k3`` =
+                    Schulman's unclamped k3 (TRL's); verl's ``+`` estimators refused
+    "trl"           the same; loss_agg_mode must be a TRL loss_type
+    "verl"          verl's: l_t clamped to [-20, 20] before exp; dual clip c = 3 unless given
+                    (verl's clip_ratio_c; its vanilla loss has no off switch); ``k3`` = verl's k3
+                    = low_var_kl; ``k1+`` / ``k3+`` / ``abs+`` / ``low_var_kl+`` = the value of the
+                    estimator with the gradient of k2 (verl's straight-through kl_penalty);
+                    sequence level = verl's gspo (the token ratio sg[r_b] pi_t / sg[pi_t], its
+                    log clamped above at 10, no dual clip by default); loss_agg_mode must be
+                    verl's
+
+``agg`` (``loss_agg_mode``), with S_b = sum_t m loss_t, L_b = sum_t m. verl's names are verl's
+``agg_loss`` (dp_size 1): the means over b run over the n >= 1 sequences with L_b > 0.
 
     token-mean               sum_b S_b / N, N = global_num_tokens or max(sum_b L_b, 1)
-    seq-mean-token-mean      mean_b S_b / max(L_b, 1)
-    seq-mean-token-sum       mean_b S_b
-    seq-mean-token-sum-norm  mean_b S_b / max_length   (Dr. GRPO)
+    seq-mean-token-mean      sum_{b: L_b > 0} (S_b / L_b) / n
+    seq-mean-token-sum       sum_b S_b / n
+    seq-mean-token-sum-norm  sum_b S_b / n / D, D = max_length (verl's loss_scale_factor) or T
 
-The means over b run over all B sequences, empty ones included (as TRL). TRL 1.16
-GRPOTrainer ``loss_type`` names are accepted as aliases:
+TRL 1.16 GRPOTrainer ``loss_type`` names are TRL's formulas, the means over all B sequences:
 
-    grpo     = seq-mean-token-mean
-    bnpo     = token-mean over the local tokens (global_num_tokens not allowed)
-    dr_grpo  = seq-mean-token-sum-norm (max_length = TRL's max_completion_length)
-    dapo     = token-mean; global_num_tokens = TRL's normalizer
-               num_items_in_batch / num_processes (* grad_accum / steps_per_generation in training)
+    grpo     mean_b S_b / max(L_b, 1)
+    bnpo     token-mean over the local tokens (global_num_tokens not allowed)
+    dr_grpo  sum_b S_b / (B * max_length), max_length = TRL's max_completion_length (required)
+    dapo     token-mean; global_num_tokens = TRL's normalizer
+             num_items_in_batch / num_processes (* grad_accum / steps_per_generation in training)
+    luspo    mean_b S_b (clipped surrogate)
+    cispo    token-mean as dapo, pg = -sg(min(r, clip_eps_high)) A logp (clip_eps_high is TRL's
+             epsilon_high: the cap of the ratio itself)
+    sapo     as grpo, pg = -sigmoid(tau (r - 1)) 4 / tau A, tau = sapo_temperature_pos if A > 0
+             else sapo_temperature_neg
+    vespo    token-mean as dapo, pg = -phi A logp, phi (detached) = exp(lam + k log w - lam w),
+             log w = clamp(sum_t m clamp(l_t, -20, 20), log 1e-8, 20), (k, lam) = (vespo_k_pos,
+             vespo_lambda_pos) if A >= 0 else the _neg pair
 
-``agg_H`` follows the convention of the source of each name: the verl mode names aggregate
-the entropy like the policy loss (verl's agg_loss); the TRL aliases use TRL's mean per-token
-entropy over the local tokens, whatever the loss type.
+``loss_type_args`` sets sapo's / vespo's GRPOConfig fields (``TRL_LOSS_TYPE_ARGS``, TRL's
+defaults). ``agg_H``: the verl mode names aggregate the entropy like the policy loss (verl's
+agg_loss); TRL's names use TRL's mean per-token entropy over the local tokens.
 
 Reproducing a TRL training step exactly (TRL's eval mode is the default above):
-- gradient accumulation over G steps: TRL divides the grpo / bnpo / dr_grpo loss and the
-  entropy bonus of every loss type by G; dapo's policy term is not divided (its normalizer
-  already spans the window). So use ``loss / G`` for grpo / bnpo / dr_grpo, and for dapo pass
-  ``entropy_coef / G`` and ``global_num_tokens = num_items_in_batch / num_processes * G /
-  steps_per_generation``;
+- gradient accumulation over G steps: TRL divides the loss of grpo / bnpo / dr_grpo / luspo /
+  sapo and the entropy bonus of every loss type by G; the policy term of dapo / cispo / vespo
+  is not divided (its normalizer already spans the window). So use ``loss / G`` for the
+  former, and for the latter pass ``entropy_coef / G`` and ``global_num_tokens =
+  num_items_in_batch / num_processes * G / steps_per_generation``;
 - TRL 1.16 defaults ``use_bias_correction_kl=True``: pass ``kl_ratio_correction=True``;
 - TRL's vLLM importance-sampling ratio (token or sequence modes, already truncated or masked),
   its off-policy sequence mask (``off_policy_mask_threshold``) and its high-entropy token mask
-  (``top_entropy_quantile``) all multiply the clipped policy term only: pass their product as
+  (``top_entropy_quantile``) all multiply the policy term only: pass their product as
   ``is_weights``. (With ``top_entropy_quantile < 1`` TRL also restricts the entropy bonus to
-  those tokens; that part is not reproduced.)
-- not supported: TRL's cispo, sapo, luspo and vespo objectives, and adaptive entropy control.
+  those tokens; that part is not reproduced. For vespo TRL folds the vLLM ratio into phi
+  instead: not reproduced, pass only the masks.)
+- not supported: adaptive entropy control.
+
+Metrics: TRL's names (see :func:`ppo_loss`) plus verl's ``ppo_kl`` (the masked mean of -l_t,
+clamped where the convention clamps) and ``pg_clipfrac_lower`` (the fraction of the tokens
+where the dual clip binds; 0 without one).
 """
 
+import math
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -77,20 +105,36 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "TRL_LOSS_TYPES",
+    "TRL_LOSS_TYPE_ARGS",
+    "VERL_KL_ESTIMATORS",
+    "CONVENTIONS",
     "IMPORTANCE_SAMPLING_LEVELS",
 ]
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
+# verl's straight-through estimators (convention="verl" only): the value of the named estimator, the gradient of k2
+VERL_KL_ESTIMATORS = ("k1+", "k3+", "abs+", "low_var_kl+")
+CONVENTIONS = ("trl", "verl")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-# TRL GRPOTrainer loss_type -> (aggregation, entropy aggregated as TRL does)
+# TRL GRPOTrainer loss_type -> the aggregation it uses (with TRL's means over all B sequences)
 TRL_LOSS_TYPES = {
     "grpo": "seq-mean-token-mean",
     "bnpo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "dapo": "token-mean",
+    "luspo": "seq-mean-token-sum",
+    "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
+    "vespo": "token-mean",
 }
-# TRL 1.16 loss types with a different objective than the clipped surrogate
-_UNSUPPORTED_TRL = ("cispo", "sapo", "luspo", "vespo")
+# TRL loss types whose per-token objective is not the clipped surrogate
+_TRL_OBJECTIVES = ("cispo", "sapo", "vespo")
+# TRL 1.16 GRPOConfig fields each objective reads, with TRL's defaults (``loss_type_args``)
+TRL_LOSS_TYPE_ARGS = {
+    "sapo": {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05},
+    "vespo": {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0},
+}
+VERL_DUAL_CLIP = 3.0  # verl's clip_ratio_c default: its vanilla loss always applies the dual clip
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -109,6 +153,9 @@ class PolicyConfig(NamedTuple):
     trl: Optional[str]  # the TRL alias, if one was given
     max_length: Optional[int]
     importance_sampling_level: str
+    convention: Optional[str] = None  # None, "trl" or "verl"
+    objective: str = "clip"  # "clip" (the clipped surrogate) or a TRL objective: "cispo", "sapo", "vespo"
+    objective_args: Tuple[Tuple[str, float], ...] = ()  # its TRL_LOSS_TYPE_ARGS, filled in
 
 
 def check_policy_config(
@@ -123,11 +170,20 @@ def check_policy_config(
     loss_agg_mode,
     max_length,
     importance_sampling_level,
+    convention=None,
+    loss_type_args=None,
 ) -> PolicyConfig:
     """The hyper-parameters of :func:`ppo_loss` / :func:`policy_loss` (Python values only, no
     tensors), validated: a :class:`PolicyConfig`. ``ignore_index`` only matters to the heads
     that take labels."""
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
+    if convention is not None:
+        convention = check_choice(
+            convention,
+            CONVENTIONS,
+            "convention",
+            what=" or None (the trainer whose formulas the names mean where TRL and verl differ)",
+        )
     eps_low = check_real(clip_eps_low, "clip_eps_low", lo=0.0)
     eps_high = eps_low if clip_eps_high is None else check_real(clip_eps_high, "clip_eps_high", lo=0.0)
     if dual_clip is not None:
@@ -139,7 +195,18 @@ def check_policy_config(
             why=" (the dual-clip bound c on the ratio for negative advantages; None disables it)",
         )
     kl_coef = check_real(kl_coef, "kl_coef", lo=0.0)
-    kl_estimator = check_choice(kl_estimator, KL_ESTIMATORS, "kl_estimator")
+    if isinstance(kl_estimator, str) and kl_estimator in VERL_KL_ESTIMATORS:
+        if convention != "verl":
+            raise ValueError(
+                f"kl_estimator={kl_estimator!r} is verl's straight-through estimator (the value of "
+                f"{kl_estimator[:-1]!r}, the gradient of k2); pass convention='verl' to use it"
+            )
+    else:
+        kl_estimator = check_choice(
+            kl_estimator,
+            KL_ESTIMATORS + (VERL_KL_ESTIMATORS if convention == "verl" else ()),
+            "kl_estimator",
+        )
     kl_ratio_correction = check_bool(kl_ratio_correction, "kl_ratio_correction")
     entropy_coef = check_real(entropy_coef, "entropy_coef")
 
@@ -149,31 +216,43 @@ def check_policy_config(
         agg, trl = loss_agg_mode, None
     elif loss_agg_mode in TRL_LOSS_TYPES:
         agg, trl = TRL_LOSS_TYPES[loss_agg_mode], loss_agg_mode
-    elif loss_agg_mode in _UNSUPPORTED_TRL:
-        raise ValueError(
-            f"loss_agg_mode={loss_agg_mode!r} is a TRL GRPOTrainer loss_type with its own objective (not the "
-            f"clipped surrogate) and is not supported; valid: {list(LOSS_AGG_MODES)} or the TRL aliases "
-            f"{list(TRL_LOSS_TYPES)}"
-        )
     else:
         raise ValueError(
-            f"loss_agg_mode must be one of {list(LOSS_AGG_MODES)} or a TRL GRPO loss_type alias "
+            f"loss_agg_mode must be one of verl's {list(LOSS_AGG_MODES)} or a TRL GRPO loss_type "
             f"{list(TRL_LOSS_TYPES)}; got {loss_agg_mode!r}"
         )
+    # a convention names the trainer; its names only (no hybrid that neither trainer computes)
+    if convention == "verl" and trl is not None:
+        raise ValueError(
+            f"with convention='verl', loss_agg_mode must be one of verl's names {list(LOSS_AGG_MODES)}; got "
+            f"{loss_agg_mode!r}, a TRL GRPOTrainer loss_type (use convention='trl' / None for TRL's)"
+        )
+    if convention == "trl" and trl is None:
+        raise ValueError(
+            f"with convention='trl', loss_agg_mode must be one of TRL's GRPOTrainer loss_type names "
+            f"{list(TRL_LOSS_TYPES)}; got verl's {loss_agg_mode!r} (use convention='verl' / None for verl's)"
+        )
+    objective = trl if trl in _TRL_OBJECTIVES else "clip"
 
     if agg == "seq-mean-token-sum-norm":
-        if max_length is None:
+        if trl is not None and max_length is None:
             raise ValueError(
                 f"max_length is required by loss_agg_mode={loss_agg_mode!r}: the fixed divisor of Dr. GRPO "
                 "(the maximum completion length, TRL's max_completion_length)"
             )
-        max_length = _validate.check_int(max_length, "max_length", lo=1)
+        if max_length is not None:
+            max_length = _validate.check_int(max_length, "max_length", lo=1)
     elif max_length is not None:
         raise ValueError(
-            f"max_length is only used by loss_agg_mode 'seq-mean-token-sum-norm' / 'dr_grpo'; "
-            f"got loss_agg_mode={loss_agg_mode!r}"
+            f"max_length is only used by loss_agg_mode 'seq-mean-token-sum-norm' (verl's loss_scale_factor) / "
+            f"'dr_grpo' (TRL's max_completion_length); got loss_agg_mode={loss_agg_mode!r}"
         )
 
+    if objective != "clip" and dual_clip is not None:
+        raise ValueError(
+            f"dual_clip is only used by the clipped surrogate; TRL's {loss_agg_mode!r} objective ignores "
+            f"`delta`; got dual_clip={dual_clip:g}"
+        )
     if dual_clip is not None and trl is not None and dual_clip <= 1.0 + eps_high:
         # TRL's `delta` clamps the ratio of the unclipped branch for every token; that equals the
         # dual clip only when delta > 1 + epsilon_high (which TRL recommends).
@@ -182,7 +261,29 @@ def check_policy_config(
             f"`delta` matches the dual clip only above 1 + epsilon_high); got {dual_clip:g}"
         )
 
-    check_choice(importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level")
+    importance_sampling_level = check_choice(
+        importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level"
+    )
+    if convention == "verl" and dual_clip is None and importance_sampling_level == "token":
+        # verl's vanilla loss has no off switch for the dual clip (its gspo loss has no dual clip)
+        dual_clip = VERL_DUAL_CLIP
+
+    defaults = TRL_LOSS_TYPE_ARGS.get(objective, {})
+    if loss_type_args is not None:
+        if not isinstance(loss_type_args, dict):
+            raise TypeError(f"loss_type_args must be a dict or None; got {type(loss_type_args).__name__}")
+        unknown = sorted(set(loss_type_args) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"loss_type_args has keys {unknown} that loss_agg_mode={loss_agg_mode!r} does not read; valid: "
+                f"{sorted(defaults)} (TRL GRPOConfig field names)"
+            )
+    args = dict(defaults)
+    for k, v in (loss_type_args or {}).items():
+        if k.startswith("sapo_temperature"):
+            args[k] = check_real(v, f"loss_type_args[{k!r}]", lo=0.0, lo_open=True)
+        else:
+            args[k] = check_real(v, f"loss_type_args[{k!r}]")
     return PolicyConfig(
         ignore_index,
         eps_low,
@@ -196,6 +297,9 @@ def check_policy_config(
         trl,
         max_length,
         importance_sampling_level,
+        convention,
+        objective,
+        tuple(sorted(args.items())),
     )
 
 
@@ -220,36 +324,62 @@ def _check_bt(
     return x
 
 
-def _kl_estimate(d: Tensor, estimator: str) -> Tensor:
-    """Sampled KL(pi || pi_ref) estimate from d = log pi_ref - log pi of the sampled token."""
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.exp(d) - d - 1.0
-    if estimator == "abs":
-        return d.abs()
-    # low_var_kl: verl's k3, clamped in log space for exp and in value for variance
-    dc = d.clamp(-20.0, 20.0)
-    return (torch.exp(dc) - dc - 1.0).clamp(-10.0, 10.0)
+def _kl_estimate(d: Tensor, estimator: str, convention: Optional[str]) -> Tensor:
+    """Sampled KL(pi || pi_ref) estimate from d = log pi_ref - log pi of the sampled token.
+
+    ``k3`` is Schulman's (TRL's) unless ``convention="verl"``, where it is verl's clamped
+    ``low_var_kl``; a ``+`` name (verl) has the value of its base and the gradient of k2."""
+    straight_through = estimator.endswith("+")
+    base = estimator[:-1] if straight_through else estimator
+    if base == "k3" and convention == "verl":
+        base = "low_var_kl"
+    if base == "k1":
+        v = -d
+    elif base == "k2":
+        v = 0.5 * d * d
+    elif base == "k3":
+        v = torch.exp(d) - d - 1.0
+    elif base == "abs":
+        v = d.abs()
+    else:  # low_var_kl: verl's k3, clamped in log space for exp and in value for variance
+        dc = d.clamp(-20.0, 20.0)
+        v = (torch.exp(dc) - dc - 1.0).clamp(-10.0, 10.0)
+    if not straight_through:
+        return v
+    # straight through (verl's kl_penalty): k1 / k3 are unbiased in value, k2 in gradient
+    g = 0.5 * d * d
+    return g - g.detach() + v.detach()
 
 
 def _seq_sums(x: Tensor, m: Tensor) -> Tensor:
     return (x * m).sum(-1)
 
 
-def _aggregate(x: Tensor, m: Tensor, agg: str, max_length: Optional[int], denom: Optional[Tensor]) -> Tensor:
-    """Reduce a per-token [B, T] (or broadcastable [B, 1]) tensor with mask m [B, T]."""
+def _aggregate(
+    x: Tensor, m: Tensor, agg: str, max_length: Optional[int], denom: Optional[Tensor], trl: bool = False
+) -> Tensor:
+    """Reduce a per-token [B, T] (or broadcastable [B, 1]) tensor with mask m [B, T]: TRL's
+    formulas for a TRL alias (``trl``: means over all B sequences, Dr. GRPO's B * max_length),
+    verl's ``agg_loss`` for verl's names (means over the non-empty sequences; the sum-norm
+    divisor is ``max_length`` or T)."""
     s = _seq_sums(x, m)
     if agg == "token-mean":
         n = m.sum().clamp(min=1.0) if denom is None else denom
         return s.sum() / n
+    L = m.sum(-1)
+    if trl:
+        if agg == "seq-mean-token-mean":
+            return (s / L.clamp(min=1.0)).mean()
+        if agg == "seq-mean-token-sum":
+            return s.mean()
+        return s.sum() / (s.shape[0] * max_length)
+    nonempty = L > 0
+    n_seq = nonempty.sum().clamp(min=1).to(s.dtype)  # an all-empty batch: 0, not verl's 0 / 0
     if agg == "seq-mean-token-mean":
-        return (s / m.sum(-1).clamp(min=1.0)).mean()
+        return (s / torch.where(nonempty, L, torch.ones_like(L))).sum() / n_seq
     if agg == "seq-mean-token-sum":
-        return s.mean()
-    return s.sum() / (s.shape[0] * max_length)
+        return s.sum() / n_seq
+    return s.sum() / n_seq / (m.shape[-1] if max_length is None else max_length)
 
 
 def _masked_mean(x: Tensor, m: Tensor, per_sequence: bool = False) -> Tensor:
@@ -409,7 +539,7 @@ def _check_head_inputs(
         if ref_logps is not None:
             raise ValueError(
                 f'ref_logps is only used by the sampled KL estimators, not by kl_estimator="full" ({reads}); drop ref_logps '
-                'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl")'
+                'or pick a sampled estimator ("k1", "k2", "k3", "abs", "low_var_kl", or verl "k1+", "k3+", "abs+", "low_var_kl+")'
             )
         if not has_full_ref and cfg.kl_coef != 0.0:
             raise ValueError(f'kl_estimator="full" needs {needs}')
@@ -566,18 +696,43 @@ def _policy_terms(
     zero = torch.zeros((), dtype=dt, device=dev)
 
     # Masked positions may hold anything (padding, -inf): keep them out of exp and the gradient.
+    verl = cfg.convention == "verl"
     old = logp.detach() if old_logps is None else old_logps.to(dt)
-    log_ratio = torch.where(keep, logp - old, zero)
+    log_ratio = torch.where(keep, logp - old, zero)  # per token, [B, T]
     ratio_per_seq = cfg.importance_sampling_level == "sequence"
+    if verl and not ratio_per_seq:
+        log_ratio = log_ratio.clamp(-20.0, 20.0)  # verl clamps before exp (its vanilla and sapo losses)
+    token_log_ratio = log_ratio
     if ratio_per_seq:
-        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
-    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
+        log_ratio = (log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)  # [B, 1]
+    if ratio_per_seq and verl:
+        # verl's gspo: the token ratio sg[s_b] * pi_t / sg[pi_t], its log clamped above at 10
+        lp = torch.where(keep, logp, zero)
+        ratio = torch.exp(torch.clamp(lp - lp.detach() + log_ratio.detach(), max=10.0))  # [B, T]
+        ratio_seen = torch.exp(log_ratio.clamp(max=10.0))  # [B, 1], its value
+    else:
+        ratio = ratio_seen = torch.exp(log_ratio)  # [B, T] or [B, 1]
     adv = advantages.to(dt)
 
-    clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-    pg = -torch.minimum(ratio * adv, clipped * adv)
-    if cfg.dual_clip is not None:
-        pg = torch.where(adv < 0, torch.minimum(pg, -cfg.dual_clip * adv), pg)
+    lower = None
+    if cfg.objective == "clip":
+        clipped = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+        pg = -torch.minimum(ratio * adv, clipped * adv)
+        if cfg.dual_clip is not None:
+            with torch.no_grad():  # verl's pg_clipfrac_lower: where the dual clip binds
+                lower = (pg > -cfg.dual_clip * adv) & (adv < 0)
+            pg = torch.where(adv < 0, torch.minimum(pg, -cfg.dual_clip * adv), pg)
+    else:
+        args = dict(cfg.objective_args)
+        lp = torch.where(keep, logp, zero)
+        if cfg.objective == "cispo":  # TRL: the ratio capped at epsilon_high, as a constant weight on log pi
+            pg = -ratio.clamp(max=cfg.clip_eps_high).detach() * adv * lp
+        elif cfg.objective == "sapo":  # TRL: a sigmoid gate on the ratio instead of the hard clip
+            tau = torch.where(adv > 0, args["sapo_temperature_pos"], args["sapo_temperature_neg"]).to(dt)
+            pg = -(torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau) * adv
+        else:  # vespo: TRL's gamma weight of the sequence ratio (a sum of log-ratios), a constant
+            phi = _vespo_phi(token_log_ratio, m, adv, args)
+            pg = -phi * adv * lp
     if is_weights is not None:
         pg = pg * is_weights.to(dt)
     per_token = pg
@@ -587,7 +742,7 @@ def _policy_terms(
         if full:
             kl = torch.where(keep, exact_kl.to(dt), zero)
         else:
-            kl = _kl_estimate(torch.where(keep, ref_logps.to(dt) - logp, zero), cfg.kl_estimator)
+            kl = _kl_estimate(torch.where(keep, ref_logps.to(dt) - logp, zero), cfg.kl_estimator, cfg.convention)
         if cfg.kl_ratio_correction:
             kl = kl * ratio
         if cfg.kl_coef != 0.0:
@@ -600,32 +755,56 @@ def _policy_terms(
             if isinstance(global_num_tokens, Tensor)
             else torch.tensor(global_num_tokens, dtype=dt, device=dev)
         )
+    trl = cfg.trl is not None
     per_token = per_token.expand(B, T)
-    loss = _aggregate(per_token, m, cfg.agg, cfg.max_length, denom)
+    loss = _aggregate(per_token, m, cfg.agg, cfg.max_length, denom, trl)
     policy_loss = loss.detach()
     if cfg.entropy_coef != 0.0:
-        if cfg.trl is not None:
+        if trl:
             h = _aggregate(entropy, m, "token-mean", None, None)
         else:
             h = _aggregate(entropy, m, cfg.agg, cfg.max_length, denom)
         loss = loss - cfg.entropy_coef * h
 
     with torch.no_grad():
-        low = (ratio < 1.0 - cfg.clip_eps_low) & (adv < 0)
-        high = (ratio > 1.0 + cfg.clip_eps_high) & (adv > 0)
         clip_per_seq = ratio_per_seq and adv_per_seq
-        metrics = {
-            "clip_ratio/low_mean": _masked_mean(low, m, clip_per_seq),
-            "clip_ratio/high_mean": _masked_mean(high, m, clip_per_seq),
-            "clip_ratio/region_mean": _masked_mean(low | high, m, clip_per_seq),
-            "ratio": _masked_mean(ratio, m, ratio_per_seq),
-        }
+        metrics = {}
+        if cfg.objective == "clip":
+            low = (ratio_seen < 1.0 - cfg.clip_eps_low) & (adv < 0)
+            high = (ratio_seen > 1.0 + cfg.clip_eps_high) & (adv > 0)
+            metrics["clip_ratio/low_mean"] = _masked_mean(low, m, clip_per_seq)
+            metrics["clip_ratio/high_mean"] = _masked_mean(high, m, clip_per_seq)
+            metrics["clip_ratio/region_mean"] = _masked_mean(low | high, m, clip_per_seq)
+        elif cfg.objective == "cispo":
+            metrics["cispo_clip_ratio"] = _masked_mean((ratio_seen > cfg.clip_eps_high) & (adv > 0), m, clip_per_seq)
+        elif cfg.objective == "vespo":
+            metrics["vespo/phi_seq_mean"] = _masked_mean(phi, m, adv_per_seq)
+        metrics["ratio"] = _masked_mean(ratio_seen, m, ratio_per_seq)
         if entropy is not None:
             metrics["entropy"] = _masked_mean(entropy, m)
         metrics["policy_loss"] = policy_loss
         if kl is not None:
             metrics["kl"] = _masked_mean(kl, m)
+        # verl's: the mean of old - logp over the tokens (clamped where verl clamps), and the
+        # fraction of the tokens where the dual clip binds (0 without one)
+        metrics["ppo_kl"] = _masked_mean(-token_log_ratio, m)
+        if cfg.objective == "clip":
+            metrics["pg_clipfrac_lower"] = zero if lower is None else _masked_mean(lower, m)
     return loss, metrics
+
+
+def _vespo_phi(log_ratio: Tensor, m: Tensor, adv: Tensor, args: Dict[str, float]) -> Tensor:
+    """TRL 1.16's ``GRPOTrainer.get_gamma_weights`` (without the vLLM sampler ratio):
+    phi(w) = exp(lambda + k log w - lambda w), w the sequence ratio exp(sum_t m clamp(log r_t, +-20))
+    with log w clamped to [log 1e-8, 20], (k, lambda) by the sign of A; detached."""
+    with torch.no_grad():
+        lo = math.log(1e-8)
+        log_w = (log_ratio.clamp(-20.0, 20.0) * m).sum(-1, keepdim=True).clamp(lo, 20.0)
+        nonneg = adv >= 0
+        k = torch.where(nonneg, args["vespo_k_pos"], args["vespo_k_neg"]).to(log_w.dtype)
+        lam = torch.where(nonneg, args["vespo_lambda_pos"], args["vespo_lambda_neg"]).to(log_w.dtype).clamp(min=1e-4)
+        log_phi = lam + k * log_w - lam * torch.exp(log_w)
+        return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def ppo_loss(
@@ -649,6 +828,8 @@ def ppo_loss(
     loss_agg_mode: str = "token-mean",
     max_length: Optional[int] = None,
     importance_sampling_level: str = "token",
+    convention: Optional[str] = None,
+    loss_type_args: Optional[Dict[str, float]] = None,
     is_weights: Optional[Tensor] = None,
     global_num_tokens: Optional[Union[float, Tensor]] = None,
     backend: str = "auto",
@@ -677,19 +858,30 @@ def ppo_loss(
             (and to ``ref_logits``).
         clip_eps_low, clip_eps_high: >= 0; the ratio is clipped to
             ``[1 - clip_eps_low, 1 + clip_eps_high]`` (``clip_eps_high=None``: symmetric).
-        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``, or None.
-            With a TRL alias it must exceed ``1 + clip_eps_high``, where it equals TRL's ``delta``.
+        dual_clip: ``c > 1`` caps the loss of negative-advantage tokens at ``-c A``, or None
+            (with ``convention="verl"``: verl's c = 3 at the token level). With a TRL name it
+            must exceed ``1 + clip_eps_high``, where it equals TRL's ``delta``; cispo / sapo /
+            vespo refuse it (TRL ignores delta there).
         kl_coef: >= 0, weight of the per-token KL penalty (TRL's ``beta``).
-        kl_estimator: one of ``KL_ESTIMATORS``. ``"full"`` is the exact KL(pi || pi_ref) over
-            the vocabulary; the others are the sampled estimators on the label's log-probs.
+        kl_estimator: one of ``KL_ESTIMATORS``, or with ``convention="verl"`` one of
+            ``VERL_KL_ESTIMATORS``. ``"full"`` is the exact KL(pi || pi_ref) over the
+            vocabulary; the others are the sampled estimators on the label's log-probs.
+            ``"k3"`` is Schulman's (TRL's) unless ``convention="verl"`` (verl's clamped k3).
         kl_ratio_correction: multiply the KL by the (differentiable) ratio, TRL's
             ``use_bias_correction_kl`` (True by default in TRL 1.16).
         entropy_coef: weight of the entropy bonus (``loss -= entropy_coef * H``).
-        loss_agg_mode: one of ``LOSS_AGG_MODES`` or a TRL alias in ``TRL_LOSS_TYPES``.
-        max_length: int, the divisor of ``seq-mean-token-sum-norm`` / ``dr_grpo`` (required
-            there, refused elsewhere).
+        loss_agg_mode: one of verl's ``LOSS_AGG_MODES`` or a TRL loss type in ``TRL_LOSS_TYPES``
+            (each with its trainer's formula, module docstring).
+        max_length: int, the divisor of ``dr_grpo`` (TRL's max_completion_length, required) and
+            of ``seq-mean-token-sum-norm`` (verl's loss_scale_factor; default T); refused elsewhere.
         importance_sampling_level: ``"token"`` or ``"sequence"`` (GSPO: one ratio per sequence,
             the exp of the mean masked log-ratio).
+        convention: None, ``"trl"`` or ``"verl"``: whose formula the names TRL and verl share
+            mean (``k3``, the log-ratio clamp, the dual-clip default, GSPO's ratio; module
+            docstring). None: TRL's per-token formulas, with each loss_agg_mode name's own
+            aggregation.
+        loss_type_args: dict of sapo's / vespo's TRL GRPOConfig fields (``TRL_LOSS_TYPE_ARGS``),
+            or None for TRL's defaults.
         is_weights: float ``[B, T]`` or ``[B]`` weights multiplying the clipped policy term
             (not the KL term), e.g. truncated importance weights between the rollout engine
             and the trainer, or TRL's off-policy / entropy masks. Used as given (pass them
@@ -707,10 +899,12 @@ def ppo_loss(
         ``(loss, metrics)``: a 0-d fp32 loss (fp64 if an input is fp64) and detached 0-d
         metrics of this call (not reduced across processes), named as TRL logs them:
         ``clip_ratio/low_mean`` (ratio < 1 - eps_low with A < 0), ``clip_ratio/high_mean``
-        (ratio > 1 + eps_high with A > 0), ``clip_ratio/region_mean`` (either), ``ratio``,
+        (ratio > 1 + eps_high with A > 0), ``clip_ratio/region_mean`` (either) for the clipped
+        surrogate, ``cispo_clip_ratio`` / ``vespo/phi_seq_mean`` for those, ``ratio``,
         ``entropy``, ``kl`` (only with a reference; the KL as used in the loss, ratio
-        correction included) and ``policy_loss`` (the loss without the entropy bonus). Means
-        run over the masked tokens, or over the sequences for per-sequence quantities.
+        correction included) and ``policy_loss`` (the loss without the entropy bonus); and
+        verl's ``ppo_kl`` and ``pg_clipfrac_lower`` (clipped surrogate). Means run over the
+        masked tokens, or over the sequences for per-sequence quantities.
     """
     cfg = check_policy_config(
         ignore_index,
@@ -724,6 +918,8 @@ def ppo_loss(
         loss_agg_mode,
         max_length,
         importance_sampling_level,
+        convention,
+        loss_type_args,
     )
     return _ppo(
         logits,
@@ -766,6 +962,8 @@ class PPOLoss(nn.Module):
         loss_agg_mode: str = "token-mean",
         max_length: Optional[int] = None,
         importance_sampling_level: str = "token",
+        convention: Optional[str] = None,
+        loss_type_args: Optional[Dict[str, float]] = None,
         backend: str = "auto",
         process_group=None,
         vocab_start: Optional[int] = None,
@@ -784,6 +982,8 @@ class PPOLoss(nn.Module):
             loss_agg_mode,
             max_length,
             importance_sampling_level,
+            convention,
+            loss_type_args,
         )
         if isinstance(temperature, Tensor):
             raise TypeError("PPOLoss takes a float temperature; pass a per-token tensor to ppo_loss instead")
@@ -849,6 +1049,10 @@ def _config_repr(loss_agg_mode: str, c: PolicyConfig) -> str:
         s += f", max_length={c.max_length}"
     if c.importance_sampling_level != "token":
         s += f", importance_sampling_level={c.importance_sampling_level!r}"
+    if c.convention is not None:
+        s += f", convention={c.convention!r}"
+    if c.objective_args:
+        s += f", loss_type_args={dict(c.objective_args)}"
     return s
 
 
@@ -937,6 +1141,8 @@ def policy_loss(
     loss_agg_mode: str = "token-mean",
     max_length: Optional[int] = None,
     importance_sampling_level: str = "token",
+    convention: Optional[str] = None,
+    loss_type_args: Optional[Dict[str, float]] = None,
     is_weights: Optional[Tensor] = None,
     global_num_tokens: Optional[Union[float, Tensor]] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -963,7 +1169,8 @@ def policy_loss(
         kl: float ``[B, T]`` exact per-token KL(pi || pi_ref) (e.g. ``token_logprobs(...,
             stats=("kl",), ref_logits=...)``), for ``kl_estimator="full"``.
         clip_eps_low, clip_eps_high, dual_clip, kl_coef, kl_estimator, kl_ratio_correction,
-        entropy_coef, loss_agg_mode, max_length, importance_sampling_level, is_weights,
+        entropy_coef, loss_agg_mode, max_length, importance_sampling_level, convention,
+        loss_type_args, is_weights,
         global_num_tokens: as in :func:`ppo_loss`.
 
     Returns:
@@ -982,6 +1189,8 @@ def policy_loss(
         loss_agg_mode,
         max_length,
         importance_sampling_level,
+        convention,
+        loss_type_args,
     )
     return _policy(cfg, logps, old_logps, advantages, mask, entropy, ref_logps, kl, is_weights, global_num_tokens)
 
@@ -1007,6 +1216,8 @@ class PolicyLoss(nn.Module):
         loss_agg_mode: str = "token-mean",
         max_length: Optional[int] = None,
         importance_sampling_level: str = "token",
+        convention: Optional[str] = None,
+        loss_type_args: Optional[Dict[str, float]] = None,
     ):
         super().__init__()
         self.config = check_policy_config(
@@ -1021,6 +1232,8 @@ class PolicyLoss(nn.Module):
             loss_agg_mode,
             max_length,
             importance_sampling_level,
+            convention,
+            loss_type_args,
         )
         self.loss_agg_mode = loss_agg_mode
 
