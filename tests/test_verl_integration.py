@@ -394,9 +394,14 @@ def _actor_config(**kw):
         ({"clip_ratio": 0.2}, {}, False),
         ({"clip_ratio": 0.2, "clip_ratio_low": 0.1, "clip_ratio_high": 0.28, "clip_ratio_c": 2.0}, {}, True),
         ({"clip_ratio": 0.3}, {"dp_size": 2, "batch_num_tokens": 57, "global_batch_size": 8}, True),
+        ({"clip_ratio": 0.2}, {"dp_size": 3, "batch_num_tokens": 70, "global_batch_size": 11}, False),
+        ({"clip_ratio": 0.2}, {"loss_scale_factor": 16}, False),
     ],
 )
-def test_prefopt_vanilla_matches_verl_vanilla(patched, cfg_kw, info, weights):
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_prefopt_vanilla_matches_verl_vanilla(patched, cfg_kw, info, weights, mode):
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
 
     fn = get_policy_loss_fn("prefopt_vanilla")
@@ -416,7 +421,7 @@ def test_prefopt_vanilla_matches_verl_vanilla(patched, cfg_kw, info, weights):
         config = _actor_config(**cfg_kw)
         config.global_batch_info.update(info)
         lp = lp0.clone().requires_grad_()
-        loss, metrics = f(old, lp, adv, mask, "token-mean", config, w)
+        loss, metrics = f(old, lp, adv, mask, mode, config, w)
         loss.backward()
         res.append((loss.detach(), metrics, lp.grad))
     torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-6, atol=1e-7)
@@ -426,17 +431,17 @@ def test_prefopt_vanilla_matches_verl_vanilla(patched, cfg_kw, info, weights):
         assert res[1][1][k] == pytest.approx(res[0][1][k], rel=1e-6, abs=1e-7), k
 
 
-def test_prefopt_vanilla_other_agg_modes_run_verls(patched, monkeypatch):
-    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
-
-    monkeypatch.setattr(pverl, "_warned_agg", set())
+def test_prefopt_vanilla_needs_verls_global_sizes(patched):
+    """dp_size > 1 without the global normalizer is refused, as verl's agg_loss refuses it."""
     g = torch.Generator().manual_seed(2)
     old, lp, adv = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
     mask = torch.ones(3, 5, dtype=torch.bool)
-    with pytest.warns(RuntimeWarning, match="seq-mean-token-mean"):
-        got = pverl.compute_policy_loss_prefopt_vanilla(old, lp, adv, mask, "seq-mean-token-mean", _actor_config())
-    want = compute_policy_loss_vanilla(old, lp, adv, mask, "seq-mean-token-mean", _actor_config())
-    torch.testing.assert_close(got[0], want[0])
+    config = _actor_config()
+    config.global_batch_info.update({"dp_size": 2})
+    with pytest.raises(ValueError, match="batch_num_tokens"):
+        pverl.compute_policy_loss_prefopt_vanilla(old, lp, adv, mask, "token-mean", config)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        pverl.compute_policy_loss_prefopt_vanilla(old, lp, adv, mask, "seq-mean-token-sum", config)
 
 
 def test_policy_loss_registration_undone():

@@ -70,7 +70,7 @@ VERL_INTERNALS = (
     "verl.trainer.ppo.core_algos.register_policy_loss",
     "verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY",
     "verl.trainer.ppo.core_algos.agg_loss",
-    "verl.trainer.ppo.core_algos.compute_policy_loss_vanilla",  # prefopt_vanilla's fallback
+    "verl.trainer.ppo.core_algos.compute_policy_loss_vanilla",  # what prefopt_vanilla restates
 )
 _INTEGRATION = "prefopt_fast.integrations.verl"
 _VERL_VERSION = getattr(verl, "__version__", "0")
@@ -354,8 +354,6 @@ def is_verl_patched() -> bool:
 
 # --------------------------------------------------------------------------- policy losses
 
-_warned_agg = set()
-
 
 def _verl_clip(config):
     """verl's vanilla clip parameters from its ActorConfig: eps_low, eps_high, dual-clip c."""
@@ -380,62 +378,53 @@ def compute_policy_loss_prefopt_vanilla(
     """verl's ``vanilla`` policy loss (``compute_policy_loss_vanilla``: clipped ratio with
     ``clip_ratio_low`` / ``clip_ratio_high``, dual clip ``clip_ratio_c``, the log-ratio clamped to
     [-20, 20], ``rollout_is_weights`` on the policy term, ``agg_loss`` with the actor's
-    ``global_batch_info``) computed by :func:`prefopt_fast.policy_loss` on the ``[B, T]`` log-probs.
-    Same signature and return as verl's: ``(loss, {"actor/pg_clipfrac", "actor/ppo_kl",
-    "actor/pg_clipfrac_lower"})``.
-
-    ``loss_agg_mode="token-mean"`` only: for the other modes prefopt_fast's head does not yet
-    aggregate as verl's ``agg_loss`` (means over the non-empty sequences, the global batch size),
-    and verl's own ``compute_policy_loss_vanilla`` runs (one warning)."""
+    ``global_batch_info``) computed by :func:`prefopt_fast.policy_loss` with ``convention="verl"``
+    on the ``[B, T]`` log-probs, for every ``loss_agg_mode`` verl 0.9 has. Same signature and
+    return as verl's: ``(loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})``."""
     assert config is not None  # as verl: the loss reads the actor config
-    if loss_agg_mode != "token-mean":
-        if loss_agg_mode not in _warned_agg:
-            _warned_agg.add(loss_agg_mode)
-            warnings.warn(
-                f"{_INTEGRATION}: prefopt_vanilla with loss_agg_mode={loss_agg_mode!r} runs verl's "
-                "compute_policy_loss_vanilla (prefopt_fast's head aggregates token-mean as verl only)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return _verl_core_algos.compute_policy_loss_vanilla(
-            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
-        )
     low, high, c = _verl_clip(config)
     mask = response_mask.to(log_prob.dtype)
-    # verl clamps the log-ratio to [-20, 20] before the exp (no gradient outside): the same
-    # log-probs, shifted, give prefopt_fast's head that ratio
-    neg_kl = log_prob - old_log_prob
-    clamped = neg_kl.clamp(-20.0, 20.0)
-    logps = old_log_prob + clamped if bool((clamped != neg_kl).any()) else log_prob
-    info = getattr(config, "global_batch_info", None) or {}
-    dp_size, num_tokens = info.get("dp_size", 1), info.get("batch_num_tokens")
-    if num_tokens is None and dp_size > 1:
-        raise ValueError("(global) batch_num_tokens is required when dp_size > 1")  # as verl's agg_loss
+    info = dict(getattr(config, "global_batch_info", None) or {})
+    dp_size = info.get("dp_size", 1)
+    num_tokens, batch_size = info.get("batch_num_tokens"), info.get("global_batch_size")
+    scale_factor = info.get("loss_scale_factor")
+    # verl's agg_loss over the global batch: token modes divide by the global token count / dp,
+    # sequence modes by the global number of sequences / dp (each rank's loss then averages right)
+    mode, global_num_tokens, rescale = loss_agg_mode, None, None
+    if loss_agg_mode in ("token-mean", "token-sum"):
+        if loss_agg_mode == "token-sum":
+            mode, global_num_tokens = "token-mean", 1.0 / dp_size  # masked_sum * dp_size
+        elif num_tokens is not None:
+            global_num_tokens = num_tokens / dp_size
+        elif dp_size > 1:
+            raise ValueError("(global) batch_num_tokens is required when dp_size > 1")  # as verl's agg_loss
+    elif loss_agg_mode in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        if batch_size is not None:  # the head divides by the local non-empty sequences: rescale
+            rescale = (response_mask.sum(-1) > 0).sum().clamp(min=1) * dp_size / batch_size
+        elif dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")  # as verl's agg_loss
     loss, m = policy_loss(
-        logps,
+        log_prob,
         old_log_prob,
         advantages,
         mask,
         clip_eps_low=low,
         clip_eps_high=high,
         dual_clip=c,
-        loss_agg_mode="token-mean",
+        convention="verl",
+        loss_agg_mode=mode,
+        max_length=scale_factor if loss_agg_mode == "seq-mean-token-sum-norm" else None,
         is_weights=rollout_is_weights,
-        # verl: masked_sum / batch_num_tokens * dp_size
-        global_num_tokens=None if num_tokens is None else num_tokens / dp_size,
+        global_num_tokens=global_num_tokens,
     )
-    with torch.no_grad():
-        n = mask.sum()
-        ratio = torch.exp(clamped)
-        pg1 = -advantages * ratio
-        pg_max = torch.maximum(pg1, -advantages * torch.clamp(ratio, 1 - low, 1 + high))
-        lower = ((pg_max > -advantages * c) & (advantages < 0)).to(mask.dtype)
-        metrics = {
-            # verl's pg_clipfrac (-A clip(r) > -A r) is prefopt_fast's clip_ratio/region_mean
-            "actor/pg_clipfrac": m["clip_ratio/region_mean"].item(),
-            "actor/ppo_kl": ((-clamped * mask).sum() / n).item(),
-            "actor/pg_clipfrac_lower": ((lower * mask).sum() / n).item(),
-        }
+    if rescale is not None:
+        loss = loss * rescale
+    metrics = {
+        # verl's pg_clipfrac (-A clip(r) > -A r) is prefopt_fast's clip_ratio/region_mean
+        "actor/pg_clipfrac": m["clip_ratio/region_mean"].item(),
+        "actor/ppo_kl": m["ppo_kl"].item(),
+        "actor/pg_clipfrac_lower": m["pg_clipfrac_lower"].item(),
+    }
     return loss, metrics
 
 
