@@ -1,0 +1,353 @@
+"""DeepSpeed ZeRO-3 partitioned heads (prefopt_fast.integrations._zero3) against a single-process run.
+
+The end-to-end tests start two processes (DeepSpeed's CPU accelerator, gloo) running this
+file as a script: every rank builds the same tiny model from one seed, wraps it with
+``deepspeed.initialize`` (ZeRO-3, every parameter partitioned, plain SGD), and trains a few
+steps on its half of each global batch with prefopt_fast computing the loss from the
+partitioned head; beside it, in the same process, a plain copy of the model trains on the
+whole global batch. The losses of every step and the parameters after the last step must
+agree. The unit tests below them need no DeepSpeed: a stand-in parameter and
+``GatheredParameters`` check the saved-tensor bookkeeping on one process.
+"""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import expected  # noqa: I001  (tests/expected.py: fails in strict mode where a peer is missing)
+import pytest
+import torch
+from torch import nn
+
+WORLD = 2
+TIMEOUT = 150  # seconds for a whole two-process run (imports of torch, deepspeed and transformers included)
+V, H = 48, 16
+STEPS = 3
+LR = 0.5
+
+
+# --------------------------------------------------------------------------- the models
+
+
+class TinyLM(nn.Module):
+    """Embedding -> linear -> tanh backbone and a biased lm_head (TRL passes the bias to the kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(V, H)
+        self.proj = nn.Linear(H, H)
+        self.lm_head = nn.Linear(H, V)
+
+    def hidden(self, ids):
+        return torch.tanh(self.proj(self.embed(ids)))
+
+
+class KernelLoss(nn.Module):
+    """Loss from the patched TRL kernel (``PrefoptChunkedLogProbFunction.apply``), as TRL's fused head calls it.
+
+    ``gather_outside``: the caller gathers the head around the call, as TRL's ``add_fused_lm_head``
+    does under its ZeRO-3 config (the parameter is then available inside the kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = TinyLM()
+
+    def forward(self, ids, labels, gather_outside=False):
+        from prefopt_fast.integrations.trl import PrefoptChunkedLogProbFunction
+
+        h = self.lm.hidden(ids).reshape(-1, H)
+        y = labels.reshape(-1)
+        mask = (y != -100).float()
+        head = self.lm.lm_head
+        ctx = _gathered_by_caller(head) if gather_outside else _nullctx()
+        with ctx:
+            logp, ent, *_ = PrefoptChunkedLogProbFunction.apply(
+                h, head.weight, head.bias, y.clamp(min=0), 0.9, 4096, None, 1.0, ("entropy",)
+            )
+        n = mask.sum()
+        return -(logp * mask).sum() / n - 0.1 * (ent * mask).sum() / n
+
+
+def naive_kernel_loss(model, ids, labels):
+    """KernelLoss on materialized fp64 logits (the single-process reference)."""
+    h = model.lm.hidden(ids).reshape(-1, H).double()
+    w, b = model.lm.lm_head.weight.double(), model.lm.lm_head.bias.double()
+    y = labels.reshape(-1)
+    mask = (y != -100).double()
+    lp = torch.log_softmax((h @ w.t() + b) / 0.9, -1)
+    logp = lp.gather(-1, y.clamp(min=0)[:, None])[:, 0]
+    ent = -(lp.exp() * lp).sum(-1)
+    n = mask.sum()
+    return (-(logp * mask).sum() / n - 0.1 * (ent * mask).sum() / n).float()
+
+
+def llama(tie=False):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+class HFDPOLoss(nn.Module):
+    """DPO from a Hugging Face model's hidden states and head: ``hf.gathered_lm_head`` + ``linear_dpo_loss``,
+    or ``hf.sequence_logprobs`` + ``dpo_loss`` (which gathers the head by itself)."""
+
+    def __init__(self, tie=False):
+        super().__init__()
+        self.model = llama(tie)
+
+    def forward(self, ids, am, completion, ref_logps, via_sequence_logprobs=False):
+        import prefopt_fast as pf
+        from prefopt_fast.integrations import hf
+
+        ref_c, ref_r = ref_logps.chunk(2)
+        if via_sequence_logprobs:
+            logps = hf.sequence_logprobs(self.model, ids, completion, attention_mask=am)
+            c, r = logps.chunk(2)
+            return pf.dpo_loss(c, r, ref_c, ref_r, beta=0.5)[0]
+        hidden, head = hf.hidden_and_head(self.model, ids, am)
+        labels = hf.shift_labels(ids, completion)
+        with hf.gathered_lm_head(head) as full:
+            loss, _ = pf.linear_dpo_loss(
+                hidden, full.weight, labels, **full.kwargs(), ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=0.5
+            )
+        return loss  # its backward runs after the block: the head is gathered again then
+
+
+def naive_dpo_loss(module, ids, am, completion, ref_logps):
+    """The same DPO loss from the model's own logits (the single-process reference)."""
+    import prefopt_fast as pf
+    from prefopt_fast import reference as R
+    from prefopt_fast.integrations import hf
+
+    logits = module.model(input_ids=ids, attention_mask=am).logits
+    logps = R.sequence_logprobs(logits, hf.shift_labels(ids, completion), dtype=torch.float32)
+    c, r = logps.chunk(2)
+    ref_c, ref_r = ref_logps.chunk(2)
+    return pf.dpo_loss(c, r, ref_c, ref_r, beta=0.5)[0]
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gathered_by_caller(head):
+    # TRL's own gather around its fused-head call (active under transformers' ZeRO-3 config:
+    # HfDeepSpeedConfig, set up by the worker as accelerate does)
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    return maybe_gather_lm_head_ctx(head.weight, head.bias)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def kernel_batch(step, rank=None):
+    """ids, labels [4, 6] of the global batch of ``step`` (rows of ``rank`` with a rank): equal token counts per half."""
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, V, (2 * WORLD, 6), generator=g)
+    labels = torch.randint(0, V, (2 * WORLD, 6), generator=g)
+    labels[:, :2] = -100
+    if rank is None:
+        return ids, labels
+    rows = slice(2 * rank, 2 * rank + 2)
+    return ids[rows], labels[rows]
+
+
+def dpo_batch(step, rank=None):
+    """ids, attention mask, completion mask [2P, 7] and reference log-probs [2P] ([chosen; rejected]), P = 2 per rank."""
+    g = torch.Generator().manual_seed(200 + step)
+    P = 2 * WORLD
+    ids = torch.randint(0, V, (2 * P, 7), generator=g)
+    am = torch.ones_like(ids)
+    am[0, -1] = 0
+    completion = torch.zeros_like(ids)
+    completion[:, 3:] = 1
+    completion &= am
+    ref = -torch.rand(2 * P, generator=g) * 20
+    if rank is None:
+        return ids, am, completion, ref
+    # rank r: pairs [2r, 2r + 2) -- its chosen rows and the matching rejected rows
+    rows = torch.cat([torch.arange(2 * rank, 2 * rank + 2), P + torch.arange(2 * rank, 2 * rank + 2)])
+    return ids[rows], am[rows], completion[rows], ref[rows]
+
+
+# --------------------------------------------------------------------------- the worker (one rank)
+
+
+CASES = ("kernel", "dpo", "dpo_tied")
+CONFIG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    # every parameter partitioned, however small (the default keeps those under 1e5 elements whole)
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True,
+    "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips to norm 1.0 by default; the reference does not clip
+    "steps_per_print": 10**9,
+}
+
+
+def _train(case: str, rank: int) -> dict:
+    """STEPS steps of ``case`` under ZeRO-3 (this rank's half of each batch) and of a plain copy (the whole batch)."""
+    import deepspeed
+
+    torch.manual_seed(0)
+    model = KernelLoss() if case == "kernel" else HFDPOLoss(tie=case == "dpo_tied")
+    ref = copy.deepcopy(model)
+    hf_ds_config = None
+    if case == "kernel":
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        hf_ds_config = HfDeepSpeedConfig(CONFIG)  # noqa: F841  (transformers holds it by a weak reference)
+        assert is_deepspeed_zero3_enabled()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=CONFIG)
+    head = model.lm.lm_head.weight if case == "kernel" else model.model.lm_head.weight
+    report = {"partitioned": head.numel() == 0 and hasattr(head, "ds_id"), "losses": [], "ref_losses": []}
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    init = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    for step in range(STEPS):
+        if case == "kernel":
+            # odd steps: the caller gathers the head around the call, as TRL's fused head does
+            loss = engine(*kernel_batch(step, rank), gather_outside=bool(step % 2))
+            ref_loss = naive_kernel_loss(ref, *kernel_batch(step))
+        else:
+            # odd steps: hf.sequence_logprobs, which gathers the head by itself
+            loss = engine(*dpo_batch(step, rank), via_sequence_logprobs=bool(step % 2))
+            ref_loss = naive_dpo_loss(ref, *dpo_batch(step))
+        engine.backward(loss)
+        engine.step()
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        mean = loss.detach().clone()
+        torch.distributed.all_reduce(mean)
+        report["losses"].append(mean.item() / WORLD)
+        report["ref_losses"].append(ref_loss.item())
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        report["max_abs_diff"] = {
+            n: (params[n].detach() - p.detach()).abs().max().item() for n, p in ref.named_parameters()
+        }
+    report["moved"] = {n: (p.detach() - init[n]).abs().max().item() for n, p in ref.named_parameters()}
+    del hf_ds_config
+    return report
+
+
+def _worker(out: str) -> None:
+    from datetime import timedelta
+
+    import deepspeed
+    import deepspeed.ops
+
+    # no shared-memory all-reduce for the CPU accelerator: it is a C++ extension DeepSpeed would
+    # compile on first use (minutes); gloo does every collective here
+    deepspeed.ops.__compatible_ops__ = {}
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=90))
+    rank = torch.distributed.get_rank()
+    reports = {}
+    for case in CASES:
+        t0 = time.monotonic()
+        reports[case] = _train(case, rank)
+        reports[case]["seconds"] = time.monotonic() - t0
+    reports["seconds_to_start"] = T0 - T_START
+    Path(out, f"rank{rank}.json").write_text(json.dumps(reports))
+
+
+# --------------------------------------------------------------------------- the harness (pytest side)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path) -> list:
+    """Both ranks' reports of every case (one two-process run: the imports are most of its time)."""
+    port = _free_port()
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ)
+        env.update(
+            DS_ACCELERATOR="cpu",
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(WORLD),
+            LOCAL_WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]),
+        )
+        with open(tmp_path / f"rank{rank}.log", "w") as log:
+            cmd = [sys.executable, __file__, str(tmp_path), repr(time.time())]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + TIMEOUT
+    hung = []
+    for rank, p in enumerate(procs):
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            hung.append(rank)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    logs = {r: (tmp_path / f"rank{r}.log").read_text()[-4000:] for r in range(WORLD)}
+    if hung:
+        pytest.fail(f"ranks {hung} still running after {TIMEOUT} s (hang?); logs:\n{logs}")
+    bad = {r: p.returncode for r, p in enumerate(procs) if p.returncode != 0}
+    if bad:
+        pytest.fail(f"ranks exited with {bad}; logs:\n" + "\n".join(f"--- rank {r}\n{logs[r]}" for r in bad))
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def zero3_reports(tmp_path_factory):
+    for component in ("deepspeed", "trl", "transformers"):
+        expected.require(component)
+    return _run(tmp_path_factory.mktemp("zero3"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_zero3_two_ranks_match_single_process(case, zero3_reports):
+    """(kernel) the patched TRL kernel, the head gathered by it or by TRL's caller; (dpo) hf.gathered_lm_head +
+    linear_dpo_loss and hf.sequence_logprobs + dpo_loss on a Llama; (dpo_tied) the same, lm_head tied to the
+    embedding: losses of every step and parameters after the last one as a single process on the whole batch."""
+    for rank, reports in enumerate(zero3_reports):
+        rep = reports[case]
+        assert rep["partitioned"], f"rank {rank}: the lm_head was not a partitioned ZeRO-3 parameter"
+        for step, (got, want) in enumerate(zip(rep["losses"], rep["ref_losses"])):
+            assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), f"rank {rank} step {step}: loss {got} != {want}"
+        head = [k for k in rep["moved"] if k.endswith("lm_head.weight")]
+        assert head and all(rep["moved"][k] > 1e-3 for k in head), (
+            f"rank {rank}: the head did not train: {rep['moved']}"
+        )
+        bad = {k: v for k, v in rep["max_abs_diff"].items() if v > 2e-5}
+        assert not bad, f"rank {rank}: parameters after {STEPS} steps differ from the single-process run: {bad}"
+
+
+if __name__ == "__main__":
+    T0 = time.time()
+    T_START = float(sys.argv[2])
+    _worker(sys.argv[1])
