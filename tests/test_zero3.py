@@ -50,24 +50,37 @@ class TinyLM(nn.Module):
 class KernelLoss(nn.Module):
     """Loss from the patched TRL kernel (``PrefoptChunkedLogProbFunction.apply``), as TRL's fused head calls it.
 
-    ``gather_outside``: the caller gathers the head around the call, as TRL's ``add_fused_lm_head``
-    does under its ZeRO-3 config (the parameter is then available inside the kernel)."""
+    How the head reaches the kernel (``how``):
+
+    * ``"attribute"``: ``lm_head.weight`` read inside the engine's forward: DeepSpeed's engine
+      gathers it itself then (and registers it with the running module, which gathers it again
+      in its backward);
+    * ``"caller"``: the caller gathers it around the call, as TRL's ``add_fused_lm_head`` does
+      (``maybe_gather_lm_head_ctx``, active under transformers' ZeRO-3 config);
+    * ``"captured"``: references taken at construction, which DeepSpeed does not see being
+      read: the kernel receives empty partitions, which would take a gradient: refused.
+    """
 
     def __init__(self):
         super().__init__()
         self.lm = TinyLM()
+        self.captured = [self.lm.lm_head.weight, self.lm.lm_head.bias]  # a list: not registered again
 
-    def forward(self, ids, labels, gather_outside=False):
+    def forward(self, ids, labels, how):
         from prefopt_fast.integrations.trl import PrefoptChunkedLogProbFunction
 
         h = self.lm.hidden(ids).reshape(-1, H)
         y = labels.reshape(-1)
         mask = (y != -100).float()
-        head = self.lm.lm_head
-        ctx = _gathered_by_caller(head) if gather_outside else _nullctx()
+        if how == "captured":
+            w, b = self.captured
+            assert w.numel() == 0, "the captured head should be an empty partition here"
+        else:
+            w, b = self.lm.lm_head.weight, self.lm.lm_head.bias
+        ctx = _gathered_by_caller(w, b) if how == "caller" else _nullctx()
         with ctx:
             logp, ent, *_ = PrefoptChunkedLogProbFunction.apply(
-                h, head.weight, head.bias, y.clamp(min=0), 0.9, 4096, None, 1.0, ("entropy",)
+                h, w, b, y.clamp(min=0), 0.9, 4096, None, 1.0, ("entropy",)
             )
         n = mask.sum()
         return -(logp * mask).sum() / n - 0.1 * (ent * mask).sum() / n
@@ -103,29 +116,54 @@ def llama(tie=False):
 
 
 class HFDPOLoss(nn.Module):
-    """DPO from a Hugging Face model's hidden states and head: ``hf.gathered_lm_head`` + ``linear_dpo_loss``,
-    or ``hf.sequence_logprobs`` + ``dpo_loss`` (which gathers the head by itself)."""
+    """DPO from a Hugging Face model's hidden states and head (``how``):
+
+    * ``"linear"``: ``hf.hidden_and_head`` + ``hf.gathered_lm_head`` + ``linear_dpo_loss`` in the forward;
+    * ``"sequence"``: ``hf.sequence_logprobs`` (which gathers the head by itself) + ``dpo_loss``;
+    * ``"hidden"``: the forward returns the hidden states only; the loss is computed after it
+      (:func:`dpo_after_forward`), where DeepSpeed does not gather the head: refused.
+    """
 
     def __init__(self, tie=False):
         super().__init__()
         self.model = llama(tie)
 
-    def forward(self, ids, am, completion, ref_logps, via_sequence_logprobs=False):
+    def forward(self, ids, am, completion, ref_logps, how):
         import prefopt_fast as pf
         from prefopt_fast.integrations import hf
 
+        if how == "hidden":
+            return hf.get_hidden_states(self.model, ids, am)
         ref_c, ref_r = ref_logps.chunk(2)
-        if via_sequence_logprobs:
+        if how == "sequence":
             logps = hf.sequence_logprobs(self.model, ids, completion, attention_mask=am)
             c, r = logps.chunk(2)
             return pf.dpo_loss(c, r, ref_c, ref_r, beta=0.5)[0]
         hidden, head = hf.hidden_and_head(self.model, ids, am)
-        labels = hf.shift_labels(ids, completion)
-        with hf.gathered_lm_head(head) as full:
-            loss, _ = pf.linear_dpo_loss(
-                hidden, full.weight, labels, **full.kwargs(), ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=0.5
-            )
-        return loss  # its backward runs after the block: the head is gathered again then
+        return _linear_dpo(hidden, head, ids, completion, ref_logps)
+
+
+def _linear_dpo(hidden, head, ids, completion, ref_logps):
+    import prefopt_fast as pf
+    from prefopt_fast.integrations import hf
+
+    ref_c, ref_r = ref_logps.chunk(2)
+    labels = hf.shift_labels(ids, completion)
+    with hf.gathered_lm_head(head) as full:
+        loss, _ = pf.linear_dpo_loss(
+            hidden, full.weight, labels, **full.kwargs(), ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, beta=0.5
+        )
+    return loss  # its backward runs after the block: the head is gathered again then
+
+
+def dpo_after_forward(engine, module, ids, am, completion, ref_logps):
+    """The ``"hidden"`` way: the engine's forward gives the hidden states, the head is read after it."""
+    from prefopt_fast.integrations import hf
+
+    hidden = engine(ids, am, completion, ref_logps, how="hidden")
+    head = hf.get_lm_head(module.model)
+    assert head.weight.numel() == 0, "the head should be an empty partition after the forward"
+    return _linear_dpo(hidden, head, ids, completion, ref_logps)
 
 
 def naive_dpo_loss(module, ids, am, completion, ref_logps):
@@ -149,12 +187,12 @@ class _nullctx:
         return False
 
 
-def _gathered_by_caller(head):
+def _gathered_by_caller(weight, bias):
     # TRL's own gather around its fused-head call (active under transformers' ZeRO-3 config:
     # HfDeepSpeedConfig, set up by the worker as accelerate does)
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-    return maybe_gather_lm_head_ctx(head.weight, head.bias)
+    return maybe_gather_lm_head_ctx(weight, bias)
 
 
 # --------------------------------------------------------------------------- data
@@ -193,7 +231,9 @@ def dpo_batch(step, rank=None):
 # --------------------------------------------------------------------------- the worker (one rank)
 
 
-CASES = ("kernel", "dpo", "dpo_tied")
+# case -> the ways its steps read the head, in turn (see KernelLoss and HFDPOLoss)
+WAYS = {"kernel": ("attribute", "caller"), "dpo": ("linear", "sequence"), "dpo_tied": ("linear", "sequence")}
+CASES = tuple(WAYS)
 CONFIG = {
     "train_micro_batch_size_per_gpu": 2,
     "gradient_accumulation_steps": 1,
@@ -210,28 +250,29 @@ def _train(case: str, rank: int) -> dict:
     import deepspeed
 
     torch.manual_seed(0)
-    model = KernelLoss() if case == "kernel" else HFDPOLoss(tie=case == "dpo_tied")
+    kernel = case.startswith("kernel")
+    model = KernelLoss() if kernel else HFDPOLoss(tie=case.startswith("dpo_tied"))
     ref = copy.deepcopy(model)
     hf_ds_config = None
-    if case == "kernel":
+    if kernel:
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         hf_ds_config = HfDeepSpeedConfig(CONFIG)  # noqa: F841  (transformers holds it by a weak reference)
         assert is_deepspeed_zero3_enabled()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=CONFIG)
-    head = model.lm.lm_head.weight if case == "kernel" else model.model.lm_head.weight
+    head = model.lm.lm_head.weight if kernel else model.model.lm_head.weight
     report = {"partitioned": head.numel() == 0 and hasattr(head, "ds_id"), "losses": [], "ref_losses": []}
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     init = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    ways = WAYS[case]
     for step in range(STEPS):
-        if case == "kernel":
-            # odd steps: the caller gathers the head around the call, as TRL's fused head does
-            loss = engine(*kernel_batch(step, rank), gather_outside=bool(step % 2))
+        how = ways[step % len(ways)]
+        if kernel:
+            loss = engine(*kernel_batch(step, rank), how=how)
             ref_loss = naive_kernel_loss(ref, *kernel_batch(step))
         else:
-            # odd steps: hf.sequence_logprobs, which gathers the head by itself
-            loss = engine(*dpo_batch(step, rank), via_sequence_logprobs=bool(step % 2))
+            loss = engine(*dpo_batch(step, rank), how=how)
             ref_loss = naive_dpo_loss(ref, *dpo_batch(step))
         engine.backward(loss)
         engine.step()
@@ -247,9 +288,45 @@ def _train(case: str, rank: int) -> dict:
         report["max_abs_diff"] = {
             n: (params[n].detach() - p.detach()).abs().max().item() for n, p in ref.named_parameters()
         }
-    report["moved"] = {n: (p.detach() - init[n]).abs().max().item() for n, p in ref.named_parameters()}
+    if not kernel:
+        # a reference after the forward, the head partitioned: gathered for the call (no gradient)
+        from prefopt_fast import reference as R
+        from prefopt_fast.integrations import hf
+
+        ids, am, completion, _ = dpo_batch(0, rank)
+        with torch.no_grad():
+            got = hf.reference_sequence_logprobs(model.model, ids, completion, ref_model=model.model, attention_mask=am)
+            logits = ref.model(input_ids=ids, attention_mask=am).logits
+            want = R.sequence_logprobs(logits, hf.shift_labels(ids, completion), dtype=torch.float32)
+        report["no_grad_logps_diff"] = (got - want).abs().max().item()
+    ref_head = ref.lm.lm_head.weight if kernel else ref.model.lm_head.weight
+    ref_head_name = next(n for n, p in ref.named_parameters() if p is ref_head)
+    report["head_moved"] = (ref_head.detach() - init[ref_head_name]).abs().max().item()
     del hf_ds_config
     return report
+
+
+def _refusals(rank: int) -> dict:
+    """The messages of the two ways a partitioned head would be trained without DeepSpeed gathering it
+    (each on a fresh engine: an exception inside a forward leaves DeepSpeed's bookkeeping mid-step)."""
+    import deepspeed
+
+    out = {}
+    for case in ("kernel_captured", "dpo_hidden"):
+        torch.manual_seed(0)
+        model = KernelLoss() if case == "kernel_captured" else HFDPOLoss()
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=CONFIG
+        )
+        try:
+            if case == "kernel_captured":
+                engine(*kernel_batch(0, rank), how="captured")
+            else:
+                dpo_after_forward(engine, model, *dpo_batch(0, rank))
+            out[case] = None
+        except RuntimeError as exc:
+            out[case] = str(exc)
+    return out
 
 
 def _worker(out: str) -> None:
@@ -268,6 +345,7 @@ def _worker(out: str) -> None:
         t0 = time.monotonic()
         reports[case] = _train(case, rank)
         reports[case]["seconds"] = time.monotonic() - t0
+    reports["refusals"] = _refusals(rank)
     reports["seconds_to_start"] = T0 - T_START
     Path(out, f"rank{rank}.json").write_text(json.dumps(reports))
 
@@ -329,9 +407,25 @@ def zero3_reports(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("zero3"))
 
 
+def test_zero3_partitioned_head_that_would_train_is_refused(zero3_reports):
+    """A head captured outside the engine's forward, or read after it, is an empty partition whose
+    gradient could not be stored: a RuntimeError that says where to read the head, on every rank."""
+    for rank, reports in enumerate(zero3_reports):
+        for case, message in reports["refusals"].items():
+            assert message is not None, f"rank {rank}: {case} ran instead of raising"
+            assert "not gathered" in message and "register_external_parameter" in message, (rank, case, message)
+
+
+def test_zero3_reference_logps_gather_the_head(zero3_reports):
+    """hf.reference_sequence_logprobs after the forward (head partitioned, no gradient): gathered for the call."""
+    for rank, reports in enumerate(zero3_reports):
+        for case in ("dpo", "dpo_tied"):
+            assert reports[case]["no_grad_logps_diff"] < 1e-4, (rank, case, reports[case]["no_grad_logps_diff"])
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_zero3_two_ranks_match_single_process(case, zero3_reports):
-    """(kernel) the patched TRL kernel, the head gathered by it or by TRL's caller; (dpo) hf.gathered_lm_head +
+    """(kernel) the patched TRL kernel, the head read inside the forward or gathered by TRL's caller; (dpo) hf.gathered_lm_head +
     linear_dpo_loss and hf.sequence_logprobs + dpo_loss on a Llama; (dpo_tied) the same, lm_head tied to the
     embedding: losses of every step and parameters after the last one as a single process on the whole batch."""
     for rank, reports in enumerate(zero3_reports):
@@ -339,10 +433,7 @@ def test_zero3_two_ranks_match_single_process(case, zero3_reports):
         assert rep["partitioned"], f"rank {rank}: the lm_head was not a partitioned ZeRO-3 parameter"
         for step, (got, want) in enumerate(zip(rep["losses"], rep["ref_losses"])):
             assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), f"rank {rank} step {step}: loss {got} != {want}"
-        head = [k for k in rep["moved"] if k.endswith("lm_head.weight")]
-        assert head and all(rep["moved"][k] > 1e-3 for k in head), (
-            f"rank {rank}: the head did not train: {rep['moved']}"
-        )
+        assert rep["head_moved"] > 1e-3, f"rank {rank}: the head did not train ({rep['head_moved']})"
         bad = {k: v for k, v in rep["max_abs_diff"].items() if v > 2e-5}
         assert not bad, f"rank {rank}: parameters after {STEPS} steps differ from the single-process run: {bad}"
 

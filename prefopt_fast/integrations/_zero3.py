@@ -1,25 +1,33 @@
-"""DeepSpeed ZeRO-3 heads for the fused-linear path: gathered in the forward, gathered again in the backward.
+"""DeepSpeed ZeRO-3 heads on the fused-linear path: who gathers the head, and when it cannot be done.
 
-A ZeRO-3 parameter is recognised by DeepSpeed's own attributes (``ds_id``, ``ds_status``,
-``ds_shape``): outside its module's forward its local tensor is empty and this rank holds a
-flat slice of it (``ds_tensor``). The layout is data-parallel: every rank computes with its
-own tokens against the whole head. The fused-linear kernels read the head whole, so
-:func:`gathered` all-gathers it (``deepspeed.zero.GatheredParameters``) for the calls inside
-the block; what autograd saves of it there (the parameter itself, or a view of it) is
-recorded by reference and all-gathered again when the backward reads it, by then the
-parameter is an empty partition again (TRL's kernel does the same in its backward). The
-gradient of the whole parameter, from this rank's tokens, goes to the parameter through
-autograd as for any parameter used inside its module; DeepSpeed's gradient hook (set by
-``deepspeed.initialize``) reduce-scatters it, averaged over the ranks, into each rank's
-partition. Nothing else is needed from the caller, but DeepSpeed's own rule: the loss is
-computed inside the forward of the module ``deepspeed.initialize`` wrapped.
+A ZeRO-3 parameter is recognised by DeepSpeed's own attributes (``ds_id``, ``ds_status``):
+outside the forward that uses it its local tensor is empty, and this rank holds a flat slice of
+it (``ds_tensor``). The layout is data-parallel: every rank computes with its own tokens
+against the whole head, so the kernels need the head whole in the forward and the backward.
+
+Training (DeepSpeed 0.19, read and measured): inside the forward of the module
+``deepspeed.initialize`` wrapped, a ZeRO-3 parameter read by attribute
+(``model.lm_head.weight``, as TRL's fused head, :func:`hf.get_lm_head` and everything built on
+it do) is gathered by DeepSpeed's engine and registered as an external parameter of the
+running module, which gathers it again in its backward; the whole-shape weight gradient then
+reaches the parameter through autograd and DeepSpeed's per-parameter hook reduce-scatters it
+(averaged over the ranks) into each rank's partition. prefopt_fast's kernels need nothing more.
+A parameter still partitioned when the kernels get it (a reference captured outside that
+forward, or a loss computed after it) cannot be trained that way: gathering it here would do
+for the forward, but its gradient arrives when the parameter is an empty partition again, and
+autograd cannot store a ``[V, H]`` gradient on it (DeepSpeed's
+``deepspeed.zero.register_external_parameter(module, param)`` is the way to use such a
+reference). :func:`gathered` refuses that case with a clear error.
+
+Without gradients (a reference head under ``torch.no_grad``) a partitioned head is gathered
+for the block (``deepspeed.zero.GatheredParameters``, read-only).
 
 The head is gathered rather than its tokens (the FSDP2 ``gather_tokens`` algorithm): ZeRO-3
 partitions the flattened parameter in equal flat slices that do not follow vocabulary rows.
 """
 
 import contextlib
-from typing import List, NamedTuple, Optional
+from typing import List
 
 import torch
 
@@ -31,70 +39,16 @@ def is_zero3(t) -> bool:
     return isinstance(t, torch.Tensor) and hasattr(t, "ds_id")
 
 
-class _Saved(NamedTuple):
-    """What the pack hook keeps of a saved tensor that is (a view of) a gathered ZeRO-3 parameter."""
-
-    param: torch.Tensor
-    size: torch.Size
-    stride: tuple
-    offset: int  # elements from the parameter's first element to the view's
-
-
-def _extent(t: torch.Tensor):
-    """(first, last + 1) byte addresses ``t`` can touch (non-negative strides)."""
-    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (span + 1) * t.element_size()
-
-
-def _span_of(p: torch.Tensor):
-    """(storage address, first byte, end byte) of a gathered, contiguous parameter, or None."""
-    if p.numel() == 0 or not p.is_contiguous():
-        return None
-    return p.untyped_storage().data_ptr(), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()
-
-
-def _match(t, spans) -> Optional[_Saved]:
-    """``t`` as a :class:`_Saved` when it lies inside one of the gathered parameters, else None."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.numel() == 0:
-        return None
-    if any(s < 0 for s in t.stride()):
-        return None
-    storage = t.untyped_storage().data_ptr()
-    lo, hi = _extent(t)
-    for p, (p_storage, p_lo, p_hi) in spans:
-        if storage == p_storage and t.dtype == p.dtype and p_lo <= lo and hi <= p_hi:
-            return _Saved(p, t.shape, t.stride(), (lo - p_lo) // t.element_size())
-    return None
-
-
-def _unpack(saved: _Saved) -> torch.Tensor:
-    """The saved view again, on the parameter gathered now (it is an empty partition by the backward)."""
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    p = saved.param
-    if p.ds_status == ZeroParamStatus.AVAILABLE:  # e.g. still inside the block, or tied and gathered
-        full = p.detach()
-    else:
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            # keeps the gathered storage alive after the partition: DeepSpeed releases the
-            # parameter by re-assigning param.data (free_param), it does not free the storage in
-            # place; this tensor is read by the backward of the one node that unpacked it
-            full = p.detach()
-    return full.as_strided(saved.size, saved.stride, full.storage_offset() + saved.offset)
-
-
 @contextlib.contextmanager
 def gathered(*params):
-    """Context manager: the ZeRO-3 parameters among ``params`` whole inside the block, and
-    their saved tensors gathered again when the backward reads them (so the backward may run
-    after the block). Other tensors and ``None`` pass; without a ZeRO-3 parameter it is a no-op.
+    """Context manager: the ZeRO-3 parameters among ``params`` whole inside the block.
 
-    Parameters already gathered (``ds_status`` AVAILABLE: inside their module's forward, tied to
-    another module's weight, persistent small ones, or gathered by the caller, as TRL's fused
-    LM head does) are not gathered again (DeepSpeed refuses nested gathers of one parameter).
-    Inside the block the autograd saved-tensor hooks are this function's: an outer
-    ``torch.autograd.graph.saved_tensors_hooks`` (e.g. ``save_on_cpu``) does not apply there.
+    Already gathered ones (``ds_status`` AVAILABLE: read inside the engine's forward, gathered
+    by the caller, persistent small ones) are left to DeepSpeed, which also gathers them for
+    the backward. Partitioned ones are gathered read-only for the block when no gradient can
+    reach them (grad mode off, or ``requires_grad=False``); one that would take a gradient
+    raises ``RuntimeError`` (see the module docstring). Other tensors and ``None`` pass;
+    without a ZeRO-3 parameter this is a no-op.
     """
     zero3: List[torch.Tensor] = list({id(p): p for p in params if is_zero3(p)}.values())
     if not zero3:
@@ -104,16 +58,15 @@ def gathered(*params):
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     todo = [p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE]
-    ctx = deepspeed.zero.GatheredParameters(todo, modifier_rank=None) if todo else contextlib.nullcontext()
-    with ctx:
-        spans = [(p, s) for p in zero3 for s in [_span_of(p)] if s is not None]
-
-        def pack(t):
-            saved = _match(t, spans)
-            return t if saved is None else saved
-
-        def unpack(x):
-            return _unpack(x) if isinstance(x, _Saved) else x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
+    trained = [p for p in todo if p.requires_grad and torch.is_grad_enabled()]
+    if trained:
+        shapes = ", ".join(f"ds_id {p.ds_id} {tuple(p.ds_shape)}" for p in trained)
+        raise RuntimeError(
+            f"the lm_head parameters ({shapes}) are DeepSpeed ZeRO-3 partitions that are not gathered, and a gradient "
+            "would reach them: DeepSpeed gathers a parameter read by attribute (model.lm_head.weight) inside the "
+            "forward of the module deepspeed.initialize wrapped, and gathers it again for its backward. Read the head "
+            "there (hf.get_lm_head / hidden_and_head / sequence_logprobs do) and compute the loss in that forward, or "
+            "register a reference kept elsewhere with deepspeed.zero.register_external_parameter(module, param)"
+        )
+    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None) if todo else contextlib.nullcontext():
+        yield

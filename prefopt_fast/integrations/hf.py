@@ -27,9 +27,10 @@ What is covered:
   (Falcon-H1), ``logits_scaling`` (Granite / MiniCPM3 divide by it, HyperCLOVA X multiplies);
 * reference log-probs from the same PEFT model with its adapters disabled
   (:func:`adapters_disabled`, :func:`reference_sequence_logprobs`);
-* sharded heads (:func:`gathered_lm_head`): DeepSpeed ZeRO-3 parameters are gathered with
-  ``deepspeed.zero.GatheredParameters`` for the duration of the ``with`` block and again when
-  the backward reads them (the backward may run after the block); FSDP2 / DTensor
+* sharded heads (:func:`gathered_lm_head`): a DeepSpeed ZeRO-3 head read inside the forward
+  of the module ``deepspeed.initialize`` wrapped is gathered by DeepSpeed (forward and
+  backward; the loss belongs in that forward); under ``no_grad`` a partitioned one is
+  gathered with ``deepspeed.zero.GatheredParameters`` for the ``with`` block; FSDP2 / DTensor
   parameters are all-gathered (``distributed.gather_parameter``: differentiable, the gradient
   goes back to this rank's shard averaged over the ranks, as FSDP2 delivers it). The
   ``linear_*`` functions do the same by themselves for a DTensor weight with plain hidden
@@ -317,12 +318,13 @@ def _full(t):
 def gathered_lm_head(head: LMHead):
     """Context manager yielding ``head`` with whole tensors: ZeRO-3 gathered, DTensors made full.
 
-    DeepSpeed ZeRO-3 partitions parameters to empty tensors outside their module's forward;
-    they are gathered (``deepspeed.zero.GatheredParameters``, read-only) until the block
-    exits: compute the loss inside the block (inside the forward of the module
-    ``deepspeed.initialize`` wrapped); its backward may run after the block: what it reads of
-    the head is gathered again then, and the whole-shape weight gradient goes to the
-    parameter, which DeepSpeed reduce-scatters (:mod:`._zero3`). FSDP2 DTensor parameters are
+    DeepSpeed ZeRO-3 partitions parameters to empty tensors outside the forward that uses
+    them. Read inside the forward of the module ``deepspeed.initialize`` wrapped (where the
+    loss must be computed), the head is gathered by DeepSpeed itself, for the forward and
+    again for the backward, which may run after the block. A partitioned head is gathered
+    (``deepspeed.zero.GatheredParameters``, read-only) until the block exits when no gradient
+    can reach it (a reference under ``no_grad``), and refused (``RuntimeError``) when one
+    would (:mod:`prefopt_fast.integrations._zero3`). FSDP2 DTensor parameters are
     all-gathered (its backward hands each rank its shard of the gradient averaged over the
     ranks, as FSDP2's own reduce-scatter does). Plain tensors pass through unchanged, at no cost.
     """
@@ -364,7 +366,7 @@ def sequence_logprobs(
     Sum over the marked tokens (mean with ``average``); differentiable, through
     :func:`prefopt_fast.linear_sequence_logprobs` (the logits are never built). ``loss_mask``
     ``[B, T]`` marks the scored tokens of ``input_ids`` (the first token can never be scored).
-    A ZeRO-3 head is gathered for the call and again in the backward (:func:`gathered_lm_head`).
+    A ZeRO-3 head: as :func:`gathered_lm_head` (call it inside the engine's forward to train).
     """
     from ..ops.linear_logprobs import linear_sequence_logprobs
 

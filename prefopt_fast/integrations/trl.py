@@ -39,10 +39,11 @@ What the patched head does with TRL's call
 * outputs ``entropy`` (differentiable), ``log_sum_sq_probs``, ``mean_logits``, ``is_top1``
   (non-differentiable) map to prefopt_fast's ``entropy``, ``log_sum_sq_probs``,
   ``mean_logit``, ``is_argmax``; unrequested ones are None, as in TRL.
-* a DeepSpeed ZeRO-3 partitioned head (``weight`` / ``bias`` with DeepSpeed's ``ds_id``) is
-  all-gathered for the call unless the caller has (TRL does, under its ZeRO-3 config), and
-  gathered again when the backward reads it, as TRL's kernel does; its whole-shape gradient
-  goes to the parameter, whose DeepSpeed hook reduce-scatters it (:mod:`._zero3`).
+* a DeepSpeed ZeRO-3 partitioned head (``weight`` / ``bias`` with DeepSpeed's ``ds_id``) runs
+  on prefopt_fast too: read inside the engine's forward (as TRL's fused head reads it),
+  DeepSpeed gathers it there and again for the backward, and reduce-scatters its whole-shape
+  gradient; one still partitioned is gathered for a call without gradients and refused
+  (``RuntimeError``) otherwise (:mod:`prefopt_fast.integrations._zero3`).
 * falls back to TRL's own kernel (with one warning per reason) for a compute dtype other
   than fp32 / bf16 / fp16, and ``logit_scale == 0``.
 
@@ -188,7 +189,8 @@ class PrefoptChunkedLogProbFunction:
         # TRL: `softcap = final_logit_softcapping or 1.0` once a softcap is given
         softcap = None if final_logit_softcapping is None else (final_logit_softcapping or 1.0)
         ctx = torch.autocast(dev.type, enabled=False) if autocast_on else nullcontext()
-        # a ZeRO-3 head: whole for this call, gathered again when the backward reads it
+        # a ZeRO-3 head: checked to be gathered (by DeepSpeed's engine in the forward it is read in),
+        # or gathered for a call without gradients
         with _zero3.gathered(weight, bias), ctx:
             h = hidden.to(cdt)
             w = weight.to(cdt)
