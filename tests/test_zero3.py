@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import types
+import warnings
 from pathlib import Path
 
 import expected  # noqa: I001  (tests/expected.py: fails in strict mode where a peer is missing)
@@ -266,6 +268,9 @@ def _train(case: str, rank: int) -> dict:
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     init = {n: p.detach().clone() for n, p in ref.named_parameters()}
     ways = WAYS[case]
+    caught = warnings.catch_warnings(record=True)
+    report["warnings"] = [str(w.message) for w in caught.__enter__()]  # filled as they come
+    warnings.simplefilter("always")
     for step in range(STEPS):
         how = ways[step % len(ways)]
         if kernel:
@@ -302,6 +307,7 @@ def _train(case: str, rank: int) -> dict:
     ref_head = ref.lm.lm_head.weight if kernel else ref.model.lm_head.weight
     ref_head_name = next(n for n, p in ref.named_parameters() if p is ref_head)
     report["head_moved"] = (ref_head.detach() - init[ref_head_name]).abs().max().item()
+    caught.__exit__(None, None, None)
     del hf_ds_config
     return report
 
@@ -434,8 +440,125 @@ def test_zero3_two_ranks_match_single_process(case, zero3_reports):
         for step, (got, want) in enumerate(zip(rep["losses"], rep["ref_losses"])):
             assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), f"rank {rank} step {step}: loss {got} != {want}"
         assert rep["head_moved"] > 1e-3, f"rank {rank}: the head did not train ({rep['head_moved']})"
+        fallbacks = [m for m in rep["warnings"] if "own ChunkedLogProbFunction" in m]
+        assert not fallbacks, f"rank {rank}: the patched kernel fell back to TRL's: {fallbacks}"
         bad = {k: v for k, v in rep["max_abs_diff"].items() if v > 2e-5}
         assert not bad, f"rank {rank}: parameters after {STEPS} steps differ from the single-process run: {bad}"
+
+
+# --------------------------------------------------------------------------- without DeepSpeed (one process)
+
+
+class _Status:
+    AVAILABLE = "available"
+    NOT_AVAILABLE = "not_available"
+
+
+@pytest.fixture
+def stand_in_deepspeed(monkeypatch):
+    """A stand-in ``deepspeed`` whose GatheredParameters records what it is asked (the tensors stay whole)."""
+    events = []
+
+    class GatheredParameters:
+        def __init__(self, params, modifier_rank=None):
+            events.append(("gather", [p.ds_id for p in params], modifier_rank))
+
+        def __enter__(self):
+            events.append(("enter",))
+
+        def __exit__(self, *exc):
+            events.append(("exit",))
+
+    ds = types.ModuleType("deepspeed")
+    ds.zero = types.SimpleNamespace(GatheredParameters=GatheredParameters)
+    pp = types.ModuleType("deepspeed.runtime.zero.partition_parameters")
+    pp.ZeroParamStatus = _Status
+    for name in ("deepspeed.runtime", "deepspeed.runtime.zero"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "deepspeed", ds)
+    monkeypatch.setitem(sys.modules, pp.__name__, pp)
+    return events
+
+
+def _zero3_param(t, ds_id, status, requires_grad=True):
+    p = nn.Parameter(t, requires_grad=requires_grad)
+    p.ds_id, p.ds_status = ds_id, status
+    return p
+
+
+def test_gathered_plain_tensors_are_a_no_op():
+    from prefopt_fast.integrations import _zero3
+
+    w = torch.randn(4, 3, requires_grad=True)
+    with _zero3.gathered(w, None):  # no deepspeed import, nothing gathered
+        pass
+    assert not _zero3.is_zero3(w) and not _zero3.is_zero3(None)
+
+
+def test_gathered_zero3_rules(stand_in_deepspeed):
+    from prefopt_fast.integrations import _zero3
+
+    events = stand_in_deepspeed
+    w = _zero3_param(torch.randn(V, H), 7, _Status.NOT_AVAILABLE)
+    b = _zero3_param(torch.randn(V), 8, _Status.AVAILABLE)
+    # available (gathered by DeepSpeed's engine in its forward, or by the caller): left to DeepSpeed
+    with _zero3.gathered(b, b):
+        pass
+    assert events == []
+    # partitioned, and a gradient would reach it: refused, naming the way out
+    with pytest.raises(RuntimeError, match=r"ds_id 7\).*not gathered.*register_external_parameter"):
+        with _zero3.gathered(w, b):
+            pass
+    assert events == []
+    # no gradient can reach it: gathered for the block, read-only, once per parameter
+    with torch.no_grad(), _zero3.gathered(w, b, w):
+        assert events == [("gather", [7], None), ("enter",)]
+    assert events[-1] == ("exit",)
+    events.clear()
+    frozen = _zero3_param(torch.randn(V, H), 9, _Status.NOT_AVAILABLE, requires_grad=False)
+    with _zero3.gathered(frozen):
+        assert events == [("gather", [9], None), ("enter",)]
+
+
+@pytest.fixture
+def patched_kernel():
+    # imported before the stand-in deepspeed is installed: importing TRL probes for deepspeed
+    expected.require("trl")
+    from prefopt_fast.integrations.trl import PrefoptChunkedLogProbFunction
+
+    return PrefoptChunkedLogProbFunction
+
+
+def test_patched_kernel_takes_zero3_head_without_fallback(patched_kernel, stand_in_deepspeed):
+    """The patched TRL kernel no longer falls back for a ZeRO-3 head: gathered by DeepSpeed -> prefopt_fast's
+    result; partitioned under no_grad -> gathered; partitioned with gradients -> the clear error."""
+    from prefopt_fast.ops.linear_logprobs import linear_token_logprobs
+
+    PrefoptChunkedLogProbFunction = patched_kernel  # noqa: N806
+    events = stand_in_deepspeed
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, H, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (5,), generator=g)
+    w = _zero3_param(torch.randn(V, H, generator=g), 1, _Status.AVAILABLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warns
+        logp = PrefoptChunkedLogProbFunction.apply(h, w, None, y, 1.0, 4096, None, 1.0, ())[0]
+    logp.sum().backward()
+    w2 = w.detach().clone().requires_grad_(True)
+    h2 = h.detach().clone().requires_grad_(True)
+    want = linear_token_logprobs(h2, w2, y)
+    want.sum().backward()
+    torch.testing.assert_close(logp, want)
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(h.grad, h2.grad)
+    assert events == []
+    w.ds_status = _Status.NOT_AVAILABLE
+    with pytest.raises(RuntimeError, match="not gathered"):
+        PrefoptChunkedLogProbFunction.apply(h, w, None, y, 1.0, 4096, None, 1.0, ())
+    with torch.no_grad():
+        out = PrefoptChunkedLogProbFunction.apply(h, w, None, y, 1.0, 4096, None, 1.0, ())[0]
+    torch.testing.assert_close(out, want.detach())
+    assert events == [("gather", [1], None), ("enter",), ("exit",)]
 
 
 if __name__ == "__main__":

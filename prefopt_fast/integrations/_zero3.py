@@ -60,9 +60,9 @@ def gathered(*params):
     todo = [p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE]
     trained = [p for p in todo if p.requires_grad and torch.is_grad_enabled()]
     if trained:
-        shapes = ", ".join(f"ds_id {p.ds_id} {tuple(p.ds_shape)}" for p in trained)
+        ids = ", ".join(str(p.ds_id) for p in trained)
         raise RuntimeError(
-            f"the lm_head parameters ({shapes}) are DeepSpeed ZeRO-3 partitions that are not gathered, and a gradient "
+            f"the lm_head parameters (ds_id {ids}) are DeepSpeed ZeRO-3 partitions that are not gathered, and a gradient "
             "would reach them: DeepSpeed gathers a parameter read by attribute (model.lm_head.weight) inside the "
             "forward of the module deepspeed.initialize wrapped, and gathers it again for its backward. Read the head "
             "there (hf.get_lm_head / hidden_and_head / sequence_logprobs do) and compute the loss in that forward, or "
