@@ -268,26 +268,26 @@ def _train(case: str, rank: int) -> dict:
     ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
     init = {n: p.detach().clone() for n, p in ref.named_parameters()}
     ways = WAYS[case]
-    caught = warnings.catch_warnings(record=True)
-    report["warnings"] = [str(w.message) for w in caught.__enter__()]  # filled as they come
-    warnings.simplefilter("always")
-    for step in range(STEPS):
-        how = ways[step % len(ways)]
-        if kernel:
-            loss = engine(*kernel_batch(step, rank), how=how)
-            ref_loss = naive_kernel_loss(ref, *kernel_batch(step))
-        else:
-            loss = engine(*dpo_batch(step, rank), how=how)
-            ref_loss = naive_dpo_loss(ref, *dpo_batch(step))
-        engine.backward(loss)
-        engine.step()
-        ref_opt.zero_grad()
-        ref_loss.backward()
-        ref_opt.step()
-        mean = loss.detach().clone()
-        torch.distributed.all_reduce(mean)
-        report["losses"].append(mean.item() / WORLD)
-        report["ref_losses"].append(ref_loss.item())
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            how = ways[step % len(ways)]
+            if kernel:
+                loss = engine(*kernel_batch(step, rank), how=how)
+                ref_loss = naive_kernel_loss(ref, *kernel_batch(step))
+            else:
+                loss = engine(*dpo_batch(step, rank), how=how)
+                ref_loss = naive_dpo_loss(ref, *dpo_batch(step))
+            engine.backward(loss)
+            engine.step()
+            ref_opt.zero_grad()
+            ref_loss.backward()
+            ref_opt.step()
+            mean = loss.detach().clone()
+            torch.distributed.all_reduce(mean)
+            report["losses"].append(mean.item() / WORLD)
+            report["ref_losses"].append(ref_loss.item())
+    report["warnings"] = [str(w.message) for w in log]
     params = dict(model.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
         report["max_abs_diff"] = {
@@ -307,7 +307,6 @@ def _train(case: str, rank: int) -> dict:
     ref_head = ref.lm.lm_head.weight if kernel else ref.model.lm_head.weight
     ref_head_name = next(n for n, p in ref.named_parameters() if p is ref_head)
     report["head_moved"] = (ref_head.detach() - init[ref_head_name]).abs().max().item()
-    caught.__exit__(None, None, None)
     del hf_ds_config
     return report
 
