@@ -30,6 +30,10 @@ pip_install "$TORCH_PIN" "setuptools>=68" wheel
 # one into an isolated build environment. With a CUDA toolkit present the CUDA kernels are
 # compiled too (sm_80 + sm_90 + PTX for editable builds; PREFOPT_CUDA=0 skips).
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+# DeepSpeed (the test extra, for tests/test_zero3.py) ships as a source distribution: build it
+# pure-Python (its C++ / CUDA ops are compiled on first use, which the tests never ask for);
+# --no-build-isolation below builds it against the pinned torch too.
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
 # The extras hold the test tools, TRL / PEFT / transformers and the benchmark peers
 # (Liger-Kernel and cut-cross-entropy, which need torch and triton only: torch is the pinned
 # one above, whatever the mode).
@@ -51,7 +55,8 @@ if ! "$PY" -m pip check >/dev/null 2>&1; then
 fi
 "$PY" - <<'EOF'
 import importlib.metadata as md
-names = ["torch", "triton", "transformers", "trl", "peft", "kernels", "datasets", "liger-kernel", "cut-cross-entropy"]
+names = ["torch", "triton", "transformers", "trl", "peft", "kernels", "datasets", "liger-kernel", "cut-cross-entropy",
+         "deepspeed"]
 names += ["verl", "tensordict", "ray"]
 print("prefopt_fast set-up:", ", ".join(f"{n} {md.version(n)}" for n in names))
 EOF

@@ -27,9 +27,10 @@ What is covered:
   (Falcon-H1), ``logits_scaling`` (Granite / MiniCPM3 divide by it, HyperCLOVA X multiplies);
 * reference log-probs from the same PEFT model with its adapters disabled
   (:func:`adapters_disabled`, :func:`reference_sequence_logprobs`);
-* sharded heads (:func:`gathered_lm_head`): DeepSpeed ZeRO-3 parameters are gathered with
-  ``deepspeed.zero.GatheredParameters`` for the duration of the ``with`` block (run the loss
-  AND its backward inside it: the backward reads the weight again); FSDP2 / DTensor
+* sharded heads (:func:`gathered_lm_head`): a DeepSpeed ZeRO-3 head read inside the forward
+  of the module ``deepspeed.initialize`` wrapped is gathered by DeepSpeed (forward and
+  backward; the loss belongs in that forward); under ``no_grad`` a partitioned one is
+  gathered with ``deepspeed.zero.GatheredParameters`` for the ``with`` block; FSDP2 / DTensor
   parameters are all-gathered (``distributed.gather_parameter``: differentiable, the gradient
   goes back to this rank's shard averaged over the ranks, as FSDP2 delivers it). The
   ``linear_*`` functions do the same by themselves for a DTensor weight with plain hidden
@@ -49,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import gather_parameter
+from . import _zero3
 
 __all__ = [
     "LMHead",
@@ -306,10 +308,6 @@ def shift_labels(input_ids: Tensor, loss_mask: Optional[Tensor] = None, ignore_i
 # --------------------------------------------------------------------------- sharded heads
 
 
-def _is_zero3(p) -> bool:
-    return p is not None and hasattr(p, "ds_id")
-
-
 def _full(t):
     # not DTensor.full_tensor(): its backward hands each rank only its own tokens' part of the
     # gradient; gather_parameter returns the gradient averaged over the ranks, as FSDP2 does
@@ -320,23 +318,18 @@ def _full(t):
 def gathered_lm_head(head: LMHead):
     """Context manager yielding ``head`` with whole tensors: ZeRO-3 gathered, DTensors made full.
 
-    DeepSpeed ZeRO-3 partitions parameters to empty tensors outside their module's forward;
-    they are gathered (``deepspeed.zero.GatheredParameters``, read-only) until the block
-    exits: run the loss and its backward inside the block. FSDP2 DTensor parameters are
+    DeepSpeed ZeRO-3 partitions parameters to empty tensors outside the forward that uses
+    them. Read inside the forward of the module ``deepspeed.initialize`` wrapped (where the
+    loss must be computed), the head is gathered by DeepSpeed itself, for the forward and
+    again for the backward, which may run after the block. A partitioned head is gathered
+    (``deepspeed.zero.GatheredParameters``, read-only) until the block exits when no gradient
+    can reach it (a reference under ``no_grad``), and refused (``RuntimeError``) when one
+    would (:mod:`prefopt_fast.integrations._zero3`). FSDP2 DTensor parameters are
     all-gathered (its backward hands each rank its shard of the gradient averaged over the
     ranks, as FSDP2's own reduce-scatter does). Plain tensors pass through unchanged, at no cost.
     """
     tensors = [head.weight, head.bias] + ([] if head.lora is None else list(head.lora[:2]))
-    zero3 = [t for t in tensors if _is_zero3(t)]
-    ctx = contextlib.nullcontext()
-    if zero3:
-        import deepspeed  # a ZeRO-3 parameter means deepspeed is there
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        todo = {id(p): p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE}
-        if todo:
-            ctx = deepspeed.zero.GatheredParameters(list(todo.values()), modifier_rank=None)
-    with ctx:
+    with _zero3.gathered(*tensors):
         lora = None if head.lora is None else (_full(head.lora[0]), _full(head.lora[1]), head.lora[2])
         yield head._replace(weight=_full(head.weight), bias=None if head.bias is None else _full(head.bias), lora=lora)
 
@@ -373,8 +366,7 @@ def sequence_logprobs(
     Sum over the marked tokens (mean with ``average``); differentiable, through
     :func:`prefopt_fast.linear_sequence_logprobs` (the logits are never built). ``loss_mask``
     ``[B, T]`` marks the scored tokens of ``input_ids`` (the first token can never be scored).
-    A ZeRO-3 head is gathered for the forward only: fine under ``no_grad`` (a reference); to
-    train through it, use :func:`gathered_lm_head` around the loss and its backward.
+    A ZeRO-3 head: as :func:`gathered_lm_head` (call it inside the engine's forward to train).
     """
     from ..ops.linear_logprobs import linear_sequence_logprobs
 

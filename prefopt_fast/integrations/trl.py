@@ -43,10 +43,13 @@ What the patched head does with TRL's call
   plain parameter: accelerate puts ``[final norm, lm_head]`` in one unit that the final norm's
   forward gathers and that stays gathered until the backward, and FSDP2 reduce-scatters the
   head's gradient as any other (tested against a one-process run: tests/test_trainers_distributed.py).
-* falls back to TRL's own kernel (with one warning per reason) for a DeepSpeed ZeRO-3
-  partitioned head (TRL re-gathers it in its backward; prefopt_fast's backward would see
-  the empty partition), a compute dtype other than fp32 / bf16 / fp16, and
-  ``logit_scale == 0``.
+* a DeepSpeed ZeRO-3 partitioned head (``weight`` / ``bias`` with DeepSpeed's ``ds_id``) runs
+  on prefopt_fast too: read inside the engine's forward (as TRL's fused head reads it),
+  DeepSpeed gathers it there and again for the backward, and reduce-scatters its whole-shape
+  gradient; one still partitioned is gathered for a call without gradients and refused
+  (``RuntimeError``) otherwise (:mod:`prefopt_fast.integrations._zero3`).
+* falls back to TRL's own kernel (with one warning per reason) for a compute dtype other
+  than fp32 / bf16 / fp16, and ``logit_scale == 0``.
 
 The patch is process-wide: while it is on, every TRL model in the process uses it.
 """
@@ -63,7 +66,7 @@ from typing import Optional
 import torch
 import trl
 
-from . import version_guard
+from . import _zero3, version_guard
 
 # The TRL versions this integration was tested with, [low, high), and the TRL internals it
 # relies on (private names and trainer methods it overrides or calls). Outside the range it
@@ -147,11 +150,6 @@ def _warn_once(reason: str) -> None:
 
 
 def _fallback_reason(weight, compute_dtype, logit_scale) -> Optional[str]:
-    if hasattr(weight, "ds_id"):
-        return (
-            "the lm_head weight is a DeepSpeed ZeRO-3 parameter (TRL re-gathers it in its backward, "
-            "prefopt_fast's backward would see the empty partition)"
-        )
     if compute_dtype not in _HALF_OR_FLOAT:
         return f"compute dtype {compute_dtype} (prefopt_fast's fused-linear kernels take fp32 / bf16 / fp16)"
     if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool) and logit_scale == 0:
@@ -194,11 +192,13 @@ class PrefoptChunkedLogProbFunction:
         names = tuple(n for n in _TRL_OUTPUTS if n in outputs)
         # TRL: `softcap = final_logit_softcapping or 1.0` once a softcap is given
         softcap = None if final_logit_softcapping is None else (final_logit_softcapping or 1.0)
-        h = hidden.to(cdt)
-        w = weight.to(cdt)
-        b = None if bias is None else bias.to(cdt)
         ctx = torch.autocast(dev.type, enabled=False) if autocast_on else nullcontext()
-        with ctx:
+        # a ZeRO-3 head: checked to be gathered (by DeepSpeed's engine in the forward it is read in),
+        # or gathered for a call without gradients
+        with _zero3.gathered(weight, bias), ctx:
+            h = hidden.to(cdt)
+            w = weight.to(cdt)
+            b = None if bias is None else bias.to(cdt)
             out = linear_token_logprobs(
                 h,
                 w,
