@@ -401,11 +401,13 @@ def _actor_config(**kw):
 @pytest.mark.parametrize(
     "mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 )
-def test_prefopt_vanilla_matches_verl_vanilla(patched, cfg_kw, info, weights, mode):
-    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
+@pytest.mark.parametrize("loss", ["vanilla", "gspo"])
+def test_prefopt_policy_loss_matches_verls(patched, cfg_kw, info, weights, mode, loss):
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-    fn = get_policy_loss_fn("prefopt_vanilla")
-    assert fn is pverl.compute_policy_loss_prefopt_vanilla
+    fn = get_policy_loss_fn(f"prefopt_{loss}")
+    assert fn is getattr(pverl, f"compute_policy_loss_prefopt_{loss}")
+    theirs = get_policy_loss_fn(loss)
     g = torch.Generator().manual_seed(11)
     B, T = 4, 9
     old = torch.randn(B, T, generator=g) - 2
@@ -417,7 +419,7 @@ def test_prefopt_vanilla_matches_verl_vanilla(patched, cfg_kw, info, weights, mo
     mask[0, 1] = mask[1, 2] = True
     w = torch.rand(B, T, generator=g) + 0.5 if weights else None
     res = []
-    for f in (compute_policy_loss_vanilla, fn):
+    for f in (theirs, fn):
         config = _actor_config(**cfg_kw)
         config.global_batch_info.update(info)
         lp = lp0.clone().requires_grad_()

@@ -28,8 +28,8 @@ Importing :mod:`prefopt_fast` never imports verl; importing this module does.
    ``entropy_from_logits`` in the logits' dtype, ``entropy_from_logits_with_chunking`` fp32.
    ``inplace_backward`` keeps its meaning (the backward overwrites the logits buffer), which
    verl's CPU path ignores.
-3. policy losses: the names of :data:`POLICY_LOSSES` (``prefopt_vanilla``: verl's ``vanilla``
-   computed by :func:`prefopt_fast.policy_loss`) are registered with
+3. policy losses: the names of :data:`POLICY_LOSSES` (``prefopt_vanilla`` / ``prefopt_gspo``: verl's
+   ``vanilla`` / ``gspo`` computed by :func:`prefopt_fast.policy_loss`) are registered with
    ``verl.trainer.ppo.core_algos.register_policy_loss`` (``actor.policy_loss.loss_mode``).
 
 Ray: verl's actors run in other processes. Patch them by importing this module there with the
@@ -71,6 +71,7 @@ VERL_INTERNALS = (
     "verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY",
     "verl.trainer.ppo.core_algos.agg_loss",
     "verl.trainer.ppo.core_algos.compute_policy_loss_vanilla",  # what prefopt_vanilla restates
+    "verl.trainer.ppo.core_algos.compute_policy_loss_gspo",  # what prefopt_gspo restates
 )
 _INTEGRATION = "prefopt_fast.integrations.verl"
 _VERL_VERSION = getattr(verl, "__version__", "0")
@@ -100,6 +101,7 @@ __all__ = [
     "entropy_from_logits",
     "entropy_from_logits_with_chunking",
     "compute_policy_loss_prefopt_vanilla",
+    "compute_policy_loss_prefopt_gspo",
 ]
 
 BACKEND = "prefopt"  # the value of fused_kernel_options.impl_backend that selects prefopt_fast
@@ -366,28 +368,15 @@ def _verl_clip(config):
     return low, high, c
 
 
-def compute_policy_loss_prefopt_vanilla(
-    old_log_prob: torch.Tensor,
-    log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    loss_agg_mode: str = "token-mean",
-    config=None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
-):
-    """verl's ``vanilla`` policy loss (``compute_policy_loss_vanilla``: clipped ratio with
-    ``clip_ratio_low`` / ``clip_ratio_high``, dual clip ``clip_ratio_c``, the log-ratio clamped to
-    [-20, 20], ``rollout_is_weights`` on the policy term, ``agg_loss`` with the actor's
-    ``global_batch_info``) computed by :func:`prefopt_fast.policy_loss` with ``convention="verl"``
-    on the ``[B, T]`` log-probs, for every ``loss_agg_mode`` verl 0.9 has. Same signature and
-    return as verl's: ``(loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})``."""
+def _verl_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, is_weights, **head):
+    """prefopt_fast's PPO head (``convention="verl"``) aggregated as verl's ``agg_loss`` with the
+    actor's ``global_batch_info``; ``head``: the objective's own options. Returns verl's
+    ``(loss, metrics)``."""
     assert config is not None  # as verl: the loss reads the actor config
-    low, high, c = _verl_clip(config)
     mask = response_mask.to(log_prob.dtype)
     info = dict(getattr(config, "global_batch_info", None) or {})
     dp_size = info.get("dp_size", 1)
     num_tokens, batch_size = info.get("batch_num_tokens"), info.get("global_batch_size")
-    scale_factor = info.get("loss_scale_factor")
     # verl's agg_loss over the global batch: token modes divide by the global token count / dp,
     # sequence modes by the global number of sequences / dp (each rank's loss then averages right)
     mode, global_num_tokens, rescale = loss_agg_mode, None, None
@@ -408,14 +397,12 @@ def compute_policy_loss_prefopt_vanilla(
         old_log_prob,
         advantages,
         mask,
-        clip_eps_low=low,
-        clip_eps_high=high,
-        dual_clip=c,
         convention="verl",
         loss_agg_mode=mode,
-        max_length=scale_factor if loss_agg_mode == "seq-mean-token-sum-norm" else None,
-        is_weights=rollout_is_weights,
+        max_length=info.get("loss_scale_factor") if loss_agg_mode == "seq-mean-token-sum-norm" else None,
+        is_weights=is_weights,
         global_num_tokens=global_num_tokens,
+        **head,
     )
     if rescale is not None:
         loss = loss * rescale
@@ -428,8 +415,70 @@ def compute_policy_loss_prefopt_vanilla(
     return loss, metrics
 
 
+def compute_policy_loss_prefopt_vanilla(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+):
+    """verl's ``vanilla`` policy loss (``compute_policy_loss_vanilla``: clipped ratio with
+    ``clip_ratio_low`` / ``clip_ratio_high``, dual clip ``clip_ratio_c``, the log-ratio clamped to
+    [-20, 20], ``rollout_is_weights`` on the policy term, ``agg_loss`` with the actor's
+    ``global_batch_info``) computed by :func:`prefopt_fast.policy_loss` with ``convention="verl"``
+    on the ``[B, T]`` log-probs, for every ``loss_agg_mode`` verl 0.9 has. Same signature and
+    return as verl's: ``(loss, {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})``."""
+    low, high, c = _verl_clip(config)
+    return _verl_policy_loss(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        clip_eps_low=low,
+        clip_eps_high=high,
+        dual_clip=c,
+    )
+
+
+def compute_policy_loss_prefopt_gspo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "seq-mean-token-mean",
+    config=None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+):
+    """verl's ``gspo`` policy loss (``compute_policy_loss_gspo``: the sequence-level ratio
+    exp(mean_t log r) carried per token, its log clamped above at 10, clipped with
+    ``clip_ratio_low`` / ``clip_ratio_high``, no dual clip) by prefopt_fast's head with
+    ``importance_sampling_level="sequence"`` and ``convention="verl"``. Signature and return as
+    verl's."""
+    low, high, _ = _verl_clip(config)
+    return _verl_policy_loss(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode,
+        config,
+        rollout_is_weights,
+        clip_eps_low=low,
+        clip_eps_high=high,
+        importance_sampling_level="sequence",
+    )
+
+
 # verl loss_mode name -> function
-POLICY_LOSSES = {"prefopt_vanilla": compute_policy_loss_prefopt_vanilla}
+POLICY_LOSSES = {
+    "prefopt_vanilla": compute_policy_loss_prefopt_vanilla,
+    "prefopt_gspo": compute_policy_loss_prefopt_gspo,
+}
 
 
 def _register_policy_losses() -> None:
