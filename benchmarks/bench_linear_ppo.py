@@ -8,7 +8,9 @@ so every provider does the same work: ratio clipped to [0.8, 1.28], k3 KL with c
 0.04, token-mean over the completion tokens (Liger: ``loss_type="dapo"``), no entropy term.
 Providers: ``naive`` (materialized logits, fp32 log_softmax, gather, the loss), ``trl``
 (TRL 1.16's ``ChunkedLogProbFunction`` on the completion rows, then the loss), ``liger`` /
-``liger-compile`` (``LigerFusedLinearGRPOLoss``, eager / compiled chunk step),
+``liger-compile`` (``LigerFusedLinearGRPOLoss``, eager / compiled chunk step), ``verl-torch``
+/ ``verl-liger`` (verl 0.9's ``FusedLinearForPPO`` with ``impl_backend`` "torch" / "liger" on the
+completion rows, then the loss: verl's fused path always computes the entropy too),
 ``matmul-floor`` and ``prefopt_fast.<backend>``. The bound is the GEMM term.
 """
 
@@ -22,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks import bench_support as S
-from benchmarks.spec import prefopt_fast_providers
+from benchmarks.spec import Provider, prefopt_fast_providers
 
 EPS_LOW, EPS_HIGH, KL_COEF = 0.2, 0.28, 0.04
 
@@ -93,6 +95,31 @@ def _make_liger(compiled):
     return make
 
 
+def _make_verl(impl_backend):
+    def make():
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+        fused = FusedLinearForPPO(impl_backend=impl_backend)
+        rows = S.on_completion_rows(lambda h, w, y: fused(h, w, y)[0], lambda v, seq, inputs: loss_on_rows(v, inputs))
+        return rows
+
+    return make
+
+
+VERL_PROVIDERS = [
+    Provider(
+        f"verl-{impl}",
+        _make_verl(impl),
+        kind="peer",
+        requires=("verl",) + (("liger_kernel",) if impl == "liger" else ()),
+        install="bash scripts/setup.sh (verl 0.9 --no-deps)",
+        mem_factor=1.0,
+        description=f"verl.utils.experimental.torch_functional.FusedLinearForPPO(impl_backend={impl!r}), then the loss",
+    )
+    for impl in ("torch", "liger")
+]
+
+
 def _call(inputs, backend, inplace_backward):
     from prefopt_fast.linear import linear_ppo_loss
 
@@ -118,6 +145,7 @@ _ours, _notes = prefopt_fast_providers(_call, inplace=False, mem_factor=0.2)
 PROVIDERS = (
     S.linear_baselines(naive, _make_trl, ", then the loss")
     + S.liger_providers(_make_liger, "LigerFusedLinearGRPOLoss(loss_type='dapo')")
+    + VERL_PROVIDERS
     + _ours
 )
 
@@ -128,7 +156,7 @@ OP = S.linear_op(
     PROVIDERS,
     description="clipped PG loss (k3 KL) fwd + bwd from hidden states [B, T, H] and the lm_head [V, H]",
     notes=_notes,
-    full_providers=("matmul-floor", "naive", "liger", "prefopt_fast.*"),
+    full_providers=("matmul-floor", "naive", "liger", "verl-torch", "prefopt_fast.*"),
 )
 
 if __name__ == "__main__":
