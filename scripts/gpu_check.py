@@ -140,6 +140,8 @@ class Check:
             "        p = torch.cuda.get_device_properties(i)\n"
             "        d['gpus'].append({'name': p.name, 'capability': list(torch.cuda.get_device_capability(i)),\n"
             "                          'memory_gb': round(p.total_memory / 2**30, 1)})\n"
+            "import importlib.util\n"
+            "d['prefopt_fast_from'] = importlib.util.find_spec('prefopt_fast').origin\n"
             "print(json.dumps(d))\n"
         )
         res = subprocess.run(
@@ -170,8 +172,17 @@ class Check:
         if not (sanitizer and sanitizer.exists()):
             sanitizer = shutil.which("compute-sanitizer")
         info["compute_sanitizer"] = str(sanitizer) if sanitizer else None
-        self.env_info = info
         (self.out / "environment.json").write_text(json.dumps(info, indent=1) + "\n")
+        if not str(info["prefopt_fast_from"]).startswith(str(ROOT / "prefopt_fast")):
+            # an editable install's import hook wins over PYTHONPATH: the checks would test that copy
+            return self.record(
+                "environment",
+                "failed",
+                f"prefopt_fast imports from {info['prefopt_fast_from']}, not from this tree ({ROOT}): an "
+                "editable install of another checkout? uninstall it or run the check from that checkout",
+                time.monotonic() - t0,
+            )
+        self.env_info = info
         gpus = ", ".join(f"{g['name']} (sm_{g['capability'][0]}{g['capability'][1]})" for g in info["gpus"]) or "no GPU"
         return self.record(
             "environment",
@@ -192,6 +203,8 @@ class Check:
 
     def build(self):
         info = self.env_info
+        if not info:
+            return self.record("build", "skipped", "the environment step failed")
         if not info.get("cuda_home"):
             why = info.get("cuda_home_error") or "no CUDA toolkit found (nvcc on PATH, CUDA_HOME or /usr/local/cuda)"
             return self.record("build", "skipped", why)
@@ -212,13 +225,25 @@ class Check:
         rc, secs, log = self.run("build", [self.py, "setup.py", "build_ext", "--inplace"], env=env)
         if rc != 0:
             return self.finish_run("build", rc, secs, log, "")
-        probe = "import json, prefopt_fast; print(json.dumps(prefopt_fast.build_info()))"
+        # the extension this tree now loads (an editable install elsewhere can serve prefopt_fast._C
+        # by name when this tree has none)
+        probe = (
+            "import json, prefopt_fast\n"
+            "bi = prefopt_fast.build_info()\n"
+            "from prefopt_fast import _C\n"
+            "bi['extension_file'] = _C.__file__\n"
+            "print(json.dumps(bi))\n"
+        )
         res = subprocess.run(
             [self.py, "-c", probe], capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=120
         )
         bi = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
         with open(log, "a") as f:
             f.write("\nbuild_info: " + json.dumps(bi) + "\n" + res.stderr)
+        if bi and not str(bi.get("extension_file")).startswith(str(ROOT)):
+            return self.record(
+                "build", "failed", f"prefopt_fast._C loads from {bi.get('extension_file')}, not this tree", secs, log
+            )
         if not bi.get("cuda"):
             return self.record(
                 "build",

@@ -47,14 +47,18 @@ def test_torch_older_than_the_floor_installs_without_the_extension_and_says_why(
     skipped = (tree / "prefopt_fast" / "_C.skipped").read_text()
     assert "needs torch >= 2.10 (its stable ABI's parallel_for / get_num_threads)" in skipped
     probe = (
+        # an editable install's import hook would find its own tree before PYTHONPATH's
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
         "import prefopt_fast as pf\n"
+        "assert pf.__file__.startswith(sys.argv[1]), pf.__file__\n"
         "from prefopt_fast.backends import cpu\n"
         "print(pf.build_info()['extension_error'])\n"
         "print(cpu.unavailable_reason())\n"
         "print(pf.available_backends())\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe],
+        [sys.executable, "-c", probe, str(tree)],
         cwd=tmp_path,
         env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
         capture_output=True,
