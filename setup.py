@@ -1,11 +1,16 @@
 """Build: the Python packages plus the native extension ``prefopt_fast._C`` (CPU kernels,
 and CUDA kernels when a CUDA toolkit is found).
 
-The extension is bound through the LibTorch stable ABI, so one ``abi3`` build serves
-every torch >= 2.13 and every CPython >= 3.10. The CUDA kernels (csrc/cuda/*.cu) are
-compiled by nvcc without torch headers and linked with the static CUDA runtime, so
-one wheel serves every torch >= 2.13 CUDA build whose driver supports the toolkit's
-CUDA version. Environment (see tools/cuda_build.py and docs/cuda.md):
+The extension is bound through the LibTorch stable ABI, built against the torch that is
+installed (``TORCH_TARGET_VERSION`` = that torch's major.minor, at most 2.13), so one ``abi3``
+build serves that torch and every later one, and every CPython >= 3.10. Built with torch
+>= 2.13 it serves every torch >= 2.13; with torch 2.10 - 2.12 every torch from that one on.
+Torch older than 2.10 lacks what the binding needs from the stable ABI (parallel_for,
+get_num_threads): no extension then, the package is pure Python and
+``prefopt_fast.build_info()["extension_error"]`` says why. The CUDA kernels
+(csrc/cuda/*.cu) are compiled by nvcc without torch headers and linked with the static CUDA
+runtime, so one wheel serves every such torch's CUDA builds whose driver supports the
+toolkit's CUDA version. Environment (see tools/cuda_build.py and docs/cuda.md):
 
     PREFOPT_CUDA=0|1|auto      no CUDA code / require it / build it if a toolkit is found
     CUDA_HOME                  the toolkit (else `nvcc` on PATH, else /usr/local/cuda)
@@ -14,6 +19,10 @@ CUDA version. Environment (see tools/cuda_build.py and docs/cuda.md):
     PREFOPT_LOCAL_VERSION      local version suffix of the wheel: default "cuXYZ" for a
                                CUDA build (0.1.0+cu130), none for a CPU-only one; "" = none
     PREFOPT_NO_EXTENSION=1     pure Python (no _C at all)
+    PREFOPT_REQUIRE_EXTENSION=1  a failed build of _C fails the install (also with
+                               PREFOPT_CUDA=1); otherwise the failure is printed, the
+                               install goes on pure Python, and build_info() /
+                               available_backends() report why (prefopt_fast/_C.skipped)
 """
 
 import glob
@@ -32,10 +41,54 @@ def _package_version() -> str:
     return re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.M).group(1)
 
 
+# The oldest torch whose stable ABI has what csrc/*/bindings.cpp uses (torch::stable::
+# parallel_for and get_num_threads came with 2.10), and the newest target: the stable-ABI
+# feature set the binding is written for (Stream::nativeHandle, 2.13; older targets get
+# the CUDA stream through the AOTI C shim instead, csrc/cuda/bindings.cpp).
+TORCH_ABI_FLOOR = (2, 10)
+TORCH_ABI_TARGET_MAX = (2, 13)
+SKIPPED = os.path.join("prefopt_fast", "_C.skipped")  # why there is no _C (read by build_info)
+
+
+def _torch_abi_target():
+    """(major, minor) for TORCH_TARGET_VERSION, or the reason the installed torch cannot
+    build the extension."""
+    import torch
+
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    tv = (int(m.group(1)), int(m.group(2)))
+    if tv < TORCH_ABI_FLOOR:
+        return None, (
+            f"torch {torch.__version__} at build time: the native extension needs torch >= "
+            f"{TORCH_ABI_FLOOR[0]}.{TORCH_ABI_FLOOR[1]} (its stable ABI's parallel_for / get_num_threads)"
+        )
+    return min(tv, TORCH_ABI_TARGET_MAX), None
+
+
+def _require_extension() -> bool:
+    on = ("1", "true", "yes", "on")
+    return (
+        os.environ.get("PREFOPT_REQUIRE_EXTENSION", "0").strip().lower() in on
+        or os.environ.get("PREFOPT_CUDA", "auto").strip().lower() in on
+    )
+
+
 version = _package_version()
 ext_modules = []
 cmdclass = {}
+abi_target, abi_skip = (None, None)
+if os.path.exists(os.path.join(ROOT, SKIPPED)):  # a reason left by an earlier build
+    os.remove(os.path.join(ROOT, SKIPPED))
 if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
+    abi_target, abi_skip = _torch_abi_target()
+    if abi_skip:
+        if _require_extension():
+            raise RuntimeError(f"prefopt_fast: cannot build the native extension: {abi_skip}")
+        print(f"prefopt_fast: WARNING no native extension: {abi_skip}", file=sys.stderr)
+        # read by build_info() from the source tree (editable installs) or the wheel
+        with open(os.path.join(ROOT, SKIPPED), "w") as f:
+            f.write(abi_skip + "\n")
+if abi_target is not None:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -44,8 +97,9 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
     cxx_flags = [
         "-O3",
         "-std=c++17",
-        # stable ABI: compile against the torch 2.13 feature set, run on any later torch
-        "-DTORCH_TARGET_VERSION=0x020d000000000000",
+        # stable ABI: compile against the installed torch's feature set (at most 2.13's), run
+        # on that torch and any later one
+        "-DTORCH_TARGET_VERSION=0x%02x%02x000000000000" % abi_target,
         # `omp simd` reductions vectorise without -ffast-math and without an OpenMP runtime
         "-fopenmp-simd",
         # FMA contraction where the ISA has it (pf_exp_poly needs it: -ffp-contract=off is
@@ -86,6 +140,35 @@ if os.environ.get("PREFOPT_NO_EXTENSION", "0") != "1":
             super().run()
 
         def build_extension(self, ext):
+            # A failed build (unless required) leaves its reason as _C.skipped where _C would
+            # be: the source tree for in-place / editable builds, else build_lib (-> the wheel).
+            out_dir = ROOT if self._prefopt_dev else self.build_lib
+            skipped = os.path.join(out_dir, SKIPPED)
+            if os.path.exists(skipped):
+                os.remove(skipped)
+            try:
+                self._build_extension(ext)
+            except Exception as exc:
+                if _require_extension():
+                    raise
+                reason = f"the build of the native extension failed ({type(exc).__name__}: {exc})".replace("\n", " ")
+                print(f"prefopt_fast: WARNING {reason}; installing without it", file=sys.stderr)
+                os.makedirs(os.path.dirname(skipped), exist_ok=True)
+                with open(skipped, "w") as f:
+                    f.write(reason + "\n")
+
+        def copy_extensions_to_source(self):
+            # after an in-place build setuptools copies each built extension into the tree:
+            # one whose build failed above has nothing to copy
+            self.extensions = [
+                e
+                for e in self.extensions
+                if os.path.exists(os.path.join(self.build_lib, self.get_ext_filename(e.name)))
+            ]
+            super().copy_extensions_to_source()
+
+        def _build_extension(self, ext):
+            print(f"prefopt_fast: stable ABI target torch {abi_target[0]}.{abi_target[1]}", file=sys.stderr)
             if cuda_home:
                 # PREFOPT_CUDA_ARCHS, else: in-place / editable (development) builds the small
                 # set (sm_80 + sm_90 SASS, compute_90 PTX: every GPU >= sm_80 runs it), wheels
@@ -154,6 +237,8 @@ setup(
         "prefopt_fast.kernels",
     ],
     ext_modules=ext_modules,
+    # the reason there is no _C, where a build left one (see SKIPPED)
+    package_data={"prefopt_fast": ["_C.skipped"]},
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -7,11 +7,25 @@ describes the binary that is actually loaded, not what a build script meant to p
 import ctypes
 import functools
 import json
+import os
 from typing import Any, Dict, Optional
 
 import torch
 
 from ._version import __version__
+
+
+def import_error_text(exc: ImportError) -> str:
+    """The reason prefopt_fast._C is missing: the import error, plus the reason setup.py left
+    in ``_C.skipped`` where it installed without the extension (a torch older than the
+    stable ABI the binding needs, a failed compile)."""
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.skipped")) as f:
+            skipped = f.read().strip()
+    except OSError:
+        skipped = ""
+    return f"{text}; at install time: {skipped}" if skipped else text
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,7 +34,7 @@ def extension_library() -> "tuple[Optional[ctypes.CDLL], Optional[str]]":
     try:
         from . import _C  # noqa: F401  (registers the ops)
     except ImportError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, import_error_text(exc)
     try:
         # dlopen of an already loaded path returns the same handle: no second copy
         return ctypes.CDLL(_C.__file__), None

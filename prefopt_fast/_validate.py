@@ -163,7 +163,9 @@ def check_positive_float(value, name: str) -> float:
     if _compiling():
         # torch.compile makes a float that changes between calls symbolic: check it as a
         # guard of the graph rather than with Python math, so no value recompiles
-        torch._check(value > 0, lambda: f"{name} must be a finite float > 0")
+        # the message function takes `name` as a default, not from the closure: torch < 2.13
+        # cannot trace a closure there (torch 2.11: "Can't extract message from torch._check()")
+        torch._check(value > 0, lambda name=name: f"{name} must be a finite float > 0")
         return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float; got {type(value).__name__}")

@@ -6,6 +6,10 @@
 #   PREFOPT_DEPS=tested (default)  the versions in constraints.txt: what CI tested
 #   PREFOPT_DEPS=latest            the newest versions pip resolves (upgrading what is installed),
 #                                  torch excepted: it stays the pinned CPU build
+#   PREFOPT_DEPS=oldest            the oldest supported torch / Triton / transformers
+#                                  (constraints-oldest.txt; torch 2.11.0 from PyPI is a CUDA
+#                                  build, ~4.6 GB with its nvidia-* libraries): use a fresh
+#                                  virtual environment, e.g. `bash scripts/test_oldest.sh`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,7 +25,8 @@ case "$DEPS" in
   tested) CONSTRAINTS=constraints.txt; UPGRADE=() ;;
   latest) echo "$TORCH_PIN" > "$TMP_CONSTRAINTS"; CONSTRAINTS=$TMP_CONSTRAINTS
           UPGRADE=(--upgrade --upgrade-strategy eager) ;;
-  *) echo "PREFOPT_DEPS=$DEPS: expected 'tested' or 'latest'" >&2; exit 2 ;;
+  oldest) CONSTRAINTS=constraints-oldest.txt; TORCH_PIN=$(grep -m1 -E "^torch==" "$CONSTRAINTS"); UPGRADE=() ;;
+  *) echo "PREFOPT_DEPS=$DEPS: expected 'tested', 'latest' or 'oldest'" >&2; exit 2 ;;
 esac
 pip_install() { "$PY" -m pip install --quiet -c "$CONSTRAINTS" "$@"; }
 
@@ -34,6 +39,9 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 # pure-Python (its C++ / CUDA ops are compiled on first use, which the tests never ask for);
 # --no-build-isolation below builds it against the pinned torch too.
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
+# A native extension that does not build fails the set-up here (a plain `pip install` goes on
+# without it and says why in prefopt_fast.build_info()).
+export PREFOPT_REQUIRE_EXTENSION=${PREFOPT_REQUIRE_EXTENSION:-1}
 # The extras hold the test tools, TRL / PEFT / transformers and the benchmark peers
 # (Liger-Kernel and cut-cross-entropy, which need torch and triton only: torch is the pinned
 # one above, whatever the mode).

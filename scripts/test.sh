@@ -5,6 +5,8 @@
 #
 #   PREFOPT_DEPS=latest bash scripts/test.sh     the same against the newest versions pip
 #                                                resolves (constraints.txt ignored; torch stays pinned)
+#   bash scripts/test_oldest.sh                  the same against the oldest supported versions
+#                                                (PREFOPT_DEPS=oldest in a venv of its own)
 #   PREFOPT_ALLOW_MISSING=trl,peft ...           skip, instead of fail, what needs these
 #                                                (names: tests/expected.py; `all` for every one)
 set -euo pipefail

@@ -587,6 +587,8 @@ def test_providers_compute_the_same_loss(name, peer):
     if component:
         expected.require(component)  # a failure in strict runs, where the set-up installed it
     assert spec.availability(prov) is None, spec.availability(prov)
+    if peer == "torch-linear-ce" and prov.check(None):  # a torch feature (2.13), not an installed component
+        pytest.skip(prov.check(None))
     x = op.make_inputs(op.presets["dry-run"][0], torch.float32, "cpu")
     a, b = op.provider("naive").make()(x), prov.make()(x)
     if name == "linear_token_logprobs":  # ours / naive give [B, T]; the peers the completion rows

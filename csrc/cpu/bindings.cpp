@@ -1,7 +1,7 @@
 // Binding of the CPU row kernels to PyTorch through the LibTorch stable ABI: the
-// resulting prefopt_fast._C is one abi3 shared object for every torch >= 2.13 and
-// CPython >= 3.10. Defines the prefopt_fast::row_* ops and their CPU kernels; the fake
-// (meta) implementations live in prefopt_fast/backends/cpu.py.
+// resulting prefopt_fast._C is one abi3 shared object for the torch it is built with (>= 2.10,
+// see setup.py), every later torch and every CPython >= 3.10. Defines the prefopt_fast::row_*
+// ops and their CPU kernels; the fake (meta) implementations live in prefopt_fast/backends/cpu.py.
 #ifndef Py_LIMITED_API
 #define Py_LIMITED_API 0x030a0000  // torch BuildExtension passes it for py_limited_api builds
 #endif

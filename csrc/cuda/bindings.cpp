@@ -8,6 +8,8 @@
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include <dlfcn.h>
+
 #include <cstdio>
 #include <optional>
 #include <vector>
@@ -24,13 +26,37 @@ void check(const char* err, const char* what) {
   STD_TORCH_CHECK(err == nullptr, "prefopt_fast cuda kernels: ", what, " failed: ", err ? err : "");
 }
 
+// torch's current CUDA stream of `device` as a cudaStream_t.
+#if defined(TORCH_VERSION_2_13_0) && TORCH_FEATURE_VERSION >= TORCH_VERSION_2_13_0
+void* current_stream(int32_t device) { return torch::stable::accelerator::getCurrentStream(device).nativeHandle(); }
+#else
+// Stream::nativeHandle() came with torch 2.13. Before it, the stream comes from the AOTI C
+// shim's aoti_torch_get_current_cuda_stream (the same stable C interface, exported by
+// libtorch_cuda.so since torch 2.3). Looked up at run time, not linked: this extension must
+// also load into a CPU-only torch, which has no libtorch_cuda.so. A CUDA tensor reaching this
+// op means a CUDA torch, whose libtorch_cuda.so is already loaded (RTLD_NOLOAD finds it).
+void* current_stream(int32_t device) {
+  using Fn = int32_t (*)(int32_t, void**);
+  static const Fn fn = [] {
+    void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<Fn>(dlsym(lib, "aoti_torch_get_current_cuda_stream")) : nullptr;
+  }();
+  STD_TORCH_CHECK(fn != nullptr, "prefopt_fast cuda kernels: aoti_torch_get_current_cuda_stream not found in "
+                  "libtorch_cuda.so (needed with torch < 2.13)");
+  void* stream = nullptr;
+  STD_TORCH_CHECK(fn(device, &stream) == 0, "prefopt_fast cuda kernels: aoti_torch_get_current_cuda_stream(",
+                  device, ") failed");
+  return stream;
+}
+#endif
+
 Tensor row_forward(Tensor logits, Tensor labels, Tensor inv_temp, int64_t ignore_index, int64_t stats,
                    std::optional<Tensor> ref_logits) {
   const binding::Target tg = binding::cuda_target(logits);
   const binding::ForwardCall c = binding::forward_call(logits, labels, inv_temp, ignore_index, stats, ref_logits, tg);
   if (c.L.rows == 0) return c.out;
   torch::stable::accelerator::DeviceGuard guard(tg.device);
-  void* stream = torch::stable::accelerator::getCurrentStream(tg.device).nativeHandle();
+  void* stream = current_stream(tg.device);
   check(prefopt_cuda::row_forward(c.L, c.ref(), c.A, tg.device, stream), "row_forward launch");
   return c.out;
 }
@@ -45,7 +71,7 @@ void backward_into(const Tensor& logits, const prefopt::RowsView& L, const Tenso
                                                          grad_entropy, ignore_index, grad_kl, ref_logits, ref_lse, kl, tg);
   if (L.rows == 0 || L.V == 0) return;
   torch::stable::accelerator::DeviceGuard guard(tg.device);
-  void* stream = torch::stable::accelerator::getCurrentStream(tg.device).nativeHandle();
+  void* stream = current_stream(tg.device);
   check(prefopt_cuda::row_backward(L, c.ref(), c.A, grad, tg.device, stream), "row_backward launch");
 }
 

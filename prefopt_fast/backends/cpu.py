@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .._build_info import import_error_text
 from .._rows import N_OUT
 
 NAME = "cpu"
@@ -34,7 +35,7 @@ try:
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # not built, or built for an incompatible torch
     _C = None
-    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    _IMPORT_ERROR = import_error_text(exc)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -220,6 +220,9 @@ def token_outputs(logp, entropy, kl, extra, names, shape):
     logp = logp.reshape(shape)
     if not names:
         return logp
+    # marked non-differentiable in the autograd.Function already; detached as well because
+    # torch < 2.13 under torch.compile returns such outputs with requires_grad=True
+    extra = extra.detach()
     rows = {
         "entropy": entropy,
         "log_sum_sq_probs": extra[0],
