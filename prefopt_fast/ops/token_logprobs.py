@@ -121,6 +121,13 @@ class TokenLogProbsFunction(torch.autograd.Function):
             has_entropy=has_entropy,
             has_kl=has_kl,
         )
+        if inplace:
+            # The gradient is the logits buffer. Returned as the saved tensor itself, a leaf's
+            # AccumulateGrad would see a tensor referenced elsewhere (the leaf) and clone it: a
+            # full N x V copy, the very allocation inplace_backward avoids. A fresh alias (new
+            # TensorImpl, same storage and strides) is referenced only by the engine, so it
+            # becomes .grad as is; a non-leaf's producer receives the same buffer either way.
+            grad = grad.detach()
         return (grad,) + nones[1:]
 
 
