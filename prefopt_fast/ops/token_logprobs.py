@@ -273,7 +273,8 @@ def token_logprobs(
             ``logits``, any leading strides) for the ``"kl"`` statistic; never receives
             a gradient.
         inplace_backward: write the gradient over the logits buffer instead of a fresh
-            tensor (no N x V allocation; the logits are destroyed by the backward).
+            tensor (no N x V allocation; the logits are destroyed by the backward). Leaf
+            logits get that buffer as their ``.grad`` (``x.grad`` aliases ``x``), no copy.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``
             (``PREFOPT_BACKEND`` overrides ``"auto"``).
         process_group, vocab_start, vocab_size: vocabulary parallelism (tensor-parallel
