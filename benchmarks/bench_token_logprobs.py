@@ -10,6 +10,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch
 import torch.nn.functional as F
 
 from benchmarks import bench_support as S
@@ -38,6 +39,53 @@ def torch_cross_entropy(inputs):
     logits, labels = inputs["logits"], inputs["labels"]
     v = logits.shape[-1]
     return -F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1), reduction="none").view(labels.shape)
+
+
+# Rows per block of the chunked baseline: about 1 Mi elements (4 MiB of fp32), so a block's
+# temporaries stay in cache; at least one row.
+CHUNK_ELEMS = 1 << 20
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """The plain chunked PyTorch a user would write (issue 18): per block of rows, fp32
+    log_softmax and gather forward (saving only lse [N]); backward recomputes the block's
+    softmax and writes the gradient into the logits buffer, returned as a fresh view (so a
+    leaf's AccumulateGrad can take it without a copy)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        V = logits.shape[-1]
+        x, y = logits.detach().reshape(-1, V), labels.reshape(-1, 1)
+        logp = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        lse = torch.empty_like(logp)
+        rows = max(1, CHUNK_ELEMS // V)
+        for r0 in range(0, x.shape[0], rows):
+            xb = x[r0 : r0 + rows].float()
+            yb = y[r0 : r0 + rows]
+            lp = torch.log_softmax(xb, -1).gather(1, yb).squeeze(1)
+            logp[r0 : r0 + rows] = lp
+            lse[r0 : r0 + rows] = xb.gather(1, yb).squeeze(1) - lp
+        ctx.save_for_backward(logits, labels, lse)
+        return logp.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, labels, lse = ctx.saved_tensors
+        V = logits.shape[-1]
+        x, y = logits.detach().view(-1, V), labels.reshape(-1, 1)  # view: writes reach the buffer
+        g = grad_logp.reshape(-1, 1).float()
+        rows = max(1, CHUNK_ELEMS // V)
+        for r0 in range(0, x.shape[0], rows):
+            xb = x[r0 : r0 + rows]
+            gb = g[r0 : r0 + rows]
+            p = (xb.float() - lse[r0 : r0 + rows, None]).exp_()  # softmax from the saved lse
+            p.mul_(-gb).scatter_add_(1, y[r0 : r0 + rows], gb)
+            xb.copy_(p)
+        return x.view(logits.shape), None
+
+
+def chunked_torch(inputs):
+    return ChunkedTokenLogps.apply(inputs["logits"], inputs["labels"])
 
 
 def _make_trl():
@@ -86,6 +134,14 @@ PROVIDERS = [
     ),
     S.compiled_provider(naive),
     Provider(
+        "chunked-torch",
+        lambda: chunked_torch,
+        mutates=("logits",),
+        mem_factor=0.1,
+        description="a plain chunked PyTorch autograd.Function (fp32 log_softmax per block of rows; backward"
+        " writes the gradient into the logits): what the torch backend must match (issue 18)",
+    ),
+    Provider(
         "torch-cross-entropy",
         lambda: torch_cross_entropy,
         mem_factor=4.0,
@@ -116,7 +172,7 @@ OP = S.logits_op(
     full_dtypes=("fp32", "bf16"),
     full_center=512,
     full_tokens=(128, 4096),
-    full_providers=("naive", "naive-fp32", "torch-cross-entropy", "trl", "liger", "prefopt_fast.*"),
+    full_providers=("naive", "naive-fp32", "chunked-torch", "torch-cross-entropy", "trl", "liger", "prefopt_fast.*"),
     notes=_our_notes
     + [
         "cut-cross-entropy and torch's F.linear_cross_entropy take hidden states and the classifier, not"

@@ -121,6 +121,13 @@ class TokenLogProbsFunction(torch.autograd.Function):
             has_entropy=has_entropy,
             has_kl=has_kl,
         )
+        if inplace:
+            # The gradient is the logits buffer. Returned as the saved tensor itself, a leaf's
+            # AccumulateGrad would see a tensor referenced elsewhere (the leaf) and clone it: a
+            # full N x V copy, the very allocation inplace_backward avoids. A fresh alias (new
+            # TensorImpl, same storage and strides) is referenced only by the engine, so it
+            # becomes .grad as is; a non-leaf's producer receives the same buffer either way.
+            grad = grad.detach()
         return (grad,) + nones[1:]
 
 
@@ -269,7 +276,8 @@ def token_logprobs(
             ``logits``, any leading strides) for the ``"kl"`` statistic; never receives
             a gradient.
         inplace_backward: write the gradient over the logits buffer instead of a fresh
-            tensor (no N x V allocation; the logits are destroyed by the backward).
+            tensor (no N x V allocation; the logits are destroyed by the backward). Leaf
+            logits get that buffer as their ``.grad`` (``x.grad`` aliases ``x``), no copy.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"triton"`` or ``"cuda"``
             (``PREFOPT_BACKEND`` overrides ``"auto"``).
         process_group, vocab_start, vocab_size: vocabulary parallelism (tensor-parallel
