@@ -6,17 +6,39 @@ with the logits replaced by ``hidden`` ``[2B, T, H]`` (or packed ``[tokens, H]``
 ``[V, H]`` (plus ``bias``, ``lora``, ``logit_scale``, ``softcap``, ``chunk_size``): the summed
 log-probs come from :func:`linear_pair_logprobs`, which never materializes the ``[tokens, V]``
 logits; the loss heads are the same code as over per-sequence vectors.
+
+Gradient plans (``plan=``). ``"recompute"``: the summed log-probs are an autograd output of
+the fused op, whose backward recomputes the logits (4 GEMMs over the completion rows).
+``"forward"``: every per-pair loss of the DPO family depends on its own pair only, so the
+pairs' rows are processed a chunk of whole pairs at a time: logits (GEMM 1), the pair's
+log-probs, dL/dlogp from the head (a small autograd over the chunk's ``[pairs]`` vectors),
+the logits turned into dL/dz in place, then the gradients of hidden and weight (GEMMs 2, 3);
+the backward only scales them (3 GEMMs, no stored logits; the buffer holds at least one
+pair's logits, see :func:`prefopt_fast.ops.linear_logprobs.linear_sequence_forward_grad`).
+``"auto"`` takes ``"forward"`` whenever it applies: a gradient is asked for, one device (no
+vocabulary-parallel / DTensor head), no ``softcap``, ``reduction`` ``"mean"`` or ``"sum"``,
+no loss type coupling the pairs (``aot``, ``aot_unpaired``, ``sft``: batch sorts or totals),
+no ``[B]`` input requiring grad, not under torch.compile (its data-dependent chunks do not
+trace: compiled code keeps the recompute plan), and no ``bco_running_mean``. ``"forward"``
+where it does not apply is an error naming the reason. The forward plan's backward runs
+once (no ``retain_graph`` second pass) and is not differentiable again.
 """
 
+import inspect
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import _validate
-from ..distributed import check_vocab_parallel_options
-from ..ops.linear_logprobs import linear_sequence_logprobs_and_lengths
-from .dpo import DPOLoss, check_average, dpo_loss
+from ..distributed import check_vocab_parallel_options, is_dtensor
+from ..ops.linear_logprobs import (
+    _check_inputs,
+    linear_sequence_forward_grad,
+    linear_sequence_logprobs_and_lengths,
+)
+from ..ops.sequence_logprobs import check_sequence_labels, per_sequence_sums
+from .dpo import DPOLoss, _check_config, _dpo_loss, check_average, dpo_loss
 from .reference_free import (
     check_cpo_settings,
     check_orpo_settings,
@@ -78,6 +100,201 @@ def _check_reference(labels: Tensor, weight: Tensor, ref_hidden, ref_weight, ref
         )
 
 
+# ------------------------------------------------------------------------- gradient plans
+
+PLANS = ("auto", "recompute", "forward")
+# loss types whose per-pair loss reads other pairs (sorts, batch totals)
+_COUPLED_TYPES = ("aot", "aot_unpaired", "sft")
+
+
+def check_plan(plan) -> str:
+    if not isinstance(plan, str) or plan not in PLANS:
+        raise ValueError(f"plan must be one of {list(PLANS)}; got {plan!r}")
+    return plan
+
+
+def _forward_plan_refusal(hidden, weight, bias, lora, labels, softcap, sharded, loss_types, reduction, vectors):
+    """Why the forward-gradient plan cannot run this call, or None when it can (see the module docstring)."""
+    if torch.compiler.is_compiling():
+        return "under torch.compile (its data-dependent chunks do not trace)"
+    lora_t = tuple(lora[:2]) if isinstance(lora, (tuple, list)) and len(lora) == 3 else ()
+    params = tuple(x for x in (hidden, weight, bias, *lora_t) if isinstance(x, Tensor))
+    if not torch.is_grad_enabled() or not any(x.requires_grad for x in params):
+        return "without a gradient to compute"
+    if sharded or any(is_dtensor(x) for x in params):
+        return "a vocabulary-parallel or DTensor head (one device only)"
+    if softcap is not None:
+        return "softcap"
+    if reduction not in ("mean", "sum"):
+        return f"reduction={reduction!r} (the backward needs one scalar loss)"
+    coupled = [t for t in loss_types if t in _COUPLED_TYPES]
+    if coupled:
+        return f"loss_type {coupled} (the loss of a pair reads the other pairs)"
+    if any(isinstance(x, Tensor) and x.requires_grad for x in vectors):
+        return "a [B] input (reference log-probs, pair_weights, bco_delta) requiring grad"
+    if not isinstance(labels, Tensor) or labels.dim() > 2:
+        return "labels that are not [2B, T] or packed [tokens]"
+    return None
+
+
+def _use_forward_plan(plan: str, refusal) -> bool:
+    if plan == "recompute":
+        return False
+    if refusal is None:
+        return True
+    if plan == "forward":
+        raise ValueError(f"plan='forward' does not apply {refusal}; use plan='recompute' or plan='auto'")
+    return False
+
+
+class _DPOHead:
+    """The forward-gradient plan's head (see ``LinearForwardGradFunction``) of a DPO-family loss
+    over ``values`` [2B] = [chosen; rejected] (sums or means), groups = pairs."""
+
+    def __init__(self, cfg, B, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, bco_delta, pair_weights):
+        self.cfg, self.B = cfg, B
+        self.cfg_sum = cfg._replace(reduction="sum")
+        self.scale = 1.0 / B if cfg.reduction == "mean" and B else 1.0
+        if isinstance(bco_delta, Tensor):
+            bco_delta = bco_delta.detach()
+        self.args = (ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, pair_weights)
+        self.bco_delta = bco_delta
+        self.metrics = None
+
+    def _sub(self, x, groups):
+        return None if x is None else x[groups]
+
+    def coefficients(self, groups, values):
+        B = self.B
+        rc, rr, lc, lr, pw = (self._sub(x, groups) for x in self.args)
+        with torch.enable_grad():
+            cw = values[groups].requires_grad_()
+            cl = values[groups + B].requires_grad_()
+            loss, _ = _dpo_loss(self.cfg_sum, cw, cl, rc, rr, lc, lr, self.bco_delta, pw)
+            gw, gl = torch.autograd.grad(loss, (cw, cl), allow_unused=True)
+        coef = torch.zeros_like(values)
+        if gw is not None:
+            coef[groups] = gw.to(coef.dtype) * self.scale
+        if gl is not None:
+            coef[groups + B] = gl.to(coef.dtype) * self.scale
+        return coef
+
+    def loss(self, values):
+        B = self.B
+        rc, rr, lc, lr, pw = self.args
+        loss, self.metrics = _dpo_loss(self.cfg, values[:B], values[B:], rc, rr, lc, lr, self.bco_delta, pw)
+        return loss
+
+
+def _sequence_counts(labels, ignore_index, cu_seqlens):
+    """int64 [S]: real labels per sequence of labels [S, T] (or packed with cu_seqlens)."""
+    mask = labels != ignore_index
+    return per_sequence_sums(mask.to(torch.float32), mask, cu_seqlens)[1]
+
+
+def _check_policy(hidden, weight, labels, bias, lora, ignore_index) -> None:
+    """The policy's inputs, checked before the reference pass reads them."""
+    _check_inputs(hidden, weight, labels, bias, lora, _validate.check_int(ignore_index, "ignore_index"))
+
+
+def _sequence_count(labels: Tensor, cu_seqlens) -> int:
+    cu = check_sequence_labels(labels, cu_seqlens)
+    return labels.shape[0] if cu is None else cu.numel() - 1
+
+
+def _pair_groups(S: int, device) -> Tensor:
+    """int64 [2B]: the pair of each sequence of the stacked [chosen; rejected] batch."""
+    if S % 2:
+        raise ValueError(
+            "hidden must hold the stacked [chosen; rejected] batch: 2B sequences, padded [2B, T, H] or "
+            f"packed with cu_seqlens of 2B + 1 entries; got {S} sequences"
+        )
+    return torch.arange(S, device=device) % (S // 2)
+
+
+_DPO_SIGNATURE = inspect.signature(dpo_loss)
+
+
+def _dpo_forward_plan(
+    hidden, weight, labels, *, bias, lora, ref, cu_seqlens, opts, average, dpo_kwargs, bco_delta=None, pair_weights=None
+):
+    """``(loss, metrics)`` of :func:`linear_dpo_loss` by the forward-gradient plan. ``ref``:
+    (ref_chosen_logps, ref_rejected_logps) or (None, None); ``dpo_kwargs`` as dpo_loss takes
+    them (a module passes its config as ``cfg`` there instead)."""
+    if "cfg" in dpo_kwargs:
+        cfg = dpo_kwargs["cfg"]
+        chosen_lengths = rejected_lengths = None
+    else:
+        z = torch.zeros(0)
+        args = _DPO_SIGNATURE.bind(z, z, **dpo_kwargs)
+        args.apply_defaults()
+        a = args.arguments
+        cfg = _check_config(
+            a["beta"],
+            a["loss_type"],
+            a["loss_weights"],
+            a["label_smoothing"],
+            a["f_divergence"],
+            a["f_alpha"],
+            a["discopop_tau"],
+            a["reduction"],
+        )
+        chosen_lengths, rejected_lengths = a["chosen_lengths"], a["rejected_lengths"]
+        bco_delta, pair_weights = a["bco_delta"], a["pair_weights"]
+    cu = check_sequence_labels(labels, cu_seqlens)
+    counts = _sequence_counts(labels, opts["ignore_index"], cu)
+    groups = _pair_groups(counts.shape[0], labels.device)
+    B = counts.shape[0] // 2
+    if chosen_lengths is None:
+        chosen_lengths = counts[:B]
+    if rejected_lengths is None:
+        rejected_lengths = counts[B:]
+    head = _DPOHead(cfg, B, *ref, chosen_lengths, rejected_lengths, bco_delta, pair_weights)
+    with torch.no_grad():  # the head's inputs, checked before any GEMM
+        zero = torch.zeros(B, dtype=torch.float32, device=labels.device)
+        head.loss(zero.repeat(2))
+    loss, _, _ = linear_sequence_forward_grad(
+        hidden,
+        weight,
+        labels,
+        head,
+        groups,
+        bias=bias,
+        lora=lora,
+        ignore_index=opts["ignore_index"],
+        temperature=opts["temperature"],
+        logit_scale=opts["logit_scale"],
+        cu_seqlens=cu,
+        average=average,
+        chunk_size=opts["chunk_size"],
+        backend=opts["backend"],
+    )
+    return loss, head.metrics
+
+
+def _reference_logps(labels, weight, B, ref_hidden, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps, kw):
+    """(ref_chosen_logps, ref_rejected_logps): as given, or from the reference head under no_grad."""
+    if ref_hidden is None and ref_weight is None and ref_bias is None:
+        return ref_chosen_logps, ref_rejected_logps
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError(
+            "the reference model needs both ref_hidden ([2B, T, H], like hidden) and ref_weight "
+            "([V, H]); pass ref_weight=weight when the policy and the reference share the head"
+        )
+    if ref_chosen_logps is not None or ref_rejected_logps is not None:
+        raise ValueError("pass either ref_hidden / ref_weight or ref_chosen_logps / ref_rejected_logps, not both")
+    _check_reference(labels, weight, ref_hidden, ref_weight, ref_bias)
+    with torch.no_grad():
+        ref_sums, _ = linear_sequence_logprobs_and_lengths(
+            ref_hidden.detach(),
+            ref_weight.detach(),
+            labels,
+            bias=None if ref_bias is None else ref_bias.detach(),
+            **kw,
+        )
+    return ref_sums[:B], ref_sums[B:]
+
+
 def linear_pair_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -131,24 +348,9 @@ def linear_pair_logprobs(
             f"packed with cu_seqlens of 2B + 1 entries; got {tuple(sums.shape)} sequences"
         )
     B = sums.shape[0] // 2
-    if ref_hidden is not None or ref_weight is not None or ref_bias is not None:
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError(
-                "the reference model needs both ref_hidden ([2B, T, H], like hidden) and ref_weight "
-                "([V, H]); pass ref_weight=weight when the policy and the reference share the head"
-            )
-        if ref_chosen_logps is not None or ref_rejected_logps is not None:
-            raise ValueError("pass either ref_hidden / ref_weight or ref_chosen_logps / ref_rejected_logps, not both")
-        _check_reference(labels, weight, ref_hidden, ref_weight, ref_bias)
-        with torch.no_grad():
-            ref_sums, _ = linear_sequence_logprobs_and_lengths(
-                ref_hidden.detach(),
-                ref_weight.detach(),
-                labels,
-                bias=None if ref_bias is None else ref_bias.detach(),
-                **kw,
-            )
-        ref_chosen_logps, ref_rejected_logps = ref_sums[:B], ref_sums[B:]
+    ref_chosen_logps, ref_rejected_logps = _reference_logps(
+        labels, weight, B, ref_hidden, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps, kw
+    )
     return dict(
         chosen_logps=sums[:B],
         rejected_logps=sums[B:],
@@ -182,6 +384,7 @@ def linear_dpo_loss(
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
     average: bool = False,
+    plan: str = "auto",
     **dpo_kwargs,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss from the policy's last hidden states of the stacked batch and its lm_head.
@@ -199,12 +402,54 @@ def linear_dpo_loss(
             (and biases), as in :func:`prefopt_fast.linear_token_logprobs`.
         average: per-length mean log-probs instead of sums (not with ``ipo``, ``sigmoid_norm``,
             ``sft``, which divide by the lengths themselves).
+        plan: ``"auto"``, ``"recompute"`` or ``"forward"``: how the gradients are made (module docstring).
         dpo_kwargs: everything :func:`prefopt_fast.dpo_loss` takes (beta, loss_type, reduction, ...).
 
     Returns:
         ``(loss, metrics)`` as :func:`prefopt_fast.dpo_loss`.
     """
-    check_average(average, dpo_kwargs.get("loss_type", "sigmoid"))
+    plan = check_plan(plan)
+    loss_type = dpo_kwargs.get("loss_type", "sigmoid")
+    check_average(average, loss_type)
+    sharded = process_group is not None or vocab_start is not None or vocab_size is not None
+    vectors = (ref_chosen_logps, ref_rejected_logps, dpo_kwargs.get("pair_weights"), dpo_kwargs.get("bco_delta"))
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type) if isinstance(loss_type, list) else ()
+    refusal = _forward_plan_refusal(
+        hidden, weight, bias, lora, labels, softcap, sharded, types, dpo_kwargs.get("reduction", "mean"), vectors
+    )
+    if _use_forward_plan(plan, refusal):
+        opts = dict(
+            ignore_index=ignore_index,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            chunk_size=chunk_size,
+            backend=backend,
+        )
+        _check_policy(hidden, weight, labels, bias, lora, ignore_index)
+        B = _sequence_count(labels, cu_seqlens) // 2
+        ref = _reference_logps(
+            labels,
+            weight,
+            B,
+            ref_hidden,
+            ref_weight,
+            ref_bias,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            dict(opts, softcap=softcap, cu_seqlens=cu_seqlens, average=average),
+        )
+        return _dpo_forward_plan(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            lora=lora,
+            ref=ref,
+            cu_seqlens=cu_seqlens,
+            opts=opts,
+            average=average,
+            dpo_kwargs=dpo_kwargs,
+        )
     logps = linear_pair_logprobs(
         hidden,
         weight,
