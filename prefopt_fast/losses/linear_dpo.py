@@ -486,7 +486,7 @@ class LinearDPOLoss(DPOLoss):
 
     ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
     lora=None, ref_hidden=None, ref_weight=None, ref_bias=None, cu_seqlens=None, pair_weights=None)
-    -> (loss, metrics)``.
+    -> (loss, metrics)``. ``plan``: the gradient plan, as in :func:`linear_dpo_loss`.
     """
 
     def __init__(
@@ -504,9 +504,11 @@ class LinearDPOLoss(DPOLoss):
         vocab_start: Optional[int] = None,
         vocab_size: Optional[int] = None,
         average: bool = False,
+        plan: str = "auto",
         **dpo_config,
     ):
         super().__init__(beta, loss_type, **dpo_config)
+        self.plan = check_plan(plan)
         _set_linear_options(
             self,
             ignore_index,
@@ -537,6 +539,53 @@ class LinearDPOLoss(DPOLoss):
         cu_seqlens: Optional[Tensor] = None,
         pair_weights: Optional[Tensor] = None,
     ):
+        cfg = self._cfg
+        sharded = self.process_group is not None or self.vocab_start is not None or self.vocab_size is not None
+        refusal = _forward_plan_refusal(
+            hidden,
+            weight,
+            bias,
+            lora,
+            labels,
+            self.softcap,
+            sharded,
+            cfg.loss_types,
+            cfg.reduction,
+            (ref_chosen_logps, ref_rejected_logps, pair_weights, self.bco_delta),
+        )
+        if refusal is None and self.bco_running_mean:
+            refusal = "with bco_running_mean (the shift is the batch's mean reward)"
+        if _use_forward_plan(self.plan, refusal):
+            opts = _linear_options(self)
+            _check_policy(hidden, weight, labels, bias, lora, self.ignore_index)
+            B = _sequence_count(labels, cu_seqlens) // 2
+            ref = _reference_logps(
+                labels,
+                weight,
+                B,
+                ref_hidden,
+                ref_weight,
+                ref_bias,
+                ref_chosen_logps,
+                ref_rejected_logps,
+                dict(opts, cu_seqlens=cu_seqlens, average=self.average),
+            )
+            for k in ("softcap", "process_group", "vocab_start", "vocab_size"):
+                opts.pop(k)
+            return _dpo_forward_plan(
+                hidden,
+                weight,
+                labels,
+                bias=bias,
+                lora=lora,
+                ref=ref,
+                cu_seqlens=cu_seqlens,
+                opts=opts,
+                average=self.average,
+                dpo_kwargs={"cfg": cfg},
+                bco_delta=self.bco_delta,
+                pair_weights=pair_weights,
+            )
         logps = linear_pair_logprobs(
             hidden,
             weight,

@@ -1006,6 +1006,7 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
     chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, dt)
     chunks = _pack_groups(group_rows.tolist(), max(1, chunk))
     one_chunk = len(chunks) <= 1
+    half_cpu = dt in (torch.float16, torch.bfloat16) and not _fp32_out_mm(dev)
 
     sums = torch.zeros(S, dtype=acc_dt, device=dev)
     gh = torch.empty(M, H, dtype=dt, device=dev) if need_h else None
@@ -1038,6 +1039,13 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
         if need_w:
             if one_chunk:
                 torch.mm(z.t(), h_c, out=gw)
+            elif half_cpu:
+                # no fp32-output GEMM here and fp32 GEMMs cost 2-3x: each chunk's product is
+                # rounded once to the half dtype (one rounding per chunk of whole pairs, not per
+                # tile), summed in fp32, a vocabulary block at a time (the temporary stays small)
+                for v0 in range(0, V, _HALF_SUM_BLOCK):
+                    v1 = min(V, v0 + _HALF_SUM_BLOCK)
+                    gw[v0:v1] += torch.mm(z[:, v0:v1].t(), h_c)
             else:
                 _acc_mm(gw, z.t(), h_c)
         if need_b:
@@ -1068,6 +1076,8 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
     return loss, values, counts, (grad_h, grad_w, grad_b, grad_a, grad_lb)
 
 
+# vocabulary rows per half-precision weight-gradient product summed into fp32 (8192 x H temporaries)
+_HALF_SUM_BLOCK = 8192
 # the transform options _logits_into reads in the forward-gradient plan (no softcap: refused)
 _LOGITS_CFG = _Cfg(1.0, 1.0, None, 0, 1, "torch")
 
