@@ -1013,15 +1013,15 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
     gu = torch.empty(M, lora_a.shape[0], dtype=acc_dt, device=dev) if lora and (need_h or need_a) else None
     gw = None
     if need_w:  # one chunk writes the weight gradient in one GEMM; several sum in fp32
-        gw = (
-            torch.empty(V, H, dtype=weight.dtype, device=dev)
-            if one_chunk and chunks
-            else torch.zeros(V, H, dtype=acc_dt, device=dev)
-        )
+        if not chunks:
+            gw = torch.zeros(V, H, dtype=weight.dtype, device=dev)
+        else:
+            gw = torch.empty(V, H, dtype=weight.dtype if one_chunk else acc_dt, device=dev)
     gb = torch.zeros(V, dtype=acc_dt, device=dev) if need_b else None
     glb = torch.zeros(V, lora_a.shape[0], dtype=acc_dt, device=dev) if need_lb else None
     rows_max = max([r1 - r0 for _, _, r0, r1 in chunks], default=0)
     buf = hidden.new_empty(rows_max * V) if rows_max else None
+    first_w, tmp_h, tmp_f = True, None, None
     for g0, g1, r0, r1 in chunks:
         m = r1 - r0
         h_c, y_c, it_c, s_c = h[r0:r1], y[r0:r1], it[r0:r1], sq[r0:r1]
@@ -1037,17 +1037,26 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
             z, y_c, it_c, lse, out[OUT_LSE_LO].contiguous(), lse, c_rows.contiguous(), None, _KERNEL_IGNORE, True
         )
         if need_w:
-            if one_chunk:
-                torch.mm(z.t(), h_c, out=gw)
+            if one_chunk or (first_w and not half_cpu):
+                torch.mm(z.t(), h_c, out=gw)  # gw's first (or only) term: no zero fill
             elif half_cpu:
                 # no fp32-output GEMM here and fp32 GEMMs cost 2-3x: each chunk's product is
-                # rounded once to the half dtype (one rounding per chunk of whole pairs, not per
-                # tile), summed in fp32, a vocabulary block at a time (the temporary stays small)
+                # rounded once to the half dtype (once per chunk of whole pairs, not per tile)
+                # and summed in fp32, a vocabulary block at a time through preallocated
+                # temporaries (a fresh allocation per block costs more in page faults than the add)
+                if tmp_h is None:
+                    tmp_h = hidden.new_empty(min(V, _HALF_SUM_BLOCK), H)
+                    tmp_f = torch.empty(tmp_h.shape, dtype=acc_dt, device=dev)
                 for v0 in range(0, V, _HALF_SUM_BLOCK):
                     v1 = min(V, v0 + _HALF_SUM_BLOCK)
-                    gw[v0:v1] += torch.mm(z[:, v0:v1].t(), h_c)
+                    tb = torch.mm(z[:, v0:v1].t(), h_c, out=tmp_h[: v1 - v0])
+                    if first_w:
+                        gw[v0:v1].copy_(tb)
+                    else:
+                        gw[v0:v1].add_(tmp_f[: v1 - v0].copy_(tb))
             else:
                 _acc_mm(gw, z.t(), h_c)
+            first_w = False
         if need_b:
             gb += z.sum(0, dtype=acc_dt)
         if need_lb:
@@ -1056,7 +1065,7 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
             gu[r0:r1] = torch.mm(z, lora_b).to(acc_dt).mul_(scaling)
         if need_h:
             torch.mm(z, weight, out=gh[r0:r1])
-    z = buf = None
+    z = buf = tmp_h = tmp_f = None
     values = sums / denom if average else sums
     loss = head.loss(values)
 
