@@ -1133,8 +1133,9 @@ class LinearForwardGradFunction(torch.autograd.Function):
         ctx.grads = None  # handed over: autograd may take them as .grad without a copy
         if grad_loss is None:
             return (None,) * 11
-        one = grad_loss.numel() == 1 and not torch.compiler.is_compiling() and bool(grad_loss == 1)
-        out = [None if g is None else (g if one else g * grad_loss.to(g.dtype)) for g in grads]
+        if not bool(grad_loss == 1):  # scaled in place: the stored gradients are ours to hand out
+            grads = [None if g is None else g.mul_(grad_loss) for g in grads]
+        out = grads
         return (*out, None, None, None, None, None, None)
 
 
