@@ -21,7 +21,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
-def _data(dtype, *, B=3, T=7, H=8, V=37, r=0, bias=False, seed=0, packed=False):
+def _data(dtype, *, B=3, T=7, H=8, V=37, r=0, bias=False, seed=0, packed=False, empty_pair=True):
     g = torch.Generator().manual_seed(seed)
     d = dict(
         h=torch.randn(2 * B, T, H, generator=g).to(dtype),
@@ -29,8 +29,9 @@ def _data(dtype, *, B=3, T=7, H=8, V=37, r=0, bias=False, seed=0, packed=False):
         y=torch.randint(0, V, (2 * B, T), generator=g),
     )
     d["y"][:, :2] = -100  # prompt
-    d["y"][1] = -100  # pair 1: chosen all ignored
-    d["y"][B + 1] = -100  # ... and rejected: a pair without a real label
+    if empty_pair:
+        d["y"][1] = -100  # pair 1: chosen all ignored
+        d["y"][B + 1] = -100  # ... and rejected: a pair without a real label
     d["y"][B + 2, 4:] = -100  # padding
     if bias:
         d["b"] = (torch.randn(V, generator=g) * 0.3).to(dtype)
@@ -63,7 +64,8 @@ def _reference(d, *, scaling=0.5, logit_scale=1.0, temperature=1.0, average=Fals
     )["logprobs"]
     sums, counts = R.sequence_sums(lp, y != -100, d.get("cu"), average=average)
     B = sums.shape[0] // 2
-    if dpo.get("loss_type", "sigmoid") in ("ipo", "sigmoid_norm"):
+    lt = dpo.get("loss_type", "sigmoid")
+    if lt in ("ipo", "sigmoid_norm") or "sft" in lt:
         dpo = dict(dpo, chosen_lengths=counts[:B], rejected_lengths=counts[B:])
     reduction = dpo.pop("reduction", "mean")
     loss, _ = R.dpo_loss(sums[:B], sums[B:], d["rc"].double(), d["rr"].double(), **dpo)
@@ -118,12 +120,13 @@ def test_plans_match_fp64_reference(dtype, plan, extras):
         dict(loss_type="robust", beta=0.4, label_smoothing=0.2),
         dict(loss_type="hinge", beta=0.05),
         dict(loss_type="apo_zero", beta=0.2, reduction="sum"),
+        dict(loss_type=["sigmoid", "sft"], beta=0.2),
     ],
-    ids=lambda d: d["loss_type"],
+    ids=lambda d: str(d["loss_type"]),
 )
 def test_forward_plan_loss_types(dpo):
     d = _data(torch.float32, bias=True)
-    _check(_ours(d, "forward", **dpo), _reference(d, **dpo), TOL[torch.float32], dpo["loss_type"])
+    _check(_ours(d, "forward", **dpo), _reference(d, **dpo), TOL[torch.float32], str(dpo["loss_type"]))
 
 
 def test_forward_plan_packed_average_scale_temperature_upstream():
@@ -171,7 +174,6 @@ def test_auto_picks(monkeypatch):
     for kw in (
         dict(softcap=3.0),
         dict(loss_type="aot"),
-        dict(loss_type=["sigmoid", "sft"]),
         dict(reduction="none"),
         dict(plan="recompute"),
     ):
@@ -216,3 +218,29 @@ def test_module_matches_function():
     loss.backward()
     want = _reference(d, beta=0.3, loss_type="ipo")
     _check((loss.detach(), {k: v.grad for k, v in x.items()}), want, TOL[torch.float32], "module")
+
+
+@pytest.mark.parametrize("head", ["cpo", "simpo", "orpo"])
+@pytest.mark.parametrize("plan", ["recompute", "forward"])
+def test_reference_free_heads(head, plan):
+    import prefopt_fast.linear as pfl
+
+    d = _data(torch.float32, bias=True, empty_pair=False)
+    kw = {"cpo": dict(beta=0.3, loss_type="ipo"), "simpo": dict(beta=2.0, simpo_gamma=0.3), "orpo": dict(beta=0.2)}[
+        head
+    ]
+    x = {k: v.detach().double().requires_grad_(True) for k, v in _leaves(d).items()}
+    lp = R.linear_token_stats(x["h"], x["w"], d["y"], bias=x["b"])["logprobs"]
+    sums, counts = R.sequence_sums(lp, d["y"] != -100)
+    B = sums.shape[0] // 2
+    want, _ = getattr(R, f"{head}_loss")(sums[:B], sums[B:], counts[:B], counts[B:], **kw)
+    want.backward()
+    y = _leaves(d)
+    got, _ = getattr(pfl, f"linear_{head}_loss")(y["h"], y["w"], d["y"], bias=y["b"], chunk_size=3, plan=plan, **kw)
+    got.backward()
+    _check(
+        (got.detach(), {k: v.grad for k, v in y.items()}),
+        (want.detach(), {k: v.grad for k, v in x.items()}),
+        2e-5,
+        head,
+    )

@@ -9,7 +9,8 @@ logits; the loss heads are the same code as over per-sequence vectors.
 
 Gradient plans (``plan=``). ``"recompute"``: the summed log-probs are an autograd output of
 the fused op, whose backward recomputes the logits (4 GEMMs over the completion rows).
-``"forward"``: every per-pair loss of the DPO family depends on its own pair only, so the
+``"forward"``: every per-pair loss of the DPO family (and of CPO, SimPO, ORPO) depends on its
+own pair only (a batch term such as the chosen NLL is linear in the log-probs), so the
 pairs' rows are processed a chunk of whole pairs at a time: logits (GEMM 1), the pair's
 log-probs, dL/dlogp from the head (a small autograd over the chunk's ``[pairs]`` vectors),
 the logits turned into dL/dz in place, then the gradients of hidden and weight (GEMMs 2, 3);
@@ -17,8 +18,8 @@ the backward only scales them (3 GEMMs, no stored logits; the buffer holds at le
 pair's logits, see :func:`prefopt_fast.ops.linear_logprobs.linear_sequence_forward_grad`).
 ``"auto"`` takes ``"forward"`` whenever it applies: a gradient is asked for, one device (no
 vocabulary-parallel / DTensor head), no ``softcap``, ``reduction`` ``"mean"`` or ``"sum"``,
-no loss type coupling the pairs (``aot``, ``aot_unpaired``, ``sft``: batch sorts or totals),
-no ``[B]`` input requiring grad, not under torch.compile (its data-dependent chunks do not
+no loss type coupling the pairs (``aot``, ``aot_unpaired``: batch sorts), no ``[B]`` input
+(reference log-probs, ``pair_weights``, ``bco_delta``, ``nll_loss``) requiring grad, not under torch.compile (its data-dependent chunks do not
 trace: compiled code keeps the recompute plan), and no ``bco_running_mean``. ``"forward"``
 where it does not apply is an error naming the reason. The forward plan's backward runs
 once (no ``retain_graph`` second pass) and is not differentiable again.
@@ -104,7 +105,7 @@ def _check_reference(labels: Tensor, weight: Tensor, ref_hidden, ref_weight, ref
 
 PLANS = ("auto", "recompute", "forward")
 # loss types whose per-pair loss reads other pairs (sorts, batch totals)
-_COUPLED_TYPES = ("aot", "aot_unpaired", "sft")
+_COUPLED_TYPES = ("aot", "aot_unpaired")
 
 
 def check_plan(plan) -> str:
@@ -147,42 +148,33 @@ def _use_forward_plan(plan: str, refusal) -> bool:
     return False
 
 
-class _DPOHead:
-    """The forward-gradient plan's head (see ``LinearForwardGradFunction``) of a DPO-family loss
-    over ``values`` [2B] = [chosen; rejected] (sums or means), groups = pairs."""
+class _PairHead:
+    """The forward-gradient plan's head (see ``LinearForwardGradFunction``) over ``values`` [2B]
+    = [chosen; rejected] (sums or means), groups = pairs. ``fn(chosen [B], rejected [B]) ->
+    (loss 0-d, metrics)`` is the whole batch's head; the coefficients of a chunk's pairs are
+    its gradient at the values known so far (the other pairs' entries are placeholders), exact
+    when a pair's gradient does not read the other pairs' values: per-pair losses reduced by a
+    mean or a sum, plus batch terms linear in the values with fixed weights (the chosen NLL
+    over the batch's token count, which is known up front)."""
 
-    def __init__(self, cfg, B, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, bco_delta, pair_weights):
-        self.cfg, self.B = cfg, B
-        self.cfg_sum = cfg._replace(reduction="sum")
-        self.scale = 1.0 / B if cfg.reduction == "mean" and B else 1.0
-        if isinstance(bco_delta, Tensor):
-            bco_delta = bco_delta.detach()
-        self.args = (ref_chosen, ref_rejected, chosen_lengths, rejected_lengths, pair_weights)
-        self.bco_delta = bco_delta
+    def __init__(self, fn, B: int):
+        self.fn, self.B = fn, B
         self.metrics = None
-
-    def _sub(self, x, groups):
-        return None if x is None else x[groups]
 
     def coefficients(self, groups, values):
         B = self.B
-        rc, rr, lc, lr, pw = (self._sub(x, groups) for x in self.args)
         with torch.enable_grad():
-            cw = values[groups].requires_grad_()
-            cl = values[groups + B].requires_grad_()
-            loss, _ = _dpo_loss(self.cfg_sum, cw, cl, rc, rr, lc, lr, self.bco_delta, pw)
-            gw, gl = torch.autograd.grad(loss, (cw, cl), allow_unused=True)
+            v = values.detach().clone().requires_grad_(True)
+            loss, _ = self.fn(v[:B], v[B:])
+            (g,) = torch.autograd.grad(loss, v, allow_unused=True)
         coef = torch.zeros_like(values)
-        if gw is not None:
-            coef[groups] = gw.to(coef.dtype) * self.scale
-        if gl is not None:
-            coef[groups + B] = gl.to(coef.dtype) * self.scale
+        if g is not None:
+            idx = torch.cat([groups, groups + B])
+            coef[idx] = g[idx].to(coef.dtype)
         return coef
 
     def loss(self, values):
-        B = self.B
-        rc, rr, lc, lr, pw = self.args
-        loss, self.metrics = _dpo_loss(self.cfg, values[:B], values[B:], rc, rr, lc, lr, self.bco_delta, pw)
+        loss, self.metrics = self.fn(values[: self.B], values[self.B :])
         return loss
 
 
@@ -212,6 +204,24 @@ def _pair_groups(S: int, device) -> Tensor:
     return torch.arange(S, device=device) % (S // 2)
 
 
+def _forward_plan_loss(hidden, weight, labels, *, bias, lora, cu_seqlens, opts, average, make_fn):
+    """``(loss, metrics)`` of a pairwise head by the forward-gradient plan. ``make_fn(chosen_lengths,
+    rejected_lengths)`` returns the batch head ``fn(chosen, rejected) -> (loss, metrics)``;
+    ``opts``: ignore_index, temperature, logit_scale, chunk_size, backend."""
+    _check_policy(hidden, weight, labels, bias, lora, opts["ignore_index"])
+    cu = check_sequence_labels(labels, cu_seqlens)
+    counts = _sequence_counts(labels, opts["ignore_index"], cu)
+    groups = _pair_groups(counts.shape[0], labels.device)
+    B = counts.shape[0] // 2
+    head = _PairHead(make_fn(counts[:B], counts[B:]), B)
+    with torch.no_grad():  # the head's inputs, checked before any GEMM
+        head.loss(torch.zeros(2 * B, dtype=torch.float32, device=labels.device))
+    loss, _, _ = linear_sequence_forward_grad(
+        hidden, weight, labels, head, groups, bias=bias, lora=lora, cu_seqlens=cu, average=average, **opts
+    )
+    return loss, head.metrics
+
+
 _DPO_SIGNATURE = inspect.signature(dpo_loss)
 
 
@@ -221,9 +231,9 @@ def _dpo_forward_plan(
     """``(loss, metrics)`` of :func:`linear_dpo_loss` by the forward-gradient plan. ``ref``:
     (ref_chosen_logps, ref_rejected_logps) or (None, None); ``dpo_kwargs`` as dpo_loss takes
     them (a module passes its config as ``cfg`` there instead)."""
+    chosen_lengths = rejected_lengths = None
     if "cfg" in dpo_kwargs:
         cfg = dpo_kwargs["cfg"]
-        chosen_lengths = rejected_lengths = None
     else:
         z = torch.zeros(0)
         args = _DPO_SIGNATURE.bind(z, z, **dpo_kwargs)
@@ -241,35 +251,25 @@ def _dpo_forward_plan(
         )
         chosen_lengths, rejected_lengths = a["chosen_lengths"], a["rejected_lengths"]
         bco_delta, pair_weights = a["bco_delta"], a["pair_weights"]
-    cu = check_sequence_labels(labels, cu_seqlens)
-    counts = _sequence_counts(labels, opts["ignore_index"], cu)
-    groups = _pair_groups(counts.shape[0], labels.device)
-    B = counts.shape[0] // 2
-    if chosen_lengths is None:
-        chosen_lengths = counts[:B]
-    if rejected_lengths is None:
-        rejected_lengths = counts[B:]
-    head = _DPOHead(cfg, B, *ref, chosen_lengths, rejected_lengths, bco_delta, pair_weights)
-    with torch.no_grad():  # the head's inputs, checked before any GEMM
-        zero = torch.zeros(B, dtype=torch.float32, device=labels.device)
-        head.loss(zero.repeat(2))
-    loss, _, _ = linear_sequence_forward_grad(
+    if isinstance(bco_delta, Tensor):
+        bco_delta = bco_delta.detach()
+
+    def make_fn(lc, lr):
+        lc = lc if chosen_lengths is None else chosen_lengths
+        lr = lr if rejected_lengths is None else rejected_lengths
+        return lambda c, r: _dpo_loss(cfg, c, r, ref[0], ref[1], lc, lr, bco_delta, pair_weights)
+
+    return _forward_plan_loss(
         hidden,
         weight,
         labels,
-        head,
-        groups,
         bias=bias,
         lora=lora,
-        ignore_index=opts["ignore_index"],
-        temperature=opts["temperature"],
-        logit_scale=opts["logit_scale"],
-        cu_seqlens=cu,
+        cu_seqlens=cu_seqlens,
+        opts=opts,
         average=average,
-        chunk_size=opts["chunk_size"],
-        backend=opts["backend"],
+        make_fn=make_fn,
     )
-    return loss, head.metrics
 
 
 def _reference_logps(labels, weight, B, ref_hidden, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps, kw):
@@ -661,19 +661,30 @@ def _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts: dict)
     return linear_pair_logprobs(hidden, weight, labels, bias=bias, lora=lora, cu_seqlens=cu_seqlens, **opts)
 
 
-def _cpo_from(cfg, logps, nll_loss):
-    return cpo_head(
-        cfg,
-        logps["chosen_logps"],
-        logps["rejected_logps"],
-        logps["chosen_lengths"],
-        logps["rejected_lengths"],
-        nll_loss,
+def _reference_free(head, cfg, plan, hidden, weight, labels, bias, lora, cu_seqlens, opts, nll_loss):
+    """``head(cfg, chosen, rejected, chosen_lengths, rejected_lengths, nll_loss)`` (CPO / ORPO) of
+    the policy's summed log-probs, by the plan ``plan`` picks (module docstring)."""
+    plan = check_plan(plan)
+    sharded = any(opts.get(k) is not None for k in ("process_group", "vocab_start", "vocab_size"))
+    types = (cfg.loss_type,) if hasattr(cfg, "loss_type") else ()
+    refusal = _forward_plan_refusal(
+        hidden, weight, bias, lora, labels, opts["softcap"], sharded, types, cfg.reduction, (nll_loss,)
     )
-
-
-def _orpo_from(cfg, logps, nll_loss):
-    return orpo_head(
+    if _use_forward_plan(plan, refusal):
+        fwd = {k: opts[k] for k in ("ignore_index", "temperature", "logit_scale", "chunk_size", "backend")}
+        return _forward_plan_loss(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            lora=lora,
+            cu_seqlens=cu_seqlens,
+            opts=fwd,
+            average=False,
+            make_fn=lambda lc, lr: lambda c, r: head(cfg, c, r, lc, lr, nll_loss),
+        )
+    logps = _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts)
+    return head(
         cfg,
         logps["chosen_logps"],
         logps["rejected_logps"],
@@ -711,6 +722,7 @@ def linear_cpo_loss(
     alpha: float = 0.0,
     nll_loss: Optional[Tensor] = None,
     reduction: str = "mean",
+    plan: str = "auto",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`prefopt_fast.cpo_loss` from the policy's hidden states of the stacked batch and its lm_head.
 
@@ -731,7 +743,7 @@ def linear_cpo_loss(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
     )
-    return _cpo_from(cfg, _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts), nll_loss)
+    return _reference_free(cpo_head, cfg, plan, hidden, weight, labels, bias, lora, cu_seqlens, opts, nll_loss)
 
 
 class LinearCPOLoss(nn.Module):
@@ -760,8 +772,10 @@ class LinearCPOLoss(nn.Module):
         process_group=None,
         vocab_start: Optional[int] = None,
         vocab_size: Optional[int] = None,
+        plan: str = "auto",
     ):
         super().__init__()
+        self.plan = check_plan(plan)
         self._cfg = check_cpo_settings(beta, loss_type, label_smoothing, cpo_alpha, simpo_gamma, alpha, reduction)
         _set_linear_options(
             self,
@@ -809,8 +823,19 @@ class LinearCPOLoss(nn.Module):
         cu_seqlens: Optional[Tensor] = None,
         nll_loss: Optional[Tensor] = None,
     ):
-        logps = _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, _linear_options(self))
-        return _cpo_from(self._cfg, logps, nll_loss)
+        return _reference_free(
+            cpo_head,
+            self._cfg,
+            self.plan,
+            hidden,
+            weight,
+            labels,
+            bias,
+            lora,
+            cu_seqlens,
+            _linear_options(self),
+            nll_loss,
+        )
 
 
 # ----------------------------------------------------------------------------------- SimPO
@@ -840,6 +865,7 @@ def linear_simpo_loss(
     alpha: float = 0.0,
     nll_loss: Optional[Tensor] = None,
     reduction: str = "mean",
+    plan: str = "auto",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`prefopt_fast.simpo_loss` from hidden states and the lm_head (``linear_cpo_loss(...,
     loss_type="simpo")``); the inputs as :func:`linear_cpo_loss`. Pure SimPO is ``cpo_alpha=0.0``.
@@ -856,7 +882,7 @@ def linear_simpo_loss(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
     )
-    return _cpo_from(cfg, _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts), nll_loss)
+    return _reference_free(cpo_head, cfg, plan, hidden, weight, labels, bias, lora, cu_seqlens, opts, nll_loss)
 
 
 class LinearSimPOLoss(LinearCPOLoss):
@@ -884,8 +910,10 @@ class LinearSimPOLoss(LinearCPOLoss):
         process_group=None,
         vocab_start: Optional[int] = None,
         vocab_size: Optional[int] = None,
+        plan: str = "auto",
     ):
         nn.Module.__init__(self)
+        self.plan = check_plan(plan)
         self._cfg = check_cpo_settings(beta, "simpo", label_smoothing, cpo_alpha, simpo_gamma, alpha, reduction)
         _set_linear_options(
             self,
@@ -924,6 +952,7 @@ def linear_orpo_loss(
     beta: float = 0.1,
     nll_loss: Optional[Tensor] = None,
     reduction: str = "mean",
+    plan: str = "auto",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """:func:`prefopt_fast.orpo_loss` from hidden states and the lm_head; the inputs as
     :func:`linear_cpo_loss`, ``beta``, ``nll_loss``, ``reduction`` and the result as
@@ -941,7 +970,7 @@ def linear_orpo_loss(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
     )
-    return _orpo_from(cfg, _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, opts), nll_loss)
+    return _reference_free(orpo_head, cfg, plan, hidden, weight, labels, bias, lora, cu_seqlens, opts, nll_loss)
 
 
 class LinearORPOLoss(nn.Module):
@@ -965,8 +994,10 @@ class LinearORPOLoss(nn.Module):
         process_group=None,
         vocab_start: Optional[int] = None,
         vocab_size: Optional[int] = None,
+        plan: str = "auto",
     ):
         super().__init__()
+        self.plan = check_plan(plan)
         self._cfg = check_orpo_settings(beta, reduction)
         _set_linear_options(
             self,
@@ -1001,5 +1032,16 @@ class LinearORPOLoss(nn.Module):
         cu_seqlens: Optional[Tensor] = None,
         nll_loss: Optional[Tensor] = None,
     ):
-        logps = _policy_logprobs(hidden, weight, labels, bias, lora, cu_seqlens, _linear_options(self))
-        return _orpo_from(self._cfg, logps, nll_loss)
+        return _reference_free(
+            orpo_head,
+            self._cfg,
+            self.plan,
+            hidden,
+            weight,
+            labels,
+            bias,
+            lora,
+            cu_seqlens,
+            _linear_options(self),
+            nll_loss,
+        )
