@@ -194,6 +194,27 @@ def test_auto_picks(monkeypatch):
     assert calls == [1]
 
 
+def test_auto_pair_size_and_reference_free(monkeypatch):
+    import prefopt_fast.losses.linear_dpo as LD
+    from prefopt_fast.linear import LinearCPOLoss, linear_orpo_loss
+
+    calls = _spy(monkeypatch)
+    d = _data(torch.float32)
+    monkeypatch.setattr(LD, "MAX_CHUNK_BYTES", 64)  # a pair's logits exceed the cap
+    _call(d, chunk_size=1)
+    assert calls == [], "auto: a pair larger than the buffer's cap takes the recompute plan"
+    _call(d, chunk_size=1, plan="forward")
+    assert calls == [1], "plan='forward' takes it anyway"
+    monkeypatch.undo()
+    calls = _spy(monkeypatch)
+    x = _leaves(d)
+    LinearCPOLoss(beta=0.2)(x["h"], x["w"], d["y"])
+    assert calls == [1]
+    nll = torch.tensor(1.5, requires_grad=True)
+    linear_orpo_loss(x["h"], x["w"], d["y"], nll_loss=nll)
+    assert calls == [1], "an nll_loss requiring grad: recompute plan"
+
+
 def test_forward_plan_refusals():
     d = _data(torch.float32)
     with pytest.raises(ValueError, match="plan='forward' does not apply softcap"):

@@ -20,7 +20,9 @@ pair's logits, see :func:`prefopt_fast.ops.linear_logprobs.linear_sequence_forwa
 vocabulary-parallel / DTensor head), no ``softcap``, ``reduction`` ``"mean"`` or ``"sum"``,
 no loss type coupling the pairs (``aot``, ``aot_unpaired``: batch sorts), no ``[B]`` input
 (reference log-probs, ``pair_weights``, ``bco_delta``, ``nll_loss``) requiring grad, not under torch.compile (its data-dependent chunks do not
-trace: compiled code keeps the recompute plan), and no ``bco_running_mean``. ``"forward"``
+trace: compiled code keeps the recompute plan), no ``bco_running_mean``, and (``"auto"``
+only) no pair whose logits exceed the larger of the chunk budget and 256 MiB (the buffer
+holds whole pairs: long pairs would cost more memory than the recompute plan saves time). ``"forward"``
 where it does not apply is an error naming the reason. The forward plan's backward runs
 once (no ``retain_graph`` second pass) and is not differentiable again.
 """
@@ -34,7 +36,9 @@ from torch import Tensor, nn
 from .. import _validate
 from ..distributed import check_vocab_parallel_options, is_dtensor
 from ..ops.linear_logprobs import (
+    MAX_CHUNK_BYTES,
     _check_inputs,
+    default_chunk_size,
     linear_sequence_forward_grad,
     linear_sequence_logprobs_and_lengths,
 )
@@ -138,11 +142,34 @@ def _forward_plan_refusal(hidden, weight, bias, lora, labels, softcap, sharded, 
     return None
 
 
-def _use_forward_plan(plan: str, refusal) -> bool:
+def _pair_size_refusal(hidden, weight, labels, bias, lora, cu_seqlens, ignore_index, chunk_size):
+    """``"auto"`` only: why a pair is too large for the forward plan's buffer (one chunk holds
+    whole pairs): its logits over the larger of the chunk budget and MAX_CHUNK_BYTES (256 MiB).
+    Checks the policy's inputs first (the recompute plan's messages)."""
+    _check_policy(hidden, weight, labels, bias, lora, ignore_index)
+    counts = _sequence_counts(labels, ignore_index, check_sequence_labels(labels, cu_seqlens))
+    if counts.shape[0] % 2 or not counts.shape[0]:
+        return None  # reported by the plan itself
+    B = counts.shape[0] // 2
+    largest, M = int((counts[:B] + counts[B:]).max()), int(counts.sum())
+    V, item = weight.shape[0], hidden.element_size()
+    rows = chunk_size if chunk_size is not None else default_chunk_size(M, V, hidden.dtype)
+    cap = max(rows * V * item, MAX_CHUNK_BYTES)
+    if largest * V * item > cap:
+        return (
+            f"(auto) to a pair of {largest} completion tokens: its logits ({largest * V * item / 2**20:.0f} MiB) "
+            f"exceed the buffer's cap ({cap / 2**20:.0f} MiB); plan='forward' takes it anyway"
+        )
+    return None
+
+
+def _use_forward_plan(plan: str, refusal, size_refusal=None) -> bool:
+    """Whether to run the forward plan; ``size_refusal``: a callable giving the pair-size refusal
+    of ``"auto"`` (evaluated only when nothing else refuses)."""
     if plan == "recompute":
         return False
     if refusal is None:
-        return True
+        return plan == "forward" or size_refusal is None or size_refusal() is None
     if plan == "forward":
         raise ValueError(f"plan='forward' does not apply {refusal}; use plan='recompute' or plan='auto'")
     return False
@@ -417,7 +444,11 @@ def linear_dpo_loss(
     refusal = _forward_plan_refusal(
         hidden, weight, bias, lora, labels, softcap, sharded, types, dpo_kwargs.get("reduction", "mean"), vectors
     )
-    if _use_forward_plan(plan, refusal):
+    if _use_forward_plan(
+        plan,
+        refusal,
+        lambda: _pair_size_refusal(hidden, weight, labels, bias, lora, cu_seqlens, ignore_index, chunk_size),
+    ):
         opts = dict(
             ignore_index=ignore_index,
             temperature=temperature,
@@ -555,7 +586,8 @@ class LinearDPOLoss(DPOLoss):
         )
         if refusal is None and self.bco_running_mean:
             refusal = "with bco_running_mean (the shift is the batch's mean reward)"
-        if _use_forward_plan(self.plan, refusal):
+        size = (hidden, weight, labels, bias, lora, cu_seqlens, self.ignore_index, self.chunk_size)
+        if _use_forward_plan(self.plan, refusal, lambda: _pair_size_refusal(*size)):
             opts = _linear_options(self)
             _check_policy(hidden, weight, labels, bias, lora, self.ignore_index)
             B = _sequence_count(labels, cu_seqlens) // 2
@@ -670,7 +702,8 @@ def _reference_free(head, cfg, plan, hidden, weight, labels, bias, lora, cu_seql
     refusal = _forward_plan_refusal(
         hidden, weight, bias, lora, labels, opts["softcap"], sharded, types, cfg.reduction, (nll_loss,)
     )
-    if _use_forward_plan(plan, refusal):
+    size = (hidden, weight, labels, bias, lora, cu_seqlens, opts["ignore_index"], opts["chunk_size"])
+    if _use_forward_plan(plan, refusal, lambda: _pair_size_refusal(*size)):
         fwd = {k: opts[k] for k in ("ignore_index", "temperature", "logit_scale", "chunk_size", "backend")}
         return _forward_plan_loss(
             hidden,
