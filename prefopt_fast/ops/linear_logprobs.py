@@ -32,6 +32,13 @@ backward
     rounded to the half dtype. No weight-gradient GEMM runs when the weight does not require
     grad (likewise for the hidden states, the bias and the LoRA factors).
 
+forward-gradient plan (``linear_sequence_forward_grad``, used by the pairwise losses' ``plan=``)
+    for a scalar loss of per-sequence sums whose coefficient dL/dlogp of a row is known once
+    the rows of its group (pair) are: chunks of whole groups, each one GEMM into a
+    ``[rows, V]`` buffer, the row kernels, the coefficients from the head, ``row_backward``
+    in place, then the hidden and weight gradient GEMMs; the backward scales them. 3 GEMMs
+    instead of 4; the buffer is the chunk budget below, raised to the largest group's rows.
+
 Chunk-size rule. ``chunk_size`` (tokens) sets the byte budget of the logits buffer to that
 of ``chunk_size`` full rows: ``chunk_size * V * itemsize``. ``chunk_size=None`` takes
 ``clamp(M * V * itemsize / 16, 16 MiB, 256 MiB)`` bytes (M = tokens with a real label,
@@ -84,6 +91,7 @@ __all__ = [
     "linear_sequence_logprobs",
     "LinearSequenceLogProbs",
     "default_chunk_size",
+    "linear_sequence_forward_grad",
 ]
 
 
