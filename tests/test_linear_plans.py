@@ -109,7 +109,7 @@ def test_plans_match_fp64_reference(dtype, plan, extras):
     kw = dict(bias=True, r=2) if extras == "bias+lora" else {}
     d = _data(dtype, **kw)
     want = _reference(d, beta=0.5)
-    _check(_ours(d, plan, beta=0.5, backend="torch" if dtype == torch.float16 else "auto"), want, TOL[dtype], plan)
+    _check(_ours(d, plan, beta=0.5), want, TOL[dtype], plan)
 
 
 @pytest.mark.parametrize(
