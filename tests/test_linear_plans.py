@@ -265,3 +265,12 @@ def test_reference_free_heads(head, plan):
         2e-5,
         head,
     )
+
+
+def test_forward_plan_no_real_label():
+    d = _data(torch.float32, bias=True)
+    d["y"][:] = -100
+    want = _reference(d, beta=0.5)
+    loss, grads, _ = _ours(d, "forward", beta=0.5)
+    assert _rel(loss, want[0]) < 1e-6
+    assert all(float(g.abs().max()) == 0.0 for g in grads.values())
