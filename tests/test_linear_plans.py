@@ -274,3 +274,10 @@ def test_forward_plan_no_real_label():
     loss, grads, _ = _ours(d, "forward", beta=0.5)
     assert _rel(loss, want[0]) < 1e-6
     assert all(float(g.abs().max()) == 0.0 for g in grads.values())
+
+
+@pytest.mark.parametrize("B", [3, 7], ids=["2 chunks (half running sum)", "6 chunks (fp32 sum)"])
+def test_forward_plan_half_weight_gradient_sums(B):
+    d = _data(torch.bfloat16, B=B, T=9, bias=True)
+    want = _reference(d, beta=0.5)
+    _check(_ours(d, "forward", beta=0.5, chunk_size=1), want, TOL[torch.bfloat16], f"B={B}")

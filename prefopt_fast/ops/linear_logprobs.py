@@ -1015,6 +1015,10 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
     chunks = _pack_groups(group_rows.tolist(), max(1, chunk))
     one_chunk = len(chunks) <= 1
     half_cpu = dt in (torch.float16, torch.bfloat16) and not _fp32_out_mm(dev)
+    # half inputs without an fp32-output GEMM (the CPU): up to _HALF_RUNNING_SUM_MAX_CHUNKS chunks
+    # sum the weight gradient in the half dtype by the GEMM itself (addmm: fp32 inside, the
+    # running sum rounded once per chunk); more chunks sum products rounded once each in fp32
+    half_sum = half_cpu and len(chunks) <= _HALF_RUNNING_SUM_MAX_CHUNKS
 
     sums = torch.zeros(S, dtype=acc_dt, device=dev)
     gh = torch.empty(M, H, dtype=dt, device=dev) if need_h else None
@@ -1024,7 +1028,7 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
         if not chunks:
             gw = torch.zeros(V, H, dtype=weight.dtype, device=dev)
         else:
-            gw = torch.empty(V, H, dtype=weight.dtype if one_chunk else acc_dt, device=dev)
+            gw = torch.empty(V, H, dtype=weight.dtype if one_chunk or half_sum else acc_dt, device=dev)
     gb = torch.zeros(V, dtype=acc_dt, device=dev) if need_b else None
     glb = torch.zeros(V, lora_a.shape[0], dtype=acc_dt, device=dev) if need_lb else None
     rows_max = max([r1 - r0 for _, _, r0, r1 in chunks], default=0)
@@ -1045,12 +1049,16 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
             z, y_c, it_c, lse, out[OUT_LSE_LO].contiguous(), lse, c_rows.contiguous(), None, _KERNEL_IGNORE, True
         )
         if need_w:
-            if one_chunk or (first_w and not half_cpu):
+            if one_chunk or (first_w and gw.dtype == z.dtype):
                 torch.mm(z.t(), h_c, out=gw)  # gw's first (or only) term: no zero fill
+            elif half_sum:
+                # measured (bf16, 16 chunks): 1.9x the recompute plan's error, 1.4x that of the
+                # fp32 sum below; up to 4 chunks about the recompute plan's; and 1.2x the GEMM
+                # floor where the fp32 sum takes 1.55x (its [V, H] accumulator, add and cast)
+                gw.addmm_(z.t(), h_c)
             elif half_cpu:
-                # no fp32-output GEMM here and fp32 GEMMs cost 2-3x: each chunk's product is
-                # rounded once to the half dtype (once per chunk of whole pairs, not per tile)
-                # and summed in fp32, a vocabulary block at a time through preallocated
+                # fp32 GEMMs cost 2-3x here: each chunk's product is rounded once to the half
+                # dtype and summed in fp32, a vocabulary block at a time through preallocated
                 # temporaries (a fresh allocation per block costs more in page faults than the add)
                 if tmp_h is None:
                     tmp_h = hidden.new_empty(min(V, _HALF_SUM_BLOCK), H)
@@ -1062,7 +1070,9 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
                         gw[v0:v1].copy_(tb)
                     else:
                         gw[v0:v1].add_(tmp_f[: v1 - v0].copy_(tb))
-            else:
+            else:  # fp32 inputs, or half ones with an fp32-output GEMM into the fp32 accumulator
+                if first_w:
+                    gw.zero_()
                 _acc_mm(gw, z.t(), h_c)
             first_w = False
         if need_b:
@@ -1093,6 +1103,7 @@ def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, g
     return loss, values, counts, (grad_h, grad_w, grad_b, grad_a, grad_lb)
 
 
+_HALF_RUNNING_SUM_MAX_CHUNKS = 4
 # vocabulary rows per half-precision weight-gradient product summed into fp32 (8192 x H temporaries)
 _HALF_SUM_BLOCK = 8192
 # the transform options _logits_into reads in the forward-gradient plan (no softcap: refused)
