@@ -11,20 +11,22 @@ Gradient plans (``plan=``). ``"recompute"``: the summed log-probs are an autogra
 the fused op, whose backward recomputes the logits (4 GEMMs over the completion rows).
 ``"forward"``: every per-pair loss of the DPO family (and of CPO, SimPO, ORPO) depends on its
 own pair only (a batch term such as the chosen NLL is linear in the log-probs), so the
-pairs' rows are processed a chunk of whole pairs at a time: logits (GEMM 1), the pair's
-log-probs, dL/dlogp from the head (a small autograd over the chunk's ``[pairs]`` vectors),
-the logits turned into dL/dz in place, then the gradients of hidden and weight (GEMMs 2, 3);
-the backward only scales them (3 GEMMs, no stored logits; the buffer holds at least one
-pair's logits, see :func:`prefopt_fast.ops.linear_logprobs.linear_sequence_forward_grad`).
+pairs' rows are processed a chunk of whole pairs at a time: logits (GEMM 1), the pairs'
+log-probs, dL/dlogp of their rows (the gradient of the batch head over the ``[B]`` vectors
+known so far), the logits turned into dL/dz in place, then the gradients of hidden and
+weight (GEMMs 2, 3); the backward only scales them (3 GEMMs, no stored logits; the buffer
+holds at least one pair's logits, see
+:func:`prefopt_fast.ops.linear_logprobs.linear_sequence_forward_grad`).
 ``"auto"`` takes ``"forward"`` whenever it applies: a gradient is asked for, one device (no
 vocabulary-parallel / DTensor head), no ``softcap``, ``reduction`` ``"mean"`` or ``"sum"``,
 no loss type coupling the pairs (``aot``, ``aot_unpaired``: batch sorts), no ``[B]`` input
-(reference log-probs, ``pair_weights``, ``bco_delta``, ``nll_loss``) requiring grad, not under torch.compile (its data-dependent chunks do not
-trace: compiled code keeps the recompute plan), no ``bco_running_mean``, and (``"auto"``
-only) no pair whose logits exceed the larger of the chunk budget and 256 MiB (the buffer
-holds whole pairs: long pairs would cost more memory than the recompute plan saves time). ``"forward"``
-where it does not apply is an error naming the reason. The forward plan's backward runs
-once (no ``retain_graph`` second pass) and is not differentiable again.
+(reference log-probs, ``pair_weights``, ``bco_delta``, ``nll_loss``) requiring grad, not
+under torch.compile (its data-dependent chunks do not trace: compiled code keeps the
+recompute plan), no ``bco_running_mean``, and (``"auto"`` only) no pair whose logits exceed
+the larger of the chunk budget and 256 MiB (the buffer holds whole pairs: a long pair would
+cost more memory than the plan saves time). ``"forward"`` where it does not apply is an
+error naming the reason. The forward plan's backward runs once (no ``retain_graph`` second
+pass) and is not differentiable again.
 """
 
 import inspect
@@ -136,7 +138,7 @@ def _forward_plan_refusal(hidden, weight, bias, lora, labels, softcap, sharded, 
     if coupled:
         return f"loss_type {coupled} (the loss of a pair reads the other pairs)"
     if any(isinstance(x, Tensor) and x.requires_grad for x in vectors):
-        return "a [B] input (reference log-probs, pair_weights, bco_delta) requiring grad"
+        return "a [B] input (reference log-probs, pair_weights, bco_delta, nll_loss) requiring grad"
     if not isinstance(labels, Tensor) or labels.dim() > 2:
         return "labels that are not [2B, T] or packed [tokens]"
     return None
