@@ -32,6 +32,13 @@ backward
     rounded to the half dtype. No weight-gradient GEMM runs when the weight does not require
     grad (likewise for the hidden states, the bias and the LoRA factors).
 
+forward-gradient plan (``linear_sequence_forward_grad``, used by the pairwise losses' ``plan=``)
+    for a scalar loss of per-sequence sums whose coefficient dL/dlogp of a row is known once
+    the rows of its group (pair) are: chunks of whole groups, each one GEMM into a
+    ``[rows, V]`` buffer, the row kernels, the coefficients from the head, ``row_backward``
+    in place, then the hidden and weight gradient GEMMs; the backward scales them. 3 GEMMs
+    instead of 4; the buffer is the chunk budget below, raised to the largest group's rows.
+
 Chunk-size rule. ``chunk_size`` (tokens) sets the byte budget of the logits buffer to that
 of ``chunk_size`` full rows: ``chunk_size * V * itemsize``. ``chunk_size=None`` takes
 ``clamp(M * V * itemsize / 16, 16 MiB, 256 MiB)`` bytes (M = tokens with a real label,
@@ -54,6 +61,9 @@ from torch import nn
 from .. import _validate, distributed
 from .._dispatch import load_backend, resolve_backend
 from .._rows import (
+    OUT_LOGP,
+    OUT_LSE,
+    OUT_LSE_LO,
     STAT_ARGMAX,
     STAT_ENTROPY,
     STAT_KL,
@@ -81,6 +91,7 @@ __all__ = [
     "linear_sequence_logprobs",
     "LinearSequenceLogProbs",
     "default_chunk_size",
+    "linear_sequence_forward_grad",
 ]
 
 
@@ -939,6 +950,272 @@ def _linear_backward(
     if need_lb:
         grad_lb = glb.to(lora_b.dtype)
     return grad_h, grad_w, grad_b, grad_a, grad_lb
+
+
+# --------------------------------------------------------------------------- the forward-gradient plan
+#
+# The recompute plan above keeps only per-row statistics and recomputes the logits in the
+# backward: 4 GEMMs (z = h W^T twice, G W, G^T h). When the loss's coefficient of every row,
+# c_i = dL/dlogp_i, is known as soon as the rows of a few whole sequences are (a pairwise head
+# whose per-pair loss depends on its own pair only, reduced by a mean or a sum over pairs),
+# the gradients can be produced in the forward, chunk by chunk: logits of the chunk's rows
+# (GEMM 1), its sequences' log-probs, their coefficients from the head, the logits turned
+# into dL/dz in place, then G W and G^T h (GEMMs 2, 3). The backward only scales the stored
+# gradients by the upstream gradient of the (scalar) loss: 3 GEMMs and no stored logits.
+# A chunk holds whole groups (pairs) of sequences, so its buffer is at least the logits of
+# the largest group.
+
+
+def forward_plan_rows(labels: torch.Tensor, ignore_index: int, seq: torch.Tensor, group_of_seq: torch.Tensor):
+    """Rows of the forward-gradient plan: ``(order [M], group_rows [G])``: the kept rows (a
+    real label) sorted by the group of their sequence (stable), and how many each group has."""
+    kept = (labels != ignore_index).nonzero().squeeze(1)
+    key = group_of_seq[seq[kept]]
+    key, perm = torch.sort(key, stable=True)
+    G = int(group_of_seq.max()) + 1 if group_of_seq.numel() else 0
+    return kept[perm], torch.bincount(key, minlength=G)
+
+
+def _pack_groups(group_rows: List[int], budget_rows: int) -> List[Tuple[int, int, int, int]]:
+    """Consecutive groups packed into chunks of at most ``budget_rows`` rows (at least one group
+    each; empty groups ride along): ``(first group, end group, first row, end row)``."""
+    chunks, g0, r0, rows = [], 0, 0, 0
+    for g, n in enumerate(group_rows):
+        if rows and rows + n > budget_rows:
+            chunks.append((g0, g, r0, r0 + rows))
+            g0, r0, rows = g, r0 + rows, 0
+        rows += n
+    if rows:
+        chunks.append((g0, len(group_rows), r0, r0 + rows))
+    return chunks
+
+
+def _forward_grad(hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, group_of_seq, head, opts, need):
+    """The forward-gradient plan over ``hidden`` [N, H]: ``(loss 0-d, values [S], counts [S],
+    grads)``. ``values``: per-sequence sums of the log-probs (means with ``average``), fp32;
+    ``grads``: (hidden [N, H], weight, bias, lora_a, lora_b) of ``loss``, None where ``need``
+    is False. See :class:`LinearForwardGradFunction` for the head."""
+    ignore_index, scaling, average, chunk_size, backend = opts
+    need_h, need_w, need_b, need_a, need_lb = need
+    N, H = hidden.shape
+    V = weight.shape[0]
+    S = group_of_seq.shape[0]
+    dev, dt = hidden.device, hidden.dtype
+    acc_dt = compute_dtype(dt)
+    be = load_backend(backend)
+    order, group_rows = forward_plan_rows(labels, ignore_index, seq, group_of_seq)
+    M = order.shape[0]
+    counts = torch.zeros(S, dtype=torch.int64, device=dev).index_add_(0, seq[order], torch.ones_like(order))
+    denom = counts.clamp(min=1).to(acc_dt)
+    h = hidden.index_select(0, order)
+    y, it, sq = labels[order], inv_temp[order], seq[order]
+    lora = lora_a is not None
+    u = torch.mm(h, lora_a.t()) if lora else None
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(M, V, dt)
+    chunks = _pack_groups(group_rows.tolist(), max(1, chunk))
+    one_chunk = len(chunks) <= 1
+    half_cpu = dt in (torch.float16, torch.bfloat16) and not _fp32_out_mm(dev)
+    # half inputs without an fp32-output GEMM (the CPU): up to _HALF_RUNNING_SUM_MAX_CHUNKS chunks
+    # sum the weight gradient in the half dtype by the GEMM itself (addmm: fp32 inside, the
+    # running sum rounded once per chunk); more chunks sum products rounded once each in fp32
+    half_sum = half_cpu and len(chunks) <= _HALF_RUNNING_SUM_MAX_CHUNKS
+
+    sums = torch.zeros(S, dtype=acc_dt, device=dev)
+    gh = torch.empty(M, H, dtype=dt, device=dev) if need_h else None
+    gu = torch.empty(M, lora_a.shape[0], dtype=acc_dt, device=dev) if lora and (need_h or need_a) else None
+    gw = None
+    if need_w:  # one chunk writes the weight gradient in one GEMM; several sum in fp32
+        if not chunks:
+            gw = torch.zeros(V, H, dtype=weight.dtype, device=dev)
+        else:
+            gw = torch.empty(V, H, dtype=weight.dtype if one_chunk or half_sum else acc_dt, device=dev)
+    gb = torch.zeros(V, dtype=acc_dt, device=dev) if need_b else None
+    glb = torch.zeros(V, lora_a.shape[0], dtype=acc_dt, device=dev) if need_lb else None
+    rows_max = max([r1 - r0 for _, _, r0, r1 in chunks], default=0)
+    buf = hidden.new_empty(rows_max * V) if rows_max else None
+    first_w, tmp_h, tmp_f = True, None, None
+    for g0, g1, r0, r1 in chunks:
+        m = r1 - r0
+        h_c, y_c, it_c, s_c = h[r0:r1], y[r0:r1], it[r0:r1], sq[r0:r1]
+        u_c = None if u is None else u[r0:r1]
+        z = _logits_into(buf[: m * V].view(m, V), h_c, weight, bias, u_c, lora_b, _LOGITS_CFG._replace(scaling=scaling))
+        out = be.row_forward(z, y_c, it_c, _KERNEL_IGNORE, 0)
+        sums.index_add_(0, s_c, out[OUT_LOGP].to(acc_dt))
+        vals = sums / denom if average else sums
+        coef = head.coefficients(torch.arange(g0, g1, device=dev), vals.detach()).to(acc_dt)
+        c_rows = coef[s_c] / denom[s_c] if average else coef[s_c]
+        lse = out[OUT_LSE].contiguous()
+        be.row_backward(
+            z, y_c, it_c, lse, out[OUT_LSE_LO].contiguous(), lse, c_rows.contiguous(), None, _KERNEL_IGNORE, True
+        )
+        if need_w:
+            if one_chunk or (first_w and gw.dtype == z.dtype):
+                torch.mm(z.t(), h_c, out=gw)  # gw's first (or only) term: no zero fill
+            elif half_sum:
+                # measured (bf16, 16 chunks): 1.9x the recompute plan's error, 1.4x that of the
+                # fp32 sum below; up to 4 chunks about the recompute plan's; and 1.2x the GEMM
+                # floor where the fp32 sum takes 1.55x (its [V, H] accumulator, add and cast)
+                gw.addmm_(z.t(), h_c)
+            elif half_cpu:
+                # fp32 GEMMs cost 2-3x here: each chunk's product is rounded once to the half
+                # dtype and summed in fp32, a vocabulary block at a time through preallocated
+                # temporaries (a fresh allocation per block costs more in page faults than the add)
+                if tmp_h is None:
+                    tmp_h = hidden.new_empty(min(V, _HALF_SUM_BLOCK), H)
+                    tmp_f = torch.empty(tmp_h.shape, dtype=acc_dt, device=dev)
+                for v0 in range(0, V, _HALF_SUM_BLOCK):
+                    v1 = min(V, v0 + _HALF_SUM_BLOCK)
+                    tb = torch.mm(z[:, v0:v1].t(), h_c, out=tmp_h[: v1 - v0])
+                    if first_w:
+                        gw[v0:v1].copy_(tb)
+                    else:
+                        gw[v0:v1].add_(tmp_f[: v1 - v0].copy_(tb))
+            else:  # fp32 inputs, or half ones with an fp32-output GEMM into the fp32 accumulator
+                if first_w:
+                    gw.zero_()
+                _acc_mm(gw, z.t(), h_c)
+            first_w = False
+        if need_b:
+            gb += z.sum(0, dtype=acc_dt)
+        if need_lb:
+            _acc_mm(glb, z.t(), u_c, alpha=scaling)
+        if gu is not None:
+            gu[r0:r1] = torch.mm(z, lora_b).to(acc_dt).mul_(scaling)
+        if need_h:
+            torch.mm(z, weight, out=gh[r0:r1])
+    z = buf = tmp_h = tmp_f = None
+    values = sums / denom if average else sums
+    loss = head.loss(values)
+
+    grad_h = grad_w = grad_b = grad_a = grad_lb = None
+    if need_h:
+        if gu is not None:
+            gh = gh.to(acc_dt).addmm_(gu, lora_a.to(acc_dt)).to(dt)
+        grad_h = hidden.new_zeros(N, H).index_copy_(0, order, gh)  # ignored rows: 0
+    if need_w:
+        grad_w = gw.to(weight.dtype)
+    if need_b:
+        grad_b = gb.to(bias.dtype)
+    if need_a:
+        grad_a = torch.mm(gu.t(), h.to(acc_dt)).to(lora_a.dtype)
+    if need_lb:
+        grad_lb = glb.to(lora_b.dtype)
+    return loss, values, counts, (grad_h, grad_w, grad_b, grad_a, grad_lb)
+
+
+_HALF_RUNNING_SUM_MAX_CHUNKS = 4
+# vocabulary rows per half-precision weight-gradient product summed into fp32 (8192 x H temporaries)
+_HALF_SUM_BLOCK = 8192
+# the transform options _logits_into reads in the forward-gradient plan (no softcap: refused)
+_LOGITS_CFG = _Cfg(1.0, 1.0, None, 0, 1, "torch")
+
+
+class LinearForwardGradFunction(torch.autograd.Function):
+    """A scalar loss of per-sequence log-prob sums (or means), its gradients made in the forward.
+
+    Inputs: hidden [N, H], weight [V, H], bias [V] / lora_a [r, H] / lora_b [V, r] or None,
+    labels int64 [N], inv_temp [N] (logit_scale folded in; no softcap), seq int64 [N] (the
+    sequence of each row, in [0, S)), group_of_seq int64 [S] (the group of each sequence, in
+    [0, G); consecutive groups may share a chunk), ``head`` and the options (ignore_index,
+    LoRA scaling, average, chunk_size, backend name).
+
+    ``head.coefficients(groups int64 [g], values [S]) -> [S]``: dL/dvalues for the sequences
+    of ``groups`` (other entries unused), given the values of at least those sequences
+    (entries of groups not yet processed are partial: a head must not read them). It must
+    not depend on other groups' values: the plan's exactness rests on it.
+    ``head.loss(values [S]) -> 0-d tensor``: the loss (called once, with every value).
+
+    Outputs: the loss (differentiable: its backward scales the stored gradients), the values
+    [S] and the int64 counts of real labels [S] (non-differentiable). The backward runs once
+    (the stored gradients are handed to autograd) and is not differentiable itself.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, group_of_seq, head, opts):
+        need = tuple(bool(n) for n in ctx.needs_input_grad[:5])
+        loss, values, counts, grads = _forward_grad(
+            hidden, weight, bias, lora_a, lora_b, labels, inv_temp, seq, group_of_seq, head, opts, need
+        )
+        ctx.mark_non_differentiable(values, counts)
+        ctx.grads = list(grads)
+        return loss.detach().clone(), values, counts
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_values, _grad_counts):
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "the forward-gradient plan (plan='forward') stores its gradients once: backward through it "
+                "a second time (retain_graph=True) needs plan='recompute'"
+            )
+        ctx.grads = None  # handed over: autograd may take them as .grad without a copy
+        if grad_loss is None:
+            return (None,) * 11
+        if not bool(grad_loss == 1):  # scaled in place: the stored gradients are ours to hand out
+            grads = [None if g is None else g.mul_(grad_loss) for g in grads]
+        out = grads
+        return (*out, None, None, None, None, None, None)
+
+
+def linear_sequence_forward_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    head,
+    group_of_seq: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    lora=None,
+    ignore_index: int = -100,
+    temperature=1.0,
+    logit_scale: float = 1.0,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    average: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+):
+    """A scalar loss of the per-sequence log-probs (sums, or means with ``average``), by the
+    forward-gradient plan (3 GEMMs; see :class:`LinearForwardGradFunction` for ``head``).
+
+    ``hidden`` padded ``[S, T, H]`` (labels ``[S, T]``) or packed ``[tokens, H]`` with
+    ``cu_seqlens`` ``[S + 1]``; ``group_of_seq`` int64 ``[S]``: the group (e.g. the pair) of each
+    sequence, nondecreasing chunks of consecutive groups are formed. One device, no softcap
+    (the callers refuse those into the recompute plan). ``chunk_size``: the buffer's budget in
+    rows of logits as in :func:`linear_token_logprobs`, raised to the largest group's rows.
+
+    Returns ``(loss, values fp32 [S], counts int64 [S])``.
+    """
+    from .sequence_logprobs import check_sequence_labels
+
+    ignore_index = _validate.check_int(ignore_index, "ignore_index")
+    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
+    logit_scale, _ = _validate.check_linear_scalars(logit_scale, None, chunk_size)
+    cu_seqlens = check_sequence_labels(labels, cu_seqlens)
+    inv_temp = _fold_logit_scale(
+        _validate.inverse_temperature(temperature, labels, compute_dtype(hidden.dtype)), logit_scale, None
+    )
+    be = resolve_backend(backend, hidden)
+    flat_y = labels.reshape(-1).to(torch.int64)
+    if cu_seqlens is None:
+        T = labels.shape[-1]
+        seq = torch.arange(flat_y.shape[0], device=flat_y.device) // max(T, 1)
+    else:
+        seq = torch.searchsorted(cu_seqlens[1:], torch.arange(flat_y.shape[0], device=flat_y.device), right=True)
+    loss, values, counts = LinearForwardGradFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        flat_y,
+        inv_temp.contiguous(),
+        seq,
+        group_of_seq,
+        head,
+        (ignore_index, scaling, bool(average), chunk_size, be.NAME),
+    )
+    return loss, values, counts
 
 
 # --------------------------------------------------------------------------- validation
