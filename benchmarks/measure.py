@@ -226,10 +226,9 @@ class CaseRunner:
     def backward(self, out):
         """Gradients of the grad_inputs, kept in ``last_grads`` until the next prepare().
 
-        torch.autograd.grad, not .backward(): accumulating into a leaf's .grad would clone a
-        gradient that aliases the input (an in-place backward), which no training step
-        does (there the logits come from the lm_head and their gradient flows on).
-        """
+        torch.autograd.grad, not .backward(): every provider's gradients are handed back the
+        same way (a leaf's AccumulateGrad may clone a gradient that aliases its input; for
+        prefopt_fast's in-place backward it does not: tests/test_inplace_leaf.py)."""
         outs = [t for t in _tensors(out) if t.requires_grad]
         if not outs:
             raise RuntimeError(f"provider {self.provider.name!r}: no output requires grad")
