@@ -254,7 +254,7 @@ class _Config(NamedTuple):
     reduction: str
 
 
-def _check_config(
+def check_dpo_config(
     beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction
 ) -> _Config:
     """Validate the hyper-parameters of the DPO family (no tensors involved)."""
@@ -383,8 +383,10 @@ def dpo_loss(
         ``logps/rejected`` (batch means of the policy log-probs). The rewards use the plain
         log-ratios r, whatever the f-divergence.
     """
-    cfg = _check_config(beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction)
-    return _dpo_loss(
+    cfg = check_dpo_config(
+        beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction
+    )
+    return dpo_loss_from_config(
         cfg,
         chosen_logps,
         rejected_logps,
@@ -397,7 +399,7 @@ def dpo_loss(
     )
 
 
-def _dpo_loss(
+def dpo_loss_from_config(
     cfg: _Config,
     chosen_logps,
     rejected_logps,
@@ -537,7 +539,7 @@ class DPOLoss(nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        cfg = _check_config(
+        cfg = check_dpo_config(
             beta, loss_type, loss_weights, label_smoothing, f_divergence, f_alpha, discopop_tau, reduction
         )
         self._cfg = cfg
@@ -625,7 +627,7 @@ class DPOLoss(nn.Module):
                     self._update_bco_mean(chosen_logps, rejected_logps, None, None)
             bco_delta = self.bco_mean.clone()
         # hyper-parameters were validated in __init__ (and any label_smoothing warning given there)
-        return _dpo_loss(
+        return dpo_loss_from_config(
             self._cfg,
             chosen_logps,
             rejected_logps,

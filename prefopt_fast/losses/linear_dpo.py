@@ -39,13 +39,13 @@ from .. import _validate
 from ..distributed import check_vocab_parallel_options, is_dtensor
 from ..ops.linear_logprobs import (
     MAX_CHUNK_BYTES,
-    _check_inputs,
+    check_linear_inputs,
     default_chunk_size,
     linear_sequence_forward_grad,
     linear_sequence_logprobs_and_lengths,
 )
 from ..ops.sequence_logprobs import check_sequence_labels, per_sequence_sums
-from .dpo import DPOLoss, _check_config, _dpo_loss, check_average, dpo_loss
+from .dpo import DPOLoss, check_average, check_dpo_config, dpo_loss, dpo_loss_from_config
 from .reference_free import (
     check_cpo_settings,
     check_orpo_settings,
@@ -215,7 +215,7 @@ def _sequence_counts(labels, ignore_index, cu_seqlens):
 
 def _check_policy(hidden, weight, labels, bias, lora, ignore_index) -> None:
     """The policy's inputs, checked before the reference pass reads them."""
-    _check_inputs(hidden, weight, labels, bias, lora, _validate.check_int(ignore_index, "ignore_index"))
+    check_linear_inputs(hidden, weight, labels, bias, lora, _validate.check_int(ignore_index, "ignore_index"))
 
 
 def _sequence_count(labels: Tensor, cu_seqlens) -> int:
@@ -268,7 +268,7 @@ def _dpo_forward_plan(
         args = _DPO_SIGNATURE.bind(z, z, **dpo_kwargs)
         args.apply_defaults()
         a = args.arguments
-        cfg = _check_config(
+        cfg = check_dpo_config(
             a["beta"],
             a["loss_type"],
             a["loss_weights"],
@@ -286,7 +286,7 @@ def _dpo_forward_plan(
     def make_fn(lc, lr):
         lc = lc if chosen_lengths is None else chosen_lengths
         lr = lr if rejected_lengths is None else rejected_lengths
-        return lambda c, r: _dpo_loss(cfg, c, r, ref[0], ref[1], lc, lr, bco_delta, pair_weights)
+        return lambda c, r: dpo_loss_from_config(cfg, c, r, ref[0], ref[1], lc, lr, bco_delta, pair_weights)
 
     return _forward_plan_loss(
         hidden,

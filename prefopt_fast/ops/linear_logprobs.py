@@ -1189,7 +1189,7 @@ def linear_sequence_forward_grad(
     from .sequence_logprobs import check_sequence_labels
 
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
-    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index)
+    lora_a, lora_b, scaling = check_linear_inputs(hidden, weight, labels, bias, lora, ignore_index)
     logit_scale, _ = _validate.check_linear_scalars(logit_scale, None, chunk_size)
     cu_seqlens = check_sequence_labels(labels, cu_seqlens)
     inv_temp = _fold_logit_scale(
@@ -1221,7 +1221,7 @@ def linear_sequence_forward_grad(
 # --------------------------------------------------------------------------- validation
 
 
-def _check_inputs(hidden, weight, labels, bias, lora, ignore_index, *, shard: bool = False):
+def check_linear_inputs(hidden, weight, labels, bias, lora, ignore_index, *, shard: bool = False):
     """The fused-linear inputs; returns (lora_a, lora_b, scaling). With ``shard`` (the
     vocabulary-parallel path) ``weight`` is a vocabulary shard, which may have no rows, and the
     labels' range is left to the caller (it needs the global vocabulary size)."""
@@ -1383,7 +1383,7 @@ def linear_token_logprobs(
     ignore_index = _validate.check_int(ignore_index, "ignore_index")
     # shapes, dtypes and LoRA (of the local shard, which may have no rows); on a shard the
     # labels' range needs the global vocabulary: checked after shard_layout, the rest before
-    lora_a, lora_b, scaling = _check_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=sharded)
+    lora_a, lora_b, scaling = check_linear_inputs(hidden, weight, labels, bias, lora, ignore_index, shard=sharded)
     logit_scale, softcap = _validate.check_linear_scalars(logit_scale, softcap, chunk_size)
     names = _stat_names(stats)
     want_kl = _check_ref_head(names, hidden, weight, ref_hidden, ref_weight, ref_bias)
