@@ -67,6 +67,7 @@ import torch
 import trl
 
 from . import _zero3, version_guard
+from ._patch_state import PatchState
 
 # The TRL versions this integration was tested with, [low, high), and the TRL internals it
 # relies on (private names and trainer methods it overrides or calls). Outside the range it
@@ -235,8 +236,7 @@ def _check_trainer(trainer, kind: str) -> None:
 
 # --------------------------------------------------------------------------- patch state
 
-_lock = threading.RLock()
-_state = {"manual": False, "depth": 0, "saved": None}
+_state = {"saved": None}  # what _install saved; the patch bookkeeping is _patches
 
 
 def _original():
@@ -266,12 +266,13 @@ def _uninstall() -> None:
     _state["saved"] = None
 
 
+_patches = PatchState(_install, _uninstall)
+
+
 def patch_trl() -> None:
     """Route TRL's fused LM head through prefopt_fast until :func:`unpatch_trl`. Idempotent."""
     check_trl()
-    with _lock:
-        _state["manual"] = True
-        _install()
+    _patches.patch()
 
 
 def unpatch_trl() -> None:
@@ -280,10 +281,7 @@ def unpatch_trl() -> None:
     While a :func:`patched_trl` context (e.g. a running prefopt_fast trainer) is open, the
     patch stays until the last one exits.
     """
-    with _lock:
-        _state["manual"] = False
-        if _state["depth"] == 0:
-            _uninstall()
+    _patches.unpatch()
 
 
 @contextlib.contextmanager
@@ -294,16 +292,8 @@ def patched_trl():
     :func:`patch_trl` was called (then it stays until :func:`unpatch_trl`).
     """
     check_trl()
-    with _lock:
-        _state["depth"] += 1
-        _install()
-    try:
+    with _patches.scoped():
         yield
-    finally:
-        with _lock:
-            _state["depth"] -= 1
-            if _state["depth"] == 0 and not _state["manual"]:
-                _uninstall()
 
 
 def is_trl_patched() -> bool:

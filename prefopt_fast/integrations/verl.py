@@ -54,6 +54,7 @@ import torch
 import verl
 
 from . import version_guard
+from ._patch_state import PatchState
 
 # The verl versions this integration was tested with, [low, high), and the internals it relies
 # on. Outside the range it warns once at patch time; a missing internal is an error naming it.
@@ -267,8 +268,7 @@ _REPLACEMENTS = {
     ("verl.utils.torch_functional", "entropy_from_logits"): entropy_from_logits,
     ("verl.utils.torch_functional", "entropy_from_logits_with_chunking"): entropy_from_logits_with_chunking,
 }
-_lock = threading.RLock()
-_state = {"manual": False, "depth": 0, "installed": False}
+_state = {"installed": False}  # what _install saved; the patch bookkeeping is _patches
 _saved: dict = {}  # (defining module, attribute) -> what was there before the patch
 _POLICY_LOSSES_REGISTERED: dict = {}  # name -> what the registry held before (None: nothing)
 
@@ -310,15 +310,16 @@ def _uninstall() -> None:
     _state["installed"] = False
 
 
+_patches = PatchState(_install, _uninstall)
+
+
 def patch_verl() -> None:
     """Make ``fused_kernel_options.impl_backend: prefopt`` a verl fused-kernel backend, route verl's
     from-logits log-prob / entropy helpers to prefopt_fast and register the prefopt policy losses,
     until :func:`unpatch_verl`. Idempotent. Call it before verl builds its models and engines
     (they capture the helpers then)."""
     check_verl()
-    with _lock:
-        _state["manual"] = True
-        _install()
+    _patches.patch()
 
 
 def unpatch_verl() -> None:
@@ -326,10 +327,7 @@ def unpatch_verl() -> None:
     verl already patched with ``impl_backend="prefopt"`` then fails at its next forward (verl's
     ``FusedLinearForPPO`` rejects the backend). While a :func:`patched_verl` context is open, the
     patch stays until the last one exits."""
-    with _lock:
-        _state["manual"] = False
-        if _state["depth"] == 0:
-            _uninstall()
+    _patches.unpatch()
 
 
 @contextlib.contextmanager
@@ -337,16 +335,8 @@ def patched_verl():
     """Context manager: :func:`patch_verl` inside. Re-entrant and thread-safe; the originals come back
     when the last context exits, unless :func:`patch_verl` was called (then at :func:`unpatch_verl`)."""
     check_verl()
-    with _lock:
-        _state["depth"] += 1
-        _install()
-    try:
+    with _patches.scoped():
         yield
-    finally:
-        with _lock:
-            _state["depth"] -= 1
-            if _state["depth"] == 0 and not _state["manual"]:
-                _uninstall()
 
 
 def is_verl_patched() -> bool:
