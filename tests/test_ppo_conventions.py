@@ -288,6 +288,15 @@ def test_log_ratio_clamp_is_verls_only():
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
 
 
+def test_verl_kl_spellings_need_the_verl_convention():
+    data = make(seed=3)
+    lp = data["logp"]
+    for est in ("kl", "mse", "k2+"):
+        with pytest.raises(ValueError, match="convention='verl'"):
+            policy_loss(lp, lp, torch.zeros(4, dtype=torch.float64), data["mask"], ref_logps=data["ref"],
+                        kl_coef=0.1, kl_estimator=est)  # fmt: skip
+
+
 def test_straight_through_value_and_gradient():
     # k3+: the value of verl's k3, the gradient of k2 (d/dlogp 0.5 (logp - ref)^2 = logp - ref)
     lp = torch.tensor([[-6.0, -1.0]], dtype=torch.float64, requires_grad=True)
@@ -348,7 +357,9 @@ def test_against_verl_vanilla_and_agg_loss(mode):
         assert float(m[k]) == pytest.approx(met[f"actor/{k}"], rel=1e-7, abs=1e-12)
 
 
-@pytest.mark.parametrize("est", ["k1", "k2", "k3", "abs", "low_var_kl", *VERL_KL_ESTIMATORS])
+@pytest.mark.parametrize(
+    "est", ["k1", "k2", "k3", "abs", "low_var_kl", *VERL_KL_ESTIMATORS, "kl", "mse", "kl+", "k2+", "mse+"]
+)
 def test_against_verl_kl_penalty(est):
     core = _core()
     data = make(seed=7)

@@ -31,6 +31,7 @@ log-prob, old the behaviour log-prob, ref the reference log-prob, A the advantag
                     (verl's clip_ratio_c; its vanilla loss has no off switch); ``k3`` = verl's k3
                     = low_var_kl; ``k1+`` / ``k3+`` / ``abs+`` / ``low_var_kl+`` = the value of the
                     estimator with the gradient of k2 (verl's straight-through kl_penalty);
+                    verl's spellings ``kl``, ``mse``, ``kl+``, ``k2+``, ``mse+`` are taken too;
                     sequence level = verl's gspo (the token ratio sg[r_b] pi_t / sg[pi_t], its
                     log clamped above at 10, no dual clip by default); loss_agg_mode must be
                     verl's
@@ -107,6 +108,7 @@ __all__ = [
     "TRL_LOSS_TYPES",
     "TRL_LOSS_TYPE_ARGS",
     "VERL_KL_ESTIMATORS",
+    "VERL_KL_ALIASES",
     "CONVENTIONS",
     "IMPORTANCE_SAMPLING_LEVELS",
 ]
@@ -114,6 +116,8 @@ __all__ = [
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl", "full")
 # verl's straight-through estimators (convention="verl" only): the value of the named estimator, the gradient of k2
 VERL_KL_ESTIMATORS = ("k1+", "k3+", "abs+", "low_var_kl+")
+# verl's other spellings (kl_penalty): "kl" is k1 and "mse" is k2; k2's own "+" form is k2
+VERL_KL_ALIASES = {"kl": "k1", "mse": "k2", "kl+": "k1+", "k2+": "k2", "mse+": "k2"}
 CONVENTIONS = ("trl", "verl")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # TRL GRPOTrainer loss_type -> the aggregation it uses (with TRL's means over all B sequences)
@@ -195,6 +199,13 @@ def check_policy_config(
             why=" (the dual-clip bound c on the ratio for negative advantages; None disables it)",
         )
     kl_coef = check_real(kl_coef, "kl_coef", lo=0.0)
+    if isinstance(kl_estimator, str) and kl_estimator in VERL_KL_ALIASES:
+        if convention != "verl":
+            raise ValueError(
+                f"kl_estimator={kl_estimator!r} is verl's name for {VERL_KL_ALIASES[kl_estimator]!r}; pass "
+                f"convention='verl' or the name {VERL_KL_ALIASES[kl_estimator]!r}"
+            )
+        kl_estimator = VERL_KL_ALIASES[kl_estimator]
     if isinstance(kl_estimator, str) and kl_estimator in VERL_KL_ESTIMATORS:
         if convention != "verl":
             raise ValueError(
