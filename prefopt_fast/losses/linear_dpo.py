@@ -254,6 +254,15 @@ def _forward_plan_loss(hidden, weight, labels, *, bias, lora, cu_seqlens, opts, 
 _DPO_SIGNATURE = inspect.signature(dpo_loss)
 
 
+def _checked_reference(hidden, weight, labels, bias, lora, refs, kw):
+    """The forward-gradient plan's preamble: the policy inputs checked, then the pairs' reference
+    log-probs ``(chosen, rejected)`` from ``refs`` = (ref_hidden, ref_weight, ref_bias,
+    ref_chosen_logps, ref_rejected_logps); ``kw``: the reference call's options."""
+    _check_policy(hidden, weight, labels, bias, lora, kw["ignore_index"])
+    B = _sequence_count(labels, kw["cu_seqlens"]) // 2
+    return _reference_logps(labels, weight, B, *refs, kw)
+
+
 def _dpo_forward_plan(
     hidden, weight, labels, *, bias, lora, ref, cu_seqlens, opts, average, dpo_kwargs, bco_delta=None, pair_weights=None
 ):
@@ -458,17 +467,13 @@ def linear_dpo_loss(
             chunk_size=chunk_size,
             backend=backend,
         )
-        _check_policy(hidden, weight, labels, bias, lora, ignore_index)
-        B = _sequence_count(labels, cu_seqlens) // 2
-        ref = _reference_logps(
-            labels,
+        ref = _checked_reference(
+            hidden,
             weight,
-            B,
-            ref_hidden,
-            ref_weight,
-            ref_bias,
-            ref_chosen_logps,
-            ref_rejected_logps,
+            labels,
+            bias,
+            lora,
+            (ref_hidden, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps),
             dict(opts, softcap=softcap, cu_seqlens=cu_seqlens, average=average),
         )
         return _dpo_forward_plan(
@@ -591,17 +596,13 @@ class LinearDPOLoss(DPOLoss):
         size = (hidden, weight, labels, bias, lora, cu_seqlens, self.ignore_index, self.chunk_size)
         if _use_forward_plan(self.plan, refusal, lambda: _pair_size_refusal(*size)):
             opts = _linear_options(self)
-            _check_policy(hidden, weight, labels, bias, lora, self.ignore_index)
-            B = _sequence_count(labels, cu_seqlens) // 2
-            ref = _reference_logps(
-                labels,
+            ref = _checked_reference(
+                hidden,
                 weight,
-                B,
-                ref_hidden,
-                ref_weight,
-                ref_bias,
-                ref_chosen_logps,
-                ref_rejected_logps,
+                labels,
+                bias,
+                lora,
+                (ref_hidden, ref_weight, ref_bias, ref_chosen_logps, ref_rejected_logps),
                 dict(opts, cu_seqlens=cu_seqlens, average=self.average),
             )
             for k in ("softcap", "process_group", "vocab_start", "vocab_size"):
